@@ -1,0 +1,179 @@
+"""The KV pool of one shard, and the region API the streaming library uses to move parts of it.
+
+Layout: ONE allocation `data` of shape [layers, 2 (K, V), slots, max_seq, kv_heads, head_dim], token-major per
+slot, so the first n tokens of a sequence are one contiguous run per (layer, K|V). One allocation means one
+CUDA IPC handle (or one shared-memory segment) names the whole pool. The pool is zero-filled at creation:
+attention reads padded key ranges that are masked out, and masked garbage must still be finite.
+
+Region API (what `streamer/` builds on; callable from any process that holds the pool or a view of it):
+
+    region = Region(slots=(4, 5), layers=(8, 12), tokens=((0, 37), (0, 12)))  # global layer ids
+    packed = pool.read(region)          # new contiguous tensor [layers, 2, sum(tokens), kv_heads, head_dim]
+    pool.read(region, out=buffer)       # gather into a caller-owned staging buffer (one kernel)
+    pool.write(region, packed)          # scatter back (one kernel)
+    pool.pieces(region)                 # [(byte offset, nbytes)] contiguous runs, for one-copy-per-piece moves
+
+Packed order is layer-major, then K before V, then the slots in region order, each slot's token range in
+order: so "layer l of this region" is one contiguous slice of the packed tensor (`Region.layer_slice`), which
+is what layer-by-layer streaming sends as soon as layer l is computed.
+Blocking: read/write enqueue device work on the current stream and return; the caller synchronises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stages.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Shape of a KV pool; enough for another process to map the same memory."""
+
+    first_layer: int
+    num_layers: int
+    num_slots: int
+    max_seq_len: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_slots, self.max_seq_len, self.kv_heads, self.head_dim)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one layer."""
+        return self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * 2 * self.num_slots * self.max_seq_len * self.row_bytes
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+
+@dataclass(frozen=True)
+class Region:
+    """Slots x global layers [a, b) x a token range per slot. Validated against a pool by `check`."""
+
+    slots: tuple[int, ...]
+    layers: tuple[int, int]
+    tokens: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def uniform(cls, slots: Sequence[int], layers: tuple[int, int], start: int, stop: int) -> Region:
+        return cls(tuple(slots), layers, tuple((start, stop) for _ in slots))
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
+    def tokens_total(self) -> int:
+        return sum(b - a for a, b in self.tokens)
+
+    def packed_shape(self, layout: PoolLayout) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.tokens_total, layout.kv_heads, layout.head_dim)
+
+    def nbytes(self, layout: PoolLayout) -> int:
+        return self.num_layers * 2 * self.tokens_total * layout.row_bytes
+
+    def layer_slice(self, layout: PoolLayout, layer: int) -> tuple[int, int]:
+        """Byte range [lo, hi) of global `layer` inside the packed form of this region."""
+        per_layer = 2 * self.tokens_total * layout.row_bytes
+        i = layer - self.layers[0]
+        return i * per_layer, (i + 1) * per_layer
+
+    def sub_layers(self, a: int, b: int) -> Region:
+        return Region(self.slots, (a, b), self.tokens)
+
+    def check(self, layout: PoolLayout) -> None:
+        a, b = self.layers
+        if not (layout.first_layer <= a < b <= layout.first_layer + layout.num_layers):
+            raise InvalidRequestError(f"region layers [{a}, {b}) outside the pool's {layout.layers}")
+        if len(self.tokens) != len(self.slots) or not self.slots:
+            raise InvalidRequestError("a region needs one token range per slot and at least one slot")
+        if len(set(self.slots)) != len(self.slots):
+            raise InvalidRequestError(f"region names a slot twice: {self.slots}")
+        for s, (t0, t1) in zip(self.slots, self.tokens):
+            if not 0 <= s < layout.num_slots:
+                raise InvalidRequestError(f"region slot {s} outside [0, {layout.num_slots})")
+            if not 0 <= t0 <= t1 <= layout.max_seq_len:
+                raise InvalidRequestError(f"region tokens [{t0}, {t1}) outside [0, {layout.max_seq_len}]")
+
+
+def region_rows(layout: PoolLayout, region: Region, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Row indices (rows of `row_bytes`) of the region in packed order, over the pool viewed as rows."""
+    region.check(layout)
+    s, t = layout.num_slots, layout.max_seq_len
+    per_token = torch.cat(
+        [torch.arange(t0, t1, dtype=torch.long) + slot * t for slot, (t0, t1) in zip(region.slots, region.tokens)]
+    )  # [T_total]
+    a = region.layers[0] - layout.first_layer
+    lc = torch.arange(a * 2, (a + region.num_layers) * 2, dtype=torch.long) * (s * t)  # [L*2]
+    return (lc[:, None] + per_token[None, :]).reshape(-1).to(device)
+
+
+def region_pieces(layout: PoolLayout, region: Region) -> list[tuple[int, int]]:
+    """Contiguous byte runs (offset in the pool, nbytes) in packed order: one per (layer, K|V, slot)."""
+    region.check(layout)
+    rb, s, t = layout.row_bytes, layout.num_slots, layout.max_seq_len
+    a = region.layers[0] - layout.first_layer
+    out = []
+    for lc in range(a * 2, (a + region.num_layers) * 2):
+        for slot, (t0, t1) in zip(region.slots, region.tokens):
+            if t1 > t0:
+                out.append(((lc * s * t + slot * t + t0) * rb, (t1 - t0) * rb))
+    return out
+
+
+class KVPool:
+    """K and V of layers [first_layer, first_layer + num_layers) for `num_slots` sequences."""
+
+    def __init__(self, layout: PoolLayout, data: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        self.layout = layout
+        if data is None:
+            data = torch.zeros(layout.shape, dtype=layout.dtype, device=device)
+        elif tuple(data.shape) != layout.shape or data.dtype != layout.dtype:
+            raise ValueError(f"pool memory has shape {tuple(data.shape)} {data.dtype}, layout wants {layout.shape}")
+        self.data = data
+        self._rows = data.view(-1, layout.kv_heads * layout.head_dim)  # [L*2*S*T, kv_heads*head_dim]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def k(self, local_layer: int) -> torch.Tensor:
+        """[slots, max_seq, kv_heads, head_dim] view of K for the shard's local layer index."""
+        return self.data[local_layer, 0]
+
+    def v(self, local_layer: int) -> torch.Tensor:
+        return self.data[local_layer, 1]
+
+    def read(self, region: Region, out: torch.Tensor | None = None) -> torch.Tensor:
+        rows = region_rows(self.layout, region, self.device)
+        shape = region.packed_shape(self.layout)
+        if out is None:
+            return self._rows.index_select(0, rows).view(shape)
+        flat = out.view(-1, self._rows.shape[1])
+        torch.index_select(self._rows, 0, rows, out=flat)
+        return out
+
+    def write(self, region: Region, packed: torch.Tensor) -> None:
+        rows = region_rows(self.layout, region, self.device)
+        if packed.numel() != rows.numel() * self._rows.shape[1]:
+            raise InvalidRequestError(
+                f"packed KV has {packed.numel()} elements; region {region} needs {rows.numel() * self._rows.shape[1]}"
+            )
+        src = packed.reshape(-1, self._rows.shape[1]).to(device=self.device, dtype=self.layout.dtype)
+        self._rows.index_copy_(0, rows, src)
+
+    def pieces(self, region: Region) -> list[tuple[int, int]]:
+        return region_pieces(self.layout, region)

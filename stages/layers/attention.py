@@ -1,0 +1,71 @@
+"""Attention over the KV pool for one step (any mix of prompt chunks and decode tokens).
+
+New keys/values are first written into the pool at (slot, position); each attention group then reads its
+sequences' keys straight from the pool — a view, no copy, when the group's slots are consecutive, which is
+how the scheduler hands out microbatch slots. Grouped-query attention uses SDPA's `enable_gqa`, so K/V are
+never repeated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stages.batch import AttnGroup, StepPlan
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan
+) -> None:
+    """k_cache/v_cache [slots, max_seq, kv_heads, head_dim]; k/v [N, kv_heads, head_dim]."""
+    index = (plan.token_slots, plan.positions)
+    k_cache.index_put_(index, k)
+    v_cache.index_put_(index, v)
+
+
+def attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: StepPlan,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [N, heads, head_dim] -> [N, heads * head_dim], attending over the cache (already holding this step)."""
+    n, heads, head_dim = q.shape
+    gqa = heads != k_cache.shape[2]
+    if len(plan.groups) == 1 and plan.groups[0].view_shape is not None:
+        g = plan.groups[0]
+        qg = q.view(g.batch, g.width, heads, head_dim)
+        return _sdpa(qg, k_cache, v_cache, g, scale, alibi_slopes, gqa).reshape(n, heads * head_dim)
+    out = q.new_empty(n, heads * head_dim)
+    for g in plan.groups:
+        assert g.rows is not None and g.pad_index is not None and g.out_rows is not None
+        qg = q[g.rows]  # [B, T, H, D]
+        og = _sdpa(qg, k_cache, v_cache, g, scale, alibi_slopes, gqa).reshape(g.batch * g.width, -1)
+        out.index_copy_(0, g.out_rows, og.index_select(0, g.pad_index))
+    return out
+
+
+def _sdpa(
+    qg: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    g: AttnGroup,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """qg [B, T, H, D] -> [B, T, H, D]."""
+    k = k_cache[g.kv_slots, : g.kv_len].transpose(1, 2)  # [B, kvH, L, D]
+    v = v_cache[g.kv_slots, : g.kv_len].transpose(1, 2)
+    mask: torch.Tensor | None
+    causal = g.causal
+    if alibi_slopes is not None:
+        mask, causal = g.additive_bias(alibi_slopes), False
+    else:
+        mask = g.mask
+    o = F.scaled_dot_product_attention(
+        qg.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    )
+    return o.transpose(1, 2)

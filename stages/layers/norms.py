@@ -1,0 +1,41 @@
+"""Normalisations: RMSNorm (Llama family) and LayerNorm (OPT, BLOOM), numerically as Hugging Face does them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.layers.linear import default_weight_loader
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the storage dtype, then back: what HF's LlamaRMSNorm does.
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, affine: bool = True) -> None:
+        super().__init__()
+        self.eps, self.dim = eps, dim
+        if affine:
+            self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(dim), requires_grad=False)
+            self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+            self.bias.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)

@@ -1,0 +1,112 @@
+"""Token sampling on the last shard: greedy, temperature, top-k, top-p, reproducible per request.
+
+Randomness never comes from a global or per-batch generator. Each request's noise for the token at
+position p is a pure function of (seed, p, vocabulary index) — a counter-based hash evaluated with integer
+tensor ops — and the sample is argmax(logits / T + Gumbel noise) over the tokens top-k/top-p keep. So a
+request's tokens do not depend on which other requests share its batch, on the batch order, or on a
+restart: recomputing position p after a failure draws the same token. The hash is computed identically on
+CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stages.errors import InvalidRequestError
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
+    import math
+
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
+        raise InvalidRequestError(f"temperature must be a number in [0, 100], got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for a in [0, 2^32) held in int64, without int64 overflow."""
+    lo, hi = a & 0xFFFF, a >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser: a bijective avalanche mix of 32-bit values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0,1) float32 [B, vocab], a pure function of (seed_b, position_b, token index)."""
+    s_lo, s_hi = seeds & _M32, (seeds >> 32) & _M32
+    key = _fmix32(_fmix32(s_lo ^ 0x9E3779B9) ^ s_hi)
+    key = _fmix32(key ^ _mul32(positions & _M32, 0x27D4EB2F))  # [B]
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    h = _fmix32(key[:, None] ^ _fmix32(idx[None, :] + 0x165667B1))  # [B, V]
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
+) -> torch.Tensor:
+    """logits [B, V]; positions[b] = index in its sequence of the token being drawn. Returns tokens [B] long."""
+    b, vocab = logits.shape
+    out = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    dev = logits.device
+    idx = torch.tensor(rows, device=dev)
+    x = logits.index_select(0, idx).float()
+    temp = torch.tensor([params[i].temperature for i in rows], device=dev)
+    x = x / temp[:, None]
+    top_k = [params[i].top_k for i in rows]
+    if any(0 < k < vocab for k in top_k):
+        kk = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)
+        sorted_x = x.sort(dim=-1, descending=True).values
+        kth = sorted_x.gather(1, (kk - 1)[:, None])  # [R, 1] smallest kept value
+        x = x.masked_fill(x < kth, float("-inf"))
+    top_p = [params[i].top_p for i in rows]
+    if any(p < 1.0 for p in top_p):
+        pp = torch.tensor(top_p, device=dev)
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        drop_sorted = before >= pp[:, None]
+        drop_sorted[:, 0] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    seeds = torch.tensor([params[i].seed - (1 << 64) if params[i].seed >= (1 << 63) else params[i].seed
+                          for i in rows], device=dev, dtype=torch.long)
+    pos = torch.tensor([positions[i] for i in rows], device=dev, dtype=torch.long)
+    u = uniform_noise(seeds, pos, vocab)
+    gumbel = -torch.log(-torch.log(u))
+    out[idx] = (x + gumbel).argmax(dim=-1)
+    return out

@@ -1,0 +1,75 @@
+"""`DecoderShard`: layers [a, b) of a decoder-only model, plus the embedding on the first shard and the final
+norm + LM head on the last. Families (one file each) supply the pieces through a `Family` record.
+
+Forward contract (flat layout, see stages/batch.py):
+    first shard:   inputs = token ids [N] (long)      else: hidden states [N, hidden]
+    last shard:    returns logits [B, vocab] for each chunk's last token (or [N, vocab] with all_logits)
+    other shards:  returns hidden states [N, hidden]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.batch import StepPlan
+from stages.kv_cache import KVPool
+from stages.models.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """One checkpoint tensor -> one parameter (part). `keys` are candidates, first present wins (tied heads)."""
+
+    keys: tuple[str, ...]
+    param: str
+    shard_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    parse: Callable[[dict[str, Any], Path], ModelSpec]
+    embedding: Callable[[ModelSpec], nn.Module]
+    block: Callable[[ModelSpec, int], nn.Module]
+    head: Callable[[ModelSpec], nn.Module]
+    checkpoint_map: Callable[[ModelSpec, range, bool, bool], list[WeightRef]]
+    # Per-shard tables shared by all layers (rotary cos/sin, ALiBi slopes): (spec, max_seq, dtype, device) -> ctx
+    context: Callable[[ModelSpec, int, torch.dtype, torch.device], Any]
+
+
+class DecoderShard(nn.Module):
+    def __init__(self, family: Family, spec: ModelSpec, layers: range) -> None:
+        super().__init__()
+        self.family, self.spec, self.layers = family, spec, layers
+        self.is_first = layers.start == 0
+        self.is_last = layers.stop == spec.num_layers
+        self.embed = family.embedding(spec) if self.is_first else None
+        self.blocks = nn.ModuleList([family.block(spec, i) for i in layers])
+        self.head = family.head(spec) if self.is_last else None
+        self.ctx: Any = None
+
+    def setup(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.ctx = self.family.context(self.spec, max_seq_len, dtype, device)
+
+    def weight_refs(self) -> Sequence[WeightRef]:
+        return self.family.checkpoint_map(self.spec, self.layers, self.is_first, self.is_last)
+
+    @torch.inference_mode()
+    def forward(  # type: ignore[override]
+        self, inputs: torch.Tensor, plan: StepPlan, pool: KVPool, all_logits: bool = False
+    ) -> torch.Tensor:
+        h = self.embed(inputs, plan, self.ctx) if self.embed is not None else inputs
+        for j, block in enumerate(self.blocks):
+            h = block(h, plan, pool.k(j), pool.v(j), self.ctx)
+        if self.head is None:
+            return h
+        if not all_logits:
+            h = h.index_select(0, plan.last_rows)
+        return self.head(h)

@@ -1,0 +1,132 @@
+"""`ShardRuntime`: one shard of a model — its layers, its KV pool, and its forward step. Pure compute: no
+sockets, no event loop; the stage process and the offline generator drive it.
+
+Construction reads config.json, builds the shard's modules on the meta device (no memory, no random init),
+then allocates each parameter on the target device and fills it from safetensors, reading only this shard's
+tensors. The KV pool is allocated last, optionally in memory handed in by the caller (shared memory, or a
+CUDA allocation exported over IPC) so the streamer can reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stages.batch import SeqChunk, StepPlan, build_plan
+from stages.errors import InvalidRequestError, LayerRangeError, ModelLoadError
+from stages.kv_cache import KVPool, PoolLayout
+from stages.models import DecoderShard, load_spec
+from stages.models.spec import parse_dtype
+from stages.weights import Checkpoint, load_shard
+
+
+def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Contiguous, as-even-as-possible layer ranges; earlier stages take the remainder (the last has the head)."""
+    if not 1 <= stages <= num_layers:
+        raise LayerRangeError(f"cannot split {num_layers} layers into {stages} stages (need 1 <= stages <= layers)")
+    base, extra = divmod(num_layers, stages)
+    out, a = [], 0
+    for i in range(stages):
+        b = a + base + (1 if i < extra else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model_dir: Path
+    layers: tuple[int, int] | None = None  # None: the whole model
+    num_slots: int = 8
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+
+def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace meta parameters by uninitialised ones on `device`, keeping their weight loaders."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            new = nn.Parameter(torch.empty(p.shape, device=device, dtype=dtype), requires_grad=False)
+            new.weight_loader = p.weight_loader  # type: ignore[attr-defined]
+            sub._parameters[name] = new
+
+
+class ShardRuntime:
+    def __init__(self, config: ShardConfig, pool_memory: torch.Tensor | None = None) -> None:
+        self.config = config
+        self.family, self.spec = load_spec(Path(config.model_dir))
+        spec = self.spec
+        a, b = config.layers if config.layers is not None else (0, spec.num_layers)
+        if not 0 <= a < b <= spec.num_layers:
+            raise LayerRangeError(f"layer range [{a}, {b}) is not inside the model's [0, {spec.num_layers})")
+        if spec.max_positions and config.max_seq_len > spec.max_positions:
+            raise InvalidRequestError(
+                f"max_seq_len {config.max_seq_len} exceeds the model's {spec.max_positions} positions"
+            )
+        self.layers = range(a, b)
+        self.dtype = parse_dtype(config.dtype)
+        try:
+            self.device = torch.device(config.device)
+        except RuntimeError as e:
+            raise ModelLoadError(f"bad device {config.device!r}: {e}") from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device cuda requested but no CUDA GPU is available")
+        with torch.device("meta"):
+            self.shard = DecoderShard(self.family, spec, self.layers)
+        _materialize(self.shard, self.device, self.dtype)
+        self.checkpoint = Checkpoint(Path(config.model_dir))
+        load_shard(self.shard, self.checkpoint, self.device)
+        self.shard.setup(config.max_seq_len, self.dtype, self.device)
+        self.shard.eval()
+        self.layout = PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,
+                                 self.dtype)
+        self.pool = KVPool(self.layout, pool_memory, self.device)
+
+    @property
+    def is_first(self) -> bool:
+        return self.shard.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.shard.is_last
+
+    def plan(self, chunks: Sequence[SeqChunk]) -> StepPlan:
+        return build_plan(
+            chunks,
+            self.device,
+            num_slots=self.layout.num_slots,
+            max_seq_len=self.layout.max_seq_len,
+            sliding_window=self.spec.sliding_window,
+        )
+
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.spec.vocab_size})")
+
+    def embed_input(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Validated token ids [N] on the device (first shard's input)."""
+        self.check_token_ids(token_ids)
+        return torch.tensor(list(token_ids), dtype=torch.long).to(self.device, non_blocking=True)
+
+    def forward(
+        self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run the shard's layers over one step. See DecoderShard.forward for shapes."""
+        plan = chunks if isinstance(chunks, StepPlan) else self.plan(chunks)
+        if inputs.shape[0] != plan.num_tokens:
+            raise InvalidRequestError(f"step has {plan.num_tokens} new tokens but {inputs.shape[0]} inputs")
+        return self.shard(inputs, plan, self.pool, all_logits=all_logits)

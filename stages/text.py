@@ -1,0 +1,52 @@
+"""Text in, text out: the model directory's own tokenizer (local files only), and incremental decoding for
+streams (a byte-level token can end in the middle of a UTF-8 character; such text is held back until the
+character completes)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: Path) -> Any | None:
+    """A transformers tokenizer from the directory, or None where the directory has none."""
+    if not has_tokenizer(model_dir):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # a broken tokenizer must not stop token-id serving
+        log.warning("[text] %s: tokenizer present but unloadable (%s); serving token ids only", model_dir, e)
+        return None
+
+
+class IncrementalDetokenizer:
+    """Feed token ids one step at a time; get back only the newly completed text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the full decode already handed out
+
+    def push(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # incomplete character: wait for the rest of its bytes
+        new, self.emitted = text[self.emitted :], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.emitted = text[self.emitted :], len(text)
+        return new

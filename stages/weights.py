@@ -1,0 +1,106 @@
+"""Shard-aware checkpoint reading from safetensors files (never pickles).
+
+`Checkpoint` maps tensor names to files, from `model.safetensors.index.json` when present, else from each
+file's header (safetensors headers are read without touching the data). `load_shard` opens only the files
+that hold the shard's tensors and reads only those tensors; it records what it opened and read, so tests
+can check that a shard for layers [a, b) touched nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from stages.errors import ModelLoadError
+from stages.models.base import DecoderShard, WeightRef
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = Path(model_dir)
+        self.opened_files: list[str] = []
+        self.read_keys: list[str] = []
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"{index}: unreadable index ({e})") from e
+            self.file_of: dict[str, str] = dict(weight_map)
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
+                    raise ModelLoadError(
+                        f"{self.dir}: only pickle checkpoints (*.bin/*.pt) found; convert them to safetensors "
+                        "(pickles are never loaded)"
+                    )
+                raise ModelLoadError(f"{self.dir}: no *.safetensors files")
+            self.file_of = {}
+            for name in files:
+                with self._open(name, "cpu") as f:
+                    for key in f.keys():
+                        self.file_of[key] = name
+        self.keys = set(self.file_of)
+
+    def _open(self, name: str, device: str):  # type: ignore[no-untyped-def]
+        path = self.dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: missing checkpoint file (named by {INDEX_FILE})")
+        self.opened_files.append(name)
+        try:
+            return safe_open(str(path), framework="pt", device=device)
+        except Exception as e:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from e
+
+    def resolve(self, candidates: Iterable[str]) -> str | None:
+        """The checkpoint's name for a tensor: exact, or with/without a leading `model.`/`transformer.`."""
+        for key in candidates:
+            for variant in (key, key.split(".", 1)[1] if "." in key else key, f"model.{key}"):
+                if variant in self.keys:
+                    return variant
+        return None
+
+    def read(self, wanted: dict[str, list[WeightRef]], device: str) -> Iterable[tuple[str, torch.Tensor]]:
+        by_file: dict[str, list[str]] = {}
+        for key in wanted:
+            by_file.setdefault(self.file_of[key], []).append(key)
+        for name, keys in sorted(by_file.items()):
+            with self._open(name, device) as f:
+                for key in keys:
+                    self.read_keys.append(key)
+                    yield key, f.get_tensor(key)
+
+
+def load_shard(shard: DecoderShard, ckpt: Checkpoint, device: torch.device) -> None:
+    """Fill every parameter of `shard` from `ckpt`. Raises ModelLoadError naming any missing tensor."""
+    params = dict(shard.named_parameters())
+    wanted: dict[str, list[WeightRef]] = {}
+    missing = []
+    for ref in shard.weight_refs():
+        key = ckpt.resolve(ref.keys)
+        if key is None:
+            missing.append(ref.keys[0])
+            continue
+        wanted.setdefault(key, []).append(ref)
+    if missing:
+        raise ModelLoadError(
+            f"{ckpt.dir}: checkpoint lacks {len(missing)} tensor(s) this shard needs, e.g. {missing[:3]}"
+        )
+    filled: set[tuple[str, str | None]] = set()
+    # safetensors reads straight onto cuda; bf16 -> other dtype conversion happens in copy_into
+    read_device = str(device) if device.type == "cuda" else "cpu"
+    for key, tensor in ckpt.read(wanted, read_device):
+        for ref in wanted[key]:
+            param = params[ref.param]
+            param.weight_loader(param, tensor, ref.shard_id)  # type: ignore[attr-defined]
+            filled.add((ref.param, ref.shard_id))
+    unfilled = [name for name in params if not any(p == name for p, _ in filled)]
+    if unfilled:
+        raise ModelLoadError(f"no checkpoint tensor maps to parameter(s) {unfilled[:3]} (runtime bug)")
