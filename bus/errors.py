@@ -1,0 +1,35 @@
+"""Typed errors of the control plane and the client API."""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Base of every control-plane error."""
+
+
+class ProtocolError(BusError):
+    """A frame could not be decoded: wrong version, unknown type, bad shape, oversized."""
+
+
+class DeadlineError(BusError, TimeoutError):
+    """A wait ran past its deadline. The message names what was awaited and which setting governs it."""
+
+
+class DejaVuError(Exception):
+    """Base of the errors the async client raises."""
+
+
+class BadRequestError(DejaVuError, ValueError):
+    """The server refused the request as given (token ids, lengths, sampling parameters)."""
+
+
+class ServerError(DejaVuError):
+    """The deployment failed to serve the request (or is shutting down)."""
+
+
+class RequestTimeoutError(DejaVuError, TimeoutError):
+    """No answer within the client's deadline."""
+
+
+class CancelledError(DejaVuError):
+    """The request was cancelled."""

@@ -1,0 +1,93 @@
+"""The one socket factory of the project, and deadline-bounded send/receive helpers.
+
+Every socket gets: LINGER 0 (closing never blocks shutdown), a maximum inbound message size (an oversized
+message makes ZeroMQ drop that peer's connection — other peers are unaffected), bounded queues, and
+loopback binding unless the caller names another interface. Sockets are asyncio sockets (zmq.asyncio); use
+them only from the process's one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from bus.codec import Codec, Received
+from bus.errors import DeadlineError
+from bus.messages import Msg
+
+DEFAULT_MAX_MESSAGE = 1 << 30  # activation frames can be large; control frames are checked by the codec
+DEFAULT_HWM = 10_000
+
+
+def context() -> zmq.asyncio.Context:
+    return zmq.asyncio.Context()
+
+
+def make_socket(
+    ctx: zmq.asyncio.Context,
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | None = None,
+    identity: bytes | None = None,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+    hwm: int = DEFAULT_HWM,
+) -> zmq.asyncio.Socket:
+    """A configured socket, bound or connected. `bind` may end in ':0' / ':*' for an ephemeral port."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same identity takes over
+    try:
+        if bind is not None:
+            if bind.endswith(":0"):
+                bind = bind[:-2] + ":*"
+            sock.bind(bind)
+        if connect is not None:
+            sock.connect(connect)
+    except zmq.ZMQError:
+        sock.close(0)
+        raise
+    return sock
+
+
+def bound_address(sock: zmq.asyncio.Socket) -> str:
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+async def recv_within(
+    sock: zmq.asyncio.Socket, timeout: float, what: str, setting: str
+) -> list[Any]:
+    """Receive one multipart message within `timeout` seconds or raise DeadlineError naming `setting`."""
+    try:
+        return await asyncio.wait_for(sock.recv_multipart(copy=False), timeout)
+    except asyncio.TimeoutError:
+        raise DeadlineError(f"no {what} within {timeout:.1f}s (setting: {setting})") from None
+
+
+async def send(sock: zmq.asyncio.Socket, codec: Codec, body: Msg, *, reply_to: int = 0,
+               route: Sequence[bytes] = (), buffers: Sequence[Any] = ()) -> None:
+    """Send envelope + raw buffers; `route` = ROUTER identity frames to prepend."""
+    frames: list[Any] = [*route, codec.encode(body, reply_to), *buffers]
+    await sock.send_multipart(frames, copy=False)
+
+
+def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) -> tuple[list[bytes], Received]:
+    """Split off `route_frames` identity frames and decode the rest. Raises ProtocolError."""
+    from bus.errors import ProtocolError
+
+    if len(frames) <= route_frames:
+        raise ProtocolError(f"message of {len(frames)} frame(s) lacks an envelope")
+    route = [bytes(f.bytes if hasattr(f, "bytes") else f) for f in frames[:route_frames]]
+    head = frames[route_frames]
+    data = head.buffer if hasattr(head, "buffer") else head
+    return route, codec.decode(data, frames[route_frames + 1 :])
