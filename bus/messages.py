@@ -72,13 +72,13 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Hello(Msg, tag=1):
-    """First message of a process to the controller or supervisor: who it is."""
+    """First message of a process to the controller or supervisor: who it is and where it listens."""
 
     role: str
     index: int
     pid: int
     host: str
-    data_address: str = ""  # where its activation input is bound ("" if none)
+    addresses: dict[str, str] = {}  # e.g. {"data": ...} for a stage, {"internal": ..., "client": ...}
     layers: list[int] = []  # [a, b) for stages
     num_slots: int = 0
 

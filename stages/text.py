@@ -38,6 +38,12 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.emitted = 0  # characters of the full decode already handed out
 
+    def prime(self, prompt_ids: list[int]) -> None:
+        """Decode outputs in the context of the prompt's last tokens (so word-joining tokenizers space
+        correctly); only text after the prompt is ever returned."""
+        self.ids = list(prompt_ids[-4:])
+        self.emitted = len(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)

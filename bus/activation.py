@@ -1,0 +1,59 @@
+"""Activation plane: hidden states from stage i to stage i+1, behind one interface.
+
+CPU (and CI): the StepRequest header and the tensor travel as one ZeroMQ multipart message, PUSH -> PULL,
+zero-copy. CUDA: the header still goes over ZeroMQ, the tensor over NCCL (streamer/ and the GPU link in
+bus/nccl_link.py). Receivers are bound by the downstream stage; senders are rebuilt on every new epoch
+(closing with linger 0 drops anything queued for a dead peer), so a restart never replays stale work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from bus.codec import Codec, Received
+from bus.frames import frame_tensor, tensor_frame
+from bus.messages import StepRequest
+from bus.sockets import bound_address, decode_frames, make_socket, send
+
+
+class ActivationIn:
+    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, bind: str) -> None:
+        self.codec = codec
+        self.sock = make_socket(ctx, zmq.PULL, bind=bind)
+        self.address = bound_address(self.sock)
+
+    async def recv(self) -> tuple[Received, torch.Tensor | None]:
+        """Next (message, hidden) — raises ProtocolError on a malformed message (caller drops it)."""
+        frames = await self.sock.recv_multipart(copy=False)
+        _, msg = decode_frames(self.codec, frames)
+        hidden = None
+        body = msg.body
+        if isinstance(body, StepRequest) and body.hidden is not None:
+            from bus.errors import ProtocolError
+
+            if len(msg.frames) != 1:
+                raise ProtocolError(f"step with hidden states needs 1 tensor frame, got {len(msg.frames)}")
+            hidden = frame_tensor(body.hidden, msg.frames[0])
+        return msg, hidden
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class ActivationOut:
+    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, address: str) -> None:
+        self.codec, self.address = codec, address
+        self.sock = make_socket(ctx, zmq.PUSH, connect=address)
+
+    async def send(self, step: StepRequest, hidden: torch.Tensor) -> None:
+        meta, buf = tensor_frame(hidden)
+        header = StepRequest(step.epoch, step.mb, step.step, step.chunks, step.token_ids, step.sampling, meta)
+        buffers: list[Any] = [buf]
+        await send(self.sock, self.codec, header, buffers=buffers)
+
+    def close(self) -> None:
+        self.sock.close(0)

@@ -1,0 +1,214 @@
+"""The controller's core: requests in, steps out, tokens back to clients. No sockets, no event loop.
+
+The shell (bus/controller_proc.py) feeds it events — a client message, a step result, a failure, the
+pipeline coming up or going down, the clock — and sends what it leaves in `outbox`. Tokens are committed
+exactly once, in order, the moment a step result arrives, and streamed at once. After a pipeline failure,
+running requests are recomputed from prompt + committed tokens: what a client has seen is never repeated,
+changed or lost (seeded sampling depends only on (seed, position), so recomputation draws the same tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.messages import (
+    ERR_BAD_REQUEST,
+    ERR_OVERLOADED,
+    ERR_SERVER,
+    ERR_TIMEOUT,
+    GenerateRequest,
+    Msg,
+    RequestDone,
+    RequestFailed,
+    StepRequest,
+    StepResult,
+    TokenChunk,
+)
+from bus.requests import Request, admit
+from bus.scheduler import Scheduler
+from stages.errors import InvalidRequestError
+from stages.stopping import CANCELLED, finish_reason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+    max_seq_len: int
+    tokenizer: Any | None = None
+
+
+@dataclass
+class Outbox:
+    steps: list[StepRequest] = field(default_factory=list)
+    clients: list[tuple[bytes, Msg]] = field(default_factory=list)
+
+    def drain(self) -> tuple[list[StepRequest], list[tuple[bytes, Msg]]]:
+        steps, clients = self.steps, self.clients
+        self.steps, self.clients = [], []
+        return steps, clients
+
+
+class Controller:
+    def __init__(self, model: ModelInfo, scheduler: Scheduler, *, max_waiting: int = 4096,
+                 client_timeout: float = 10.0, step_timeout: float = 600.0) -> None:
+        self.model, self.sched = model, scheduler
+        self.max_waiting, self.client_timeout, self.step_timeout = max_waiting, client_timeout, step_timeout
+        self.requests: dict[tuple[bytes, str], Request] = {}
+        self.client_seen: dict[bytes, float] = {}
+        self.outbox = Outbox()
+        self.ready = False
+        self.committed_tokens = 0
+
+    # ------------------------------------------------------------------ clients
+
+    def submit(self, client: bytes, msg: GenerateRequest, now: float) -> None:
+        self.client_seen[client] = now
+        if (client, msg.request_id) in self.requests:
+            self._fail_raw(client, msg.request_id, ERR_BAD_REQUEST, f"request_id {msg.request_id!r} is already running")
+            return
+        if len(self.sched.waiting) >= self.max_waiting:
+            self._fail_raw(client, msg.request_id, ERR_OVERLOADED,
+                           f"{len(self.sched.waiting)} requests already waiting (max_waiting); retry later")
+            return
+        try:
+            req = admit(client, msg, vocab_size=self.model.vocab_size, max_seq_len=self.model.max_seq_len,
+                        eos_ids=self.model.eos_ids, tokenizer=self.model.tokenizer)
+        except InvalidRequestError as e:
+            self._fail_raw(client, msg.request_id, ERR_BAD_REQUEST, str(e))
+            return
+        req.submitted = now
+        self.requests[req.key] = req
+        self.sched.enqueue(req)
+        self.schedule(now)
+
+    def cancel(self, client: bytes, request_id: str, now: float) -> None:
+        self.client_seen[client] = now
+        req = self.requests.get((client, request_id))
+        if req is not None:
+            self._cancel(req)
+            self.schedule(now)
+
+    def touch(self, client: bytes, now: float) -> None:
+        self.client_seen[client] = now
+
+    def sweep(self, now: float) -> None:
+        """Cancel requests of clients silent past client_timeout; time out steps past step_timeout."""
+        gone = {c for c, t in self.client_seen.items() if now - t > self.client_timeout}
+        for req in list(self.requests.values()):
+            if req.client in gone:
+                log.info("[client] %s silent for %.0fs: cancelling %s", req.client.hex()[:8], self.client_timeout,
+                         req.request_id)
+                self._cancel(req)
+        for c in gone:
+            if not any(r.client == c for r in self.requests.values()):
+                del self.client_seen[c]
+        for mb in self.sched.overdue(now, self.step_timeout):
+            assert mb.inflight is not None
+            log.error("[step] microbatch %d step %d overdue (> step_timeout %.0fs)", mb.index, mb.inflight.step,
+                      self.step_timeout)
+            self.fail_microbatch(mb.index, mb.inflight.step, ERR_TIMEOUT, "the pipeline did not answer in time")
+        self.schedule(now)
+
+    def _cancel(self, req: Request) -> None:
+        req.cancelled = True
+        if req.mb is None:  # still waiting: nothing holds it
+            self._finish(req, CANCELLED)
+        elif self.sched.mbs[req.mb].inflight is None:
+            self.sched.release(req)
+            self._finish(req, CANCELLED)
+        # else: finished when its step returns
+
+    # ------------------------------------------------------------------ pipeline
+
+    def pipeline_down(self) -> None:
+        self.ready = False
+
+    def pipeline_up(self, epoch: int, now: float) -> None:
+        self.sched.reset_epoch(epoch)
+        self.ready = True
+        self.schedule(now)
+
+    def schedule(self, now: float) -> None:
+        if self.ready:
+            self.outbox.steps.extend(self.sched.next_steps(now))
+
+    def on_result(self, result: StepResult, now: float) -> None:
+        if result.epoch != self.sched.epoch:
+            return
+        done = self.sched.complete(result.mb, result.step)
+        if done is None:
+            return
+        if len(result.tokens) != len(done.members):
+            self.fail_members(done.members, ERR_SERVER, "stage returned a wrong number of tokens")
+        else:
+            for (req, _, samples), token in zip(done.members, result.tokens):
+                if req.cancelled:
+                    self.sched.release(req)
+                    self._finish(req, CANCELLED)
+                elif samples:
+                    self._commit(req, token)
+        self.schedule(now)
+
+    def fail_microbatch(self, mb_index: int, step: int, code: int, message: str) -> None:
+        done = self.sched.complete(mb_index, step)
+        if done is not None:
+            self.fail_members(done.members, code, message)
+
+    def fail_members(self, members: list[tuple[Request, int, bool]], code: int, message: str) -> None:
+        for req, _, _ in members:
+            self.sched.release(req)
+            self._fail(req, code, message)
+
+    def fail_all(self, code: int, message: str) -> None:
+        for req in list(self.requests.values()):
+            self.sched.release(req)
+            self._fail(req, code, message)
+        self.sched.waiting.clear()
+
+    # ------------------------------------------------------------------ commit
+
+    def _commit(self, req: Request, token: int) -> None:
+        req.generated.append(token)
+        self.committed_tokens += 1
+        text = req.detok.push([token]) if req.detok is not None else None
+        self.outbox.clients.append((req.client, TokenChunk(req.request_id, len(req.generated) - 1, [token], text)))
+        reason = finish_reason(token, len(req.generated), req.max_new_tokens, req.seq_len, self.model.max_seq_len,
+                               req.stop_ids)
+        if reason is not None:
+            self.sched.release(req)
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        self.requests.pop(req.key, None)
+        if req.detok is not None and reason != CANCELLED:
+            tail = req.detok.flush()
+            if tail:
+                self.outbox.clients.append((req.client, TokenChunk(req.request_id, len(req.generated), [], tail)))
+        self.outbox.clients.append(
+            (req.client, RequestDone(req.request_id, reason, len(req.prompt), len(req.generated)))
+        )
+
+    def _fail(self, req: Request, code: int, message: str) -> None:
+        if req.done:
+            return
+        req.done = True
+        self.requests.pop(req.key, None)
+        self._fail_raw(req.client, req.request_id, code, message)
+
+    def _fail_raw(self, client: bytes, request_id: str, code: int, message: str) -> None:
+        self.outbox.clients.append((client, RequestFailed(request_id, code, message)))
+
+    # ------------------------------------------------------------------ status
+
+    def counts(self) -> tuple[int, int]:
+        running = sum(1 for _ in self.sched.running())
+        return len(self.sched.waiting), running
+

@@ -1,0 +1,330 @@
+"""The controller process shell: client and internal sockets, stage registry, topology, timers.
+
+Sockets: a ROUTER for clients (tcp, the deployment's public address), a ROUTER for stages (internal), and
+the supervisor link. All decoding errors are answered to the offending peer only (ErrorReply) and never
+stop the loop. The scheduling logic is `bus.controller.Controller`; this file only moves messages.
+
+Stage registry: a stage is known by index; its Hello carries its incarnation (in the envelope) and its
+activation address. Messages from an older incarnation than the registered one are dropped. Whenever the
+set of live stages is complete and some stage is new, the controller starts a new epoch: it sends every
+stage a Topology and, once all have acknowledged it (within `topology_timeout`), serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from bus.codec import Codec, Received
+from bus.controller import Controller, ModelInfo
+from bus.errors import ProtocolError
+from bus.messages import (
+    ERR_BAD_MESSAGE,
+    ERR_SERVER,
+    CancelRequest,
+    DeploymentReady,
+    ErrorReply,
+    FatalError,
+    GenerateRequest,
+    Hello,
+    KeepAlive,
+    ProcessDown,
+    ProcessInfo,
+    StatusQuery,
+    StatusReply,
+    StepFailed,
+    StepResult,
+    Topology,
+    TopologyAck,
+    Welcome,
+)
+from bus.scheduler import Scheduler
+from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    model_dir: str
+    num_stages: int
+    microbatch_size: int
+    num_microbatches: int
+    max_seq_len: int
+    supervisor_address: str
+    client_bind: str = "tcp://127.0.0.1:0"
+    internal_bind: str = "tcp://127.0.0.1:0"
+    incarnation: int = 0
+    prefill_chunk: int = 0
+    max_waiting: int = 4096
+    client_timeout: float = 10.0
+    step_timeout: float = 600.0
+    topology_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    max_client_message: int = 4 * 1024 * 1024
+    supervisor_pid: int | None = None
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
+            raise ValueError("num_stages, microbatch_size and num_microbatches must be >= 1")
+
+
+@dataclass
+class StageEntry:
+    incarnation: int
+    pid: int
+    host: str
+    data: str
+    state: str = "ready"
+
+
+@dataclass
+class Registry:
+    stages: dict[int, StageEntry] = field(default_factory=dict)
+    others: dict[tuple[str, int], ProcessInfo] = field(default_factory=dict)
+
+
+class ControllerProcess:
+    def __init__(self, cfg: ControllerConfig) -> None:
+        from stages.models import load_spec
+        from stages.text import load_tokenizer
+
+        self.cfg = cfg
+        _, spec = load_spec(Path(cfg.model_dir))
+        info = ModelInfo(spec.vocab_size, spec.eos_token_ids, cfg.max_seq_len, load_tokenizer(Path(cfg.model_dir)))
+        sched = Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
+        self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
+                               step_timeout=cfg.step_timeout)
+        self.codec = Codec("controller", cfg.incarnation)
+        self.ctx = context()
+        self.reg = Registry()
+        self.epoch = 0
+        self.pending_acks: set[int] = set()
+        self.linking_since = 0.0
+        self.ever_ready = False
+        self.fatal: str | None = None
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.clients = make_socket(self.ctx, zmq.ROUTER, bind=cfg.client_bind, max_message=cfg.max_client_message)
+        self.internal = make_socket(self.ctx, zmq.ROUTER, bind=cfg.internal_bind)
+        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0)
+        self.sup.on_message = self._on_supervisor
+        addresses = {"client": bound_address(self.clients), "internal": bound_address(self.internal)}
+        await self.sup.hello(addresses)
+        log.info("[startup] controller: clients %s, stages %s", addresses["client"], addresses["internal"])
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self.sup.run(cfg.heartbeat_interval, lambda: 0.0, self._state)),
+                tg.create_task(self._client_loop()),
+                tg.create_task(self._internal_loop()),
+                tg.create_task(self._timer()),
+            ]
+            await self.sup.stop.wait()
+            log.info("[shutdown] controller: %s", self.sup.stop_reason)
+            self.core.fail_all(ERR_SERVER, f"the deployment is shutting down ({self.sup.stop_reason})")
+            await self._flush()
+            for t in tasks:
+                t.cancel()
+        self.ctx.destroy(linger=0)
+
+    def _state(self) -> str:
+        return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
+
+    # ------------------------------------------------------------------ clients
+
+    async def _client_loop(self) -> None:
+        while True:
+            frames = await self.clients.recv_multipart(copy=False)
+            now = time.monotonic()
+            try:
+                route, msg = decode_frames(self.codec, frames, route_frames=1)
+            except ProtocolError as e:
+                if len(frames) >= 1:
+                    ident = bytes(frames[0].bytes)
+                    await send(self.clients, self.codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident])
+                continue
+            await self._on_client(route[0], msg, now)
+            await self._flush()
+
+    async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
+        body = msg.body
+        if isinstance(body, GenerateRequest):
+            if self.fatal:
+                await send(self.clients, self.codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
+                           reply_to=msg.env.msg_id)
+                return
+            self.core.submit(client, body, now)
+        elif isinstance(body, CancelRequest):
+            self.core.cancel(client, body.request_id, now)
+        elif isinstance(body, KeepAlive):
+            self.core.touch(client, now)
+        elif isinstance(body, StatusQuery):
+            await send(self.clients, self.codec, self._status(), route=[client], reply_to=msg.env.msg_id)
+        else:
+            await send(self.clients, self.codec,
+                       ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
+                       route=[client], reply_to=msg.env.msg_id)
+
+    def _status(self) -> StatusReply:
+        procs = [ProcessInfo("controller", 0, os.getpid(), self.cfg.incarnation, self._state(), socket.gethostname())]
+        for i in range(self.cfg.num_stages):
+            e = self.reg.stages.get(i)
+            if e is None:
+                procs.append(ProcessInfo("stage", i, 0, -1, "starting"))
+            else:
+                procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data))
+        procs.extend(self.reg.others.values())
+        waiting, running = self.core.counts()
+        return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running)
+
+    async def _flush(self) -> None:
+        steps, out = self.core.outbox.drain()
+        for step in steps:
+            await send(self.internal, self.codec, step, route=[b"stage-0"])
+        for client, body in out:
+            await send(self.clients, self.codec, body, route=[client])
+
+    # ------------------------------------------------------------------ stages
+
+    async def _internal_loop(self) -> None:
+        while True:
+            frames = await self.internal.recv_multipart(copy=False)
+            try:
+                route, msg = decode_frames(self.codec, frames, route_frames=1)
+            except ProtocolError as e:
+                log.warning("[stage] dropped a bad frame: %s", e)
+                continue
+            await self._on_internal(route[0], msg)
+            await self._flush()
+
+    def _stage_index(self, msg: Received) -> int | None:
+        sender = msg.env.sender
+        if not sender.startswith("stage-"):
+            return None
+        try:
+            return int(sender[6:])
+        except ValueError:
+            return None
+
+    async def _on_internal(self, ident: bytes, msg: Received) -> None:
+        body, now = msg.body, time.monotonic()
+        index = self._stage_index(msg)
+        if index is None or not 0 <= index < self.cfg.num_stages:
+            log.warning("[stage] message from unknown sender %r", msg.env.sender)
+            return
+        entry = self.reg.stages.get(index)
+        if isinstance(body, Hello):
+            if entry is not None and msg.env.incarnation < entry.incarnation:
+                return
+            self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""))
+            log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
+            await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
+            self.core.pipeline_down()
+            await self._relink()
+            return
+        if entry is None or msg.env.incarnation != entry.incarnation:
+            return  # a stale incarnation's frame
+        if isinstance(body, TopologyAck):
+            if body.epoch == self.epoch and index in self.pending_acks:
+                self.pending_acks.discard(index)
+                if not self.pending_acks:
+                    await self._serving(now)
+        elif isinstance(body, StepResult):
+            self.core.on_result(body, now)
+        elif isinstance(body, StepFailed):
+            if body.epoch == self.core.sched.epoch:
+                self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")
+                self.core.schedule(now)
+
+    async def _relink(self) -> None:
+        """If every stage is up, start a new epoch: send each its downstream address."""
+        if len(self.reg.stages) < self.cfg.num_stages or any(e.state in ("restarting", "failed") for e in self.reg.stages.values()):
+            return
+        self.epoch += 1
+        self.pending_acks = set(range(self.cfg.num_stages))
+        self.linking_since = time.monotonic()
+        for i in range(self.cfg.num_stages):
+            down = self.reg.stages[i + 1].data if i + 1 < self.cfg.num_stages else ""
+            await send(self.internal, self.codec, Topology(self.epoch, down), route=[f"stage-{i}".encode()])
+        log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
+
+    async def _serving(self, now: float) -> None:
+        for e in self.reg.stages.values():
+            e.state = "serving"
+        self.core.pipeline_up(self.epoch, now)
+        log.info("[topology] epoch %d: serving", self.epoch)
+        if not self.ever_ready:
+            self.ever_ready = True
+            await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))
+
+    # ------------------------------------------------------------------ supervisor
+
+    async def _on_supervisor(self, msg: Received) -> None:
+        body = msg.body
+        if isinstance(body, ProcessDown):
+            if body.role == "stage":
+                entry = self.reg.stages.get(body.index)
+                if entry is not None and entry.incarnation > body.incarnation:
+                    return  # its successor already said Hello
+                log.warning("[recovery] stage %d incarnation %d down (%s); %s", body.index, body.incarnation,
+                            body.reason, "restarting" if body.restarting else "not restarting")
+                if entry is not None:
+                    entry.state = "restarting" if body.restarting else "failed"
+                self.core.pipeline_down()
+                self.pending_acks = set()
+            else:
+                key = (body.role, body.index)
+                if key in self.reg.others:
+                    old = self.reg.others[key]
+                    self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation, "restarting",
+                                                       old.host, body.reason)
+        elif isinstance(body, FatalError):
+            self.fatal = body.message
+            self.core.pipeline_down()
+            self.core.fail_all(ERR_SERVER, body.message)
+            await self._flush()
+        elif isinstance(body, Hello):
+            # the supervisor forwards other processes' identities (itself, the streamer) for status()
+            self.reg.others[(body.role, body.index)] = ProcessInfo(
+                body.role, body.index, body.pid, msg.env.incarnation, "serving", body.host)
+
+    async def _timer(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            self.core.sweep(now)
+            if self.pending_acks and now - self.linking_since > self.cfg.topology_timeout:
+                log.error("[topology] stages %s did not acknowledge epoch %d within topology_timeout (%.0fs); "
+                          "retrying", sorted(self.pending_acks), self.epoch, self.cfg.topology_timeout)
+                await self._relink()
+            await self._flush()
+
+
+def run_controller(cfg: ControllerConfig) -> int:
+    setup_child(f"dejavu: controller ({cfg.num_stages} stages)", cfg.log_level, cfg.supervisor_pid)
+    install_uvloop()
+    asyncio.run(ControllerProcess(cfg).run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bus.controller_proc '<ControllerConfig JSON>'", file=sys.stderr)
+        return 2
+    return run_controller(decode_config(ControllerConfig, args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Admission of a client request: validation into a `Request` the scheduler can run, and its live state.
+
+Pure (no sockets). The controller is the authority on what is valid; every refusal is an
+InvalidRequestError with a message meant for the client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus.messages import GenerateRequest, Sampling
+from stages.errors import InvalidRequestError
+from stages.layers.sampling import check_sampling
+from stages.text import IncrementalDetokenizer
+
+MAX_REQUEST_ID = 128
+
+
+@dataclass(eq=False)
+class Request:
+    client: bytes
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    detok: IncrementalDetokenizer | None
+    submitted: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens of prompt + generated present in the KV cache of the current epoch
+    slot: int | None = None
+    mb: int | None = None
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.client, self.request_id)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+
+def admit(
+    client: bytes,
+    req: GenerateRequest,
+    *,
+    vocab_size: int,
+    max_seq_len: int,
+    eos_ids: Collection[int],
+    tokenizer: Any | None,
+) -> Request:
+    """Validate `req` and build its Request; raises InvalidRequestError naming the problem."""
+    if not req.request_id or len(req.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequestError(f"request_id must be 1..{MAX_REQUEST_ID} characters")
+    if (req.prompt is None) == (req.prompt_token_ids is None):
+        raise InvalidRequestError("give exactly one of prompt (text) and prompt_token_ids")
+    if req.prompt is not None:
+        if tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer: send prompt_token_ids")
+        ids = list(tokenizer.encode(req.prompt))
+    else:
+        ids = list(req.prompt_token_ids or [])
+    if not ids:
+        raise InvalidRequestError("empty prompt: give at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_seq_len:
+        raise InvalidRequestError(
+            f"prompt of {len(ids)} tokens is too long: the maximum sequence length is {max_seq_len} "
+            "(prompt + at least one generated token)"
+        )
+    if not 1 <= req.max_new_tokens <= 1_000_000:
+        raise InvalidRequestError(f"max_new_tokens must be in [1, 1000000], got {req.max_new_tokens}")
+    check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
+    bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"stop token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+    if detok is not None:
+        detok.prime(ids)
+    return Request(
+        client=client,
+        request_id=req.request_id,
+        prompt=ids,
+        max_new_tokens=req.max_new_tokens,
+        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed),
+        stop_ids=frozenset(eos_ids) | frozenset(req.stop_token_ids),
+        detok=detok,
+    )

@@ -1,0 +1,1 @@
+"""Supervision of a deployment: start processes in order, watch them, restart failed stages, stop cleanly."""

@@ -1,0 +1,124 @@
+"""What every supervised child process does the same way: process title, dying with its supervisor,
+logging, and the supervisor link (Hello, heartbeats, Shutdown).
+
+A child must never outlive its supervisor: PR_SET_PDEATHSIG makes the kernel kill it when the supervisor
+dies (even by SIGKILL), and a parent-pid check closes the race where the supervisor died first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import inspect
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import zmq
+
+from bus.codec import Codec, Received
+from bus.errors import ProtocolError
+from bus.messages import Heartbeat, Hello, Shutdown
+from bus.sockets import decode_frames, make_socket, send
+
+log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except OSError:
+            pass
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)  # the supervisor is already gone
+
+
+def setup_child(title: str, log_level: str = "INFO", expected_parent: int | None = None) -> None:
+    die_with_parent(expected_parent)
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format=f"%(asctime)s {title.split(' ', 1)[-1]} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+
+def decode_config(cls: type, text: str):  # type: ignore[no-untyped-def]
+    """A child's frozen config from the JSON its supervisor passed on the command line (validated)."""
+    return msgspec.json.decode(text.encode(), type=cls)
+
+
+def encode_config(config: object) -> str:
+    return msgspec.json.encode(config).decode()
+
+
+class SupervisorLink:
+    """DEALER to the supervisor: announces the child, sends heartbeats, and turns Shutdown into `stop`."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, codec: Codec, role: str, index: int) -> None:
+        self.codec, self.role, self.index = codec, role, index
+        identity = f"{role}-{index}-{codec.incarnation}".encode()
+        self.sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self.stop = asyncio.Event()
+        self.stop_reason = ""
+        # other messages from the supervisor (ProcessDown, FatalError, forwarded Hellos) go here
+        self.on_message: Callable[[Received], Awaitable[None] | None] | None = None
+
+    async def hello(self, addresses: dict[str, str] | None = None, layers: list[int] | None = None) -> None:
+        await send(self.sock, self.codec, Hello(self.role, self.index, os.getpid(), socket.gethostname(),
+                                                addresses or {}, layers or []))
+
+    async def run(self, interval: float, busy_s: Callable[[], float], state: Callable[[], str]) -> None:
+        """Heartbeat every `interval` s and watch for Shutdown, until `stop` is set."""
+        seq = 0
+        recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+        try:
+            while not self.stop.is_set():
+                seq += 1
+                await send(self.sock, self.codec, Heartbeat(seq, state(), busy_s()))
+                deadline = time.monotonic() + interval
+                while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                    done, _ = await asyncio.wait({recv}, timeout=left)
+                    if not done:
+                        break
+                    frames = recv.result()
+                    recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+                    try:
+                        _, msg = decode_frames(self.codec, frames)
+                    except ProtocolError as e:
+                        log.warning("[supervisor-link] dropped a bad frame: %s", e)
+                        continue
+                    if isinstance(msg.body, Shutdown):
+                        self.stop_reason = msg.body.reason or "supervisor asked"
+                        self.stop.set()
+                    elif self.on_message is not None:
+                        result = self.on_message(msg)
+                        if inspect.isawaitable(result):
+                            await result
+        finally:
+            recv.cancel()
+
+    def close(self) -> None:
+        self.sock.close(0)

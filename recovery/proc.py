@@ -1,0 +1,281 @@
+"""The supervisor: starts a deployment's processes in order, watches them, restarts failed stages, stops
+everything in bounded time. `run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
+
+Order: bind the supervisor socket -> start the controller and wait for its Hello (it says where clients
+and stages connect) -> start the stages -> wait for the controller's DeploymentReady -> `on_ready(address)`.
+Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
+`heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage is reported to the
+controller (ProcessDown) and restarted as a new incarnation, within the restart-intensity limit; past it,
+or if the controller dies, the deployment shuts down with a clear error. Stopping: Shutdown to every child,
+then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from bus.codec import Codec, Received
+from bus.controller_proc import ControllerConfig
+from bus.errors import DeadlineError, ProtocolError
+from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
+from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from recovery.specs import ChildSpec, DeploymentConfig
+from recovery.supervisor import FAILED, RESTARTING, SERVING, STARTING, STOPPED, ChildState, RestartIntensity
+from stages.proc import StageProcConfig
+from stages.runtime import split_layers
+
+log = logging.getLogger(__name__)
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start or could not go on; the message says why and what governs it."""
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    state: ChildState
+    proc: asyncio.subprocess.Process | None = None
+    route: bytes | None = None
+    spawned_at: float = 0.0
+    said_hello: bool = False
+
+
+class SupervisorProcess:
+    def __init__(self, cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_ready = on_ready or (lambda address: None)
+        self.codec = Codec("supervisor", 0)
+        self.ctx = context()
+        self.children: dict[str, Child] = {}
+        self.intensity = RestartIntensity(cfg.max_restarts, cfg.restart_window)
+        self.stopping = False
+        self.stop = asyncio.Event()
+        self.fatal: str | None = None
+        self.ready = asyncio.Event()
+        self.controller_hello = asyncio.Event()
+        self.addresses: dict[str, str] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
+        self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
+        self.address = bound_address(self.sock)
+        receiver = asyncio.ensure_future(self._receive())
+        watchdog = asyncio.ensure_future(self._watchdog())
+        try:
+            await self._start()
+            if not self.stop.is_set():
+                self.on_ready(self.addresses["client"])
+                await self.stop.wait()
+        except DeadlineError as e:
+            self.fatal = str(e)
+        finally:
+            await self._shutdown(self.fatal or "stopping")
+            receiver.cancel()
+            watchdog.cancel()
+            self.ctx.destroy(linger=0)
+        if self.fatal:
+            raise DeploymentError(self.fatal)
+        return 0
+
+    async def _start(self) -> None:
+        cfg = self.cfg
+        pid = os.getpid()
+        ctl_cfg = ControllerConfig(
+            model_dir=cfg.model_dir, num_stages=cfg.num_stages, microbatch_size=cfg.microbatch_size,
+            num_microbatches=cfg.microbatches, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
+            client_bind=f"tcp://{cfg.host}:{cfg.port}", prefill_chunk=cfg.prefill_chunk, max_waiting=cfg.max_waiting,
+            client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
+            heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
+        )
+        self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
+        await self._wait(self.controller_hello, "the controller's Hello")
+        from stages.models import load_spec
+
+        _, spec = load_spec(cfg.model_dir)  # type: ignore[arg-type]
+        for i, layers in enumerate(split_layers(spec.num_layers, cfg.num_stages)):
+            device = cfg.device if cfg.device == "cpu" else f"cuda:{i}"
+            st = StageProcConfig(
+                index=i, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=layers,
+                num_slots=cfg.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
+                controller_address=self.addresses["internal"], dtype=cfg.dtype, device=device,
+                heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
+                threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
+            )
+            self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
+        await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")
+
+    async def _wait(self, event: asyncio.Event, what: str) -> None:
+        stop = asyncio.ensure_future(self.stop.wait())
+        got = asyncio.ensure_future(event.wait())
+        try:
+            done, _ = await asyncio.wait({stop, got}, timeout=self.cfg.startup_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            got.cancel()
+        if not done:
+            raise DeadlineError(f"no {what} within {self.cfg.startup_timeout:.0f}s (setting: startup_timeout)")
+
+    def _request_stop(self, reason: str) -> None:
+        log.info("[shutdown] %s", reason)
+        self.stop.set()
+
+    def _fail(self, message: str) -> None:
+        if self.fatal is None:
+            self.fatal = message
+            log.error("[fatal] %s", message)
+        self.stop.set()
+
+    # ------------------------------------------------------------------ children
+
+    def _spawn(self, child: Child, incarnation: int = 0) -> None:
+        self.children[child.spec.name] = child
+        child.state.incarnation = incarnation
+        child.state.state = STARTING if incarnation == 0 else RESTARTING
+        child.said_hello = False
+        child.route = None
+        child.spawned_at = child.state.last_beat = time.monotonic()
+        task = asyncio.ensure_future(self._run_child(child, incarnation))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_child(self, child: Child, incarnation: int) -> None:
+        argv = child.spec.argv(incarnation)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, env=env)
+        child.proc, child.state.pid = proc, proc.pid
+        log.info("[spawn] %s incarnation %d pid %d", child.spec.name, incarnation, proc.pid)
+        code = await proc.wait()
+        child.state.exits.append(code)
+        if self.stopping or child.state.incarnation != incarnation:
+            child.state.state = STOPPED
+            return
+        await self._on_exit(child, incarnation, code)
+
+    async def _on_exit(self, child: Child, incarnation: int, code: int) -> None:
+        name = child.spec.name
+        reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        log.warning("[restart] %s incarnation %d %s", name, incarnation, reason)
+        if child.spec.role != "stage":
+            child.state.state = FAILED
+            self._fail(f"{name} {reason}; the deployment cannot go on without it")
+            return
+        allowed = self.intensity.allow(time.monotonic())
+        await self._to_controller(ProcessDown("stage", child.spec.index, incarnation, reason, allowed))
+        if not allowed:
+            child.state.state = FAILED
+            self._fail(
+                f"{name} {reason}; {self.cfg.max_restarts} restarts within {self.cfg.restart_window:.0f}s already "
+                "(settings: max_restarts / restart_window): giving up"
+            )
+            return
+        child.state.restarts += 1
+        self._spawn(child, incarnation + 1)
+
+    async def _to_controller(self, body) -> None:  # type: ignore[no-untyped-def]
+        ctl = self.children.get("controller-0")
+        if ctl is not None and ctl.route is not None:
+            await send(self.sock, self.codec, body, route=[ctl.route])
+
+    # ------------------------------------------------------------------ messages
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                route, msg = decode_frames(self.codec, frames, route_frames=1)
+            except ProtocolError as e:
+                log.warning("[supervisor] dropped a bad frame: %s", e)
+                continue
+            await self._on_message(route[0], msg)
+
+    async def _on_message(self, route: bytes, msg: Received) -> None:
+        sender = msg.env.sender
+        child = self.children.get(sender) or self.children.get(f"{sender}-0")
+        if child is None or msg.env.incarnation != child.state.incarnation:
+            return  # unknown sender or a stale incarnation
+        body = msg.body
+        child.state.last_beat = time.monotonic()
+        if isinstance(body, Hello):
+            child.route, child.said_hello = route, True
+            if child.spec.role == "controller":
+                self.addresses = dict(body.addresses)
+                child.state.state = SERVING
+                self.controller_hello.set()
+                await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname()),
+                           route=[route])
+        elif isinstance(body, Heartbeat):
+            child.state.state = body.state
+        elif isinstance(body, DeploymentReady) and child.spec.role == "controller":
+            self.ready.set()
+
+    async def _watchdog(self) -> None:
+        interval = self.cfg.heartbeat_interval / 2
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for child in list(self.children.values()):
+                proc = child.proc
+                if proc is None or proc.returncode is not None or self.stopping:
+                    continue
+                limit = self.cfg.heartbeat_timeout if child.said_hello else self.cfg.startup_timeout
+                if now - child.state.last_beat > limit:
+                    log.error("[health] %s silent for %.1fs (> %s %.1fs): killing it", child.spec.name,
+                              now - child.state.last_beat,
+                              "heartbeat_timeout" if child.said_hello else "startup_timeout", limit)
+                    child.state.last_beat = now
+                    proc.kill()
+
+    # ------------------------------------------------------------------ stopping
+
+    async def _shutdown(self, reason: str) -> None:
+        self.stopping = True
+        if self.fatal:
+            await self._to_controller(FatalError(self.fatal))
+        alive = [c for c in self.children.values() if c.proc is not None and c.proc.returncode is None]
+        for c in alive:
+            if c.route is not None:
+                await send(self.sock, self.codec, Shutdown(reason), route=[c.route])
+        await self._reap(alive, self.cfg.shutdown_timeout, None)
+        await self._reap(alive, self.cfg.kill_timeout, signal.SIGTERM)
+        await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def _reap(self, children: list[Child], timeout: float, sig: signal.Signals | None) -> None:
+        procs = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]
+        if not procs:
+            return
+        if sig is not None:
+            log.warning("[shutdown] sending %s to %d process(es)", sig.name, len(procs))
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+        await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout)
+
+
+def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:
+    """Run a whole deployment on this host until SIGINT/SIGTERM. Raises DeploymentError on failure."""
+    from recovery.child import install_uvloop
+
+    install_uvloop()
+    return asyncio.run(SupervisorProcess(cfg, on_ready).run())

@@ -1,0 +1,88 @@
+"""What a deployment is: `DeploymentConfig` (validated), and the child processes it consists of.
+
+`bin/dejavu-serve` parses its arguments into a DeploymentConfig; the supervisor turns it into one
+`ChildSpec` per process, each of which knows how to build its command line for a given incarnation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from recovery.child import encode_config
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    model_dir: str
+    num_stages: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port (the ready line says which)
+    microbatch_size: int = 8
+    num_microbatches: int = 0  # 0 = one per stage (a full pipeline)
+    max_seq_len: int = 2048
+    prefill_chunk: int = 0
+    max_waiting: int = 4096
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    max_restarts: int = 5  # restart intensity: at most this many restarts ...
+    restart_window: float = 60.0  # ... within this many seconds, else shut down
+    startup_timeout: float = 300.0
+    shutdown_timeout: float = 10.0  # after Shutdown, before SIGTERM
+    kill_timeout: float = 5.0  # after SIGTERM, before SIGKILL
+    client_timeout: float = 10.0
+    step_timeout: float = 600.0
+    stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1:
+            raise ValueError("--stages must be >= 1")
+        if self.microbatch_size < 1:
+            raise ValueError("--microbatch-size must be >= 1")
+        if self.num_microbatches < 0:
+            raise ValueError("--microbatches must be >= 0 (0 = one per stage)")
+        if self.max_seq_len < 2:
+            raise ValueError("--max-seq-len must be >= 2")
+        if not 0 <= self.port < 65536:
+            raise ValueError("--port must be in [0, 65535]")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError("--device must be cpu or cuda")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ValueError("need 0 < heartbeat interval < heartbeat timeout")
+        if self.max_restarts < 0 or self.restart_window <= 0:
+            raise ValueError("max_restarts must be >= 0 and restart_window > 0")
+
+    @property
+    def microbatches(self) -> int:
+        return self.num_microbatches or self.num_stages
+
+    @property
+    def num_slots(self) -> int:
+        return self.microbatches * self.microbatch_size
+
+    def threads_per_stage(self) -> int:
+        if self.stage_threads:
+            return self.stage_threads
+        return max(1, (os.cpu_count() or 1) // self.num_stages)
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    role: str  # "controller" | "stage" | "streamer"
+    index: int
+    module: str  # python -m <module> '<config json>'
+    config: object  # a frozen config dataclass with an `incarnation` field
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    def argv(self, incarnation: int) -> list[str]:
+        from dataclasses import replace
+
+        cfg = replace(self.config, incarnation=incarnation)  # type: ignore[type-var]
+        return [sys.executable, "-m", self.module, encode_config(cfg)]

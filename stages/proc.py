@@ -1,0 +1,221 @@
+"""The stage process shell: sockets, event loop, compute thread, handshake. Logic lives in StageCore.
+
+Lifecycle: connect to the supervisor and say Hello; load the shard on the compute thread (heartbeats keep
+flowing meanwhile); bind the activation input; Hello the controller (within `handshake_timeout`); then
+serve: steps arrive from the controller (stage 0) or from the upstream stage, run one at a time on the
+compute thread, and go downstream (or, from the last stage, back to the controller as sampled tokens).
+Every message carries the stage's incarnation; every step carries the deployment epoch, and steps of an
+old epoch are dropped unrun (they belonged to a pipeline that has since been rebuilt).
+
+Never: talks to clients, holds scheduling state, or blocks the event loop with compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zmq
+
+from bus.activation import ActivationIn, ActivationOut
+from bus.codec import Codec
+from bus.errors import DeadlineError, ProtocolError
+from bus.messages import (
+    ERR_BAD_REQUEST,
+    Hello,
+    Shutdown,
+    StepFailed,
+    StepRequest,
+    StepResult,
+    Topology,
+    TopologyAck,
+    Welcome,
+)
+from bus.sockets import context, decode_frames, make_socket, recv_within, send
+from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
+from stages.errors import StageError
+from stages.runtime import ShardConfig
+from stages.stage import StageCore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageProcConfig:
+    index: int
+    num_stages: int
+    incarnation: int
+    model_dir: str
+    layers: tuple[int, int]
+    num_slots: int
+    max_seq_len: int
+    supervisor_address: str
+    controller_address: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    bind_host: str = "127.0.0.1"
+    heartbeat_interval: float = 1.0
+    handshake_timeout: float = 60.0
+    supervisor_pid: int | None = None
+    log_level: str = "INFO"
+    threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.num_stages:
+            raise ValueError(f"stage index {self.index} outside [0, {self.num_stages})")
+        if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
+            raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
+
+
+class StageProcess:
+    def __init__(self, cfg: StageProcConfig) -> None:
+        self.cfg = cfg
+        self.codec = Codec(f"stage-{cfg.index}", cfg.incarnation)
+        self.ctx = context()
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute")
+        self.epoch = -1
+        self.busy_since = 0.0
+        self.state = "starting"
+        self.queue: asyncio.Queue[tuple[StepRequest, torch.Tensor | None]] = asyncio.Queue()
+        self.out: ActivationOut | None = None
+        self.is_last = cfg.index == cfg.num_stages - 1
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index)
+        await self.sup.hello()
+        beats = asyncio.ensure_future(self.sup.run(cfg.heartbeat_interval, self._busy, lambda: self.state))
+        try:
+            if cfg.device == "cpu" and cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            shard = ShardConfig(Path(cfg.model_dir), tuple(cfg.layers), cfg.num_slots, cfg.max_seq_len, cfg.dtype,
+                                cfg.device)
+            self.busy_since = time.monotonic()
+            self.core = await loop.run_in_executor(self.compute, StageCore, shard)
+            self.busy_since = 0.0
+            self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0")
+            self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
+                                   identity=f"stage-{cfg.index}".encode())
+            await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), socket.gethostname(),
+                                                   {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots))
+            frames = await recv_within(self.ctl, cfg.handshake_timeout, "Welcome from the controller",
+                                       "handshake_timeout")
+            _, msg = decode_frames(self.codec, frames)
+            if not isinstance(msg.body, Welcome):
+                raise ProtocolError(f"expected Welcome, got {type(msg.body).__name__}")
+            self.state = "ready"
+            log.info("[handshake] stage %d (incarnation %d) layers %s ready", cfg.index, cfg.incarnation, cfg.layers)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._control()), tg.create_task(self._data()),
+                         tg.create_task(self._worker())]
+                await self.sup.stop.wait()
+                log.info("[shutdown] stage %d: %s", cfg.index, self.sup.stop_reason)
+                for t in tasks:
+                    t.cancel()
+        finally:
+            beats.cancel()
+            self.compute.shutdown(wait=False, cancel_futures=True)
+            self.ctx.destroy(linger=0)
+
+    def _busy(self) -> float:
+        return time.monotonic() - self.busy_since if self.busy_since else 0.0
+
+    async def _control(self) -> None:
+        while True:
+            frames = await self.ctl.recv_multipart(copy=False)
+            try:
+                _, msg = decode_frames(self.codec, frames)
+            except ProtocolError as e:
+                log.warning("[control] dropped a bad frame: %s", e)
+                continue
+            body = msg.body
+            if isinstance(body, StepRequest):
+                self.queue.put_nowait((body, None))
+            elif isinstance(body, Topology):
+                self._set_topology(body)
+                await send(self.ctl, self.codec, TopologyAck(body.epoch), reply_to=msg.env.msg_id)
+            elif isinstance(body, Shutdown):
+                self.sup.stop.set()
+            else:
+                log.warning("[control] unexpected %s", type(body).__name__)
+
+    def _set_topology(self, topo: Topology) -> None:
+        self.epoch = topo.epoch
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+        if not self.is_last:
+            if not topo.downstream:
+                raise ProtocolError(f"stage {self.cfg.index} got a topology without a downstream address")
+            self.out = ActivationOut(self.ctx, self.codec, topo.downstream)
+        # steps queued under the old epoch are dropped by the worker
+        self.state = "serving"
+        log.info("[topology] stage %d: epoch %d, downstream %s", self.cfg.index, topo.epoch, topo.downstream or "-")
+
+    async def _data(self) -> None:
+        while True:
+            try:
+                msg, hidden = await self.data_in.recv()
+            except ProtocolError as e:
+                log.warning("[data] dropped a bad frame: %s", e)
+                continue
+            if isinstance(msg.body, StepRequest):
+                self.queue.put_nowait((msg.body, hidden))
+            else:
+                log.warning("[data] unexpected %s", type(msg.body).__name__)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            step, hidden = await self.queue.get()
+            if step.epoch != self.epoch:
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                out = await loop.run_in_executor(self.compute, self.core.run, step, hidden)
+            except StageError as e:
+                # the step was wrong, not the stage: report it; the process keeps serving
+                log.warning("[step] mb %d step %d failed: %s", step.mb, step.step, e)
+                await send(self.ctl, self.codec, StepFailed(step.epoch, step.mb, step.step, ERR_BAD_REQUEST, str(e)))
+                continue
+            finally:
+                self.busy_since = 0.0
+            if step.epoch != self.epoch:
+                continue  # the pipeline was rebuilt while this step ran
+            if out.tokens is not None:
+                await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens))
+            elif self.out is not None and out.hidden is not None:
+                await self.out.send(step, out.hidden)
+
+
+def run_stage(cfg: StageProcConfig) -> int:
+    setup_child(f"dejavu: stage {cfg.index}/{cfg.num_stages} layers {cfg.layers[0]}-{cfg.layers[1]}",
+                cfg.log_level, cfg.supervisor_pid)
+    install_uvloop()
+    try:
+        asyncio.run(StageProcess(cfg).run())
+    except DeadlineError as e:
+        log.error("[handshake] %s", e)
+        return 3
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m stages.proc '<StageProcConfig JSON>'", file=sys.stderr)
+        return 2
+    return run_stage(decode_config(StageProcConfig, args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""`StageCore`: what a pipeline stage does with one step, without sockets or an event loop.
+
+Takes a `StepRequest` (chunks, token ids, sampling) plus the hidden states from upstream, runs the shard,
+and returns either hidden states for the next stage or — on the last stage — one sampled token per chunk.
+Runs on the stage process's compute thread; the process shell (stages/proc.py) moves messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bus.messages import StepRequest
+from stages.batch import SeqChunk
+from stages.errors import InvalidRequestError
+from stages.layers.sampling import SamplingParams, sample
+from stages.runtime import ShardConfig, ShardRuntime
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    hidden: torch.Tensor | None  # [N, hidden] for the next stage
+    tokens: list[int] | None  # last stage: one token per chunk
+
+
+class StageCore:
+    def __init__(self, config: ShardConfig, pool_memory: torch.Tensor | None = None) -> None:
+        self.runtime = ShardRuntime(config, pool_memory)
+
+    def run(self, step: StepRequest, hidden: torch.Tensor | None) -> StepOutput:
+        rt = self.runtime
+        chunks = [SeqChunk(c.slot, c.start, c.length) for c in step.chunks]
+        if len(step.sampling) != len(chunks):
+            raise InvalidRequestError(f"{len(chunks)} chunks but {len(step.sampling)} sampling entries")
+        if rt.is_first:
+            if len(step.token_ids) != sum(c.length for c in chunks):
+                raise InvalidRequestError("token_ids do not match the chunks' lengths")
+            inputs = rt.embed_input(step.token_ids)
+        else:
+            if hidden is None:
+                raise InvalidRequestError("a non-first stage needs hidden states")
+            inputs = hidden.to(rt.device, non_blocking=True)
+        out = rt.forward(chunks, inputs)
+        if not rt.is_last:
+            return StepOutput(out, None)
+        params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed) for s in step.sampling]
+        positions = [c.start + c.length for c in chunks]
+        return StepOutput(None, sample(out, params, positions).tolist())
