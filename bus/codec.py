@@ -33,7 +33,7 @@ class Codec:
         self._ids = itertools.count(1)
         self._enc = msgspec.msgpack.Encoder()
         self._env_dec = msgspec.msgpack.Decoder(Envelope)
-        self._body_dec = msgspec.msgpack.Decoder(Union[tuple(types)])  # type: ignore[misc]
+        self._body_dec = msgspec.msgpack.Decoder(Union[tuple(types)])  # type: ignore[misc]  # noqa: UP007
 
     def encode(self, body: Msg, reply_to: int = 0) -> bytes:
         env = Envelope(PROTOCOL_VERSION, next(self._ids), self.sender, self.incarnation, reply_to,

@@ -70,7 +70,7 @@ async def recv_within(
     """Receive one multipart message within `timeout` seconds or raise DeadlineError naming `setting`."""
     try:
         return await asyncio.wait_for(sock.recv_multipart(copy=False), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise DeadlineError(f"no {what} within {timeout:.1f}s (setting: {setting})") from None
 
 

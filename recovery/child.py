@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-import inspect
 from collections.abc import Awaitable, Callable
 
 import msgspec

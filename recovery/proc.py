@@ -69,7 +69,6 @@ class SupervisorProcess:
     # ------------------------------------------------------------------ main
 
     async def run(self) -> int:
-        cfg = self.cfg
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")

@@ -73,9 +73,17 @@ class Checkpoint:
             by_file.setdefault(self.file_of[key], []).append(key)
         for name, keys in sorted(by_file.items()):
             with self._open(name, device) as f:
+                present = set(f.keys())
                 for key in keys:
+                    # an index can name a file that lacks the tensor: say so instead of leaking SafetensorError
+                    if key not in present:
+                        raise ModelLoadError(f"{self.dir / name}: lacks tensor {key!r} (named by {INDEX_FILE})")
                     self.read_keys.append(key)
-                    yield key, f.get_tensor(key)
+                    try:
+                        tensor = f.get_tensor(key)
+                    except Exception as e:  # truncated or corrupt data section
+                        raise ModelLoadError(f"{self.dir / name}: cannot read tensor {key!r} ({e})") from e
+                    yield key, tensor
 
 
 def load_shard(shard: DecoderShard, ckpt: Checkpoint, device: torch.device) -> None:
