@@ -28,8 +28,9 @@ class Received:
 
 
 class Codec:
-    def __init__(self, sender: str, incarnation: int = 0, types: Iterable[type[Msg]] = ALL_MESSAGES) -> None:
-        self.sender, self.incarnation = sender, incarnation
+    def __init__(self, sender: str, incarnation: int = 0, types: Iterable[type[Msg]] = ALL_MESSAGES,
+                 max_bytes: int = MAX_CONTROL_BYTES) -> None:
+        self.sender, self.incarnation, self.max_bytes = sender, incarnation, max_bytes
         self._ids = itertools.count(1)
         self._enc = msgspec.msgpack.Encoder()
         self._env_dec = msgspec.msgpack.Decoder(Envelope)
@@ -41,16 +42,16 @@ class Codec:
         return self._enc.encode(env)
 
     def decode(self, frame: bytes | memoryview, rest: Sequence[Any] = ()) -> Received:
-        if len(frame) > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+        if len(frame) > self.max_bytes:
+            raise ProtocolError(f"control frame of {len(frame)} bytes exceeds the limit of {self.max_bytes}")
         try:
             env = self._env_dec.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ProtocolError(f"bad envelope: {e}") from None
+        except Exception as e:  # DecodeError, ValidationError, UnicodeDecodeError, ...: all mean "bad frame"
+            raise ProtocolError(f"bad envelope: {type(e).__name__}: {e}") from None
         if env.version != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {env.version}, this process speaks {PROTOCOL_VERSION}")
         try:
             body = self._body_dec.decode(env.body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ProtocolError(f"bad message body from {env.sender!r}: {e}") from None
+        except Exception as e:
+            raise ProtocolError(f"bad message body from {env.sender!r}: {type(e).__name__}: {e}") from None
         return Received(env, body, rest)

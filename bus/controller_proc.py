@@ -70,7 +70,8 @@ class ControllerConfig:
     step_timeout: float = 600.0
     topology_timeout: float = 30.0
     heartbeat_interval: float = 1.0
-    max_client_message: int = 4 * 1024 * 1024
+    max_client_request: int = 8 * 1024 * 1024  # larger requests get ErrorReply ...
+    max_client_frame: int = 64 * 1024 * 1024  # ... and larger frames make ZeroMQ drop the connection
     supervisor_pid: int | None = None
     log_level: str = "INFO"
 
@@ -106,6 +107,7 @@ class ControllerProcess:
         self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
                                step_timeout=cfg.step_timeout)
         self.codec = Codec("controller", cfg.incarnation)
+        self.client_codec = Codec("controller", cfg.incarnation, max_bytes=cfg.max_client_request)
         self.ctx = context()
         self.reg = Registry()
         self.epoch = 0
@@ -116,7 +118,7 @@ class ControllerProcess:
 
     async def run(self) -> None:
         cfg = self.cfg
-        self.clients = make_socket(self.ctx, zmq.ROUTER, bind=cfg.client_bind, max_message=cfg.max_client_message)
+        self.clients = make_socket(self.ctx, zmq.ROUTER, bind=cfg.client_bind, max_message=cfg.max_client_frame)
         self.internal = make_socket(self.ctx, zmq.ROUTER, bind=cfg.internal_bind)
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0)
         self.sup.on_message = self._on_supervisor
@@ -148,20 +150,25 @@ class ControllerProcess:
             frames = await self.clients.recv_multipart(copy=False)
             now = time.monotonic()
             try:
-                route, msg = decode_frames(self.codec, frames, route_frames=1)
+                route, msg = decode_frames(self.client_codec, frames, route_frames=1)
             except ProtocolError as e:
-                if len(frames) >= 1:
+                if len(frames) >= 2:  # [identity, ...]: answer that peer only
                     ident = bytes(frames[0].bytes)
-                    await send(self.clients, self.codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident])
+                    await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident])
                 continue
-            await self._on_client(route[0], msg, now)
+            try:
+                await self._on_client(route[0], msg, now)
+            except Exception as e:  # a handler that fails answers; it never takes the process down
+                log.exception("[client] handling %s failed", type(msg.body).__name__)
+                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, f"internal error: {e}"),
+                           route=route, reply_to=msg.env.msg_id)
             await self._flush()
 
     async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
         body = msg.body
         if isinstance(body, GenerateRequest):
             if self.fatal:
-                await send(self.clients, self.codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
+                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
                            reply_to=msg.env.msg_id)
                 return
             self.core.submit(client, body, now)
@@ -170,14 +177,15 @@ class ControllerProcess:
         elif isinstance(body, KeepAlive):
             self.core.touch(client, now)
         elif isinstance(body, StatusQuery):
-            await send(self.clients, self.codec, self._status(), route=[client], reply_to=msg.env.msg_id)
+            await send(self.clients, self.client_codec, self._status(), route=[client], reply_to=msg.env.msg_id)
         else:
-            await send(self.clients, self.codec,
+            await send(self.clients, self.client_codec,
                        ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
                        route=[client], reply_to=msg.env.msg_id)
 
     def _status(self) -> StatusReply:
-        procs = [ProcessInfo("controller", 0, os.getpid(), self.cfg.incarnation, self._state(), socket.gethostname())]
+        procs = [ProcessInfo("controller", 0, os.getpid(), self.cfg.incarnation, self._state(), socket.gethostname(),
+                             bound_address(self.internal))]
         for i in range(self.cfg.num_stages):
             e = self.reg.stages.get(i)
             if e is None:
@@ -193,7 +201,7 @@ class ControllerProcess:
         for step in steps:
             await send(self.internal, self.codec, step, route=[b"stage-0"])
         for client, body in out:
-            await send(self.clients, self.codec, body, route=[client])
+            await send(self.clients, self.client_codec, body, route=[client])
 
     # ------------------------------------------------------------------ stages
 
@@ -205,7 +213,10 @@ class ControllerProcess:
             except ProtocolError as e:
                 log.warning("[stage] dropped a bad frame: %s", e)
                 continue
-            await self._on_internal(route[0], msg)
+            try:
+                await self._on_internal(route[0], msg)
+            except Exception:
+                log.exception("[stage] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
             await self._flush()
 
     def _stage_index(self, msg: Received) -> int | None:
@@ -297,7 +308,8 @@ class ControllerProcess:
         elif isinstance(body, Hello):
             # the supervisor forwards other processes' identities (itself, the streamer) for status()
             self.reg.others[(body.role, body.index)] = ProcessInfo(
-                body.role, body.index, body.pid, msg.env.incarnation, "serving", body.host)
+                body.role, body.index, body.pid, msg.env.incarnation, "serving", body.host,
+                " ".join(body.addresses.values()))
 
     async def _timer(self) -> None:
         while True:

@@ -218,8 +218,8 @@ class SupervisorProcess:
                 self.addresses = dict(body.addresses)
                 child.state.state = SERVING
                 self.controller_hello.set()
-                await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname()),
-                           route=[route])
+                await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname(),
+                                                        {"supervisor": self.address}), route=[route])
         elif isinstance(body, Heartbeat):
             child.state.state = body.state
         elif isinstance(body, DeploymentReady) and child.spec.role == "controller":

@@ -38,9 +38,11 @@ class StageCore:
                 raise InvalidRequestError("token_ids do not match the chunks' lengths")
             inputs = rt.embed_input(step.token_ids)
         else:
-            if hidden is None:
-                raise InvalidRequestError("a non-first stage needs hidden states")
-            inputs = hidden.to(rt.device, non_blocking=True)
+            n, width = sum(c.length for c in chunks), rt.spec.hidden_size
+            if hidden is None or tuple(hidden.shape) != (n, width) or not hidden.is_floating_point():
+                got = None if hidden is None else (tuple(hidden.shape), hidden.dtype)
+                raise InvalidRequestError(f"expected hidden states [{n}, {width}], got {got}")
+            inputs = hidden.to(rt.device, rt.dtype, non_blocking=True)
         out = rt.forward(chunks, inputs)
         if not rt.is_last:
             return StepOutput(out, None)

@@ -1,0 +1,549 @@
+"""The async client of a DéjàVu deployment: one DEALER socket to the controller's client ROUTER.
+
+Runs in the user's process, on the caller's event loop (any asyncio loop; our scripts use uvloop). Three
+background tasks: a receiver that dispatches the controller's messages — by request id (TokenChunk,
+RequestDone, RequestFailed) or by envelope reply_to (StatusReply, ErrorReply) — to per-request queues; a
+sender that writes every outgoing frame in order (so posting a message never awaits and works from
+cancellation paths); a keep-alive that speaks while requests are in flight (the controller cancels the
+requests of a silent client).
+
+It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
+closing: `close_timeout`), retry a request on its own (the server owns recovery and never repeats or retracts
+a delivered token), or accept a chunk that leaves a gap or overlap in the output (ServerError instead of
+silently wrong tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import operator
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from bus.codec import Codec
+from bus.errors import (
+    BadRequestError,
+    CancelledError,
+    DejaVuError,
+    ProtocolError,
+    RequestTimeoutError,
+    ServerError,
+)
+from bus.messages import (
+    CLIENT,
+    ERR_BAD_MESSAGE,
+    ERR_BAD_REQUEST,
+    ERR_CANCELLED,
+    ERR_OVERLOADED,
+    ERR_SERVER,
+    ERR_TIMEOUT,
+    CancelRequest,
+    Envelope,
+    ErrorReply,
+    GenerateRequest,
+    KeepAlive,
+    Msg,
+    RequestDone,
+    RequestFailed,
+    StatusQuery,
+    StatusReply,
+    TokenChunk,
+)
+from bus.sockets import decode_frames, make_socket
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int, tuple[str, type[DejaVuError]]] = {
+    ERR_BAD_MESSAGE: ("ERR_BAD_MESSAGE", BadRequestError),
+    ERR_BAD_REQUEST: ("ERR_BAD_REQUEST", BadRequestError),
+    ERR_SERVER: ("ERR_SERVER", ServerError),
+    ERR_OVERLOADED: ("ERR_OVERLOADED", ServerError),
+    ERR_CANCELLED: ("ERR_CANCELLED", CancelledError),
+    ERR_TIMEOUT: ("ERR_TIMEOUT", RequestTimeoutError),
+}
+_MAX_ID = 2**31  # token ids and seeds the client lets through; the server checks the vocabulary
+
+
+def error_for(code: int, message: str, request_id: str = "") -> DejaVuError:
+    """The typed exception for a server error code (unknown codes are server errors)."""
+    name, cls = _ERRORS.get(code, (f"code {code}", ServerError))
+    where = f"request {request_id}: " if request_id else ""
+    return cls(f"{where}{message} [{name}]")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Tokens as they arrive: output positions index .. index+len(token_ids)-1 (token_ids may be empty when
+    a chunk only completes text). `t` = seconds since the request was sent."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str | None
+    t: float
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str | None  # None when the model has no tokenizer
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    num_prompt_tokens: int
+    token_times: tuple[float, ...]  # arrival of each token, seconds since the request was sent
+    latency_s: float  # request sent -> RequestDone received
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token (None if none came)."""
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first (None with fewer than two tokens)."""
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n >= 2 else None
+
+    @property
+    def normalized_latency_s(self) -> float | None:
+        """End-to-end seconds per generated token: the paper's metric."""
+        return self.latency_s / len(self.token_ids) if self.token_ids else None
+
+
+def _ids(name: str, ids: Iterable[Any]) -> list[int]:
+    if isinstance(ids, (str, bytes)):
+        raise BadRequestError(f"{name} must be a sequence of token ids, not {type(ids).__name__}")
+    out: list[int] = []
+    for t in ids:
+        try:
+            v = operator.index(t)
+        except TypeError:
+            raise BadRequestError(f"{name} must hold integers, got {t!r}") from None
+        if isinstance(t, bool) or not 0 <= v < _MAX_ID:
+            raise BadRequestError(f"{name} must hold token ids in [0, 2**31), got {t!r}")
+        out.append(v)
+    return out
+
+
+def build_request(
+    prompt: str | None, prompt_token_ids: Iterable[int] | None, max_new_tokens: int, temperature: float,
+    top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int],
+) -> GenerateRequest:
+    """Validate the obvious client-side (BadRequestError) and build the wire request; the server decides
+    the rest (vocabulary, sequence length)."""
+    if (prompt is None) == (prompt_token_ids is None):
+        raise BadRequestError("give exactly one of prompt (text) and prompt_token_ids")
+    ids: list[int] | None = None
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequestError(f"prompt must be a non-empty string, got {prompt!r:.40}")
+    else:
+        assert prompt_token_ids is not None
+        ids = _ids("prompt_token_ids", prompt_token_ids)
+        if not ids:
+            raise BadRequestError("prompt_token_ids is empty: give at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BadRequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise BadRequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise BadRequestError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise BadRequestError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BadRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids, max_new_tokens=max_new_tokens,
+        temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
+        stop_token_ids=_ids("stop_token_ids", stop_token_ids),
+    )
+
+
+def status_dict(reply: StatusReply) -> dict[str, Any]:
+    return {
+        "processes": [msgspec.structs.asdict(p) for p in reply.processes],
+        "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
+        "waiting": reply.waiting, "running": reply.running,
+    }
+
+
+@dataclass
+class _Pending:
+    queue: asyncio.Queue[tuple[float, Msg | DejaVuError]]  # (receive time, message or error)
+    msg_id: int  # envelope id of the GenerateRequest, for ErrorReply.reply_to
+
+
+class TokenStream:
+    """Async iterator over one request's TokenEvents; sends the request on the first `__anext__`.
+
+    Closing it before the end — `aclose()`, leaving `async with`, or dropping it after `break` — sends
+    CancelRequest. After a normal end, `.result` holds the GenerateResult.
+    """
+
+    def __init__(self, client: AsyncClient, request: GenerateRequest, timeout: float) -> None:
+        self._client, self._request, self._timeout = client, request, timeout
+        self.request_id = request.request_id
+        self._pending: _Pending | None = None
+        self._t0 = self._deadline = 0.0
+        self._tokens: list[int] = []
+        self._times: list[float] = []
+        self._texts: list[str] | None = None  # becomes a list on the first chunk with text
+        self._result: GenerateResult | None = None
+        self._finished = False
+
+    @property
+    def result(self) -> GenerateResult:
+        if self._result is None:
+            raise RuntimeError(f"request {self.request_id} has not finished: iterate the stream to its end")
+        return self._result
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __aenter__(self) -> TokenStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._abandon()
+
+    def __del__(self) -> None:
+        if self._pending is not None and not self._finished:  # dropped after `break`: cancel on the server
+            try:
+                self._client._loop.call_soon_threadsafe(self._client._cancel, self.request_id)
+            except (RuntimeError, AttributeError):
+                pass  # the loop is gone: so is the socket
+
+    def _abandon(self) -> None:
+        if self._pending is not None and not self._finished:
+            self._client._cancel(self.request_id)
+        self._finished = True
+
+    async def __anext__(self) -> TokenEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._pending is None:
+            self._t0 = time.perf_counter()
+            self._deadline = self._t0 + self._timeout
+            self._pending = self._client._submit(self._request)
+        try:
+            t, item = await self._next()
+        except BaseException:  # timeout, or our task was cancelled: stop the request on the server too
+            self._abandon()
+            raise
+        if isinstance(item, TokenChunk):
+            return self._on_chunk(item, t)
+        self._finished = True
+        if isinstance(item, RequestDone):
+            self._on_done(item, t)
+            raise StopAsyncIteration
+        if isinstance(item, RequestFailed):
+            raise error_for(item.code, item.message, self.request_id)
+        assert isinstance(item, DejaVuError)
+        raise item
+
+    async def _next(self) -> tuple[float, Msg | DejaVuError]:
+        assert self._pending is not None
+        remaining = self._deadline - time.perf_counter()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(self._pending.queue.get(), remaining)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"request {self.request_id}: not finished within {self._timeout:.1f}s after sending "
+                f"({len(self._tokens)} token(s) received) (setting: timeout= of generate()/stream(), "
+                "default AsyncClient(timeout=...))"
+            ) from None
+
+    def _on_chunk(self, chunk: TokenChunk, t: float) -> TokenEvent:
+        expected = len(self._tokens)
+        if chunk.index != expected:
+            what = "gap" if chunk.index > expected else "overlap"
+            self._abandon()
+            raise ServerError(
+                f"request {self.request_id}: chunk at output index {chunk.index} with {len(chunk.token_ids)} "
+                f"token(s) but {expected} token(s) received so far ({what}); refusing a corrupted output"
+            )
+        self._tokens.extend(chunk.token_ids)
+        self._times.extend([t - self._t0] * len(chunk.token_ids))
+        if chunk.text is not None:
+            if self._texts is None:
+                self._texts = []
+            self._texts.append(chunk.text)
+        return TokenEvent(chunk.index, tuple(chunk.token_ids), chunk.text, t - self._t0)
+
+    def _on_done(self, done: RequestDone, t: float) -> None:
+        if done.num_generated != len(self._tokens):
+            raise ServerError(
+                f"request {self.request_id}: server reports {done.num_generated} generated token(s) but "
+                f"{len(self._tokens)} arrived; refusing a truncated output"
+            )
+        self._result = GenerateResult(
+            request_id=self.request_id, token_ids=tuple(self._tokens),
+            text="".join(self._texts) if self._texts is not None else None,
+            finish_reason=done.finish_reason, num_prompt_tokens=done.num_prompt_tokens,
+            token_times=tuple(self._times), latency_s=t - self._t0,
+        )
+
+
+class AsyncClient:
+    """`async with AsyncClient("tcp://127.0.0.1:5555") as c: r = await c.generate(prompt_token_ids=[1, 2])`.
+
+    timeout: default deadline of a whole request, send to its last message (per call: `timeout=`).
+    keepalive_interval: KeepAlive period while requests are in flight (keep it well under the server's
+    client timeout, 10 s by default). connect_timeout: deadline for a StatusReply — the probe on entering
+    (when `probe`) and `status()`. close_timeout: how long closing waits for the server to acknowledge the
+    cancellation of requests still in flight.
+    """
+
+    def __init__(self, address: str, *, timeout: float = 600.0, keepalive_interval: float = 1.0,
+                 connect_timeout: float = 10.0, close_timeout: float = 2.0, probe: bool = True) -> None:
+        if "://" not in address:
+            raise ValueError(f"address must look like tcp://host:port, got {address!r}")
+        for name, v in (("timeout", timeout), ("keepalive_interval", keepalive_interval),
+                        ("connect_timeout", connect_timeout), ("close_timeout", close_timeout)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
+        self.address, self.timeout, self.keepalive_interval = address, timeout, keepalive_interval
+        self.connect_timeout, self.close_timeout, self.probe = connect_timeout, close_timeout, probe
+        self.server_info: dict[str, Any] | None = None  # the probe's status(), when probed
+        self._state = "new"  # new -> open -> closed
+        self._refusal = ""  # why new requests are refused although open ("" = they are not)
+        self._closing = False
+        self._requests: dict[str, _Pending] = {}
+        self._by_msg_id: dict[int, str] = {}
+        self._status_waiters: dict[int, asyncio.Future[StatusReply]] = {}
+        self._env_dec = msgspec.msgpack.Decoder(Envelope)
+        self._codec = Codec(f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}", types=(ErrorReply, *CLIENT))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AsyncClient:
+        if self._state != "new":
+            raise RuntimeError("an AsyncClient is entered once; make a new one")
+        self._loop = asyncio.get_running_loop()
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._busy, self._drained = asyncio.Event(), asyncio.Event()
+        self._ctx = zmq.asyncio.Context()
+        self._sock = make_socket(self._ctx, zmq.DEALER, connect=self.address)
+        self._tasks = [asyncio.create_task(coro, name=f"dejavu-client-{name}") for name, coro in (
+            ("recv", self._receive_loop()), ("send", self._send_loop()), ("keepalive", self._keepalive_loop()))]
+        self._state = "open"
+        if self.probe:
+            try:
+                self.server_info = await self._status(
+                    self.connect_timeout, "AsyncClient(connect_timeout=...)",
+                    " — is a controller serving at that address?")
+            except BaseException:
+                await self.close()
+                raise
+        log.debug("[client] connected to %s", self.address)
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Cancel in-flight requests on the server (waiting up to close_timeout for its acknowledgements),
+        fail their local waiters with CancelledError, and release the socket."""
+        if self._state == "new":
+            self._state = "closed"
+        if self._state != "open" or self._closing:
+            return
+        self._closing = True
+        self._refusal = self._refusal or "it is closing"
+        try:
+            if self._requests:
+                log.info("[client] closing: cancelling %d request(s) in flight", len(self._requests))
+                for rid in list(self._requests):
+                    self._post(CancelRequest(rid))
+                try:
+                    await asyncio.wait_for(self._drained.wait(), self.close_timeout)
+                except TimeoutError:
+                    log.warning("[client] %d request(s) not acknowledged as cancelled within %.1fs (setting: "
+                                "AsyncClient(close_timeout=...))", len(self._requests), self.close_timeout)
+        finally:
+            self._fail_all(CancelledError("the client was closed while the request was in flight"))
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._sock.close(linger=0)
+            self._ctx.term()
+            self._state = "closed"
+
+    # ------------------------------------------------------------------ API
+
+    def stream(self, prompt: str | None = None, prompt_token_ids: Iterable[int] | None = None,
+               max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int = 0, stop_token_ids: Iterable[int] = (), timeout: float | None = None) -> TokenStream:
+        """An async iterator of TokenEvents as they are committed. Raises BadRequestError at once for
+        obviously invalid arguments; server errors surface from the iteration."""
+        self._check_open()
+        req = build_request(prompt, prompt_token_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                            stop_token_ids)
+        t = self.timeout if timeout is None else timeout
+        if not t > 0:
+            raise BadRequestError(f"timeout must be > 0 seconds, got {t!r}")
+        return TokenStream(self, req, t)
+
+    async def generate(self, prompt: str | None = None, prompt_token_ids: Iterable[int] | None = None,
+                       max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int = 0, stop_token_ids: Iterable[int] = (),
+                       timeout: float | None = None) -> GenerateResult:
+        """Run one request to its end. A request the server cancelled returns finish_reason "cancelled"."""
+        async with self.stream(prompt, prompt_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                               timeout=timeout) as s:
+            async for _ in s:
+                pass
+        return s.result
+
+    async def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The deployment's processes and queue counts (see status_dict)."""
+        self._check_open()
+        t = self.connect_timeout if timeout is None else timeout
+        return await self._status(t, "status(timeout=...), default AsyncClient(connect_timeout=...)", "")
+
+    async def _status(self, timeout: float, setting: str, hint: str) -> dict[str, Any]:
+        fut: asyncio.Future[StatusReply] = self._loop.create_future()
+        msg_id = self._post(StatusQuery())
+        self._status_waiters[msg_id] = fut
+        try:
+            await asyncio.wait({fut}, timeout=timeout)  # does not raise: a reply's own error stays typed
+        finally:
+            self._status_waiters.pop(msg_id, None)
+        if not fut.done():
+            fut.cancel()
+            raise RequestTimeoutError(
+                f"no StatusReply from {self.address} within {timeout:.1f}s (setting: {setting}){hint}")
+        return status_dict(fut.result())
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"the client is {self._state}: use it inside `async with AsyncClient(...)`")
+        if self._refusal:
+            raise ServerError(f"the client takes no new requests: {self._refusal}")
+
+    def _post(self, body: Msg) -> int:
+        """Queue one message for the sender task; returns its envelope msg_id (for replies' reply_to)."""
+        data = self._codec.encode(body)
+        self._outbox.put_nowait(data)
+        return self._env_dec.decode(data).msg_id  # Codec numbers envelopes internally: read the id back
+
+    def _submit(self, req: GenerateRequest) -> _Pending:
+        self._check_open()
+        pending = _Pending(asyncio.Queue(), self._post(req))
+        self._requests[req.request_id] = pending
+        self._by_msg_id[pending.msg_id] = req.request_id
+        self._busy.set()
+        self._drained.clear()
+        return pending
+
+    def _forget(self, rid: str) -> _Pending | None:
+        pending = self._requests.pop(rid, None)
+        if pending is not None:
+            self._by_msg_id.pop(pending.msg_id, None)
+        if not self._requests:
+            self._drained.set()
+        return pending
+
+    def _cancel(self, rid: str) -> None:
+        """Stop listening for `rid` and ask the server to stop it (later messages for it are dropped)."""
+        if self._forget(rid) is not None and self._state == "open":
+            self._post(CancelRequest(rid))
+
+    def _fail_all(self, err: DejaVuError) -> None:
+        now = time.perf_counter()
+        for rid in list(self._requests):
+            pending = self._forget(rid)
+            assert pending is not None
+            pending.queue.put_nowait((now, err))
+        for fut in self._status_waiters.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def _send_loop(self) -> None:
+        while True:
+            data = await self._outbox.get()
+            await self._sock.send(data, copy=False)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await self._busy.wait()
+            await asyncio.sleep(self.keepalive_interval)
+            if self._requests:
+                self._post(KeepAlive())
+            else:
+                self._busy.clear()
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                frames = await self._sock.recv_multipart(copy=False)
+                now = time.perf_counter()
+                try:
+                    _, rx = decode_frames(self._codec, frames)
+                except ProtocolError as e:
+                    log.warning("[client] dropped an undecodable frame from the controller: %s", e)
+                    continue
+                self._dispatch(rx.env, rx.body, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the socket broke: nothing more will arrive for anyone
+            log.error("[client] receiver stopped: %r", e)
+            err = ServerError(f"the client's connection to {self.address} failed: {e!r}")
+            self._refusal = self._refusal or str(err)
+            self._fail_all(err)
+
+    def _dispatch(self, env: Envelope, body: Msg, now: float) -> None:
+        if isinstance(body, (TokenChunk, RequestDone, RequestFailed)):
+            pending = self._requests.get(body.request_id)
+            if pending is None:  # finished, cancelled or timed out here: late messages are expected
+                log.debug("[client] %s for request %s (no longer awaited) dropped", type(body).__name__,
+                          body.request_id)
+                return
+            if not isinstance(body, TokenChunk):
+                self._forget(body.request_id)
+            pending.queue.put_nowait((now, body))
+        elif isinstance(body, StatusReply):
+            fut = self._status_waiters.pop(env.reply_to, None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+        elif isinstance(body, ErrorReply):
+            self._on_error_reply(env, body, now)
+        else:
+            log.warning("[client] unexpected %s from the controller dropped", type(body).__name__)
+
+    def _on_error_reply(self, env: Envelope, body: ErrorReply, now: float) -> None:
+        fut = self._status_waiters.pop(env.reply_to, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(error_for(body.code, body.message))
+            return
+        rid = self._by_msg_id.get(env.reply_to)
+        pending = self._forget(rid) if rid is not None else None
+        if rid is not None and pending is not None:
+            pending.queue.put_nowait((now, error_for(body.code, body.message, rid)))
+            return
+        log.warning("[client] controller error not tied to a pending request (reply_to=%d): %s [code %d]",
+                    env.reply_to, body.message, body.code)

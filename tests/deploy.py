@@ -1,0 +1,96 @@
+"""Start a real deployment (`bin/dejavu-serve` as a subprocess) for a test, and stop it cleanly.
+
+`Deployment.start(...)` returns once the ready line is printed (or raises within its deadline); `stop()`
+sends SIGINT and checks the whole process tree is gone in bounded time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE = ROOT / "bin" / "dejavu-serve"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        nxt = {p for p, pp in parents.items() if pp in frontier}
+        out |= nxt
+        frontier = nxt
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class Deployment:
+    def __init__(self, proc: subprocess.Popen[str], address: str, log: Path) -> None:
+        self.proc, self.address, self.log = proc, address, log
+
+    @classmethod
+    def start(cls, model: Path | str, stages: int, *args: str, timeout: float = 120.0) -> Deployment:
+        log = Path(tempfile.mkstemp(prefix="dejavu-serve-", suffix=".log")[1])
+        cmd = [sys.executable, str(SERVE), "--model", str(model), "--stages", str(stages), "--log-level", "INFO",
+               "--stage-threads", "1", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT)
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"ready (tcp://\S+)", line)
+            if m:
+                return cls(proc, m.group(1), log)
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"deployment did not become ready within {timeout}s:\n{log.read_text()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        tree = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"dejavu-serve did not stop within {timeout}s") from None
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in tree if alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"processes left behind after shutdown: {left}"
+        return code
+
+    def logs(self) -> str:
+        return self.log.read_text()
