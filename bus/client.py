@@ -141,7 +141,7 @@ def _ids(name: str, ids: Iterable[Any]) -> list[int]:
 
 def build_request(
     prompt: str | None, prompt_token_ids: Iterable[int] | None, max_new_tokens: int, temperature: float,
-    top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int],
+    top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int], ignore_eos: bool = False,
 ) -> GenerateRequest:
     """Validate the obvious client-side (BadRequestError) and build the wire request; the server decides
     the rest (vocabulary, sequence length)."""
@@ -169,7 +169,7 @@ def build_request(
     return GenerateRequest(
         request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids, max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
-        stop_token_ids=_ids("stop_token_ids", stop_token_ids),
+        stop_token_ids=_ids("stop_token_ids", stop_token_ids), ignore_eos=bool(ignore_eos),
     )
 
 
@@ -393,12 +393,13 @@ class AsyncClient:
 
     def stream(self, prompt: str | None = None, prompt_token_ids: Iterable[int] | None = None,
                max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int = 0, stop_token_ids: Iterable[int] = (), timeout: float | None = None) -> TokenStream:
+               seed: int = 0, stop_token_ids: Iterable[int] = (), ignore_eos: bool = False,
+               timeout: float | None = None) -> TokenStream:
         """An async iterator of TokenEvents as they are committed. Raises BadRequestError at once for
         obviously invalid arguments; server errors surface from the iteration."""
         self._check_open()
         req = build_request(prompt, prompt_token_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_token_ids)
+                            stop_token_ids, ignore_eos)
         t = self.timeout if timeout is None else timeout
         if not t > 0:
             raise BadRequestError(f"timeout must be > 0 seconds, got {t!r}")
@@ -406,11 +407,12 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, prompt_token_ids: Iterable[int] | None = None,
                        max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       seed: int = 0, stop_token_ids: Iterable[int] = (),
+                       seed: int = 0, stop_token_ids: Iterable[int] = (), ignore_eos: bool = False,
                        timeout: float | None = None) -> GenerateResult:
         """Run one request to its end. A request the server cancelled returns finish_reason "cancelled"."""
         async with self.stream(prompt, prompt_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                               ignore_eos=ignore_eos,
                                timeout=timeout) as s:
             async for _ in s:
                 pass

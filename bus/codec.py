@@ -49,9 +49,11 @@ class Codec:
         except Exception as e:  # DecodeError, ValidationError, UnicodeDecodeError, ...: all mean "bad frame"
             raise ProtocolError(f"bad envelope: {type(e).__name__}: {e}") from None
         if env.version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {env.version}, this process speaks {PROTOCOL_VERSION}")
+            raise ProtocolError(f"protocol version {env.version}, this process speaks {PROTOCOL_VERSION}",
+                                env.msg_id)
         try:
             body = self._body_dec.decode(env.body)
         except Exception as e:
-            raise ProtocolError(f"bad message body from {env.sender!r}: {type(e).__name__}: {e}") from None
+            raise ProtocolError(f"bad message body from {env.sender!r}: {type(e).__name__}: {e}",
+                                env.msg_id) from None
         return Received(env, body, rest)

@@ -154,7 +154,8 @@ class ControllerProcess:
             except ProtocolError as e:
                 if len(frames) >= 2:  # [identity, ...]: answer that peer only
                     ident = bytes(frames[0].bytes)
-                    await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident])
+                    await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident],
+                               reply_to=e.msg_id)
                 continue
             try:
                 await self._on_client(route[0], msg, now)

@@ -8,7 +8,14 @@ class BusError(Exception):
 
 
 class ProtocolError(BusError):
-    """A frame could not be decoded: wrong version, unknown type, bad shape, oversized."""
+    """A frame could not be decoded: wrong version, unknown type, bad shape, oversized.
+
+    `msg_id` is the offending message's id when its envelope could be read (0 otherwise), so the answer
+    can name the request it refuses."""
+
+    def __init__(self, message: str, msg_id: int = 0) -> None:
+        super().__init__(message)
+        self.msg_id = msg_id
 
 
 class DeadlineError(BusError, TimeoutError):

@@ -127,6 +127,7 @@ class GenerateRequest(Msg, tag=20):
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: list[int] = []
+    ignore_eos: bool = False  # generate exactly max_new_tokens unless a stop_token_id comes (benchmarks)
 
 
 class CancelRequest(Msg, tag=21):

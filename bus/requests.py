@@ -94,6 +94,6 @@ def admit(
         prompt=ids,
         max_new_tokens=req.max_new_tokens,
         sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed),
-        stop_ids=frozenset(eos_ids) | frozenset(req.stop_token_ids),
+        stop_ids=(frozenset() if req.ignore_eos else frozenset(eos_ids)) | frozenset(req.stop_token_ids),
         detok=detok,
     )

@@ -18,13 +18,13 @@ from bus.messages import (
     ERR_BAD_MESSAGE,
     ERR_BAD_REQUEST,
     PROTOCOL_VERSION,
+    Chunk,
     Envelope,
     ErrorReply,
     GenerateRequest,
     RequestFailed,
-    StepRequest,
-    Chunk,
     Sampling,
+    StepRequest,
     TensorMeta,
 )
 from bus.sockets import decode_frames

@@ -28,7 +28,7 @@ def test_tags_are_unique_and_stable() -> None:
 
 GOLDEN = [
     (GenerateRequest("r1", prompt_token_ids=[1, 2], max_new_tokens=4, seed=7),
-     "9a14a27231c092010204cb000000000000000000cb3ff00000000000000790"),
+     "9b14a27231c092010204cb000000000000000000cb3ff00000000000000790c2"),
     (TokenChunk("r1", 3, [42], "x"), "9516a2723103912aa178"),
     (StepRequest(2, 1, 9, [Chunk(0, 0, 3)], [5, 6, 7], [Sampling()], TensorMeta("float32", [3, 8])),
      "98280201099193000003930506079194cb000000000000000000cb3ff00000000000000092a7666c6f61743332920308"),
@@ -88,3 +88,14 @@ def test_no_pickle_in_the_wire_path() -> None:
             text = path.read_text()
             for bad in ("import pickle", "recv_pyobj", "send_pyobj", "cloudpickle", "pickle.loads"):
                 assert bad not in text, f"{path}: {bad}"
+
+
+def test_old_decoders_accept_new_trailing_fields() -> None:
+    """A field added at the end (with a default) must not break a peer that does not know it yet."""
+
+    class OldGenerateRequest(msgspec.Struct, frozen=True, array_like=True, tag_field="t", tag=20):
+        request_id: str
+        prompt: str | None = None
+
+    new = msgspec.msgpack.encode(GenerateRequest("r", prompt="hi", ignore_eos=True))
+    assert msgspec.msgpack.decode(new, type=OldGenerateRequest) == OldGenerateRequest("r", "hi")

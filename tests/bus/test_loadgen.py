@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import serve_bench as sb
+from bus import loadgen as sb
 from bus.messages import CancelRequest, GenerateRequest
 from tests.bus.fake_controller import FakeController, never_answer
 

@@ -3,7 +3,7 @@
 Runs in its own process, as one client of the controller (bus.client.AsyncClient, one uvloop loop). For each
 request rate: draw the workload (prompt and output lengths from the given distributions, random prompt token
 ids in [0, vocab), all from a fixed seed — the same requests at every rate, only the arrival times scale), send
-each request at its arrival time with temperature 0, stop_token_ids=() and max_new_tokens = the drawn length,
+each request at its arrival time with temperature 0, ignore_eos and max_new_tokens = the drawn length,
 and record time to first token, time per output token, end-to-end latency and normalized latency (seconds per
 generated token, the paper's metric). Writes one JSON file (command line, date, server status, every rate's
 figures and per-request records) and a PNG of normalized latency against request rate.
@@ -156,7 +156,7 @@ async def _one(client: AsyncClient, i: int, req: Planned, t0: float, timeout: fl
     try:
         r: GenerateResult = await client.generate(
             prompt_token_ids=req.prompt, max_new_tokens=req.output_len, temperature=0.0, seed=i,
-            stop_token_ids=(), timeout=timeout)
+            stop_token_ids=(), ignore_eos=True, timeout=timeout)
     except asyncio.CancelledError:  # the rate's deadline: recorded by the caller
         raise
     except DejaVuError as e:

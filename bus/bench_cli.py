@@ -1,0 +1,26 @@
+"""`dejavu-bench <what> ...`: one entry point for the project's benchmarks.
+
+    serve     load generator against a running deployment (bus/loadgen.py)
+    streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (streamer/bench.py)
+    runtime   single-shard model runtime vs Hugging Face and the weight-read floor (stages/bench.py)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "serve": "bus.loadgen",
+    "streamer": "streamer.bench",
+    "runtime": "stages.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]])
+    return int(module.main(args[1:]) or 0)
