@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from bus.codec import Codec, Received
 from bus.frames import frame_tensor, tensor_frame
-from bus.messages import StepRequest
+from bus.messages import Msg, StepRequest, TensorMeta
 from bus.sockets import bound_address, decode_frames, make_socket, send
 
 
@@ -27,12 +27,15 @@ class ActivationIn:
         self.address = bound_address(self.sock)
 
     async def recv(self) -> tuple[Received, torch.Tensor | None]:
-        """Next (message, hidden) — raises ProtocolError on a malformed message (caller drops it)."""
+        """Next (message, hidden) — raises ProtocolError on a malformed message (caller drops it).
+
+        A StepRequest whose `hidden` meta comes without a frame carries its tensor over NCCL: hidden is
+        None and the receiver fetches it from its link."""
         frames = await self.sock.recv_multipart(copy=False)
         _, msg = decode_frames(self.codec, frames)
         hidden = None
         body = msg.body
-        if isinstance(body, StepRequest) and body.hidden is not None:
+        if isinstance(body, StepRequest) and body.hidden is not None and msg.frames:
             from bus.errors import ProtocolError
 
             if len(msg.frames) != 1:
@@ -54,6 +57,14 @@ class ActivationOut:
         header = StepRequest(step.epoch, step.mb, step.step, step.chunks, step.token_ids, step.sampling, meta)
         buffers: list[Any] = [buf]
         await send(self.sock, self.codec, header, buffers=buffers)
+
+    async def send_header(self, step: StepRequest, meta: TensorMeta) -> None:
+        """The header of a step whose tensor went over NCCL (no frame)."""
+        await send(self.sock, self.codec,
+                   StepRequest(step.epoch, step.mb, step.step, step.chunks, step.token_ids, step.sampling, meta))
+
+    async def send_msg(self, body: Msg) -> None:
+        await send(self.sock, self.codec, body)
 
     def close(self) -> None:
         self.sock.close(0)

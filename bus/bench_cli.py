@@ -3,6 +3,8 @@
     serve     load generator against a running deployment (bus/loadgen.py)
     streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (streamer/bench.py)
     runtime   single-shard model runtime vs Hugging Face and the weight-read floor (stages/bench.py)
+    pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles
+              (bus/pipeline_bench.py)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ COMMANDS = {
     "serve": "bus.loadgen",
     "streamer": "streamer.bench",
     "runtime": "stages.bench",
+    "pipeline": "bus.pipeline_bench",
 }
 
 

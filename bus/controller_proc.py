@@ -38,6 +38,7 @@ from bus.messages import (
     KeepAlive,
     ProcessDown,
     ProcessInfo,
+    StageStats,
     StatusQuery,
     StatusReply,
     StepFailed,
@@ -87,6 +88,7 @@ class StageEntry:
     host: str
     data: str
     state: str = "ready"
+    stats: StageStats | None = None
 
 
 @dataclass
@@ -192,7 +194,9 @@ class ControllerProcess:
             if e is None:
                 procs.append(ProcessInfo("stage", i, 0, -1, "starting"))
             else:
-                procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data))
+                st = e.stats or StageStats(0.0, 0, 0.0)
+                procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data, st.busy_s,
+                                         st.steps, st.uptime_s))
         procs.extend(self.reg.others.values())
         waiting, running = self.core.counts()
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running)
@@ -254,6 +258,8 @@ class ControllerProcess:
                     await self._serving(now)
         elif isinstance(body, StepResult):
             self.core.on_result(body, now)
+        elif isinstance(body, StageStats):
+            entry.stats = body
         elif isinstance(body, StepFailed):
             if body.epoch == self.core.sched.epoch:
                 self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")

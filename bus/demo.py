@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bus.client import AsyncClient
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "The pipeline has four stages and",
     "KV-cache streaming lets a failed stage",
@@ -73,39 +68,25 @@ async def run_clients(address: str, n: int, max_new: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from recovery.launch import Deployment
+
     p = argparse.ArgumentParser(prog="dejavu-demo", description=__doc__)
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--startup-timeout", type=float, default=180.0)
     args = p.parse_args(argv)
-    cmd = [sys.executable, str(ROOT / "bin" / "dejavu-serve"), "--model", "default", "--stages", str(args.stages),
-           "--microbatch-size", "4"]
-    print("starting:", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    address = None
-    deadline = time.monotonic() + args.startup_timeout
-    for line in proc.stdout:
-        print(line.rstrip(), flush=True)
-        m = re.search(r"ready (tcp://\S+)", line)
-        if m:
-            address = m.group(1)
-            break
-        if time.monotonic() > deadline:
-            break
-    if address is None:
-        proc.kill()
-        print("dejavu-demo: the deployment did not become ready", file=sys.stderr)
-        return 1
+    print(f"starting: dejavu-serve --model default --stages {args.stages} --microbatch-size 4", flush=True)
     try:
-        asyncio.run(run_clients(address, args.requests, args.max_new_tokens))
+        dep = Deployment.start("default", args.stages, "--microbatch-size", "4", timeout=args.startup_timeout,
+                               log_level="WARNING")
+    except RuntimeError as e:
+        print(f"dejavu-demo: {e}", file=sys.stderr)
+        return 1
+    print(f"ready: {dep.address}", flush=True)
+    try:
+        asyncio.run(run_clients(dep.address, args.requests, args.max_new_tokens))
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = -9
-    print(f"deployment stopped (exit code {code})")
+        code = dep.stop()
+    print(f"deployment stopped cleanly (exit code {code}, no process left behind)")
     return 0 if code == 0 else 1

@@ -66,6 +66,9 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     state: str  # "starting" | "ready" | "serving" | "failed" | "restarting" | "stopped"
     host: str = ""
     detail: str = ""
+    busy_s: float = 0.0  # stages: seconds spent computing steps since the process started
+    steps: int = 0  # stages: steps computed
+    uptime_s: float = 0.0  # stages: seconds since the stage began serving
 
 
 # ---------------------------------------------------------------- 1-19: common -----------------------
@@ -218,6 +221,22 @@ class TopologyAck(Msg, tag=44):
     epoch: int
 
 
+class LinkInit(Msg, tag=46):
+    """Upstream stage -> downstream stage (data socket): join NCCL link `uid` for `epoch` as rank 1."""
+
+    epoch: int
+    uid: list[int]
+
+
+class StageStats(Msg, tag=45):
+    """Stage -> controller, every heartbeat interval: how busy it has been (idle fraction = bubbles)."""
+
+    busy_s: float
+    steps: int
+    uptime_s: float
+    tokens: int = 0
+
+
 # ---------------------------------------------------------------- 70-89: supervisor ------------------
 
 
@@ -245,6 +264,6 @@ class FatalError(Msg, tag=72):
 
 COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive)
-STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck)
+STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR

@@ -222,6 +222,7 @@ class SupervisorProcess:
                                                         {"supervisor": self.address}), route=[route])
         elif isinstance(body, Heartbeat):
             child.state.state = body.state
+            child.state.busy_s = body.busy_s
         elif isinstance(body, DeploymentReady) and child.spec.role == "controller":
             self.ready.set()
 
@@ -233,6 +234,12 @@ class SupervisorProcess:
             for child in list(self.children.values()):
                 proc = child.proc
                 if proc is None or proc.returncode is not None or self.stopping:
+                    continue
+                if child.said_hello and child.state.busy_s > self.cfg.hang_timeout:
+                    log.error("[health] %s busy with one step for %.0fs (> hang_timeout): killing it",
+                              child.spec.name, child.state.busy_s)
+                    child.state.busy_s = 0.0
+                    proc.kill()
                     continue
                 limit = self.cfg.heartbeat_timeout if child.said_hello else self.cfg.startup_timeout
                 if now - child.state.last_beat > limit:

@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=0, help="split prompts into chunks of this many tokens")
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    p.add_argument("--hang-timeout", type=float, default=300.0, help="kill a stage stuck in one step this long")
     p.add_argument("--max-restarts", type=int, default=5)
     p.add_argument("--restart-window", type=float, default=60.0)
     p.add_argument("--startup-timeout", type=float, default=300.0)
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port, microbatch_size=args.microbatch_size, num_microbatches=args.microbatches,
             max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+            hang_timeout=args.hang_timeout,
             max_restarts=args.max_restarts, restart_window=args.restart_window,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level,

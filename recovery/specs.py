@@ -28,6 +28,7 @@ class DeploymentConfig:
     max_waiting: int = 4096
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
+    hang_timeout: float = 300.0  # a stage busy with one step for longer than this is killed (a hung GPU/NCCL)
     max_restarts: int = 5  # restart intensity: at most this many restarts ...
     restart_window: float = 60.0  # ... within this many seconds, else shut down
     startup_timeout: float = 300.0

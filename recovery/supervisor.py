@@ -33,5 +33,6 @@ class ChildState:
     pid: int = 0
     state: str = STARTING
     last_beat: float = 0.0
+    busy_s: float = 0.0  # from the last heartbeat: how long the current step has been running
     restarts: int = 0
     exits: list[int] = field(default_factory=list)

@@ -13,6 +13,7 @@ Never: talks to clients, holds scheduling state, or blocks the event loop with c
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -31,7 +32,9 @@ from bus.errors import DeadlineError, ProtocolError
 from bus.messages import (
     ERR_BAD_REQUEST,
     Hello,
+    LinkInit,
     Shutdown,
+    StageStats,
     StepFailed,
     StepRequest,
     StepResult,
@@ -39,11 +42,12 @@ from bus.messages import (
     TopologyAck,
     Welcome,
 )
+from bus.nccl_activation import NcclActivations
 from bus.sockets import context, decode_frames, make_socket, recv_within, send
 from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
 from stages.errors import StageError
 from stages.runtime import ShardConfig
-from stages.stage import StageCore
+from stages.stage import StageCore, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +71,20 @@ class StageProcConfig:
     supervisor_pid: int | None = None
     log_level: str = "INFO"
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
+    transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
+    link_timeout: float = 60.0  # NCCL link setup deadline
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_stages:
             raise ValueError(f"stage index {self.index} outside [0, {self.num_stages})")
         if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
             raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
+        if self.transport not in ("auto", "zmq", "nccl"):
+            raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
+
+    @property
+    def uses_nccl(self) -> bool:
+        return self.transport == "nccl" or (self.transport == "auto" and self.device.startswith("cuda"))
 
 
 class StageProcess:
@@ -83,10 +95,24 @@ class StageProcess:
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute")
         self.epoch = -1
         self.busy_since = 0.0
+        self.busy_total = 0.0  # CPU: wall time computing steps
+        self.gpu_busy = 0.0  # CUDA: device time of steps, from event pairs (the true busy time of the GPU)
+        self.gpu_events: collections.deque[tuple[torch.cuda.Event, torch.cuda.Event]] = collections.deque()
+        self.steps = 0
+        self.tokens = 0
+        self.serving_since = 0.0
         self.state = "starting"
         self.queue: asyncio.Queue[tuple[StepRequest, torch.Tensor | None]] = asyncio.Queue()
         self.out: ActivationOut | None = None
         self.is_last = cfg.index == cfg.num_stages - 1
+        self.nccl: NcclActivations | None = None
+        self.inc_ready = asyncio.Event()
+        if cfg.uses_nccl:
+            self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
+
+    async def on_gpu(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run `fn` on the compute thread (the only thread that issues CUDA work)."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -116,7 +142,7 @@ class StageProcess:
             log.info("[handshake] stage %d (incarnation %d) layers %s ready", cfg.index, cfg.incarnation, cfg.layers)
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(self._control()), tg.create_task(self._data()),
-                         tg.create_task(self._worker())]
+                         tg.create_task(self._worker()), tg.create_task(self._stats())]
                 await self.sup.stop.wait()
                 log.info("[shutdown] stage %d: %s", cfg.index, self.sup.stop_reason)
                 for t in tasks:
@@ -125,6 +151,15 @@ class StageProcess:
             beats.cancel()
             self.compute.shutdown(wait=False, cancel_futures=True)
             self.ctx.destroy(linger=0)
+
+    async def _stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+            if self.serving_since:
+                up = time.monotonic() - self.serving_since
+                busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
+                    else self.busy_total + self._busy()
+                await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens))
 
     def _busy(self) -> float:
         return time.monotonic() - self.busy_since if self.busy_since else 0.0
@@ -141,14 +176,16 @@ class StageProcess:
             if isinstance(body, StepRequest):
                 self.queue.put_nowait((body, None))
             elif isinstance(body, Topology):
-                self._set_topology(body)
+                await self._set_topology(body)
                 await send(self.ctl, self.codec, TopologyAck(body.epoch), reply_to=msg.env.msg_id)
             elif isinstance(body, Shutdown):
                 self.sup.stop.set()
             else:
                 log.warning("[control] unexpected %s", type(body).__name__)
 
-    def _set_topology(self, topo: Topology) -> None:
+    async def _set_topology(self, topo: Topology) -> None:
+        """Serve epoch `topo.epoch`: rebuild the link downstream (ZeroMQ, plus NCCL on CUDA). Acked by the
+        caller only once the NCCL link is up, so the controller serves only over complete pipelines."""
         self.epoch = topo.epoch
         if self.out is not None:
             self.out.close()
@@ -157,8 +194,14 @@ class StageProcess:
             if not topo.downstream:
                 raise ProtocolError(f"stage {self.cfg.index} got a topology without a downstream address")
             self.out = ActivationOut(self.ctx, self.codec, topo.downstream)
+            if self.nccl is not None:
+                uid = await self.nccl.open_out(self.on_gpu, self.cfg.link_timeout)
+                await self.out.send_msg(LinkInit(topo.epoch, uid))
+                await self.nccl.join_out(self.cfg.link_timeout)
         # steps queued under the old epoch are dropped by the worker
         self.state = "serving"
+        if not self.serving_since:
+            self.serving_since = time.monotonic()
         log.info("[topology] stage %d: epoch %d, downstream %s", self.cfg.index, topo.epoch, topo.downstream or "-")
 
     async def _data(self) -> None:
@@ -170,8 +213,21 @@ class StageProcess:
                 continue
             if isinstance(msg.body, StepRequest):
                 self.queue.put_nowait((msg.body, hidden))
+            elif isinstance(msg.body, LinkInit) and self.nccl is not None:
+                if msg.body.epoch >= self.epoch:
+                    self.inc_ready.clear()
+                    asyncio.ensure_future(self._join_in(msg.body))
             else:
                 log.warning("[data] unexpected %s", type(msg.body).__name__)
+
+    async def _join_in(self, init: LinkInit) -> None:
+        assert self.nccl is not None
+        try:
+            await self.nccl.join_in(self.on_gpu, init.uid, self.cfg.link_timeout)
+        except Exception as e:  # the upstream died while linking: the next epoch brings a new LinkInit
+            log.error("[topology] NCCL link from stage %d (epoch %d) failed: %s", self.cfg.index - 1, init.epoch, e)
+            return
+        self.inc_ready.set()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,9 +235,25 @@ class StageProcess:
             step, hidden = await self.queue.get()
             if step.epoch != self.epoch:
                 continue
-            self.busy_since = time.monotonic()
+            via_nccl = step.hidden is not None and hidden is None
+            if via_nccl:
+                if self.nccl is None:
+                    log.warning("[step] mb %d step %d: hidden states without a frame and no NCCL link", step.mb,
+                                step.step)
+                    continue
+                try:
+                    await asyncio.wait_for(self.inc_ready.wait(), self.cfg.link_timeout)
+                except TimeoutError:
+                    log.error("[step] no NCCL link from upstream within link_timeout; dropping mb %d step %d",
+                              step.mb, step.step)
+                    continue
+                if step.epoch != self.epoch:
+                    continue
+            self.busy_since = started = time.monotonic()
             try:
-                out = await loop.run_in_executor(self.compute, self.core.run, step, hidden)
+                out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl)
+                self.steps += 1
+                self.tokens += len(step.token_ids)
             except StageError as e:
                 # the step was wrong, not the stage: report it; the process keeps serving
                 log.warning("[step] mb %d step %d failed: %s", step.mb, step.step, e)
@@ -189,12 +261,36 @@ class StageProcess:
                 continue
             finally:
                 self.busy_since = 0.0
+                self.busy_total += time.monotonic() - started
             if step.epoch != self.epoch:
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
                 await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens))
+            elif self.out is not None and out.sent is not None:
+                await self.out.send_header(step, out.sent)
             elif self.out is not None and out.hidden is not None:
                 await self.out.send(step, out.hidden)
+
+    def _compute(self, step: StepRequest, hidden: torch.Tensor | None, via_nccl: bool) -> StepOutput:
+        """Compute thread: fetch the input over NCCL if it came that way, run the step, and enqueue the
+        output's NCCL send (so the header can follow it)."""
+        cuda = self.cfg.device.startswith("cuda")
+        if via_nccl:
+            assert self.nccl is not None and step.hidden is not None
+            hidden = self.nccl.recv(step.hidden)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()  # after the receive was enqueued: device time of this step's compute only
+        out = self.core.run(step, hidden)
+        if cuda:
+            end.record()
+            self.gpu_events.append((start, end))
+            while self.gpu_events and self.gpu_events[0][1].query():
+                s, e = self.gpu_events.popleft()
+                self.gpu_busy += s.elapsed_time(e) / 1000.0
+        if out.hidden is not None and self.nccl is not None and self.nccl.out is not None:
+            return StepOutput(None, None, self.nccl.send(out.hidden))
+        return out
 
 
 def run_stage(cfg: StageProcConfig) -> int:

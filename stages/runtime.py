@@ -20,8 +20,8 @@ from stages.batch import SeqChunk, StepPlan, build_plan
 from stages.errors import InvalidRequestError, LayerRangeError, ModelLoadError
 from stages.kv_cache import KVPool, PoolLayout
 from stages.models import DecoderShard, load_spec
-from stages.models.spec import parse_dtype
-from stages.weights import Checkpoint, load_shard
+from stages.models.spec import parse_dtype, read_config
+from stages.weights import Checkpoint, load_shard, random_fill, random_weights_setting
 
 
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -87,8 +87,13 @@ class ShardRuntime:
         with torch.device("meta"):
             self.shard = DecoderShard(self.family, spec, self.layers)
         _materialize(self.shard, self.device, self.dtype)
-        self.checkpoint = Checkpoint(Path(config.model_dir))
-        load_shard(self.shard, self.checkpoint, self.device)
+        random = random_weights_setting(read_config(Path(config.model_dir)))
+        if random is not None:
+            self.checkpoint = None
+            random_fill(self.shard, int(random.get("seed", 0)), float(random.get("std", 0.02)))
+        else:
+            self.checkpoint = Checkpoint(Path(config.model_dir))
+            load_shard(self.shard, self.checkpoint, self.device)
         self.shard.setup(config.max_seq_len, self.dtype, self.device)
         self.shard.eval()
         self.layout = PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bus.messages import StepRequest
+from bus.messages import StepRequest, TensorMeta
 from stages.batch import SeqChunk
 from stages.errors import InvalidRequestError
 from stages.layers.sampling import SamplingParams, sample
@@ -22,6 +22,7 @@ from stages.runtime import ShardConfig, ShardRuntime
 class StepOutput:
     hidden: torch.Tensor | None  # [N, hidden] for the next stage
     tokens: list[int] | None  # last stage: one token per chunk
+    sent: TensorMeta | None = None  # the hidden states already went downstream over NCCL
 
 
 class StageCore:

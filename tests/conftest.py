@@ -45,3 +45,10 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stages.default_model import default_model_dir
 
     return default_model_dir(tmp_path_factory.mktemp("cache"))
+
+
+def start_deployment(model: Path | str, stages: int, *args: str):  # type: ignore[no-untyped-def]
+    """A real deployment for a test: one torch thread per stage (CI has 2 cores for all of them)."""
+    from recovery.launch import Deployment
+
+    return Deployment.start(model, stages, "--stage-threads", "1", *args)

@@ -65,6 +65,15 @@ def _sdpa(
         mask, causal = g.additive_bias(alibi_slopes), False
     else:
         mask = g.mask
+    b, t, heads, d = qg.shape
+    kv_heads = k.shape[1]
+    if gqa and t == 1 and alibi_slopes is None:
+        # Decode with grouped-query attention: the `heads // kv_heads` query heads that share a KV head
+        # become that head's query rows, [B, kvH, group, D] — plain attention with no K/V repetition and
+        # no GQA support needed from the SDPA backend (query head h uses KV head h // group, as in HF).
+        q = qg.view(b, kv_heads, heads // kv_heads, d)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # mask [B,1,1,L] broadcasts
+        return o.reshape(b, 1, heads, d)
     o = F.scaled_dot_product_attention(
         qg.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )

@@ -28,12 +28,13 @@ from bus.messages import (
     TensorMeta,
 )
 from bus.sockets import decode_frames
-from tests.deploy import Deployment
+from recovery.launch import Deployment
+from tests.conftest import start_deployment
 
 
 @pytest.fixture(scope="module")
 def dep(model_factory):  # type: ignore[no-untyped-def]
-    d = Deployment.start(model_factory("llama"), 2, "--microbatch-size", "4", "--max-seq-len", "64")
+    d = start_deployment(model_factory("llama"), 2, "--microbatch-size", "4", "--max-seq-len", "64")
     yield d
     assert d.stop() == 0
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bus.client import AsyncClient
-from tests.deploy import Deployment
+from tests.conftest import start_deployment
 from tests.tiny_models import load_hf
 
 N_REQUESTS = 36
@@ -47,7 +47,7 @@ def test_served_outputs_equal_hf_greedy(family: str, stages: int, model_factory)
 
     work = workload(load_spec(path)[1].vocab_size)
     refs = hf_greedy(path, work)
-    dep = Deployment.start(path, stages, "--microbatch-size", "4", "--max-seq-len", "96")
+    dep = start_deployment(path, stages, "--microbatch-size", "4", "--max-seq-len", "96")
     try:
         results = asyncio.run(run_all(dep.address, work))
     finally:

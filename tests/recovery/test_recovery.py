@@ -14,9 +14,10 @@ import torch
 
 from bus.client import AsyncClient
 from bus.errors import DejaVuError
+from recovery.launch import alive
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.layers.sampling import SamplingParams
-from tests.deploy import Deployment, alive
+from tests.conftest import start_deployment
 
 MAX_SEQ = 160
 
@@ -79,7 +80,7 @@ def test_kill_9_stage_mid_generation_loses_nothing(model_factory) -> None:  # ty
     path = model_factory("llama")
     reqs = workload(211)
     refs = reference(path, reqs)
-    dep = Deployment.start(path, 3, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ))
+    dep = start_deployment(path, 3, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ))
     try:
         outs, status = asyncio.run(run_with_kills(dep.address, reqs, [(150, 1), (900, 2)]))
         assert outs == refs
@@ -98,7 +99,7 @@ def test_hung_stage_is_killed_by_heartbeat_timeout_and_replaced(model_factory) -
     path = model_factory("llama")
     reqs = workload(211, n=12)
     refs = reference(path, reqs)
-    dep = Deployment.start(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
+    dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
                            "--heartbeat-interval", "0.2", "--heartbeat-timeout", "2")
     try:
         outs, status = asyncio.run(run_with_kills(dep.address, reqs, [(100, 0)], sig=signal.SIGSTOP))
@@ -112,7 +113,7 @@ def test_hung_stage_is_killed_by_heartbeat_timeout_and_replaced(model_factory) -
 
 def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) -> None:  # type: ignore[no-untyped-def]
     path = model_factory("llama")
-    dep = Deployment.start(path, 2, "--microbatch-size", "2", "--max-seq-len", "64", "--max-restarts", "1")
+    dep = start_deployment(path, 2, "--microbatch-size", "2", "--max-seq-len", "64", "--max-restarts", "1")
 
     async def scenario() -> None:
         async with AsyncClient(dep.address, timeout=60) as c:
@@ -132,9 +133,9 @@ def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) ->
 
 
 def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-untyped-def]
-    from tests.deploy import descendants
+    from recovery.launch import descendants
 
-    dep = Deployment.start(model_factory("llama"), 2)
+    dep = start_deployment(model_factory("llama"), 2)
     tree = descendants(dep.proc.pid)
     assert len(tree) >= 3  # controller + 2 stages
     dep.proc.send_signal(signal.SIGTERM)
@@ -143,7 +144,7 @@ def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-unt
 
 
 def test_client_sees_typed_error_when_the_deployment_dies(model_factory) -> None:  # type: ignore[no-untyped-def]
-    dep = Deployment.start(model_factory("llama"), 1, "--max-restarts", "0")
+    dep = start_deployment(model_factory("llama"), 1, "--max-restarts", "0")
 
     async def scenario() -> None:
         async with AsyncClient(dep.address, timeout=30) as c:

@@ -1,4 +1,5 @@
-"""Start a real deployment (`bin/dejavu-serve` as a subprocess) for a test, and stop it cleanly.
+"""Start a real deployment (`bin/dejavu-serve` as a subprocess) and stop it cleanly — for tests, the demo
+and the benchmarks, which all drive the system exactly as a user would.
 
 `Deployment.start(...)` returns once the ready line is printed (or raises within its deadline); `stop()`
 sends SIGINT and checks the whole process tree is gone in bounded time.
@@ -53,10 +54,11 @@ class Deployment:
         self.proc, self.address, self.log = proc, address, log
 
     @classmethod
-    def start(cls, model: Path | str, stages: int, *args: str, timeout: float = 120.0) -> Deployment:
+    def start(cls, model: Path | str, stages: int, *args: str, timeout: float = 120.0,
+              log_level: str = "INFO") -> Deployment:
         log = Path(tempfile.mkstemp(prefix="dejavu-serve-", suffix=".log")[1])
-        cmd = [sys.executable, str(SERVE), "--model", str(model), "--stages", str(stages), "--log-level", "INFO",
-               "--stage-threads", "1", *args]
+        cmd = [sys.executable, str(SERVE), "--model", str(model), "--stages", str(stages), "--log-level", log_level,
+               *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT)
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
@@ -73,7 +75,7 @@ class Deployment:
                 return cls(proc, m.group(1), log)
         proc.kill()
         proc.wait(10)
-        raise AssertionError(f"deployment did not become ready within {timeout}s:\n{log.read_text()[-4000:]}")
+        raise RuntimeError(f"deployment did not become ready within {timeout}s:\n{log.read_text()[-4000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:
         tree = descendants(self.proc.pid)
@@ -82,14 +84,15 @@ class Deployment:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"dejavu-serve did not stop within {timeout}s") from None
+            raise RuntimeError(f"dejavu-serve did not stop within {timeout}s") from None
         deadline = time.monotonic() + 10
         while any(alive(p) for p in tree) and time.monotonic() < deadline:
             time.sleep(0.05)
         left = [p for p in tree if alive(p)]
         for p in left:
             os.kill(p, signal.SIGKILL)
-        assert not left, f"processes left behind after shutdown: {left}"
+        if left:
+            raise RuntimeError(f"processes left behind after shutdown: {left}")
         return code
 
     def logs(self) -> str:

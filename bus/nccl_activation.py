@@ -1,0 +1,103 @@
+"""Activation plane over NCCL (CUDA deployments): hidden states go GPU -> GPU, headers over ZeroMQ.
+
+One directed 2-rank communicator per pipeline link (upstream = rank 0, sends; downstream = rank 1,
+receives), created per epoch: on a new Topology the upstream stage makes a unique id, sends it to the
+downstream stage as `LinkInit` over the ZeroMQ data socket, and both join (streamer.nccl.NcclLink: init on
+its own thread, within `link_timeout`). A restart therefore rebuilds only the links of a new epoch; old
+links are aborted (ncclCommAbort), never waited on.
+
+Ordering: the upstream enqueues ncclSend for step k (compute thread, right after computing it) and then
+sends step k's header; the downstream enqueues ncclRecv for step k when its worker takes step k's header.
+Both sides therefore issue operations in step order. Sends run on the link's stream after an event on the
+compute stream, so computing step k+1 overlaps sending step k; the sent tensor is kept alive for the
+allocator with record_stream. Only the compute thread touches CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bus.frames import DTYPES
+from bus.messages import TensorMeta
+
+
+class NcclActivations:
+    """This stage's two activation links (either may be None): `out` to the next stage, `inc` from the last."""
+
+    def __init__(self, device: torch.device, stage: int) -> None:
+        self.device, self.stage = device, stage
+        self.out = None  # streamer.nccl.NcclLink (rank 0)
+        self.inc = None  # streamer.nccl.NcclLink (rank 1)
+        self._ids = 0
+
+    # -------------------------------------------------------------- link lifecycle (event loop)
+
+    async def open_out(self, on_gpu, timeout: float) -> list[int]:  # type: ignore[no-untyped-def]
+        """Make the upstream rank of a new link; returns the unique id to send downstream. Join with
+        `join_out` after sending it."""
+        from streamer.nccl import NcclLink, new_unique_id
+
+        await self.close_out(on_gpu)
+        uid = await on_gpu(new_unique_id)
+        self._ids += 1
+        self.out = await on_gpu(NcclLink, self._ids, f"stage-{self.stage + 1}", 0, self.device.index)
+        self._uid = uid
+        return uid
+
+    async def join_out(self, timeout: float) -> None:
+        assert self.out is not None
+        await self.out.init(self._uid, timeout)
+
+    async def join_in(self, on_gpu, uid: list[int], timeout: float) -> None:  # type: ignore[no-untyped-def]
+        from streamer.nccl import NcclLink
+
+        await self.close_in(on_gpu)
+        self._ids += 1
+        self.inc = await on_gpu(NcclLink, self._ids, f"stage-{self.stage - 1}", 1, self.device.index)
+        await self.inc.init(uid, timeout)
+
+    async def close_out(self, on_gpu) -> None:  # type: ignore[no-untyped-def]
+        if self.out is not None:
+            link, self.out = self.out, None
+            await on_gpu(link.abort)
+
+    async def close_in(self, on_gpu) -> None:  # type: ignore[no-untyped-def]
+        if self.inc is not None:
+            link, self.inc = self.inc, None
+            await on_gpu(link.abort)
+
+    # -------------------------------------------------------------- data (compute thread)
+
+    def send(self, hidden: torch.Tensor) -> TensorMeta:
+        """Enqueue ncclSend of `hidden` after the work that produced it; returns its meta for the header."""
+        from streamer.nccl import _nccl
+
+        link = self.out
+        assert link is not None
+        link.check()
+        hidden = hidden.contiguous()
+        done = torch.cuda.Event()
+        done.record()
+        link.stream.wait_event(done)
+        nbytes = hidden.numel() * hidden.element_size()
+        link.comm.send(hidden.data_ptr(), nbytes, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
+        hidden.record_stream(link.stream)
+        from bus.frames import DTYPE_NAMES
+
+        return TensorMeta(DTYPE_NAMES[hidden.dtype], list(hidden.shape))
+
+    def recv(self, meta: TensorMeta) -> torch.Tensor:
+        """Enqueue ncclRecv of the step's hidden states; the current stream waits for it."""
+        from streamer.nccl import _nccl
+
+        link = self.inc
+        assert link is not None
+        link.check()
+        out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], device=self.device)
+        nbytes = out.numel() * out.element_size()
+        link.comm.recv(out.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
+        got = torch.cuda.Event()
+        got.record(link.stream)
+        torch.cuda.current_stream().wait_event(got)
+        out.record_stream(link.stream)
+        return out

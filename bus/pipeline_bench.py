@@ -1,0 +1,251 @@
+"""`dejavu-bench pipeline`: the colocated pipeline on real processes, against its own single-GPU runtime.
+
+For one model shape and each pipeline depth S given:
+1. baseline: one in-process ShardRuntime holding one stage's share of the layers (L/S) on one device —
+   its decode step at the microbatch size with ~`context` tokens cached (the "single-GPU runtime");
+2. a deployment (`dejavu-serve`, S stage processes, NCCL activations on CUDA);
+3. pipeline overhead: S x microbatch requests of `context`-token prompts decode together; the per-stage
+   decode step (device time, from the stages' own event timers) and the time per output token are set
+   against the baseline step (ratio 1.0 = no overhead; TPOT ideal = S x baseline step);
+4. the paper's workload (Poisson arrivals, 1,000-token prompts, chat-like output lengths) at each rate:
+   throughput, TTFT, TPOT, normalized latency p50/p95/p99, and each stage's idle fraction (bubbles):
+   1 - (device-busy time / wall time) over the rate's run.
+Weights are random (config key `dejavu_random_weights`: each stage draws its own on its GPU, no disk).
+Writes one JSON (card, date, command, every figure) and a PNG; `--quick` runs a tiny model on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bus import loadgen
+from bus.client import AsyncClient
+
+SHAPES: dict[str, dict[str, int]] = {
+    # OPT family shapes (hidden, layers, heads, ffn); vocab 50272, 2048 positions
+    "opt-13b": {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40, "ffn_dim": 20480},
+    "opt-30b": {"hidden_size": 7168, "num_hidden_layers": 48, "num_attention_heads": 56, "ffn_dim": 28672},
+    "opt-66b": {"hidden_size": 9216, "num_hidden_layers": 64, "num_attention_heads": 72, "ffn_dim": 36864},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "ffn_dim": 128},
+}
+
+
+def write_model(shape: str, root: Path) -> Path:
+    path = root / f"random-{shape}"
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 256 if shape == "tiny" else 50272,
+        "max_position_embeddings": 2048, "do_layer_norm_before": True, "activation_function": "relu",
+        "word_embed_proj_dim": SHAPES[shape]["hidden_size"], "bos_token_id": 2, "eos_token_id": 2,
+        "dejavu_random_weights": {"seed": 0, "std": 0.02}, **SHAPES[shape],
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path
+
+
+def baseline_step(model: Path, layers: int, batch: int, context: int, dtype: str, device: str,
+                  repeats: int) -> dict[str, float]:
+    """Decode step of one stage's layers in one in-process runtime (no pipeline): median seconds."""
+    from stages.batch import SeqChunk
+    from stages.runtime import ShardConfig, ShardRuntime
+
+    rt = ShardRuntime(ShardConfig(model, (0, layers), batch, context + 64, dtype, device))
+    ids = torch.randint(3, 200, (batch * context,)).tolist()
+    rt.forward([SeqChunk(i, 0, context) for i in range(batch)], rt.embed_input(ids))
+    chunks = [SeqChunk(i, context, 1) for i in range(batch)]
+    token = rt.embed_input([5] * batch)
+    times = []
+    for _ in range(repeats + 3):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        rt.forward(chunks, token)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    del rt
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"median_s": statistics.median(times[3:]), "min_s": min(times[3:])}
+
+
+def stage_stats(status: dict[str, Any]) -> dict[int, dict[str, float]]:
+    return {p["index"]: {"busy_s": p["busy_s"], "steps": p["steps"], "uptime_s": p["uptime_s"]}
+            for p in status["processes"] if p["role"] == "stage"}
+
+
+async def fresh_stats(c: AsyncClient, prev: dict[int, dict[str, float]] | None = None,
+                      timeout: float = 30.0) -> dict[int, dict[str, float]]:
+    """Stage stats reported after `prev` was (stages report every heartbeat interval): polls status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = stage_stats(await c.status())
+        if prev is None or all(now[i]["uptime_s"] > prev[i]["uptime_s"] for i in now):
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stages reported no new stats within {timeout}s")
+        await asyncio.sleep(0.05)  # polling a status query, bounded by the deadline above
+
+
+def idle(before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for i in sorted(after):
+        wall = after[i]["uptime_s"] - before[i]["uptime_s"]
+        busy = after[i]["busy_s"] - before[i]["busy_s"]
+        out[str(i)] = max(0.0, 1.0 - busy / wall) if wall > 0 else float("nan")
+    return out
+
+
+async def overhead(address: str, stages: int, mb: int, context: int, vocab: int, new: int) -> dict[str, Any]:
+    async with AsyncClient(address, timeout=1800) as c:
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, vocab, (context,), generator=g).tolist() for _ in range(stages * mb)]
+        first = asyncio.Event()
+        arrived = 0
+
+        async def one(p: list[int]):  # type: ignore[no-untyped-def]
+            nonlocal arrived
+            async with c.stream(prompt_token_ids=p, max_new_tokens=new, ignore_eos=True) as s:
+                times = []
+                async for ev in s:
+                    times.append(ev.t)
+                    if len(times) == 1:
+                        arrived += 1
+                        if arrived == len(prompts):
+                            first.set()
+            return times
+
+        tasks = [asyncio.create_task(one(p)) for p in prompts]
+        await first.wait()
+        before = await fresh_stats(c, await fresh_stats(c))  # a report taken wholly after every prefill
+        results = await asyncio.gather(*tasks)
+        after = await fresh_stats(c, stage_stats(await c.status()))
+    tpot = [statistics.median([b - a for a, b in zip(t[len(t) // 4 :], t[len(t) // 4 + 1 :])]) for t in results]
+    per_stage = {str(i): (after[i]["busy_s"] - before[i]["busy_s"]) / max(1, after[i]["steps"] - before[i]["steps"])
+                 for i in after}
+    return {"tpot_median_s": statistics.median(tpot), "stage_decode_step_s": per_stage,
+            "requests": len(prompts), "context": context, "new_tokens": new}
+
+
+async def sweep(address: str, rates: list[float], args: argparse.Namespace) -> list[dict[str, Any]]:
+    largs = loadgen.parse_args(["--address", address, "--num-requests", str(args.num_requests),
+                                "--prompt-len", args.prompt_len, "--output-len", args.output_len,
+                                "--vocab-size", str(args.vocab), "--timeout", str(args.timeout), "--no-plot"])
+    out = []
+    async with AsyncClient(address, timeout=args.timeout) as c:
+        for rate in rates:
+            before = await fresh_stats(c)
+            reqs = loadgen.plan(rate, largs)
+            summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout)
+            after = await fresh_stats(c, stage_stats(await c.status()))
+            summary.pop("records", None)
+            summary["idle_fraction"] = idle(before, after)
+            print(loadgen.line(summary), "idle:", summary["idle_fraction"], flush=True)
+            out.append(summary)
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in result["runs"]:
+        rates = [r["rate"] for r in run["rates"]]
+        a.plot(rates, [r["normalized_latency_s"]["p50"] for r in run["rates"]], "o-", label=f"{run['stages']} stages p50")
+        a.plot(rates, [r["normalized_latency_s"]["p95"] for r in run["rates"]], "x--", label=f"{run['stages']} stages p95")
+        for i in range(run["stages"]):
+            b.plot(rates, [r["idle_fraction"][str(i)] for r in run["rates"]], "o-", label=f"{run['stages']}st stage {i}")
+    a.set_xlabel("request rate (req/s)")
+    a.set_ylabel("normalized latency (s/token)")
+    a.set_title(f"colocated pipeline, {result['shape']} ({result['card']})")
+    a.legend()
+    b.set_xlabel("request rate (req/s)")
+    b.set_ylabel("idle fraction (bubbles)")
+    b.set_ylim(0, 1)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recovery.launch import Deployment
+
+    p = argparse.ArgumentParser(prog="dejavu-bench pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="opt-30b", choices=sorted(SHAPES))
+    p.add_argument("--stages", default="2", help="comma-separated pipeline depths")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--microbatch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--context", type=int, default=1000)
+    p.add_argument("--rates", default="0.5,1,2")
+    p.add_argument("--num-requests", type=int, default=24)
+    p.add_argument("--prompt-len", default="paper")
+    p.add_argument("--output-len", default="paper")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
+        args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
+        args.max_seq_len, args.microbatch_size, args.decode_tokens = 128, 2, 96
+    args.vocab = 256 if args.shape == "tiny" else 50272
+    root = Path(tempfile.mkdtemp(prefix="dejavu-pipeline-"))
+    model = write_model(args.shape, root)
+    layers_total = SHAPES[args.shape]["num_hidden_layers"]
+    rates = [float(r) for r in args.rates.split(",")]
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    result: dict[str, Any] = {
+        "benchmark": "pipeline (issue 3): colocated pipeline vs single-GPU runtime; paper workload",
+        "shape": args.shape, "card": card, "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["bin/dejavu-bench", "pipeline", *(sys.argv[2:] if argv is None else argv)]),
+        "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [],
+    }
+    for stages in [int(s) for s in args.stages.split(",")]:
+        base_device = "cuda:0" if args.device == "cuda" else "cpu"
+        base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
+                             base_device, 20)
+        print(f"[pipeline] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
+              f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
+        dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
+                               str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
+                               "--startup-timeout", "600", "--heartbeat-interval", "0.25", "--heartbeat-timeout",
+                               "10", timeout=900, log_level="WARNING")
+        try:
+            ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
+                                      args.decode_tokens))
+            step = statistics.mean(ov["stage_decode_step_s"].values())
+            ov["stage_step_over_runtime"] = step / base["median_s"]
+            ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
+            print(f"[pipeline] {stages} stages: stage decode step {step * 1e3:.2f} ms "
+                  f"({ov['stage_step_over_runtime']:.2f}x runtime), TPOT {ov['tpot_median_s'] * 1e3:.1f} ms "
+                  f"({ov['tpot_over_ideal']:.2f}x of {stages} x runtime step)", flush=True)
+            runs = asyncio.run(sweep(dep.address, rates, args))
+        finally:
+            dep.stop(timeout=120)
+        result["runs"].append({"stages": stages, "baseline_step": base, "overhead": ov, "rates": runs})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out / "pipeline_bench.png")
+    print(f"[pipeline] wrote {args.out / 'pipeline_bench.json'}")
+    return 0
