@@ -37,11 +37,14 @@ def main() -> int:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--prefill", type=int, default=8, help="also profile a prefill of this many x context (0: no)")
+    p.add_argument("--no-graphs", action="store_true")
     args = p.parse_args()
     d = Path(tempfile.mkdtemp())
     (d / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": args.layers}))
     batches = [int(b) for b in args.batches.split(",")]
-    rt = ShardRuntime(ShardConfig(d, None, max(batches), args.context + 64, "bfloat16", "cuda"))
+    rt = ShardRuntime(ShardConfig(d, None, max(batches), args.context + 64, "bfloat16", "cuda",
+                                  cuda_graphs=not args.no_graphs))
     ids = torch.randint(3, 1000, (args.context,)).tolist()
     for s in range(max(batches)):
         rt.forward([SeqChunk(s, 0, args.context)], rt.embed_input(ids))
@@ -69,6 +72,21 @@ def main() -> int:
         print(f"batch {b}: step {report[b]['step_ms']:.2f} ms, host enqueue {report[b]['host_ms']:.2f} ms, "
               f"{kernels} kernels, device {report[b]['gpu_ms']:.2f} ms", flush=True)
         print(events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    if args.prefill:
+        chunks = [SeqChunk(i, 0, args.context) for i in range(args.prefill)]
+        x = rt.embed_input(ids * args.prefill)
+        for _ in range(3):
+            rt.forward(chunks, x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            rt.forward(chunks, x)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"prefill {args.prefill}x{args.context}: device {gpu_us / 1e3:.1f} ms", flush=True)
+        print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70), flush=True)
+        report["prefill_device_ms"] = gpu_us / 1e3
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

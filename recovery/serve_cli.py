@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--client-timeout", type=float, default=10.0)
     p.add_argument("--stage-threads", type=int, default=0)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
     p.add_argument("--cache-dir", default=None, help="where the default model is written (env DEJAVU_CACHE)")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             hang_timeout=args.hang_timeout,
             max_restarts=args.max_restarts, restart_window=args.restart_window,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
-            stage_threads=args.stage_threads, log_level=args.log_level,
+            stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
         )
     except (ValueError, OSError) as e:
         print(f"dejavu-serve: error: {e}", file=sys.stderr)

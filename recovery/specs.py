@@ -37,6 +37,7 @@ class DeploymentConfig:
     client_timeout: float = 10.0
     step_timeout: float = 600.0
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

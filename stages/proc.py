@@ -72,6 +72,8 @@ class StageProcConfig:
     log_level: str = "INFO"
     threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
     transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
+    microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
+    cuda_graphs: bool = True
     link_timeout: float = 60.0  # NCCL link setup deadline
 
     def __post_init__(self) -> None:
@@ -124,7 +126,7 @@ class StageProcess:
             if cfg.device == "cpu" and cfg.threads:
                 torch.set_num_threads(cfg.threads)
             shard = ShardConfig(Path(cfg.model_dir), tuple(cfg.layers), cfg.num_slots, cfg.max_seq_len, cfg.dtype,
-                                cfg.device)
+                                cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size)
             self.busy_since = time.monotonic()
             self.core = await loop.run_in_executor(self.compute, StageCore, shard)
             self.busy_since = 0.0

@@ -45,6 +45,9 @@ class ShardConfig:
     max_seq_len: int = 2048
     dtype: str = "float32"
     device: str = "cpu"
+    cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
+    range_size: int = 0  # slots per microbatch range for graphs (0 = all slots form one range)
+    graph_bucket: int = 256  # a decode graph reads keys up to a multiple of this
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -99,6 +102,11 @@ class ShardRuntime:
         self.layout = PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,
                                  self.dtype)
         self.pool = KVPool(self.layout, pool_memory, self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from stages.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, config.range_size or config.num_slots, config.graph_bucket)
 
     @property
     def is_first(self) -> bool:
@@ -131,6 +139,15 @@ class ShardRuntime:
         self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
         """Run the shard's layers over one step. See DecoderShard.forward for shapes."""
+        if self.graphs is not None and not all_logits and not isinstance(chunks, StepPlan):
+            key = self.graphs.key(chunks)
+            if key is not None:
+                from stages.batch import validate_chunks
+
+                validate_chunks(chunks, self.layout.num_slots, self.layout.max_seq_len)
+                if inputs.shape[0] != len(chunks):
+                    raise InvalidRequestError(f"step has {len(chunks)} new tokens but {inputs.shape[0]} inputs")
+                return self.graphs.run(key, chunks, inputs)
         plan = chunks if isinstance(chunks, StepPlan) else self.plan(chunks)
         if inputs.shape[0] != plan.num_tokens:
             raise InvalidRequestError(f"step has {plan.num_tokens} new tokens but {inputs.shape[0]} inputs")

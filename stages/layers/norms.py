@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.layers.fused import add_rms_norm, rms_norm
 from stages.layers.linear import default_weight_loader
 
 
@@ -18,10 +19,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 whatever the storage dtype, then back: what HF's LlamaRMSNorm does.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one pass on CUDA."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

@@ -17,6 +17,7 @@ from stages.batch import StepPlan
 from stages.errors import UnsupportedArchitectureError
 from stages.layers.activations import activation
 from stages.layers.attention import attend, write_kv
+from stages.layers.fused import silu_mul
 from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import RMSNorm
 from stages.layers.rotary import Rotary
@@ -106,12 +107,11 @@ class MLP(nn.Module):
         i, bias = spec.intermediate_size, spec.options["mlp_bias"]
         self.gate_up = MergedLinear(spec.hidden_size, [("gate", i), ("up", i)], bias)
         self.down = Linear(i, spec.hidden_size, bias)
-        self.act = activation(spec.options["hidden_act"])
-        self.i = i
+        name = spec.options["hidden_act"]
+        self.act = None if name in ("silu", "swish") else activation(name)  # None: the fused SiLU path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split([self.i, self.i], dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(silu_mul(self.gate_up(x), self.act))
 
 
 class Block(nn.Module):
@@ -126,8 +126,8 @@ class Block(nn.Module):
     def forward(
         self, h: torch.Tensor, plan: StepPlan, k_cache: torch.Tensor, v_cache: torch.Tensor, rotary: Rotary
     ) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), plan, k_cache, v_cache, rotary)
-        return h + self.mlp(self.post_norm(h))
+        x, h = self.post_norm.add_forward(self.attn(self.input_norm(h), plan, k_cache, v_cache, rotary), h)
+        return h + self.mlp(x)
 
 
 class Head(nn.Module):

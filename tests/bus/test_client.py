@@ -120,7 +120,7 @@ def test_status_parses() -> None:
         assert (st["model"], st["stages"], st["epoch"], st["waiting"], st["running"]) == ("fake", 2, 3, 0, 0)
         stages = [p for p in st["processes"] if p["role"] == "stage"]
         assert [p["index"] for p in stages] == [0, 1] and stages[1]["incarnation"] == 1
-        assert set(stages[0]) == {"role", "index", "pid", "incarnation", "state", "host", "detail"}
+        assert {"role", "index", "pid", "incarnation", "state", "host", "detail"} <= set(stages[0])
 
     run(body())
 

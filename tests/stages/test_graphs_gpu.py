@@ -1,0 +1,62 @@
+"""CUDA-graph decode equals eager decode (and HF greedy) for every family, in range and batch mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.batch import SeqChunk
+from stages.layers.sampling import SamplingParams, sample
+from stages.runtime import ShardConfig, ShardRuntime
+from tests.tiny_models import CONFIGS
+
+pytestmark = pytest.mark.gpu
+
+
+def _decode(path, graphs: bool, live: list[int], steps: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    rt = ShardRuntime(ShardConfig(path, None, 8, 120, "float32", "cuda", cuda_graphs=graphs, range_size=4,
+                                  graph_bucket=16))
+    g = torch.Generator().manual_seed(0)
+    prompts = {s: torch.randint(3, 150, (5 + 7 * s,), generator=g).tolist() for s in live}
+    logits = rt.forward([SeqChunk(s, 0, len(p)) for s, p in prompts.items()],
+                        rt.embed_input([t for p in prompts.values() for t in p]))
+    out = {s: [] for s in live}
+    lengths = {s: len(p) for s, p in prompts.items()}
+    for _ in range(steps):
+        toks = sample(logits, [SamplingParams()] * len(live), [lengths[s] for s in live]).tolist()
+        for s, t in zip(live, toks):
+            out[s].append(t)
+        logits = rt.forward([SeqChunk(s, lengths[s], 1) for s in live], rt.embed_input(toks))
+        for s in live:
+            lengths[s] += 1
+    if graphs:
+        assert rt.graphs is not None and rt.graphs.graphs, "graphs were used"
+    return [out[s] for s in live]
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("live", [[4, 5, 6, 7], [1, 6], [3]], ids=["range", "batch", "single"])
+def test_graph_decode_equals_eager(family: str, live: list[int], model_factory) -> None:  # type: ignore[no-untyped-def]
+    path = model_factory(family)
+    steps = 40  # keys cross several 16-token buckets
+    assert _decode(path, True, live, steps) == _decode(path, False, live, steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_torch(dtype: torch.dtype) -> None:
+    from stages.layers import fused
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no Triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 4096, device="cuda", dtype=dtype, generator=g)
+    r = torch.randn(37, 4096, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(4096, device="cuda", dtype=dtype, generator=g)
+    y, h = fused.add_rms_norm(x, r, w, 1e-5)
+    ref_h = r + x
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(h, ref_h, **tol)
+    torch.testing.assert_close(y, fused._torch_rms(ref_h, w, 1e-5), **tol)
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), fused._torch_rms(x, w, 1e-5), **tol)
+    gu = torch.randn(37, 2 * 1000, device="cuda", dtype=dtype, generator=g)
+    torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(gu[:, :1000]) * gu[:, 1000:], **tol)
