@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for CUDA (Triton): RMSNorm with the residual add folded in, and SiLU(gate)*up.
+"""Fused elementwise kernels for CUDA (Triton): RMSNorm with the residual add folded in, SiLU(gate)*up, and
+rotary embedding of q/k with the new K/V written straight into the KV pool.
 
 In eager PyTorch an RMSNorm is ~8 kernels and each pass re-reads the activations (a prefill of 8 x 1,000
 tokens through an 8B model spends tens of ms on them; a decode step spends its launches). One kernel per
@@ -55,6 +56,58 @@ if HAVE_TRITON:
         gf = g.to(tl.float32)
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # silu rounded, as torch's would be
         tl.store(OUT + offs, (act * u).to(g.dtype), mask=m)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, Q, KC, VC, row_stride, heads, kv_heads, max_seq,
+                           D: tl.constexpr, ROT: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        half: tl.constexpr = ROT // 2
+        d = tl.arange(0, D)
+        base = QKV + n * row_stride + h * D
+        x = tl.load(base + d)
+        if h < heads + kv_heads:  # q or k: rotate the first ROT dims (rotate_half layout, as in HF)
+            pos = tl.load(POS + n)
+            in_rot = d < ROT
+            partner = tl.where(d < half, d + half, d - half)
+            xp = tl.load(base + partner, mask=in_rot, other=0.0).to(tl.float32)
+            c = tl.load(COS + pos * ROT + d, mask=in_rot, other=1.0).to(tl.float32)
+            s = tl.load(SIN + pos * ROT + d, mask=in_rot, other=0.0).to(tl.float32)
+            sign = tl.where(d < half, -1.0, 1.0)
+            y = tl.where(in_rot, x.to(tl.float32) * c + sign * xp * s, x.to(tl.float32)).to(x.dtype)
+        else:
+            y = x
+        if h < heads:
+            tl.store(Q + (n * heads + h) * D + d, y)
+        else:
+            slot = tl.load(SLOT + n).to(tl.int64)
+            pos = tl.load(POS + n).to(tl.int64)
+            if h < heads + kv_heads:
+                tl.store(KC + ((slot * max_seq + pos) * kv_heads + (h - heads)) * D + d, y)
+            else:
+                tl.store(VC + ((slot * max_seq + pos) * kv_heads + (h - heads - kv_heads)) * D + d, y)
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   token_slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
+                   kv_heads: int, head_dim: int, rot_dim: int) -> torch.Tensor:
+    """CUDA: qkv [N, (H + 2 kvH) * D] -> rotated q [N, H, D]; rotated k and v written into the caches
+    ([slots, max_seq, kvH, D], contiguous) at (token_slots, positions). One kernel, one pass."""
+    n = qkv.shape[0]
+    qkv = qkv.contiguous()
+    q = torch.empty(n, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if n:
+        _rope_cache_kernel[(n, heads + 2 * kv_heads)](
+            qkv, cos, sin, positions, token_slots, q, k_cache, v_cache, qkv.stride(0), heads, kv_heads,
+            k_cache.shape[1], D=head_dim, ROT=rot_dim, num_warps=1 if head_dim <= 128 else 2)
+    return q
+
+
+def can_fuse_rope(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+    return _use_triton(qkv) and k_cache.is_contiguous() and head_dim & (head_dim - 1) == 0
 
 
 def _torch_rms(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

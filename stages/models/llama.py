@@ -17,7 +17,7 @@ from stages.batch import StepPlan
 from stages.errors import UnsupportedArchitectureError
 from stages.layers.activations import activation
 from stages.layers.attention import attend, write_kv
-from stages.layers.fused import silu_mul
+from stages.layers.fused import can_fuse_rope, rope_and_cache, silu_mul
 from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import RMSNorm
 from stages.layers.rotary import Rotary
@@ -94,7 +94,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, plan: StepPlan, k_cache: torch.Tensor, v_cache: torch.Tensor, rotary: Rotary
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        qkv = self.qkv(x)
+        if can_fuse_rope(qkv, k_cache, self.head_dim):
+            q = rope_and_cache(qkv, rotary.cos, rotary.sin, plan.positions, plan.token_slots, k_cache, v_cache,
+                               self.heads, self.kv_heads, self.head_dim, rotary.rot_dim)
+            return self.o_proj(attend(q, k_cache, v_cache, plan, self.scale))
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = rotary.apply(q.view(n, self.heads, self.head_dim), plan.positions)  # [N, H, D]
         k = rotary.apply(k.view(n, self.kv_heads, self.head_dim), plan.positions)  # [N, kvH, D]
         write_kv(k_cache, v_cache, k, v.view(n, self.kv_heads, self.head_dim), plan)

@@ -60,3 +60,37 @@ def test_fused_kernels_match_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(fused.rms_norm(x, w, 1e-5), fused._torch_rms(x, w, 1e-5), **tol)
     gu = torch.randn(37, 2 * 1000, device="cuda", dtype=dtype, generator=g)
     torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(gu[:, :1000]) * gu[:, 1000:], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot", [128, 64])
+def test_fused_rope_and_cache_matches_torch(dtype: torch.dtype, rot: int) -> None:
+    from stages.layers import fused
+    from stages.layers.rotary import Rotary
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no Triton")
+    heads, kv_heads, d, n, slots, seq = 8, 2, 128, 50, 6, 300
+    dev = torch.device("cuda")
+    r = Rotary(d, rot, seq, 10000.0, None, dtype, dev)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, device=dev, dtype=dtype)
+    pos = torch.randint(0, seq, (n,), device=dev)
+    slot = torch.randint(0, slots, (n,), device=dev)
+    pos = pos + torch.arange(n, device=dev) * 0  # (slot, pos) pairs may repeat: keep them unique
+    uniq = {}
+    for i, (s, p) in enumerate(zip(slot.tolist(), pos.tolist())):
+        uniq[(s, p)] = i
+    keep = torch.tensor(sorted(uniq.values()), device=dev)
+    qkv, pos, slot = qkv[keep], pos[keep], slot[keep]
+    n = qkv.shape[0]
+    kc = torch.zeros(slots, seq, kv_heads, d, device=dev, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    q = fused.rope_and_cache(qkv, r.cos, r.sin, pos, slot, kc, vc, heads, kv_heads, d, rot)
+    qr, kr, vr = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    kc2.index_put_((slot, pos), r.apply(kr.reshape(n, kv_heads, d), pos))
+    vc2.index_put_((slot, pos), vr.reshape(n, kv_heads, d))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(q, r.apply(qr.reshape(n, heads, d), pos), **tol)
+    torch.testing.assert_close(kc, kc2, **tol)
+    torch.testing.assert_close(vc, vc2, rtol=0, atol=0)
