@@ -76,7 +76,6 @@ def test_fused_rope_and_cache_matches_torch(dtype: torch.dtype, rot: int) -> Non
     qkv = torch.randn(n, (heads + 2 * kv_heads) * d, device=dev, dtype=dtype)
     pos = torch.randint(0, seq, (n,), device=dev)
     slot = torch.randint(0, slots, (n,), device=dev)
-    pos = pos + torch.arange(n, device=dev) * 0  # (slot, pos) pairs may repeat: keep them unique
     uniq = {}
     for i, (s, p) in enumerate(zip(slot.tolist(), pos.tolist())):
         uniq[(s, p)] = i
