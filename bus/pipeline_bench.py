@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", default="paper")
     p.add_argument("--output-len", default="paper")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"])
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
         dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
                                str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
-                               "--startup-timeout", "600", "--heartbeat-interval", "0.25", "--heartbeat-timeout",
+                               "--startup-timeout", "600", "--transport", args.transport,
+                               "--heartbeat-interval", "0.25", "--heartbeat-timeout",
                                "10", timeout=900, log_level="WARNING")
         try:
             ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,

@@ -115,7 +115,7 @@ class SupervisorProcess:
                 controller_address=self.addresses["internal"], dtype=cfg.dtype, device=device,
                 heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
-                microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs,
+                microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
         await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")

@@ -38,6 +38,7 @@ class DeploymentConfig:
     step_timeout: float = 600.0
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs
+    transport: str = "auto"  # activation plane: auto (NCCL on cuda), zmq, nccl
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class DeploymentConfig:
             raise ValueError("--port must be in [0, 65535]")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("--device must be cpu or cuda")
+        if self.transport not in ("auto", "zmq", "nccl"):
+            raise ValueError("--transport must be auto, zmq or nccl")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ValueError("need 0 < heartbeat interval < heartbeat timeout")
         if self.max_restarts < 0 or self.restart_window <= 0:
