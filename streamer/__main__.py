@@ -1,0 +1,69 @@
+"""`python -m streamer`: parse arguments into a StreamerConfig and run the streamer process.
+
+    python -m streamer --name host0 --control tcp://127.0.0.1:5600 --data tcp://0.0.0.0:5601 \
+        --swap-gib 64 --replica-gib 32 --receive-gib 8 --peer host1=tcp://10.0.0.2:5601
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from streamer.config import MiB, StreamerConfig
+from streamer.proc import run_streamer
+
+GiB = 1 << 30
+
+
+def parse_args(argv: list[str] | None = None) -> StreamerConfig:
+    p = argparse.ArgumentParser(prog="python -m streamer", description="DéjàVu KV streamer (one per host)")
+    p.add_argument("--name", required=True, help="this streamer's name (peers address it by this)")
+    p.add_argument("--control", required=True, help="control ROUTER endpoint, e.g. ipc:///run/dejavu/streamer")
+    p.add_argument("--data", required=True, help="data ROUTER endpoint for peer streamers")
+    p.add_argument("--incarnation", type=int, default=0)
+    p.add_argument("--swap-gib", type=float, default=0.0, help="pinned swap space")
+    p.add_argument("--replica-gib", type=float, default=0.0, help="pinned replica store")
+    p.add_argument("--receive-gib", type=float, default=0.0, help="pinned prompt receive slots")
+    p.add_argument("--disk-dir", default="")
+    p.add_argument("--disk-gib", type=float, default=0.0)
+    p.add_argument("--no-pin", action="store_true", help="do not page-lock host pools")
+    p.add_argument("--naive", action="store_true", help="default to one copy per contiguous piece (ablation)")
+    p.add_argument("--no-checksums", action="store_true")
+    p.add_argument("--no-nccl", action="store_true")
+    p.add_argument("--staging-mib", type=float, default=16.0)
+    p.add_argument("--lanes", type=int, default=3)
+    p.add_argument("--tcp-chunk-mib", type=float, default=8.0)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--copy-threads", type=int, default=1, help="torch threads for CPU copies")
+    p.add_argument("--transfer-timeout", type=float, default=60.0)
+    p.add_argument("--peer-timeout", type=float, default=3.0)
+    p.add_argument("--layer-timeout", type=float, default=30.0)
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
+    p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
+    a = p.parse_args(argv)
+    peers = []
+    for item in a.peer:
+        name, sep, addr = item.partition("=")
+        if not sep:
+            p.error(f"--peer wants NAME=ADDRESS, got {item!r}")
+        peers.append((name, addr))
+    try:
+        return StreamerConfig(
+            name=a.name, control_address=a.control, data_address=a.data, incarnation=a.incarnation,
+            swap_bytes=int(a.swap_gib * GiB), replica_bytes=int(a.replica_gib * GiB),
+            receive_bytes=int(a.receive_gib * GiB), disk_dir=a.disk_dir, disk_bytes=int(a.disk_gib * GiB),
+            pin_memory=not a.no_pin, buffered=not a.naive, checksums=not a.no_checksums, nccl=not a.no_nccl,
+            staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
+            window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
+            layer_timeout_s=a.layer_timeout, peers=tuple(peers), supervisor_address=a.supervisor)
+    except ValueError as e:
+        p.error(str(e))
+        raise  # unreachable: p.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_streamer(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

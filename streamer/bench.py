@@ -1,0 +1,280 @@
+"""`dejavu-bench streamer`: the KV streaming library against the hardware, in one run.
+
+1. Ceilings, across sizes: GPU peer copy, pinned H2D and D2H, HBM copy, NCCL send/recv (CPU: memcpy and
+   ZeroMQ over TCP loopback).
+2. Our operations on the KV layouts of an 8B-class and a 70B-class model (8 KV heads x 128, bf16; a stage holds
+   16 / 20 layers): one prompt layer (1,000 tokens x microbatch 8), one decode step's new KV across all of a
+   stage's layers, a whole microbatch swap-out and swap-in - naive (one copy per contiguous piece) vs
+   buffered (gather, one copy, scatter), as GB/s and as a fraction of the matching ceiling at the same size.
+   Single-transfer latency includes host overhead; `stream_gbps` is 8 transfers in flight (a stream of layers).
+3. End to end through real streamer processes (streamer/bench_e2e.py): GPU pool -> GPU pool on another
+   "host" (NCCL), and over TCP; and the overhead of layer-by-layer streaming on a real prompt pass, the stage
+   here and the streamer in its own process (with / without; the paper: within 2%).
+
+Targets (issue 4): >= 90% of the ceiling for transfers of 16 MiB and more; streaming overhead <= 2%.
+
+    bin/dejavu-bench streamer --out bench/results/streamer-h100          # GPUs (2 or more)
+    bin/dejavu-bench streamer --device cpu --quick [--json F] [--plot F]  # CI: small, under a minute
+
+Prints one JSON object per line; `--json`/`--plot` (or `--out DIR`) write the whole run and a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run straight from a checkout
+
+import torch  # noqa: E402
+
+from stages.kv_cache import PoolLayout, Region  # noqa: E402
+from streamer import wire  # noqa: E402
+from streamer.bench_ops import (  # noqa: E402
+    Lib,
+    MiB,
+    NcclPair,
+    ceiling_copy,
+    ceiling_memcpy,
+    ceiling_zmq,
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int  # layers of one stage
+    kv_heads: int = 8
+    head_dim: int = 128
+    mb: int = 8  # microbatch
+    prompt: int = 1000
+
+    def layout(self, slots: int) -> PoolLayout:
+        return PoolLayout(0, self.layers, slots, self.prompt + 24, self.kv_heads, self.head_dim, torch.bfloat16)
+
+
+GPU_SHAPES = (Shape("8b", 16), Shape("70b", 20))  # 32 layers / 2 stages; 80 layers / 4 stages
+CPU_SHAPES = (Shape("8b-mini", 4, prompt=256, mb=4),)
+
+
+def emit(rec: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    out.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+def ops(shape: Shape) -> list[tuple[str, Region, Region]]:
+    """(operation, source region, destination region). Sources: microbatch 0 = slots [0, mb)."""
+    mb, L, P = shape.mb, shape.layers, shape.prompt
+    slots = range(mb)
+    return [
+        ("prompt_layer", Region.uniform(slots, (L // 2, L // 2 + 1), 0, P), Region.uniform(slots, (L // 2, L // 2 + 1), 0, P)),
+        ("decode_step", Region.uniform(slots, (0, L), P, P + 1), Region.uniform(slots, (0, L), P, P + 1)),
+        ("swap_out", Region.uniform(slots, (0, L), 0, P), Region.uniform(slots, (0, L), 0, P)),
+    ]
+
+
+async def bench_ops(lib: Lib, shape: Shape, on_gpu: bool, repeats: int, ceil: dict[tuple[str, int], float],
+                    out: list[dict[str, Any]]) -> None:
+    stage_where = "cuda:0" if on_gpu else "cpu"
+    host_where = "pinned" if on_gpu else "cpu"
+    src = lib.endpoint(f"{shape.name}-p", shape.layout(2 * shape.mb), stage_where)
+    torch.manual_seed(0)
+    src.flat.copy_(torch.randint(0, 256, (src.flat.numel(),), dtype=torch.uint8, device=src.device))
+    host = lib.endpoint(f"{shape.name}-swap", shape.layout(shape.mb), host_where, wire.POOL_SWAP)
+    targets = [("host", host, "d2h" if on_gpu else "memcpy")]
+    if on_gpu and len(lib.devices) > 1:
+        targets.append(("peer", lib.endpoint(f"{shape.name}-t", shape.layout(2 * shape.mb), "cuda:1"), "peer"))
+    for op, region, dst_region in ops(shape):
+        for path, dst, ceiling_kind in targets:
+            if op == "swap_out" and path == "peer":
+                continue
+            await one_op(lib, shape, op, path, src, region, dst, dst_region, ceiling_kind, repeats, ceil, out)
+    # swap-in: the whole microbatch back from host memory into the other microbatch's slots
+    _, region, _ = ops(shape)[2]
+    back = Region.uniform(range(shape.mb, 2 * shape.mb), region.layers, 0, shape.prompt)
+    await one_op(lib, shape, "swap_in", "host", host, region, src, back, "h2d" if on_gpu else "memcpy", repeats,
+                 ceil, out)
+
+
+async def one_op(lib: Lib, shape: Shape, op: str, path: str, src: Any, region: Region, dst: Any,
+                 dst_region: Region, ceiling_kind: str, repeats: int, ceil: dict[tuple[str, int], float],
+                 out: list[dict[str, Any]]) -> None:
+    nbytes = region.nbytes(src.layout)
+    key = (ceiling_kind, nbytes)
+    if key not in ceil:  # the ceiling at exactly this size, measured in the same run
+        ceil[key] = ceiling_memcpy(nbytes, repeats) if ceiling_kind == "memcpy" else \
+            ceiling_copy(ceiling_kind, nbytes, repeats)
+    figures = {}
+    for buffered in (False, True):
+        mode = "buffered" if buffered else "naive"
+        reps = repeats if buffered or nbytes < 64 * MiB else max(2, repeats // 2)
+        m = await lib.measure(src, region, dst, dst_region, buffered, reps)
+        figures[mode] = m
+        emit({"section": "op", "shape": shape.name, "op": op, "path": path, "mode": mode,
+              "staging_mib": lib.config.staging_bytes / MiB, **m,
+              "ceiling": ceiling_kind, "ceiling_gbps": ceil[key], "fraction": m["stream_gbps"] / ceil[key],
+              "latency_fraction": m["gbps"] / ceil[key]}, out)
+    emit({"section": "speedup", "shape": shape.name, "op": op, "path": path, "bytes": nbytes,
+          "staging_mib": lib.config.staging_bytes / MiB,
+          "buffered_over_naive": figures["buffered"]["stream_gbps"] / figures["naive"]["stream_gbps"],
+          "latency_buffered_over_naive": figures["naive"]["latency_us"] / figures["buffered"]["latency_us"]}, out)
+
+
+async def bench_ceilings(on_gpu: bool, sizes: list[int], repeats: int, ngpu: int, out: list[dict[str, Any]]) -> None:
+    kinds = (["peer"] if ngpu > 1 else []) + ["h2d", "d2h", "hbm"] if on_gpu else ["memcpy"]
+    pair: NcclPair | None = None
+    if on_gpu and ngpu > 1:
+        try:
+            pair = NcclPair()
+        except Exception as e:  # noqa: BLE001 - no CuPy/NCCL: recorded, the rest still runs
+            emit({"section": "ceiling", "name": "nccl", "error": repr(e)}, out)
+    try:
+        for n in sizes:
+            for kind in kinds:
+                g = ceiling_memcpy(n, repeats) if kind == "memcpy" else ceiling_copy(kind, n, repeats)
+                emit({"section": "ceiling", "name": kind, "bytes": n, "gbps": g}, out)
+            if pair is not None:
+                emit({"section": "ceiling", "name": "nccl", "bytes": n, "gbps": pair.gbps(n, repeats)}, out)
+    finally:
+        if pair is not None:
+            pair.close()
+    for n in sizes:
+        if n <= 64 * MiB:
+            emit({"section": "ceiling", "name": "zmq_tcp", "bytes": n, "gbps": await ceiling_zmq(n, repeats)}, out)
+
+
+async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, Any]]) -> None:
+    """Through two real streamer processes: remote transfers, and the prompt-pass overhead."""
+    from streamer.bench_e2e import run_e2e
+
+    for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
+                             model_dir=args.model_dir, remote_too=not args.skip_e2e):
+        emit(rec, out)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    on_gpu = args.device == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu)")
+    out: list[dict[str, Any]] = []
+    ngpu = torch.cuda.device_count() if on_gpu else 0
+    emit({"section": "meta", "device": args.device, "quick": args.quick, "gpus": ngpu,
+          "gpu_name": torch.cuda.get_device_name(0) if on_gpu else platform.processor() or platform.machine(),
+          "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+          "host": platform.node()}, out)
+    if on_gpu:
+        sizes = [1 * MiB, 16 * MiB, 256 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB]
+    else:
+        sizes = [256 * 1024, 4 * MiB, 32 * MiB] if args.quick else [256 * 1024, 4 * MiB, 32 * MiB, 256 * MiB]
+    t0 = time.perf_counter()
+    await bench_ceilings(on_gpu, sizes, args.repeats, ngpu, out)
+    ceil: dict[tuple[str, int], float] = {}
+    # chunk (= staging buffer) sizes trade overlap inside a transfer against per-chunk host overhead: measured
+    stagings = ([16 * MiB] if args.quick else [8 * MiB, 16 * MiB, 32 * MiB]) if on_gpu else [8 * MiB]
+    for staging in stagings:
+        lib = Lib(on_gpu, staging_bytes=staging)
+        await lib.start()
+        try:
+            for shape in (GPU_SHAPES if on_gpu else CPU_SHAPES):
+                await bench_ops(lib, shape, on_gpu, args.repeats, ceil, out)
+        finally:
+            await lib.close()
+    if not (args.skip_e2e and args.skip_overhead):
+        await bench_e2e(args, on_gpu, out)
+    emit({"section": "summary", **summarize(out), "seconds": time.perf_counter() - t0}, out)
+    return out
+
+
+def summarize(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """The targets: for each buffered operation of 16 MiB or more, its best chunk size's fraction of the
+    ceiling (throughput with transfers in flight); the worst of those is what must reach 0.9."""
+    best: dict[tuple[str, str, str], float] = {}
+    for r in out:
+        if r.get("section") == "op" and r["mode"] == "buffered" and r["bytes"] >= 16 * MiB:
+            key = (r["shape"], r["op"], r["path"])
+            best[key] = max(best.get(key, 0.0), r["fraction"])
+    speed = [r["buffered_over_naive"] for r in out if r.get("section") == "speedup"]
+    over = [r["overhead"] for r in out if r.get("section") == "overhead"]
+    return {"min_fraction_ge16mib": min(best.values(), default=None), "target_fraction": 0.9,
+            "worst_op_ge16mib": min(best, key=lambda k: best[k], default=None),
+            "max_buffered_over_naive": max(speed, default=None),
+            "max_streaming_overhead": max(over, default=None), "target_overhead": 0.02}
+
+
+def plot(out: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    ax = axes[0]
+    for name in sorted({r["name"] for r in out if r.get("section") == "ceiling" and "gbps" in r}):
+        pts = [(r["bytes"], r["gbps"]) for r in out if r.get("section") == "ceiling" and r.get("name") == name and "gbps" in r]
+        ax.plot([p[0] / MiB for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="MiB", ylabel="GB/s", title="ceilings")
+    ax.legend()
+    ax = axes[1]
+    rows = [r for r in out if r.get("section") in ("op", "e2e")]
+
+    def label(r: dict[str, Any]) -> str:
+        return f"{r.get('shape', 'e2e')}/{r['op']}/{r['path']}"
+
+    labels = sorted({label(r) for r in rows})
+    for k, mode in enumerate(("naive", "buffered")):
+        vals = [max((r["fraction"] for r in rows if label(r) == lab and r["mode"] == mode), default=0)
+                for lab in labels]
+        ax.bar([i + 0.4 * k for i in range(len(labels))], vals, width=0.4, label=mode)
+    ax.axhline(0.9, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + 0.2 for i in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="fraction of ceiling (stream)", title="our operations")
+    ax.legend()
+    ax = axes[2]
+    ov = [r for r in out if r.get("section") == "overhead"]
+    ax.bar([r["dst"] for r in ov], [100 * r["overhead"] for r in ov])
+    ax.axhline(2.0, color="k", lw=0.8, ls="--")
+    ax.set(ylabel="% slower than the prompt pass alone", title="layer-by-layer streaming overhead")
+    meta = next((r for r in out if r.get("section") == "meta"), {})
+    fig.suptitle(f"dejavu-bench streamer - {meta.get('gpu_name', '')} - {meta.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dejavu-bench streamer", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default="", help="directory for streamer_bench.json and streamer_bench.png")
+    p.add_argument("--json", default="", help="write the whole run here")
+    p.add_argument("--plot", default="", help="write the figure here")
+    p.add_argument("--model-dir", default="", help="where to write the random model's config.json (default: a temp dir)")
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 10
+    out = asyncio.run(run(args))
+    json_path = Path(args.json) if args.json else (Path(args.out) / "streamer_bench.json" if args.out else None)
+    plot_path = Path(args.plot) if args.plot else (Path(args.out) / "streamer_bench.png" if args.out else None)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"records": out}, indent=1))
+    if plot_path is not None:
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot(out, plot_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

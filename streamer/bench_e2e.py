@@ -1,0 +1,226 @@
+"""End-to-end part of `dejavu-bench streamer`, through two real streamer processes ("hosts" h0 and h1) at a
+stage's request - this process plays the stages.
+
+1. Remote transfers: CPU - a shared-memory stage pool on h0 -> a replica pool on h1 over TCP frames. GPU - a GPU
+   pool on h0 (cuda:0) -> a GPU pool on h1 (cuda:1) over NCCL, and -> a replica pool in h1's pinned memory
+   over TCP. Reported: the streamer's own transfer time (TransferDone.seconds) and the requester's wall clock,
+   naive vs buffered, against the transport's ceiling.
+2. Layer-by-layer streaming overhead on a real prompt pass: a random Llama stage (8 of 8B's 32 layers on GPU,
+   a small one on CPU) computes into a pool registered with h0; a forward hook after every block records the
+   layer's event and sends LayerReady, and h0 streams that layer (GPU: to another GPU and to pinned memory)
+   while the next one computes. Compared with the same prompt pass without streaming. The streamer is a
+   separate process, as in a deployment, so the two never compete for one interpreter lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.kv_cache import PoolLayout, Region
+from streamer import wire
+from streamer.bench_ops import MiB, NcclPair, ceiling_zmq, gbps, median
+from streamer.client import LayerSignal, StreamerClient, attach_layer_hooks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(name: str, d: str, peer: str, extra: list[str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [sys.executable, "-m", "streamer", "--name", name, "--control", f"ipc://{d}/{name}.c", "--data",
+            f"ipc://{d}/{name}.d", "--peer", f"{peer}=ipc://{d}/{peer}.d", "--no-checksums", *extra]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(f"{d}/{name}.log", "wb"), stderr=subprocess.STDOUT)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30) + 0.01:.3f}"
+
+
+def stage_model(on_gpu: bool, model_dir: str) -> tuple[Path, tuple[int, int]]:
+    """A random Llama model (config.json only: the stage draws its weights on its device, see
+    stages/weights.random_fill) and the layers one stage runs: 8 of an 8B model's 32 (a 4-stage pipeline)."""
+    from stages.bench import LLAMA3_8B
+
+    if on_gpu:
+        config, layers = {**LLAMA3_8B}, (0, 8)
+    else:
+        config = {**LLAMA3_8B, "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
+                  "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
+                  "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2,
+                  "rope_scaling": {**LLAMA3_8B["rope_scaling"], "original_max_position_embeddings": 64}}
+        layers = (0, 4)
+    config["dejavu_random_weights"] = {"seed": 0, "std": 0.02}
+    path = Path(model_dir or tempfile.mkdtemp(prefix="dejavu-streamer-bench-"))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    return path, layers
+
+
+def overhead_shape(on_gpu: bool) -> tuple[int, int, PoolLayout]:
+    """(batch, prompt tokens, the stage's pool layout)."""
+    batch, plen = (8, 1000) if on_gpu else (4, 128)
+    kv, hd, layers = (8, 128, 8) if on_gpu else (4, 32, 4)
+    return batch, plen, PoolLayout(0, layers, batch, plen + 8, kv, hd, torch.bfloat16)
+
+
+async def _time(c: StreamerClient, src: Any, region: Region, dst: Any, dst_region: Region, buffered: bool,
+                repeats: int) -> tuple[float, float]:
+    server, wall = [], []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        done = await (await c.stream(src, region, dst=dst, dst_region=dst_region, buffered=buffered)).wait(120)
+        if i:  # the first one warms up (and builds the NCCL link)
+            server.append(done.seconds)
+            wall.append(time.perf_counter() - t0)
+    return median(server), median(wall)
+
+
+async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int) -> list[dict[str, Any]]:
+    mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
+    lay = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16)
+    if on_gpu:
+        from streamer.cuda import GpuPoolMemory
+
+        src_mem: Any = GpuPoolMemory(lay, 0)
+        dst_mem = GpuPoolMemory(lay, 1)  # kept referenced: the exporter frees an IPC allocation on collection
+        await c1.register_pool("t", dst_mem)
+    else:
+        from streamer.memory import SharedPoolMemory
+
+        src_mem = SharedPoolMemory.create(lay)
+    src_mem.tensor.view(torch.uint8).random_(0, 255)
+    await c0.register_pool("p", src_mem)
+    await c1.alloc_pool("rep", wire.POOL_REPLICA, lay)
+    slots = range(mb)
+    cases = [("prompt_layer", Region.uniform(slots, (layers // 2, layers // 2 + 1), 0, prompt)),
+             ("decode_step", Region.uniform(slots, (0, layers), prompt, prompt + 1))]
+    dests = ([("nccl_gpu", wire.PoolRef("t", "h1"), "nccl")] if on_gpu else []) + \
+        [("tcp_host", wire.PoolRef("rep", "h1"), "zmq_tcp")]
+    pair = NcclPair() if on_gpu else None
+    out = []
+    try:
+        for op, region in cases:
+            nbytes = region.nbytes(lay)
+            for path, dst, ceiling in dests:
+                ceil = pair.gbps(nbytes, repeats) if ceiling == "nccl" and pair is not None else \
+                    await ceiling_zmq(min(nbytes, 64 * MiB), repeats)
+                for buffered in (False, True):
+                    server, wall = await _time(c0, "p", region, dst, region, buffered, repeats)
+                    out.append({"section": "e2e", "op": op, "path": path, "mode": "buffered" if buffered else "naive",
+                                "bytes": nbytes, "gbps": gbps(nbytes, server), "wall_gbps": gbps(nbytes, wall),
+                                "wall_us": wall * 1e6, "ceiling": ceiling, "ceiling_gbps": ceil,
+                                "fraction": gbps(nbytes, server) / ceil})
+    finally:
+        if pair is not None:
+            pair.close()
+        await c0.unregister_pool("p")
+        if on_gpu:
+            await c1.unregister_pool("t")  # before dst_mem (the exporter's allocation) goes away
+    return out
+
+
+async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str) -> list[dict[str, Any]]:
+    from stages.batch import SeqChunk
+    from stages.runtime import ShardConfig, ShardRuntime
+
+    path, layers = stage_model(on_gpu, model_dir)
+    batch, plen, lay = overhead_shape(on_gpu)
+    device = "cuda:0" if on_gpu else "cpu"
+    if on_gpu:
+        from streamer.cuda import GpuPoolMemory
+
+        mem: Any = GpuPoolMemory(lay, 0)
+        target = GpuPoolMemory(lay, 1)  # kept referenced while h0 has it mapped
+        await c0.register_pool("ov-t", target)
+        dests = [("cuda:1", "ov-t"), ("pinned", "ov-h")]
+    else:
+        from streamer.memory import SharedPoolMemory
+
+        mem = SharedPoolMemory.create(lay)
+        dests = [("host", "ov-h")]
+    await c0.register_pool("ov-p", mem)
+    await c0.alloc_pool("ov-h", wire.POOL_SWAP, lay)
+    runtime = ShardRuntime(ShardConfig(path, layers=layers, num_slots=batch, max_seq_len=lay.max_seq_len,
+                                       dtype="bfloat16", device=device), pool_memory=mem.tensor)
+    ids = torch.randint(3, runtime.spec.vocab_size, (batch * plen,), generator=torch.Generator().manual_seed(0))
+    chunks = [SeqChunk(i, 0, plen) for i in range(batch)]
+    region = Region.uniform(range(batch), (lay.first_layer, lay.first_layer + lay.num_layers), 0, plen)
+    stream = torch.cuda.current_stream(torch.device(device)) if on_gpu else None
+    loop = asyncio.get_running_loop()
+    compute = ThreadPoolExecutor(1)
+
+    def forward() -> float:  # the stage's compute thread
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            runtime.forward(chunks, runtime.embed_input(ids.tolist()))
+        if stream is not None:
+            stream.synchronize()  # the compute stream only
+        return time.perf_counter() - t0
+
+    out = []
+    try:
+        for where, pool in dests:
+            base, comp, total = [], [], []
+            for i in range(repeats + 1):
+                b = await loop.run_in_executor(compute, forward)
+                h = await c0.stream("ov-p", region, dst=pool, dst_region=region, layered=True)
+                hooks = attach_layer_hooks(runtime.shard, LayerSignal(c0, mem, [h.xfer]))
+                t0 = time.perf_counter()
+                c = await loop.run_in_executor(compute, forward)
+                await h.wait(120)
+                t = time.perf_counter() - t0
+                for hook in hooks:
+                    hook.remove()
+                if i:  # the first round warms both paths up
+                    base.append(b)
+                    comp.append(c)
+                    total.append(t)
+            b, c, t = median(base), median(comp), median(total)
+            out.append({"section": "overhead", "dst": where, "batch": batch, "prompt": plen, "prompt_s": b,
+                        "streamed_compute_s": c, "streamed_total_s": t, "overhead": t / b - 1.0,
+                        "compute_overhead": c / b - 1.0, "kv_bytes": region.nbytes(lay), "layers": lay.num_layers})
+    finally:
+        compute.shutdown()
+        await c0.unregister_pool("ov-p")
+        if on_gpu:
+            await c0.unregister_pool("ov-t")
+    return out
+
+
+async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = True, model_dir: str = "",
+                  remote_too: bool = True) -> list[dict[str, Any]]:
+    d = tempfile.mkdtemp(prefix="dvb")
+    mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
+    rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
+    procs = [_start("h0", d, "h1", ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]),
+             _start("h1", d, "h0", ["--replica-gib", _gib(rep)])]
+    out: list[dict[str, Any]] = []
+    try:
+        c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "bench-p"), StreamerClient(f"ipc://{d}/h1.c", "bench-t")
+        await c0.status(timeout=120)
+        await c1.status(timeout=120)
+        if remote_too:
+            out += await remote(c0, c1, on_gpu, repeats)
+        if overhead_too:
+            out += await overhead(c0, on_gpu, repeats, model_dir)
+        await c0.close()
+        await c1.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return out

@@ -1,0 +1,217 @@
+"""Measurement primitives of `dejavu-bench streamer` (streamer/bench.py): hardware ceilings, the library's
+operations run in this process, and the overhead of layer-by-layer streaming on a real prompt pass.
+
+The library is exercised in-process (`Lib`: the streamer's own movers and transfer engine over endpoints this
+process allocates), so figures are the copy paths themselves; streamer/bench_e2e.py adds end-to-end figures
+through real streamer processes (and the prompt-pass overhead). Every figure is a median of repeats after a
+warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from stages.kv_cache import PoolLayout, Region
+from streamer import cuda, wire
+from streamer.config import StreamerConfig
+from streamer.endpoints import Endpoint
+from streamer.engine import Runtime, Transfer, local_route
+from streamer.movers import CpuMover
+from streamer.peer import PeerNet
+from streamer.proc import streamer_codec
+
+MiB = 1 << 20
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], Any], warmup: int = 1, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+        sync()
+    out = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return median(out)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# ------------------------------------------------------------------ ceilings
+
+
+def ceiling_memcpy(nbytes: int, repeats: int) -> float:
+    a, b = torch.empty(nbytes, dtype=torch.uint8).fill_(1), torch.empty(nbytes, dtype=torch.uint8)
+    return gbps(nbytes, timed(lambda: b.copy_(a), lambda: None, repeats=repeats))
+
+
+def ceiling_copy(kind: str, nbytes: int, repeats: int, a: int = 0, b: int = 1) -> float:
+    """GPU copy ceilings with the driver's own copies: peer (a -> b), h2d / d2h (pinned), hbm (a -> a, read +
+    write bytes counted, as DESIGN.md section 8 reports it)."""
+    if kind == "peer":
+        src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{b}")
+    elif kind == "h2d":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+    elif kind == "d2h":
+        src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+        dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+
+    def sync() -> None:
+        torch.cuda.synchronize(a)
+        if kind == "peer":
+            torch.cuda.synchronize(b)
+
+    t = timed(lambda: dst.copy_(src, non_blocking=True), sync, warmup=2, repeats=repeats)
+    return gbps(nbytes * (2 if kind == "hbm" else 1), t)
+
+
+class NcclPair:
+    """NCCL send a -> recv b, one process driving both ranks in group calls (the same P2P transport two
+    processes use); the communicators are built once for all sizes."""
+
+    def __init__(self, a: int = 0, b: int = 1) -> None:
+        from cupy.cuda import nccl
+
+        self.nccl, self.a, self.b = nccl, a, b
+        self.comms = nccl.NcclCommunicator.initAll([a, b])
+
+    def gbps(self, nbytes: int, repeats: int) -> float:
+        nccl, a, b = self.nccl, self.a, self.b
+        src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{a}")
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{b}")
+        sa, sb = torch.cuda.current_stream(a), torch.cuda.current_stream(b)
+
+        def once() -> None:
+            nccl.groupStart()
+            self.comms[0].send(src.data_ptr(), nbytes, nccl.NCCL_UINT8, 1, sa.cuda_stream)
+            self.comms[1].recv(dst.data_ptr(), nbytes, nccl.NCCL_UINT8, 0, sb.cuda_stream)
+            nccl.groupEnd()
+
+        def sync() -> None:
+            torch.cuda.synchronize(a)
+            torch.cuda.synchronize(b)
+
+        return gbps(nbytes, timed(once, sync, warmup=2, repeats=repeats))
+
+    def close(self) -> None:
+        for c in self.comms:
+            c.destroy()
+
+
+async def ceiling_zmq(nbytes: int, repeats: int, count: int = 8) -> float:
+    """ZeroMQ over TCP loopback, `count` frames of `nbytes` in flight: what the frame transport can reach."""
+    ctx = zmq.asyncio.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push.connect(f"tcp://127.0.0.1:{port}")
+    payload = memoryview(bytearray(nbytes))
+    try:
+        out = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for _ in range(count):
+                await push.send(payload, copy=False)
+            for _ in range(count):
+                await asyncio.wait_for(pull.recv(copy=False), 30)
+            if i:
+                out.append(time.perf_counter() - t0)
+        return gbps(nbytes * count, median(out))
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.destroy(0)
+
+
+# ------------------------------------------------------------------ the library in this process
+
+
+class Lib:
+    """The streamer's movers and transfer engine over endpoints allocated here (no sockets, no IPC)."""
+
+    def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3) -> None:
+        self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
+                                     staging_lanes=lanes, transfer_timeout_s=600.0)
+        self.gpu_exec, self.cpu_exec = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        self.ctx = zmq.asyncio.Context()
+        gm = None
+        self.devices = list(range(torch.cuda.device_count())) if use_cuda else []
+        if use_cuda:
+            from streamer.cuda_mover import GpuMover
+
+            gm = GpuMover(self.devices, staging_bytes, lanes, self.gpu_exec, self.cpu_exec)
+        peers = PeerNet(self.ctx, "bench", streamer_codec("bench", 0), 5.0, 1 << 30, {})
+        self.rt = Runtime(self.config, CpuMover(self.cpu_exec, staging_bytes), gm, peers, self.cpu_exec,
+                          self.on_gpu, None, set())
+
+    async def on_gpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.gpu_exec, fn, *args)
+
+    async def start(self) -> None:
+        if self.rt.gpu is not None:
+            await self.on_gpu(cuda.enable_peer_access, self.devices)
+            await self.on_gpu(self.rt.gpu.setup)
+
+    def endpoint(self, name: str, layout: PoolLayout, where: str, kind: int = wire.POOL_STAGE) -> Endpoint:
+        """where: "cpu", "pinned", or "cuda:N". GPU stage endpoints get one event per layer, as IPC pools do."""
+        if where.startswith("cuda"):
+            flat = torch.zeros(layout.nbytes, dtype=torch.uint8, device=where)
+            events = [torch.cuda.Event() for _ in range(layout.num_layers)]
+            return Endpoint(name, kind, layout, flat, "bench", events=events)
+        flat = torch.zeros(layout.nbytes, dtype=torch.uint8, pin_memory=(where == "pinned"))
+        return Endpoint(name, kind, layout, flat, "bench")
+
+    def transfer(self, src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, buffered: bool,
+                 layered: bool = False, checksum: bool = False) -> Transfer:
+        route = local_route(src, region, dst, dst_region, self.config.staging_bytes, layered)
+        return Transfer(self.rt, "bench", 0, "", src, [route], layered=layered, checksum=checksum,
+                        buffered=buffered, deadline_s=self.config.transfer_timeout_s, notify=[])
+
+    def sync(self) -> None:
+        for d in self.devices:
+            torch.cuda.synchronize(d)
+
+    async def measure(self, src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, buffered: bool,
+                      repeats: int, concurrent: int = 8) -> dict[str, float]:
+        """Latency of one transfer (wall clock, host overhead included) and the throughput of `concurrent`
+        transfers in flight at once (what a stream of layers sustains)."""
+        nbytes = region.nbytes(src.layout)
+
+        async def batch(k: int) -> float:
+            self.sync()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(self.transfer(src, region, dst, dst_region, buffered).run() for _ in range(k)))
+            self.sync()
+            return time.perf_counter() - t0
+
+        await batch(1)  # warm-up (index upload, allocator)
+        single = median([await batch(1) for _ in range(repeats)])
+        stream = median([await batch(concurrent) for _ in range(max(1, repeats // 2))])
+        return {"bytes": nbytes, "latency_us": single * 1e6, "gbps": gbps(nbytes, single),
+                "stream_gbps": gbps(nbytes * concurrent, stream)}
+
+    async def close(self) -> None:
+        self.gpu_exec.shutdown()
+        self.cpu_exec.shutdown()
+        self.ctx.destroy(0)

@@ -1,0 +1,82 @@
+"""`StreamerConfig`: everything the streamer process is told, validated once, never mutated.
+
+Built by `python -m streamer` (streamer/__main__.py) or by the supervisor; read by streamer/proc.py and
+streamer/service.py. Capacities are explicit: the streamer allocates (and on GPU hosts pins) each host pool
+kind's capacity up front, so over-commitment is refused at request time with a CapacityError instead of
+surfacing later as an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class StreamerConfig:
+    name: str  # this streamer's name (one per host, e.g. "host0"); peers address it by this name
+    control_address: str  # ROUTER for stages / supervisor / controller ("tcp://127.0.0.1:0", "ipc://...")
+    data_address: str  # ROUTER for peer streamers
+    incarnation: int = 0  # restart count (stale data frames from older incarnations are dropped)
+    # Host pool capacities, bytes. 0 = this kind cannot be allocated.
+    swap_bytes: int = 0
+    replica_bytes: int = 0
+    receive_bytes: int = 0
+    disk_dir: str = ""  # where POOL_DISK files live ("" = no disk pools)
+    disk_bytes: int = 0
+    pin_memory: bool = True  # pin host pools when CUDA is present (no effect on CPU-only hosts)
+    # Copies.
+    buffered: bool = True  # default copy mode; False = one copy per contiguous piece (the ablation)
+    checksums: bool = True  # default for transfers that do not say
+    staging_bytes: int = 16 * MiB  # one staging buffer (per lane and device) = the chunk size of local copies
+    staging_lanes: int = 3  # staging buffers / streams per device: chunk i+1 gathers while chunk i copies
+    tcp_chunk_bytes: int = 8 * MiB  # chunk size of transfers over ZeroMQ
+    window: int = 4  # chunks of one remote transfer in flight before waiting for an ack
+    copy_threads: int = 1  # torch intra-op threads for CPU copies: the streamer shares the host with stages,
+    # and waking a thread team costs milliseconds on a busy host (measured: 256 KiB copies 1000x slower)
+    nccl: bool = True  # use NCCL for remote GPU pool -> GPU pool when CuPy/NCCL are present
+    # Deadlines, seconds. Each error names the setting that governs it.
+    transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
+    peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer
+    layer_timeout_s: float = 30.0  # longest wait for the next LayerReady of a layered transfer
+    nccl_init_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 1.0
+    shutdown_timeout_s: float = 5.0
+    # Where peers are (more can come with PeerInfo messages).
+    peers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    supervisor_address: str = ""  # "" = standalone (tests, benchmarks)
+    max_message_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"streamer name must be non-empty without '/', got {self.name!r}")
+        for what, addr in (("control_address", self.control_address), ("data_address", self.data_address)):
+            if "://" not in addr:
+                raise ValueError(f"{what} must be a ZeroMQ endpoint such as tcp://127.0.0.1:0, got {addr!r}")
+        if self.control_address == self.data_address and not self.control_address.endswith(":0"):
+            raise ValueError("control_address and data_address must differ")
+        for what in ("swap_bytes", "replica_bytes", "receive_bytes", "disk_bytes", "incarnation"):
+            if getattr(self, what) < 0:
+                raise ValueError(f"{what} must be >= 0, got {getattr(self, what)}")
+        if self.disk_bytes and not self.disk_dir:
+            raise ValueError("disk_bytes > 0 needs disk_dir (where the memory-mapped pool files go)")
+        if self.staging_bytes < 64 * 1024:
+            raise ValueError(f"staging_bytes must be >= 64 KiB, got {self.staging_bytes}")
+        if not 1 <= self.staging_lanes <= 8:
+            raise ValueError(f"staging_lanes must be in [1, 8], got {self.staging_lanes}")
+        if self.tcp_chunk_bytes < 4096:
+            raise ValueError(f"tcp_chunk_bytes must be >= 4096, got {self.tcp_chunk_bytes}")
+        if self.tcp_chunk_bytes > self.max_message_bytes:
+            raise ValueError("tcp_chunk_bytes must not exceed max_message_bytes")
+        if self.copy_threads < 1:
+            raise ValueError(f"copy_threads must be >= 1, got {self.copy_threads}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        for what in ("transfer_timeout_s", "peer_timeout_s", "layer_timeout_s", "nccl_init_timeout_s",
+                     "heartbeat_interval_s", "shutdown_timeout_s"):
+            if not getattr(self, what) > 0:
+                raise ValueError(f"{what} must be > 0, got {getattr(self, what)}")
+        names = [n for n, _ in self.peers]
+        if len(set(names)) != len(names) or self.name in names:
+            raise ValueError(f"peers must have distinct names other than this streamer's: {names}")

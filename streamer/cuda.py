@@ -1,0 +1,250 @@
+"""CUDA plumbing shared by the GPU paths: device memory a pool can be exported from, CUDA IPC (memory and
+interprocess events), pinning host memory, peer access, and waiting for device work without blocking.
+
+Runs in a stage (GpuPoolMemory: allocate, export, record "layer ready") and in the streamer (open the
+exports, pin its arenas). Importable on machines without CUDA or CuPy: every entry point checks
+`cuda_ready()` and raises TransportUnavailableError instead.
+
+Two rules from the lent machines (DESIGN.md section 8), enforced here:
+- a CUDA IPC handle names a whole allocation, so a shareable pool gets its own cudaMalloc (not torch's caching
+  allocator, whose blocks live inside larger segments);
+- IPC memory handles and interprocess events are opened, and events waited on, with the *owning* device
+  current; data then moves to other devices by peer copy. Opening an event under another device segfaulted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from stages.kv_cache import PoolLayout
+from streamer import wire
+from streamer.errors import TransferTimeoutError, TransportUnavailableError
+from streamer.regions import layout_to_spec
+
+log = logging.getLogger(__name__)
+
+try:  # CuPy is only on GPU machines; CPU deployments and CI never import it
+    import cupy
+    from cupy.cuda import runtime as curt
+except Exception:  # noqa: BLE001 - ImportError, or a CUDA driver error at import time
+    cupy = None
+    curt = None
+
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context
+# cudaMemcpyKind values (fixed by the CUDA ABI; spelled out so no CuPy attribute naming is relied on)
+H2D, D2H, D2D = 1, 2, 3
+
+
+def cuda_ready() -> bool:
+    return cupy is not None and torch.cuda.is_available()
+
+
+def require_cuda(what: str) -> None:
+    if not cuda_ready():
+        missing = "CuPy" if cupy is None else "a CUDA GPU"
+        raise TransportUnavailableError(f"{what} needs CUDA and CuPy; this process has no {missing}")
+
+
+@contextlib.contextmanager
+def on_device(device: int) -> Iterator[None]:
+    """Make `device` current for both torch and CuPy (they keep separate notions of 'current')."""
+    with torch.cuda.device(device), cupy.cuda.Device(device):
+        yield
+
+
+class _CudaArray:
+    """Exports raw device memory to torch via __cuda_array_interface__; torch keeps this object (and through it
+    `owner`, which frees or unmaps the memory when collected) alive as long as any view exists."""
+
+    def __init__(self, ptr: int, nbytes: int, owner: Any) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+        self.owner = owner
+
+
+def wrap_device_memory(ptr: int, nbytes: int, device: int, owner: Any) -> torch.Tensor:
+    with on_device(device):  # torch places CAI memory on the current device
+        return torch.as_tensor(_CudaArray(ptr, nbytes, owner), device=torch.device("cuda", device))
+
+
+class DeviceAllocation:
+    """One cudaMalloc of its own (exportable over CUDA IPC as a whole); freed when collected."""
+
+    def __init__(self, nbytes: int, device: int) -> None:
+        require_cuda("a shareable GPU pool")
+        self.nbytes, self.device = nbytes, device
+        with on_device(device):
+            self.ptr = curt.malloc(nbytes)
+
+    def ipc_handle(self) -> bytes:
+        with on_device(self.device):
+            return bytes(curt.ipcGetMemHandle(self.ptr))
+
+    def __del__(self) -> None:
+        if getattr(self, "ptr", 0) and curt is not None:
+            try:
+                with on_device(self.device):
+                    curt.free(self.ptr)
+            except Exception:  # noqa: BLE001 - at interpreter exit the runtime may already be gone
+                pass
+            self.ptr = 0
+
+
+class IpcMapping:
+    """Another process's allocation, opened in this one (on the owning device); unmapped when collected."""
+
+    def __init__(self, handle: bytes, device: int) -> None:
+        require_cuda("opening a CUDA IPC pool")
+        self.device = device
+        with on_device(device):
+            self.ptr = curt.ipcOpenMemHandle(handle)
+
+    def __del__(self) -> None:
+        if getattr(self, "ptr", 0) and curt is not None:
+            try:
+                with on_device(self.device):
+                    curt.ipcCloseMemHandle(self.ptr)
+            except Exception:  # noqa: BLE001
+                pass
+            self.ptr = 0
+
+
+def open_ipc_pool(handle: bytes, offset: int, nbytes: int, device: int) -> torch.Tensor:
+    """Flat uint8 view of a pool exported by another process (closing happens when the view dies)."""
+    mapping = IpcMapping(handle, device)
+    return wrap_device_memory(mapping.ptr + offset, nbytes, device, mapping)
+
+
+def open_ipc_events(handles: list[bytes], device: int) -> list[torch.cuda.Event]:
+    require_cuda("interprocess CUDA events")
+    with on_device(device):
+        return [torch.cuda.Event.from_ipc_handle(device, h) for h in handles]
+
+
+class GpuPoolMemory:
+    """Stage side: a KV pool in its own device allocation, plus one interprocess event per local layer.
+
+        mem = GpuPoolMemory(layout, device=0)
+        runtime = ShardRuntime(config, pool_memory=mem.tensor)
+        await client.register_pool("stage1", mem)
+        ... after computing local layer j on the compute stream:  mem.record(j)
+
+    `record(j)` must precede the LayerReady message for that layer, and must be called for every layer of
+    every step whose KV may be streamed (the streamer waits on it before reading)."""
+
+    def __init__(self, layout: PoolLayout, device: int) -> None:
+        self.layout, self.device = layout, device
+        self.allocation = DeviceAllocation(layout.nbytes, device)
+        flat = wrap_device_memory(self.allocation.ptr, layout.nbytes, device, self.allocation)
+        flat.zero_()  # attention reads masked padding; it must be finite (stages/kv_cache.py)
+        self.tensor = flat.view(layout.dtype).view(layout.shape)
+        with on_device(device):
+            self.events = [torch.cuda.Event(interprocess=True) for _ in range(layout.num_layers)]
+            self.event_handles = [bytes(e.ipc_handle()) for e in self.events]
+        torch.cuda.synchronize(device)
+
+    def record(self, local_layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        self.events[local_layer].record(stream if stream is not None else torch.cuda.current_stream(self.device))
+
+    def registration(self, name: str, replace: bool = False) -> wire.RegisterPool:
+        return wire.RegisterPool(name, layout_to_spec(self.layout), wire.MEM_CUDA_IPC, device=self.device,
+                                 ipc_handle=self.allocation.ipc_handle(), event_handles=self.event_handles,
+                                 replace=replace)
+
+
+def pin(buffer: torch.Tensor) -> bool:
+    """Page-lock a CPU buffer in place (cudaHostRegister); False where there is no CUDA."""
+    if not cuda_ready() or buffer.numel() == 0:
+        return False
+    curt.hostRegister(buffer.data_ptr(), buffer.numel(), HOST_REGISTER_PORTABLE)
+    return True
+
+
+def unpin(buffer: torch.Tensor) -> None:
+    if cuda_ready() and buffer.numel():
+        curt.hostUnregister(buffer.data_ptr())
+
+
+def enable_peer_access(devices: list[int]) -> None:
+    """Let every device reach every other directly (NVLink) for peer copies."""
+    for a in devices:
+        for b in devices:
+            if a != b and curt.deviceCanAccessPeer(a, b):
+                with on_device(a):
+                    try:
+                        curt.deviceEnablePeerAccess(b)
+                    except curt.CUDARuntimeError as e:  # already enabled (by torch or earlier)
+                        if "AlreadyEnabled" not in str(e) and "already" not in str(e).lower():
+                            raise
+
+
+def completion_event() -> torch.cuda.Event:
+    """An event someone will wait on: blocking-sync, so a waiter sleeps instead of spinning a core that the
+    stages on this host may need."""
+    return torch.cuda.Event(blocking=True)
+
+
+class _Waiters:
+    """Daemon threads that block in cudaEventSynchronize (torch releases the GIL there) and hand the result to
+    the event loop. Why not poll from the loop: a loop spinning on event.query() holds the GIL and starves the
+    GPU thread that enqueues the next copies; why not the GPU thread: a wait there would stall every enqueue.
+    Daemon threads, because a wait on an event that never completes (a hung peer) must not block exit."""
+
+    def __init__(self, threads: int) -> None:
+        self._q: queue.SimpleQueue[tuple[torch.cuda.Event, asyncio.AbstractEventLoop, asyncio.Future[None]]] = \
+            queue.SimpleQueue()
+        self._threads = threads
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        while True:
+            ev, loop, fut = self._q.get()
+            err: BaseException | None = None
+            try:
+                ev.synchronize()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
+                err = e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, err)
+            except RuntimeError:  # the loop is gone (its waiter timed out and the process moved on)
+                pass
+
+    def submit(self, ev: torch.cuda.Event, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        with self._lock:
+            if self._started < self._threads:
+                self._started += 1
+                threading.Thread(target=self._run, name=f"cuda-wait-{self._started}", daemon=True).start()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._q.put((ev, loop, fut))
+        return fut
+
+
+def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
+    if fut.done():
+        return
+    if err is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(err)
+
+
+_WAITERS = _Waiters(8)
+
+
+async def wait_event(event: torch.cuda.Event, timeout: float, what: str, setting: str) -> None:
+    """Wait for device work without blocking the loop (see _Waiters), within `timeout` seconds."""
+    if event.query():
+        return
+    fut = _WAITERS.submit(event, asyncio.get_running_loop())
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except TimeoutError:
+        raise TransferTimeoutError(f"{what}: device work not finished within {timeout:.1f}s (setting: {setting})") from None

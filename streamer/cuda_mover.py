@@ -1,0 +1,383 @@
+"""The CUDA mover: chunks of packed rows between GPU pools and host memory, on the streamer's own streams.
+
+Runs in the streamer process. Every CUDA call is made on the one GPU thread (`executor`); the event loop only
+polls completion events. Paths (buffered; the naive ablation replaces gather/copy/scatter by one
+cudaMemcpyAsync per contiguous piece):
+
+    GPU a -> GPU a      gather (lane stream) -> scatter
+    GPU a -> GPU b      gather on a -> one peer copy a->b -> scatter on b      (IPC pools; opened on their owner)
+    GPU   -> host pool  gather -> cudaMemcpy2DAsync blocks straight into the host pool (no CPU scatter)
+    host  -> GPU        cudaMemcpy2DAsync blocks into staging -> scatter
+    GPU   -> bytes      gather -> one copy into a fresh pinned buffer (what a remote transport sends)
+    bytes -> GPU        one copy into staging -> scatter (what a remote transport received)
+
+Lanes. Each device has `lanes` (stream, staging buffer) pairs used round-robin, so chunk i+1 gathers while
+chunk i copies. A staging buffer may be touched by a stream other than its lane's (the peer copy writes the
+destination lane's buffer from the source stream; NCCL uses the link's stream); `Lane.use/used` chain those
+uses with events so no stream ever touches a buffer another stream has not finished with.
+The source stage's "layer ready" event is waited on by the source device's stream (its owner).
+K and V: the packed order puts a layer's K and V next to each other, so one copy moves both; the paper put
+them on separate streams to overlap their copies, which the lanes do here across consecutive chunks instead
+(gather of chunk i+1 on one stream while chunk i is copied on another) without doubling the copy count.
+Pageable host memory (disk pools) makes a copy synchronous on the GPU thread; pinned pools never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamer.cuda import D2D, D2H, H2D, completion_event, curt, on_device, wait_event
+from streamer.endpoints import Endpoint
+from streamer.errors import TransferTimeoutError
+from streamer.integrity import checksum_parts, digest, verify
+from streamer.movers import MoveJob, RouteIndex
+from streamer.regions import common_runs, dma_blocks
+
+
+class Lane:
+    def __init__(self, device: int, nbytes: int) -> None:
+        self.device = device
+        with on_device(device):
+            self.stream = torch.cuda.Stream(device)
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", device))
+        self.ptr = self.buf.data_ptr()
+        self._last: torch.cuda.Event | None = None
+        self._last_stream = 0
+
+    def packed(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows, row_words] view of the staging buffer in the dtype of `like` (an endpoint's rows)."""
+        words = like.shape[1]
+        nbytes = rows * words * like.element_size()
+        if nbytes > self.buf.numel():  # plans keep chunks within staging_bytes; never overrun silently
+            raise ValueError(f"chunk of {nbytes} bytes exceeds the {self.buf.numel()}-byte staging buffer")
+        return self.buf[:nbytes].view(like.dtype).view(rows, words)
+
+    def use(self, stream: torch.cuda.Stream) -> None:
+        if self._last is not None and self._last_stream != stream.cuda_stream:
+            stream.wait_event(self._last)
+
+    def used(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        ev = completion_event()
+        ev.record(stream)
+        self._last, self._last_stream = ev, stream.cuda_stream
+        return ev
+
+
+@dataclass
+class GpuHandle:
+    event: torch.cuda.Event  # all device work of the chunk is done when this completes
+    what: str
+    nbytes: int
+    parts: torch.Tensor | None = None  # pinned int32 [2, 4]: source / destination checksum parts
+    cpu_src: Any = None  # callables computing a host-side checksum after completion (host endpoints)
+    cpu_dst: Any = None
+    result: torch.Tensor | None = None  # GPU -> bytes: the pinned packed rows
+    keep: list[Any] = field(default_factory=list)  # everything the device work touches stays alive until done
+    lane: Lane | None = None
+
+
+class GpuMover:
+    def __init__(self, devices: list[int], staging_bytes: int, lanes: int, gpu: Executor, cpu: Executor,
+                 timeout_setting: str = "transfer_timeout_s") -> None:
+        self.devices, self.staging_bytes, self.nlanes = devices, staging_bytes, lanes
+        self._gpu, self._cpu, self._setting = gpu, cpu, timeout_setting
+        self.lanes: dict[int, list[Lane]] = {}
+        self._rr: dict[int, itertools.count] = {}
+        self._retired: list[Any] = []
+
+    def setup(self) -> None:
+        """Create lanes (GPU thread)."""
+        for d in self.devices:
+            self.lanes[d] = [Lane(d, self.staging_bytes) for _ in range(self.nlanes)]
+            self._rr[d] = itertools.count()
+
+    def lane(self, device: int) -> Lane:
+        return self.lanes[device][next(self._rr[device]) % self.nlanes]
+
+    async def _on_gpu(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._gpu, fn, *args)
+
+    # ------------------------------------------------------------------ local moves
+
+    async def start(self, job: MoveJob) -> GpuHandle:
+        return await self._on_gpu(self._enqueue, job)
+
+    async def finish(self, handle: GpuHandle, timeout: float) -> None:
+        try:
+            await wait_event(handle.event, timeout, handle.what, self._setting)
+        except TransferTimeoutError:
+            if handle.lane is not None:
+                await self._on_gpu(self._retire, handle)
+            raise
+        if handle.parts is not None or handle.cpu_src is not None or handle.cpu_dst is not None:
+            await asyncio.get_running_loop().run_in_executor(self._cpu, self._verify, handle)
+
+    def _verify(self, h: GpuHandle) -> None:
+        src = h.cpu_src() if h.cpu_src is not None else h.parts[0].tolist()  # type: ignore[index]
+        dst = h.cpu_dst() if h.cpu_dst is not None else h.parts[1].tolist()  # type: ignore[index]
+        verify(digest(src, h.nbytes), digest(dst, h.nbytes), h.what)
+
+    def _retire(self, handle: GpuHandle) -> None:
+        """A lane whose work never finished (a hung source) is replaced; its memory is kept, never reused."""
+        lane = handle.lane
+        assert lane is not None
+        lanes = self.lanes[lane.device]
+        if lane in lanes:
+            lanes[lanes.index(lane)] = Lane(lane.device, self.staging_bytes)
+        self._retired.append(handle)
+
+    def device_index(self, index: RouteIndex, device: int, which: str) -> torch.Tensor:
+        key = (device, which)
+        t = index.device_cache.get(key)
+        if t is None:
+            src = index.src if which == "src" else index.dst
+            assert src is not None
+            # a blocking copy on the default stream (which our non-blocking lane streams never wait for): the
+            # indices are on the device before any lane uses them, and no lane's pending work delays the copy
+            t = index.device_cache[key] = self._upload(src, device)
+        return t
+
+    @staticmethod
+    def _upload(t: torch.Tensor, device: int) -> torch.Tensor:
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.default_stream(device)):
+            return t.to(torch.device("cuda", device))
+
+    def _wait_source(self, stream: torch.cuda.Stream, src: Endpoint, layer: int | None) -> None:
+        if layer is not None:
+            ev = src.layer_event(layer)
+            if ev is not None:
+                stream.wait_event(ev)  # the stage's "layer ready", waited on its own device
+
+    def _parts(self, h: GpuHandle, row: int, t: torch.Tensor) -> None:
+        if h.parts is None:
+            h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
+        h.parts[row].copy_(checksum_parts(t), non_blocking=True)
+
+    def _enqueue(self, job: MoveJob) -> GpuHandle:
+        src, dst, c = job.src, job.dst, job.chunk
+        rb = src.layout.row_bytes
+        what = f"{src.name} -> {dst.name} rows [{c.r0}, {c.r1})"
+        # the memory itself, not just the endpoints: a pool closed while this work runs stays mapped until done
+        h = GpuHandle(completion_event(), what, c.rows * rb, keep=[job, src.flat, dst.flat])
+        if src.is_cuda and dst.is_cuda:
+            self._gpu_to_gpu(job, h)
+        elif src.is_cuda:
+            self._gpu_to_host(job, h)
+        else:
+            self._host_to_gpu(job, h)
+        return h
+
+    def _gpu_to_gpu(self, job: MoveJob, h: GpuHandle) -> None:
+        src, dst, c = job.src, job.dst, job.chunk
+        a, b = src.device.index, dst.device.index
+        la = self.lane(a)
+        sa = la.stream
+        h.lane = la
+        with on_device(a), torch.cuda.stream(sa):
+            self._wait_source(sa, src, job.wait_layer)
+            s_idx = self.device_index(job.index, a, "src")[c.r0: c.r1]
+            if not job.buffered:
+                self._naive_copy(job, h, sa, a, b)
+                return
+            la.use(sa)
+            packed_a = la.packed(c.rows, src.rows)
+            torch.index_select(src.rows, 0, s_idx, out=packed_a)  # gather: one kernel
+            if job.checksum:
+                self._parts(h, 0, packed_a)
+            if a == b:
+                d_idx = self.device_index(job.index, b, "dst")[c.r0: c.r1]
+                dst.rows.index_copy_(0, d_idx, packed_a)  # scatter: one kernel
+                if job.checksum:
+                    self._parts(h, 1, dst.rows.index_select(0, d_idx))
+                h.event = la.used(sa)
+                return
+            lb = self.lane(b)
+            lb.use(sa)
+            curt.memcpyPeerAsync(lb.ptr, b, la.ptr, a, h.nbytes, sa.cuda_stream)  # one copy over NVLink
+            la.used(sa)
+            lb.used(sa)
+        sb = lb.stream
+        with on_device(b), torch.cuda.stream(sb):
+            lb.use(sb)
+            packed_b = lb.packed(c.rows, dst.rows)
+            if job.checksum:
+                self._parts(h, 1, packed_b)
+            d_idx = self.device_index(job.index, b, "dst")[c.r0: c.r1]
+            dst.rows.index_copy_(0, d_idx, packed_b)
+            h.event = lb.used(sb)
+
+    def _naive_copy(self, job: MoveJob, h: GpuHandle, stream: torch.cuda.Stream, a: int, b: int) -> None:
+        """One cudaMemcpy(Peer)Async per contiguous piece, source pool to destination pool (no staging)."""
+        src, dst, c = job.src, job.dst, job.chunk
+        rb = src.layout.row_bytes
+        assert job.index.dst is not None
+        s_cpu, d_cpu = job.index.src[c.r0: c.r1], job.index.dst[c.r0: c.r1]
+        if job.checksum:
+            self._parts(h, 0, src.rows.index_select(0, self.device_index(job.index, a, "src")[c.r0: c.r1]))
+        sp, dp = src.flat.data_ptr(), dst.flat.data_ptr()
+        for s, d, k in common_runs(s_cpu, d_cpu).tolist():
+            if a == b:
+                curt.memcpyAsync(dp + d * rb, sp + s * rb, k * rb, D2D, stream.cuda_stream)
+            else:
+                curt.memcpyPeerAsync(dp + d * rb, b, sp + s * rb, a, k * rb, stream.cuda_stream)
+        ev = completion_event()
+        ev.record(stream)
+        if job.checksum:
+            with on_device(b):
+                sb = self.lane(b).stream
+                sb.wait_event(ev)
+                with torch.cuda.stream(sb):
+                    self._parts(h, 1, dst.rows.index_select(0, self.device_index(job.index, b, "dst")[c.r0: c.r1]))
+                ev = completion_event()
+                ev.record(sb)
+        h.event = ev
+
+    def _gpu_to_host(self, job: MoveJob, h: GpuHandle) -> None:
+        src, dst, c = job.src, job.dst, job.chunk
+        a, rb = src.device.index, src.layout.row_bytes
+        assert job.index.dst is not None
+        d_cpu = job.index.dst[c.r0: c.r1]
+        la = self.lane(a)
+        sa = la.stream
+        h.lane = la
+        host = dst.flat.data_ptr()
+        with on_device(a), torch.cuda.stream(sa):
+            self._wait_source(sa, src, job.wait_layer)
+            s_idx = self.device_index(job.index, a, "src")[c.r0: c.r1]
+            if job.buffered:
+                la.use(sa)
+                packed = la.packed(c.rows, src.rows)
+                torch.index_select(src.rows, 0, s_idx, out=packed)
+                if job.checksum:
+                    self._parts(h, 0, packed)
+                for blk in dma_blocks(d_cpu, rb):  # the host side is written by the copy engine, in place
+                    curt.memcpy2DAsync(host + blk.pool_off, blk.pitch, la.ptr + blk.packed_off, blk.width,
+                                       blk.width, blk.height, D2H, sa.cuda_stream)
+                h.event = la.used(sa)
+            else:
+                if job.checksum:
+                    self._parts(h, 0, src.rows.index_select(0, s_idx))
+                sp = src.flat.data_ptr()
+                for s, d, k in common_runs(job.index.src[c.r0: c.r1], d_cpu).tolist():
+                    curt.memcpyAsync(host + d * rb, sp + s * rb, k * rb, D2H, sa.cuda_stream)
+                h.event.record(sa)
+        if job.checksum:
+            h.cpu_dst = lambda: checksum_parts(dst.rows.index_select(0, d_cpu)).tolist()
+
+    def _host_to_gpu(self, job: MoveJob, h: GpuHandle) -> None:
+        src, dst, c = job.src, job.dst, job.chunk
+        b, rb = dst.device.index, src.layout.row_bytes
+        s_cpu = job.index.src[c.r0: c.r1]
+        lb = self.lane(b)
+        sb = lb.stream
+        h.lane = lb
+        host = src.flat.data_ptr()
+        with on_device(b), torch.cuda.stream(sb):
+            d_idx = self.device_index(job.index, b, "dst")[c.r0: c.r1]
+            if job.buffered:
+                lb.use(sb)
+                packed = lb.packed(c.rows, dst.rows)
+                for blk in dma_blocks(s_cpu, rb):
+                    curt.memcpy2DAsync(lb.ptr + blk.packed_off, blk.width, host + blk.pool_off, blk.pitch,
+                                       blk.width, blk.height, H2D, sb.cuda_stream)
+                if job.checksum:
+                    self._parts(h, 1, packed)
+                dst.rows.index_copy_(0, d_idx, packed)
+                h.event = lb.used(sb)
+            else:
+                assert job.index.dst is not None
+                dp = dst.flat.data_ptr()
+                for s, d, k in common_runs(s_cpu, job.index.dst[c.r0: c.r1]).tolist():
+                    curt.memcpyAsync(dp + d * rb, host + s * rb, k * rb, H2D, sb.cuda_stream)
+                if job.checksum:
+                    self._parts(h, 1, dst.rows.index_select(0, d_idx))
+                h.event.record(sb)
+        if job.checksum:
+            h.cpu_src = lambda: checksum_parts(src.rows.index_select(0, s_cpu)).tolist()
+
+    # ------------------------------------------------------------------ to / from bytes (remote transports)
+
+    async def read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
+                   wait_layer: int | None) -> GpuHandle:
+        return await self._on_gpu(self._read, src, index, r0, r1, buffered, check, wait_layer)
+
+    def _read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
+              wait_layer: int | None) -> GpuHandle:
+        a, rb = src.device.index, src.layout.row_bytes
+        la = self.lane(a)
+        sa = la.stream
+        out = torch.empty((r1 - r0) * rb, dtype=torch.uint8, pin_memory=True)
+        h = GpuHandle(completion_event(), f"{src.name} rows [{r0}, {r1}) -> host", out.numel(), result=out, lane=la,
+                      keep=[src.flat])
+        with on_device(a), torch.cuda.stream(sa):
+            self._wait_source(sa, src, wait_layer)
+            s_idx = self.device_index(index, a, "src")[r0:r1]
+            if buffered:
+                la.use(sa)
+                packed = la.packed(r1 - r0, src.rows)
+                torch.index_select(src.rows, 0, s_idx, out=packed)
+                if check:
+                    self._parts(h, 0, packed)
+                curt.memcpyAsync(out.data_ptr(), la.ptr, out.numel(), D2H, sa.cuda_stream)
+                h.event = la.used(sa)
+            else:
+                if check:
+                    self._parts(h, 0, src.rows.index_select(0, s_idx))
+                sp, at = src.flat.data_ptr(), 0
+                for s, _, k in common_runs(index.src[r0:r1], index.src[r0:r1]).tolist():
+                    curt.memcpyAsync(out.data_ptr() + at, sp + s * rb, k * rb, D2H, sa.cuda_stream)
+                    at += k * rb
+                h.event.record(sa)
+        return h
+
+    async def finish_read(self, h: GpuHandle, timeout: float) -> tuple[torch.Tensor, int | None]:
+        await wait_event(h.event, timeout, h.what, self._setting)
+        assert h.result is not None
+        return h.result, (digest(h.parts[0].tolist(), h.nbytes) if h.parts is not None else None)
+
+    async def write(self, dst: Endpoint, d_idx_cpu: torch.Tensor, data: torch.Tensor, buffered: bool,
+                    check: bool) -> GpuHandle:
+        return await self._on_gpu(self._write, dst, d_idx_cpu, data, buffered, check)
+
+    def _write(self, dst: Endpoint, d_idx_cpu: torch.Tensor, data: torch.Tensor, buffered: bool,
+               check: bool) -> GpuHandle:
+        b, rb = dst.device.index, dst.layout.row_bytes
+        lb = self.lane(b)
+        sb = lb.stream
+        n = d_idx_cpu.numel()
+        h = GpuHandle(completion_event(), f"host -> {dst.name} ({n} rows)", n * rb, keep=[data, dst.flat], lane=lb)
+        d_idx = self._upload(d_idx_cpu, b)
+        h.keep.append(d_idx)
+        with on_device(b), torch.cuda.stream(sb):
+            if buffered:
+                lb.use(sb)
+                if n * rb <= lb.buf.numel():
+                    packed = lb.packed(n, dst.rows)
+                else:  # the sender chunks by its own settings: a chunk larger than our staging gets its own
+                    packed = torch.empty((n, dst.rows.shape[1]), dtype=dst.rows.dtype, device=dst.device)
+                    h.keep.append(packed)
+                curt.memcpyAsync(packed.data_ptr(), data.data_ptr(), n * rb, H2D, sb.cuda_stream)
+                if check:
+                    self._parts(h, 1, packed)
+                dst.rows.index_copy_(0, d_idx, packed)
+                h.event = lb.used(sb)
+            else:
+                dp, at = dst.flat.data_ptr(), 0
+                for _, d, k in common_runs(d_idx_cpu, d_idx_cpu).tolist():
+                    curt.memcpyAsync(dp + d * rb, data.data_ptr() + at, k * rb, H2D, sb.cuda_stream)
+                    at += k * rb
+                if check:
+                    self._parts(h, 1, dst.rows.index_select(0, d_idx))
+                h.event.record(sb)
+        return h
+
+    async def finish_write(self, h: GpuHandle, timeout: float) -> int | None:
+        """Wait for a write; the destination-side checksum (of what landed), for the caller to verify."""
+        await wait_event(h.event, timeout, h.what, self._setting)
+        return digest(h.parts[1].tolist(), h.nbytes) if h.parts is not None else None

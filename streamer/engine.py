@@ -1,0 +1,388 @@
+"""Executing one transfer: a source region split into routes (by layer), each route a pipeline of chunks
+gated by the stage's "layer ready" signals. Runs on the streamer's event loop; movers do the copying.
+
+    local route   chunk -> mover.start (gather/copy/scatter enqueued) -> mover.finish (done + verified)
+    remote route  RemoteOpen -> per chunk: read packed rows, send (frame or NCCL), await the ack -> the
+                  last ack says the receiver committed
+
+Pipelining: up to `depth` chunks of a route are in flight (GPU: two per lane; remote: `window` unacked), so
+layer l+1's gather overlaps layer l's copy, and layer l's copy overlaps the stage computing layer l+1.
+Failure: the first error of any route fails the whole transfer; in-flight device work is drained before the
+transfer ends (the memory it touches stays valid until then), and a remote receiver is told to abort, so a
+failed transfer is never half-delivered. Deadlines: the whole transfer (`deadline_s` or transfer_timeout_s),
+each wait for a layer (layer_timeout_s), each answer from a peer (peer_timeout_s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages.kv_cache import Region
+from streamer import wire
+from streamer.config import StreamerConfig
+from streamer.cuda import wait_event
+from streamer.endpoints import Endpoint
+from streamer.errors import (
+    CancelledError,
+    PeerDeadError,
+    StreamerError,
+    TransferTimeoutError,
+    TransportUnavailableError,
+)
+from streamer.integrity import checksum
+from streamer.movers import CpuMover, MoveJob, RouteIndex, SendBuffers, gather_cpu
+from streamer.peer import PeerNet, raise_if_refused, tensor_frame
+from streamer.regions import Chunk, check_compatible, dtype_name, plan_chunks, region_to_spec
+
+
+@dataclass
+class LocalRoute:
+    src_region: Region
+    dst: Endpoint
+    dst_region: Region
+    index: RouteIndex
+    chunks: list[Chunk]
+
+
+@dataclass
+class RemoteRoute:
+    src_region: Region
+    peer: str
+    dst_pool: str
+    dst_region: Region
+    index: RouteIndex  # source rows only
+    chunks: list[Chunk]
+    origin: str = ""  # set when this push answers a peer's PullRequest
+    origin_xfer: int = 0
+
+
+def local_route(src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, chunk_bytes: int,
+                layered: bool) -> LocalRoute:
+    """Validate and plan a route between two endpoints of this process."""
+    check_compatible(src.layout, region, dst.layout, dst_region)
+    return LocalRoute(region, dst, dst_region, RouteIndex.build(src, region, dst, dst_region),
+                      plan_chunks(region, src.layout.row_bytes, chunk_bytes, layered))
+
+
+@dataclass
+class Runtime:
+    """What transfers need from the process (built by the service)."""
+
+    config: StreamerConfig
+    cpu: CpuMover
+    gpu: Any  # GpuMover | None
+    peers: PeerNet
+    cpu_executor: Executor
+    on_gpu: Callable[..., Awaitable[Any]]  # run a function on the GPU thread
+    nccl: Any = None  # NcclLinks | None
+    no_nccl: set[tuple[str, str]] | None = None  # (peer, pool) that refused NCCL: use frames
+    send_buffers: SendBuffers | None = None
+
+    def __post_init__(self) -> None:
+        if self.send_buffers is None:
+            chunk = min(self.config.staging_bytes, self.config.tcp_chunk_bytes)
+            self.send_buffers = SendBuffers(chunk, 4 * self.config.window)
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    flat: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            flat.append(e)
+
+    walk(eg)
+    return next((e for e in flat if isinstance(e, StreamerError)), flat[0])
+
+
+def _read_cpu(src: Endpoint, idx: torch.Tensor, buffered: bool, check: bool,
+              buf: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    data = gather_cpu(src, idx, buffered, buf)
+    return data, (checksum(data) if check else None)
+
+
+class Transfer:
+    def __init__(self, rt: Runtime, owner: str, xfer: int, tag: str, src: Endpoint,
+                 routes: list[LocalRoute | RemoteRoute], *, layered: bool, checksum: bool, buffered: bool,
+                 deadline_s: float, notify: list[str],
+                 on_layer: Callable[[int, int, int], Awaitable[None]] | None = None) -> None:
+        self.rt, self.owner, self.xfer, self.tag, self.src = rt, owner, xfer, tag, src
+        self.routes, self.layered, self.checksum, self.buffered = routes, layered, checksum, buffered
+        self.deadline_s, self.notify, self.on_layer = deadline_s, notify, on_layer
+        self.nbytes = 0
+        self.layers_done = 0
+        self._ready: dict[int, asyncio.Event] = {}
+        self._abort: StreamerError | None = None
+        self._t_end = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self.incarnation = 0  # the requester's (a dead process's transfers are told apart from its successor's)
+
+    # ------------------------------------------------------------------ control from the service
+
+    def touches(self, ep: Endpoint) -> bool:
+        return self.src is ep or any(isinstance(r, LocalRoute) and r.dst is ep for r in self.routes)
+
+    def layer_ready(self, layer: int) -> None:
+        self._ready.setdefault(layer, asyncio.Event()).set()
+
+    def abort(self, exc: StreamerError) -> None:
+        """Fail the transfer with `exc` (cancel, owner down, pool unregistered)."""
+        if self._abort is None:
+            self._abort = exc
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    # ------------------------------------------------------------------ execution
+
+    async def run(self) -> float:
+        """Move everything; returns seconds taken. Raises a StreamerError (never a bare timeout)."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        self._t_end = loop.time() + self.deadline_s
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                async with asyncio.TaskGroup() as tg:
+                    for r in self.routes:
+                        tg.create_task(self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
+        except BaseExceptionGroup as eg:
+            err = _first_error(eg)
+            if isinstance(err, asyncio.CancelledError) and self._abort is not None:
+                raise self._abort from None
+            raise err from None
+        except asyncio.CancelledError:
+            if self._abort is not None:
+                raise self._abort from None
+            raise
+        except StreamerError:
+            raise
+        except TimeoutError:
+            raise TransferTimeoutError(f"transfer {self.xfer} of {self.owner} not done within {self.deadline_s:.1f}s "
+                                       f"(request deadline_s, default setting transfer_timeout_s)") from None
+        return time.perf_counter() - t0
+
+    def _left(self) -> float:
+        return max(0.0, self._t_end - asyncio.get_running_loop().time()) + 1e-3
+
+    async def _gate(self, layer: int) -> None:
+        if not self.layered:
+            return
+        ev = self._ready.setdefault(layer, asyncio.Event())
+        if ev.is_set():
+            return
+        t = self.rt.config.layer_timeout_s
+        try:
+            await asyncio.wait_for(ev.wait(), t)
+        except TimeoutError:
+            raise PeerDeadError(f"transfer {self.xfer}: {self.owner} sent no LayerReady for layer {layer} within "
+                                f"{t:.1f}s (setting: layer_timeout_s)") from None
+
+    async def _chunk_done(self, c: Chunk) -> None:
+        self.nbytes += c.rows * self.src.layout.row_bytes
+        for layer in c.completes:
+            self.layers_done += 1
+            if self.on_layer is not None:
+                await self.on_layer(layer, self.layers_done, self.nbytes)
+
+    async def _pipeline(self, chunks: list[Chunk], depth: int, start: Callable[[Chunk], Awaitable[Any]],
+                        settle: Callable[[Chunk, Any], Awaitable[None]],
+                        drain: Callable[[Any], Awaitable[None]] | None = None) -> None:
+        """Start chunks in order (each after its layer is ready, at most `depth` unsettled), settle them in
+        order as they complete (so progress for layer l is reported the moment it lands, not when the window
+        fills). On failure, whatever was started but not settled is handed to `drain`."""
+        started: deque[tuple[Chunk, Any]] = deque()
+        slots = asyncio.Semaphore(depth)
+        more = asyncio.Event()
+
+        async def producer() -> None:
+            for c in chunks:
+                await self._gate(c.layer)
+                await slots.acquire()
+                job = asyncio.ensure_future(start(c))
+                try:
+                    h = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # work handed to the GPU thread cannot be called back: let it finish being enqueued so
+                    # its handle is drained like the others, then stop
+                    with contextlib.suppress(Exception):
+                        started.append((c, await job))
+                    raise
+                started.append((c, h))
+                more.set()
+
+        async def consumer() -> None:
+            for _ in chunks:
+                while not started:
+                    more.clear()
+                    await more.wait()
+                c, h = started[0]
+                await settle(c, h)
+                started.popleft()
+                await self._chunk_done(c)
+                slots.release()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(producer())
+                tg.create_task(consumer())
+        except BaseException:
+            if drain is not None and started:
+                handles = [h for _, h in started]
+                started.clear()
+                await asyncio.shield(self._drain_all(drain, handles))
+            raise
+
+    @staticmethod
+    async def _drain_all(drain: Callable[[Any], Awaitable[None]], handles: list[Any]) -> None:
+        for h in handles:
+            try:
+                await drain(h)
+            except Exception:  # noqa: BLE001 - the transfer already failed; this only waits
+                pass
+
+    async def _local(self, r: LocalRoute) -> None:
+        mover = self.rt.gpu if (self.src.is_cuda or r.dst.is_cuda) else self.rt.cpu
+        if mover is None:
+            raise TransportUnavailableError(f"{self.src.name} -> {r.dst.name} needs the CUDA mover (no GPU here)")
+        depth = 2 * self.rt.config.staging_lanes if mover is self.rt.gpu else 1
+        if r.dst.is_host_pool:
+            r.dst.begin_write(r.dst_region)
+
+        async def start(c: Chunk) -> Any:
+            return await mover.start(MoveJob(self.src, r.dst, r.index, c, self.buffered, self.checksum,
+                                             c.layer if self.src.is_cuda else None))
+
+        async def settle(c: Chunk, h: Any) -> None:
+            await mover.finish(h, self._left())
+
+        async def drain(h: Any) -> None:  # device work must end before the memory it touches can go
+            await mover.finish(h, self.rt.config.peer_timeout_s)
+
+        await self._pipeline(r.chunks, depth, start, settle, drain)
+        if r.dst.is_host_pool:
+            r.dst.commit_write(r.dst_region)
+
+    # ------------------------------------------------------------------ remote routes
+
+    def _open(self, r: RemoteRoute, rseq: int, via: int, link: int) -> wire.RemoteOpen:
+        lay = self.src.layout
+        return wire.RemoteOpen(rseq, r.dst_pool, region_to_spec(r.dst_region), len(r.chunks),
+                               r.src_region.nbytes(lay), dtype_name(lay.dtype), lay.row_bytes, self.checksum, via,
+                               link, self.tag, list(self.notify), r.origin, r.origin_xfer)
+
+    async def _remote(self, r: RemoteRoute) -> None:
+        peer = self.rt.peers.link(r.peer)
+        no_nccl = self.rt.no_nccl if self.rt.no_nccl is not None else set()
+        if (self.src.is_cuda and self.rt.nccl is not None and self.rt.config.nccl
+                and (r.peer, r.dst_pool) not in no_nccl):
+            try:
+                link = await self.rt.nccl.sender(peer, self.src.device.index, r.dst_pool)
+            except TransportUnavailableError:
+                no_nccl.add((r.peer, r.dst_pool))  # remember: that pool takes frames
+            else:
+                return await self._remote_via(r, peer, link)
+        await self._remote_via(r, peer, None)
+
+    async def _remote_via(self, r: RemoteRoute, peer: Any, link: Any) -> None:
+        """Push the route to a peer streamer: frames (TCP) when `link` is None, else NCCL on `link`."""
+        rseq = peer.next_rseq()
+        via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
+        answer = await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), f"open of transfer {rseq}")
+        raise_if_refused(answer, f"{r.peer} refused transfer into {r.dst_pool!r}")
+        committed = not r.chunks
+        pt = self.rt.config.peer_timeout_s
+
+        async def start(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
+            fut = peer.expect(("chunk", rseq, c.index))
+            if link is None:
+                data, dg, buf = await self._read(r, c)
+                await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], data.numel() * data.element_size(),
+                                                 dg), [tensor_frame(data)])
+                return buf, fut
+            return await self._nccl_start(r, c, peer, link, rseq), fut
+
+        async def settle(c: Chunk, h: tuple[Any, asyncio.Future[Any]]) -> None:
+            nonlocal committed
+            held, fut = h  # frames: the send buffer; NCCL: the device work of the send
+            if link is not None:
+                try:
+                    await wait_event(held.event, pt, held.what, "peer_timeout_s")
+                except TransferTimeoutError:
+                    await self.rt.nccl.abort(link)  # never wait on NCCL forever: abort, the peer is gone
+                    raise PeerDeadError(f"NCCL send to {r.peer} did not complete within {pt:.1f}s (setting: "
+                                        f"peer_timeout_s); link {link.link_id} aborted") from None
+            answer = await peer.answer(fut, f"chunk {c.index} of transfer {rseq}")
+            raise_if_refused(answer, f"{r.peer} rejected chunk {c.index} of transfer {rseq}")
+            committed = bool(answer.committed)
+            if link is None and held is not None:
+                self.rt.send_buffers.release(held)  # acknowledged, so ZeroMQ has sent it
+
+        async def drain(h: tuple[Any, asyncio.Future[Any]]) -> None:
+            held, fut = h
+            fut.cancel()
+            if link is not None:  # an NCCL send may still read its buffer: let it finish, else abort the link
+                try:
+                    await wait_event(held.event, pt, held.what, "peer_timeout_s")
+                except TransferTimeoutError:
+                    await self.rt.nccl.abort(link)
+
+        try:
+            await self._pipeline(r.chunks, self.rt.config.window, start, settle, drain)
+        finally:
+            for c in r.chunks:
+                peer.forget(("chunk", rseq, c.index))
+            if not committed:
+                await self._abort_remote(peer, rseq)
+
+    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> Any:
+        from streamer import nccl
+
+        gm, dev = self.rt.gpu, self.src.device.index
+        h = await self.rt.on_gpu(lambda: nccl.enqueue_gather(
+            gm, self.src, gm.device_index(r.index, dev, "src")[c.r0: c.r1], c.rows, self.checksum, c.layer))
+        dg = None
+        if self.checksum:  # the digest travels with the announcement, so wait for the gather
+            await wait_event(h.event, self._left(), h.what, "transfer_timeout_s")
+            dg = nccl.handle_digest(h, 0)
+        async with link.lock:  # announce + enqueue atomically: both ranks see the same order
+            await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], h.nbytes, dg))
+            return await self.rt.on_gpu(nccl.enqueue_send, link, h)
+
+    async def _abort_remote(self, peer: Any, rseq: int) -> None:
+        code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL
+
+        async def tell() -> None:
+            try:
+                await peer.send(wire.RemoteAbort(rseq, code, f"transfer {self.xfer} of {self.owner} failed"))
+            except StreamerError:
+                pass  # a dead peer has nothing to discard
+
+        await asyncio.shield(tell())
+
+    async def _read(self, r: RemoteRoute, c: Chunk) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+        """(packed rows in host memory, their checksum, the reusable buffer holding them or None)."""
+        idx = r.index.src[c.r0: c.r1]
+        if not self.src.is_cuda:
+            loop = asyncio.get_running_loop()
+            buf = self.rt.send_buffers.acquire(c.rows * self.src.layout.row_bytes)
+            data, dg = await loop.run_in_executor(self.rt.cpu_executor, _read_cpu, self.src, idx, self.buffered,
+                                                  self.checksum, buf)
+            return data, dg, buf
+        h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, self.checksum, c.layer)
+        data, dg = await self.rt.gpu.finish_read(h, self._left())
+        return data, dg, None
+
+
+def cancelled(xfer: int, reason: str) -> CancelledError:
+    return CancelledError(f"transfer {xfer} cancelled: {reason or 'by its requester'}")

@@ -1,0 +1,276 @@
+"""NCCL links: GPU pool -> GPU pool across hosts, through CuPy's 2-rank communicators.
+
+Runs in the streamer process. A link is *directed*: rank 0 only sends, rank 1 only receives, so the two ranks
+always issue their operations in the same order (a communicator used both ways by concurrent transfers could
+deadlock: each side's send kernel waiting for the other's receive). Each link has its own stream on its
+device; NCCL operations of one link never run on two streams.
+
+Lifecycle: the sender creates the unique id and offers it (wire.NcclOffer over the peer's data socket); both
+ranks call ncclCommInitRank, which blocks until the other joins - so init runs on a daemon thread of its own
+with a deadline (CuPy exposes no non-blocking init; a rank whose peer never joins leaves that thread stuck,
+not the streamer). A link whose operation misses its deadline is *aborted* (ncclCommAbort frees the
+communicator and makes its pending kernels return), never waited on forever; the next transfer builds a new link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from streamer.cuda import completion_event, cupy, on_device, require_cuda
+from streamer.cuda_mover import GpuHandle, GpuMover
+from streamer.endpoints import Endpoint
+from streamer.errors import PeerDeadError, TransportUnavailableError
+from streamer.integrity import checksum_parts, digest
+
+log = logging.getLogger(__name__)
+
+try:
+    from cupy.cuda import nccl as _nccl
+
+    NCCL_OK = bool(getattr(_nccl, "available", True))
+except Exception:  # noqa: BLE001 - no CuPy, or CuPy built without NCCL
+    _nccl = None
+    NCCL_OK = False
+
+_link_ids = itertools.count(1)
+
+
+def nccl_ready() -> bool:
+    return NCCL_OK and cupy is not None and torch.cuda.is_available()
+
+
+def new_unique_id() -> list[int]:
+    if not nccl_ready():
+        raise TransportUnavailableError("NCCL is not available in this process (needs CuPy built with NCCL)")
+    return list(_nccl.get_unique_id())
+
+
+def make_communicator(uid: list[int], rank: int) -> Any:
+    """A 2-rank communicator from a unique id that travelled as a list of ints. CuPy 14 takes the id as
+    `bytes` (seen on the lent H100s: get_unique_id() returns 128 bytes); older CuPy took a tuple of chars."""
+    try:
+        return _nccl.NcclCommunicator(2, bytes(v & 0xFF for v in uid), rank)
+    except TypeError:
+        return _nccl.NcclCommunicator(2, tuple(uid), rank)
+
+
+def next_link_id() -> int:
+    return next(_link_ids)
+
+
+class NcclLink:
+    def __init__(self, link_id: int, peer: str, rank: int, device: int) -> None:
+        require_cuda("an NCCL link")
+        self.link_id, self.peer, self.rank, self.device = link_id, peer, rank, device
+        self.comm: Any = None
+        self.dead = False
+        self.lock = asyncio.Lock()  # sender: enqueue + announce each chunk atomically (same order both sides)
+        with on_device(device):
+            self.stream = torch.cuda.Stream(device)
+
+    async def init(self, uid: list[int], timeout: float) -> None:
+        """ncclCommInitRank on a daemon thread, within `timeout` (setting: nccl_init_timeout_s)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def work() -> None:
+            try:
+                with on_device(self.device):
+                    comm = make_communicator(uid, self.rank)
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(comm))
+            except Exception as e:  # noqa: BLE001 - reported to the awaiting task
+                err = e
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
+
+        threading.Thread(target=work, name=f"nccl-init-{self.link_id}", daemon=True).start()
+        try:
+            self.comm = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.dead = True
+            raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer}: peer did not join within {timeout:.1f}s "
+                                f"(setting: nccl_init_timeout_s)") from None
+        except Exception as e:
+            self.dead = True
+            raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer} failed to initialise: {e}") from None
+        log.info("[stream] NCCL link %d to %s up (rank %d, cuda:%d)", self.link_id, self.peer, self.rank, self.device)
+
+    def abort(self) -> None:
+        """GPU thread. Abort the communicator: pending NCCL kernels return, resources are freed."""
+        self.dead = True
+        if self.comm is not None:
+            try:
+                self.comm.abort()
+            except Exception:  # noqa: BLE001 - aborting a broken communicator may itself report the breakage
+                log.exception("[stream] NCCL abort of link %d", self.link_id)
+            self.comm = None
+
+    def check(self) -> None:
+        """Raise PeerDeadError if NCCL reported an asynchronous error (a peer that went away)."""
+        if self.dead or self.comm is None:
+            raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer} is down")
+        try:
+            self.comm.check_async_error()
+        except Exception as e:  # noqa: BLE001
+            raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer}: {e}") from None
+
+
+def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx_dev: torch.Tensor, rows: int, check: bool,
+                   wait_layer: int | None) -> GpuHandle:
+    """GPU thread: gather the chunk on the source device into a buffer of its own (not a lane's: the send is
+    enqueued later, after other chunks may have used the lanes). `h.event` = gathered; `h.result` = buffer."""
+    a = src.device.index
+    la = mover.lane(a)
+    sa = la.stream
+    h = GpuHandle(completion_event(), f"gather {src.name} ({rows} rows)", rows * src.layout.row_bytes,
+                  keep=[s_idx_dev, src.flat], lane=la)
+    with on_device(a), torch.cuda.stream(sa):
+        if wait_layer is not None and (ev := src.layer_event(wait_layer)) is not None:
+            sa.wait_event(ev)
+        packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
+        torch.index_select(src.rows, 0, s_idx_dev, out=packed)
+        if check:
+            h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
+            h.parts[0].copy_(checksum_parts(packed), non_blocking=True)
+        h.event.record(sa)
+    h.result = packed
+    return h
+
+
+def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
+    """GPU thread: ncclSend of a gathered chunk on the link's stream (after the gather). Replaces `h.event`."""
+    link.check()
+    assert h.result is not None
+    with on_device(link.device):
+        ls = link.stream
+        ls.wait_event(h.event)
+        link.comm.send(h.result.data_ptr(), h.nbytes, _nccl.NCCL_UINT8, 1, ls.cuda_stream)
+        h.event = completion_event()
+        h.event.record(ls)
+    h.what = f"NCCL send to {link.peer} on link {link.link_id}"
+    return h
+
+
+def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx_dev: torch.Tensor, rows: int,
+                 check: bool) -> GpuHandle:
+    """GPU thread: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream. Must be
+    called in the order the sender announced its chunks (the data loop submits in message order to the FIFO
+    GPU thread)."""
+    link.check()
+    b = link.device
+    lb = mover.lane(b)
+    nbytes = rows * dst.layout.row_bytes
+    h = GpuHandle(completion_event(), f"NCCL recv from {link.peer} on link {link.link_id}", nbytes,
+                  keep=[d_idx_dev, dst.flat], lane=lb)
+    with on_device(b):
+        ls, sb = link.stream, lb.stream
+        with torch.cuda.stream(ls):
+            packed = torch.empty((rows, dst.rows.shape[1]), dtype=dst.rows.dtype, device=dst.device)
+        link.comm.recv(packed.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)
+        got = torch.cuda.Event()
+        got.record(ls)
+        sb.wait_event(got)
+        with torch.cuda.stream(sb):
+            if check:
+                h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
+                h.parts[1].copy_(checksum_parts(packed), non_blocking=True)
+            dst.rows.index_copy_(0, d_idx_dev, packed)
+        h.event.record(sb)
+    h.keep.append(packed)
+    return h
+
+
+def handle_digest(h: GpuHandle, row: int) -> int | None:
+    return digest(h.parts[row].tolist(), h.nbytes) if h.parts is not None else None
+
+
+class NcclLinks:
+    """Directed links of this streamer: the ones it sends on (keyed by peer, source device, destination pool)
+    and the ones it receives on (keyed by peer and link id). Event-loop side; CUDA work goes to `on_gpu`.
+
+    Handshake: sender -> NcclOffer; the receiver checks it can take the pool over NCCL, answers NcclAccepted
+    at once (or refuses: the sender then uses frames for that pool) and starts its rank's init; the sender
+    starts its own on the answer. The receiver holds RemoteOpened for a transfer on a link until its rank is
+    up, and the sender opens transfers only once its rank is up, so no chunk meets a half-built link."""
+
+    def __init__(self, on_gpu: Any, init_timeout: float) -> None:
+        self._on_gpu, self._init_timeout = on_gpu, init_timeout
+        self.sending: dict[tuple[str, int, str], NcclLink] = {}
+        self.receiving: dict[tuple[str, int], NcclLink] = {}
+        self.ready: dict[tuple[str, int], asyncio.Future[None]] = {}  # (sender, link id) -> its rank is up
+        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+
+    async def sender(self, peer: Any, src_device: int, dst_pool: str) -> NcclLink:
+        """The live link to `peer` for this pool, building it if needed. Raises TransportUnavailableError if the
+        peer cannot receive over NCCL into that pool, PeerDeadError if it does not join in time."""
+        from streamer import wire
+        from streamer.peer import raise_if_refused
+
+        key = (peer.name, src_device, dst_pool)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            link = self.sending.get(key)
+            if link is not None and not link.dead:
+                return link
+            link_id = next_link_id()
+            uid = await self._on_gpu(new_unique_id)
+            link = await self._on_gpu(NcclLink, link_id, peer.name, 0, src_device)
+            answer = await peer.request(wire.NcclOffer(link_id, uid, src_device, dst_pool), ("nccl", link_id),
+                                        f"NCCL offer {link_id}")
+            raise_if_refused(answer, f"NCCL link to {peer.name} for pool {dst_pool!r}")
+            await link.init(uid, self._init_timeout)
+            self.sending[key] = link
+            return link
+
+    async def receiver(self, sender: str, offer: Any, device: int) -> NcclLink:
+        """Register the receiving rank and start its init in the background (see the class docstring)."""
+        link = await self._on_gpu(NcclLink, offer.link, sender, 1, device)
+        old = self.receiving.pop((sender, offer.link), None)
+        if old is not None:
+            await self.abort(old)
+        self.receiving[(sender, offer.link)] = link
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.ready[(sender, offer.link)] = ready
+
+        async def join() -> None:
+            try:
+                await link.init(list(offer.uid), self._init_timeout)
+            except Exception as e:  # noqa: BLE001 - surfaces to whoever waits on `ready`
+                self.receiving.pop((sender, offer.link), None)
+                if not ready.done():
+                    ready.set_exception(e)
+            else:
+                if not ready.done():
+                    ready.set_result(None)
+
+        task = asyncio.ensure_future(join())
+        ready.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # never "never retrieved"
+        link.joining = task  # type: ignore[attr-defined]
+        return link
+
+    async def wait_ready(self, link: NcclLink) -> None:
+        fut = self.ready.get((link.peer, link.link_id))
+        if fut is not None:
+            await asyncio.wait_for(asyncio.shield(fut), self._init_timeout + 1.0)
+
+    async def abort(self, link: NcclLink) -> None:
+        await self._on_gpu(link.abort)
+        for table in (self.sending, self.receiving):
+            for k, v in list(table.items()):
+                if v is link:
+                    del table[k]
+
+    async def abort_peer(self, peer: str) -> None:
+        for link in [*self.sending.values(), *self.receiving.values()]:
+            if link.peer == peer:
+                await self.abort(link)
+
+    async def close(self) -> None:
+        for link in [*self.sending.values(), *self.receiving.values()]:
+            await self._on_gpu(link.abort)
+        self.sending.clear()
+        self.receiving.clear()

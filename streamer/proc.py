@@ -1,0 +1,195 @@
+"""The streamer process shell: sockets, the one uvloop event loop, signals, the supervisor handshake, the two
+worker threads, and the shutdown sequence. All behaviour lives in StreamerService / DataPlane.
+
+One entry point: `run_streamer(config) -> exit code`. Started by the supervisor (one per host) or by
+`python -m streamer`. Sockets:
+    control ROUTER  config.control_address   stages, supervisor, controller (streamer/wire.py 200-229)
+    data ROUTER     config.data_address      peer streamers (240-259)
+    DEALER per peer (streamer/peer.py), DEALER to the supervisor when config.supervisor_address is set
+Threads: "streamer-gpu" makes every CUDA/NCCL call; "streamer-copy" does CPU copies and checksums. The loop
+never blocks on either. Shutdown (Shutdown message, SIGTERM, SIGINT): transfers fail with a typed error, pools
+are released, all within shutdown_timeout_s; the process then exits 0. Death any other way is seen by the
+supervisor (process sentinel, missing heartbeats) and by clients (disconnect -> StreamerDownError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from bus.codec import Codec
+from bus.errors import ProtocolError
+from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Heartbeat, Hello, Msg, Shutdown
+from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from streamer.config import StreamerConfig
+from streamer.dataplane import DataPlane
+from streamer.peer import PeerNet
+from streamer.service import StreamerService
+from streamer.wire import STREAMER_MESSAGES, Ok
+
+log = logging.getLogger(__name__)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Outbox:
+    def __init__(self, control: zmq.asyncio.Socket, data: zmq.asyncio.Socket, codec: Codec) -> None:
+        self._control, self._data, self._codec = control, data, codec
+
+    async def control(self, identity: str, body: Msg, reply_to: int = 0) -> None:
+        await send(self._control, self._codec, body, reply_to=reply_to, route=[identity.encode()])
+
+    async def data(self, identity: str, body: Msg, reply_to: int = 0) -> None:
+        await send(self._data, self._codec, body, reply_to=reply_to, route=[identity.encode()])
+
+
+def streamer_codec(name: str, incarnation: int) -> Codec:
+    return Codec(name, incarnation, types=ALL_MESSAGES + STREAMER_MESSAGES)
+
+
+def run_streamer(config: StreamerConfig) -> int:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"dejavu-streamer {config.name}")
+    except ImportError:
+        pass
+    import torch
+
+    torch.set_num_threads(config.copy_threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_main(config))
+
+
+async def _main(config: StreamerConfig) -> int:
+    ctx = context()
+    codec = streamer_codec(config.name, config.incarnation)
+    control = make_socket(ctx, zmq.ROUTER, bind=config.control_address, max_message=config.max_message_bytes)
+    data = make_socket(ctx, zmq.ROUTER, bind=config.data_address, max_message=config.max_message_bytes)
+    gpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-gpu")
+    cpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-copy")
+    peers = PeerNet(ctx, config.name, codec, config.peer_timeout_s, config.max_message_bytes, dict(config.peers))
+    svc = StreamerService(config, _Outbox(control, data, codec), peers, cpu_exec, gpu_exec)
+    plane = DataPlane(svc)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await svc.start()
+        addresses = bound_address(control), bound_address(data)
+        log.info("[handshake] streamer %s (pid %d, incarnation %d) ready: control %s data %s", config.name,
+                 os.getpid(), config.incarnation, *addresses)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_control_loop(control, codec, svc, stop), name="control")
+            tg.create_task(_data_loop(data, codec, plane), name="data")
+            tg.create_task(_janitor(plane, config.peer_timeout_s), name="janitor")
+            if config.supervisor_address:
+                tg.create_task(_supervisor(ctx, config, addresses[1], stop), name="supervisor")
+            tg.create_task(_until(stop), name="stop")
+    except* _Stopped:
+        pass
+    finally:
+        log.info("[shutdown] streamer %s stopping", config.name)
+        try:
+            await asyncio.wait_for(svc.close(), config.shutdown_timeout_s)
+        except TimeoutError:
+            log.error("[shutdown] releasing pools took over %.1fs (setting: shutdown_timeout_s)",
+                      config.shutdown_timeout_s)
+        peers.close()
+        control.close(0)
+        data.close(0)
+        gpu_exec.shutdown(wait=False, cancel_futures=True)
+        cpu_exec.shutdown(wait=False, cancel_futures=True)
+        ctx.destroy(0)
+    return 0
+
+
+async def _janitor(plane: DataPlane, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)  # a period, not a synchronisation
+        plane.sweep()
+
+
+async def _until(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _Stopped
+
+
+async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerService, stop: asyncio.Event) -> None:
+    while True:
+        frames = await sock.recv_multipart(copy=False)
+        try:
+            route, got = decode_frames(codec, frames, route_frames=1)
+        except ProtocolError as e:
+            log.warning("[stream] undecodable control message: %s", e)
+            if len(frames) > 1:
+                await send(sock, codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[bytes(frames[0].bytes)])
+            continue
+        identity = route[0].decode(errors="replace")
+        if isinstance(got.body, Shutdown):
+            await send(sock, codec, Ok("stopping"), reply_to=got.env.msg_id, route=route)
+            stop.set()
+            continue
+        await svc.handle(identity, got.env.incarnation, got.env.msg_id, got.body)
+
+
+async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -> None:
+    while True:
+        frames = await sock.recv_multipart(copy=False)
+        try:
+            route, got = decode_frames(codec, frames, route_frames=1)
+        except ProtocolError as e:
+            log.warning("[stream] undecodable data message: %s", e)
+            continue
+        await plane.handle(route[0].decode(errors="replace"), got.env.incarnation, got.env.msg_id, got.body,
+                           list(got.frames))
+
+
+async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, data_address: str, stop: asyncio.Event) -> None:
+    """Hello, then a Heartbeat every heartbeat_interval_s; a Shutdown from the supervisor stops us."""
+    codec = streamer_codec(config.name, config.incarnation)
+    sock = make_socket(ctx, zmq.DEALER, connect=config.supervisor_address, identity=f"streamer/{config.name}".encode())
+    try:
+        await send(sock, codec, Hello("streamer", 0, os.getpid(), config.name, data_address))
+        seq = 0
+
+        async def beat() -> None:
+            nonlocal seq
+            while True:
+                await asyncio.sleep(config.heartbeat_interval_s)  # a period, not a synchronisation
+                seq += 1
+                await send(sock, codec, Heartbeat(seq, "serving"))
+
+        beater = asyncio.ensure_future(beat())
+        try:
+            while True:
+                frames = await sock.recv_multipart(copy=False)
+                try:
+                    _, got = decode_frames(codec, frames)
+                except ProtocolError as e:
+                    log.warning("[handshake] undecodable message from the supervisor: %s", e)
+                    continue
+                if isinstance(got.body, Shutdown):
+                    stop.set()
+        finally:
+            beater.cancel()
+    finally:
+        sock.close(0)

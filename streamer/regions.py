@@ -1,0 +1,199 @@
+"""Region arithmetic of the streamer: wire <-> kv_cache conversions, compatibility checks, chunk plans, and the
+index maps every copy path uses. Pure functions on CPU tensors; no process, no device.
+
+Vocabulary. A pool is viewed as *rows*: one row = one token's K (or V) in one layer, `row_bytes` long. The
+*packed form* of a region is its rows in packed order (stages/kv_cache: layer-major, K before V, slots in
+region order, tokens in order). A transfer moves packed rows [r0, r1) of the source region onto packed rows
+[r0, r1) of the destination region: two regions are compatible when they have the same number of layers and
+the same per-slot token counts, in order, and the same row size and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stages.kv_cache import PoolLayout, Region, region_rows
+from stages.models.spec import parse_dtype
+from streamer import wire
+from streamer.errors import BadRequestError
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def layout_to_spec(layout: PoolLayout) -> wire.LayoutSpec:
+    return wire.LayoutSpec(layout.first_layer, layout.num_layers, layout.num_slots, layout.max_seq_len,
+                           layout.kv_heads, layout.head_dim, dtype_name(layout.dtype))
+
+
+def layout_from_spec(spec: wire.LayoutSpec) -> PoolLayout:
+    try:
+        dtype = parse_dtype(spec.dtype)
+    except Exception as e:  # parse_dtype raises the runtime's own error type
+        raise BadRequestError(f"unknown pool dtype {spec.dtype!r}: {e}") from None
+    if min(spec.num_layers, spec.num_slots, spec.max_seq_len, spec.kv_heads, spec.head_dim) < 1 or spec.first_layer < 0:
+        raise BadRequestError(f"pool layout has a non-positive dimension: {spec}")
+    return PoolLayout(spec.first_layer, spec.num_layers, spec.num_slots, spec.max_seq_len, spec.kv_heads,
+                      spec.head_dim, dtype)
+
+
+def region_to_spec(region: Region) -> wire.RegionSpec:
+    return wire.RegionSpec(list(region.slots), list(region.layers), [list(t) for t in region.tokens])
+
+
+def region_from_spec(spec: wire.RegionSpec) -> Region:
+    if len(spec.layers) != 2 or any(len(t) != 2 for t in spec.tokens):
+        raise BadRequestError(f"a region needs layers [a, b) and one [t0, t1) per slot, got {spec}")
+    return Region(tuple(spec.slots), (spec.layers[0], spec.layers[1]), tuple((t[0], t[1]) for t in spec.tokens))
+
+
+def check_region(layout: PoolLayout, region: Region, what: str) -> None:
+    try:
+        region.check(layout)
+    except ValueError as e:
+        raise BadRequestError(f"{what}: {e}") from None
+
+
+def check_compatible(src: PoolLayout, src_region: Region, dst: PoolLayout, dst_region: Region) -> None:
+    """Raise BadRequestError unless packed rows of `src_region` can land on packed rows of `dst_region`."""
+    check_region(src, src_region, "source region")
+    check_region(dst, dst_region, "destination region")
+    if src.row_bytes != dst.row_bytes or src.dtype != dst.dtype:
+        raise BadRequestError(
+            f"pools differ in row format: {src.kv_heads}x{src.head_dim} {dtype_name(src.dtype)} vs "
+            f"{dst.kv_heads}x{dst.head_dim} {dtype_name(dst.dtype)}")
+    if src_region.num_layers != dst_region.num_layers:
+        raise BadRequestError(f"source has {src_region.num_layers} layers, destination {dst_region.num_layers}")
+    lens_s = [b - a for a, b in src_region.tokens]
+    lens_d = [b - a for a, b in dst_region.tokens]
+    if lens_s != lens_d:
+        raise BadRequestError(f"per-slot token counts differ: source {lens_s}, destination {lens_d}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Packed rows [r0, r1) of a route; all inside layer `layer` when the route is layered, else the last
+    layer they touch (what a GPU source must have computed before they are read). `completes`: the layers
+    whose last row is in this chunk (progress is reported for them once it lands)."""
+
+    index: int
+    r0: int
+    r1: int
+    layer: int
+    completes: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.r1 - self.r0
+
+
+def plan_chunks(region: Region, row_bytes: int, chunk_bytes: int, layered: bool) -> list[Chunk]:
+    """Split the packed region into chunks of at most `chunk_bytes` (at least one row each). Layered plans never
+    let a chunk cross a layer boundary, so layer l moves as soon as it is ready."""
+    per_layer = 2 * region.tokens_total
+    step = max(1, chunk_bytes // row_bytes)
+    a = region.layers[0]
+    out: list[Chunk] = []
+    if per_layer == 0:
+        return out
+    if layered:
+        for i in range(region.num_layers):
+            lo, hi = i * per_layer, (i + 1) * per_layer
+            for r0 in range(lo, hi, step):
+                r1 = min(hi, r0 + step)
+                out.append(Chunk(len(out), r0, r1, a + i, (a + i,) if r1 == hi else ()))
+        return out
+    total = per_layer * region.num_layers
+    for r0 in range(0, total, step):
+        r1 = min(total, r0 + step)
+        first_done = a + -(-(r0 + 1) // per_layer) - 1  # the layer whose last row is the first at/after r0
+        last_done = a + r1 // per_layer - 1
+        out.append(Chunk(len(out), r0, r1, a + (r1 - 1) // per_layer, tuple(range(first_done, last_done + 1))))
+    return out
+
+
+def packed_rows(layout: PoolLayout, region: Region) -> torch.Tensor:
+    """Row index of every packed row inside the pool (int64 [rows], CPU)."""
+    return region_rows(layout, region)
+
+
+def common_runs(src_idx: torch.Tensor, dst_idx: torch.Tensor) -> torch.Tensor:
+    """Maximal runs along which both index maps advance by one row: int64 [runs, 3] = (src row, dst row, rows).
+    These are the contiguous pieces the naive path copies one by one."""
+    n = src_idx.numel()
+    if n == 0:
+        return torch.zeros((0, 3), dtype=torch.long)
+    brk = torch.ones(n, dtype=torch.bool)
+    if n > 1:
+        brk[1:] = (src_idx[1:] - src_idx[:-1] != 1) | (dst_idx[1:] - dst_idx[:-1] != 1)
+    starts = torch.nonzero(brk).flatten()
+    ends = torch.cat([starts[1:], torch.tensor([n])])
+    return torch.stack([src_idx[starts], dst_idx[starts], ends - starts], dim=1)
+
+
+@dataclass(frozen=True)
+class Block:
+    """`height` runs of `width` bytes: run k sits at byte `pool_off + k * pitch` in the pool and at
+    `packed_off + k * width` in the packed chunk. One cudaMemcpy2DAsync moves a block."""
+
+    pool_off: int
+    pitch: int
+    width: int
+    height: int
+    packed_off: int
+
+
+def dma_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block]:
+    """Cover packed rows whose pool rows are `idx` with few 2-D blocks: consecutive runs of equal length and
+    equal spacing merge into one block. A region over all slots of a pool with one token range per layer is a
+    single block however many layers it spans; that is what keeps host pools at the copy engine's ceiling
+    without any CPU-side scatter."""
+    n = idx.numel()
+    if n == 0:
+        return []
+    brk = torch.ones(n, dtype=torch.bool)
+    if n > 1:
+        brk[1:] = idx[1:] - idx[:-1] != 1
+    starts = torch.nonzero(brk).flatten()
+    lens = torch.cat([starts[1:], torch.tensor([n])]) - starts
+    pool_start = idx[starts].tolist()
+    lens_l, packed_l = lens.tolist(), starts.tolist()
+    blocks: list[Block] = []
+    k = 0
+    while k < len(lens_l):
+        h = 1
+        stride = pool_start[k + 1] - pool_start[k] if k + 1 < len(lens_l) else 0
+        if k + 1 < len(lens_l) and lens_l[k + 1] == lens_l[k] and stride >= lens_l[k]:
+            # a 2-D copy needs pitch >= width: runs that go backwards or overlap stay separate blocks
+            while (k + h < len(lens_l) and lens_l[k + h] == lens_l[k]
+                   and pool_start[k + h] - pool_start[k + h - 1] == stride):
+                h += 1
+        else:
+            stride = lens_l[k]
+        blocks.append(Block(pool_start[k] * row_bytes, stride * row_bytes, lens_l[k] * row_bytes, h,
+                            packed_l[k] * row_bytes))
+        k += h
+    return blocks
+
+
+def routes_by_layer(region: Region, targets: Sequence[tuple[wire.PoolRef, tuple[int, int], Region]]) -> list[wire.Route]:
+    """Split a source region by layer among destinations (prompt stage -> the token stages owning each layer).
+
+    `targets`: (pool, its global layer range [c, d), its region template: slots and token ranges; the template's
+    layers are ignored). Every source layer must be owned by exactly one target."""
+    a, b = region.layers
+    routes, covered = [], 0
+    for ref, (c, d), tmpl in targets:
+        lo, hi = max(a, c), min(b, d)
+        if lo >= hi:
+            continue
+        dst = Region(tmpl.slots, (lo, hi), tmpl.tokens)
+        routes.append(wire.Route([lo, hi], ref, region_to_spec(dst)))
+        covered += hi - lo
+    if covered != b - a:
+        raise BadRequestError(f"targets cover {covered} of the region's {b - a} layers exactly once; fix their ranges")
+    return routes

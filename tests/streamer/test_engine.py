@@ -1,0 +1,229 @@
+"""The transfer engine in-process over CPU endpoints: byte-exact round trips of random regions (buffered and
+naive, every dtype), layer-by-layer gating and delivery order, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import zmq.asyncio
+
+from stages.kv_cache import PoolLayout, Region, region_rows
+from streamer import wire
+from streamer.config import StreamerConfig
+from streamer.endpoints import Endpoint
+from streamer.engine import Runtime, Transfer, local_route
+from streamer.errors import (
+    BadRequestError,
+    CancelledError,
+    IntegrityError,
+    PeerDeadError,
+    TransferTimeoutError,
+)
+from streamer.movers import CpuMover, copy_rows_cpu
+from streamer.peer import PeerNet
+from tests.streamer.helpers import DTYPES, fill_random, packed, random_layout, random_region, run
+
+
+def endpoint(name: str, layout: PoolLayout, kind: int = wire.POOL_STAGE, seed: int | None = None) -> Endpoint:
+    flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    if seed is not None:
+        fill_random(flat, seed)
+    return Endpoint(name, kind, layout, flat, "test")
+
+
+def typed(ep: Endpoint) -> torch.Tensor:
+    return ep.flat.view(ep.layout.dtype).view(ep.layout.shape)
+
+
+class Env:
+    def __init__(self, **overrides: object) -> None:
+        cfg = {"name": "h0", "control_address": "ipc://x", "data_address": "ipc://y", "staging_bytes": 64 * 1024,
+               **overrides}
+        self.config = StreamerConfig(**cfg)  # type: ignore[arg-type]
+        self.cpu = ThreadPoolExecutor(1)
+        self.ctx = zmq.asyncio.Context()
+        self.rt = Runtime(self.config, CpuMover(self.cpu, self.config.staging_bytes),
+                          None, PeerNet(self.ctx, "h0", None, 1.0, 1 << 20, {}), self.cpu, None)  # type: ignore[arg-type]
+
+    def transfer(self, src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, **kw: object) -> Transfer:
+        layered = bool(kw.pop("layered", False))
+        chunk = int(kw.pop("chunk_bytes", self.config.staging_bytes))  # type: ignore[call-overload]
+        route = local_route(src, region, dst, dst_region, chunk, layered)
+        opts = {"checksum": True, "buffered": True, "deadline_s": 10.0, "notify": [], **kw}
+        return Transfer(self.rt, "test", 1, "", src, [route], layered=layered, **opts)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.cpu.shutdown()
+        self.ctx.destroy(0)
+
+
+@pytest.fixture
+def env():  # type: ignore[no-untyped-def]
+    e = Env()
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_round_trips_are_byte_exact(env: Env, dtype: torch.dtype, buffered: bool) -> None:
+    rng = random.Random(hash((str(dtype), buffered)) % 1000)
+    for trial in range(6):
+        lay_a = random_layout(rng, dtype, first_layer=rng.randint(0, 3))
+        lay_b = random_layout(rng, dtype, first_layer=rng.randint(0, 3), kv_heads=lay_a.kv_heads,
+                              head_dim=lay_a.head_dim, max_seq=rng.randint(lay_a.max_seq_len, 48),
+                              slots=rng.randint(1, 6))
+        a, b = endpoint("a", lay_a, seed=trial), endpoint("b", lay_b, wire.POOL_SWAP, seed=100 + trial)
+        n = min(lay_a.num_slots, lay_b.num_slots)
+        ra = random_region(rng, lay_a, nslots=rng.randint(1, n))
+        lens = [t1 - t0 for t0, t1 in ra.tokens]
+        la = ra.num_layers
+        if la > lay_b.num_layers:
+            ra = ra.sub_layers(ra.layers[0], ra.layers[0] + lay_b.num_layers)
+            la = lay_b.num_layers
+        b0 = rng.randint(lay_b.first_layer, lay_b.first_layer + lay_b.num_layers - la)
+        rb = random_region(rng, lay_b, lens=lens, layers=(b0, b0 + la))
+        before_b = b.flat.clone()
+        out = env.transfer(a, ra, b, rb, buffered=buffered, chunk_bytes=rng.choice([lay_a.row_bytes, 64 * 1024]))
+        run(out.run)
+        assert torch.equal(packed(typed(b), lay_b, rb), packed(typed(a), lay_a, ra))
+        # nothing outside the destination region changed
+        mask = torch.ones(lay_b.nbytes // lay_b.row_bytes, dtype=torch.bool)
+        mask[region_rows(lay_b, rb)] = False
+        rows_now, rows_before = b.flat.view(-1, lay_b.row_bytes), before_b.view(-1, lay_b.row_bytes)
+        assert torch.equal(rows_now[mask], rows_before[mask])
+        back = random_region(rng, lay_a, lens=lens, layers=ra.layers)
+        if not (set(back.slots) & set(ra.slots)):
+            run(env.transfer(b, rb, a, back, buffered=buffered).run)
+            assert torch.equal(packed(typed(a), lay_a, back), packed(typed(b), lay_b, rb))
+
+
+def test_layers_move_only_when_ready_and_in_order(env: Env) -> None:
+    lay = PoolLayout(2, 4, 3, 16, 2, 8, torch.float32)
+    src, dst = endpoint("p", lay), endpoint("t", lay)
+    region = Region.uniform((0, 2), (2, 6), 0, 12)
+    ref = typed(endpoint("ref", lay, seed=5))  # what the "prompt pass" computes, layer by layer
+    arrived: list[int] = []
+
+    async def scenario() -> None:
+        moved = asyncio.Queue()  # type: ignore[var-annotated]
+
+        async def on_layer(layer: int, done: int, nbytes: int) -> None:
+            arrived.append(layer)
+            await moved.put(layer)
+
+        t = env.transfer(src, region, dst, region, layered=True, on_layer=on_layer, chunk_bytes=lay.row_bytes * 5)
+        task = asyncio.ensure_future(t.run())
+        for layer in range(2, 6):
+            typed(src)[layer - 2].copy_(ref[layer - 2])  # "compute" layer l, then signal it
+            t.layer_ready(layer)
+            assert await asyncio.wait_for(moved.get(), 5) == layer
+            got = packed(typed(dst), lay, region.sub_layers(2, layer + 1))
+            assert torch.equal(got, packed(ref, lay, region.sub_layers(2, layer + 1)))
+            if layer < 5:  # later layers have not moved: still zero at the destination
+                assert not packed(typed(dst), lay, region.sub_layers(layer + 1, 6)).any()
+        await asyncio.wait_for(task, 5)
+
+    run(scenario)
+    assert arrived == [2, 3, 4, 5]
+    assert torch.equal(packed(typed(dst), lay, region), packed(ref, lay, region))
+
+
+def test_missing_layer_fails_within_layer_timeout() -> None:
+    e = Env(layer_timeout_s=0.3)
+    lay = PoolLayout(0, 3, 2, 8, 1, 4, torch.float16)
+    src, dst = endpoint("p", lay), endpoint("t", lay)
+    region = Region.uniform((0, 1), (0, 3), 0, 8)
+
+    async def scenario() -> float:
+        t = e.transfer(src, region, dst, region, layered=True)
+        t.layer_ready(0)  # then the stage goes silent
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(PeerDeadError, match="layer 1.*layer_timeout_s"):
+            await t.run()
+        return loop.time() - t0
+
+    try:
+        assert 0.25 < run(scenario) < 2.0
+    finally:
+        e.close()
+
+
+def test_overall_deadline_and_cancel(env: Env) -> None:
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float16)
+    src, dst = endpoint("p", lay), endpoint("t", lay, wire.POOL_REPLICA)
+    region = Region.uniform((0, 1), (0, 2), 0, 8)
+
+    async def deadline() -> None:
+        t = env.transfer(src, region, dst, region, layered=True, deadline_s=0.2)
+        with pytest.raises(TransferTimeoutError, match="transfer_timeout_s"):
+            await t.run()
+
+    async def cancel() -> None:
+        t = env.transfer(src, region, dst, region, layered=True)
+        t.task = asyncio.ensure_future(t.run())
+        t.layer_ready(0)
+        await asyncio.sleep(0)  # let it start (order only; the outcome does not depend on timing)
+        t.abort(CancelledError("transfer 1 cancelled: test"))
+        with pytest.raises(CancelledError, match="test"):
+            await t.task
+
+    run(deadline)
+    run(cancel)
+    assert dst.filled == [0, 0]  # neither committed
+
+
+def test_host_pool_fill_marks_commit_only_whole_transfers(env: Env) -> None:
+    lay = PoolLayout(0, 2, 2, 16, 1, 4, torch.float32)
+    src, dst = endpoint("s", lay, seed=1), endpoint("r", lay, wire.POOL_REPLICA)
+    run(env.transfer(src, Region.uniform((0, 1), (0, 2), 0, 10), dst, Region.uniform((0, 1), (0, 2), 0, 10)).run)
+    assert dst.filled == [10, 10]
+    run(env.transfer(src, Region((0,), (0, 2), ((10, 11),)), dst, Region((0,), (0, 2), ((10, 11),))).run)
+    assert dst.filled == [11, 10]  # one decode step appended
+    run(env.transfer(src, Region((1,), (0, 2), ((12, 14),)), dst, Region((1,), (0, 2), ((12, 14),))).run)
+    assert dst.filled == [11, 10]  # a gap: not contiguous with what is filled
+    t = env.transfer(src, Region((0,), (0, 2), ((4, 8),)), dst, Region((0,), (0, 2), ((4, 8),)), layered=True,
+                     deadline_s=0.2)
+    with pytest.raises(TransferTimeoutError):
+        run(t.run)
+    assert dst.filled == [4, 10]  # an overwrite that failed invalidates what it started to overwrite
+
+
+def test_checksum_catches_corruption_in_a_copy() -> None:
+    lay = PoolLayout(0, 1, 2, 8, 1, 4, torch.float32)
+    src, dst = endpoint("s", lay, seed=3), endpoint("d", lay)
+    rows = torch.arange(16)
+    # a destination whose memory flips a bit after every write (bad RAM, a racing writer)
+    orig = dst.rows.index_copy_
+
+    def corrupting(dim, index, source):  # type: ignore[no-untyped-def]
+        orig(dim, index, source)
+        dst.flat[3] ^= 0x10
+
+    dst.rows.index_copy_ = corrupting  # type: ignore[method-assign]
+    staging = torch.empty(1 << 12, dtype=dst.rows.dtype)
+    with pytest.raises(IntegrityError):
+        copy_rows_cpu(src, dst, rows, rows, staging, True, True)
+    copy_rows_cpu(src, dst, rows, rows, staging, True, False)  # unchecked: the corruption goes unseen
+
+
+def test_overlapping_request_is_refused(env: Env) -> None:
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
+    with pytest.raises(BadRequestError):
+        env.transfer(endpoint("s", lay), Region((0,), (0, 2), ((0, 4),)), endpoint("d", lay),
+                     Region((0,), (0, 1), ((0, 4),)))
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_long_runs_are_copied_directly_and_exactly(env: Env, buffered: bool) -> None:
+    """A whole-microbatch region (runs of 64 x 2 KiB rows): the CPU mover copies run by run, byte-exact."""
+    lay = PoolLayout(0, 3, 4, 80, 8, 128, torch.bfloat16)
+    src, dst = endpoint("s", lay, seed=8), endpoint("d", lay, wire.POOL_SWAP)
+    region, back = Region.uniform((0, 1), (0, 3), 0, 64), Region.uniform((3, 2), (0, 3), 10, 74)
+    run(env.transfer(src, region, dst, back, buffered=buffered, chunk_bytes=1 << 20).run)
+    assert torch.equal(packed(typed(dst), lay, back), packed(typed(src), lay, region))

@@ -1,0 +1,284 @@
+"""GPU paths of the streamer (run on the lent GPU machines; skipped in CI): checksums agree across devices,
+GPU <-> pinned/pageable host and GPU -> GPU copies byte-exact (buffered and naive), the stage's "layer ready"
+event really gates the copy, CUDA IPC pools through a real streamer process, NCCL between two streamer
+processes, and an NCCL send to a frozen peer aborted within its deadline instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import tempfile
+import time
+
+import pytest
+import torch
+
+from stages.kv_cache import PoolLayout, Region
+from streamer import wire
+from streamer.errors import BadRequestError, PeerDeadError
+from streamer.integrity import checksum_parts
+from tests.streamer.helpers import DTYPES, StreamerProc, connect, fill_random, packed, random_region, run
+
+pytestmark = pytest.mark.gpu
+
+
+def need(gpus: int = 1, nccl: bool = False) -> None:
+    from streamer.cuda import cuda_ready
+
+    if not cuda_ready():
+        pytest.skip("needs CUDA and CuPy")
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
+    if nccl:
+        from streamer.nccl import nccl_ready
+
+        if not nccl_ready():
+            pytest.skip("needs CuPy with NCCL")
+
+
+def gpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
+    need()
+    for n in (0, 6, 4096 * 4 * 7 + 2, 3 << 20):
+        t = fill_random(torch.empty(n, dtype=torch.uint8), n)
+        assert checksum_parts(t.cuda()).tolist() == checksum_parts(t).tolist()
+
+
+def _lib():  # type: ignore[no-untyped-def]
+    from streamer.bench_ops import Lib
+
+    return Lib(True, staging_bytes=256 * 1024, lanes=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_and_host_round_trips_in_process(dtype: torch.dtype) -> None:
+    """cuda:0 -> pinned host pool -> cuda:0 (other slots), cuda:0 -> pageable host, cuda:0 -> cuda:0,
+    and cuda:0 -> cuda:1 when there are two GPUs; buffered and naive; checksums on."""
+    need()
+    rng = random.Random(str(dtype))
+    lay = PoolLayout(1, 4, 6, 40, 2, 64, dtype)
+
+    async def scenario() -> None:
+        lib = _lib()
+        await lib.start()
+        try:
+            g0 = lib.endpoint("g0", lay, "cuda:0")
+            g0.flat.copy_(fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 1).cuda())
+            pinned = lib.endpoint("pin", lay, "pinned", wire.POOL_SWAP)
+            pageable = lib.endpoint("page", lay, "cpu", wire.POOL_DISK)
+            others = [lib.endpoint("g0b", lay, "cuda:0")]
+            if torch.cuda.device_count() > 1:
+                others.append(lib.endpoint("g1", lay, "cuda:1"))
+            for trial in range(4):
+                src = random_region(rng, lay, nslots=3)
+                lens = [b - a for a, b in src.tokens]
+                for buffered in (True, False):
+                    for dst in (pinned, pageable, *others):
+                        mid = random_region(rng, lay, lens=lens, layers=src.layers)
+                        t = lib.transfer(g0, src, dst, mid, buffered, checksum=True)
+                        await t.run()
+                        want = packed(g0.flat.view(dtype).view(lay.shape).cpu(), lay, src)
+                        got = packed(dst.flat.view(dtype).view(lay.shape).cpu(), lay, mid)
+                        assert torch.equal(got, want), (trial, buffered, dst.name)
+                        if dst is pinned:  # and back into the GPU pool, elsewhere
+                            back = Region(tuple(s for s in range(lay.num_slots) if s not in src.slots)[:3],
+                                          src.layers, tuple((0, n) for n in lens))
+                            await lib.transfer(pinned, mid, g0, back, buffered, checksum=True).run()
+                            assert torch.equal(packed(g0.flat.view(dtype).view(lay.shape).cpu(), lay, back), want)
+        finally:
+            await lib.close()
+
+    run(scenario, timeout=300)
+
+
+def test_layer_ready_event_gates_the_copy() -> None:
+    """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
+    stage's event (if it did not, it would copy the zeros that were there before)."""
+    need()
+    lay = PoolLayout(0, 3, 2, 64, 2, 64, torch.float16)
+
+    async def scenario() -> None:
+        lib = _lib()
+        await lib.start()
+        try:
+            src, dst = lib.endpoint("p", lay, "cuda:0"), lib.endpoint("t", lay, "pinned", wire.POOL_RECEIVE)
+            region = Region.uniform((0, 1), (0, 3), 0, 64)
+            want = fill_random(torch.empty(lay.shape, dtype=lay.dtype), 5)
+            want_gpu = want.cuda()
+            torch.cuda.synchronize()
+            t = lib.transfer(src, region, dst, region, buffered=True, layered=True, checksum=True)
+            task = asyncio.ensure_future(t.run())
+            compute = torch.cuda.Stream(0)
+            typed = src.flat.view(lay.dtype).view(lay.shape)
+            for j in range(3):
+                with torch.cuda.stream(compute):
+                    torch.cuda._sleep(50_000_000)  # ~30 ms of "attention" before the layer's KV exists
+                    typed[j].copy_(want_gpu[j])  # enqueued only: on the GPU it runs after the sleep
+                    src.events[j].record(compute)
+                t.layer_ready(j)  # said at once; the copy must still wait for the event
+            await asyncio.wait_for(task, 60)
+            got = packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region)
+            assert torch.equal(got, packed(want, lay, region))
+        finally:
+            await lib.close()
+
+    run(scenario, timeout=120)
+
+
+def test_ipc_pools_through_the_streamer_process() -> None:
+    """The test process is the stage: GPU pools in their own allocations, exported over CUDA IPC to a real
+    streamer, which swaps them out to pinned memory, back in, and (two GPUs) copies GPU 0 -> GPU 1."""
+    need()
+    from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
+
+    h0 = StreamerProc.start("g0", "--swap-gib", "0.05", "--peer-timeout", "2")
+    lay = PoolLayout(0, 4, 4, 96, 2, 64, torch.bfloat16)
+    try:
+        async def scenario() -> None:
+            c = StreamerClient(h0.control, "gstage")
+            status = await connect(c, timeout=120)
+            assert status.cuda
+            mem0 = GpuPoolMemory(lay, 0)
+            mem0.tensor.view(torch.uint8).copy_(fill_random(torch.empty_like(mem0.tensor, device="cpu"), 3)
+                                                .view(torch.uint8).cuda())
+            torch.cuda.synchronize()
+            await c.register_pool("gp0", mem0)
+            await c.alloc_pool("gswap", wire.POOL_SWAP, lay)
+            region = Region((2, 0), (0, 4), ((0, 90), (10, 20)))
+            into = Region((3, 1), (0, 4), ((5, 95), (0, 10)))
+            for buffered in (True, False):
+                await (await c.stream("gp0", region, dst="gswap", dst_region=region, buffered=buffered,
+                                      checksum=True)).wait(60)
+                await (await c.stream("gswap", region, dst="gp0", dst_region=into, buffered=buffered,
+                                      checksum=True)).wait(60)
+                torch.cuda.synchronize()
+                assert torch.equal(packed(mem0.tensor.cpu(), lay, into), packed(mem0.tensor.cpu(), lay, region))
+            if torch.cuda.device_count() > 1:
+                mem1 = GpuPoolMemory(lay, 1)
+                await c.register_pool("gp1", mem1)
+                h = await c.stream("gp0", region, dst="gp1", dst_region=region, layered=True, progress=True,
+                                   checksum=True)
+                for j in range(4):
+                    mem0.record(j)
+                    await c.layer_ready([h.xfer], j)
+                    assert (await h.next_progress(30)).layer == j
+                await h.wait(60)
+                assert torch.equal(packed(mem1.tensor.cpu(), lay, region), packed(mem0.tensor.cpu(), lay, region))
+                await c.unregister_pool("gp1")
+            sup = StreamerClient(h0.control, "gsup")
+            await connect(sup)
+            await sup.owner_down("gstage", "test")  # a GPU pool dies with its owner: the mapping is dropped
+            with pytest.raises(BadRequestError):
+                await sup.pool_info("gp0")
+            assert (await sup.pool_info("gswap")).filled == [0, 0, 90, 0]  # the streamer's own pool stays
+            await c.close()
+            await sup.close()
+
+        run(scenario, timeout=300)
+        assert h0.stop() == 0, h0.tail()
+    finally:
+        h0.kill()
+
+
+def _nccl_pair() -> tuple[StreamerProc, StreamerProc]:
+    d = tempfile.mkdtemp(prefix="dvg")
+    common = ["--peer-timeout", "2", "--layer-timeout", "30"]
+    h0 = StreamerProc.start("n0", "--peer", f"n1=ipc://{d}/n1.d", *common, directory=d)
+    h1 = StreamerProc.start("n1", "--replica-gib", "0.05", "--peer", f"n0=ipc://{d}/n0.d", *common, directory=d)
+    return h0, h1
+
+
+def test_nccl_between_two_streamers_and_frames_to_host() -> None:
+    need(2, nccl=True)
+    from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
+
+    h0, h1 = _nccl_pair()
+    lay = PoolLayout(0, 4, 4, 128, 8, 64, torch.bfloat16)
+    try:
+        async def scenario() -> None:
+            a, b = StreamerClient(h0.control, "pa"), StreamerClient(h1.control, "tb")
+            assert (await connect(a, timeout=120)).nccl
+            await connect(b, timeout=120)
+            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(lay, 1)
+            src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), 4)
+                                               .view(torch.uint8).cuda(0))
+            torch.cuda.synchronize()
+            await a.register_pool("pa", src)
+            await b.register_pool("tb", dst)
+            region = Region((0, 1, 3), (0, 4), ((0, 120), (5, 70), (0, 1)))
+            target = Region((2, 0, 1), (0, 4), ((8, 128), (0, 65), (3, 4)))
+            h = await a.stream("pa", region, dst=wire.PoolRef("tb", "n1"), dst_region=target, layered=True,
+                               progress=True, checksum=True, notify=["tb"])
+            for j in range(4):
+                src.record(j)
+                await a.layer_ready([h.xfer], j)
+                assert (await h.next_progress(60)).layer == j
+            await h.wait(60)
+            assert (await asyncio.wait_for(b.deliveries.get(), 10)).pool == "tb"
+            torch.cuda.synchronize()
+            assert torch.equal(packed(dst.tensor.cpu(), lay, target), packed(src.tensor.cpu(), lay, region))
+            # GPU pool -> a remote host pool travels as frames; pull it back into other slots
+            await b.alloc_pool("rep", wire.POOL_REPLICA, lay)
+            for buffered in (True, False):
+                await (await a.stream("pa", region, dst=wire.PoolRef("rep", "n1"), dst_region=target,
+                                      buffered=buffered, checksum=True)).wait(60)
+                home = Region((2, 3, 0), (0, 4), ((0, 120), (10, 75), (127, 128)))
+                back = await a.stream(wire.PoolRef("rep", "n1"), target, dst="pa", dst_region=home, checksum=True)
+                await back.wait(60)
+                torch.cuda.synchronize()
+                assert torch.equal(packed(src.tensor.cpu(), lay, home), packed(src.tensor.cpu(), lay, region))
+            await a.close()
+            await b.close()
+
+        run(scenario, timeout=400)
+        assert "NCCL link" in h0.log.read_text(errors="replace"), "the GPU -> GPU route did not use NCCL:\n" + h0.tail()
+    finally:
+        h0.kill()
+        h1.kill()
+
+
+def test_nccl_send_to_a_frozen_peer_is_aborted_not_waited_on() -> None:
+    need(2, nccl=True)
+    from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
+
+    h0, h1 = _nccl_pair()
+    lay = PoolLayout(0, 3, 2, 64, 8, 64, torch.bfloat16)
+    try:
+        async def scenario() -> None:
+            a, b = StreamerClient(h0.control, "fa"), StreamerClient(h1.control, "fb")
+            await connect(a, timeout=120)
+            await connect(b, timeout=120)
+            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(lay, 1)
+            await a.register_pool("fa", src)
+            await b.register_pool("fb", dst)
+            region = Region.uniform((0, 1), (0, 3), 0, 64)
+            h = await a.stream("fa", region, dst=wire.PoolRef("fb", "n1"), dst_region=region, layered=True,
+                               progress=True)
+            src.record(0)
+            await a.layer_ready([h.xfer], 0)
+            await h.next_progress(60)  # the link works and layer 0 arrived ...
+            h1.proc.send_signal(signal.SIGSTOP)  # ... then the receiving streamer freezes mid-transfer
+            try:
+                t0 = time.monotonic()
+                src.record(1)
+                await a.layer_ready([h.xfer], 1)
+                with pytest.raises(PeerDeadError):
+                    await h.wait(60)
+                assert time.monotonic() - t0 < 2.0 + 5.0  # peer_timeout_s = 2, plus NCCL abort time
+            finally:
+                h1.proc.send_signal(signal.SIGCONT)
+            await a.close()
+            await b.close()
+
+        run(scenario, timeout=300)
+        assert h0.proc.poll() is None, "the sending streamer must survive its peer's failure"
+    finally:
+        h0.kill()
+        h1.kill()

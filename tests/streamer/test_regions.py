@@ -1,0 +1,119 @@
+"""Region arithmetic: chunk plans, contiguous runs, 2-D DMA blocks, routes split by layer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stages.kv_cache import PoolLayout, Region, region_pieces, region_rows
+from streamer import wire
+from streamer.errors import BadRequestError
+from streamer.regions import (
+    check_compatible,
+    common_runs,
+    dma_blocks,
+    layout_from_spec,
+    layout_to_spec,
+    plan_chunks,
+    region_from_spec,
+    region_to_spec,
+    routes_by_layer,
+)
+from tests.streamer.helpers import fill_random, random_layout, random_region
+
+LAYOUT = PoolLayout(4, 6, 5, 32, 2, 8, torch.float16)  # row = 32 bytes
+
+
+def test_spec_round_trip() -> None:
+    r = Region((3, 0), (5, 8), ((1, 4), (0, 32)))
+    assert region_from_spec(region_to_spec(r)) == r
+    assert layout_from_spec(layout_to_spec(LAYOUT)) == LAYOUT
+    with pytest.raises(BadRequestError):
+        layout_from_spec(wire.LayoutSpec(0, 1, 1, 1, 1, 1, "int7"))
+    with pytest.raises(BadRequestError):
+        region_from_spec(wire.RegionSpec([0], [1], [[0, 1]]))
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_chunks_cover_every_row_once(layered: bool) -> None:
+    region = Region((0, 2, 4), (5, 9), ((0, 7), (3, 3), (10, 30)))
+    per_layer = 2 * region.tokens_total
+    chunks = plan_chunks(region, LAYOUT.row_bytes, 10 * LAYOUT.row_bytes, layered)
+    rows = [r for c in chunks for r in range(c.r0, c.r1)]
+    assert rows == list(range(per_layer * region.num_layers))
+    assert all(c.rows <= 10 for c in chunks)
+    done = [x for c in chunks for x in c.completes]
+    assert done == list(range(5, 9))  # each layer reported complete once, in order
+    if layered:  # never across a layer boundary, and `layer` is the layer of every row
+        assert all(c.r0 // per_layer == (c.r1 - 1) // per_layer == c.layer - 5 for c in chunks)
+    else:  # `layer` = the last layer a chunk touches (what a GPU source must have computed)
+        assert all(c.layer == 5 + (c.r1 - 1) // per_layer for c in chunks)
+
+
+def test_common_runs_are_the_naive_pieces() -> None:
+    src = Region((1, 3), (4, 6), ((0, 5), (2, 9)))
+    dst = Region((2, 0), (6, 8), ((10, 15), (0, 7)))
+    lay = PoolLayout(4, 6, 5, 32, 2, 8, torch.float16)
+    runs = common_runs(region_rows(lay, src), region_rows(lay, dst)).tolist()
+    rb = lay.row_bytes
+    assert [(s * rb, k * rb) for s, _, k in runs] == region_pieces(lay, src)
+    assert [(d * rb, k * rb) for _, d, k in runs] == region_pieces(lay, dst)
+
+
+def emulate_dma(pool: torch.Tensor, idx: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """What the cudaMemcpy2DAsync blocks would gather from `pool` (flat bytes), done with strided views."""
+    out = torch.empty(idx.numel() * row_bytes, dtype=torch.uint8)
+    for b in dma_blocks(idx, row_bytes):
+        src = pool.as_strided((b.height, b.width), (b.pitch, 1), b.pool_off)
+        out[b.packed_off: b.packed_off + b.height * b.width].view(b.height, b.width).copy_(src)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dma_blocks_match_index_gather(seed: int) -> None:
+    rng = random.Random(seed)
+    lay = random_layout(rng, torch.bfloat16)
+    pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed)
+    region = random_region(rng, lay)
+    idx = region_rows(lay, region)
+    rows = pool.view(-1, lay.row_bytes)
+    assert torch.equal(emulate_dma(pool, idx, lay.row_bytes), rows.index_select(0, idx).reshape(-1))
+
+
+def test_whole_pool_slot_range_is_one_block() -> None:
+    """All slots, one token range: any number of layers is a single 2-D copy (host pools at full speed)."""
+    lay = PoolLayout(0, 16, 8, 1024, 8, 128, torch.bfloat16)
+    region = Region.uniform(range(8), (0, 16), 0, 1000)
+    blocks = dma_blocks(region_rows(lay, region), lay.row_bytes)
+    assert len(blocks) == 1 and blocks[0].height == 16 * 2 * 8 and blocks[0].width == 1000 * lay.row_bytes
+    step = Region.uniform(range(8), (0, 16), 500, 501)  # one decode step's new token
+    assert len(dma_blocks(region_rows(lay, step), lay.row_bytes)) == 1
+
+
+def test_compatibility_checks() -> None:
+    a = Region((0, 1), (4, 6), ((0, 5), (0, 7)))
+    check_compatible(LAYOUT, a, LAYOUT, Region((3, 2), (8, 10), ((10, 15), (20, 27))))
+    bad = [
+        (LAYOUT, Region((3, 2), (8, 9), ((10, 15), (20, 27)))),  # layer count
+        (LAYOUT, Region((3, 2), (8, 10), ((10, 15), (20, 26)))),  # token counts
+        (PoolLayout(4, 6, 5, 32, 2, 8, torch.bfloat16), Region((0, 1), (4, 6), ((0, 5), (0, 7)))),  # dtype
+        (LAYOUT, Region((0, 1), (4, 6), ((0, 5), (30, 37)))),  # outside the pool
+    ]
+    for lay, r in bad:
+        with pytest.raises(BadRequestError):
+            check_compatible(LAYOUT, a, lay, r)
+
+
+def test_routes_by_layer_split_prompt_among_token_stages() -> None:
+    region = Region.uniform((0, 1), (0, 10), 0, 100)
+    tmpl = Region((5, 6), (0, 1), ((0, 100), (0, 100)))
+    targets = [(wire.PoolRef("t0", "h1"), (0, 4), tmpl), (wire.PoolRef("t1", "h2"), (4, 7), tmpl),
+               (wire.PoolRef("t2", "h3"), (7, 10), tmpl)]
+    routes = routes_by_layer(region, targets)
+    assert [r.src_layers for r in routes] == [[0, 4], [4, 7], [7, 10]]
+    assert [r.region.layers for r in routes] == [[0, 4], [4, 7], [7, 10]]
+    assert routes[1].dst == wire.PoolRef("t1", "h2") and routes[1].region.slots == [5, 6]
+    with pytest.raises(BadRequestError):
+        routes_by_layer(region, targets[:2])
