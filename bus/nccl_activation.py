@@ -6,9 +6,11 @@ downstream stage as `LinkInit` over the ZeroMQ data socket, and both join (strea
 its own thread, within `link_timeout`). A restart therefore rebuilds only the links of a new epoch; old
 links are aborted (ncclCommAbort), never waited on.
 
-Ordering: the upstream enqueues ncclSend for step k (compute thread, right after computing it) and then
-sends step k's header; the downstream enqueues ncclRecv for step k when its worker takes step k's header.
-Both sides therefore issue operations in step order. Sends run on the link's stream after an event on the
+Ordering: the upstream announces step k's header first and then enqueues ncclSend for it (compute thread,
+right after computing it); the downstream enqueues ncclRecv for step k when its worker takes step k's
+header. Both sides therefore issue operations in step order, and a host-side ncclSend that waits for its
+peer (NCCL connects point-to-point lazily) can never wait on a header it has not sent yet. Each new link
+also exchanges one warm-up byte while it is set up, so the connection exists before the first step. Sends run on the link's stream after an event on the
 compute stream, so computing step k+1 overlaps sending step k; the sent tensor is kept alive for the
 allocator with record_stream. Only the compute thread touches CUDA.
 """
@@ -47,6 +49,7 @@ class NcclActivations:
     async def join_out(self, timeout: float) -> None:
         assert self.out is not None
         await self.out.init(self._uid, timeout)
+        await _warm_up(self.out, self.device, timeout, send=True)
 
     async def join_in(self, on_gpu, uid: list[int], timeout: float) -> None:  # type: ignore[no-untyped-def]
         from streamer.nccl import NcclLink
@@ -55,6 +58,7 @@ class NcclActivations:
         self._ids += 1
         self.inc = await on_gpu(NcclLink, self._ids, f"stage-{self.stage - 1}", 1, self.device.index)
         await self.inc.init(uid, timeout)
+        await _warm_up(self.inc, self.device, timeout, send=False)
 
     async def close_out(self, on_gpu) -> None:  # type: ignore[no-untyped-def]
         if self.out is not None:
@@ -68,26 +72,37 @@ class NcclActivations:
 
     # -------------------------------------------------------------- data (compute thread)
 
-    def send(self, hidden: torch.Tensor) -> TensorMeta:
-        """Enqueue ncclSend of `hidden` after the work that produced it; returns its meta for the header."""
+    def send(self, hidden: torch.Tensor, announce) -> TensorMeta:  # type: ignore[no-untyped-def]
+        """Call `announce(meta)` (which sends the step's header), then enqueue ncclSend of `hidden` after
+        the work that produced it. Returns the meta."""
+        with torch.cuda.device(self.device):
+            return self._send(hidden, announce)
+
+    def _send(self, hidden: torch.Tensor, announce) -> TensorMeta:  # type: ignore[no-untyped-def]
         from streamer.nccl import _nccl
 
         link = self.out
         assert link is not None
         link.check()
         hidden = hidden.contiguous()
+        from bus.frames import DTYPE_NAMES
+
+        meta = TensorMeta(DTYPE_NAMES[hidden.dtype], list(hidden.shape))
+        announce(meta)
         done = torch.cuda.Event()
         done.record()
         link.stream.wait_event(done)
         nbytes = hidden.numel() * hidden.element_size()
         link.comm.send(hidden.data_ptr(), nbytes, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
         hidden.record_stream(link.stream)
-        from bus.frames import DTYPE_NAMES
-
-        return TensorMeta(DTYPE_NAMES[hidden.dtype], list(hidden.shape))
+        return meta
 
     def recv(self, meta: TensorMeta) -> torch.Tensor:
         """Enqueue ncclRecv of the step's hidden states; the current stream waits for it."""
+        with torch.cuda.device(self.device):
+            return self._recv(meta)
+
+    def _recv(self, meta: TensorMeta) -> torch.Tensor:
         from streamer.nccl import _nccl
 
         link = self.inc
@@ -101,3 +116,42 @@ class NcclActivations:
         torch.cuda.current_stream().wait_event(got)
         out.record_stream(link.stream)
         return out
+
+
+async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> None:  # type: ignore[no-untyped-def]
+    """Exchange one byte on a new link (both ranks, concurrently) so NCCL connects the pair now, not on the
+    first step. Runs on a thread of its own with a deadline: setup-time work, off the compute thread."""
+    import asyncio
+
+    from streamer.errors import PeerDeadError
+    from streamer.nccl import _nccl
+
+    def work() -> None:
+        with torch.cuda.device(device):
+            buf = torch.zeros(1, dtype=torch.uint8, device=device)
+            if send:
+                link.comm.send(buf.data_ptr(), 1, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
+            else:
+                link.comm.recv(buf.data_ptr(), 1, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
+            link.stream.synchronize()
+
+    loop = asyncio.get_running_loop()
+    import threading
+
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            work()
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+        except Exception as e:  # noqa: BLE001 - reported to the awaiting task
+            err = e
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(err))
+
+    threading.Thread(target=run, name="nccl-warm-up", daemon=True).start()
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except TimeoutError:
+        link.dead = True
+        raise PeerDeadError(f"NCCL link to {link.peer}: warm-up exchange not done within {timeout:.0f}s "
+                            "(setting: link_timeout)") from None

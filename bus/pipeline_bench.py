@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({ov['stage_step_over_runtime']:.2f}x runtime), TPOT {ov['tpot_median_s'] * 1e3:.1f} ms "
                   f"({ov['tpot_over_ideal']:.2f}x of {stages} x runtime step)", flush=True)
             runs = asyncio.run(sweep(dep.address, rates, args))
+        except BaseException:
+            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), file=sys.stderr)
+            raise
         finally:
             dep.stop(timeout=120)
         result["runs"].append({"stages": stages, "baseline_step": base, "overhead": ov, "rates": runs})

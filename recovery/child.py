@@ -43,6 +43,10 @@ def die_with_parent(expected_parent: int | None) -> None:
 
 def setup_child(title: str, log_level: str = "INFO", expected_parent: int | None = None) -> None:
     die_with_parent(expected_parent)
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (CUDA, NCCL) still leaves a Python stack in the log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is a hung process?
     try:
         import setproctitle
 

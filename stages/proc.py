@@ -38,6 +38,7 @@ from bus.messages import (
     StepFailed,
     StepRequest,
     StepResult,
+    TensorMeta,
     Topology,
     TopologyAck,
     Welcome,
@@ -94,7 +95,12 @@ class StageProcess:
         self.cfg = cfg
         self.codec = Codec(f"stage-{cfg.index}", cfg.incarnation)
         self.ctx = context()
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute")
+        # The compute thread makes the stage's GPU current once: CUDA's current device is per thread, and
+        # events, streams, graph capture and NCCL calls all act on it.
+        cuda = cfg.device.startswith("cuda")
+        init, args = (torch.cuda.set_device, (torch.device(cfg.device),)) if cuda else (None, ())
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute",
+                                          initializer=init, initargs=args)
         self.epoch = -1
         self.busy_since = 0.0
         self.busy_total = 0.0  # CPU: wall time computing steps
@@ -118,7 +124,7 @@ class StageProcess:
 
     async def run(self) -> None:
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index)
         await self.sup.hello()
         beats = asyncio.ensure_future(self.sup.run(cfg.heartbeat_interval, self._busy, lambda: self.state))
@@ -268,8 +274,8 @@ class StageProcess:
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
                 await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens))
-            elif self.out is not None and out.sent is not None:
-                await self.out.send_header(step, out.sent)
+            elif out.sent is not None:
+                pass  # the header went out (announce) before the NCCL send was enqueued
             elif self.out is not None and out.hidden is not None:
                 await self.out.send(step, out.hidden)
 
@@ -290,8 +296,13 @@ class StageProcess:
             while self.gpu_events and self.gpu_events[0][1].query():
                 s, e = self.gpu_events.popleft()
                 self.gpu_busy += s.elapsed_time(e) / 1000.0
-        if out.hidden is not None and self.nccl is not None and self.nccl.out is not None:
-            return StepOutput(None, None, self.nccl.send(out.hidden))
+        if out.hidden is not None and self.nccl is not None and self.nccl.out is not None and self.out is not None:
+            sock, loop = self.out, self.loop
+
+            def announce(meta: TensorMeta) -> None:  # header first: see bus/nccl_activation.py
+                asyncio.run_coroutine_threadsafe(sock.send_header(step, meta), loop)
+
+            return StepOutput(None, None, self.nccl.send(out.hidden, announce))
         return out
 
 

@@ -139,6 +139,14 @@ class ShardRuntime:
         self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
         """Run the shard's layers over one step. See DecoderShard.forward for shapes."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):  # streams, events and graphs act on the current device
+                return self._forward(chunks, inputs, all_logits)
+        return self._forward(chunks, inputs, all_logits)
+
+    def _forward(
+        self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool
+    ) -> torch.Tensor:
         if self.graphs is not None and not all_logits and not isinstance(chunks, StepPlan):
             key = self.graphs.key(chunks)
             if key is not None:
