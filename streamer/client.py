@@ -75,7 +75,7 @@ class StreamerClient:
         self.transfer_timeout_s = transfer_timeout_s  # sent with every transfer that names no deadline
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
-        self._codec = Codec(name, incarnation, types=ALL_MESSAGES + wire.STREAMER_MESSAGES)
+        self._codec = Codec(name, incarnation, types=ALL_MESSAGES)
         self._sock = make_socket(self._ctx, zmq.DEALER, identity=name.encode())
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._sock.connect(address)

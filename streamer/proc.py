@@ -32,7 +32,7 @@ from streamer.config import StreamerConfig
 from streamer.dataplane import DataPlane
 from streamer.peer import PeerNet
 from streamer.service import StreamerService
-from streamer.wire import STREAMER_MESSAGES, Ok
+from streamer.wire import Ok
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class _Outbox:
 
 
 def streamer_codec(name: str, incarnation: int) -> Codec:
-    return Codec(name, incarnation, types=ALL_MESSAGES + STREAMER_MESSAGES)
+    return Codec(name, incarnation, types=ALL_MESSAGES)
 
 
 def run_streamer(config: StreamerConfig) -> int:
