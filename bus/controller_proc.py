@@ -314,8 +314,9 @@ class ControllerProcess:
             await self._flush()
         elif isinstance(body, Hello):
             # the supervisor forwards other processes' identities (itself, the streamer) for status()
+            incarnation = body.incarnation if body.incarnation >= 0 else msg.env.incarnation
             self.reg.others[(body.role, body.index)] = ProcessInfo(
-                body.role, body.index, body.pid, msg.env.incarnation, "serving", body.host,
+                body.role, body.index, body.pid, incarnation, "serving", body.host,
                 " ".join(body.addresses.values()))
 
     async def _timer(self) -> None:

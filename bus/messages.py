@@ -84,6 +84,7 @@ class Hello(Msg, tag=1):
     addresses: dict[str, str] = {}  # e.g. {"data": ...} for a stage, {"internal": ..., "client": ...}
     layers: list[int] = []  # [a, b) for stages
     num_slots: int = 0
+    incarnation: int = -1  # set when the supervisor forwards a child's Hello (-1: the envelope's)
 
 
 class Welcome(Msg, tag=2):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 
 from bus.codec import Codec, Received
@@ -118,6 +119,15 @@ class SupervisorProcess:
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
+        if cfg.streamer:
+            from streamer.config import StreamerConfig
+
+            sc = StreamerConfig(
+                name="streamer-0", control_address="tcp://127.0.0.1:0", data_address=f"tcp://{cfg.host}:0",
+                swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
+                heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
+            )
+            self._spawn(Child(ChildSpec("streamer", 0, "streamer", sc), ChildState("streamer-0")))
         await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")
 
     async def _wait(self, event: asyncio.Event, what: str) -> None:
@@ -173,12 +183,12 @@ class SupervisorProcess:
         name = child.spec.name
         reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         log.warning("[restart] %s incarnation %d %s", name, incarnation, reason)
-        if child.spec.role != "stage":
+        if child.spec.role == "controller":
             child.state.state = FAILED
             self._fail(f"{name} {reason}; the deployment cannot go on without it")
             return
         allowed = self.intensity.allow(time.monotonic())
-        await self._to_controller(ProcessDown("stage", child.spec.index, incarnation, reason, allowed))
+        await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
         if not allowed:
             child.state.state = FAILED
             self._fail(
@@ -215,6 +225,9 @@ class SupervisorProcess:
         child.state.last_beat = time.monotonic()
         if isinstance(body, Hello):
             child.route, child.said_hello = route, True
+            if child.spec.role == "streamer":
+                # for status(): the controller lists every process, with the incarnation the supervisor knows
+                await self._to_controller(msgspec.structs.replace(body, incarnation=child.state.incarnation))
             if child.spec.role == "controller":
                 self.addresses = dict(body.addresses)
                 child.state.state = SERVING

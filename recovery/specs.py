@@ -39,6 +39,10 @@ class DeploymentConfig:
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs
     transport: str = "auto"  # activation plane: auto (NCCL on cuda), zmq, nccl
+    streamer: bool = True  # start this host's KV streamer process
+    swap_bytes: int = 256 << 20  # its pinned host pools (explicit capacities; over-commitment is refused)
+    replica_bytes: int = 256 << 20
+    receive_bytes: int = 64 << 20
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ class StreamerConfig:
     # Where peers are (more can come with PeerInfo messages).
     peers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     supervisor_address: str = ""  # "" = standalone (tests, benchmarks)
+    supervisor_pid: int | None = None  # the child dies with this process (set by the supervisor)
     max_message_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:

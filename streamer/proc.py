@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from bus.codec import Codec
 from bus.errors import ProtocolError
-from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Heartbeat, Hello, Msg, Shutdown
+from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
 from streamer.config import StreamerConfig
 from streamer.dataplane import DataPlane
@@ -102,7 +102,7 @@ async def _main(config: StreamerConfig) -> int:
             tg.create_task(_data_loop(data, codec, plane), name="data")
             tg.create_task(_janitor(plane, config.peer_timeout_s), name="janitor")
             if config.supervisor_address:
-                tg.create_task(_supervisor(ctx, config, addresses[1], stop), name="supervisor")
+                tg.create_task(_supervisor(ctx, config, addresses, stop), name="supervisor")
             tg.create_task(_until(stop), name="stop")
     except* _Stopped:
         pass
@@ -163,33 +163,20 @@ async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -
                            list(got.frames))
 
 
-async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, data_address: str, stop: asyncio.Event) -> None:
+async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, addresses: tuple[str, str],
+                      stop: asyncio.Event) -> None:
     """Hello, then a Heartbeat every heartbeat_interval_s; a Shutdown from the supervisor stops us."""
-    codec = streamer_codec(config.name, config.incarnation)
-    sock = make_socket(ctx, zmq.DEALER, connect=config.supervisor_address, identity=f"streamer/{config.name}".encode())
+    from recovery.child import SupervisorLink
+
+    link = SupervisorLink(ctx, config.supervisor_address, streamer_codec(config.name, config.incarnation),
+                          "streamer", 0)
+    runner = None
     try:
-        await send(sock, codec, Hello("streamer", 0, os.getpid(), config.name, data_address))
-        seq = 0
-
-        async def beat() -> None:
-            nonlocal seq
-            while True:
-                await asyncio.sleep(config.heartbeat_interval_s)  # a period, not a synchronisation
-                seq += 1
-                await send(sock, codec, Heartbeat(seq, "serving"))
-
-        beater = asyncio.ensure_future(beat())
-        try:
-            while True:
-                frames = await sock.recv_multipart(copy=False)
-                try:
-                    _, got = decode_frames(codec, frames)
-                except ProtocolError as e:
-                    log.warning("[handshake] undecodable message from the supervisor: %s", e)
-                    continue
-                if isinstance(got.body, Shutdown):
-                    stop.set()
-        finally:
-            beater.cancel()
+        await link.hello({"control": addresses[0], "data": addresses[1]})
+        runner = asyncio.ensure_future(link.run(config.heartbeat_interval_s, lambda: 0.0, lambda: "serving"))
+        await link.stop.wait()
+        stop.set()
     finally:
-        sock.close(0)
+        if runner is not None:
+            runner.cancel()
+        link.close()

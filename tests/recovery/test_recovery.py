@@ -165,3 +165,30 @@ def test_client_sees_typed_error_when_the_deployment_dies(model_factory) -> None
     except subprocess.TimeoutExpired:
         dep.proc.kill()
         raise
+
+
+def test_streamer_is_supervised_and_restarted(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor starts the host's KV streamer, reports it in status(), and restarts it when it dies;
+    serving goes on meanwhile."""
+    dep = start_deployment(model_factory("llama"), 1, "--microbatch-size", "2", "--max-seq-len", "64")
+
+    async def scenario() -> None:
+        async with AsyncClient(dep.address, timeout=60) as c:
+            st = await c.status()
+            (streamer,) = [p for p in st["processes"] if p["role"] == "streamer"]
+            assert streamer["pid"] > 0 and streamer["incarnation"] == 0 and "tcp://" in streamer["detail"]
+            os.kill(streamer["pid"], signal.SIGKILL)
+            r = await c.generate(prompt_token_ids=[5, 6, 7], max_new_tokens=4)
+            assert len(r.token_ids) == 4
+            for _ in range(200):  # the restarted streamer says Hello within seconds
+                st = await c.status()
+                (streamer,) = [p for p in st["processes"] if p["role"] == "streamer"]
+                if streamer["incarnation"] == 1 and streamer["state"] == "serving":
+                    return
+                await asyncio.sleep(0.1)  # polling status() with a bounded number of tries
+            raise AssertionError(f"streamer not restarted: {streamer}")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert dep.stop() == 0
