@@ -23,6 +23,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 T = TypeVar("T")
 
 
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a streamer subprocess: the checkout first, then whatever PYTHONPATH this process had
+    (on the GPU machines pyzmq and msgspec come from a directory named there)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
 def random_layout(rng: random.Random, dtype: torch.dtype, first_layer: int = 0, num_layers: int | None = None,
                   slots: int | None = None, max_seq: int | None = None, kv_heads: int | None = None,
                   head_dim: int | None = None) -> PoolLayout:
@@ -80,7 +87,7 @@ class StreamerProc:
         d = directory or tempfile.mkdtemp(prefix="dv")  # ipc:// paths must stay short
         control, data = f"ipc://{d}/{name}.c", f"ipc://{d}/{name}.d"
         log = Path(d) / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = child_env()
         proc = subprocess.Popen([sys.executable, "-m", "streamer", "--name", name, "--control", control,
                                  "--data", data, *args], cwd=ROOT, env=env, stdout=log.open("wb"),
                                 stderr=subprocess.STDOUT)

@@ -5,7 +5,6 @@ and corrupt input refused, and failures - a peer streamer, a stage, the streamer
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import selectors
 import signal
@@ -35,6 +34,7 @@ from tests.streamer.helpers import (
     DTYPES,
     ROOT,
     StreamerProc,
+    child_env,
     connect,
     fill_random,
     packed,
@@ -308,7 +308,7 @@ def test_peer_death_fails_transfers_within_the_deadline(pair) -> None:  # type: 
 
 def test_dead_stage_fails_its_transfers_and_its_pools_survive(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     stage = subprocess.Popen([sys.executable, "-m", "tests.streamer.fake_stage", h0.control, "dying", "77"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
