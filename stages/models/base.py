@@ -44,6 +44,20 @@ class Family:
     context: Callable[[ModelSpec, int, torch.dtype, torch.device], Any]
 
 
+class NormHead(nn.Module):
+    """Final norm + LM head, for families whose head is just that (Llama: RMSNorm, BLOOM: LayerNorm)."""
+
+    def __init__(self, norm: nn.Module, hidden: int, vocab: int) -> None:
+        super().__init__()
+        from stages.layers.linear import Linear
+
+        self.norm = norm
+        self.lm_head = Linear(hidden, vocab, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+
 class DecoderShard(nn.Module):
     def __init__(self, family: Family, spec: ModelSpec, layers: range) -> None:
         super().__init__()

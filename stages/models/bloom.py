@@ -14,7 +14,7 @@ from stages.batch import StepPlan
 from stages.layers.attention import attend, write_kv
 from stages.layers.linear import Linear, default_weight_loader
 from stages.layers.norms import LayerNorm
-from stages.models.base import Family, WeightRef
+from stages.models.base import Family, NormHead, WeightRef
 from stages.models.spec import ModelSpec, eos_ids, required
 
 
@@ -96,14 +96,8 @@ class Block(nn.Module):
         return self.down(nn.functional.gelu(self.up(x), approximate="tanh")) + residual
 
 
-class Head(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        self.norm = LayerNorm(spec.hidden_size, spec.options["eps"])
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+def head(spec: ModelSpec) -> nn.Module:
+    return NormHead(LayerNorm(spec.hidden_size, spec.options["eps"]), spec.hidden_size, spec.vocab_size)
 
 
 def checkpoint_map(spec: ModelSpec, layers: range, first: bool, last: bool) -> list[WeightRef]:
@@ -134,17 +128,14 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return alibi_slopes(spec.num_heads).to(device=device, dtype=dtype)
 
 
-def _block(spec: ModelSpec, layer: int) -> nn.Module:
-    return Block(spec, layer)
-
 
 FAMILY = Family(
     name="bloom",
     architectures=("BloomForCausalLM",),
     parse=parse,
     embedding=Embedding,
-    block=_block,
-    head=Head,
+    block=Block,
+    head=head,
     checkpoint_map=checkpoint_map,
     context=context,
 )

@@ -21,7 +21,7 @@ from stages.layers.fused import can_fuse_rope, rope_and_cache, silu_mul
 from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import RMSNorm
 from stages.layers.rotary import Rotary
-from stages.models.base import Family, WeightRef
+from stages.models.base import Family, NormHead, WeightRef
 from stages.models.spec import ModelSpec, eos_ids, required, rope_settings
 
 
@@ -135,14 +135,8 @@ class Block(nn.Module):
         return h + self.mlp(x)
 
 
-class Head(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        self.norm = RMSNorm(spec.hidden_size, spec.options["rms_norm_eps"])
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+def head(spec: ModelSpec) -> nn.Module:
+    return NormHead(RMSNorm(spec.hidden_size, spec.options["rms_norm_eps"]), spec.hidden_size, spec.vocab_size)
 
 
 def checkpoint_map(spec: ModelSpec, layers: range, first: bool, last: bool) -> list[WeightRef]:
@@ -182,17 +176,14 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return Rotary(spec.head_dim, o["rot_dim"], max_seq_len, o["rope_theta"], o["rope_scaling"], dtype, device)
 
 
-def _block(spec: ModelSpec, layer: int) -> nn.Module:
-    return Block(spec, layer)
-
 
 FAMILY = Family(
     name="llama",
     architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
     parse=parse,
     embedding=Embedding,
-    block=_block,
-    head=Head,
+    block=Block,
+    head=head,
     checkpoint_map=checkpoint_map,
     context=context,
 )

@@ -156,16 +156,13 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return None
 
 
-def _block(spec: ModelSpec, layer: int) -> nn.Module:
-    return Block(spec, layer)
-
 
 FAMILY = Family(
     name="opt",
     architectures=("OPTForCausalLM",),
     parse=parse,
     embedding=Embedding,
-    block=_block,
+    block=Block,
     head=Head,
     checkpoint_map=checkpoint_map,
     context=context,
