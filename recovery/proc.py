@@ -2,7 +2,8 @@
 everything in bounded time. `run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
 
 Order: bind the supervisor socket -> start the controller and wait for its Hello (it says where clients
-and stages connect) -> start the stages -> wait for the controller's DeploymentReady -> `on_ready(address)`.
+and stages connect) -> start the host's KV streamer and the stages (they load in parallel) -> wait for the
+streamer's Hello and the controller's DeploymentReady -> `on_ready(address)`.
 Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
 `heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage is reported to the
 controller (ProcessDown) and restarted as a new incarnation, within the restart-intensity limit; past it,
@@ -64,6 +65,7 @@ class SupervisorProcess:
         self.fatal: str | None = None
         self.ready = asyncio.Event()
         self.controller_hello = asyncio.Event()
+        self.streamer_hello = asyncio.Event()
         self.addresses: dict[str, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -105,6 +107,15 @@ class SupervisorProcess:
         )
         self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
         await self._wait(self.controller_hello, "the controller's Hello")
+        if cfg.streamer:
+            from streamer.config import StreamerConfig
+
+            sc = StreamerConfig(
+                name="streamer-0", control_address="tcp://127.0.0.1:0", data_address=f"tcp://{cfg.host}:0",
+                swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
+                heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
+            )
+            self._spawn(Child(ChildSpec("streamer", 0, "streamer", sc), ChildState("streamer-0")))
         from stages.models import load_spec
 
         _, spec = load_spec(cfg.model_dir)  # type: ignore[arg-type]
@@ -119,15 +130,8 @@ class SupervisorProcess:
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
-        if cfg.streamer:
-            from streamer.config import StreamerConfig
-
-            sc = StreamerConfig(
-                name="streamer-0", control_address="tcp://127.0.0.1:0", data_address=f"tcp://{cfg.host}:0",
-                swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
-                heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
-            )
-            self._spawn(Child(ChildSpec("streamer", 0, "streamer", sc), ChildState("streamer-0")))
+        if cfg.streamer:  # up before serving starts, so status() always lists it
+            await self._wait(self.streamer_hello, "the streamer's Hello")
         await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")
 
     async def _wait(self, event: asyncio.Event, what: str) -> None:
@@ -226,6 +230,7 @@ class SupervisorProcess:
         if isinstance(body, Hello):
             child.route, child.said_hello = route, True
             if child.spec.role == "streamer":
+                self.streamer_hello.set()
                 # for status(): the controller lists every process, with the incarnation the supervisor knows
                 await self._to_controller(msgspec.structs.replace(body, incarnation=child.state.incarnation))
             if child.spec.role == "controller":
