@@ -17,9 +17,12 @@ allocator with record_stream. Only the compute thread touches CUDA.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import torch
 
-from bus.frames import DTYPES
+from bus.frames import DTYPE_NAMES, DTYPES
 from bus.messages import TensorMeta
 
 
@@ -85,8 +88,6 @@ class NcclActivations:
         assert link is not None
         link.check()
         hidden = hidden.contiguous()
-        from bus.frames import DTYPE_NAMES
-
         meta = TensorMeta(DTYPE_NAMES[hidden.dtype], list(hidden.shape))
         announce(meta)
         done = torch.cuda.Event()
@@ -121,8 +122,6 @@ class NcclActivations:
 async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> None:  # type: ignore[no-untyped-def]
     """Exchange one byte on a new link (both ranks, concurrently) so NCCL connects the pair now, not on the
     first step. Runs on a thread of its own with a deadline: setup-time work, off the compute thread."""
-    import asyncio
-
     from streamer.errors import PeerDeadError
     from streamer.nccl import _nccl
 
@@ -136,8 +135,6 @@ async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> No
             link.stream.synchronize()
 
     loop = asyncio.get_running_loop()
-    import threading
-
     fut: asyncio.Future[None] = loop.create_future()
 
     def run() -> None:
