@@ -218,7 +218,10 @@ class SupervisorProcess:
             except ProtocolError as e:
                 log.warning("[supervisor] dropped a bad frame: %s", e)
                 continue
-            await self._on_message(route[0], msg)
+            try:
+                await self._on_message(route[0], msg)
+            except Exception:  # a failing handler must not end this loop: heartbeats would stop counting
+                log.exception("[supervisor] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
 
     async def _on_message(self, route: bytes, msg: Received) -> None:
         sender = msg.env.sender
