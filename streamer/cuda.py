@@ -40,7 +40,35 @@ except Exception:  # noqa: BLE001 - ImportError, or a CUDA driver error at impor
 
 HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context
 # cudaMemcpyKind values (fixed by the CUDA ABI; spelled out so no CuPy attribute naming is relied on)
-H2D, D2H, D2D = 1, 2, 3
+H2D, D2H, D2D, DEFAULT = 1, 2, 3, 4  # DEFAULT: inferred from the pointers (UVA); what a peer 2-D copy needs
+
+_PEER_2D: dict[str, bool] = {"ok": True}
+
+
+def copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
+            stream: torch.cuda.Stream) -> None:
+    """One cudaMemcpy2DAsync of `height` rows of `width` bytes on `stream`. Across devices (kind DEFAULT, peer
+    access enabled) the driver moves it over NVLink; a driver that refuses 2-D peer copies gets one
+    cudaMemcpyPeerAsync per row instead (remembered, so the refusal is paid once)."""
+    if kind == DEFAULT and not _PEER_2D["ok"]:
+        _rows_peer(dst, dpitch, src, spitch, width, height, stream)
+        return
+    try:
+        curt.memcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream.cuda_stream)
+    except curt.CUDARuntimeError:
+        if kind != DEFAULT:
+            raise
+        log.warning("2-D peer copies refused by the driver; copying row by row")
+        _PEER_2D["ok"] = False
+        _rows_peer(dst, dpitch, src, spitch, width, height, stream)
+
+
+def _rows_peer(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+               stream: torch.cuda.Stream) -> None:
+    dst_dev = curt.pointerGetAttributes(dst).device
+    src_dev = curt.pointerGetAttributes(src).device
+    for k in range(height):
+        curt.memcpyPeerAsync(dst + k * dpitch, dst_dev, src + k * spitch, src_dev, width, stream.cuda_stream)
 
 
 def cuda_ready() -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from streamer.cuda import D2D, D2H, H2D, completion_event, curt, on_device, wait_event
+from streamer.cuda import D2D, D2H, DEFAULT, H2D, completion_event, copy_2d, curt, on_device, wait_event
 from streamer.endpoints import Endpoint
 from streamer.errors import TransferTimeoutError
 from streamer.integrity import checksum_parts, digest, verify
@@ -108,6 +108,10 @@ class GpuMover:
     async def start(self, job: MoveJob) -> GpuHandle:
         return await self._on_gpu(self._enqueue, job)
 
+    async def start_many(self, jobs: list[MoveJob]) -> list[GpuHandle]:
+        """Enqueue several chunks in one hop to the GPU thread (the device orders them; nothing waits)."""
+        return await self._on_gpu(lambda: [self._enqueue(j) for j in jobs])
+
     async def finish(self, handle: GpuHandle, timeout: float) -> None:
         try:
             await wait_event(handle.event, timeout, handle.what, self._setting)
@@ -165,7 +169,9 @@ class GpuMover:
         what = f"{src.name} -> {dst.name} rows [{c.r0}, {c.r1})"
         # the memory itself, not just the endpoints: a pool closed while this work runs stays mapped until done
         h = GpuHandle(completion_event(), what, c.rows * rb, keep=[job, src.flat, dst.flat])
-        if src.is_cuda and dst.is_cuda:
+        if job.blocks is not None:
+            self._direct(job, h)
+        elif src.is_cuda and dst.is_cuda:
             self._gpu_to_gpu(job, h)
         elif src.is_cuda:
             self._gpu_to_host(job, h)
@@ -211,6 +217,44 @@ class GpuMover:
             d_idx = self.device_index(job.index, b, "dst")[c.r0: c.r1]
             dst.rows.index_copy_(0, d_idx, packed_b)
             h.event = lb.used(sb)
+
+    def _direct(self, job: MoveJob, h: GpuHandle) -> None:
+        """Long pieces: 2-D DMA blocks straight from pool to pool on a lane stream of the source's device (the
+        destination's when the source is host memory). No staging and no kernel: only copy engines run, so
+        the stage computing on the same GPU keeps every SM (this is what keeps layer-by-layer streaming off a
+        prompt pass's critical path) and a peer copy is pushed over NVLink by the source's engine."""
+        src, dst, c = job.src, job.dst, job.chunk
+        assert job.blocks is not None and job.index.dst is not None
+        dev = src.device.index if src.is_cuda else dst.device.index
+        lane = self.lane(dev)
+        st = lane.stream
+        h.lane = lane  # a hung source (its layer event never fires) gets this lane's stream replaced
+        kind = (D2D if src.device == dst.device else DEFAULT) if src.is_cuda and dst.is_cuda else \
+            (D2H if src.is_cuda else H2D)
+        sp, dp = src.flat.data_ptr(), dst.flat.data_ptr()
+        s_cpu, d_cpu = job.index.src[c.r0: c.r1], job.index.dst[c.r0: c.r1]
+        with on_device(dev), torch.cuda.stream(st):
+            if src.is_cuda:
+                self._wait_source(st, src, job.wait_layer)
+            if job.checksum:
+                if src.is_cuda:
+                    self._parts(h, 0, src.rows.index_select(0, self.device_index(job.index, dev, "src")[c.r0: c.r1]))
+                else:
+                    h.cpu_src = lambda: checksum_parts(src.rows.index_select(0, s_cpu)).tolist()
+            for b in job.blocks:
+                copy_2d(dp + b.dst_off, b.dst_pitch, sp + b.src_off, b.src_pitch, b.width, b.height, kind, st)
+            h.event.record(st)
+        if job.checksum:
+            if not dst.is_cuda:
+                h.cpu_dst = lambda: checksum_parts(dst.rows.index_select(0, d_cpu)).tolist()
+                return
+            b_dev = dst.device.index
+            sb = st if b_dev == dev else self.lane(b_dev).stream
+            with on_device(b_dev), torch.cuda.stream(sb):
+                sb.wait_event(h.event)
+                self._parts(h, 1, dst.rows.index_select(0, self.device_index(job.index, b_dev, "dst")[c.r0: c.r1]))
+                h.event = completion_event()
+                h.event.record(sb)
 
     def _naive_copy(self, job: MoveJob, h: GpuHandle, stream: torch.cuda.Stream, a: int, b: int) -> None:
         """One cudaMemcpy(Peer)Async per contiguous piece, source pool to destination pool (no staging)."""

@@ -41,7 +41,17 @@ from streamer.errors import (
 from streamer.integrity import checksum
 from streamer.movers import CpuMover, MoveJob, RouteIndex, SendBuffers, gather_cpu
 from streamer.peer import PeerNet, raise_if_refused, tensor_frame
-from streamer.regions import Chunk, check_compatible, dtype_name, plan_chunks, region_to_spec
+from streamer.regions import (
+    Chunk,
+    PairBlock,
+    check_compatible,
+    direct_worthwhile,
+    dtype_name,
+    pair_blocks,
+    plan_chunks,
+    plan_direct,
+    region_to_spec,
+)
 
 
 @dataclass
@@ -51,6 +61,9 @@ class LocalRoute:
     dst_region: Region
     index: RouteIndex
     chunks: list[Chunk]
+    # GPU routes made of long pieces: per chunk, 2-D DMA blocks pool to pool (used when buffered; see
+    # regions.pair_blocks) - no staging, so chunks are whole layers and no kernel runs on the stage's GPU
+    blocks: list[list[PairBlock]] | None = None
 
 
 @dataclass
@@ -65,12 +78,34 @@ class RemoteRoute:
     origin_xfer: int = 0
 
 
+DIRECT_CHUNK_BYTES = 64 << 20  # chunk size of direct (DMA-only) GPU routes: progress granularity, not staging
+
+
 def local_route(src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, chunk_bytes: int,
                 layered: bool) -> LocalRoute:
     """Validate and plan a route between two endpoints of this process."""
     check_compatible(src.layout, region, dst.layout, dst_region)
-    return LocalRoute(region, dst, dst_region, RouteIndex.build(src, region, dst, dst_region),
-                      plan_chunks(region, src.layout.row_bytes, chunk_bytes, layered))
+    index = RouteIndex.build(src, region, dst, dst_region)
+    rb = src.layout.row_bytes
+    if (src.is_cuda or dst.is_cuda) and direct_worthwhile(region, rb):
+        chunks = plan_direct(region, rb, max(chunk_bytes, DIRECT_CHUNK_BYTES), layered)
+        a = region.layers[0]
+        blocks = [pair_blocks(src.layout, region, dst.layout, dst_region, (c.completes[0] - a, c.completes[-1] + 1 - a))
+                  for c in chunks]
+        return LocalRoute(region, dst, dst_region, index, chunks, blocks)
+    return LocalRoute(region, dst, dst_region, index, plan_chunks(region, rb, chunk_bytes, layered))
+
+
+def group_chunks(chunks: list[Chunk], layered: bool, most: int) -> list[list[Chunk]]:
+    """Consecutive chunks handed to a mover in one call (one hop to the GPU thread for all of them): a layered
+    route's chunks of one layer (they become ready together), else up to `most` at a time."""
+    groups: list[list[Chunk]] = []
+    for c in chunks:
+        if groups and len(groups[-1]) < most and (not layered or groups[-1][-1].layer == c.layer):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return groups
 
 
 @dataclass
@@ -195,42 +230,46 @@ class Transfer:
             if self.on_layer is not None:
                 await self.on_layer(layer, self.layers_done, self.nbytes)
 
-    async def _pipeline(self, chunks: list[Chunk], depth: int, start: Callable[[Chunk], Awaitable[Any]],
+    async def _pipeline(self, groups: list[list[Chunk]], depth: int,
+                        start: Callable[[list[Chunk]], Awaitable[list[Any]]],
                         settle: Callable[[Chunk, Any], Awaitable[None]],
                         drain: Callable[[Any], Awaitable[None]] | None = None) -> None:
-        """Start chunks in order (each after its layer is ready, at most `depth` unsettled), settle them in
-        order as they complete (so progress for layer l is reported the moment it lands, not when the window
-        fills). On failure, whatever was started but not settled is handed to `drain`."""
-        started: deque[tuple[Chunk, Any]] = deque()
+        """Start groups of chunks in order (each once its layer is ready, at most `depth` groups unsettled; one
+        `start` call per group returns one handle per chunk), settle chunks in order as they complete (so
+        progress for layer l is reported the moment it lands, not when the window fills). On failure, whatever
+        was started but not settled is handed to `drain`."""
+        started: deque[tuple[Chunk, Any, bool]] = deque()  # (chunk, handle, last of its group)
         slots = asyncio.Semaphore(depth)
         more = asyncio.Event()
 
         async def producer() -> None:
-            for c in chunks:
-                await self._gate(c.layer)
+            for g in groups:
+                await self._gate(g[0].layer)
                 await slots.acquire()
-                job = asyncio.ensure_future(start(c))
+                job = asyncio.ensure_future(start(g))
                 try:
-                    h = await asyncio.shield(job)
+                    hs = await asyncio.shield(job)
                 except asyncio.CancelledError:
                     # work handed to the GPU thread cannot be called back: let it finish being enqueued so
-                    # its handle is drained like the others, then stop
+                    # its handles are drained like the others, then stop
                     with contextlib.suppress(Exception):
-                        started.append((c, await job))
+                        hs = await job
+                        started.extend((c, h, False) for c, h in zip(g, hs))
                     raise
-                started.append((c, h))
+                started.extend((c, h, i == len(g) - 1) for i, (c, h) in enumerate(zip(g, hs)))
                 more.set()
 
         async def consumer() -> None:
-            for _ in chunks:
+            for _ in range(sum(len(g) for g in groups)):
                 while not started:
                     more.clear()
                     await more.wait()
-                c, h = started[0]
+                c, h, last = started[0]
                 await settle(c, h)
                 started.popleft()
                 await self._chunk_done(c)
-                slots.release()
+                if last:
+                    slots.release()
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -238,7 +277,7 @@ class Transfer:
                 tg.create_task(consumer())
         except BaseException:
             if drain is not None and started:
-                handles = [h for _, h in started]
+                handles = [h for _, h, _ in started]
                 started.clear()
                 await asyncio.shield(self._drain_all(drain, handles))
             raise
@@ -252,16 +291,27 @@ class Transfer:
                 pass
 
     async def _local(self, r: LocalRoute) -> None:
-        mover = self.rt.gpu if (self.src.is_cuda or r.dst.is_cuda) else self.rt.cpu
+        gpu = self.src.is_cuda or r.dst.is_cuda
+        mover = self.rt.gpu if gpu else self.rt.cpu
         if mover is None:
             raise TransportUnavailableError(f"{self.src.name} -> {r.dst.name} needs the CUDA mover (no GPU here)")
-        depth = 2 * self.rt.config.staging_lanes if mover is self.rt.gpu else 1
         if r.dst.is_host_pool:
             r.dst.begin_write(r.dst_region)
+        direct = gpu and self.buffered and r.blocks is not None
+        chunks = r.chunks if direct or not gpu or r.blocks is None else \
+            plan_chunks(r.src_region, self.src.layout.row_bytes, self.rt.config.staging_bytes, self.layered)
+        # GPU: every chunk of a group is enqueued in one hop to the GPU thread; the device orders them (the
+        # lanes' events), so the host never waits between chunks. CPU: one chunk at a time.
+        groups = group_chunks(chunks, self.layered, 64 if gpu else 1)
 
-        async def start(c: Chunk) -> Any:
-            return await mover.start(MoveJob(self.src, r.dst, r.index, c, self.buffered, self.checksum,
-                                             c.layer if self.src.is_cuda else None))
+        def job(c: Chunk) -> MoveJob:
+            return MoveJob(self.src, r.dst, r.index, c, self.buffered, self.checksum,
+                           c.layer if self.src.is_cuda else None, r.blocks[c.index] if direct else None)
+
+        async def start(g: list[Chunk]) -> list[Any]:
+            if gpu:
+                return await mover.start_many([job(c) for c in g])
+            return [await mover.start(job(c)) for c in g]
 
         async def settle(c: Chunk, h: Any) -> None:
             await mover.finish(h, self._left())
@@ -269,7 +319,7 @@ class Transfer:
         async def drain(h: Any) -> None:  # device work must end before the memory it touches can go
             await mover.finish(h, self.rt.config.peer_timeout_s)
 
-        await self._pipeline(r.chunks, depth, start, settle, drain)
+        await self._pipeline(groups, 2 if gpu else 1, start, settle, drain)
         if r.dst.is_host_pool:
             r.dst.commit_write(r.dst_region)
 
@@ -291,6 +341,10 @@ class Transfer:
             except TransportUnavailableError:
                 no_nccl.add((r.peer, r.dst_pool))  # remember: that pool takes frames
             else:
+                # NCCL chunks are gathered into buffers of their own (not staging) and each costs an announcement
+                # and an answer: fewer, larger ones (a whole prompt layer is one)
+                r.chunks = plan_chunks(r.src_region, self.src.layout.row_bytes,
+                                       max(self.rt.config.staging_bytes, DIRECT_CHUNK_BYTES), self.layered)
                 return await self._remote_via(r, peer, link)
         await self._remote_via(r, peer, None)
 
@@ -303,7 +357,10 @@ class Transfer:
         committed = not r.chunks
         pt = self.rt.config.peer_timeout_s
 
-        async def start(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
+        async def start(g: list[Chunk]) -> list[tuple[Any, asyncio.Future[Any]]]:
+            return [await start_one(c) for c in g]
+
+        async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
             fut = peer.expect(("chunk", rseq, c.index))
             if link is None:
                 data, dg, buf = await self._read(r, c)
@@ -338,7 +395,7 @@ class Transfer:
                     await self.rt.nccl.abort(link)
 
         try:
-            await self._pipeline(r.chunks, self.rt.config.window, start, settle, drain)
+            await self._pipeline([[c] for c in r.chunks], self.rt.config.window, start, settle, drain)
         finally:
             for c in r.chunks:
                 peer.forget(("chunk", rseq, c.index))

@@ -14,30 +14,44 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from stages.kv_cache import Region
+from stages.kv_cache import PoolLayout, Region
 from streamer.endpoints import Endpoint
 from streamer.integrity import checksum, verify
-from streamer.regions import Chunk, common_runs, packed_rows
+from streamer.regions import Chunk, PairBlock, common_runs, packed_rows
 
 
-@dataclass
 class RouteIndex:
-    """Row maps of one route, built once: packed row i of the route comes from pool row src[i] and goes to
-    pool row dst[i]. Device copies are cached per device by the CUDA mover."""
+    """Row maps of one route: packed row i of the route comes from pool row src[i] and goes to pool row dst[i]
+    (dst None when the destination is remote). Built on first use - a route that moves pool to pool by DMA
+    blocks never needs them (building them for a whole-microbatch swap costs milliseconds). Device copies are
+    cached per device by the CUDA mover."""
 
-    src: torch.Tensor
-    dst: torch.Tensor | None  # None when the destination is remote
-    device_cache: dict[Any, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, src: torch.Tensor | None, dst: torch.Tensor | None,
+                 lazy: tuple[PoolLayout, Region, PoolLayout | None, Region] | None = None) -> None:
+        self._src, self._dst, self._lazy = src, dst, lazy
+        self.device_cache: dict[Any, torch.Tensor] = {}
 
     @classmethod
     def build(cls, src: Endpoint, src_region: Region, dst: Endpoint | None, dst_region: Region) -> RouteIndex:
-        d = packed_rows(dst.layout, dst_region) if dst is not None else None
-        return cls(packed_rows(src.layout, src_region), d)
+        return cls(None, None, (src.layout, src_region, dst.layout if dst is not None else None, dst_region))
+
+    @property
+    def src(self) -> torch.Tensor:
+        if self._src is None:
+            assert self._lazy is not None
+            self._src = packed_rows(self._lazy[0], self._lazy[1])
+        return self._src
+
+    @property
+    def dst(self) -> torch.Tensor | None:
+        if self._dst is None and self._lazy is not None and self._lazy[2] is not None:
+            self._dst = packed_rows(self._lazy[2], self._lazy[3])
+        return self._dst
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class MoveJob:
     buffered: bool
     checksum: bool
     wait_layer: int | None  # GPU source: wait for the stage's event of this layer before reading
+    blocks: list[PairBlock] | None = None  # GPU, long pieces: 2-D DMA pool to pool instead of staging
 
 
 class Mover(Protocol):

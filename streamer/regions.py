@@ -180,6 +180,80 @@ def dma_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block]:
     return blocks
 
 
+@dataclass(frozen=True)
+class PairBlock:
+    """`height` runs of `width` bytes copied pool to pool: run k goes from byte `src_off + k * src_pitch` of the
+    source pool to byte `dst_off + k * dst_pitch` of the destination. One cudaMemcpy2DAsync moves a block."""
+
+    src_off: int
+    src_pitch: int
+    dst_off: int
+    dst_pitch: int
+    width: int
+    height: int
+
+
+DIRECT_RUN_BYTES = 128 * 1024  # pieces at least this long on average go pool to pool by DMA, with no staging
+
+
+def _pieces(layout: PoolLayout, region: Region, layers: tuple[int, int]) -> list[tuple[int, int]]:
+    """(byte offset in the pool, bytes) of every contiguous piece of `layers` (route-relative [i, j)) of the
+    region, in packed order: one per (layer, K|V, slot), empty slots included (as zero-length pieces)."""
+    rb, s, t = layout.row_bytes, layout.num_slots, layout.max_seq_len
+    a = region.layers[0] - layout.first_layer
+    per_slot = [((slot * t + t0) * rb, (t1 - t0) * rb) for slot, (t0, t1) in zip(region.slots, region.tokens)]
+    return [(lc * s * t * rb + off, n) for lc in range(2 * (a + layers[0]), 2 * (a + layers[1])) for off, n in per_slot]
+
+
+def direct_worthwhile(region: Region, row_bytes: int, min_run_bytes: int = DIRECT_RUN_BYTES) -> bool:
+    """Whether the region's pieces are long enough, on average, for pool-to-pool DMA to beat staging (a copy
+    engine moves short pieces slowly, and every copy call costs host time)."""
+    pieces = sum(1 for t0, t1 in region.tokens if t1 > t0)
+    return pieces > 0 and region.tokens_total * row_bytes >= min_run_bytes * pieces
+
+
+def pair_blocks(src_layout: PoolLayout, src_region: Region, dst_layout: PoolLayout, dst_region: Region,
+                layers: tuple[int, int] | None = None) -> list[PairBlock]:
+    """Pool-to-pool 2-D blocks moving route layers [i, j) (default: all) of a source region onto the compatible
+    destination region, computed from the regions' geometry (no row maps). Piece k of the source lands on
+    piece k of the destination (same lengths: check_compatible). Consecutive pieces of equal length whose
+    source and destination both advance by constant strides (at least the width, so rows never overlap)
+    merge into one block: one prompt layer of a microbatch (K and V of every slot) is at most two blocks."""
+    layers = layers or (0, src_region.num_layers)
+    ps = [p for p in _pieces(src_layout, src_region, layers)]
+    pd = [p for p in _pieces(dst_layout, dst_region, layers)]
+    keep = [k for k in range(len(ps)) if ps[k][1] > 0]
+    s_l, d_l, k_l = [ps[k][0] for k in keep], [pd[k][0] for k in keep], [ps[k][1] for k in keep]
+    n = len(k_l)
+    out: list[PairBlock] = []
+    i = 0
+    while i < n:
+        h, sp, dp = 1, k_l[i], k_l[i]
+        if i + 1 < n and k_l[i + 1] == k_l[i]:
+            sp, dp = s_l[i + 1] - s_l[i], d_l[i + 1] - d_l[i]
+            if sp >= k_l[i] and dp >= k_l[i]:
+                while (i + h < n and k_l[i + h] == k_l[i] and s_l[i + h] - s_l[i + h - 1] == sp
+                       and d_l[i + h] - d_l[i + h - 1] == dp):
+                    h += 1
+            else:
+                sp, dp = k_l[i], k_l[i]
+        out.append(PairBlock(s_l[i], sp, d_l[i], dp, k_l[i], h))
+        i += h
+    return out
+
+
+def plan_direct(region: Region, row_bytes: int, chunk_bytes: int, layered: bool) -> list[Chunk]:
+    """Chunks of whole layers (one per layer when layered, else as many layers as fit `chunk_bytes`)."""
+    per_layer = 2 * region.tokens_total
+    a, n = region.layers[0], region.num_layers
+    k = 1 if layered else max(1, chunk_bytes // max(1, per_layer * row_bytes))
+    out: list[Chunk] = []
+    for l0 in range(0, n, k):
+        l1 = min(n, l0 + k)
+        out.append(Chunk(len(out), l0 * per_layer, l1 * per_layer, a + l1 - 1, tuple(range(a + l0, a + l1))))
+    return out
+
+
 def routes_by_layer(region: Region, targets: Sequence[tuple[wire.PoolRef, tuple[int, int], Region]]) -> list[wire.Route]:
     """Split a source region by layer among destinations (prompt stage -> the token stages owning each layer).
 

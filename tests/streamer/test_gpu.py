@@ -95,18 +95,64 @@ def test_gpu_and_host_round_trips_in_process(dtype: torch.dtype) -> None:
     run(scenario, timeout=300)
 
 
-def test_layer_ready_event_gates_the_copy() -> None:
-    """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
-    stage's event (if it did not, it would copy the zeros that were there before)."""
+@pytest.mark.parametrize("checksum", [True, False])
+def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
+    """Regions of long pieces take the direct path (2-D DMA blocks, no staging): cuda:0 -> pinned, pageable,
+    cuda:0 and cuda:1, and pinned -> cuda:0, byte-exact, layered or not, with random slots and token ranges."""
     need()
-    lay = PoolLayout(0, 3, 2, 64, 2, 64, torch.float16)
+    rng = random.Random(7)
+    lay = PoolLayout(2, 3, 5, 1024, 4, 128, torch.bfloat16)  # 1 KiB rows: 512+ tokens = 512+ KiB pieces
+
+    async def scenario() -> None:
+        lib = _lib()
+        await lib.start()
+        try:
+            g0 = lib.endpoint("g0", lay, "cuda:0")
+            g0.flat.copy_(fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 3).cuda())
+            pinned = lib.endpoint("pin", lay, "pinned", wire.POOL_SWAP)
+            dests = [pinned, lib.endpoint("page", lay, "cpu", wire.POOL_DISK), lib.endpoint("g0b", lay, "cuda:0")]
+            if torch.cuda.device_count() > 1:
+                dests.append(lib.endpoint("g1", lay, "cuda:1"))
+            for trial in range(3):
+                lens = [rng.randint(512, 1024) for _ in range(3)]
+                src = random_region(rng, lay, lens=lens)
+                for layered in (False, True):
+                    for dst in dests:
+                        mid = random_region(rng, lay, lens=lens, layers=src.layers)
+                        t = lib.transfer(g0, src, dst, mid, True, layered=layered, checksum=checksum)
+                        assert t.routes[0].blocks is not None  # the direct path, not staging
+                        task = asyncio.ensure_future(t.run())
+                        for layer in range(*src.layers):
+                            t.layer_ready(layer)
+                        await asyncio.wait_for(task, 60)
+                        want = packed(g0.flat.view(lay.dtype).view(lay.shape).cpu(), lay, src)
+                        got = packed(dst.flat.view(lay.dtype).view(lay.shape).cpu(), lay, mid)
+                        assert torch.equal(got, want), (trial, layered, dst.name)
+                        if dst is pinned:
+                            back = Region(tuple(s for s in range(lay.num_slots) if s not in src.slots)[:3],
+                                          src.layers, tuple((0, n) for n in lens))
+                            await lib.transfer(pinned, mid, g0, back, True, checksum=checksum).run()
+                            assert torch.equal(packed(g0.flat.view(lay.dtype).view(lay.shape).cpu(), lay, back), want)
+        finally:
+            await lib.close()
+
+    run(scenario, timeout=300)
+
+
+@pytest.mark.parametrize("tokens", [64, 1024], ids=["staged", "direct"])
+def test_layer_ready_event_gates_the_copy(tokens: int) -> None:
+    """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
+    stage's event (if it did not, it would copy the zeros that were there before). Short pieces go through
+    staging, long ones pool to pool by DMA: both wait."""
+    need()
+    lay = PoolLayout(0, 3, 2, tokens, 2, 64, torch.float16)
 
     async def scenario() -> None:
         lib = _lib()
         await lib.start()
         try:
             src, dst = lib.endpoint("p", lay, "cuda:0"), lib.endpoint("t", lay, "pinned", wire.POOL_RECEIVE)
-            region = Region.uniform((0, 1), (0, 3), 0, 64)
+            region = Region.uniform((0, 1), (0, 3), 0, tokens)
             want = fill_random(torch.empty(lay.shape, dtype=lay.dtype), 5)
             want_gpu = want.cuda()
             torch.cuda.synchronize()

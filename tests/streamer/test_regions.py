@@ -13,10 +13,13 @@ from streamer.errors import BadRequestError
 from streamer.regions import (
     check_compatible,
     common_runs,
+    direct_worthwhile,
     dma_blocks,
     layout_from_spec,
     layout_to_spec,
+    pair_blocks,
     plan_chunks,
+    plan_direct,
     region_from_spec,
     region_to_spec,
     routes_by_layer,
@@ -90,6 +93,55 @@ def test_whole_pool_slot_range_is_one_block() -> None:
     assert len(blocks) == 1 and blocks[0].height == 16 * 2 * 8 and blocks[0].width == 1000 * lay.row_bytes
     step = Region.uniform(range(8), (0, 16), 500, 501)  # one decode step's new token
     assert len(dma_blocks(region_rows(lay, step), lay.row_bytes)) == 1
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_pair_blocks_copy_exactly_what_the_row_maps_say(seed: int) -> None:
+    """Pool-to-pool 2-D blocks (the direct GPU path), computed from region geometry and emulated with strided
+    views, move every packed row of the source region onto the matching row of the destination region (a
+    different pool layout) and touch nothing else; also for a sub-range of the route's layers."""
+    rng = random.Random(seed)
+    lay = random_layout(rng, torch.float16)
+    dlay = PoolLayout(lay.first_layer, lay.num_layers, lay.num_slots + 2, lay.max_seq_len + 3, lay.kv_heads,
+                      lay.head_dim, lay.dtype)
+    src_region = random_region(rng, lay)
+    dst_region = random_region(rng, dlay, lens=[b - a for a, b in src_region.tokens], layers=src_region.layers)
+    if rng.random() < 0.3:  # a slot with no tokens
+        src_region = Region(src_region.slots, src_region.layers, ((3, 3),) + src_region.tokens[1:])
+        dst_region = Region(dst_region.slots, dst_region.layers, ((0, 0),) + dst_region.tokens[1:])
+    n = src_region.num_layers
+    i = rng.randint(0, n - 1)
+    j = rng.randint(i + 1, n)
+    per_layer = 2 * src_region.tokens_total
+    s_idx = region_rows(lay, src_region)[i * per_layer: j * per_layer]
+    d_idx = region_rows(dlay, dst_region)[i * per_layer: j * per_layer]
+    rb = lay.row_bytes
+    blocks = pair_blocks(lay, src_region, dlay, dst_region, (i, j))
+    assert sum(b.height for b in blocks) <= 2 * (j - i) * len(src_region.slots)
+    src = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed)
+    dst = fill_random(torch.empty(dlay.nbytes, dtype=torch.uint8), seed + 100)
+    want = dst.clone().view(-1, rb)
+    want.index_copy_(0, d_idx, src.view(-1, rb).index_select(0, s_idx))
+    for b in blocks:
+        assert b.src_pitch >= b.width and b.dst_pitch >= b.width
+        dst.as_strided((b.height, b.width), (b.dst_pitch, 1), b.dst_off).copy_(
+            src.as_strided((b.height, b.width), (b.src_pitch, 1), b.src_off))
+    assert torch.equal(dst.view(-1, rb), want)
+
+
+def test_direct_path_only_for_long_pieces() -> None:
+    """A prompt layer of a microbatch is two blocks (K and V of every slot) and goes pool to pool; one decode
+    step's rows are short pieces, left to the staging path; direct chunks are whole layers."""
+    lay = PoolLayout(0, 16, 16, 1024, 8, 128, torch.bfloat16)
+    layer = Region.uniform(range(8), (8, 9), 0, 1000)
+    assert direct_worthwhile(layer, lay.row_bytes)
+    assert [b.height for b in pair_blocks(lay, layer, lay, layer)] == [8, 8]
+    step = Region.uniform(range(8), (0, 16), 1000, 1001)
+    assert not direct_worthwhile(step, lay.row_bytes)
+    swap = Region.uniform(range(8), (0, 16), 0, 1000)
+    chunks = plan_direct(swap, lay.row_bytes, 64 << 20, layered=False)
+    assert [c.completes for c in chunks] == [tuple(range(k, k + 2)) for k in range(0, 16, 2)]
+    assert [c.layer for c in plan_direct(swap, lay.row_bytes, 64 << 20, layered=True)] == list(range(16))
 
 
 def test_compatibility_checks() -> None:
