@@ -177,8 +177,10 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     await bench_ceilings(on_gpu, sizes, args.repeats, ngpu, out)
     ceil: dict[tuple[str, int], float] = {}
-    # chunk (= staging buffer) sizes trade overlap inside a transfer against per-chunk host overhead: measured
-    stagings = ([16 * MiB] if args.quick else [8 * MiB, 16 * MiB, 32 * MiB]) if on_gpu else [8 * MiB]
+    # the staging buffer (= chunk) size matters only for regions of short pieces (decode steps); long pieces
+    # move pool to pool by DMA. --stagings measures others.
+    stagings = [int(float(x) * MiB) for x in args.stagings.split(",")] if args.stagings else \
+        ([16 * MiB] if on_gpu else [8 * MiB])
     for staging in stagings:
         lib = Lib(on_gpu, staging_bytes=staging)
         await lib.start()
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="write the whole run here")
     p.add_argument("--plot", default="", help="write the figure here")
     p.add_argument("--model-dir", default="", help="where to write the random model's config.json (default: a temp dir)")
+    p.add_argument("--stagings", default="", help="comma-separated staging buffer sizes in MiB (default 16; CPU 8)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
