@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,8 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
             "requests": len(prompts), "context": context, "new_tokens": new}
 
 
-async def sweep(address: str, rates: list[float], args: argparse.Namespace) -> list[dict[str, Any]]:
+async def sweep(address: str, rates: list[float], args: argparse.Namespace,
+                on_rate: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     largs = loadgen.parse_args(["--address", address, "--num-requests", str(args.num_requests),
                                 "--prompt-len", args.prompt_len, "--output-len", args.output_len,
                                 "--vocab-size", str(args.vocab), "--timeout", str(args.timeout), "--no-plot"])
@@ -154,8 +156,11 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace) -> l
             after = await fresh_stats(c, stage_stats(await c.status()))
             summary.pop("records", None)
             summary["idle_fraction"] = idle(before, after)
-            print(loadgen.line(summary), "idle:", summary["idle_fraction"], flush=True)
+            print(f"[pipeline {time.strftime('%H:%M:%S')}]", loadgen.line(summary), "idle:", summary["idle_fraction"],
+                  flush=True)
             out.append(summary)
+            if on_rate is not None:
+                on_rate(out)
     return out
 
 
@@ -222,35 +227,47 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["bin/dejavu-bench", "pipeline", *(sys.argv[2:] if argv is None else argv)]),
         "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [],
     }
+    def save(partial: bool) -> None:  # after every rate too, so a run cut short still leaves its figures
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "pipeline_bench.json").write_text(json.dumps({**result, "partial": partial}, indent=1) + "\n")
+
     for stages in [int(s) for s in args.stages.split(",")]:
         base_device = "cuda:0" if args.device == "cuda" else "cpu"
         base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
                              base_device, 20)
-        print(f"[pipeline] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
               f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
         dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
                                str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
                                "--startup-timeout", "600", "--transport", args.transport,
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout",
                                "10", timeout=900, log_level="WARNING")
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: deployment ready", flush=True)
         try:
             ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
                                       args.decode_tokens))
             step = statistics.mean(ov["stage_decode_step_s"].values())
             ov["stage_step_over_runtime"] = step / base["median_s"]
             ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
-            print(f"[pipeline] {stages} stages: stage decode step {step * 1e3:.2f} ms "
+            print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: stage decode step {step * 1e3:.2f} ms "
                   f"({ov['stage_step_over_runtime']:.2f}x runtime), TPOT {ov['tpot_median_s'] * 1e3:.1f} ms "
                   f"({ov['tpot_over_ideal']:.2f}x of {stages} x runtime step)", flush=True)
-            runs = asyncio.run(sweep(dep.address, rates, args))
+            run_rec: dict[str, Any] = {"stages": stages, "baseline_step": base, "overhead": ov, "rates": []}
+            result["runs"].append(run_rec)
+            save(True)
+
+            def on_rate(done: list[dict[str, Any]], rec: dict[str, Any] = run_rec) -> None:
+                rec["rates"] = list(done)
+                save(True)
+
+            runs = asyncio.run(sweep(dep.address, rates, args, on_rate))
         except BaseException:
             print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), file=sys.stderr)
             raise
         finally:
             dep.stop(timeout=120)
-        result["runs"].append({"stages": stages, "baseline_step": base, "overhead": ov, "rates": runs})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pipeline_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        run_rec["rates"] = runs
+    save(False)
     plot(result, args.out / "pipeline_bench.png")
     print(f"[pipeline] wrote {args.out / 'pipeline_bench.json'}")
     return 0
