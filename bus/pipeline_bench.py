@@ -131,7 +131,10 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
             return times
 
         tasks = [asyncio.create_task(one(p)) for p in prompts]
-        await first.wait()
+        t0 = time.perf_counter()
+        await asyncio.wait_for(first.wait(), 600)
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] all {len(prompts)} prompts prefilled in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
         before = await fresh_stats(c, await fresh_stats(c))  # a report taken wholly after every prefill
         results = await asyncio.gather(*tasks)
         after = await fresh_stats(c, stage_stats(await c.status()))
@@ -162,6 +165,11 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
             if on_rate is not None:
                 on_rate(out)
     return out
+
+
+async def _status(address: str) -> dict[str, Any]:
+    async with AsyncClient(address, timeout=30) as c:
+        return await c.status()
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -265,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), file=sys.stderr)
             raise
         finally:
+            try:  # restarts during the run would explain slow phases: say so
+                st = asyncio.run(_status(dep.address))
+                print("[pipeline] incarnations:", {f"{p['role']}{p['index']}": p["incarnation"] for p in st["processes"]},
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - diagnostics only
+                print("[pipeline] status failed:", repr(e), flush=True)
+            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-25:]), flush=True)
             dep.stop(timeout=120)
         run_rec["rates"] = runs
     save(False)

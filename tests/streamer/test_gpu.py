@@ -101,7 +101,7 @@ def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
     cuda:0 and cuda:1, and pinned -> cuda:0, byte-exact, layered or not, with random slots and token ranges."""
     need()
     rng = random.Random(7)
-    lay = PoolLayout(2, 3, 5, 1024, 4, 128, torch.bfloat16)  # 1 KiB rows: 512+ tokens = 512+ KiB pieces
+    lay = PoolLayout(2, 3, 6, 1024, 4, 128, torch.bfloat16)  # 1 KiB rows: 512+ tokens = 512+ KiB pieces
 
     async def scenario() -> None:
         lib = _lib()
