@@ -1,0 +1,92 @@
+"""Where does a prompt-layer transfer's time go? Device time of the direct path's 2-D DMA blocks alone (peer
+and device-to-host) against one contiguous copy of the same bytes, then the library's transfer (one, and 8 in
+flight) and the host time of its enqueue. Run on a 2-GPU machine:  python3 bench/probe_dma.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from stages.kv_cache import PoolLayout, Region  # noqa: E402
+from streamer import cuda  # noqa: E402
+from streamer.bench_ops import Lib  # noqa: E402
+from streamer.regions import pair_blocks  # noqa: E402
+
+
+def device_time(fn, stream: torch.cuda.Stream, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record(stream)
+    for _ in range(reps):
+        fn()
+    b.record(stream)
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3 / reps
+
+
+async def main() -> None:
+    lay = PoolLayout(0, 16, 16, 1024, 8, 128, torch.bfloat16)
+    region = Region.uniform(range(8), (8, 9), 0, 1000)
+    nbytes = region.nbytes(lay)
+    lib = Lib(True, staging_bytes=16 << 20)
+    await lib.start()
+    src = lib.endpoint("s", lay, "cuda:0")
+    dst = lib.endpoint("d", lay, "cuda:1")
+    host = lib.endpoint("h", lay, "pinned")
+    blocks = pair_blocks(lay, region, lay, region)
+    s0 = torch.cuda.Stream(0)
+    out = {"bytes": nbytes, "blocks": len(blocks)}
+
+    def run_blocks(d: torch.Tensor, kind: int) -> None:
+        for b in blocks:
+            cuda.copy_2d(d.data_ptr() + b.dst_off, b.dst_pitch, src.flat.data_ptr() + b.src_off, b.src_pitch,
+                         b.width, b.height, kind, s0)
+
+    flat_a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    flat_b = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    flat_h = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    with torch.cuda.device(0), torch.cuda.stream(s0):
+        out["peer_2d_gbps"] = nbytes / device_time(lambda: run_blocks(dst.flat, cuda.DEFAULT), s0) / 1e9
+        out["peer_1d_gbps"] = nbytes / device_time(lambda: flat_b.copy_(flat_a, non_blocking=True), s0) / 1e9
+        out["d2h_2d_gbps"] = nbytes / device_time(lambda: run_blocks(host.flat, cuda.D2H), s0) / 1e9
+        out["d2h_1d_gbps"] = nbytes / device_time(lambda: flat_h.copy_(flat_a, non_blocking=True), s0) / 1e9
+    for name, d in (("peer", dst), ("host", host)):
+        lat = []
+        for _ in range(12):
+            lib.sync()
+            t0 = time.perf_counter()
+            await lib.transfer(src, region, d, region, True).run()
+            lat.append(time.perf_counter() - t0)
+        out[f"{name}_transfer_latency_us"] = sorted(lat)[6] * 1e6
+        lib.sync()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(lib.transfer(src, region, d, region, True).run() for _ in range(8)))
+        lib.sync()
+        out[f"{name}_8_in_flight_gbps"] = 8 * nbytes / (time.perf_counter() - t0) / 1e9
+        t0 = time.perf_counter()
+        for _ in range(20):
+            lib.transfer(src, region, d, region, True)
+        out[f"{name}_plan_us"] = (time.perf_counter() - t0) / 20 * 1e6
+    prof = cProfile.Profile()
+    prof.enable()
+    await asyncio.gather(*(lib.transfer(src, region, dst, region, True).run() for _ in range(8)))
+    lib.sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    await lib.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
