@@ -22,6 +22,7 @@ import datetime as dt
 import gc
 import json
 import shlex
+import signal
 import statistics
 import sys
 import tempfile
@@ -132,7 +133,17 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
 
         tasks = [asyncio.create_task(one(p)) for p in prompts]
         t0 = time.perf_counter()
-        await asyncio.wait_for(first.wait(), 600)
+        while not first.is_set():  # progress every 30 s: a slow prefill phase says how far it got and whether
+            try:  # stages were restarted meanwhile
+                await asyncio.wait_for(first.wait(), 30)
+            except TimeoutError:
+                if time.perf_counter() - t0 > 900:
+                    raise
+                st = await c.status()
+                print(f"[pipeline {time.strftime('%H:%M:%S')}] prefill: {arrived}/{len(prompts)} first tokens after "
+                      f"{time.perf_counter() - t0:.0f} s; incarnations "
+                      f"{[p['incarnation'] for p in st['processes'] if p['role'] == 'stage']}; stage steps "
+                      f"{[p.get('steps') for p in st['processes'] if p['role'] == 'stage']}", flush=True)
         print(f"[pipeline {time.strftime('%H:%M:%S')}] all {len(prompts)} prompts prefilled in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         before = await fresh_stats(c, await fresh_stats(c))  # a report taken wholly after every prefill
@@ -165,6 +176,10 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
             if on_rate is not None:
                 on_rate(out)
     return out
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 async def _status(address: str) -> dict[str, Any]:
@@ -218,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
     args = p.parse_args(argv)
+    # SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
@@ -269,9 +286,6 @@ def main(argv: list[str] | None = None) -> int:
                 save(True)
 
             runs = asyncio.run(sweep(dep.address, rates, args, on_rate))
-        except BaseException:
-            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), file=sys.stderr)
-            raise
         finally:
             try:  # restarts during the run would explain slow phases: say so
                 st = asyncio.run(_status(dep.address))
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 print("[pipeline] status failed:", repr(e), flush=True)
-            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-25:]), flush=True)
+            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), flush=True)
             dep.stop(timeout=120)
         run_rec["rates"] = runs
     save(False)
