@@ -188,9 +188,13 @@ class Transfer:
         self._t_end = loop.time() + self.deadline_s
         try:
             async with asyncio.timeout(self.deadline_s):
-                async with asyncio.TaskGroup() as tg:
-                    for r in self.routes:
-                        tg.create_task(self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
+                if len(self.routes) == 1:  # the common case: no task group (host time per transfer matters)
+                    r = self.routes[0]
+                    await (self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
+                else:
+                    async with asyncio.TaskGroup() as tg:
+                        for r in self.routes:
+                            tg.create_task(self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
         except BaseExceptionGroup as eg:
             err = _first_error(eg)
             if isinstance(err, asyncio.CancelledError) and self._abort is not None:
@@ -238,6 +242,26 @@ class Transfer:
         `start` call per group returns one handle per chunk), settle chunks in order as they complete (so
         progress for layer l is reported the moment it lands, not when the window fills). On failure, whatever
         was started but not settled is handed to `drain`."""
+        if len(groups) == 1:  # one group (a decode step, a whole-region DMA): start, settle, no tasks
+            await self._gate(groups[0][0].layer)
+            job = asyncio.ensure_future(start(groups[0]))
+            try:
+                hs = await asyncio.shield(job)
+            except asyncio.CancelledError:  # enqueued work is drained, never dropped (as in the producer below)
+                with contextlib.suppress(Exception):
+                    hs = await job
+                    if drain is not None:
+                        await asyncio.shield(self._drain_all(drain, list(hs)))
+                raise
+            for k, (c, h) in enumerate(zip(groups[0], hs)):
+                try:
+                    await settle(c, h)
+                except BaseException:
+                    if drain is not None:
+                        await asyncio.shield(self._drain_all(drain, list(hs[k + 1:])))
+                    raise
+                await self._chunk_done(c)
+            return
         started: deque[tuple[Chunk, Any, bool]] = deque()  # (chunk, handle, last of its group)
         slots = asyncio.Semaphore(depth)
         more = asyncio.Event()
