@@ -169,6 +169,21 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
     out = []
     try:
+        if on_gpu:  # the stage-side share alone: hooks that only record the pool's interprocess events
+            base, comp = [], []
+            for i in range(repeats + 1):
+                b = await loop.run_in_executor(compute, forward)
+                hooks = attach_layer_hooks(runtime.shard, mem.record)
+                c = await loop.run_in_executor(compute, forward)
+                for hook in hooks:
+                    hook.remove()
+                if i:
+                    base.append(b)
+                    comp.append(c)
+            b, c = median(base), median(comp)
+            out.append({"section": "overhead", "dst": "events-only", "batch": batch, "prompt": plen, "prompt_s": b,
+                        "streamed_compute_s": c, "streamed_total_s": c, "overhead": c / b - 1.0,
+                        "compute_overhead": c / b - 1.0, "kv_bytes": 0, "layers": lay.num_layers})
         for where, pool in dests:
             base, comp, total = [], [], []
             for i in range(repeats + 1):
