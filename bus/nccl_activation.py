@@ -10,7 +10,7 @@ Ordering: the upstream announces step k's header first and then enqueues ncclSen
 right after computing it); the downstream enqueues ncclRecv for step k when its worker takes step k's
 header. Both sides therefore issue operations in step order, and a host-side ncclSend that waits for its
 peer (NCCL connects point-to-point lazily) can never wait on a header it has not sent yet. Each new link
-also exchanges one warm-up byte while it is set up, so the connection exists before the first step. Sends run on the link's stream after an event on the
+also exchanges a small and a large warm-up message while it is set up, so its connections exist before the first step. Sends run on the link's stream after an event on the
 compute stream, so computing step k+1 overlaps sending step k; the sent tensor is kept alive for the
 allocator with record_stream. Only the compute thread touches CUDA.
 """
@@ -119,19 +119,26 @@ class NcclActivations:
         return out
 
 
+WARM_UP_BYTES = 32 << 20  # as large as a prompt pass's activations: NCCL spreads a large message over more
+# channels (and may pick another protocol) than a small one, and connects each lazily, on first use
+
+
 async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> None:  # type: ignore[no-untyped-def]
-    """Exchange one byte on a new link (both ranks, concurrently) so NCCL connects the pair now, not on the
-    first step. Runs on a thread of its own with a deadline: setup-time work, off the compute thread."""
+    """Exchange one large message on a new link (both ranks, concurrently) so NCCL connects every channel the
+    pair will use now, not during a step (a lazy connect blocks the host until the peer joins it: with 1 byte
+    only the first channel was connected). Runs on a thread of its own with a deadline: setup-time work, off
+    the compute thread."""
     from streamer.errors import PeerDeadError
     from streamer.nccl import _nccl
 
     def work() -> None:
         with torch.cuda.device(device):
-            buf = torch.zeros(1, dtype=torch.uint8, device=device)
-            if send:
-                link.comm.send(buf.data_ptr(), 1, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
-            else:
-                link.comm.recv(buf.data_ptr(), 1, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
+            buf = torch.zeros(WARM_UP_BYTES, dtype=torch.uint8, device=device)
+            for n in (1, WARM_UP_BYTES):  # the small-message path and the large one
+                if send:
+                    link.comm.send(buf.data_ptr(), n, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
+                else:
+                    link.comm.recv(buf.data_ptr(), n, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
             link.stream.synchronize()
 
     loop = asyncio.get_running_loop()

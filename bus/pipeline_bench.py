@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", default="paper")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"])
+    p.add_argument("--hang-timeout", type=float, default=60.0,
+                   help="the deployment kills a stage busy with one step this long (a prompt pass takes ~1 s)")
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
                                "--startup-timeout", "600", "--transport", args.transport,
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout",
-                               "10", timeout=900, log_level="WARNING")
+                               "10", "--hang-timeout", str(args.hang_timeout), timeout=900, log_level="WARNING")
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: deployment ready", flush=True)
         try:
             ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
