@@ -54,6 +54,17 @@ def _lib():  # type: ignore[no-untyped-def]
     return Lib(True, staging_bytes=256 * 1024, lanes=2)
 
 
+def _endpoints(lib, lay: PoolLayout, seed: int):  # type: ignore[no-untyped-def]
+    """A random-filled source on cuda:0 and the destinations: pinned host, pageable host, cuda:0, cuda:1."""
+    g0 = lib.endpoint("g0", lay, "cuda:0")
+    g0.flat.copy_(fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed).cuda())
+    dests = [lib.endpoint("pin", lay, "pinned", wire.POOL_SWAP), lib.endpoint("page", lay, "cpu", wire.POOL_DISK),
+             lib.endpoint("g0b", lay, "cuda:0")]
+    if torch.cuda.device_count() > 1:
+        dests.append(lib.endpoint("g1", lay, "cuda:1"))
+    return g0, dests
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_and_host_round_trips_in_process(dtype: torch.dtype) -> None:
     """cuda:0 -> pinned host pool -> cuda:0 (other slots), cuda:0 -> pageable host, cuda:0 -> cuda:0,
@@ -66,18 +77,13 @@ def test_gpu_and_host_round_trips_in_process(dtype: torch.dtype) -> None:
         lib = _lib()
         await lib.start()
         try:
-            g0 = lib.endpoint("g0", lay, "cuda:0")
-            g0.flat.copy_(fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 1).cuda())
-            pinned = lib.endpoint("pin", lay, "pinned", wire.POOL_SWAP)
-            pageable = lib.endpoint("page", lay, "cpu", wire.POOL_DISK)
-            others = [lib.endpoint("g0b", lay, "cuda:0")]
-            if torch.cuda.device_count() > 1:
-                others.append(lib.endpoint("g1", lay, "cuda:1"))
+            g0, dests = _endpoints(lib, lay, seed=1)
+            pinned = dests[0]
             for trial in range(4):
                 src = random_region(rng, lay, nslots=3)
                 lens = [b - a for a, b in src.tokens]
                 for buffered in (True, False):
-                    for dst in (pinned, pageable, *others):
+                    for dst in dests:
                         mid = random_region(rng, lay, lens=lens, layers=src.layers)
                         t = lib.transfer(g0, src, dst, mid, buffered, checksum=True)
                         await t.run()
@@ -107,12 +113,8 @@ def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
         lib = _lib()
         await lib.start()
         try:
-            g0 = lib.endpoint("g0", lay, "cuda:0")
-            g0.flat.copy_(fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 3).cuda())
-            pinned = lib.endpoint("pin", lay, "pinned", wire.POOL_SWAP)
-            dests = [pinned, lib.endpoint("page", lay, "cpu", wire.POOL_DISK), lib.endpoint("g0b", lay, "cuda:0")]
-            if torch.cuda.device_count() > 1:
-                dests.append(lib.endpoint("g1", lay, "cuda:1"))
+            g0, dests = _endpoints(lib, lay, seed=3)
+            pinned = dests[0]
             for trial in range(3):
                 lens = [rng.randint(512, 1024) for _ in range(3)]
                 src = random_region(rng, lay, lens=lens)
