@@ -9,7 +9,9 @@ stage's request - this process plays the stages.
    a small one on CPU) computes into a pool registered with h0; a forward hook after every block records the
    layer's event and sends LayerReady, and h0 streams that layer (GPU: to another GPU and to pinned memory)
    while the next one computes. Compared with the same prompt pass without streaming. The streamer is a
-   separate process, as in a deployment, so the two never compete for one interpreter lock.
+   separate process, as in a deployment, so the two never compete for one interpreter lock. Two diagnostic
+   shares on GPU: "events-only" (the stage records its interprocess events, nothing moves) and "copies-only"
+   (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated).
 """
 
 from __future__ import annotations
@@ -184,6 +186,24 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             out.append({"section": "overhead", "dst": "events-only", "batch": batch, "prompt": plen, "prompt_s": b,
                         "streamed_compute_s": c, "streamed_total_s": c, "overhead": c / b - 1.0,
                         "compute_overhead": c / b - 1.0, "kv_bytes": 0, "layers": lay.num_layers})
+        if on_gpu:  # the copy's share alone: the same bytes copied by the streamer from another pool on the
+            # stage's GPU while the stage computes (no layer gating, no interprocess event waits)
+            other = GpuPoolMemory(lay, 0)
+            await c0.register_pool("ov-o", other)
+            base, comp = [], []
+            for i in range(repeats + 1):
+                b = await loop.run_in_executor(compute, forward)
+                h = await c0.stream("ov-o", region, dst="ov-h", dst_region=region)
+                c = await loop.run_in_executor(compute, forward)
+                await h.wait(120)
+                if i:
+                    base.append(b)
+                    comp.append(c)
+            await c0.unregister_pool("ov-o")
+            b, c = median(base), median(comp)
+            out.append({"section": "overhead", "dst": "copies-only", "batch": batch, "prompt": plen, "prompt_s": b,
+                        "streamed_compute_s": c, "streamed_total_s": c, "overhead": c / b - 1.0,
+                        "compute_overhead": c / b - 1.0, "kv_bytes": region.nbytes(lay), "layers": lay.num_layers})
         for where, pool in dests:
             base, comp, total = [], [], []
             for i in range(repeats + 1):
