@@ -258,7 +258,7 @@ class Transfer:
                     await settle(c, h)
                 except BaseException:
                     if drain is not None:
-                        await asyncio.shield(self._drain_all(drain, list(hs[k + 1:])))
+                        await asyncio.shield(self._drain_all(drain, list(hs[k:])))
                     raise
                 await self._chunk_done(c)
             return
