@@ -5,8 +5,10 @@ Every KV movement of the system goes through here: prompt -> token streaming (di
 they hand the host's *streamer process* a descriptor and get a completion or a typed failure back. The
 library's three layers (paper section 4): `stream out / in` decides which destination gets which layers
 (`routes_by_layer`, `Route`); gather / scatter pack a strided region into contiguous staging buffers (one
-kernel each; streamer/movers.py, streamer/cuda_mover.py); flush / fetch move contiguous bytes over a transport
-(CUDA copy engines, CUDA IPC + peer copy, NCCL, ZeroMQ frames, memory-mapped files).
+kernel each; streamer/movers.py, streamer/cuda_mover.py) when its pieces are short (a decode step's rows),
+while long pieces (a prompt layer, a microbatch swap) go pool to pool as 2-D DMA blocks with no staging and no
+kernel (streamer/regions.pair_blocks); flush / fetch move contiguous bytes over a transport (CUDA copy engines,
+CUDA IPC + peer copy, NCCL, ZeroMQ frames, memory-mapped files).
 
 Vocabulary: a *pool* is a KV allocation laid out as stages/kv_cache.PoolLayout; a *region* is
 (slots, global layers [a, b), one token range per slot) = stages/kv_cache.Region; a transfer copies the packed
