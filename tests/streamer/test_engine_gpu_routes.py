@@ -1,0 +1,165 @@
+"""The engine's GPU-route logic on CPU, through a fake CUDA mover that performs each job as the real one would
+(2-D DMA blocks emulated with strided views, staging jobs by their row maps): which path a region takes, how
+chunks are grouped into one hop per layer (layered) or per route, byte-exact results, progress per layer, and
+that device work still in flight is drained - never dropped - when a transfer fails or is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+
+from stages.kv_cache import PoolLayout, Region
+from streamer import wire
+from streamer.endpoints import Endpoint
+from streamer.engine import Transfer, local_route
+from streamer.errors import CancelledError, IntegrityError
+from streamer.movers import MoveJob
+from tests.streamer.helpers import fill_random, packed, run
+from tests.streamer.test_engine import Env
+
+
+class GpuLikeEndpoint(Endpoint):
+    """A CPU endpoint the engine treats as a GPU pool (its memory stays in host RAM for the fake mover)."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+class FakeGpuMover:
+    def __init__(self, fail_chunk: int | None = None, hold_chunk: int | None = None) -> None:
+        self.calls: list[list[int]] = []  # chunk indexes per start_many call (one hop each)
+        self.direct: list[bool] = []
+        self.finished: list[int] = []
+        self.fail_chunk, self.hold_chunk = fail_chunk, hold_chunk
+        self.release = asyncio.Event()
+
+    async def start_many(self, jobs: list[MoveJob]) -> list[Any]:
+        self.calls.append([j.chunk.index for j in jobs])
+        for j in jobs:
+            self.direct.append(j.blocks is not None)
+            if j.blocks is not None:
+                for b in j.blocks:
+                    j.dst.flat.as_strided((b.height, b.width), (b.dst_pitch, 1), b.dst_off).copy_(
+                        j.src.flat.as_strided((b.height, b.width), (b.src_pitch, 1), b.src_off))
+            else:
+                c = j.chunk
+                assert j.index.dst is not None
+                j.dst.rows.index_copy_(0, j.index.dst[c.r0: c.r1], j.src.rows.index_select(0, j.index.src[c.r0: c.r1]))
+        return [j.chunk.index for j in jobs]
+
+    async def finish(self, h: int, timeout: float) -> None:
+        self.finished.append(h)  # every wait for a chunk's device work: settling it, or draining it
+        if h == self.hold_chunk:
+            await self.release.wait()
+        if h == self.fail_chunk:
+            raise IntegrityError(f"chunk {h} arrived corrupt")
+
+
+def _pools(tokens: int) -> tuple[PoolLayout, GpuLikeEndpoint, Endpoint]:
+    lay = PoolLayout(0, 4, 4, tokens, 2, 64, torch.float16)  # 256-byte rows
+    src = GpuLikeEndpoint("g", wire.POOL_STAGE, lay, fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 1), "t")
+    dst = Endpoint("h", wire.POOL_SWAP, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "t")
+    return lay, src, dst
+
+
+def _transfer(env: Env, src: Endpoint, region: Region, dst: Endpoint, layered: bool,
+              layers_done: list[int] | None = None) -> Transfer:
+    async def on_layer(layer: int, n: int, nbytes: int) -> None:
+        if layers_done is not None:
+            layers_done.append(layer)
+
+    route = local_route(src, region, dst, region, env.config.staging_bytes, layered)
+    return Transfer(env.rt, "t", 1, "", src, [route], layered=layered, checksum=False, buffered=True,
+                    deadline_s=10.0, notify=[], on_layer=on_layer)
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_long_pieces_go_direct_in_one_hop_per_layer_or_route(layered: bool) -> None:
+    env = Env()
+    gpu = env.rt.gpu = FakeGpuMover()
+    lay, src, dst = _pools(1024)  # 1,000 tokens x 256 B = 250 KiB pieces: the direct path
+    region = Region.uniform(range(3), (0, 4), 0, 1000)
+    done: list[int] = []
+
+    async def go() -> None:
+        t = _transfer(env, src, region, dst, layered, done)
+        task = asyncio.ensure_future(t.run())
+        for layer in range(4):
+            t.layer_ready(layer)
+        await task
+
+    try:
+        run(go, timeout=30)
+    finally:
+        env.close()
+    assert all(gpu.direct) and done == [0, 1, 2, 3]
+    assert gpu.calls == ([[0], [1], [2], [3]] if layered else [[0]])  # direct chunks are whole layers
+    assert torch.equal(packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region),
+                       packed(src.flat.view(lay.dtype).view(lay.shape), lay, region))
+
+
+def test_short_pieces_take_staging_chunks_enqueued_together() -> None:
+    env = Env()  # staging 64 KiB = 256 rows per chunk
+    gpu = env.rt.gpu = FakeGpuMover()
+    lay, src, dst = _pools(64)
+    region = Region((0, 2, 3), (0, 4), ((0, 40), (10, 64), (5, 6)))
+    try:
+        run(lambda: _transfer(env, src, region, dst, False).run(), timeout=30)
+    finally:
+        env.close()
+    assert not any(gpu.direct)
+    assert len(gpu.calls) == 1 and gpu.calls[0] == list(range(len(gpu.calls[0])))  # one hop for all chunks
+    assert torch.equal(packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region),
+                       packed(src.flat.view(lay.dtype).view(lay.shape), lay, region))
+
+
+@pytest.mark.parametrize("layered", [False, True])
+def test_failed_chunk_fails_the_transfer_after_draining_what_was_enqueued(layered: bool) -> None:
+    env = Env()
+    gpu = env.rt.gpu = FakeGpuMover(fail_chunk=1)
+    lay, src, dst = _pools(64)
+    region = Region.uniform(range(4), (0, 4), 0, 64)  # 4 layers x 2 x 4 x 64 rows = 2,048 rows: 8 chunks
+
+    async def go() -> None:
+        t = _transfer(env, src, region, dst, layered)
+        task = asyncio.ensure_future(t.run())
+        for layer in range(4):
+            t.layer_ready(layer)
+        with pytest.raises(IntegrityError):
+            await task
+
+    try:
+        run(go, timeout=30)
+    finally:
+        env.close()
+    started = [i for call in gpu.calls for i in call]
+    assert gpu.finished.count(1) == 2  # settled (it failed), then drained like everything started after it
+    assert set(started) - {0, 1} <= set(gpu.finished[gpu.finished.index(1) + 1:])
+
+
+def test_cancel_while_waiting_for_the_device_drains_the_chunk() -> None:
+    env = Env()
+    gpu = env.rt.gpu = FakeGpuMover(hold_chunk=0)
+    lay, src, dst = _pools(1024)
+    region = Region.uniform(range(2), (0, 1), 0, 1000)  # one direct chunk: the single-group path
+
+    async def go() -> None:
+        t = _transfer(env, src, region, dst, False)
+        t.task = asyncio.ensure_future(t.run())
+        await asyncio.sleep(0.05)
+        t.abort(CancelledError("cancelled by the test"))
+        await asyncio.sleep(0.05)
+        assert not t.task.done()  # still draining: the device has not finished with the memory
+        gpu.release.set()
+        with pytest.raises(CancelledError):
+            await t.task
+
+    try:
+        run(go, timeout=30)
+    finally:
+        env.close()
+    assert gpu.finished == [0, 0]  # the settle that was cancelled, then the drain that waited for the device
