@@ -171,59 +171,57 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
     out = []
     try:
-        if on_gpu:  # the stage-side share alone: hooks that only record the pool's interprocess events
-            base, comp = [], []
-            for i in range(repeats + 1):
-                b = await loop.run_in_executor(compute, forward)
-                hooks = attach_layer_hooks(runtime.shard, mem.record)
-                c = await loop.run_in_executor(compute, forward)
-                for hook in hooks:
-                    hook.remove()
-                if i:
-                    base.append(b)
-                    comp.append(c)
-            b, c = median(base), median(comp)
-            out.append({"section": "overhead", "dst": "events-only", "batch": batch, "prompt": plen, "prompt_s": b,
-                        "streamed_compute_s": c, "streamed_total_s": c, "overhead": c / b - 1.0,
-                        "compute_overhead": c / b - 1.0, "kv_bytes": 0, "layers": lay.num_layers})
-        if on_gpu:  # the copy's share alone: the same bytes copied by the streamer from another pool on the
-            # stage's GPU while the stage computes (no layer gating, no interprocess event waits)
-            other = GpuPoolMemory(lay, 0)
-            await c0.register_pool("ov-o", other)
-            base, comp = [], []
-            for i in range(repeats + 1):
-                b = await loop.run_in_executor(compute, forward)
-                h = await c0.stream("ov-o", region, dst="ov-h", dst_region=region)
-                c = await loop.run_in_executor(compute, forward)
-                await h.wait(120)
-                if i:
-                    base.append(b)
-                    comp.append(c)
-            await c0.unregister_pool("ov-o")
-            b, c = median(base), median(comp)
-            out.append({"section": "overhead", "dst": "copies-only", "batch": batch, "prompt": plen, "prompt_s": b,
-                        "streamed_compute_s": c, "streamed_total_s": c, "overhead": c / b - 1.0,
-                        "compute_overhead": c / b - 1.0, "kv_bytes": region.nbytes(lay), "layers": lay.num_layers})
-        for where, pool in dests:
+        async def compare(dst: str, kv_bytes: int, before: Any, after: Any) -> None:
+            """The prompt pass alone vs with `before()` set up just ahead of it and `after(state)` awaited
+            once it ends (medians; the first round warms both up)."""
             base, comp, total = [], [], []
             for i in range(repeats + 1):
                 b = await loop.run_in_executor(compute, forward)
-                h = await c0.stream("ov-p", region, dst=pool, dst_region=region, layered=True)
-                hooks = attach_layer_hooks(runtime.shard, LayerSignal(c0, mem, [h.xfer]))
+                state = await before()
                 t0 = time.perf_counter()
                 c = await loop.run_in_executor(compute, forward)
-                await h.wait(120)
-                t = time.perf_counter() - t0
-                for hook in hooks:
-                    hook.remove()
-                if i:  # the first round warms both paths up
+                await after(state)
+                if i:
                     base.append(b)
                     comp.append(c)
-                    total.append(t)
+                    total.append(time.perf_counter() - t0)
             b, c, t = median(base), median(comp), median(total)
-            out.append({"section": "overhead", "dst": where, "batch": batch, "prompt": plen, "prompt_s": b,
+            out.append({"section": "overhead", "dst": dst, "batch": batch, "prompt": plen, "prompt_s": b,
                         "streamed_compute_s": c, "streamed_total_s": t, "overhead": t / b - 1.0,
-                        "compute_overhead": c / b - 1.0, "kv_bytes": region.nbytes(lay), "layers": lay.num_layers})
+                        "compute_overhead": c / b - 1.0, "kv_bytes": kv_bytes, "layers": lay.num_layers})
+
+        async def remove(hooks: list[Any]) -> None:
+            for hook in hooks:
+                hook.remove()
+
+        if on_gpu:  # the stage-side share alone: hooks that only record the pool's interprocess events
+            async def events() -> list[Any]:
+                return attach_layer_hooks(runtime.shard, mem.record)
+
+            await compare("events-only", 0, events, remove)
+            # the copy's share alone: the same bytes copied by the streamer from another pool on the stage's GPU
+            # while the stage computes (no layer gating, no interprocess event waits)
+            other = GpuPoolMemory(lay, 0)
+            await c0.register_pool("ov-o", other)
+
+            async def copies() -> Any:
+                return await c0.stream("ov-o", region, dst="ov-h", dst_region=region)
+
+            async def done(h: Any) -> None:
+                await h.wait(120)
+
+            await compare("copies-only", region.nbytes(lay), copies, done)
+            await c0.unregister_pool("ov-o")
+        for where, pool in dests:
+            async def streamed(pool: str = pool) -> tuple[Any, list[Any]]:
+                h = await c0.stream("ov-p", region, dst=pool, dst_region=region, layered=True)
+                return h, attach_layer_hooks(runtime.shard, LayerSignal(c0, mem, [h.xfer]))
+
+            async def finished(state: tuple[Any, list[Any]]) -> None:
+                await state[0].wait(120)
+                await remove(state[1])
+
+            await compare(where, region.nbytes(lay), streamed, finished)
     finally:
         compute.shutdown()
         await c0.unregister_pool("ov-p")

@@ -322,7 +322,7 @@ class Transfer:
         if r.dst.is_host_pool:
             r.dst.begin_write(r.dst_region)
         direct = gpu and self.buffered and r.blocks is not None
-        chunks = r.chunks if direct or not gpu or r.blocks is None else \
+        chunks = r.chunks if direct or r.blocks is None else \
             plan_chunks(r.src_region, self.src.layout.row_bytes, self.rt.config.staging_bytes, self.layered)
         # GPU: every chunk of a group is enqueued in one hop to the GPU thread; the device orders them (the
         # lanes' events), so the host never waits between chunks. CPU: one chunk at a time.

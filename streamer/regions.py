@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.kv_cache import PoolLayout, Region, region_rows
+from stages.kv_cache import PoolLayout, Region, region_pieces, region_rows
 from stages.models.spec import parse_dtype
 from streamer import wire
 from streamer.errors import BadRequestError
@@ -160,24 +160,26 @@ def dma_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block]:
         brk[1:] = idx[1:] - idx[:-1] != 1
     starts = torch.nonzero(brk).flatten()
     lens = torch.cat([starts[1:], torch.tensor([n])]) - starts
-    pool_start = idx[starts].tolist()
-    lens_l, packed_l = lens.tolist(), starts.tolist()
-    blocks: list[Block] = []
-    k = 0
-    while k < len(lens_l):
-        h = 1
-        stride = pool_start[k + 1] - pool_start[k] if k + 1 < len(lens_l) else 0
-        if k + 1 < len(lens_l) and lens_l[k + 1] == lens_l[k] and stride >= lens_l[k]:
-            # a 2-D copy needs pitch >= width: runs that go backwards or overlap stay separate blocks
-            while (k + h < len(lens_l) and lens_l[k + h] == lens_l[k]
-                   and pool_start[k + h] - pool_start[k + h - 1] == stride):
+    return [Block(so * row_bytes, sp * row_bytes, w * row_bytes, h, do * row_bytes)
+            for so, sp, do, _, w, h in merge_runs(idx[starts].tolist(), starts.tolist(), lens.tolist())]
+
+
+def merge_runs(src: list[int], dst: list[int], lens: list[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """Merge runs (run k: `lens[k]` units from `src[k]` to `dst[k]`) into 2-D blocks (src_off, src_pitch,
+    dst_off, dst_pitch, width, height): consecutive runs of equal length whose offsets advance by constant
+    strides on both sides. A 2-D copy needs pitch >= width, so runs that go backwards or overlap stay apart."""
+    out = []
+    n, i = len(lens), 0
+    while i < n:
+        h, sp, dp = 1, lens[i], lens[i]
+        if i + 1 < n and lens[i + 1] == lens[i] and src[i + 1] - src[i] >= lens[i] and dst[i + 1] - dst[i] >= lens[i]:
+            sp, dp = src[i + 1] - src[i], dst[i + 1] - dst[i]
+            while (i + h < n and lens[i + h] == lens[i] and src[i + h] - src[i + h - 1] == sp
+                   and dst[i + h] - dst[i + h - 1] == dp):
                 h += 1
-        else:
-            stride = lens_l[k]
-        blocks.append(Block(pool_start[k] * row_bytes, stride * row_bytes, lens_l[k] * row_bytes, h,
-                            packed_l[k] * row_bytes))
-        k += h
-    return blocks
+        out.append((src[i], sp, dst[i], dp, lens[i], h))
+        i += h
+    return out
 
 
 @dataclass(frozen=True)
@@ -196,15 +198,6 @@ class PairBlock:
 DIRECT_RUN_BYTES = 128 * 1024  # pieces at least this long on average go pool to pool by DMA, with no staging
 
 
-def _pieces(layout: PoolLayout, region: Region, layers: tuple[int, int]) -> list[tuple[int, int]]:
-    """(byte offset in the pool, bytes) of every contiguous piece of `layers` (route-relative [i, j)) of the
-    region, in packed order: one per (layer, K|V, slot), empty slots included (as zero-length pieces)."""
-    rb, s, t = layout.row_bytes, layout.num_slots, layout.max_seq_len
-    a = region.layers[0] - layout.first_layer
-    per_slot = [((slot * t + t0) * rb, (t1 - t0) * rb) for slot, (t0, t1) in zip(region.slots, region.tokens)]
-    return [(lc * s * t * rb + off, n) for lc in range(2 * (a + layers[0]), 2 * (a + layers[1])) for off, n in per_slot]
-
-
 def direct_worthwhile(region: Region, row_bytes: int, min_run_bytes: int = DIRECT_RUN_BYTES) -> bool:
     """Whether the region's pieces are long enough, on average, for pool-to-pool DMA to beat staging (a copy
     engine moves short pieces slowly, and every copy call costs host time)."""
@@ -219,27 +212,11 @@ def pair_blocks(src_layout: PoolLayout, src_region: Region, dst_layout: PoolLayo
     piece k of the destination (same lengths: check_compatible). Consecutive pieces of equal length whose
     source and destination both advance by constant strides (at least the width, so rows never overlap)
     merge into one block: one prompt layer of a microbatch (K and V of every slot) is at most two blocks."""
-    layers = layers or (0, src_region.num_layers)
-    ps = [p for p in _pieces(src_layout, src_region, layers)]
-    pd = [p for p in _pieces(dst_layout, dst_region, layers)]
-    keep = [k for k in range(len(ps)) if ps[k][1] > 0]
-    s_l, d_l, k_l = [ps[k][0] for k in keep], [pd[k][0] for k in keep], [ps[k][1] for k in keep]
-    n = len(k_l)
-    out: list[PairBlock] = []
-    i = 0
-    while i < n:
-        h, sp, dp = 1, k_l[i], k_l[i]
-        if i + 1 < n and k_l[i + 1] == k_l[i]:
-            sp, dp = s_l[i + 1] - s_l[i], d_l[i + 1] - d_l[i]
-            if sp >= k_l[i] and dp >= k_l[i]:
-                while (i + h < n and k_l[i + h] == k_l[i] and s_l[i + h] - s_l[i + h - 1] == sp
-                       and d_l[i + h] - d_l[i + h - 1] == dp):
-                    h += 1
-            else:
-                sp, dp = k_l[i], k_l[i]
-        out.append(PairBlock(s_l[i], sp, d_l[i], dp, k_l[i], h))
-        i += h
-    return out
+    i, j = layers or (0, src_region.num_layers)
+    a, b = src_region.layers[0], dst_region.layers[0]
+    ps = region_pieces(src_layout, src_region.sub_layers(a + i, a + j))  # empty slots are skipped on both sides
+    pd = region_pieces(dst_layout, dst_region.sub_layers(b + i, b + j))
+    return [PairBlock(*m) for m in merge_runs([o for o, _ in ps], [o for o, _ in pd], [n for _, n in ps])]
 
 
 def plan_direct(region: Region, row_bytes: int, chunk_bytes: int, layered: bool) -> list[Chunk]:

@@ -14,7 +14,7 @@ import torch
 from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.endpoints import Endpoint
-from streamer.engine import Transfer, local_route
+from streamer.engine import Transfer
 from streamer.errors import CancelledError, IntegrityError
 from streamer.movers import MoveJob
 from tests.streamer.helpers import fill_random, packed, run
@@ -72,9 +72,7 @@ def _transfer(env: Env, src: Endpoint, region: Region, dst: Endpoint, layered: b
         if layers_done is not None:
             layers_done.append(layer)
 
-    route = local_route(src, region, dst, region, env.config.staging_bytes, layered)
-    return Transfer(env.rt, "t", 1, "", src, [route], layered=layered, checksum=False, buffered=True,
-                    deadline_s=10.0, notify=[], on_layer=on_layer)
+    return env.transfer(src, region, dst, region, layered=layered, checksum=False, on_layer=on_layer)
 
 
 @pytest.mark.parametrize("layered", [False, True])
