@@ -10,6 +10,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message as recv_monitor_message_sync
 
 from bus.client import AsyncClient
 from bus.codec import Codec
@@ -131,6 +132,29 @@ def _fuzz_frames(rng: random.Random, codec: Codec) -> list[list[bytes]]:
     return out
 
 
+async def _fuzz_one(ctx: zmq.asyncio.Context, kind: int, addr: str, batch: list[list[bytes]]) -> bool:
+    """Send every frame list of ``batch`` to ``addr`` from a fresh socket of ``kind``; False when the peer's
+    socket type refuses ours at the ZMTP handshake (ZeroMQ reports a disconnect and drops the pipe; a send would
+    then wait for a peer forever). The handshake's outcome is read from the socket monitor, under a deadline."""
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on completed connections: a refused peer never takes a frame
+    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    s.connect(addr)
+    try:
+        event = recv_monitor_message_sync(await asyncio.wait_for(mon.recv_multipart(), 30.0))
+        if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return False
+        for frames in batch:
+            await asyncio.wait_for(s.send_multipart(frames), 30.0)
+        await asyncio.sleep(0.2)  # let the peer drain what it got before the socket goes
+        return True
+    finally:
+        s.disable_monitor()
+        mon.close(0)
+        s.close(0)
+
+
 def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
     async def scenario() -> None:
         async with AsyncClient(dep.address, timeout=60) as c:
@@ -143,16 +167,16 @@ def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
             ctx = zmq.asyncio.Context()
             rng = random.Random(1234)
             codec = Codec("fuzz")
+            accepted: dict[str, list[int]] = {}
             for addr in targets:
                 for kind in (zmq.DEALER, zmq.PUSH):
-                    s = ctx.socket(kind)
-                    s.setsockopt(zmq.LINGER, 0)
-                    s.connect(addr)
-                    for frames in _fuzz_frames(rng, codec):
-                        await s.send_multipart(frames)
-                    await asyncio.sleep(0.2)  # let the peer drain what it got before the socket goes
-                    s.close(0)
+                    accepted.setdefault(addr, [])
+                    if await _fuzz_one(ctx, kind, addr, _fuzz_frames(rng, codec)):
+                        accepted[addr].append(kind)
             ctx.term()
+            # Each bound socket is a ROUTER or a PULL, so exactly one of the two kinds is compatible with it and
+            # must have taken every frame; the other is refused at the ZMTP handshake (by design of ZeroMQ).
+            assert all(len(kinds) == 1 for kinds in accepted.values()), accepted
             after = await c.status()
             again = await c.generate(prompt_token_ids=[9, 8, 7], max_new_tokens=8)
             assert again.token_ids == baseline.token_ids
