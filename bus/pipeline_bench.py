@@ -21,6 +21,7 @@ import asyncio
 import datetime as dt
 import gc
 import json
+import os
 import shlex
 import signal
 import statistics
@@ -133,6 +134,7 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
 
         tasks = [asyncio.create_task(one(p)) for p in prompts]
         t0 = time.perf_counter()
+        last_arrived = -1
         while not first.is_set():  # progress every 30 s: a slow prefill phase says how far it got and whether
             try:  # stages were restarted meanwhile
                 await asyncio.wait_for(first.wait(), 30)
@@ -140,10 +142,13 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
                 if time.perf_counter() - t0 > 900:
                     raise
                 st = await c.status()
+                stages = [p for p in st["processes"] if p["role"] == "stage"]
                 print(f"[pipeline {time.strftime('%H:%M:%S')}] prefill: {arrived}/{len(prompts)} first tokens after "
-                      f"{time.perf_counter() - t0:.0f} s; incarnations "
-                      f"{[p['incarnation'] for p in st['processes'] if p['role'] == 'stage']}; stage steps "
-                      f"{[p.get('steps') for p in st['processes'] if p['role'] == 'stage']}", flush=True)
+                      f"{time.perf_counter() - t0:.0f} s; incarnations {[p['incarnation'] for p in stages]}; "
+                      f"stage steps {[p.get('steps') for p in stages]}", flush=True)
+                if arrived == last_arrived:  # no progress for 30 s: every stage dumps its threads' stacks into
+                    dump_stacks(stages)  # the deployment log (faulthandler on SIGUSR1, recovery/child.py)
+                last_arrived = arrived
         print(f"[pipeline {time.strftime('%H:%M:%S')}] all {len(prompts)} prompts prefilled in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         before = await fresh_stats(c, await fresh_stats(c))  # a report taken wholly after every prefill
@@ -154,6 +159,15 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
                  for i in after}
     return {"tpot_median_s": statistics.median(tpot), "stage_decode_step_s": per_stage,
             "requests": len(prompts), "context": context, "new_tokens": new}
+
+
+def dump_stacks(processes: list[dict[str, Any]]) -> None:
+    """Ask each (local) process to write every thread's Python stack to its log: where a slow phase waits."""
+    for p in processes:
+        try:
+            os.kill(int(p["pid"]), signal.SIGUSR1)
+        except (OSError, ValueError) as e:
+            print(f"[pipeline] could not signal {p['role']} {p['index']} (pid {p['pid']}): {e}", flush=True)
 
 
 async def sweep(address: str, rates: list[float], args: argparse.Namespace,
@@ -295,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 print("[pipeline] status failed:", repr(e), flush=True)
-            print("[pipeline] deployment log (tail):\n" + "\n".join(dep.logs().splitlines()[-60:]), flush=True)
+            log_text = dep.logs()
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "deployment.log").write_text(log_text)  # whole, with any stack dumps
+            print("[pipeline] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
             dep.stop(timeout=120)
         run_rec["rates"] = runs
     save(False)

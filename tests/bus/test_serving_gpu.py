@@ -108,5 +108,26 @@ def test_four_stage_nccl_pipeline_prefills_many_long_prompts_without_stalling(tm
 
     try:
         assert asyncio.run(go()) == [0, 0, 0, 0]
+    except BaseException:
+        _dump_stage_stacks(dep)  # where the stall waits, for the log pytest prints
+        raise
     finally:
         assert dep.stop() == 0
+
+
+def _dump_stage_stacks(dep) -> None:  # type: ignore[no-untyped-def]
+    """SIGUSR1 makes every stage write its threads' stacks to the deployment log (recovery/child.py); print it."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+            if cmd.startswith(b"dejavu: stage") or b"stages.proc" in cmd:
+                os.kill(int(proc.name), signal.SIGUSR1)
+        except OSError:
+            continue
+    time.sleep(2)
+    print("\n".join(dep.logs().splitlines()[-400:]))
