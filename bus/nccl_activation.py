@@ -4,7 +4,9 @@ One directed 2-rank communicator per pipeline link (upstream = rank 0, sends; do
 receives), created per epoch: on a new Topology the upstream stage makes a unique id, sends it to the
 downstream stage as `LinkInit` over the ZeroMQ data socket, and both join (streamer.nccl.NcclLink: init on
 its own thread, within `link_timeout`). A restart therefore rebuilds only the links of a new epoch; old
-links are aborted (ncclCommAbort), never waited on.
+links are aborted (ncclCommAbort) on a thread of their own (streamer.nccl.abort_link), never waited on and never
+queued behind the compute thread, which may be the one blocked on the dead link; a step whose link was aborted
+under it raises LinkClosed and is dropped (its epoch is over).
 
 Ordering: the upstream announces step k's header first and then enqueues ncclSend for it (compute thread,
 right after computing it); the downstream enqueues ncclRecv for step k when its worker takes step k's
@@ -18,12 +20,14 @@ allocator with record_stream. Only the compute thread touches CUDA.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import torch
 
 from bus.frames import DTYPE_NAMES, DTYPES
 from bus.messages import TensorMeta
+from streamer.nccl import abort_link
 
 
 class NcclActivations:
@@ -42,7 +46,7 @@ class NcclActivations:
         `join_out` after sending it."""
         from streamer.nccl import NcclLink, new_unique_id
 
-        await self.close_out(on_gpu)
+        await self.close_out()
         uid = await on_gpu(new_unique_id)
         self._ids += 1
         self.out = await on_gpu(NcclLink, self._ids, f"stage-{self.stage + 1}", 0, self.device.index)
@@ -57,21 +61,21 @@ class NcclActivations:
     async def join_in(self, on_gpu, uid: list[int], timeout: float) -> None:  # type: ignore[no-untyped-def]
         from streamer.nccl import NcclLink
 
-        await self.close_in(on_gpu)
+        await self.close_in()
         self._ids += 1
         self.inc = await on_gpu(NcclLink, self._ids, f"stage-{self.stage - 1}", 1, self.device.index)
         await self.inc.init(uid, timeout)
         await _warm_up(self.inc, self.device, timeout, send=False)
 
-    async def close_out(self, on_gpu) -> None:  # type: ignore[no-untyped-def]
+    async def close_out(self) -> None:
         if self.out is not None:
             link, self.out = self.out, None
-            await on_gpu(link.abort)
+            await abort_link(link)
 
-    async def close_in(self, on_gpu) -> None:  # type: ignore[no-untyped-def]
+    async def close_in(self) -> None:
         if self.inc is not None:
             link, self.inc = self.inc, None
-            await on_gpu(link.abort)
+            await abort_link(link)
 
     # -------------------------------------------------------------- data (compute thread)
 
@@ -85,8 +89,9 @@ class NcclActivations:
         from streamer.nccl import _nccl
 
         link = self.out
-        assert link is not None
-        link.check()
+        if link is None:
+            raise LinkClosed(f"stage {self.stage}: the link downstream was closed under this step")
+        _check(link)
         hidden = hidden.contiguous()
         meta = TensorMeta(DTYPE_NAMES[hidden.dtype], list(hidden.shape))
         announce(meta)
@@ -94,7 +99,8 @@ class NcclActivations:
         done.record()
         link.stream.wait_event(done)
         nbytes = hidden.numel() * hidden.element_size()
-        link.comm.send(hidden.data_ptr(), nbytes, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
+        with _link_errors(link):
+            link.comm.send(hidden.data_ptr(), nbytes, _nccl.NCCL_UINT8, 1, link.stream.cuda_stream)
         hidden.record_stream(link.stream)
         return meta
 
@@ -107,16 +113,42 @@ class NcclActivations:
         from streamer.nccl import _nccl
 
         link = self.inc
-        assert link is not None
-        link.check()
+        if link is None:
+            raise LinkClosed(f"stage {self.stage}: the link upstream was closed under this step")
+        _check(link)
         out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], device=self.device)
         nbytes = out.numel() * out.element_size()
-        link.comm.recv(out.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
+        with _link_errors(link):
+            link.comm.recv(out.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
         got = torch.cuda.Event()
         got.record(link.stream)
         torch.cuda.current_stream().wait_event(got)
         out.record_stream(link.stream)
         return out
+
+
+class LinkClosed(Exception):
+    """The step's link was aborted on purpose while the step used it (a new epoch replaced it): drop the step."""
+
+
+def _check(link) -> None:  # type: ignore[no-untyped-def]
+    if link.closed:
+        raise LinkClosed(f"NCCL link {link.link_id} to {link.peer} was closed")
+    link.check()
+
+
+@contextlib.contextmanager
+def _link_errors(link):  # type: ignore[no-untyped-def]
+    """An NCCL call that fails on a link aborted meanwhile (its communicator freed) is a stale step, not a
+    fault; any other failure is the link's (PeerDeadError: the stage exits and is restarted)."""
+    from streamer.errors import PeerDeadError
+
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - CuPy's NcclError, or AttributeError on a comm set to None
+        if link.closed:
+            raise LinkClosed(f"NCCL link {link.link_id} to {link.peer} was closed: {e}") from None
+        raise PeerDeadError(f"NCCL link {link.link_id} to {link.peer}: {e}") from e
 
 
 WARM_UP_BYTES = 32 << 20  # as large as a prompt pass's activations: NCCL spreads a large message over more

@@ -43,7 +43,7 @@ from bus.messages import (
     TopologyAck,
     Welcome,
 )
-from bus.nccl_activation import NcclActivations
+from bus.nccl_activation import LinkClosed, NcclActivations
 from bus.sockets import context, decode_frames, make_socket, recv_within, send
 from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
 from stages.errors import StageError
@@ -262,6 +262,9 @@ class StageProcess:
                 out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl)
                 self.steps += 1
                 self.tokens += len(step.token_ids)
+            except LinkClosed as e:  # a new epoch aborted the NCCL link this step used: the step is stale
+                log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
+                continue
             except StageError as e:
                 # the step was wrong, not the stage: report it; the process keeps serving
                 log.warning("[step] mb %d step %d failed: %s", step.mb, step.step, e)

@@ -64,12 +64,42 @@ def next_link_id() -> int:
     return next(_link_ids)
 
 
+ABORT_TIMEOUT_S = 10.0  # ncclCommAbort returns in milliseconds; past this it is logged and left to its thread
+
+
+async def abort_link(link: Any, timeout: float = ABORT_TIMEOUT_S) -> None:
+    """Event loop. Abort `link` (anything with `abort()`, `link_id`, `peer`) on a thread of its own - never on
+    the GPU thread, which may be the very thread blocked on this link: a host-side send that waits for a peer
+    that died, or a synchronize on a receive whose sender is gone. ncclCommAbort is what releases such a wait
+    (NCCL kernels and host waits poll the communicator's abort flag; torch's NCCL watchdog aborts from its own
+    thread for the same reason), so queueing the abort behind that wait would deadlock until a supervisor kill.
+    Marks the link dead and closed at once; returns when the abort is done or after `timeout`."""
+    link.dead = True
+    link.closed = True
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            link.abort()
+        finally:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=run, name=f"nccl-abort-{link.link_id}", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+    except TimeoutError:
+        log.error("[stream] NCCL abort of link %s to %s not done within %.0fs; left to its thread", link.link_id,
+                  link.peer, timeout)
+
+
 class NcclLink:
     def __init__(self, link_id: int, peer: str, rank: int, device: int) -> None:
         require_cuda("an NCCL link")
         self.link_id, self.peer, self.rank, self.device = link_id, peer, rank, device
         self.comm: Any = None
         self.dead = False
+        self.closed = False  # aborted on purpose (abort_link): an operation that fails now is stale, not a fault
         self.lock = asyncio.Lock()  # sender: enqueue + announce each chunk atomically (same order both sides)
         with on_device(device):
             self.stream = torch.cuda.Stream(device)
@@ -101,11 +131,15 @@ class NcclLink:
         log.info("[stream] NCCL link %d to %s up (rank %d, cuda:%d)", self.link_id, self.peer, self.rank, self.device)
 
     def abort(self) -> None:
-        """GPU thread. Abort the communicator: pending NCCL kernels return, resources are freed."""
+        """Any thread (normally through `abort_link`). Abort the communicator: pending NCCL kernels return,
+        host calls waiting on the peer return an error, resources are freed."""
         self.dead = True
-        if self.comm is not None:
+        self.closed = True
+        comm = self.comm
+        if comm is not None:
             try:
-                self.comm.abort()
+                with on_device(self.device):
+                    comm.abort()
             except Exception:  # noqa: BLE001 - aborting a broken communicator may itself report the breakage
                 log.exception("[stream] NCCL abort of link %d", self.link_id)
             self.comm = None
@@ -258,7 +292,7 @@ class NcclLinks:
             await asyncio.wait_for(asyncio.shield(fut), self._init_timeout + 1.0)
 
     async def abort(self, link: NcclLink) -> None:
-        await self._on_gpu(link.abort)
+        await abort_link(link)  # not on the GPU thread: it may be blocked on this very link
         for table in (self.sending, self.receiving):
             for k, v in list(table.items()):
                 if v is link:
@@ -271,6 +305,6 @@ class NcclLinks:
 
     async def close(self) -> None:
         for link in [*self.sending.values(), *self.receiving.values()]:
-            await self._on_gpu(link.abort)
+            await abort_link(link)
         self.sending.clear()
         self.receiving.clear()
