@@ -168,12 +168,14 @@ def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
             rng = random.Random(1234)
             codec = Codec("fuzz")
             accepted: dict[str, list[int]] = {}
-            for addr in targets:
-                for kind in (zmq.DEALER, zmq.PUSH):
-                    accepted.setdefault(addr, [])
-                    if await _fuzz_one(ctx, kind, addr, _fuzz_frames(rng, codec)):
-                        accepted[addr].append(kind)
-            ctx.term()
+            try:
+                for addr in targets:
+                    for kind in (zmq.DEALER, zmq.PUSH):
+                        accepted.setdefault(addr, [])
+                        if await _fuzz_one(ctx, kind, addr, _fuzz_frames(rng, codec)):
+                            accepted[addr].append(kind)
+            finally:  # never left to the garbage collector: a context's term() there blocks a later test
+                ctx.destroy(linger=0)
             # Each bound socket is a ROUTER or a PULL, so exactly one of the two kinds is compatible with it and
             # must have taken every frame; the other is refused at the ZMTP handshake (by design of ZeroMQ).
             assert all(len(kinds) == 1 for kinds in accepted.values()), accepted
