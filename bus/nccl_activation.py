@@ -11,10 +11,11 @@ under it raises LinkClosed and is dropped (its epoch is over).
 Ordering: the upstream announces step k's header first and then enqueues ncclSend for it (compute thread,
 right after computing it); the downstream enqueues ncclRecv for step k when its worker takes step k's
 header. Both sides therefore issue operations in step order, and a host-side ncclSend that waits for its
-peer (NCCL connects point-to-point lazily) can never wait on a header it has not sent yet. Each new link
-also exchanges a small and a large warm-up message while it is set up, so its connections exist before the first step. Sends run on the link's stream after an event on the
-compute stream, so computing step k+1 overlaps sending step k; the sent tensor is kept alive for the
-allocator with record_stream. Only the compute thread touches CUDA.
+peer (were a connection made lazily) can never wait on a header it has not sent yet. Communicators connect
+at init (streamer.nccl.make_communicator: NCCL_RUNTIME_CONNECT=0) and each new link exchanges a small and a
+large warm-up message while it is set up, so no connection is made during a step. Sends run on the link's
+stream after an event on the compute stream, so computing step k+1 overlaps sending step k; the sent tensor
+is kept alive for the allocator with record_stream. Only the compute thread touches CUDA (aborts aside).
 """
 
 from __future__ import annotations

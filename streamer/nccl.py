@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 from typing import Any
 
@@ -53,7 +54,15 @@ def new_unique_id() -> list[int]:
 
 def make_communicator(uid: list[int], rank: int) -> Any:
     """A 2-rank communicator from a unique id that travelled as a list of ints. CuPy 14 takes the id as
-    `bytes` (seen on the lent H100s: get_unique_id() returns 128 bytes); older CuPy took a tuple of chars."""
+    `bytes` (seen on the lent H100s: get_unique_id() returns 128 bytes); older CuPy took a tuple of chars.
+
+    Connections are made at init, not lazily on first use (NCCL_RUNTIME_CONNECT=0, unless the operator set
+    it): a lazy connect happens inside a send or receive, allocates and maps memory (CUDA calls that can
+    wait for the whole device) and needs the peer's host to join - while a kernel of this GPU's *other*
+    link (a middle stage has two communicators) may be spinning on a third process. NCCL's documentation
+    warns that concurrent communicators can deadlock this way; TensorRT-LLM's pipeline send/recv sets the
+    same variable for its 2-rank communicators. NCCL reads it once per process, at its first init."""
+    os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
     try:
         return _nccl.NcclCommunicator(2, bytes(v & 0xFF for v in uid), rank)
     except TypeError:
