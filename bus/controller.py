@@ -67,11 +67,19 @@ class Controller:
     # ------------------------------------------------------------------ clients
 
     def submit(self, client: bytes, msg: GenerateRequest, now: float) -> None:
+        """A new request, or a resume (msg.resume_token_ids set: the client reconnected and holds those output
+        tokens). A resume replaces the request of the same id if it still runs here (its stream may have lost
+        messages while the client was away) and is never refused for a full queue: it was admitted before."""
         self.client_seen[client] = now
-        if (client, msg.request_id) in self.requests:
-            self._fail_raw(client, msg.request_id, ERR_BAD_REQUEST, f"request_id {msg.request_id!r} is already running")
-            return
-        if len(self.sched.waiting) >= self.max_waiting:
+        resume = msg.resume_token_ids is not None
+        old = self.requests.get((client, msg.request_id))
+        if old is not None:
+            if not resume:
+                self._fail_raw(client, msg.request_id, ERR_BAD_REQUEST,
+                               f"request_id {msg.request_id!r} is already running")
+                return
+            self._supersede(old)
+        if not resume and len(self.sched.waiting) >= self.max_waiting:
             self._fail_raw(client, msg.request_id, ERR_OVERLOADED,
                            f"{len(self.sched.waiting)} requests already waiting (max_waiting); retry later")
             return
@@ -83,8 +91,24 @@ class Controller:
             return
         req.submitted = now
         self.requests[req.key] = req
+        if req.generated:
+            log.info("[client] %s resumes %s after %d token(s)", client.hex()[:8], req.request_id,
+                     len(req.generated))
+            reason = finish_reason(req.generated[-1], len(req.generated), req.max_new_tokens, req.seq_len,
+                                   self.model.max_seq_len, req.stop_ids)
+            if reason is not None:  # it had ended; only the end's message was lost
+                self._finish(req, reason)
+                return
         self.sched.enqueue(req)
         self.schedule(now)
+
+    def _supersede(self, req: Request) -> None:
+        """Drop `req` without a word to its client (a resume of it takes over); its slot is freed now, or when
+        its step in flight returns (on_result releases cancelled members)."""
+        req.done = req.cancelled = True
+        self.requests.pop(req.key, None)
+        if req.mb is not None and self.sched.mbs[req.mb].inflight is None:
+            self.sched.release(req)
 
     def cancel(self, client: bytes, request_id: str, now: float) -> None:
         self.client_seen[client] = now

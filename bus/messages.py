@@ -132,6 +132,11 @@ class GenerateRequest(Msg, tag=20):
     seed: int = 0
     stop_token_ids: list[int] = []
     ignore_eos: bool = False  # generate exactly max_new_tokens unless a stop_token_id comes (benchmarks)
+    # A resume (None: a new request): the output tokens the client already holds. The client sends it after
+    # its connection to the controller came back (a restarted controller knows nothing of the request); the
+    # controller continues the output from there - replacing the request of the same id if it still runs -
+    # so nothing the client holds is repeated or changed (seeded sampling depends only on (seed, position)).
+    resume_token_ids: list[int] | None = None
 
 
 class CancelRequest(Msg, tag=21):
@@ -227,6 +232,12 @@ class LinkInit(Msg, tag=46):
 
     epoch: int
     uid: list[int]
+
+
+class Rehello(Msg, tag=47):
+    """Controller -> a stage it has no record of (a restarted controller): say Hello again."""
+
+    controller_incarnation: int
 
 
 class StageStats(Msg, tag=45):
@@ -633,6 +644,6 @@ STREAMER_MESSAGES: tuple[type[Msg], ...] = CONTROL + DATA
 
 COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive)
-STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit)
+STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

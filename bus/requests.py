@@ -85,9 +85,18 @@ def admit(
     bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"stop token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    resumed = list(req.resume_token_ids or [])
+    if resumed:
+        bad = [t for t in resumed if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"resumed token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        if len(resumed) > req.max_new_tokens or len(ids) + len(resumed) > max_seq_len:
+            raise InvalidRequestError(f"resume of {len(resumed)} token(s) exceeds max_new_tokens or the maximum "
+                                      "sequence length")
     detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
     if detok is not None:
         detok.prime(ids)
+        detok.push(resumed)  # the client holds the text of these: only the detokenizer's state matters
     return Request(
         client=client,
         request_id=req.request_id,
@@ -96,4 +105,5 @@ def admit(
         sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed),
         stop_ids=(frozenset() if req.ignore_eos else frozenset(eos_ids)) | frozenset(req.stop_token_ids),
         detok=detok,
+        generated=resumed,
     )

@@ -150,3 +150,50 @@ def test_bad_and_excess_requests_get_typed_errors_others_unaffected() -> None:
     assert codes == {"ok#": ERR_BAD_REQUEST, "big": ERR_BAD_REQUEST, "empty": ERR_BAD_REQUEST,
                      "long": ERR_BAD_REQUEST, "temp": ERR_BAD_REQUEST, "w2": ERR_OVERLOADED}
     assert set(k[1] for k in core.requests) == {"ok", "w1"}
+
+
+def test_resume_continues_after_the_tokens_the_client_holds() -> None:
+    """A restarted controller gets a resume: prompt + held tokens are recomputed, the output goes on at the
+    next index, and RequestDone counts every token of the output."""
+    core = make(mbs=1, size=1)
+    core.submit(b"c", req("a", [5, 6], n=4, resume_token_ids=[11, 12]), 0.0)
+    (s,), out = core.outbox.drain()
+    assert out == [] and s.token_ids == [5, 6, 11, 12] and s.chunks[0].length == 4
+    answer(core, s, [13])
+    (s,), out = core.outbox.drain()
+    assert out == [(b"c", TokenChunk("a", 2, [13], None))] and s.token_ids == [13]
+    answer(core, s, [14])
+    _, out = core.outbox.drain()
+    assert out == [(b"c", TokenChunk("a", 3, [14], None)), (b"c", RequestDone("a", "length", 2, 4))]
+
+
+def test_resume_of_a_running_request_replaces_it_silently() -> None:
+    """The client came back to the same controller: the running request (whose messages may have been lost)
+    is dropped without a word, its slot freed when its step returns, and the resume takes over."""
+    core = make(mbs=1, size=1)
+    core.submit(b"c", req("a", [5], n=5), 0.0)
+    (s,), _ = core.outbox.drain()
+    answer(core, s, [11])
+    (s,), _ = core.outbox.drain()  # step 2 of "a" in flight
+    core.submit(b"c", req("a", [5], n=5, resume_token_ids=[11]), 1.0)
+    assert core.outbox.drain() == ([], [])  # the slot is busy until the old step returns
+    answer(core, s, [12])  # the superseded request's token is never sent
+    (s,), out = core.outbox.drain()
+    assert out == [] and s.token_ids == [5, 11] and s.chunks[0].start == 0
+    answer(core, s, [12])
+    _, out = core.outbox.drain()
+    assert out == [(b"c", TokenChunk("a", 1, [12], None))]
+
+
+def test_resume_of_an_ended_output_only_ends_it_and_bad_resumes_are_refused() -> None:
+    core = make(mbs=1, size=1)
+    core.submit(b"c", req("a", [5], n=3, resume_token_ids=[7, EOS]), 0.0)
+    steps, out = core.outbox.drain()
+    assert steps == [] and out == [(b"c", RequestDone("a", "stop", 1, 2))]
+    core.submit(b"c", req("b", [5], n=1, resume_token_ids=[7, 8]), 0.0)  # more than max_new_tokens
+    core.submit(b"c", req("d", [5], n=3, resume_token_ids=[100]), 0.0)  # outside the vocabulary
+    core.submit(b"c", req("e", [5], n=3), 0.0)
+    core.submit(b"c", req("e", [5], n=3), 0.0)  # a plain duplicate is still an error
+    _, out = core.outbox.drain()
+    failed = [(m.request_id, m.code) for _, m in out if isinstance(m, RequestFailed)]
+    assert failed == [("b", ERR_BAD_REQUEST), ("d", ERR_BAD_REQUEST), ("e", ERR_BAD_REQUEST)]
