@@ -7,10 +7,18 @@ sender that writes every outgoing frame in order (so posting a message never awa
 cancellation paths); a keep-alive that speaks while requests are in flight (the controller cancels the
 requests of a silent client).
 
+When the connection to the controller breaks (a socket monitor sees it) the client waits for it to come back
+(`reconnect_timeout`) - a supervisor restarts a dead controller at the same address - and then *resumes*
+every request in flight: it sends the request again with the output tokens it already holds
+(`resume_token_ids`), and the controller continues the output from there. Nothing is repeated to the caller,
+changed or lost; chunks that a resumed request receives twice must repeat what it holds exactly and are
+dropped. The socket has a fixed identity (so a controller that stayed up recognises the resume) and queues
+messages only on a live connection.
+
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
-closing: `close_timeout`), retry a request on its own (the server owns recovery and never repeats or retracts
-a delivered token), or accept a chunk that leaves a gap or overlap in the output (ServerError instead of
-silently wrong tokens).
+closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,
+or accept a chunk that leaves a gap or contradicts tokens already received (ServerError instead of silently
+wrong tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from bus.codec import Codec
 from bus.errors import (
@@ -184,7 +193,10 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
 @dataclass
 class _Pending:
     queue: asyncio.Queue[tuple[float, Msg | DejaVuError]]  # (receive time, message or error)
-    msg_id: int  # envelope id of the GenerateRequest, for ErrorReply.reply_to
+    msg_id: int  # envelope id of the GenerateRequest (or of its latest resume), for ErrorReply.reply_to
+    request: GenerateRequest
+    received: list[int]  # output tokens received so far, in order (what a resume sends)
+    resumes: int = 0
 
 
 class TokenStream:
@@ -314,15 +326,20 @@ class AsyncClient:
     """
 
     def __init__(self, address: str, *, timeout: float = 600.0, keepalive_interval: float = 1.0,
-                 connect_timeout: float = 10.0, close_timeout: float = 2.0, probe: bool = True) -> None:
+                 connect_timeout: float = 10.0, close_timeout: float = 2.0, reconnect_timeout: float = 60.0,
+                 probe: bool = True) -> None:
         if "://" not in address:
             raise ValueError(f"address must look like tcp://host:port, got {address!r}")
         for name, v in (("timeout", timeout), ("keepalive_interval", keepalive_interval),
-                        ("connect_timeout", connect_timeout), ("close_timeout", close_timeout)):
+                        ("connect_timeout", connect_timeout), ("close_timeout", close_timeout),
+                        ("reconnect_timeout", reconnect_timeout)):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
         self.address, self.timeout, self.keepalive_interval = address, timeout, keepalive_interval
         self.connect_timeout, self.close_timeout, self.probe = connect_timeout, close_timeout, probe
+        self.reconnect_timeout = reconnect_timeout
+        self._lost_at: float | None = None  # when the connection broke (None: up, or never was)
+        self._give_up: asyncio.TimerHandle | None = None
         self.server_info: dict[str, Any] | None = None  # the probe's status(), when probed
         self._state = "new"  # new -> open -> closed
         self._refusal = ""  # why new requests are refused although open ("" = they are not)
@@ -331,7 +348,7 @@ class AsyncClient:
         self._by_msg_id: dict[int, str] = {}
         self._status_waiters: dict[int, asyncio.Future[StatusReply]] = {}
         self._env_dec = msgspec.msgpack.Decoder(Envelope)
-        self._codec = Codec(f"client-{os.getpid()}-{uuid.uuid4().hex[:8]}", types=(ErrorReply, *CLIENT))
+        self._codec = Codec(f"client-{os.getpid()}-{uuid.uuid4().hex[:16]}", types=(ErrorReply, *CLIENT))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -342,9 +359,13 @@ class AsyncClient:
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._busy, self._drained = asyncio.Event(), asyncio.Event()
         self._ctx = zmq.asyncio.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, connect=self.address)
+        self._sock = make_socket(self._ctx, zmq.DEALER, identity=self._codec.sender.encode())
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # no frame is queued for a connection that is gone
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock.connect(self.address)
         self._tasks = [asyncio.create_task(coro, name=f"dejavu-client-{name}") for name, coro in (
-            ("recv", self._receive_loop()), ("send", self._send_loop()), ("keepalive", self._keepalive_loop()))]
+            ("recv", self._receive_loop()), ("send", self._send_loop()), ("keepalive", self._keepalive_loop()),
+            ("monitor", self._monitor_loop()))]
         self._state = "open"
         if self.probe:
             try:
@@ -382,9 +403,13 @@ class AsyncClient:
                                 "AsyncClient(close_timeout=...))", len(self._requests), self.close_timeout)
         finally:
             self._fail_all(CancelledError("the client was closed while the request was in flight"))
+            if self._give_up is not None:
+                self._give_up.cancel()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._ctx.term()
             self._state = "closed"
@@ -454,7 +479,7 @@ class AsyncClient:
 
     def _submit(self, req: GenerateRequest) -> _Pending:
         self._check_open()
-        pending = _Pending(asyncio.Queue(), self._post(req))
+        pending = _Pending(asyncio.Queue(), self._post(req), req, [])
         self._requests[req.request_id] = pending
         self._by_msg_id[pending.msg_id] = req.request_id
         self._busy.set()
@@ -524,8 +549,12 @@ class AsyncClient:
                 log.debug("[client] %s for request %s (no longer awaited) dropped", type(body).__name__,
                           body.request_id)
                 return
-            if not isinstance(body, TokenChunk):
-                self._forget(body.request_id)
+            if isinstance(body, TokenChunk):
+                self._on_chunk(pending, body, now)
+                return
+            self._forget(body.request_id)
+            if pending.resumes:  # the output ended; a resume still on its way must not run on for nothing
+                self._post(CancelRequest(body.request_id))
             pending.queue.put_nowait((now, body))
         elif isinstance(body, StatusReply):
             fut = self._status_waiters.pop(env.reply_to, None)
@@ -535,6 +564,57 @@ class AsyncClient:
             self._on_error_reply(env, body, now)
         else:
             log.warning("[client] unexpected %s from the controller dropped", type(body).__name__)
+
+    def _on_chunk(self, pending: _Pending, chunk: TokenChunk, now: float) -> None:
+        """Queue a chunk that continues the output exactly; drop one a resumed request receives twice (it must
+        repeat the tokens held); anything else ends the request with ServerError."""
+        held, i, k = len(pending.received), chunk.index, len(chunk.token_ids)
+        if i == held:
+            pending.received.extend(chunk.token_ids)
+            pending.queue.put_nowait((now, chunk))
+            return
+        if pending.resumes and i < held and i + k <= held and pending.received[i:i + k] == chunk.token_ids:
+            return  # sent before the resume took over, and again after it
+        what = "gap" if i > held else "overlap"
+        err = ServerError(
+            f"request {chunk.request_id}: chunk at output index {i} with {k} token(s) but {held} token(s) "
+            f"received so far ({what}); refusing a corrupted output")
+        self._cancel(chunk.request_id)
+        pending.queue.put_nowait((now, err))
+
+    async def _monitor_loop(self) -> None:
+        """The socket's connection events: a break starts the reconnect deadline; a new handshake after a
+        break resumes every request in flight."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED and self._lost_at is None and not self._closing:
+                self._lost_at = time.perf_counter()
+                log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
+                            "back (within reconnect_timeout %.0fs)", self.address, len(self._requests),
+                            self.reconnect_timeout)
+                self._give_up = self._loop.call_later(self.reconnect_timeout, self._reconnect_failed)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost_at is not None:
+                log.info("[client] reconnected to %s after %.1fs; resuming %d request(s)", self.address,
+                         time.perf_counter() - self._lost_at, len(self._requests))
+                self._lost_at = None
+                if self._give_up is not None:
+                    self._give_up.cancel()
+                    self._give_up = None
+                self._resume_all()
+
+    def _resume_all(self) -> None:
+        for rid, pending in self._requests.items():
+            resume = msgspec.structs.replace(pending.request, resume_token_ids=list(pending.received))
+            self._by_msg_id.pop(pending.msg_id, None)
+            pending.msg_id = self._post(resume)
+            pending.resumes += 1
+            self._by_msg_id[pending.msg_id] = rid
+
+    def _reconnect_failed(self) -> None:
+        self._give_up = None
+        self._fail_all(ServerError(
+            f"the connection to {self.address} broke and did not come back within {self.reconnect_timeout:.0f}s "
+            "(setting: AsyncClient(reconnect_timeout=...))"))
 
     def _on_error_reply(self, env: Envelope, body: ErrorReply, now: float) -> None:
         fut = self._status_waiters.pop(env.reply_to, None)

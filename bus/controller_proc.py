@@ -38,6 +38,7 @@ from bus.messages import (
     KeepAlive,
     ProcessDown,
     ProcessInfo,
+    Rehello,
     StageStats,
     StatusQuery,
     StatusReply,
@@ -112,7 +113,9 @@ class ControllerProcess:
         self.client_codec = Codec("controller", cfg.incarnation, max_bytes=cfg.max_client_request)
         self.ctx = context()
         self.reg = Registry()
-        self.epoch = 0
+        # Epochs grow across controller incarnations too: a stage drops steps and link offers of any epoch
+        # but its current one, and a restarted controller must never reuse its predecessor's numbers.
+        self.epoch = cfg.incarnation << 20
         self.pending_acks: set[int] = set()
         self.linking_since = 0.0
         self.ever_ready = False
@@ -243,13 +246,22 @@ class ControllerProcess:
         if isinstance(body, Hello):
             if entry is not None and msg.env.incarnation < entry.incarnation:
                 return
+            if entry is not None and msg.env.incarnation == entry.incarnation and \
+                    body.addresses.get("data", "") == entry.data:  # said twice (Rehello raced a heartbeat)
+                await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
+                return
             self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""))
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
             await self._relink()
             return
-        if entry is None or msg.env.incarnation != entry.incarnation:
+        if entry is None:  # this controller was restarted since the stage said Hello: ask it again
+            log.info("[stage] %s unknown to controller incarnation %d: asking for its Hello", msg.env.sender,
+                     self.cfg.incarnation)
+            await send(self.internal, self.codec, Rehello(self.cfg.incarnation), route=[ident])
+            return
+        if msg.env.incarnation != entry.incarnation:
             return  # a stale incarnation's frame
         if isinstance(body, TopologyAck):
             if body.epoch == self.epoch and index in self.pending_acks:

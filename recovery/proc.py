@@ -6,9 +6,11 @@ and stages connect) -> start the host's KV streamer and the stages (they load in
 streamer's Hello and the controller's DeploymentReady -> `on_ready(address)`.
 Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
 `heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage is reported to the
-controller (ProcessDown) and restarted as a new incarnation, within the restart-intensity limit; past it,
-or if the controller dies, the deployment shuts down with a clear error. Stopping: Shutdown to every child,
-then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no process is left behind.
+controller (ProcessDown) and restarted as a new incarnation, within the restart-intensity limit. So is a dead
+controller: it binds the same addresses, stages register again when it asks them, and clients resume their
+requests from the tokens they hold. Past the limit the deployment shuts down with a clear error. Stopping:
+Shutdown to every child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no process
+is left behind.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 import zmq
@@ -67,6 +69,7 @@ class SupervisorProcess:
         self.controller_hello = asyncio.Event()
         self.streamer_hello = asyncio.Event()
         self.addresses: dict[str, str] = {}
+        self.forwarded: dict[str, Hello] = {}  # other processes' Hellos the controller lists in status()
         self.tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ main
@@ -187,11 +190,22 @@ class SupervisorProcess:
         name = child.spec.name
         reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         log.warning("[restart] %s incarnation %d %s", name, incarnation, reason)
-        if child.spec.role == "controller":
-            child.state.state = FAILED
-            self._fail(f"{name} {reason}; the deployment cannot go on without it")
-            return
         allowed = self.intensity.allow(time.monotonic())
+        if child.spec.role == "controller":
+            if not allowed or "client" not in self.addresses:
+                child.state.state = FAILED
+                why = "the restart limit is reached (settings: max_restarts / restart_window)" if not allowed \
+                    else "it died before it said where it listens"
+                self._fail(f"{name} {reason}; {why}: the deployment cannot go on without it")
+                return
+            # The new incarnation binds where its predecessor did: clients and stages reconnect by themselves.
+            # Clients resume their requests from the tokens they hold; stages say Hello again when it asks.
+            cfg = replace(child.spec.config, client_bind=self.addresses["client"],  # type: ignore[type-var]
+                          internal_bind=self.addresses["internal"])
+            child.spec = replace(child.spec, config=cfg)
+            child.state.restarts += 1
+            self._spawn(child, incarnation + 1)
+            return
         await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
         if not allowed:
             child.state.state = FAILED
@@ -235,13 +249,16 @@ class SupervisorProcess:
             if child.spec.role == "streamer":
                 self.streamer_hello.set()
                 # for status(): the controller lists every process, with the incarnation the supervisor knows
-                await self._to_controller(msgspec.structs.replace(body, incarnation=child.state.incarnation))
+                self.forwarded[child.spec.name] = msgspec.structs.replace(body, incarnation=child.state.incarnation)
+                await self._to_controller(self.forwarded[child.spec.name])
             if child.spec.role == "controller":
                 self.addresses = dict(body.addresses)
                 child.state.state = SERVING
                 self.controller_hello.set()
                 await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname(),
                                                         {"supervisor": self.address}), route=[route])
+                for hello in self.forwarded.values():  # a restarted controller knows nothing yet
+                    await send(self.sock, self.codec, hello, route=[route])
         elif isinstance(body, Heartbeat):
             child.state.state = body.state
             child.state.busy_s = body.busy_s

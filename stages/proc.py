@@ -33,6 +33,7 @@ from bus.messages import (
     ERR_BAD_REQUEST,
     Hello,
     LinkInit,
+    Rehello,
     Shutdown,
     StageStats,
     StepFailed,
@@ -139,8 +140,7 @@ class StageProcess:
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0")
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
                                    identity=f"stage-{cfg.index}".encode())
-            await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), socket.gethostname(),
-                                                   {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots))
+            await self._hello()
             frames = await recv_within(self.ctl, cfg.handshake_timeout, "Welcome from the controller",
                                        "handshake_timeout")
             _, msg = decode_frames(self.codec, frames)
@@ -160,14 +160,20 @@ class StageProcess:
             self.compute.shutdown(wait=False, cancel_futures=True)
             self.ctx.destroy(linger=0)
 
+    async def _hello(self) -> None:
+        cfg = self.cfg
+        await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), socket.gethostname(),
+                                               {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots))
+
     async def _stats(self) -> None:
+        """Every heartbeat interval, also before serving: a restarted controller learns of this stage from
+        these (it answers Rehello)."""
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
-            if self.serving_since:
-                up = time.monotonic() - self.serving_since
-                busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
-                    else self.busy_total + self._busy()
-                await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens))
+            up = time.monotonic() - self.serving_since if self.serving_since else 0.0
+            busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
+                else self.busy_total + self._busy()
+            await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens))
 
     def _busy(self) -> float:
         return time.monotonic() - self.busy_since if self.busy_since else 0.0
@@ -186,6 +192,13 @@ class StageProcess:
             elif isinstance(body, Topology):
                 await self._set_topology(body)
                 await send(self.ctl, self.codec, TopologyAck(body.epoch), reply_to=msg.env.msg_id)
+            elif isinstance(body, Rehello):  # the controller was restarted: register again, then a new epoch
+                log.info("[handshake] stage %d: controller incarnation %d asks for Hello", self.cfg.index,
+                         body.controller_incarnation)
+                self.state = "ready"
+                await self._hello()
+            elif isinstance(body, Welcome):
+                pass  # the answer to a Hello sent again (Rehello)
             elif isinstance(body, Shutdown):
                 self.sup.stop.set()
             else:

@@ -73,6 +73,19 @@ class FakeController:
         self.sock.close(0)
         self.ctx.term()
 
+    async def restart(self, come_back: bool = True) -> None:
+        """Drop every connection, as a controller that dies does, and (come_back) bind the same address again,
+        as its restarted incarnation does. Requests being answered are dropped with the old socket."""
+        for t in (self._main, *self._tasks):
+            t.cancel()
+        await asyncio.gather(self._main, *self._tasks, return_exceptions=True)
+        self.sock.close(0)
+        if come_back:
+            self.sock = make_socket(self.ctx, zmq.ROUTER, bind=self.address)
+            self._main = asyncio.create_task(self._serve())
+        else:
+            self.sock = make_socket(self.ctx, zmq.ROUTER)  # bound nowhere: what __aexit__ closes
+
     async def send(self, route: bytes, body: Msg, reply_to: int = 0) -> None:
         await self.sock.send_multipart([route, self.codec.encode(body, reply_to)])
 

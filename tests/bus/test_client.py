@@ -326,3 +326,66 @@ def test_cli_status_and_typed_error_exit_code() -> None:
             assert rc == 2 and "BadRequestError" in err and "prompt too long" in err
 
     run(body(), timeout=30)
+
+
+def test_a_broken_connection_resumes_requests_with_the_tokens_held() -> None:
+    """The controller goes away after two tokens and comes back at the same address knowing nothing: the client
+    sends the request again with the two tokens it holds; a repeat of a held token is dropped, and the caller
+    sees each token once, in order."""
+    resumes: list[list[int] | None] = []
+
+    async def script(fake: FakeController, route: bytes, env: Envelope, req: GenerateRequest) -> None:
+        resumes.append(req.resume_token_ids)
+        if req.resume_token_ids is None:
+            await fake.send(route, TokenChunk(req.request_id, 0, [10], "a"))
+            await fake.send(route, TokenChunk(req.request_id, 1, [11], "b"))
+            return  # and then the controller dies
+        await fake.send(route, TokenChunk(req.request_id, 1, [11], "b"))  # sent twice across the break
+        await fake.send(route, TokenChunk(req.request_id, 2, [12], "c"))
+        await fake.send(route, RequestDone(req.request_id, "length", 1, 3))
+
+    async def body() -> None:
+        async with FakeController(script) as fake, AsyncClient(fake.address) as c:
+            events = []
+            async with c.stream(prompt_token_ids=[1], max_new_tokens=3) as s:
+                async for ev in s:
+                    events.append(ev)
+                    if len(events) == 2:
+                        await fake.restart()
+            assert [(e.index, e.token_ids) for e in events] == [(0, (10,)), (1, (11,)), (2, (12,))]
+            assert s.result.token_ids == (10, 11, 12) and s.result.text == "abc"
+            assert resumes == [None, [10, 11]]
+
+    run(body())
+
+
+def test_a_resumed_chunk_that_contradicts_held_tokens_is_a_server_error() -> None:
+    async def script(fake: FakeController, route: bytes, env: Envelope, req: GenerateRequest) -> None:
+        if req.resume_token_ids is None:
+            await fake.send(route, TokenChunk(req.request_id, 0, [10]))
+            return
+        await fake.send(route, TokenChunk(req.request_id, 0, [99]))  # not what the client holds
+
+    async def body() -> None:
+        async with FakeController(script) as fake, AsyncClient(fake.address) as c:
+            async with c.stream(prompt_token_ids=[1], max_new_tokens=3) as s:
+                with pytest.raises(ServerError, match="overlap"):
+                    async for _ in s:
+                        await fake.restart()
+
+    run(body())
+
+
+def test_a_connection_that_does_not_come_back_fails_in_flight_requests_in_bounded_time() -> None:
+    async def script(fake: FakeController, route: bytes, env: Envelope, req: GenerateRequest) -> None:
+        await fake.send(route, TokenChunk(req.request_id, 0, [10]))
+
+    async def body() -> None:
+        async with FakeController(script) as fake, AsyncClient(fake.address, reconnect_timeout=0.5) as c:
+            t0 = time.perf_counter()
+            with pytest.raises(ServerError, match="reconnect_timeout"):
+                async for _ in c.stream(prompt_token_ids=[1], max_new_tokens=3):
+                    await fake.restart(come_back=False)
+            assert time.perf_counter() - t0 < 5.0
+
+    run(body())
