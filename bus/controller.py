@@ -34,6 +34,11 @@ from stages.stopping import CANCELLED, finish_reason
 log = logging.getLogger(__name__)
 
 
+def _who(client: bytes) -> str:
+    """A client's routing identity for logs: our clients name themselves; others get ZeroMQ's random bytes."""
+    return client.decode() if client.isascii() and client.decode().isprintable() else client.hex()[:8]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     vocab_size: int
@@ -92,7 +97,7 @@ class Controller:
         req.submitted = now
         self.requests[req.key] = req
         if req.generated:
-            log.info("[client] %s resumes %s after %d token(s)", client.hex()[:8], req.request_id,
+            log.info("[client] %s resumes %s after %d token(s)", _who(client), req.request_id,
                      len(req.generated))
             reason = finish_reason(req.generated[-1], len(req.generated), req.max_new_tokens, req.seq_len,
                                    self.model.max_seq_len, req.stop_ids)
@@ -125,7 +130,7 @@ class Controller:
         gone = {c for c, t in self.client_seen.items() if now - t > self.client_timeout}
         for req in list(self.requests.values()):
             if req.client in gone:
-                log.info("[client] %s silent for %.0fs: cancelling %s", req.client.hex()[:8], self.client_timeout,
+                log.info("[client] %s silent for %.0fs: cancelling %s", _who(req.client), self.client_timeout,
                          req.request_id)
                 self._cancel(req)
         for c in gone:

@@ -117,6 +117,7 @@ class ControllerProcess:
         # but its current one, and a restarted controller must never reuse its predecessor's numbers.
         self.epoch = cfg.incarnation << 20
         self.pending_acks: set[int] = set()
+        self.asked: set[int] = set()  # stages sent Rehello (cleared by their Hello)
         self.linking_since = 0.0
         self.ever_ready = False
         self.fatal: str | None = None
@@ -250,16 +251,19 @@ class ControllerProcess:
                     body.addresses.get("data", "") == entry.data:  # said twice (Rehello raced a heartbeat)
                 await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
                 return
+            self.asked.discard(index)
             self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""))
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
             await self._relink()
             return
-        if entry is None:  # this controller was restarted since the stage said Hello: ask it again
-            log.info("[stage] %s unknown to controller incarnation %d: asking for its Hello", msg.env.sender,
-                     self.cfg.incarnation)
-            await send(self.internal, self.codec, Rehello(self.cfg.incarnation), route=[ident])
+        if entry is None:  # this controller was restarted since the stage said Hello: ask it again (once: its
+            if index not in self.asked:  # heartbeats queued while no controller listened arrive in a burst)
+                self.asked.add(index)
+                log.info("[stage] %s unknown to controller incarnation %d: asking for its Hello", msg.env.sender,
+                         self.cfg.incarnation)
+                await send(self.internal, self.codec, Rehello(self.cfg.incarnation), route=[ident])
             return
         if msg.env.incarnation != entry.incarnation:
             return  # a stale incarnation's frame

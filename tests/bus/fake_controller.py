@@ -81,7 +81,15 @@ class FakeController:
         await asyncio.gather(self._main, *self._tasks, return_exceptions=True)
         self.sock.close(0)
         if come_back:
-            self.sock = make_socket(self.ctx, zmq.ROUTER, bind=self.address)
+            async with asyncio.timeout(5.0):  # ZeroMQ closes the old listener on its I/O thread, a moment later
+                while True:
+                    try:
+                        self.sock = make_socket(self.ctx, zmq.ROUTER, bind=self.address)
+                        break
+                    except zmq.ZMQError as e:
+                        if e.errno != zmq.EADDRINUSE:
+                            raise
+                        await asyncio.sleep(0.01)
             self._main = asyncio.create_task(self._serve())
         else:
             self.sock = make_socket(self.ctx, zmq.ROUTER)  # bound nowhere: what __aexit__ closes

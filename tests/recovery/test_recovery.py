@@ -38,8 +38,8 @@ def reference(path, reqs: list[GenerationRequest]) -> list[list[int]]:  # type: 
 
 
 async def run_with_kills(address: str, reqs: list[GenerationRequest], kills: list[tuple[int, int]],
-                         sig: int = signal.SIGKILL) -> tuple[list[list[int]], dict]:  # type: ignore[type-arg]
-    """Stream every request; when `threshold` tokens have arrived in total, send `sig` to stage `index`."""
+                         sig: int = signal.SIGKILL, role: str = "stage") -> tuple[list[list[int]], dict]:  # type: ignore[type-arg]
+    """Stream every request; when `threshold` tokens have arrived in total, send `sig` to process (role, index)."""
     received = 0
     pending = list(kills)
     progress = asyncio.Event()
@@ -66,7 +66,7 @@ async def run_with_kills(address: str, reqs: list[GenerationRequest], kills: lis
                 if received >= threshold:
                     pending.pop(0)
                     st = await c.status()
-                    pid = next(p["pid"] for p in st["processes"] if p["role"] == "stage" and p["index"] == index)
+                    pid = next(p["pid"] for p in st["processes"] if p["role"] == role and p["index"] == index)
                     os.kill(pid, sig)
 
         kill_task = asyncio.create_task(killer())
@@ -91,6 +91,30 @@ def test_kill_9_stage_mid_generation_loses_nothing(model_factory) -> None:  # ty
         again, _ = asyncio.run(run_with_kills(dep.address, reqs[:4], []))
         assert again == refs[:4]
         assert "[recovery]" in dep.logs()
+    finally:
+        assert dep.stop() == 0
+
+
+def test_kill_9_controller_mid_generation_clients_resume_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """The controller holds every request's state and dies with it: the supervisor restarts it at the same
+    addresses, the stages register again when it asks, and each client resumes its requests from the tokens
+    it holds - outputs equal the fault-free run, token for token, each token delivered once."""
+    path = model_factory("llama")
+    reqs = workload(211, n=24)
+    refs = reference(path, reqs)
+    dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
+                           "--heartbeat-interval", "0.2", "--heartbeat-timeout", "3")
+    try:
+        outs, status = asyncio.run(run_with_kills(dep.address, reqs, [(300, 0)], role="controller"))
+        assert outs == refs
+        roles = {(p["role"], p["index"]): p for p in status["processes"]}
+        assert roles[("controller", 0)]["incarnation"] == 1
+        assert [roles[("stage", i)]["incarnation"] for i in range(2)] == [0, 0]  # stages were not restarted
+        assert all(roles[("stage", i)]["state"] == "serving" for i in range(2))
+        assert ("streamer", 0) in roles and ("supervisor", 0) in roles  # re-announced to the new controller
+        again, _ = asyncio.run(run_with_kills(dep.address, reqs[:4], []))
+        assert again == refs[:4]
+        assert "resumes" in dep.logs()
     finally:
         assert dep.stop() == 0
 
