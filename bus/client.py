@@ -455,8 +455,9 @@ class AsyncClient:
         self._status_waiters[msg_id] = fut
         try:
             await asyncio.wait({fut}, timeout=timeout)  # does not raise: a reply's own error stays typed
-        finally:
-            self._status_waiters.pop(msg_id, None)
+        finally:  # under its first id, or the one a reconnection sent it again with
+            for k in [k for k, v in self._status_waiters.items() if v is fut]:
+                del self._status_waiters[k]
         if not fut.done():
             fut.cancel()
             raise RequestTimeoutError(
@@ -603,6 +604,10 @@ class AsyncClient:
                 self._resume_all()
 
     def _resume_all(self) -> None:
+        for old, fut in list(self._status_waiters.items()):  # a query sent before the break may be lost
+            if not fut.done():
+                del self._status_waiters[old]
+                self._status_waiters[self._post(StatusQuery())] = fut
         for rid, pending in self._requests.items():
             resume = msgspec.structs.replace(pending.request, resume_token_ids=list(pending.received))
             self._by_msg_id.pop(pending.msg_id, None)
