@@ -376,10 +376,26 @@ class Transfer:
         """Push the route to a peer streamer: frames (TCP) when `link` is None, else NCCL on `link`."""
         rseq = peer.next_rseq()
         via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
-        answer = await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), f"open of transfer {rseq}")
-        raise_if_refused(answer, f"{r.peer} refused transfer into {r.dst_pool!r}")
+        what, refused = f"open of transfer {rseq}", f"{r.peer} refused transfer into {r.dst_pool!r}"
+        opened: asyncio.Future[Any] | None = None
+        if link is None:
+            # Frames: the chunks follow the open at once, without waiting a round trip for its answer. The peer
+            # registers (or refuses) the open before it reads the next message from us, so a chunk never meets
+            # an unknown transfer unless the open was refused - and that refusal is checked before any chunk's
+            # ack counts. NCCL waits for the answer: both ranks must agree on a transfer before a send is posted.
+            fut = peer.expect(("open", rseq))
+            await peer.send(self._open(r, rseq, via, link_id))
+            opened = asyncio.ensure_future(peer.answer(fut, what))
+        else:
+            raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
         committed = not r.chunks
         pt = self.rt.config.peer_timeout_s
+
+        async def check_open() -> None:
+            nonlocal opened
+            if opened is not None:
+                answer, opened = await opened, None
+                raise_if_refused(answer, refused)
 
         async def start(g: list[Chunk]) -> list[tuple[Any, asyncio.Future[Any]]]:
             return [await start_one(c) for c in g]
@@ -395,6 +411,7 @@ class Transfer:
 
         async def settle(c: Chunk, h: tuple[Any, asyncio.Future[Any]]) -> None:
             nonlocal committed
+            await check_open()
             held, fut = h  # frames: the send buffer; NCCL: the device work of the send
             if link is not None:
                 try:
@@ -420,7 +437,12 @@ class Transfer:
 
         try:
             await self._pipeline([[c] for c in r.chunks], self.rt.config.window, start, settle, drain)
+            await check_open()  # a transfer of no chunks has only this answer
         finally:
+            if opened is not None:  # failed before its answer was read
+                opened.cancel()
+                await asyncio.gather(opened, return_exceptions=True)
+            peer.forget(("open", rseq))
             for c in r.chunks:
                 peer.forget(("chunk", rseq, c.index))
             if not committed:

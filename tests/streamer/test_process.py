@@ -145,6 +145,42 @@ def test_layered_push_arrives_layer_by_layer_and_notifies(pair) -> None:  # type
     run(scenario)
 
 
+def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair) -> None:  # type: ignore[no-untyped-def]
+    """Frames follow a remote open without waiting for its answer: a refused open (no such pool there, or a
+    region the pool cannot hold) must still surface as the refusal, and the link stays usable."""
+    h0, h1 = pair
+    lay = layout_for(torch.float32)
+    region = Region((0, 1), (2, 4), ((0, 10), (2, 12)))
+
+    async def scenario() -> None:
+        p, t = StreamerClient(h0.control, "refused-src"), StreamerClient(h1.control, "refused-dst")
+        await connect(p)
+        await connect(t)
+        mem = SharedPoolMemory.create(lay)
+        fill_random(mem.tensor, 5)
+        await p.register_pool("refused-src", mem)
+        await t.alloc_pool("refused-rep", wire.POOL_REPLICA, lay)
+        with pytest.raises(BadRequestError, match="no-such-pool"):
+            await (await p.stream("refused-src", region, dst=wire.PoolRef("no-such-pool", "h1"),
+                                  dst_region=region)).wait(10)
+        too_far = Region((0, 1), (2, 4), ((20, 30), (2, 12)))  # tokens past the pool's 24 positions
+        with pytest.raises(BadRequestError):
+            await (await p.stream("refused-src", region, dst=wire.PoolRef("refused-rep", "h1"),
+                                  dst_region=too_far)).wait(10)
+        done = await (await p.stream("refused-src", region, dst=wire.PoolRef("refused-rep", "h1"),
+                                     dst_region=region)).wait(10)
+        assert done.nbytes == region.nbytes(lay)
+        back = await p.stream(wire.PoolRef("refused-rep", "h1"), region, dst="refused-src",
+                              dst_region=Region((3, 4), (2, 4), ((0, 10), (2, 12))))
+        await back.wait(10)
+        assert torch.equal(packed(mem.tensor, lay, Region((3, 4), (2, 4), ((0, 10), (2, 12)))),
+                           packed(mem.tensor, lay, region))
+        await p.close()
+        await t.close()
+
+    run(scenario)
+
+
 def test_capacity_is_explicit_and_refused_when_exceeded(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
     big = PoolLayout(0, 8, 8, 64, 8, 16, torch.float32)  # 4 MiB: the whole swap capacity
