@@ -40,7 +40,10 @@ def test_cuda_pipeline_equals_hf(stages: int, model_factory) -> None:  # type: i
     assert not mismatches, f"{len(mismatches)} of {len(refs)} differ: {mismatches[:5]}"
 
 
-def test_cuda_pipeline_survives_kill_9(model_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("victim", ["stage", "controller"])
+def test_cuda_pipeline_survives_kill_9(model_factory, victim: str) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of stage 1 (its NCCL links are rebuilt for the new epoch) or of the controller (a new epoch
+    over the same stages: their links are aborted and rebuilt; clients resume): outputs equal HF greedy."""
     _need(2)
     from stages.models import load_spec
 
@@ -68,7 +71,8 @@ def test_cuda_pipeline_survives_kill_9(model_factory) -> None:  # type: ignore[n
             tasks = [asyncio.create_task(one(p, n)) for p, n in work]
             await got.wait()
             st = await c.status()
-            os.kill(next(p["pid"] for p in st["processes"] if p["role"] == "stage" and p["index"] == 1),
+            index = 1 if victim == "stage" else 0
+            os.kill(next(p["pid"] for p in st["processes"] if p["role"] == victim and p["index"] == index),
                     signal.SIGKILL)
             outs = await asyncio.gather(*tasks)
             return outs, await c.status()
@@ -78,7 +82,8 @@ def test_cuda_pipeline_survives_kill_9(model_factory) -> None:  # type: ignore[n
     finally:
         assert dep.stop() == 0
     assert outs == refs
-    assert next(p for p in st["processes"] if p["role"] == "stage" and p["index"] == 1)["incarnation"] == 1
+    index = 1 if victim == "stage" else 0
+    assert next(p for p in st["processes"] if p["role"] == victim and p["index"] == index)["incarnation"] == 1
 
 
 def test_four_stage_nccl_pipeline_prefills_many_long_prompts_without_stalling(tmp_path) -> None:  # type: ignore[no-untyped-def]
