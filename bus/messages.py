@@ -489,6 +489,7 @@ class PoolInfo(Msg, tag=216):
     owner: str
     owner_alive: bool
     filled: list[int]  # per slot: tokens [0, filled) written by committed transfers (host pools)
+    path: str = ""  # a stage's shared-memory pool: its file (a restarted stage maps it again: its KV is there)
 
 
 class StreamerStatusQuery(Msg, tag=217):

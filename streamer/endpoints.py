@@ -74,7 +74,7 @@ class Endpoint:
 
     def info(self) -> wire.PoolInfo:
         return wire.PoolInfo(self.name, self.kind, layout_to_spec(self.layout), self.layout.nbytes, self.owner,
-                             self.owner_alive, list(self.filled))
+                             self.owner_alive, list(self.filled), self.path if not self.is_cuda else "")
 
     def close(self) -> None:
         if self.closed:

@@ -39,10 +39,23 @@ from streamer.pools import PoolTable
 from streamer.pulls import Pulls
 from streamer.regions import (
     layout_from_spec,
+    layout_to_spec,
     region_to_spec,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Outbox(Protocol):
@@ -162,9 +175,15 @@ class StreamerService:
         layout = layout_from_spec(msg.layout)
         if layout.row_bytes > self.config.staging_bytes:
             raise BadRequestError(f"a {layout.row_bytes}-byte KV row exceeds staging_bytes={self.config.staging_bytes}")
-        if msg.name in self.pools.pools:
+        old = self.pools.pools.get(msg.name)
+        if old is not None:
             if not msg.replace:
                 raise BadRequestError(f"pool {msg.name!r} already exists (a restarted stage registers with replace=True)")
+            if msg.memory == wire.MEM_SHM and old.path == msg.path:  # never drop (unlink) what is being mapped
+                if layout_to_spec(old.layout) != msg.layout or (old.owner_alive and _alive(old.pid)):
+                    raise BadRequestError(f"pool {msg.name!r} maps {msg.path} already (its owner, pid {old.pid}, "
+                                          "is alive or the layout differs)")
+                return self._adopt(who, old, msg)
             await self._drop_pool(msg.name, cancelled(0, f"pool {msg.name!r} was replaced"))
         events: list[torch.cuda.Event] = []
         if msg.memory == wire.MEM_SHM:
@@ -187,6 +206,16 @@ class StreamerService:
         log.info("[stream] pool %s registered by %s (%d bytes, %s)", msg.name, who.identity, layout.nbytes,
                  f"cuda:{msg.device}" if msg.memory == wire.MEM_CUDA_IPC else "shm")
         return wire.PoolRegistered(msg.name, layout.nbytes)
+
+    def _adopt(self, who: Who, ep: Endpoint, msg: wire.RegisterPool) -> Msg:
+        """A restarted stage mapped its predecessor's shared-memory file again (its KV is still there): the
+        pool stays as it is - same memory, same name - and gets its new owner. Transfers of the old owner
+        already failed when it died."""
+        ep.owner, ep.owner_alive, ep.pid = who.identity, True, msg.pid
+        if msg.pid > 0:
+            self._watch_pid(who.identity, who.incarnation, msg.pid)
+        log.info("[stream] pool %s taken over by %s (its KV kept)", msg.name, who.identity)
+        return wire.PoolRegistered(msg.name, ep.layout.nbytes)
 
     async def _unregister(self, who: Who, msg: wire.UnregisterPool) -> Msg:
         await self._drop_pool(msg.name, cancelled(0, f"pool {msg.name!r} was unregistered"))

@@ -342,19 +342,23 @@ def test_peer_death_fails_transfers_within_the_deadline(pair) -> None:  # type: 
         h2.kill()
 
 
+def _start_fake_stage(control: str, name: str, seed: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """tests/streamer/fake_stage.py, once it registered its pool (and a layered transfer is under way)."""
+    stage = subprocess.Popen([sys.executable, "-m", "tests.streamer.fake_stage", control, name, str(seed)],
+                             cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sel = selectors.DefaultSelector()
+    assert stage.stdout is not None
+    sel.register(stage.stdout, selectors.EVENT_READ)
+    assert sel.select(timeout=60), "fake stage never got ready"
+    line = stage.stdout.readline().decode()
+    assert line.startswith("READY"), line + stage.stdout.read().decode()
+    return stage, Path(line.split()[1])
+
+
 def test_dead_stage_fails_its_transfers_and_its_pools_survive(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
-    env = child_env()
-    stage = subprocess.Popen([sys.executable, "-m", "tests.streamer.fake_stage", h0.control, "dying", "77"],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stage, shm_path = _start_fake_stage(h0.control, "dying", 77)
     try:
-        sel = selectors.DefaultSelector()
-        assert stage.stdout is not None
-        sel.register(stage.stdout, selectors.EVENT_READ)
-        assert sel.select(timeout=60), "fake stage never got ready"
-        line = stage.stdout.readline().decode()
-        assert line.startswith("READY"), line + stage.stdout.read().decode()
-        shm_path = Path(line.split()[1])
         stage.send_signal(signal.SIGKILL)
         stage.wait(10)
         lay, region = fake_stage.LAYOUT, fake_stage.REGION
@@ -384,6 +388,55 @@ def test_dead_stage_fails_its_transfers_and_its_pools_survive(pair) -> None:  # 
             await c.close()
 
         run(scenario)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait(5)
+
+
+def test_a_restarted_stage_maps_its_predecessors_pool_and_takes_it_over(pair) -> None:  # type: ignore[no-untyped-def]
+    """How a CPU stage comes back with its KV: pool_info names the orphan's shared-memory file; the new process
+    maps it and registers it under the same name (replace=True) - the streamer keeps the pool as it is (same
+    file, same bytes) instead of dropping it. While its owner lives, that is refused and nothing is unlinked."""
+    h0, _ = pair
+    stage, shm_path = _start_fake_stage(h0.control, "comeback", 78)
+    lay = fake_stage.LAYOUT
+    expected = fill_random(torch.empty(lay.shape, dtype=lay.dtype), 78)
+    try:
+        async def alive_owner() -> None:
+            c = StreamerClient(h0.control, "impostor")
+            await connect(c)
+            info = await c.pool_info("comeback")
+            assert info.path == str(shm_path) and info.owner_alive
+            with pytest.raises(BadRequestError, match="alive"):
+                await c.register_pool("comeback", SharedPoolMemory.attach(lay, info.path), replace=True)
+            assert shm_path.exists()
+            await c.close()
+
+        run(alive_owner)
+        stage.send_signal(signal.SIGKILL)
+        stage.wait(10)
+
+        async def comeback() -> None:
+            c = StreamerClient(h0.control, "comeback-2")
+            await connect(c)
+            info = await c.pool_info("comeback")
+            mem = SharedPoolMemory.attach(lay, info.path)
+            await c.register_pool("comeback", mem, replace=True)
+            assert shm_path.exists() and torch.equal(mem.tensor.view(torch.int16), expected.view(torch.int16))  # its KV
+            after = await c.pool_info("comeback")
+            assert after.owner == "comeback-2" and after.owner_alive and after.path == str(shm_path)
+            mem.tensor[0].zero_()  # the new owner computes into the very memory the streamer maps
+            await c.alloc_pool("comeback-check", wire.POOL_SWAP, lay)
+            await (await c.stream("comeback", fake_stage.REGION, dst="comeback-check",
+                                  dst_region=fake_stage.REGION)).wait(5)
+            await c.unregister_pool("comeback")
+            assert not shm_path.exists()  # the streamer still owns the name: unregistering releases it
+            for name in ("comeback-swap", "comeback-recv", "comeback-check"):
+                await c.free_pool(name)
+            await c.close()
+
+        run(comeback)
     finally:
         if stage.poll() is None:
             stage.kill()
