@@ -3,8 +3,10 @@
 The shell (bus/controller_proc.py) feeds it events — a client message, a step result, a failure, the
 pipeline coming up or going down, the clock — and sends what it leaves in `outbox`. Tokens are committed
 exactly once, in order, the moment a step result arrives, and streamed at once. After a pipeline failure,
-running requests are recomputed from prompt + committed tokens: what a client has seen is never repeated,
-changed or lost (seeded sampling depends only on (seed, position), so recomputation draws the same tokens).
+running requests go on from the positions already cached when every stage kept its KV (a restarted CPU stage
+takes its pool over from the streamer); otherwise they are recomputed from prompt + committed tokens. Either
+way what a client has seen is never repeated, changed or lost (seeded sampling depends only on (seed,
+position), so recomputation draws the same tokens).
 """
 
 from __future__ import annotations
@@ -157,8 +159,10 @@ class Controller:
     def pipeline_down(self) -> None:
         self.ready = False
 
-    def pipeline_up(self, epoch: int, now: float) -> None:
-        self.sched.reset_epoch(epoch)
+    def pipeline_up(self, epoch: int, now: float, keep_cache: bool = False) -> None:
+        """A new epoch serves. keep_cache: every stage still holds the KV of every position counted as cached
+        (a restarted stage took its pool over), so requests go on from there; else they are recomputed."""
+        self.sched.reset_epoch(epoch, keep_cache)
         self.ready = True
         self.schedule(now)
 

@@ -90,6 +90,7 @@ class StageEntry:
     data: str
     state: str = "ready"
     stats: StageStats | None = None
+    kv_intact: bool = False  # its KV pool holds every position this controller counts as cached
 
 
 @dataclass
@@ -252,7 +253,8 @@ class ControllerProcess:
                 await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
                 return
             self.asked.discard(index)
-            self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""))
+            self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
+                                                kv_intact=body.kv_intact)
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
@@ -294,10 +296,16 @@ class ControllerProcess:
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
 
     async def _serving(self, now: float) -> None:
+        # Every stage kept its KV (survivors, and restarted CPU stages that took their pool over): requests go
+        # on where they were. Otherwise they are recomputed from prompt + committed tokens.
+        keep = all(e.kv_intact for e in self.reg.stages.values())
         for e in self.reg.stages.values():
             e.state = "serving"
-        self.core.pipeline_up(self.epoch, now)
-        log.info("[topology] epoch %d: serving", self.epoch)
+            e.kv_intact = True  # from now on its pool is what this controller counts
+        self.core.pipeline_up(self.epoch, now, keep_cache=keep)
+        log.info("[topology] epoch %d: serving (%s)", self.epoch,
+                 "resuming from the KV the stages kept" if keep and self.ever_ready else
+                 "every request in flight is recomputed" if self.ever_ready else "first epoch")
         if not self.ever_ready:
             self.ever_ready = True
             await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))

@@ -85,6 +85,7 @@ class Hello(Msg, tag=1):
     layers: list[int] = []  # [a, b) for stages
     num_slots: int = 0
     incarnation: int = -1  # set when the supervisor forwards a child's Hello (-1: the envelope's)
+    kv_intact: bool = False  # a restarted stage whose KV pool is its predecessor's, kept by the streamer
 
 
 class Welcome(Msg, tag=2):

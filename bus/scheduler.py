@@ -69,13 +69,15 @@ class Scheduler:
             self.mbs[req.mb].members.pop(req.slot, None)
         req.mb = req.slot = None
 
-    def reset_epoch(self, epoch: int) -> None:
-        """The pipeline was rebuilt: in-flight steps are void and every cache is gone — recompute all."""
+    def reset_epoch(self, epoch: int, keep_cache: bool = False) -> None:
+        """The pipeline was rebuilt: in-flight steps are void (sent again: they rewrite the same positions).
+        Unless every stage kept its KV, every cache is gone too — recompute all."""
         self.epoch = epoch
         for mb in self.mbs:
             mb.inflight = None
-            for req in mb.members.values():
-                req.cached = 0
+            if not keep_cache:
+                for req in mb.members.values():
+                    req.cached = 0
 
     def next_steps(self, now: float) -> list[StepRequest]:
         """Steps for every idle microbatch that has (or can admit) work."""

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,6 +38,7 @@ from recovery.specs import ChildSpec, DeploymentConfig
 from recovery.supervisor import FAILED, RESTARTING, SERVING, STARTING, STOPPED, ChildState, RestartIntensity
 from stages.proc import StageProcConfig
 from stages.runtime import split_layers
+from streamer.memory import SHM_DIR, SHM_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class SupervisorProcess:
         self.streamer_hello = asyncio.Event()
         self.addresses: dict[str, str] = {}
         self.forwarded: dict[str, Hello] = {}  # other processes' Hellos the controller lists in status()
+        self.shm_prefix = f"d{os.getpid()}"  # this deployment's shared-memory KV pools: dejavu-kv-d<pid>-*
         self.tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ main
@@ -80,6 +84,7 @@ class SupervisorProcess:
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
         self.address = bound_address(self.sock)
+        self.run_dir = tempfile.mkdtemp(prefix="dejavu-")  # local sockets of this deployment
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
@@ -94,6 +99,7 @@ class SupervisorProcess:
             receiver.cancel()
             watchdog.cancel()
             self.ctx.destroy(linger=0)
+            self._sweep()
         if self.fatal:
             raise DeploymentError(self.fatal)
         return 0
@@ -110,11 +116,15 @@ class SupervisorProcess:
         )
         self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
         await self._wait(self.controller_hello, "the controller's Hello")
+        streamer_address = ""
         if cfg.streamer:
             from streamer.config import StreamerConfig
 
+            # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
+            # streamer binds it again
+            streamer_address = f"ipc://{self.run_dir}/streamer-0.control"
             sc = StreamerConfig(
-                name="streamer-0", control_address="tcp://127.0.0.1:0", data_address=f"tcp://{cfg.host}:0",
+                name="streamer-0", control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
                 swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
                 heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
             )
@@ -131,6 +141,7 @@ class SupervisorProcess:
                 heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
+                streamer_address=streamer_address, shm_prefix=self.shm_prefix,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
         if cfg.streamer:  # up before serving starts, so status() always lists it
@@ -303,6 +314,17 @@ class SupervisorProcess:
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
         for task in list(self.tasks):
             task.cancel()
+
+    def _sweep(self) -> None:
+        """After every child is gone: remove this deployment's local sockets and any shared-memory KV pool a
+        stage killed at the end left behind (the streamer unlinks the pools it still held when it stopped)."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        for path in SHM_DIR.glob(f"{SHM_PREFIX}-{self.shm_prefix}-*"):
+            try:
+                path.unlink()
+                log.info("[shutdown] removed leftover KV pool %s", path)
+            except OSError:
+                pass
 
     async def _reap(self, children: list[Child], timeout: float, sig: signal.Signals | None) -> None:
         procs = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]

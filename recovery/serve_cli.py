@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"],
                    help="activation plane between stages (auto: NCCL on cuda, ZeroMQ on cpu)")
+    p.add_argument("--no-streamer", action="store_true",
+                   help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None, help="where the default model is written (env DEJAVU_CACHE)")
     p.add_argument("--log-level", default="WARNING")
     return p
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             max_restarts=args.max_restarts, restart_window=args.restart_window,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
-            transport=args.transport,
+            transport=args.transport, streamer=not args.no_streamer,
         )
     except (ValueError, OSError) as e:
         print(f"dejavu-serve: error: {e}", file=sys.stderr)

@@ -48,7 +48,8 @@ from bus.nccl_activation import LinkClosed, NcclActivations
 from bus.sockets import context, decode_frames, make_socket, recv_within, send
 from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
 from stages.errors import StageError
-from stages.runtime import ShardConfig
+from stages.kv_home import KVHome, open_home
+from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class StageProcConfig:
     microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
     cuda_graphs: bool = True
     link_timeout: float = 60.0  # NCCL link setup deadline
+    streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
+    streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown
+    shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_stages:
@@ -115,6 +119,7 @@ class StageProcess:
         self.out: ActivationOut | None = None
         self.is_last = cfg.index == cfg.num_stages - 1
         self.nccl: NcclActivations | None = None
+        self.kv: KVHome | None = None
         self.inc_ready = asyncio.Event()
         if cfg.uses_nccl:
             self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
@@ -134,8 +139,9 @@ class StageProcess:
                 torch.set_num_threads(cfg.threads)
             shard = ShardConfig(Path(cfg.model_dir), tuple(cfg.layers), cfg.num_slots, cfg.max_seq_len, cfg.dtype,
                                 cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size)
+            self.kv = await self._kv_home(shard)
             self.busy_since = time.monotonic()
-            self.core = await loop.run_in_executor(self.compute, StageCore, shard)
+            self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
             self.busy_since = 0.0
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0")
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
@@ -158,12 +164,25 @@ class StageProcess:
         finally:
             beats.cancel()
             self.compute.shutdown(wait=False, cancel_futures=True)
+            if self.kv is not None:
+                await self.kv.close(self.cfg.streamer_timeout)
             self.ctx.destroy(linger=0)
+
+    async def _kv_home(self, shard: ShardConfig) -> KVHome:
+        """A CPU stage computes in shared memory its streamer keeps (a restart finds its KV there); a GPU stage
+        in its own allocation (it dies with the process: a restart recomputes)."""
+        cfg = self.cfg
+        if cfg.device != "cpu" or not cfg.streamer_address:
+            return KVHome(f"kv-stage-{cfg.index}", None, None, False)
+        return await open_home(f"kv-stage-{cfg.index}", pool_layout(shard), cfg.streamer_address, cfg.incarnation,
+                               f"{cfg.shm_prefix}-stage{cfg.index}" if cfg.shm_prefix else f"stage{cfg.index}",
+                               cfg.streamer_timeout)
 
     async def _hello(self) -> None:
         cfg = self.cfg
         await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), socket.gethostname(),
-                                               {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots))
+                                               {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots,
+                                               kv_intact=self.kv is not None and self.kv.intact))
 
     async def _stats(self) -> None:
         """Every heartbeat interval, also before serving: a restarted controller learns of this stage from

@@ -67,6 +67,14 @@ def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
             sub._parameters[name] = new
 
 
+def pool_layout(config: ShardConfig) -> PoolLayout:
+    """The KV pool a shard with this config computes in (known before its weights load)."""
+    _, spec = load_spec(Path(config.model_dir))
+    a, b = config.layers if config.layers is not None else (0, spec.num_layers)
+    return PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,
+                      parse_dtype(config.dtype))
+
+
 class ShardRuntime:
     def __init__(self, config: ShardConfig, pool_memory: torch.Tensor | None = None) -> None:
         self.config = config
@@ -99,8 +107,7 @@ class ShardRuntime:
             load_shard(self.shard, self.checkpoint, self.device)
         self.shard.setup(config.max_seq_len, self.dtype, self.device)
         self.shard.eval()
-        self.layout = PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,
-                                 self.dtype)
+        self.layout = pool_layout(config)
         self.pool = KVPool(self.layout, pool_memory, self.device)
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:

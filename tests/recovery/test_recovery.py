@@ -90,7 +90,11 @@ def test_kill_9_stage_mid_generation_loses_nothing(model_factory) -> None:  # ty
         # new requests are served afterwards, still exactly
         again, _ = asyncio.run(run_with_kills(dep.address, reqs[:4], []))
         assert again == refs[:4]
-        assert "[recovery]" in dep.logs()
+        logs = dep.logs()
+        assert "[recovery]" in logs
+        # each restarted stage took its pool over from the streamer: requests went on where they were
+        assert logs.count("taken over with its KV") == 2 and "resuming from the KV the stages kept" in logs
+        assert "recomputed" not in logs
     finally:
         assert dep.stop() == 0
 
@@ -157,17 +161,21 @@ def test_controller_restart_keeps_streamed_text_exact_and_status_answers(default
 
 
 def test_hung_stage_is_killed_by_heartbeat_timeout_and_replaced(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A SIGSTOP'd stage is caught by heartbeats and replaced; without a streamer to keep its pool, the requests
+    in flight are recomputed from prompt + committed tokens - and still come out exactly."""
     path = model_factory("llama")
     reqs = workload(211, n=12)
     refs = reference(path, reqs)
     dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
-                           "--heartbeat-interval", "0.2", "--heartbeat-timeout", "2")
+                           "--heartbeat-interval", "0.2", "--heartbeat-timeout", "2", "--no-streamer")
     try:
         outs, status = asyncio.run(run_with_kills(dep.address, reqs, [(100, 0)], sig=signal.SIGSTOP))
         assert outs == refs
         stage0 = next(p for p in status["processes"] if p["role"] == "stage" and p["index"] == 0)
         assert stage0["incarnation"] == 1
         assert "[health]" in dep.logs()
+        # no streamer kept the pool: the replacement starts empty and every request in flight is recomputed
+        assert "every request in flight is recomputed" in dep.logs()
     finally:
         assert dep.stop() == 0
 

@@ -1,0 +1,83 @@
+"""Where a CPU stage's KV pool lives: in named shared memory, registered with the host's streamer - so it
+outlives the stage process, and a restarted stage maps it again and comes back with its KV.
+
+Runs in the stage process, on its event loop, once at start-up (before the model loads into the pool) and once
+at shutdown. The streamer owns the file's name after registration (streamer/memory.py); on a clean stop the
+stage unregisters it (the streamer unlinks it), or unlinks it itself when the streamer is already gone.
+
+A stage comes back *intact* when the streamer still maps a pool under its name with the same layout and no
+live owner: its predecessor was killed, and every position the controller counts as cached is still there
+(the controller then resumes each request where it was instead of recomputing it). Anything else - no
+streamer, a different layout, a GPU stage (its pool dies with its CUDA context; a streamer-owned allocation
+would keep it), /dev/shm unusable - gives a fresh pool, and recomputation, never an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from stages.kv_cache import PoolLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVHome:
+    name: str
+    memory: object | None  # streamer.memory.SharedPoolMemory, None = private memory
+    client: object | None  # streamer.client.StreamerClient
+    intact: bool  # the memory holds the KV of this stage's previous incarnation
+
+    @property
+    def tensor(self):  # type: ignore[no-untyped-def]
+        return None if self.memory is None else self.memory.tensor  # type: ignore[attr-defined]
+
+    async def close(self, timeout: float) -> None:
+        """Clean stop: give the pool back (the streamer unlinks its file); unlink it ourselves otherwise."""
+        if self.memory is None or self.client is None:
+            return
+        try:
+            await asyncio.wait_for(self.client.unregister_pool(self.name), timeout)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - the streamer may have stopped first
+            log.info("[kv] pool %s not unregistered (%s): unlinking it here", self.name, e)
+            self.memory.unlink()  # type: ignore[attr-defined]
+        finally:
+            await self.client.close()  # type: ignore[attr-defined]
+
+
+async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
+                    timeout: float) -> KVHome:
+    """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it."""
+    from streamer.client import StreamerClient
+    from streamer.errors import StreamerError
+    from streamer.memory import SHM_PREFIX, SharedPoolMemory
+    from streamer.regions import layout_to_spec
+
+    client = StreamerClient(streamer_address, name, incarnation, request_timeout_s=timeout)
+    memory, info = None, None
+    try:
+        await client.status(timeout=timeout)
+        try:
+            info = await client.pool_info(name)
+        except StreamerError:
+            info = None  # no such pool: a first start
+        intact = False
+        if info is not None and info.path and info.layout == layout_to_spec(layout):
+            try:
+                memory, intact = SharedPoolMemory.attach(layout, info.path), True
+            except (OSError, StreamerError) as e:
+                log.warning("[kv] could not map the kept pool %s (%s): starting a fresh one", info.path, e)
+        if memory is None:
+            memory = SharedPoolMemory.create(layout, prefix=f"{SHM_PREFIX}-{prefix}")
+        await client.register_pool(name, memory, replace=info is not None)
+    except (OSError, StreamerError, TimeoutError) as e:
+        log.warning("[kv] pool %s stays in private memory (no streamer to keep it: %s); a restart recomputes",
+                    name, e)
+        if memory is not None and not (info is not None and memory.path == info.path):  # ours, unregistered
+            memory.unlink()
+        await client.close()
+        return KVHome(name, None, None, False)
+    log.info("[kv] pool %s %s (%s)", name, "taken over with its KV" if intact else "created", memory.path)
+    return KVHome(name, memory, client, intact)
