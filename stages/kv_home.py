@@ -30,6 +30,35 @@ class KVHome:
     client: object | None  # streamer.client.StreamerClient
     intact: bool  # the memory holds the KV of this stage's previous incarnation
 
+    def __post_init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        if self.client is not None:
+            self.client.on_reconnect.append(self._on_reconnect)  # type: ignore[attr-defined]
+
+    def _on_reconnect(self) -> None:
+        task = asyncio.ensure_future(self._register_again())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _register_again(self) -> None:
+        """The streamer was restarted: it no longer maps our pool, so a restart of this stage would lose its KV.
+        Register the same memory again (the new streamer takes over the file's name)."""
+        from streamer.errors import StreamerError
+
+        assert self.client is not None and self.memory is not None
+        try:
+            try:
+                info = await self.client.pool_info(self.name)  # type: ignore[attr-defined]
+            except StreamerError:
+                info = None
+            if info is not None and info.path == str(self.memory.path):  # type: ignore[attr-defined]
+                return  # it still knows us (the connection dropped, the streamer did not)
+            await self.client.register_pool(self.name, self.memory, replace=info is not None)  # type: ignore[attr-defined]
+            log.info("[kv] pool %s registered again with the restarted streamer", self.name)
+        except Exception as e:  # noqa: BLE001 - a restart of this stage then recomputes, nothing worse
+            log.warning("[kv] pool %s not registered again (%s): a restart of this stage will recompute",
+                        self.name, e)
+
     @property
     def tensor(self):  # type: ignore[no-untyped-def]
         return None if self.memory is None else self.memory.tensor  # type: ignore[attr-defined]
@@ -44,6 +73,8 @@ class KVHome:
             log.info("[kv] pool %s not unregistered (%s): unlinking it here", self.name, e)
             self.memory.unlink()  # type: ignore[attr-defined]
         finally:
+            for task in self._tasks:
+                task.cancel()
             await self.client.close()  # type: ignore[attr-defined]
 
 

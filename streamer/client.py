@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,7 @@ class StreamerClient:
         self.deliveries: asyncio.Queue[wire.Delivered] = asyncio.Queue()
         self.connected = False
         self.down: str | None = None
+        self.on_reconnect: list[Callable[[], None]] = []  # called when a streamer is back after a disconnect
         self._loop = asyncio.get_running_loop()
         self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._watch())]
 
@@ -168,7 +169,11 @@ class StreamerClient:
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
             if event["event"] == zmq.EVENT_CONNECTED:
+                back = self.down is not None
                 self.connected, self.down = True, None
+                if back:  # a restarted streamer knows nothing of us: let the owner say again what it needs
+                    for fn in list(self.on_reconnect):
+                        fn()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._fail_all(f"connection to {self.address} lost")
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -234,6 +235,35 @@ def test_client_sees_typed_error_when_the_deployment_dies(model_factory) -> None
     except subprocess.TimeoutExpired:
         dep.proc.kill()
         raise
+
+
+def test_after_a_streamer_restart_a_killed_stage_still_comes_back_with_its_kv(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """The streamer that kept the stages' pools dies and is restarted: each stage registers its pool with the
+    new one, so a stage killed afterwards still takes its KV over and requests go on where they were."""
+    path = model_factory("llama")
+    reqs = workload(211, n=12)
+    refs = reference(path, reqs)
+    dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ))
+
+    async def kill_streamer() -> None:
+        async with AsyncClient(dep.address, timeout=60) as c:
+            st = await c.status()
+            os.kill(next(p["pid"] for p in st["processes"] if p["role"] == "streamer"), signal.SIGKILL)
+
+    try:
+        asyncio.run(kill_streamer())
+        for _ in range(300):  # polling the log, a bounded number of times: both pools registered again
+            if dep.logs().count("registered again with the restarted streamer") == 2:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the stages did not register their pools with the restarted streamer")
+        outs, _ = asyncio.run(run_with_kills(dep.address, reqs, [(150, 1)]))
+        assert outs == refs
+        logs = dep.logs()
+        assert "taken over with its KV" in logs and "resuming from the KV the stages kept" in logs
+    finally:
+        assert dep.stop() == 0
 
 
 def test_streamer_is_supervised_and_restarted(model_factory) -> None:  # type: ignore[no-untyped-def]
