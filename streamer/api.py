@@ -31,7 +31,10 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
         holds a mapping, and owns the shared-memory *name* (it unlinks it). If the stage dies its CPU pool stays
         mapped and readable (orphaned) until unregistered or replaced; a GPU pool dies with the stage's CUDA
         context and is dropped. The streamer watches the registering pid and fails that stage's transfers
-        the moment it exits. A restarted stage registers with replace=True.
+        the moment it exits. A restarted stage registers with replace=True: a new memory replaces the old
+        pool; the *same* shared-memory file (`pool_info(name).path`, mapped again) takes the pool over with
+        its bytes - how a CPU stage comes back with its KV (stages/kv_home.py). Refused while the old owner
+        lives. After a streamer restart, stages register their pools again (StreamerClient.on_reconnect).
     await client.unregister_pool(name)
         blocks: until transfers touching the pool have failed (CancelledError) and the mapping is gone.
 
