@@ -101,7 +101,7 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
             except (OSError, StreamerError) as e:
                 log.warning("[kv] could not map the kept pool %s (%s): starting a fresh one", info.path, e)
         if memory is None:
-            memory = SharedPoolMemory.create(layout, prefix=f"{SHM_PREFIX}-{prefix}")
+            memory = SharedPoolMemory.create(layout, prefix=f"{SHM_PREFIX}-{prefix}", reserve=True)
         await client.register_pool(name, memory, replace=info is not None)
     except (OSError, StreamerError, TimeoutError) as e:
         log.warning("[kv] pool %s stays in private memory (no streamer to keep it: %s); a restart recomputes",

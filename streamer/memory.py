@@ -32,7 +32,7 @@ ALIGN = 4096  # sub-allocations are page aligned: DMA-friendly and safe for any 
 class MappedFile:
     """A file mapped shared into this process, as a flat uint8 tensor. Unmapped when the last view dies."""
 
-    def __init__(self, path: Path, nbytes: int, create: bool) -> None:
+    def __init__(self, path: Path, nbytes: int, create: bool, reserve: bool = False) -> None:
         self.path, self.nbytes = Path(path), nbytes
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(self.path, flags, 0o600)
@@ -40,6 +40,14 @@ class MappedFile:
             size = os.fstat(fd).st_size
             if create:
                 os.ftruncate(fd, nbytes)  # sparse: pages materialise (zero-filled) on first touch
+                if reserve and nbytes:
+                    # claim every page now: a full /dev/shm then fails here (ENOSPC), not as a SIGBUS on some
+                    # later write into the mapping
+                    try:
+                        os.posix_fallocate(fd, 0, nbytes)
+                    except OSError:
+                        os.unlink(self.path)
+                        raise
             elif size != nbytes:
                 raise BadRequestError(f"{self.path} holds {size} bytes, the pool layout needs {nbytes}")
             self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -65,14 +73,17 @@ class SharedPoolMemory:
     """Stage side: a KV pool in named shared memory. Pass `.tensor` to ShardRuntime(pool_memory=...), then
     `StreamerClient.register_pool(name, memory)`."""
 
-    def __init__(self, layout: PoolLayout, path: Path, create: bool) -> None:
+    def __init__(self, layout: PoolLayout, path: Path, create: bool, reserve: bool = False) -> None:
         self.layout = layout
-        self.file = MappedFile(path, layout.nbytes, create)
+        self.file = MappedFile(path, layout.nbytes, create, reserve)
         self.tensor = _typed(self.file.tensor, layout)  # [layers, 2, slots, max_seq, kv_heads, head_dim]
 
     @classmethod
-    def create(cls, layout: PoolLayout, prefix: str = SHM_PREFIX, directory: Path = SHM_DIR) -> SharedPoolMemory:
-        return cls(layout, Path(directory) / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True)
+    def create(cls, layout: PoolLayout, prefix: str = SHM_PREFIX, directory: Path = SHM_DIR,
+               reserve: bool = False) -> SharedPoolMemory:
+        """reserve: claim all of its memory now (a full /dev/shm raises OSError here, not SIGBUS later)."""
+        return cls(layout, Path(directory) / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True,
+                   reserve=reserve)
 
     @classmethod
     def attach(cls, layout: PoolLayout, path: str | Path) -> SharedPoolMemory:

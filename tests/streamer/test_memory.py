@@ -28,6 +28,17 @@ def test_shared_pool_is_shared_and_outlives_its_creator(tmp_path) -> None:  # ty
         SharedPoolMemory.attach(LAYOUT, other.path)
 
 
+def test_a_reserved_pool_claims_its_memory_up_front(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Stage pools are reserved at creation: a full /dev/shm then fails there (OSError), never as a SIGBUS on a
+    later write into a sparse mapping."""
+    big = PoolLayout(0, 4, 4, 256, 4, 32, torch.float32)  # 1 MiB
+    sparse = SharedPoolMemory.create(big, directory=tmp_path)
+    reserved = SharedPoolMemory.create(big, directory=tmp_path, reserve=True)
+    assert sparse.path.stat().st_blocks * 512 < big.nbytes // 2
+    assert reserved.path.stat().st_blocks * 512 >= big.nbytes
+    assert not reserved.tensor.view(torch.uint8).any()
+
+
 def test_attach_refuses_wrong_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
     mem = SharedPoolMemory.create(LAYOUT, directory=tmp_path)
     with pytest.raises(BadRequestError, match="holds"):
