@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import time
@@ -157,6 +158,64 @@ def test_controller_restart_keeps_streamed_text_exact_and_status_answers(default
         restarted, incarnation = asyncio.run(serve(kill=True))
         assert incarnation == 1
         assert restarted == clean and all(text for _, text in clean)
+    finally:
+        assert dep.stop() == 0
+
+
+def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Chaos: five kill -9s of randomly chosen stages, controller and streamer (one every 100-300 tokens, a
+    process sometimes killed again while it restarts), over 24 streamed requests: every output equals the
+    fault-free run, each token delivered once, whichever recovery path each failure took."""
+    rng = random.Random(4)
+    path = model_factory("llama")
+    reqs = workload(211, n=24)
+    refs = reference(path, reqs)
+    dep = start_deployment(path, 3, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
+                           "--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--max-restarts", "20")
+    received = 0
+    progress = asyncio.Event()
+
+    async def scenario() -> tuple[list[list[int]], list[str]]:
+        async with AsyncClient(dep.address, timeout=240) as c:
+            async def one(r: GenerationRequest) -> list[int]:
+                nonlocal received
+                out: list[int] = []
+                s = r.sampling
+                async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
+                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed) as st:
+                    async for ev in st:
+                        assert ev.index == len(out), "tokens must arrive once, in order"
+                        out.extend(ev.token_ids)
+                        received += len(ev.token_ids)
+                        progress.set()
+                return out
+
+            async def chaos() -> list[str]:
+                killed = []
+                for _ in range(5):
+                    target = received + rng.randint(100, 300)
+                    while received < target:
+                        await progress.wait()
+                        progress.clear()
+                    st = await c.status()
+                    victim = rng.choice([p for p in st["processes"]
+                                         if p["role"] in ("controller", "stage", "streamer") and p["pid"] > 0])
+                    try:
+                        os.kill(victim["pid"], signal.SIGKILL)
+                        killed.append(f"{victim['role']}-{victim['index']}")
+                    except ProcessLookupError:  # already dead: it is being restarted
+                        killed.append("gone")
+                return killed
+
+            killer = asyncio.create_task(chaos())
+            outs = await asyncio.gather(*(one(r) for r in reqs))
+            assert killer.done(), "the failures were injected before generation ended"
+            return outs, killer.result()
+
+    try:
+        outs, killed = asyncio.run(scenario())
+        assert outs == refs, killed
+        assert {k.split("-")[0] for k in killed} >= {"stage", "controller"}, killed
     finally:
         assert dep.stop() == 0
 
