@@ -84,7 +84,8 @@ class SupervisorProcess:
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
         self.address = bound_address(self.sock)
-        self.run_dir = tempfile.mkdtemp(prefix="dejavu-")  # local sockets of this deployment
+        # local sockets of this deployment; under /tmp, since an ipc:// path may not exceed ~107 bytes
+        self.run_dir = tempfile.mkdtemp(prefix="dejavu-", dir="/tmp" if os.path.isdir("/tmp") else None)
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
