@@ -18,6 +18,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import zmq
+
 from stages.kv_cache import PoolLayout
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,12 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
     from streamer.memory import SHM_PREFIX, SharedPoolMemory
     from streamer.regions import layout_to_spec
 
-    client = StreamerClient(streamer_address, name, incarnation, request_timeout_s=timeout)
     memory, info = None, None
+    try:
+        client = StreamerClient(streamer_address, name, incarnation, request_timeout_s=timeout)
+    except zmq.ZMQError as e:  # an address this host cannot use
+        log.warning("[kv] pool %s stays in private memory (streamer address %s: %s)", name, streamer_address, e)
+        return KVHome(name, None, None, False)
     try:
         await client.status(timeout=timeout)
         try:

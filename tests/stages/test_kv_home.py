@@ -20,7 +20,7 @@ def test_without_a_streamer_the_pool_is_private_and_nothing_is_left_behind(tmp_p
 
     async def go():  # type: ignore[no-untyped-def]
         t0 = time.monotonic()
-        home = await open_home("kv-stage-0", layout, f"ipc://{tmp_path}/nobody.control", 0, prefix, timeout=0.5)
+        home = await open_home("kv-stage-0", layout, f"ipc:///tmp/{prefix}.control", 0, prefix, timeout=0.5)
         assert time.monotonic() - t0 < 5.0
         assert home.memory is None and home.tensor is None and not home.intact
         await home.close(0.5)
