@@ -14,7 +14,7 @@ from stages.kv_home import open_home
 from streamer.memory import SHM_DIR, SHM_PREFIX
 
 
-def test_without_a_streamer_the_pool_is_private_and_nothing_is_left_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_without_a_streamer_the_pool_is_private_and_nothing_is_left_behind() -> None:
     layout = PoolLayout(0, 2, 2, 16, 2, 8, torch.float32)
     prefix = f"test{time.monotonic_ns()}"
 
