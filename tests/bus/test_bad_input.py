@@ -162,8 +162,8 @@ def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
             baseline = await c.generate(prompt_token_ids=[9, 8, 7], max_new_tokens=8)
             targets = [dep.address]
             for p in before["processes"]:
-                targets += [a for a in p["detail"].split() if a.startswith("tcp://")]
-            assert len(targets) >= 5  # client, internal, supervisor, 2 stage data sockets
+                targets += [a for a in p["detail"].split() if a.startswith(("tcp://", "ipc://"))]
+            assert len(targets) >= 7  # client, internal, supervisor, 2 stage data sockets, streamer control + data
             ctx = zmq.asyncio.Context()
             rng = random.Random(1234)
             codec = Codec("fuzz")
