@@ -1,9 +1,11 @@
 """The stage process shell: sockets, event loop, compute thread, handshake. Logic lives in StageCore.
 
-Lifecycle: connect to the supervisor and say Hello; load the shard on the compute thread (heartbeats keep
-flowing meanwhile); bind the activation input; Hello the controller (within `handshake_timeout`); then
-serve: steps arrive from the controller (stage 0) or from the upstream stage, run one at a time on the
-compute thread, and go downstream (or, from the last stage, back to the controller as sampled tokens).
+Lifecycle: connect to the supervisor and say Hello; find the KV pool's home (a CPU stage's pool lives in
+shared memory the host's streamer keeps - a restarted stage takes its predecessor's over, KV included:
+stages/kv_home.py); load the shard on the compute thread (heartbeats keep flowing meanwhile); bind the
+activation input; Hello the controller (within `handshake_timeout`; again whenever a restarted controller asks,
+Rehello); then serve: steps arrive from the controller (stage 0) or from the upstream stage, run one at a time
+on the compute thread, and go downstream (or, from the last stage, back to the controller as sampled tokens).
 Every message carries the stage's incarnation; every step carries the deployment epoch, and steps of an
 old epoch are dropped unrun (they belonged to a pipeline that has since been rebuilt).
 
