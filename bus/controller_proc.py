@@ -4,10 +4,13 @@ Sockets: a ROUTER for clients (tcp, the deployment's public address), a ROUTER f
 the supervisor link. All decoding errors are answered to the offending peer only (ErrorReply) and never
 stop the loop. The scheduling logic is `bus.controller.Controller`; this file only moves messages.
 
-Stage registry: a stage is known by index; its Hello carries its incarnation (in the envelope) and its
-activation address. Messages from an older incarnation than the registered one are dropped. Whenever the
-set of live stages is complete and some stage is new, the controller starts a new epoch: it sends every
-stage a Topology and, once all have acknowledged it (within `topology_timeout`), serves again.
+Stage registry: a stage is known by index; its Hello carries its incarnation (in the envelope), its
+activation address and whether its KV pool is its predecessor's (kv_intact). Messages from an older
+incarnation than the registered one are dropped; a stage this controller does not know (it was restarted) is
+asked to say Hello again (Rehello). Whenever the set of live stages is complete and some stage is new, the
+controller starts a new epoch: it sends every stage a Topology and, once all have acknowledged it (within
+`topology_timeout`), serves again - going on from the cached positions when every stage kept its KV, else
+recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one.
 """
 
 from __future__ import annotations
