@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from stages.errors import InvalidRequestError
@@ -110,15 +111,21 @@ class Region:
 
 
 def region_rows(layout: PoolLayout, region: Region, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Row indices (rows of `row_bytes`) of the region in packed order, over the pool viewed as rows."""
+    """Row indices (rows of `row_bytes`) of the region in packed order, over the pool viewed as rows.
+
+    Built with numpy: a handful of whole-array operations whatever the slot count (the streamer builds these
+    for every transfer whose rows it gathers; per-slot torch calls cost ~70 us, this ~15 us)."""
     region.check(layout)
     s, t = layout.num_slots, layout.max_seq_len
-    per_token = torch.cat(
-        [torch.arange(t0, t1, dtype=torch.long) + slot * t for slot, (t0, t1) in zip(region.slots, region.tokens)]
-    )  # [T_total]
+    bounds = np.asarray(region.tokens, dtype=np.int64).reshape(-1, 2)
+    lens = bounds[:, 1] - bounds[:, 0]
+    starts = np.asarray(region.slots, dtype=np.int64) * t + bounds[:, 0]  # [S] first pool row of each slot
+    before = np.cumsum(lens) - lens  # packed position of each slot's first token
+    per_token = np.repeat(starts - before, lens) + np.arange(int(lens.sum()), dtype=np.int64)  # [T_total]
     a = region.layers[0] - layout.first_layer
-    lc = torch.arange(a * 2, (a + region.num_layers) * 2, dtype=torch.long) * (s * t)  # [L*2]
-    return (lc[:, None] + per_token[None, :]).reshape(-1).to(device)
+    lc = np.arange(a * 2, (a + region.num_layers) * 2, dtype=np.int64) * (s * t)  # [L*2]
+    rows = torch.from_numpy((lc[:, None] + per_token[None, :]).reshape(-1))
+    return rows if torch.device(device).type == "cpu" else rows.to(device)
 
 
 def region_pieces(layout: PoolLayout, region: Region) -> list[tuple[int, int]]:
