@@ -299,7 +299,15 @@ class StageProcess:
             except LinkClosed as e:  # a new epoch aborted the NCCL link this step used: the step is stale
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
                 continue
-            except StageError as e:
+            except Exception as e:
+                if step.epoch != self.epoch:
+                    # its pipeline was rebuilt under it (an aborted link can leave garbage in its input, which
+                    # sampling may refuse): nobody waits for this step any more
+                    log.info("[step] mb %d step %d of epoch %d failed after the pipeline was rebuilt (%s); dropped",
+                             step.mb, step.step, step.epoch, e)
+                    continue
+                if not isinstance(e, StageError):
+                    raise  # a fault of this stage: it exits, and the supervisor restarts it
                 # the step was wrong, not the stage: report it; the process keeps serving
                 log.warning("[step] mb %d step %d failed: %s", step.mb, step.step, e)
                 await send(self.ctl, self.codec, StepFailed(step.epoch, step.mb, step.step, ERR_BAD_REQUEST, str(e)))
