@@ -264,12 +264,17 @@ def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) ->
 def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-untyped-def]
     from recovery.launch import descendants
 
+    from streamer.memory import SHM_DIR, SHM_PREFIX
+
     dep = start_deployment(model_factory("llama"), 2)
     tree = descendants(dep.proc.pid)
     assert len(tree) >= 3  # controller + 2 stages
+    pools = f"{SHM_PREFIX}-d{dep.proc.pid}-*"  # the stages' KV pools in shared memory (stages/kv_home.py)
+    assert len(list(SHM_DIR.glob(pools))) == 2
     dep.proc.send_signal(signal.SIGTERM)
     assert dep.proc.wait(30) == 0
     assert not [p for p in tree if alive(p)]
+    assert not list(SHM_DIR.glob(pools)), "no shared memory left behind either"
 
 
 def test_client_sees_typed_error_when_the_deployment_dies(model_factory) -> None:  # type: ignore[no-untyped-def]
