@@ -39,40 +39,53 @@ def reference(path, reqs: list[GenerationRequest]) -> list[list[int]]:  # type: 
     return [r.token_ids for r in generate(pipe, reqs)]
 
 
+class Progress:
+    """Tokens received so far by all of a run's streams; `reach(n)` waits (event-driven) until n have come."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._event = asyncio.Event()
+
+    def add(self, n: int) -> None:
+        self.received += n
+        self._event.set()
+
+    async def reach(self, n: int) -> None:
+        while self.received < n:
+            await self._event.wait()
+            self._event.clear()
+
+
+async def stream_exactly(c: AsyncClient, r: GenerationRequest, progress: Progress) -> list[int]:
+    """One request's output, checking that every token arrives once and in order."""
+    out: list[int] = []
+    s = r.sampling
+    async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, seed=s.seed) as st:
+        async for ev in st:
+            assert ev.index == len(out), "tokens must arrive once, in order"
+            out.extend(ev.token_ids)
+            progress.add(len(ev.token_ids))
+    return out
+
+
 async def run_with_kills(address: str, reqs: list[GenerationRequest], kills: list[tuple[int, int]],
                          sig: int = signal.SIGKILL, role: str = "stage") -> tuple[list[list[int]], dict]:  # type: ignore[type-arg]
     """Stream every request; when `threshold` tokens have arrived in total, send `sig` to process (role, index)."""
-    received = 0
+    progress = Progress()
     pending = list(kills)
-    progress = asyncio.Event()
 
     async with AsyncClient(address, timeout=180) as c:
-        async def one(r: GenerationRequest) -> list[int]:
-            nonlocal received
-            out: list[int] = []
-            s = r.sampling
-            async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
-                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed) as st:
-                async for ev in st:
-                    assert ev.index == len(out), "tokens must arrive once, in order"
-                    out.extend(ev.token_ids)
-                    received += len(ev.token_ids)
-                    progress.set()
-            return out
-
         async def killer() -> None:
             while pending:
-                await progress.wait()
-                progress.clear()
                 threshold, index = pending[0]
-                if received >= threshold:
-                    pending.pop(0)
-                    st = await c.status()
-                    pid = next(p["pid"] for p in st["processes"] if p["role"] == role and p["index"] == index)
-                    os.kill(pid, sig)
+                await progress.reach(threshold)
+                pending.pop(0)
+                st = await c.status()
+                os.kill(next(p["pid"] for p in st["processes"] if p["role"] == role and p["index"] == index), sig)
 
         kill_task = asyncio.create_task(killer())
-        outs = await asyncio.gather(*(one(r) for r in reqs))
+        outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
         kill_task.cancel()
         assert not pending, "the failures were injected before generation ended"
         return outs, await c.status()
@@ -172,31 +185,14 @@ def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> No
     refs = reference(path, reqs)
     dep = start_deployment(path, 3, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
                            "--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--max-restarts", "20")
-    received = 0
-    progress = asyncio.Event()
+    progress = Progress()
 
     async def scenario() -> tuple[list[list[int]], list[str]]:
         async with AsyncClient(dep.address, timeout=240) as c:
-            async def one(r: GenerationRequest) -> list[int]:
-                nonlocal received
-                out: list[int] = []
-                s = r.sampling
-                async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
-                                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed) as st:
-                    async for ev in st:
-                        assert ev.index == len(out), "tokens must arrive once, in order"
-                        out.extend(ev.token_ids)
-                        received += len(ev.token_ids)
-                        progress.set()
-                return out
-
             async def chaos() -> list[str]:
                 killed = []
                 for _ in range(5):
-                    target = received + rng.randint(100, 300)
-                    while received < target:
-                        await progress.wait()
-                        progress.clear()
+                    await progress.reach(progress.received + rng.randint(100, 300))
                     st = await c.status()
                     victim = rng.choice([p for p in st["processes"]
                                          if p["role"] in ("controller", "stage", "streamer") and p["pid"] > 0])
@@ -208,7 +204,7 @@ def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> No
                 return killed
 
             killer = asyncio.create_task(chaos())
-            outs = await asyncio.gather(*(one(r) for r in reqs))
+            outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
             assert killer.done(), "the failures were injected before generation ended"
             return outs, killer.result()
 
@@ -263,7 +259,6 @@ def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) ->
 
 def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-untyped-def]
     from recovery.launch import descendants
-
     from streamer.memory import SHM_DIR, SHM_PREFIX
 
     dep = start_deployment(model_factory("llama"), 2)
