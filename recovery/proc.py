@@ -86,6 +86,7 @@ class SupervisorProcess:
         self.address = bound_address(self.sock)
         # local sockets of this deployment; under /tmp, since an ipc:// path may not exceed ~107 bytes
         self.run_dir = tempfile.mkdtemp(prefix="dejavu-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        sweep_dead_deployments()
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
@@ -339,6 +340,27 @@ class SupervisorProcess:
                 except ProcessLookupError:
                     pass
         await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout)
+
+
+def sweep_dead_deployments() -> None:
+    """Remove the shared-memory KV pools of deployments whose supervisor is gone (killed with -9, so it could
+    not sweep them itself): files dejavu-kv-d<supervisor pid>-* whose pid no longer exists."""
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*"):
+        owner = path.name[len(SHM_PREFIX) + 2:].split("-", 1)[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+            continue  # that deployment still runs (or the pid was reused: keep the file, it is harmless)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            path.unlink()
+            log.info("[startup] removed KV pool %s of a deployment that is gone", path.name)
+        except OSError:
+            pass
 
 
 def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:

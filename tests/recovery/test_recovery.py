@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -261,7 +262,12 @@ def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-unt
     from recovery.launch import descendants
     from streamer.memory import SHM_DIR, SHM_PREFIX
 
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists: the supervisor of an earlier deployment killed with -9
+    orphan = SHM_DIR / f"{SHM_PREFIX}-d{dead.pid}-stage0-1-abc"
+    orphan.write_bytes(b"kv")
     dep = start_deployment(model_factory("llama"), 2)
+    assert not orphan.exists(), "a new deployment sweeps the pools of deployments that are gone"
     tree = descendants(dep.proc.pid)
     assert len(tree) >= 3  # controller + 2 stages
     pools = f"{SHM_PREFIX}-d{dep.proc.pid}-*"  # the stages' KV pools in shared memory (stages/kv_home.py)
