@@ -23,8 +23,9 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -34,6 +35,7 @@ from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
 from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from recovery.launch import alive
 from recovery.specs import ChildSpec, DeploymentConfig
 from recovery.supervisor import FAILED, RESTARTING, SERVING, STARTING, STOPPED, ChildState, RestartIntensity
 from stages.proc import StageProcConfig
@@ -321,12 +323,7 @@ class SupervisorProcess:
         """After every child is gone: remove this deployment's local sockets and any shared-memory KV pool a
         stage killed at the end left behind (the streamer unlinks the pools it still held when it stopped)."""
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        for path in SHM_DIR.glob(f"{SHM_PREFIX}-{self.shm_prefix}-*"):
-            try:
-                path.unlink()
-                log.info("[shutdown] removed leftover KV pool %s", path)
-            except OSError:
-                pass
+        remove_pools(SHM_DIR.glob(f"{SHM_PREFIX}-{self.shm_prefix}-*"), "left behind by this deployment")
 
     async def _reap(self, children: list[Child], timeout: float, sig: signal.Signals | None) -> None:
         procs = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]
@@ -342,25 +339,24 @@ class SupervisorProcess:
         await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout)
 
 
-def sweep_dead_deployments() -> None:
-    """Remove the shared-memory KV pools of deployments whose supervisor is gone (killed with -9, so it could
-    not sweep them itself): files dejavu-kv-d<supervisor pid>-* whose pid no longer exists."""
-    for path in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*"):
-        owner = path.name[len(SHM_PREFIX) + 2:].split("-", 1)[0]
-        if not owner.isdigit():
-            continue
-        try:
-            os.kill(int(owner), 0)
-            continue  # that deployment still runs (or the pid was reused: keep the file, it is harmless)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+def remove_pools(paths: Iterable[Path], why: str) -> None:
+    for path in paths:
         try:
             path.unlink()
-            log.info("[startup] removed KV pool %s of a deployment that is gone", path.name)
+            log.info("[kv] removed shared-memory KV pool %s (%s)", path.name, why)
         except OSError:
             pass
+
+
+def sweep_dead_deployments() -> None:
+    """Remove the shared-memory KV pools of deployments whose supervisor is gone (killed with -9, so it could
+    not sweep them itself): files dejavu-kv-d<supervisor pid>-* whose pid no longer runs (a reused pid keeps
+    its files: harmless)."""
+    def owner(path: Path) -> str:
+        return path.name[len(SHM_PREFIX) + 2:].split("-", 1)[0]
+
+    remove_pools((p for p in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*") if owner(p).isdigit() and not alive(int(owner(p)))),
+                 "its deployment is gone")
 
 
 def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:

@@ -17,10 +17,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import torch
 import zmq
 
 from stages.kv_cache import PoolLayout
+
+if TYPE_CHECKING:
+    from streamer.client import StreamerClient
+    from streamer.memory import SharedPoolMemory
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +34,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class KVHome:
     name: str
-    memory: object | None  # streamer.memory.SharedPoolMemory, None = private memory
-    client: object | None  # streamer.client.StreamerClient
+    memory: SharedPoolMemory | None  # None = private memory
+    client: StreamerClient | None
     intact: bool  # the memory holds the KV of this stage's previous incarnation
 
     def __post_init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         if self.client is not None:
-            self.client.on_reconnect.append(self._on_reconnect)  # type: ignore[attr-defined]
+            self.client.on_reconnect.append(self._on_reconnect)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return None if self.memory is None else self.memory.tensor
 
     def _on_reconnect(self) -> None:
         task = asyncio.ensure_future(self._register_again())
@@ -50,34 +60,30 @@ class KVHome:
         assert self.client is not None and self.memory is not None
         try:
             try:
-                info = await self.client.pool_info(self.name)  # type: ignore[attr-defined]
+                info = await self.client.pool_info(self.name)
             except StreamerError:
                 info = None
-            if info is not None and info.path == str(self.memory.path):  # type: ignore[attr-defined]
+            if info is not None and info.path == str(self.memory.path):
                 return  # it still knows us (the connection dropped, the streamer did not)
-            await self.client.register_pool(self.name, self.memory, replace=info is not None)  # type: ignore[attr-defined]
+            await self.client.register_pool(self.name, self.memory, replace=info is not None)
             log.info("[kv] pool %s registered again with the restarted streamer", self.name)
         except Exception as e:  # noqa: BLE001 - a restart of this stage then recomputes, nothing worse
             log.warning("[kv] pool %s not registered again (%s): a restart of this stage will recompute",
                         self.name, e)
-
-    @property
-    def tensor(self):  # type: ignore[no-untyped-def]
-        return None if self.memory is None else self.memory.tensor  # type: ignore[attr-defined]
 
     async def close(self, timeout: float) -> None:
         """Clean stop: give the pool back (the streamer unlinks its file); unlink it ourselves otherwise."""
         if self.memory is None or self.client is None:
             return
         try:
-            await asyncio.wait_for(self.client.unregister_pool(self.name), timeout)  # type: ignore[attr-defined]
+            await asyncio.wait_for(self.client.unregister_pool(self.name), timeout)
         except Exception as e:  # noqa: BLE001 - the streamer may have stopped first
             log.info("[kv] pool %s not unregistered (%s): unlinking it here", self.name, e)
-            self.memory.unlink()  # type: ignore[attr-defined]
+            self.memory.unlink()
         finally:
             for task in self._tasks:
                 task.cancel()
-            await self.client.close()  # type: ignore[attr-defined]
+            await self.client.close()
 
 
 async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
@@ -88,19 +94,19 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
     from streamer.memory import SHM_PREFIX, SharedPoolMemory
     from streamer.regions import layout_to_spec
 
-    memory, info = None, None
     try:
         client = StreamerClient(streamer_address, name, incarnation, request_timeout_s=timeout)
     except zmq.ZMQError as e:  # an address this host cannot use
         log.warning("[kv] pool %s stays in private memory (streamer address %s: %s)", name, streamer_address, e)
         return KVHome(name, None, None, False)
+    memory, intact, kept = None, False, False
     try:
         await client.status(timeout=timeout)
         try:
             info = await client.pool_info(name)
+            kept = True
         except StreamerError:
             info = None  # no such pool: a first start
-        intact = False
         if info is not None and info.path and info.layout == layout_to_spec(layout):
             try:
                 memory, intact = SharedPoolMemory.attach(layout, info.path), True
@@ -108,12 +114,12 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
                 log.warning("[kv] could not map the kept pool %s (%s): starting a fresh one", info.path, e)
         if memory is None:
             memory = SharedPoolMemory.create(layout, prefix=f"{SHM_PREFIX}-{prefix}", reserve=True)
-        await client.register_pool(name, memory, replace=info is not None)
+        await client.register_pool(name, memory, replace=kept)
     except (OSError, StreamerError, TimeoutError) as e:
         log.warning("[kv] pool %s stays in private memory (no streamer to keep it: %s); a restart recomputes",
                     name, e)
-        if memory is not None and not (info is not None and memory.path == info.path):  # ours, unregistered
-            memory.unlink()
+        if memory is not None and not intact:  # a file we created and nobody took over; the kept one is the
+            memory.unlink()  # streamer's to release
         await client.close()
         return KVHome(name, None, None, False)
     log.info("[kv] pool %s %s (%s)", name, "taken over with its KV" if intact else "created", memory.path)

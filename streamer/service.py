@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from bus.messages import ERR_BAD_MESSAGE, ErrorReply, Heartbeat, Msg
+from recovery.launch import alive
 from streamer import cuda, wire
 from streamer.config import StreamerConfig
 from streamer.endpoints import Endpoint
@@ -45,17 +46,6 @@ from streamer.regions import (
 
 log = logging.getLogger(__name__)
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Outbox(Protocol):
@@ -180,7 +170,7 @@ class StreamerService:
             if not msg.replace:
                 raise BadRequestError(f"pool {msg.name!r} already exists (a restarted stage registers with replace=True)")
             if msg.memory == wire.MEM_SHM and old.path == msg.path:  # never drop (unlink) what is being mapped
-                if layout_to_spec(old.layout) != msg.layout or (old.owner_alive and _alive(old.pid)):
+                if layout_to_spec(old.layout) != msg.layout or (old.owner_alive and old.pid > 0 and alive(old.pid)):
                     raise BadRequestError(f"pool {msg.name!r} maps {msg.path} already (its owner, pid {old.pid}, "
                                           "is alive or the layout differs)")
                 return self._adopt(who, old, msg)
