@@ -15,7 +15,8 @@ peer (were a connection made lazily) can never wait on a header it has not sent 
 at init (streamer.nccl.make_communicator: NCCL_RUNTIME_CONNECT=0) and each new link exchanges a small and a
 large warm-up message while it is set up, so no connection is made during a step. Sends run on the link's
 stream after an event on the compute stream, so computing step k+1 overlaps sending step k; the sent tensor
-is kept alive for the allocator with record_stream. Only the compute thread touches CUDA (aborts aside).
+is kept alive for the allocator with record_stream; a receive buffer is allocated on the link's stream (never
+reusing a block that compute kernels still queued may read). Only the compute thread touches CUDA (aborts aside).
 """
 
 from __future__ import annotations
@@ -117,14 +118,20 @@ class NcclActivations:
         if link is None:
             raise LinkClosed(f"stage {self.stage}: the link upstream was closed under this step")
         _check(link)
-        out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], device=self.device)
+        compute = torch.cuda.current_stream()
+        # The buffer comes from the link stream's share of the allocator, not the compute stream's: a block the
+        # compute stream freed may still be read by its queued kernels (the host runs steps ahead of the GPU),
+        # and NCCL, writing on the link stream, is not ordered after them. Stream-ordered reuse is safe only on
+        # the stream that allocated. record_stream keeps the link stream off the block until compute is done.
+        with torch.cuda.stream(link.stream):
+            out = torch.empty(meta.shape, dtype=DTYPES[meta.dtype], device=self.device)
         nbytes = out.numel() * out.element_size()
         with _link_errors(link):
             link.comm.recv(out.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
         got = torch.cuda.Event()
         got.record(link.stream)
-        torch.cuda.current_stream().wait_event(got)
-        out.record_stream(link.stream)
+        compute.wait_event(got)
+        out.record_stream(compute)
         return out
 
 
@@ -165,7 +172,7 @@ async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> No
     from streamer.nccl import _nccl
 
     def work() -> None:
-        with torch.cuda.device(device):
+        with torch.cuda.device(device), torch.cuda.stream(link.stream):  # the link's own memory: see _recv
             buf = torch.zeros(WARM_UP_BYTES, dtype=torch.uint8, device=device)
             for n in (1, WARM_UP_BYTES):  # the small-message path and the large one
                 if send:

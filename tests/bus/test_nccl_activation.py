@@ -83,3 +83,54 @@ def test_a_step_on_an_aborted_link_is_stale_and_a_failing_live_link_is_a_fault()
             link.comm.send(0, 1)
     with pytest.raises(LinkClosed):
         _check(link)
+
+
+@pytest.mark.gpu
+def test_a_receive_never_writes_into_memory_that_queued_compute_still_reads() -> None:
+    """Regression (4-stage OPT-66B shape on 4 H100s, device-side 'index out of bounds' asserts in a middle stage):
+    the receive buffer was taken from the compute stream's share of the allocator, so NCCL (on the link stream)
+    could overwrite a block whose last reader was still queued on the compute stream. Here the receiver frees a
+    tensor whose copy is queued behind a sleep, then receives a message of the same size at once."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from bus.frames import DTYPE_NAMES
+    from bus.messages import TensorMeta
+
+    d0, d1 = torch.device("cuda:0"), torch.device("cuda:1")
+    gpu0 = ThreadPoolExecutor(1, "gpu0", initializer=torch.cuda.set_device, initargs=(d0,))
+    gpu1 = ThreadPoolExecutor(1, "gpu1", initializer=torch.cuda.set_device, initargs=(d1,))
+    up, down = NcclActivations(d0, 0), NcclActivations(d1, 1)
+    n = 4 << 20  # 16 MiB of float32: the allocator's large pool, where a freed block of one size is reused whole
+    meta = TensorMeta(DTYPE_NAMES[torch.float32], [n])
+
+    def receive() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((n,), 1.0, device=d1)
+        torch.cuda._sleep(500_000_000)  # ~0.25 s of device time before the copy below may read x
+        y = x.clone()
+        del x  # freed on the host while its read is still queued
+        out = down.recv(meta)
+        torch.cuda.synchronize(d1)
+        return y, out
+
+    async def scenario() -> tuple[torch.Tensor, torch.Tensor]:
+        loop = asyncio.get_running_loop()
+
+        def on(pool):  # type: ignore[no-untyped-def]
+            return lambda fn, *a: loop.run_in_executor(pool, fn, *a)
+
+        uid = await up.open_out(on(gpu0), 60.0)
+        await asyncio.gather(up.join_out(60.0), down.join_in(on(gpu1), uid, 60.0))
+        got = loop.run_in_executor(gpu1, receive)
+        await loop.run_in_executor(gpu0, lambda: up.send(torch.full((n,), 2.0, device=d0), lambda meta: None))
+        y, out = await asyncio.wait_for(got, 60.0)
+        await up.close_out()
+        await down.close_in()
+        return y, out
+
+    try:
+        y, out = asyncio.run(scenario())
+    finally:
+        gpu0.shutdown(wait=False)
+        gpu1.shutdown(wait=False)
+    assert bool((out == 2.0).all()), "the message arrived whole"
+    assert bool((y == 1.0).all()), "the receive overwrote memory a queued kernel still had to read"
