@@ -19,6 +19,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/gpu-session-XXXX)
 cd "$ROOT" || exit 2
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+[[ -d "$ROOT/.site/bin" ]] && export PATH="$ROOT/.site/bin:$PATH"  # py-spy from .whl: native stacks of a stall
 PHASES=${PHASES:-probe streamer}
 {
     echo "== $(date -u) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -113,7 +113,8 @@ def idle(before: dict[int, dict[str, float]], after: dict[int, dict[str, float]]
     return out
 
 
-async def overhead(address: str, stages: int, mb: int, context: int, vocab: int, new: int) -> dict[str, Any]:
+async def overhead(address: str, stages: int, mb: int, context: int, vocab: int, new: int,
+                   out: Path | None = None) -> dict[str, Any]:
     async with AsyncClient(address, timeout=1800) as c:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, vocab, (context,), generator=g).tolist() for _ in range(stages * mb)]
@@ -146,8 +147,8 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
                 print(f"[pipeline {time.strftime('%H:%M:%S')}] prefill: {arrived}/{len(prompts)} first tokens after "
                       f"{time.perf_counter() - t0:.0f} s; incarnations {[p['incarnation'] for p in stages]}; "
                       f"stage steps {[p.get('steps') for p in stages]}", flush=True)
-                if arrived == last_arrived:  # no progress for 30 s: every stage dumps its threads' stacks into
-                    dump_stacks(stages)  # the deployment log (faulthandler on SIGUSR1, recovery/child.py)
+                if arrived == last_arrived:  # no progress for 30 s: every process dumps its threads' stacks
+                    dump_stacks(st["processes"], out, "prefill-")
                 last_arrived = arrived
         print(f"[pipeline {time.strftime('%H:%M:%S')}] all {len(prompts)} prompts prefilled in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
@@ -161,17 +162,75 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
             "requests": len(prompts), "context": context, "new_tokens": new}
 
 
-def dump_stacks(processes: list[dict[str, Any]]) -> None:
-    """Ask each (local) process to write every thread's Python stack to its log: where a slow phase waits."""
+def dump_stacks(processes: list[dict[str, Any]], out: Path | None = None, tag: str = "") -> None:
+    """Ask each (local) process to write every thread's Python stack to its log (faulthandler on SIGUSR1,
+    recovery/child.py): where a slow phase waits. With py-spy on PATH and `out` given, also each process's
+    native stacks (the CUDA or NCCL call a thread sits in), one file per process."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") if out is not None else None
     for p in processes:
+        if p.get("role") not in ("stage", "controller"):
+            continue
         try:
             os.kill(int(p["pid"]), signal.SIGUSR1)
         except (OSError, ValueError) as e:
             print(f"[pipeline] could not signal {p['role']} {p['index']} (pid {p['pid']}): {e}", flush=True)
+        if spy is not None and out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            dest = out / f"stacks-{tag}{p['role']}{p['index']}.txt"
+            try:
+                r = subprocess.run([spy, "dump", "--native", "--pid", str(p["pid"])], capture_output=True,
+                                   text=True, timeout=30)
+                dest.write_text(r.stdout + r.stderr)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                dest.write_text(f"py-spy failed: {e!r}\n")
+
+
+async def watch_progress(c: AsyncClient, done: asyncio.Event, label: str, out: Path | None,
+                         save_log: Callable[[], None] | None, quiet_s: float = 20.0,
+                         poll_s: float = 5.0) -> list[dict[str, Any]]:
+    """While a rate runs: poll status every `poll_s`; when no stage has finished a step for `quiet_s` (a stall,
+    or simply nothing in flight), print where things stand and dump every process's stacks, once per stall.
+    Returns the stalls seen (start, length, incarnations): a slow rate says why."""
+    stalls: list[dict[str, Any]] = []
+    last: list[Any] | None = None
+    t0 = changed = time.monotonic()
+    dumped = False
+    while not done.is_set():
+        try:
+            await asyncio.wait_for(done.wait(), poll_s)
+            break
+        except TimeoutError:
+            pass
+        try:
+            st = await asyncio.wait_for(c.status(), 10)
+        except Exception as e:  # noqa: BLE001 - diagnostics only: a controller that does not answer is news
+            print(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: status failed: {e!r}", flush=True)
+            continue
+        stages = [p for p in st["processes"] if p["role"] == "stage"]
+        now = [(p["incarnation"], p.get("steps")) for p in stages]
+        if now != last:
+            if dumped:
+                stalls[-1]["length_s"] = round(time.monotonic() - t0 - stalls[-1]["t_s"], 1)
+                stalls[-1]["after"] = now
+            last, changed, dumped = now, time.monotonic(), False
+        elif not dumped and time.monotonic() - changed > quiet_s:
+            dumped = True
+            stalls.append({"t_s": round(changed - t0, 1), "before": now, "states": [p.get("state") for p in stages]})
+            print(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: no stage step for {quiet_s:.0f} s; "
+                  f"(incarnation, steps) {now}; dumping stacks", flush=True)
+            dump_stacks(st["processes"], out, f"{label}-{len(stalls)}-")
+            if save_log is not None:
+                await asyncio.sleep(min(2.0, quiet_s))  # the dumps reach the log
+                save_log()
+    return stalls
 
 
 async def sweep(address: str, rates: list[float], args: argparse.Namespace,
-                on_rate: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+                on_rate: Callable[[list[dict[str, Any]]], None] | None = None,
+                save_log: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     largs = loadgen.parse_args(["--address", address, "--num-requests", str(args.num_requests),
                                 "--prompt-len", args.prompt_len, "--output-len", args.output_len,
                                 "--vocab-size", str(args.vocab), "--timeout", str(args.timeout), "--no-plot"])
@@ -179,17 +238,32 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
     async with AsyncClient(address, timeout=args.timeout) as c:
         for rate in rates:
             before = await fresh_stats(c)
+            inc_before = incarnations(await c.status())
             reqs = loadgen.plan(rate, largs)
-            summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout)
-            after = await fresh_stats(c, stage_stats(await c.status()))
+            done = asyncio.Event()
+            watcher = asyncio.create_task(watch_progress(c, done, f"rate{rate:g}", args.out, save_log))
+            try:
+                summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout)
+            finally:
+                done.set()
+                stalls = await watcher
+            st = await c.status()
+            after = await fresh_stats(c, stage_stats(st))
             summary.pop("records", None)
             summary["idle_fraction"] = idle(before, after)
+            summary["stalls"] = stalls
+            summary["restarts"] = {k: v - inc_before.get(k, 0) for k, v in incarnations(st).items()
+                                   if v != inc_before.get(k, 0)}
             print(f"[pipeline {time.strftime('%H:%M:%S')}]", loadgen.line(summary), "idle:", summary["idle_fraction"],
-                  flush=True)
+                  "restarts:", summary["restarts"], "stalls:", len(stalls), flush=True)
             out.append(summary)
             if on_rate is not None:
                 on_rate(out)
     return out
+
+
+def incarnations(status: dict[str, Any]) -> dict[str, int]:
+    return {f"{p['role']}{p['index']}": int(p["incarnation"]) for p in status["processes"]}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -282,11 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                                str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
                                "--startup-timeout", "600", "--transport", args.transport,
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout",
-                               "10", "--hang-timeout", str(args.hang_timeout), timeout=900, log_level="WARNING")
+                               "10", "--hang-timeout", str(args.hang_timeout), timeout=900, log_level="INFO")
+
+        def save_log(dep: Deployment = dep) -> None:  # whole, with any stack dumps
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "deployment.log").write_text(dep.logs())
+
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: deployment ready", flush=True)
         try:
             ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
-                                      args.decode_tokens))
+                                      args.decode_tokens, args.out))
             step = statistics.mean(ov["stage_decode_step_s"].values())
             ov["stage_step_over_runtime"] = step / base["median_s"]
             ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
@@ -301,17 +380,17 @@ def main(argv: list[str] | None = None) -> int:
                 rec["rates"] = list(done)
                 save(True)
 
-            runs = asyncio.run(sweep(dep.address, rates, args, on_rate))
+            runs = asyncio.run(sweep(dep.address, rates, args, on_rate, save_log))
         finally:
+            save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
             try:  # restarts during the run would explain slow phases: say so
                 st = asyncio.run(_status(dep.address))
                 print("[pipeline] incarnations:", {f"{p['role']}{p['index']}": p["incarnation"] for p in st["processes"]},
                       flush=True)
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 print("[pipeline] status failed:", repr(e), flush=True)
+            save_log()
             log_text = dep.logs()
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "deployment.log").write_text(log_text)  # whole, with any stack dumps
             print("[pipeline] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
             dep.stop(timeout=120)
         run_rec["rates"] = runs
