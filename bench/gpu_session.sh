@@ -38,14 +38,14 @@ PHASES=${PHASES:-probe streamer}
     fi
     if [[ " $PHASES " == *" serving "* ]]; then
         echo "== serving GPU tests"
-        timeout -k 5 "${SERVE_LIMIT:-300}" python3 -m pytest -q -m gpu tests/bus/test_serving_gpu.py \
+        timeout -k 5 "${SERVE_LIMIT:-300}" python3 -m pytest -q -m gpu tests/bus/test_serving_gpu.py tests/bus/test_nccl_activation.py \
             -p no:cacheprovider > "$WORK/serving_gpu.txt" 2>&1
         tail -n 5 "$WORK/serving_gpu.txt"
     fi
     if [[ " $PHASES " == *" pipeline "* ]]; then
         echo "== pipeline, OPT-66B shape, 4 stages"
-        timeout -k 10 "${PIPE_LIMIT:-540}" bin/dejavu-bench pipeline --shape opt-66b --stages 4 --rates 0.5,1,2 \
-            --num-requests 12 --timeout 200 --out "$WORK/pipeline4" > "$WORK/pipeline4.txt" 2>&1
+        timeout -k 10 "${PIPE_LIMIT:-540}" bin/dejavu-bench pipeline --shape opt-66b --stages 4 --rates 1,2,3,4 \
+            --num-requests 48 --timeout 150 --out "$WORK/pipeline4" > "$WORK/pipeline4.txt" 2>&1
         grep "^\[pipeline" "$WORK/pipeline4.txt" | cut -c1-400
     fi
     echo "== $(date -u) done"
