@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--transfer-timeout", type=float, default=60.0)
     p.add_argument("--peer-timeout", type=float, default=3.0)
     p.add_argument("--layer-timeout", type=float, default=30.0)
+    p.add_argument("--layer-wait", choices=["device", "host"], default="device",
+                   help="layered transfers from a GPU stage wait for each layer on the GPU (default) or on a host thread")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             pin_memory=not a.no_pin, buffered=not a.naive, checksums=not a.no_checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
             window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
-            layer_timeout_s=a.layer_timeout, peers=tuple(peers), supervisor_address=a.supervisor)
+            layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, peers=tuple(peers), supervisor_address=a.supervisor)
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable: p.error exits

@@ -10,8 +10,11 @@ stage's request - this process plays the stages.
    layer's event and sends LayerReady, and h0 streams that layer (GPU: to another GPU and to pinned memory)
    while the next one computes. Compared with the same prompt pass without streaming. The streamer is a
    separate process, as in a deployment, so the two never compete for one interpreter lock. Two diagnostic
-   shares on GPU: "events-only" (the stage records its interprocess events, nothing moves) and "copies-only"
-   (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated).
+   shares on GPU: "events-only" (the stage records its interprocess events, nothing moves), "copies-only"
+   (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated) and
+   "signals-only" (the whole per-layer path - events, LayerReady, the streamer's gating and waits - with one
+   token per slot and layer to copy); and each layered row again through a streamer run with
+   layer_wait="host" ("<dst> host-wait": no wait of the streamer sits on the stage's GPU).
 """
 
 from __future__ import annotations
@@ -131,7 +134,10 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
     return out
 
 
-async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str) -> list[dict[str, Any]]:
+async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str,
+                   c_host: StreamerClient | None = None) -> list[dict[str, Any]]:
+    """`c_host`: a streamer on the same host run with layer_wait="host" (GPU): the layered rows once more through
+    it, each named "<dst> host-wait"."""
     from stages.batch import SeqChunk
     from stages.runtime import ShardConfig, ShardRuntime
 
@@ -194,6 +200,19 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             for hook in hooks:
                 hook.remove()
 
+        def layered(client: StreamerClient, part: Region, pool: str) -> tuple[Any, Any]:
+            """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled by
+            hooks on the stage's blocks."""
+            async def before() -> tuple[Any, list[Any]]:
+                h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True)
+                return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer]))
+
+            async def after(state: tuple[Any, list[Any]]) -> None:
+                await state[0].wait(120)
+                await remove(state[1])
+
+            return before, after
+
         if on_gpu:  # the stage-side share alone: hooks that only record the pool's interprocess events
             async def events() -> list[Any]:
                 return attach_layer_hooks(runtime.shard, mem.record)
@@ -212,16 +231,24 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
             await compare("copies-only", region.nbytes(lay), copies, done)
             await c0.unregister_pool("ov-o")
+        # the per-layer path alone: events, LayerReady and the streamer's per-layer gating and waits, with one
+        # token per slot and layer to copy (the bytes all but gone)
+        tiny = Region.uniform(range(batch), (lay.first_layer, lay.first_layer + lay.num_layers), 0, 1)
+        await compare("signals-only", tiny.nbytes(lay), *layered(c0, tiny, "ov-h"))
         for where, pool in dests:
-            async def streamed(pool: str = pool) -> tuple[Any, list[Any]]:
-                h = await c0.stream("ov-p", region, dst=pool, dst_region=region, layered=True)
-                return h, attach_layer_hooks(runtime.shard, LayerSignal(c0, mem, [h.xfer]))
-
-            async def finished(state: tuple[Any, list[Any]]) -> None:
-                await state[0].wait(120)
-                await remove(state[1])
-
-            await compare(where, region.nbytes(lay), streamed, finished)
+            await compare(where, region.nbytes(lay), *layered(c0, region, pool))
+        if c_host is not None:  # the same through a streamer that waits for each layer on a host thread
+            await c_host.register_pool("ov-p", mem)
+            if on_gpu:
+                await c_host.register_pool("ov-t", target)
+            await c_host.alloc_pool("ov-h", wire.POOL_SWAP, lay)
+            try:
+                for where, pool in dests:
+                    await compare(f"{where} host-wait", region.nbytes(lay), *layered(c_host, region, pool))
+            finally:
+                await c_host.unregister_pool("ov-p")
+                if on_gpu:
+                    await c_host.unregister_pool("ov-t")
     finally:
         compute.shutdown()
         await c0.unregister_pool("ov-p")
@@ -235,19 +262,25 @@ async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = 
     d = tempfile.mkdtemp(prefix="dvb")
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
-    procs = [_start("h0", d, "h1", ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]),
-             _start("h1", d, "h0", ["--replica-gib", _gib(rep)])]
+    swap = ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]
+    procs = [_start("h0", d, "h1", swap), _start("h1", d, "h0", ["--replica-gib", _gib(rep)])]
+    host_wait = overhead_too
+    if host_wait:  # a second streamer on h0's host, for the layer_wait="host" rows of the overhead
+        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "host"]))
     out: list[dict[str, Any]] = []
     try:
         c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "bench-p"), StreamerClient(f"ipc://{d}/h1.c", "bench-t")
-        await c0.status(timeout=120)
-        await c1.status(timeout=120)
+        c2 = StreamerClient(f"ipc://{d}/h2.c", "bench-w") if host_wait else None
+        for c in (c0, c1, c2):
+            if c is not None:
+                await c.status(timeout=120)
         if remote_too:
             out += await remote(c0, c1, on_gpu, repeats)
         if overhead_too:
-            out += await overhead(c0, on_gpu, repeats, model_dir)
-        await c0.close()
-        await c1.close()
+            out += await overhead(c0, on_gpu, repeats, model_dir, c2)
+        for c in (c0, c1, c2):
+            if c is not None:
+                await c.close()
     finally:
         for p in procs:
             p.terminate()

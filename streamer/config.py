@@ -36,6 +36,11 @@ class StreamerConfig:
     copy_threads: int = 1  # torch intra-op threads for CPU copies: the streamer shares the host with stages,
     # and waking a thread team costs milliseconds on a busy host (measured: 256 KiB copies 1000x slower)
     nccl: bool = True  # use NCCL for remote GPU pool -> GPU pool when CuPy/NCCL are present
+    # How a layered transfer from a GPU stage pool waits for layer l to be computed, once LayerReady came:
+    # "device" = its copy stream waits on the stage's interprocess event (no host time, but a wait of this
+    # process sits on the stage's GPU while the stage computes); "host" = a waiter thread synchronises on the
+    # event, then the copy is issued with nothing left to wait for (an A/B for the layer-by-layer overhead).
+    layer_wait: str = "device"
     # Deadlines, seconds. Each error names the setting that governs it.
     transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
     peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer
@@ -70,6 +75,8 @@ class StreamerConfig:
             raise ValueError(f"tcp_chunk_bytes must be >= 4096, got {self.tcp_chunk_bytes}")
         if self.tcp_chunk_bytes > self.max_message_bytes:
             raise ValueError("tcp_chunk_bytes must not exceed max_message_bytes")
+        if self.layer_wait not in ("device", "host"):
+            raise ValueError(f"layer_wait must be 'device' or 'host', got {self.layer_wait!r}")
         if self.copy_threads < 1:
             raise ValueError(f"copy_threads must be >= 1, got {self.copy_threads}")
         if self.window < 1:

@@ -85,8 +85,11 @@ class GpuHandle:
 
 class GpuMover:
     def __init__(self, devices: list[int], staging_bytes: int, lanes: int, gpu: Executor, cpu: Executor,
-                 timeout_setting: str = "transfer_timeout_s") -> None:
+                 timeout_setting: str = "transfer_timeout_s", device_layer_waits: bool = True) -> None:
         self.devices, self.staging_bytes, self.nlanes = devices, staging_bytes, lanes
+        # False (layer_wait="host"): the engine has already seen each layer's event fire before it asks for the
+        # layer's copies, so no wait on a stage's event is enqueued here
+        self.device_layer_waits = device_layer_waits
         self._gpu, self._cpu, self._setting = gpu, cpu, timeout_setting
         self.lanes: dict[int, list[Lane]] = {}
         self._rr: dict[int, itertools.count] = {}
@@ -153,8 +156,8 @@ class GpuMover:
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.default_stream(device)):
             return t.to(torch.device("cuda", device))
 
-    def _wait_source(self, stream: torch.cuda.Stream, src: Endpoint, layer: int | None) -> None:
-        if layer is not None:
+    def wait_source(self, stream: torch.cuda.Stream, src: Endpoint, layer: int | None) -> None:
+        if layer is not None and self.device_layer_waits:
             ev = src.layer_event(layer)
             if ev is not None:
                 stream.wait_event(ev)  # the stage's "layer ready", waited on its own device
@@ -187,7 +190,7 @@ class GpuMover:
         sa = la.stream
         h.lane = la
         with on_device(a), torch.cuda.stream(sa):
-            self._wait_source(sa, src, job.wait_layer)
+            self.wait_source(sa, src, job.wait_layer)
             s_idx = self.device_index(job.index, a, "src")[c.r0: c.r1]
             if not job.buffered:
                 self._naive_copy(job, h, sa, a, b)
@@ -238,7 +241,7 @@ class GpuMover:
         s_cpu, d_cpu = (job.index.src[c.r0: c.r1], job.index.dst[c.r0: c.r1]) if job.checksum else (None, None)
         with on_device(dev), torch.cuda.stream(st):
             if src.is_cuda:
-                self._wait_source(st, src, job.wait_layer)
+                self.wait_source(st, src, job.wait_layer)
             if job.checksum:
                 if src.is_cuda:
                     self._parts(h, 0, src.rows.index_select(0, self.device_index(job.index, dev, "src")[c.r0: c.r1]))
@@ -295,7 +298,7 @@ class GpuMover:
         h.lane = la
         host = dst.flat.data_ptr()
         with on_device(a), torch.cuda.stream(sa):
-            self._wait_source(sa, src, job.wait_layer)
+            self.wait_source(sa, src, job.wait_layer)
             s_idx = self.device_index(job.index, a, "src")[c.r0: c.r1]
             if job.buffered:
                 la.use(sa)
@@ -363,7 +366,7 @@ class GpuMover:
         h = GpuHandle(completion_event(), f"{src.name} rows [{r0}, {r1}) -> host", out.numel(), result=out, lane=la,
                       keep=[src.flat])
         with on_device(a), torch.cuda.stream(sa):
-            self._wait_source(sa, src, wait_layer)
+            self.wait_source(sa, src, wait_layer)
             s_idx = self.device_index(index, a, "src")[r0:r1]
             if buffered:
                 la.use(sa)

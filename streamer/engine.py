@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -218,14 +219,43 @@ class Transfer:
         if not self.layered:
             return
         ev = self._ready.setdefault(layer, asyncio.Event())
-        if ev.is_set():
-            return
         t = self.rt.config.layer_timeout_s
+        if not ev.is_set():
+            try:
+                await asyncio.wait_for(ev.wait(), t)
+            except TimeoutError:
+                raise PeerDeadError(f"transfer {self.xfer}: {self.owner} sent no LayerReady for layer {layer} within "
+                                    f"{t:.1f}s (setting: layer_timeout_s)") from None
+        if self.rt.config.layer_wait == "host":
+            await self._host_wait(layer, t)
+
+    async def _host_wait(self, layer: int, timeout: float) -> None:
+        """layer_wait="host": wait on a thread until the stage's event for `layer` has fired, so the copy issued
+        next finds its input ready and no wait of this process sits on the stage's GPU meanwhile."""
+        gpu_event = self.src.layer_event(layer)
+        if gpu_event is None:
+            return
+        device = self.src.device
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def wait() -> None:  # a daemon thread: one whose stage died mid-layer never holds up the process's exit
+            err: BaseException | None = None
+            try:
+                # the event was opened under its own device (streamer/cuda.py)
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    gpu_event.synchronize()
+            except Exception as e:  # noqa: BLE001 - a CUDA error fails the transfer, reported below
+                err = PeerDeadError(f"transfer {self.xfer}: waiting for layer {layer} of {self.owner} failed: {e}")
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(lambda: done.done() or (done.set_exception(err) if err else done.set_result(None)))
+
+        threading.Thread(target=wait, name=f"layer-wait-{self.xfer}", daemon=True).start()
         try:
-            await asyncio.wait_for(ev.wait(), t)
+            await asyncio.wait_for(done, timeout)
         except TimeoutError:
-            raise PeerDeadError(f"transfer {self.xfer}: {self.owner} sent no LayerReady for layer {layer} within "
-                                f"{t:.1f}s (setting: layer_timeout_s)") from None
+            raise PeerDeadError(f"transfer {self.xfer}: layer {layer} of {self.owner} not computed within {timeout:.1f}s "
+                                "of its LayerReady (setting: layer_timeout_s)") from None
 
     async def _chunk_done(self, c: Chunk) -> None:
         self.nbytes += c.rows * self.src.layout.row_bytes

@@ -173,8 +173,7 @@ def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx_dev: torch.Tensor, rows
     h = GpuHandle(completion_event(), f"gather {src.name} ({rows} rows)", rows * src.layout.row_bytes,
                   keep=[s_idx_dev, src.flat], lane=la)
     with on_device(a), torch.cuda.stream(sa):
-        if wait_layer is not None and (ev := src.layer_event(wait_layer)) is not None:
-            sa.wait_event(ev)
+        mover.wait_source(sa, src, wait_layer)
         packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
         torch.index_select(src.rows, 0, s_idx_dev, out=packed)
         if check:

@@ -227,3 +227,59 @@ def test_long_runs_are_copied_directly_and_exactly(env: Env, buffered: bool) -> 
     region, back = Region.uniform((0, 1), (0, 3), 0, 64), Region.uniform((3, 2), (0, 3), 10, 74)
     run(env.transfer(src, region, dst, back, buffered=buffered, chunk_bytes=1 << 20).run)
     assert torch.equal(packed(typed(dst), lay, back), packed(typed(src), lay, region))
+
+
+class FakeLayerEvent:
+    """What a GPU stage pool's interprocess layer event does for layer_wait="host": synchronize() blocks until the
+    stage's kernels for the layer have run (here: until the test fires it)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.fired = threading.Event()
+
+    def synchronize(self) -> None:
+        assert self.fired.wait(10.0)
+
+
+def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> None:
+    """layer_wait="host": LayerReady alone (kernels launched, not yet run) does not start the layer's copy; the
+    event having fired does. A layer whose event never fires fails the transfer within layer_timeout_s."""
+    e = Env(layer_wait="host", layer_timeout_s=0.5)
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
+    events = [FakeLayerEvent(), FakeLayerEvent()]
+    src = Endpoint("p", wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "test",
+                   events=events)  # type: ignore[arg-type]
+    dst = endpoint("t", lay)
+    region = Region.uniform((0, 1), (0, 2), 0, 8)
+    ref = typed(endpoint("ref", lay, seed=9))
+
+    async def scenario() -> None:
+        moved: asyncio.Queue[int] = asyncio.Queue()
+
+        async def on_layer(layer: int, done: int, nbytes: int) -> None:
+            await moved.put(layer)
+
+        t = e.transfer(src, region, dst, region, layered=True, on_layer=on_layer)
+        task = asyncio.ensure_future(t.run())
+        typed(src)[0].copy_(ref[0])
+        t.layer_ready(0)  # launched, not computed
+        await asyncio.sleep(0.2)
+        assert moved.empty() and not typed(dst).any()
+        events[0].fired.set()
+        assert await asyncio.wait_for(moved.get(), 5) == 0
+        t.layer_ready(1)  # layer 1's event never fires: the stage died mid-layer
+        with pytest.raises(PeerDeadError, match="layer 1 .*not computed.*layer_timeout_s"):
+            await asyncio.wait_for(task, 5)
+        events[1].fired.set()  # release the waiter thread
+
+    try:
+        run(scenario)
+    finally:
+        e.close()
+    assert torch.equal(packed(typed(dst), lay, region.sub_layers(0, 1)), packed(ref, lay, region.sub_layers(0, 1)))
+
+
+def test_layer_wait_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="layer_wait"):
+        StreamerConfig(name="h0", control_address="ipc://x", data_address="ipc://y", layer_wait="sometimes")

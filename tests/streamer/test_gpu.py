@@ -48,10 +48,10 @@ def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
         assert checksum_parts(t.cuda()).tolist() == checksum_parts(t).tolist()
 
 
-def _lib():  # type: ignore[no-untyped-def]
+def _lib(layer_wait: str = "device"):  # type: ignore[no-untyped-def]
     from streamer.bench_ops import Lib
 
-    return Lib(True, staging_bytes=256 * 1024, lanes=2)
+    return Lib(True, staging_bytes=256 * 1024, lanes=2, layer_wait=layer_wait)
 
 
 def _endpoints(lib, lay: PoolLayout, seed: int):  # type: ignore[no-untyped-def]
@@ -141,16 +141,17 @@ def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
     run(scenario, timeout=300)
 
 
+@pytest.mark.parametrize("layer_wait", ["device", "host"])
 @pytest.mark.parametrize("tokens", [64, 1024], ids=["staged", "direct"])
-def test_layer_ready_event_gates_the_copy(tokens: int) -> None:
+def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str) -> None:
     """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
     stage's event (if it did not, it would copy the zeros that were there before). Short pieces go through
-    staging, long ones pool to pool by DMA: both wait."""
+    staging, long ones pool to pool by DMA: both wait, whether the wait sits on the GPU or on a host thread."""
     need()
     lay = PoolLayout(0, 3, 2, tokens, 2, 64, torch.float16)
 
     async def scenario() -> None:
-        lib = _lib()
+        lib = _lib(layer_wait)
         await lib.start()
         try:
             src, dst = lib.endpoint("p", lay, "cuda:0"), lib.endpoint("t", lay, "pinned", wire.POOL_RECEIVE)
