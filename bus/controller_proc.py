@@ -10,7 +10,9 @@ incarnation than the registered one are dropped; a stage this controller does no
 asked to say Hello again (Rehello). Whenever the set of live stages is complete and some stage is new, the
 controller starts a new epoch: it sends every stage a Topology and, once all have acknowledged it (within
 `topology_timeout`), serves again - going on from the cached positions when every stage kept its KV, else
-recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one.
+recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one. When a
+stage is reported down, the survivors are told at once (EpochOver) so they abort that epoch's links then, not
+when the next epoch's replace them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from bus.messages import (
     ERR_SERVER,
     CancelRequest,
     DeploymentReady,
+    EpochOver,
     ErrorReply,
     FatalError,
     GenerateRequest,
@@ -328,6 +331,10 @@ class ControllerProcess:
                     entry.state = "restarting" if body.restarting else "failed"
                 self.core.pipeline_down()
                 self.pending_acks = set()
+                # the survivors abort this epoch's links now, not when the next epoch's links replace them
+                for i, e in self.reg.stages.items():
+                    if i != body.index and e.state not in ("restarting", "failed"):
+                        await send(self.internal, self.codec, EpochOver(self.epoch), route=[f"stage-{i}".encode()])
             else:
                 key = (body.role, body.index)
                 if key in self.reg.others:

@@ -241,6 +241,14 @@ class Rehello(Msg, tag=47):
     controller_incarnation: int
 
 
+class EpochOver(Msg, tag=48):
+    """Controller -> every surviving stage, the moment a stage of `epoch` is reported down: that pipeline is gone.
+    Abort its activation links now (an NCCL operation waiting on the dead stage otherwise spins on the GPU until
+    the next epoch's links replace it, and any call that waits for the device waits with it) and drop its steps."""
+
+    epoch: int
+
+
 class StageStats(Msg, tag=45):
     """Stage -> controller, every heartbeat interval: how busy it has been (idle fraction = bubbles)."""
 
@@ -646,6 +654,6 @@ STREAMER_MESSAGES: tuple[type[Msg], ...] = CONTROL + DATA
 
 COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive)
-STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello)
+STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

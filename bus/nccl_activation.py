@@ -4,8 +4,9 @@ One directed 2-rank communicator per pipeline link (upstream = rank 0, sends; do
 receives), created per epoch: on a new Topology the upstream stage makes a unique id, sends it to the
 downstream stage as `LinkInit` over the ZeroMQ data socket, and both join (streamer.nccl.NcclLink: init on
 its own thread, within `link_timeout`). A restart therefore rebuilds only the links of a new epoch; old
-links are aborted (ncclCommAbort) on a thread of their own (streamer.nccl.abort_link), never waited on and never
-queued behind the compute thread, which may be the one blocked on the dead link; a step whose link was aborted
+links are aborted (ncclCommAbort) as soon as the controller says their epoch is over (EpochOver, sent when a
+stage dies) or a new link replaces them, on a thread of their own (streamer.nccl.abort_link): never waited on,
+never queued behind the compute thread, which may be the one blocked on the dead link; a step whose link was aborted
 under it raises LinkClosed and is dropped (its epoch is over).
 
 Ordering: the upstream announces step k's header first and then enqueues ncclSend for it (compute thread,
@@ -39,11 +40,12 @@ class NcclActivations:
         self.device, self.stage = device, stage
         self.out = None  # streamer.nccl.NcclLink (rank 0)
         self.inc = None  # streamer.nccl.NcclLink (rank 1)
+        self.out_epoch = self.inc_epoch = -1  # the epoch each link serves
         self._ids = 0
 
     # -------------------------------------------------------------- link lifecycle (event loop)
 
-    async def open_out(self, on_gpu, timeout: float) -> list[int]:  # type: ignore[no-untyped-def]
+    async def open_out(self, on_gpu, timeout: float, epoch: int = -1) -> list[int]:  # type: ignore[no-untyped-def]
         """Make the upstream rank of a new link; returns the unique id to send downstream. Join with
         `join_out` after sending it."""
         from streamer.nccl import NcclLink, new_unique_id
@@ -52,6 +54,7 @@ class NcclActivations:
         uid = await on_gpu(new_unique_id)
         self._ids += 1
         self.out = await on_gpu(NcclLink, self._ids, f"stage-{self.stage + 1}", 0, self.device.index)
+        self.out_epoch = epoch
         self._uid = uid
         return uid
 
@@ -60,12 +63,14 @@ class NcclActivations:
         await self.out.init(self._uid, timeout)
         await _warm_up(self.out, self.device, timeout, send=True)
 
-    async def join_in(self, on_gpu, uid: list[int], timeout: float) -> None:  # type: ignore[no-untyped-def]
+    async def join_in(self, on_gpu, uid: list[int], timeout: float,  # type: ignore[no-untyped-def]
+                      epoch: int = -1) -> None:
         from streamer.nccl import NcclLink
 
         await self.close_in()
         self._ids += 1
         self.inc = await on_gpu(NcclLink, self._ids, f"stage-{self.stage - 1}", 1, self.device.index)
+        self.inc_epoch = epoch
         await self.inc.init(uid, timeout)
         await _warm_up(self.inc, self.device, timeout, send=False)
 
@@ -78,6 +83,14 @@ class NcclActivations:
         if self.inc is not None:
             link, self.inc = self.inc, None
             await abort_link(link)
+
+    async def close_epoch(self, epoch: int) -> None:
+        """Abort the links that serve `epoch` or an older one (a stage of it died); a newer epoch's link, set up
+        meanwhile, stays."""
+        if self.out is not None and self.out_epoch <= epoch:
+            await self.close_out()
+        if self.inc is not None and self.inc_epoch <= epoch:
+            await self.close_in()
 
     # -------------------------------------------------------------- data (compute thread)
 

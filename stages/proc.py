@@ -7,7 +7,8 @@ activation input; Hello the controller (within `handshake_timeout`; again whenev
 Rehello); then serve: steps arrive from the controller (stage 0) or from the upstream stage, run one at a time
 on the compute thread, and go downstream (or, from the last stage, back to the controller as sampled tokens).
 Every message carries the stage's incarnation; every step carries the deployment epoch, and steps of an
-old epoch are dropped unrun (they belonged to a pipeline that has since been rebuilt).
+old epoch are dropped unrun (they belonged to a pipeline that has since been rebuilt); so are those of an epoch
+the controller declared over (EpochOver: a stage died), whose NCCL links are aborted on the spot.
 
 Never: talks to clients, holds scheduling state, or blocks the event loop with compute.
 """
@@ -33,6 +34,7 @@ from bus.codec import Codec
 from bus.errors import DeadlineError, ProtocolError
 from bus.messages import (
     ERR_BAD_REQUEST,
+    EpochOver,
     Hello,
     LinkInit,
     Rehello,
@@ -109,6 +111,7 @@ class StageProcess:
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute",
                                           initializer=init, initargs=args)
         self.epoch = -1
+        self.over = -1  # the latest epoch known to be over (EpochOver): its steps are dropped
         self.busy_since = 0.0
         self.busy_total = 0.0  # CPU: wall time computing steps
         self.gpu_busy = 0.0  # CUDA: device time of steps, from event pairs (the true busy time of the GPU)
@@ -218,6 +221,8 @@ class StageProcess:
                          body.controller_incarnation)
                 self.state = "ready"
                 await self._hello()
+            elif isinstance(body, EpochOver):
+                await self._epoch_over(body.epoch)
             elif isinstance(body, Welcome):
                 pass  # the answer to a Hello sent again (Rehello)
             elif isinstance(body, Shutdown):
@@ -237,7 +242,7 @@ class StageProcess:
                 raise ProtocolError(f"stage {self.cfg.index} got a topology without a downstream address")
             self.out = ActivationOut(self.ctx, self.codec, topo.downstream)
             if self.nccl is not None:
-                uid = await self.nccl.open_out(self.on_gpu, self.cfg.link_timeout)
+                uid = await self.nccl.open_out(self.on_gpu, self.cfg.link_timeout, topo.epoch)
                 await self.out.send_msg(LinkInit(topo.epoch, uid))
                 await self.nccl.join_out(self.cfg.link_timeout)
         # steps queued under the old epoch are dropped by the worker
@@ -245,6 +250,14 @@ class StageProcess:
         if not self.serving_since:
             self.serving_since = time.monotonic()
         log.info("[topology] stage %d: epoch %d, downstream %s", self.cfg.index, topo.epoch, topo.downstream or "-")
+
+    async def _epoch_over(self, epoch: int) -> None:
+        """A stage of `epoch` died: drop that epoch's queued steps and abort its NCCL links at once (their
+        operations waiting on the dead stage return; a step using them raises LinkClosed and is dropped)."""
+        self.over = max(self.over, epoch)
+        if self.nccl is not None:
+            await self.nccl.close_epoch(epoch)
+        log.info("[topology] stage %d: epoch %d is over (a stage died); its links are closed", self.cfg.index, epoch)
 
     async def _data(self) -> None:
         while True:
@@ -265,7 +278,7 @@ class StageProcess:
     async def _join_in(self, init: LinkInit) -> None:
         assert self.nccl is not None
         try:
-            await self.nccl.join_in(self.on_gpu, init.uid, self.cfg.link_timeout)
+            await self.nccl.join_in(self.on_gpu, init.uid, self.cfg.link_timeout, init.epoch)
         except Exception as e:  # the upstream died while linking: the next epoch brings a new LinkInit
             log.error("[topology] NCCL link from stage %d (epoch %d) failed: %s", self.cfg.index - 1, init.epoch, e)
             return
@@ -275,7 +288,7 @@ class StageProcess:
         loop = asyncio.get_running_loop()
         while True:
             step, hidden = await self.queue.get()
-            if step.epoch != self.epoch:
+            if step.epoch != self.epoch or step.epoch <= self.over:
                 continue
             via_nccl = step.hidden is not None and hidden is None
             if via_nccl:

@@ -85,6 +85,20 @@ def test_a_step_on_an_aborted_link_is_stale_and_a_failing_live_link_is_a_fault()
         _check(link)
 
 
+def test_epoch_over_aborts_only_the_links_of_that_epoch_or_older() -> None:
+    """EpochOver(e): a link of epoch <= e is aborted at once (its peer's stage died); a link of a newer epoch,
+    set up meanwhile (its LinkInit can overtake the controller's message), stays."""
+    acts = NcclActivations(torch.device("cpu"), 1)
+    old_out, new_in = FakeLink(1), FakeLink(2)
+    acts.out, acts.out_epoch = old_out, 3
+    acts.inc, acts.inc_epoch = new_in, 4
+    asyncio.run(asyncio.wait_for(acts.close_epoch(3), 5.0))
+    assert acts.out is None and old_out.closed
+    assert acts.inc is new_in and not new_in.closed
+    asyncio.run(asyncio.wait_for(acts.close_epoch(4), 5.0))
+    assert acts.inc is None and new_in.closed
+
+
 @pytest.mark.gpu
 def test_a_receive_never_writes_into_memory_that_queued_compute_still_reads() -> None:
     """Regression (4-stage OPT-66B shape on 4 H100s, device-side 'index out of bounds' asserts in a middle stage):

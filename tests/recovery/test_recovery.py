@@ -108,6 +108,8 @@ def test_kill_9_stage_mid_generation_loses_nothing(model_factory) -> None:  # ty
         assert again == refs[:4]
         logs = dep.logs()
         assert "[recovery]" in logs
+        # at each death the two survivors were told at once that the epoch was over (links closed, steps dropped)
+        assert logs.count("is over (a stage died)") == 4
         # each restarted stage took its pool over from the streamer: requests went on where they were
         assert logs.count("taken over with its KV") == 2 and "resuming from the KV the stages kept" in logs
         assert "recomputed" not in logs
