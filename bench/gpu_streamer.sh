@@ -73,7 +73,7 @@ for line in open(sys.argv[1]):
               f"{r.get('stream_gbps', r['gbps']):8.1f} GB/s  {100 * r['fraction']:5.1f}% of {r['ceiling']}")
     elif s == "overhead":
         print(f"overhead -> {r['dst']:7} prompt {1e3 * r['prompt_s']:.1f} ms, streamed {1e3 * r['streamed_total_s']:.1f} ms "
-              f"({100 * r['overhead']:+.2f}%)")
+              f"({100 * r['overhead']:+.2f}%; compute {100 * r['compute_overhead']:+.2f}%)")
     elif s == "summary":
         print("summary ", json.dumps(r))
 PY
