@@ -221,7 +221,8 @@ async def watch_progress(c: AsyncClient, done: asyncio.Event, label: str, out: P
             stalls.append({"t_s": round(changed - t0, 1), "before": now, "states": [p.get("state") for p in stages]})
             print(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: no stage step for {quiet_s:.0f} s; "
                   f"(incarnation, steps) {now}; dumping stacks", flush=True)
-            dump_stacks(st["processes"], out, f"{label}-{len(stalls)}-")
+            # on a thread: py-spy takes a while per process, and the rate's clients must keep receiving meanwhile
+            await asyncio.to_thread(dump_stacks, st["processes"], out, f"{label}-{len(stalls)}-")
             if save_log is not None:
                 await asyncio.sleep(min(2.0, quiet_s))  # the dumps reach the log
                 save_log()
@@ -385,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
             try:  # restarts during the run would explain slow phases: say so
                 st = asyncio.run(_status(dep.address))
-                print("[pipeline] incarnations:", {f"{p['role']}{p['index']}": p["incarnation"] for p in st["processes"]},
-                      flush=True)
+                print("[pipeline] incarnations:", incarnations(st), flush=True)
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 print("[pipeline] status failed:", repr(e), flush=True)
             save_log()
