@@ -59,9 +59,12 @@ class NcclActivations:
         return uid
 
     async def join_out(self, timeout: float) -> None:
-        assert self.out is not None
-        await self.out.init(self._uid, timeout)
-        await _warm_up(self.out, self.device, timeout, send=True)
+        link = self.out
+        assert link is not None
+        await link.init(self._uid, timeout)
+        if link.closed:  # aborted while it was being set up (its epoch is over)
+            raise LinkClosed(f"NCCL link {link.link_id} to {link.peer} was closed while it was set up")
+        await _warm_up(link, self.device, timeout, send=True)
 
     async def join_in(self, on_gpu, uid: list[int], timeout: float,  # type: ignore[no-untyped-def]
                       epoch: int = -1) -> None:
@@ -71,8 +74,11 @@ class NcclActivations:
         self._ids += 1
         self.inc = await on_gpu(NcclLink, self._ids, f"stage-{self.stage - 1}", 1, self.device.index)
         self.inc_epoch = epoch
-        await self.inc.init(uid, timeout)
-        await _warm_up(self.inc, self.device, timeout, send=False)
+        link = self.inc
+        await link.init(uid, timeout)
+        if link.closed:
+            raise LinkClosed(f"NCCL link {link.link_id} to {link.peer} was closed while it was set up")
+        await _warm_up(link, self.device, timeout, send=False)
 
     async def close_out(self) -> None:
         if self.out is not None:
@@ -212,3 +218,8 @@ async def _warm_up(link, device: torch.device, timeout: float, send: bool) -> No
         link.dead = True
         raise PeerDeadError(f"NCCL link to {link.peer}: warm-up exchange not done within {timeout:.0f}s "
                             "(setting: link_timeout)") from None
+    except Exception as e:  # noqa: BLE001 - CuPy's NcclError from the exchange
+        if link.closed:
+            raise LinkClosed(f"NCCL link {link.link_id} to {link.peer} was closed during its warm-up") from None
+        link.dead = True
+        raise PeerDeadError(f"NCCL link to {link.peer}: warm-up exchange failed: {e}") from e

@@ -55,8 +55,11 @@ from stages.errors import StageError
 from stages.kv_home import KVHome, open_home
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
+from streamer.errors import PeerDeadError
 
 log = logging.getLogger(__name__)
+
+MAX_LINK_FAILURES = 3  # epochs in a row a stage may fail to link (a neighbour died meanwhile) before it exits
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,9 @@ class StageProcess:
                                           initializer=init, initargs=args)
         self.epoch = -1
         self.over = -1  # the latest epoch known to be over (EpochOver): its steps are dropped
+        self.linking: asyncio.Task[None] | None = None  # the current Topology's link setup
+        self.link_failures = 0  # epochs in a row whose links could not be set up
+        self.tg: asyncio.TaskGroup
         self.busy_since = 0.0
         self.busy_total = 0.0  # CPU: wall time computing steps
         self.gpu_busy = 0.0  # CUDA: device time of steps, from event pairs (the true busy time of the GPU)
@@ -160,6 +166,7 @@ class StageProcess:
             self.state = "ready"
             log.info("[handshake] stage %d (incarnation %d) layers %s ready", cfg.index, cfg.incarnation, cfg.layers)
             async with asyncio.TaskGroup() as tg:
+                self.tg = tg
                 tasks = [tg.create_task(self._control()), tg.create_task(self._data()),
                          tg.create_task(self._worker()), tg.create_task(self._stats())]
                 await self.sup.stop.wait()
@@ -214,8 +221,11 @@ class StageProcess:
             if isinstance(body, StepRequest):
                 self.queue.put_nowait((body, None))
             elif isinstance(body, Topology):
-                await self._set_topology(body)
-                await send(self.ctl, self.codec, TopologyAck(body.epoch), reply_to=msg.env.msg_id)
+                # a task of its own: linking waits on the neighbours (up to link_timeout), and an EpochOver that
+                # arrives meanwhile must be acted on at once (it aborts the link being set up)
+                if self.linking is not None and not self.linking.done():
+                    self.linking.cancel()
+                self.linking = self.tg.create_task(self._serve_epoch(body, msg.env.msg_id))
             elif isinstance(body, Rehello):  # the controller was restarted: register again, then a new epoch
                 log.info("[handshake] stage %d: controller incarnation %d asks for Hello", self.cfg.index,
                          body.controller_incarnation)
@@ -229,6 +239,24 @@ class StageProcess:
                 self.sup.stop.set()
             else:
                 log.warning("[control] unexpected %s", type(body).__name__)
+
+    async def _serve_epoch(self, topo: Topology, msg_id: int) -> None:
+        """Link for `topo.epoch` and acknowledge it. A neighbour that dies meanwhile (the link fails, or the
+        controller says the epoch is over) is not this stage's fault: no ack, and the controller forms the next
+        epoch once the neighbour is back. Any other failure propagates (the stage exits and is restarted)."""
+        try:
+            await self._set_topology(topo)
+        except (PeerDeadError, LinkClosed) as e:
+            self.link_failures += 1
+            if self.link_failures >= MAX_LINK_FAILURES and topo.epoch > self.over:
+                raise  # failing with every neighbour in turn: the fault is more likely this stage's own
+            log.warning("[topology] stage %d: epoch %d not linked (%s); waiting for the next one", self.cfg.index,
+                        topo.epoch, e)
+            return
+        self.link_failures = 0
+        if topo.epoch <= self.over:
+            return
+        await send(self.ctl, self.codec, TopologyAck(topo.epoch), reply_to=msg_id)
 
     async def _set_topology(self, topo: Topology) -> None:
         """Serve epoch `topo.epoch`: rebuild the link downstream (ZeroMQ, plus NCCL on CUDA). Acked by the
@@ -284,11 +312,15 @@ class StageProcess:
             return
         self.inc_ready.set()
 
+    def _stale(self, step: StepRequest) -> bool:
+        """The step belongs to a pipeline that is gone: rebuilt since (another epoch) or declared over."""
+        return step.epoch != self.epoch or step.epoch <= self.over
+
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             step, hidden = await self.queue.get()
-            if step.epoch != self.epoch or step.epoch <= self.over:
+            if self._stale(step):
                 continue
             via_nccl = step.hidden is not None and hidden is None
             if via_nccl:
@@ -302,7 +334,7 @@ class StageProcess:
                     log.error("[step] no NCCL link from upstream within link_timeout; dropping mb %d step %d",
                               step.mb, step.step)
                     continue
-                if step.epoch != self.epoch:
+                if self._stale(step):
                     continue
             self.busy_since = started = time.monotonic()
             try:
@@ -313,7 +345,7 @@ class StageProcess:
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
                 continue
             except Exception as e:
-                if step.epoch != self.epoch:
+                if self._stale(step):
                     # its pipeline was rebuilt under it (an aborted link can leave garbage in its input, which
                     # sampling may refuse): nobody waits for this step any more
                     log.info("[step] mb %d step %d of epoch %d failed after the pipeline was rebuilt (%s); dropped",
@@ -328,7 +360,7 @@ class StageProcess:
             finally:
                 self.busy_since = 0.0
                 self.busy_total += time.monotonic() - started
-            if step.epoch != self.epoch:
+            if self._stale(step):
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
                 await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens))

@@ -99,6 +99,26 @@ def test_epoch_over_aborts_only_the_links_of_that_epoch_or_older() -> None:
     assert acts.inc is None and new_in.closed
 
 
+def test_a_link_closed_while_it_is_set_up_fails_as_closed_not_as_a_fault() -> None:
+    """EpochOver during a Topology's link setup aborts the link being initialised: joining it then raises
+    LinkClosed (the stage skips that epoch) instead of going on to a warm-up on a link that is gone."""
+    acts = NcclActivations(torch.device("cpu"), 0)
+
+    class SlowInit(FakeLink):
+        async def init(self, uid: list[int], timeout: float) -> None:
+            await asyncio.sleep(0.2)  # ncclCommInitRank waiting for the peer
+
+    async def scenario() -> None:
+        acts.out, acts.out_epoch, acts._uid = SlowInit(5), 7, [0]
+        joining = asyncio.ensure_future(acts.join_out(5.0))
+        await asyncio.sleep(0.05)
+        await acts.close_epoch(7)
+        with pytest.raises(LinkClosed, match="closed while it was set up"):
+            await asyncio.wait_for(joining, 5.0)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.gpu
 def test_a_receive_never_writes_into_memory_that_queued_compute_still_reads() -> None:
     """Regression (4-stage OPT-66B shape on 4 H100s, device-side 'index out of bounds' asserts in a middle stage):
