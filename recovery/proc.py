@@ -145,6 +145,7 @@ class SupervisorProcess:
                 heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
+                cudnn_attention=cfg.cudnn_attention,
                 streamer_address=streamer_address, shm_prefix=self.shm_prefix,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))

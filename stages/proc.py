@@ -84,6 +84,7 @@ class StageProcConfig:
     transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
     microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
     cuda_graphs: bool = True
+    cudnn_attention: bool = True
     link_timeout: float = 60.0  # NCCL link setup deadline
     streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
     streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown
@@ -149,7 +150,8 @@ class StageProcess:
             if cfg.device == "cpu" and cfg.threads:
                 torch.set_num_threads(cfg.threads)
             shard = ShardConfig(Path(cfg.model_dir), tuple(cfg.layers), cfg.num_slots, cfg.max_seq_len, cfg.dtype,
-                                cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size)
+                                cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size,
+                                cudnn_attention=cfg.cudnn_attention)
             self.kv = await self._kv_home(shard)
             self.busy_since = time.monotonic()
             self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)

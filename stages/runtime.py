@@ -46,6 +46,9 @@ class ShardConfig:
     dtype: str = "float32"
     device: str = "cpu"
     cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
+    # cuDNN's attention kernels are compiled at run time for each new shape, and loading one waits for the
+    # whole device (an NCCL receive included): False keeps attention on precompiled kernels (CUDA only)
+    cudnn_attention: bool = True
     range_size: int = 0  # slots per microbatch range for graphs (0 = all slots form one range)
     graph_bucket: int = 256  # a decode graph reads keys up to a multiple of this
 
@@ -110,6 +113,8 @@ class ShardRuntime:
         self.layout = pool_layout(config)
         self.pool = KVPool(self.layout, pool_memory, self.device)
         self.graphs = None
+        if self.device.type == "cuda" and not config.cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: a stage process runs one shard
         if self.device.type == "cuda" and config.cuda_graphs:
             from stages.graphs import DecodeGraphs
 
