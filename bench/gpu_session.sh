@@ -6,6 +6,7 @@
 #   3. the serving GPU tests: HF equality on 1/2/4 GPUs, kill -9 of a stage and of the controller, the 4-stage
 #      long-prompt stall test                                                        SERVE_LIMIT   (default 300 s)
 #   4. the 4-stage OPT-66B pipeline benchmark                                        PIPE_LIMIT    (default 540 s)
+# PIPE_ARGS adds options to the pipeline benchmark (e.g. --no-cudnn-attention).
 # PHASES picks them (default "probe streamer": about 6 minutes); then PHASES=serving and PHASES=pipeline, each
 # in a call of its own on the same warm machine (a device call may run 10 minutes at most).
 #
@@ -45,7 +46,7 @@ PHASES=${PHASES:-probe streamer}
     if [[ " $PHASES " == *" pipeline "* ]]; then
         echo "== pipeline, OPT-66B shape, 4 stages"
         timeout -k 10 "${PIPE_LIMIT:-540}" bin/dejavu-bench pipeline --shape opt-66b --stages 4 --rates 1,2,3,4 \
-            --num-requests 48 --timeout 150 --out "$WORK/pipeline4" > "$WORK/pipeline4.txt" 2>&1
+            --num-requests 48 --timeout 150 ${PIPE_ARGS:-} --out "$WORK/pipeline4" > "$WORK/pipeline4.txt" 2>&1
         grep "^\[pipeline" "$WORK/pipeline4.txt" | cut -c1-400
     fi
     echo "== $(date -u) done"
