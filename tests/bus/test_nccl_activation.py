@@ -105,13 +105,26 @@ def test_a_link_closed_while_it_is_set_up_fails_as_closed_not_as_a_fault() -> No
     acts = NcclActivations(torch.device("cpu"), 0)
 
     class SlowInit(FakeLink):
+        """ncclCommInitRank waiting for a peer that never joins; an abort makes it return."""
+
+        def __init__(self, link_id: int) -> None:
+            super().__init__(link_id)
+            self.entered, self.released = asyncio.Event(), asyncio.Event()
+
         async def init(self, uid: list[int], timeout: float) -> None:
-            await asyncio.sleep(0.2)  # ncclCommInitRank waiting for the peer
+            self.loop = asyncio.get_running_loop()
+            self.entered.set()
+            await asyncio.wait_for(self.released.wait(), timeout)
+
+        def abort(self) -> None:
+            super().abort()
+            self.loop.call_soon_threadsafe(self.released.set)  # abort_link calls this on a thread of its own
 
     async def scenario() -> None:
-        acts.out, acts.out_epoch, acts._uid = SlowInit(5), 7, [0]
+        link = SlowInit(5)
+        acts.out, acts.out_epoch, acts._uid = link, 7, [0]
         joining = asyncio.ensure_future(acts.join_out(5.0))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(link.entered.wait(), 5.0)
         await acts.close_epoch(7)
         with pytest.raises(LinkClosed, match="closed while it was set up"):
             await asyncio.wait_for(joining, 5.0)

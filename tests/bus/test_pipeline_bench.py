@@ -36,9 +36,15 @@ class StallingStatus:
     def __init__(self, pid: int, stall_from: float, stall_to: float) -> None:
         self.pid, self.stall_from, self.stall_to = pid, stall_from, stall_to
         self.t0 = time.monotonic()
+        self.resumed_polls = 0
+        self.seen_resumed = asyncio.Event()  # polled a few times after the stall ended
 
     async def status(self) -> dict:  # type: ignore[type-arg]
         t = time.monotonic() - self.t0
+        if t > self.stall_to:
+            self.resumed_polls += 1
+            if self.resumed_polls >= 3:
+                self.seen_resumed.set()
         steps = int(min(t, self.stall_from) * 100) + (int((t - self.stall_to) * 100) if t > self.stall_to else 0)
         return {"processes": [{"role": "stage", "index": 0, "pid": self.pid, "incarnation": 0, "steps": steps,
                                "state": "serving"}]}
@@ -59,7 +65,7 @@ def test_a_stall_during_a_rate_is_reported_once_with_the_stacks_of_the_processes
         fake = StallingStatus(child.pid, stall_from=0.3, stall_to=1.5)
         watcher = asyncio.create_task(pipeline_bench.watch_progress(
             fake, done, "r1", None, lambda: saved.append(1), quiet_s=0.4, poll_s=0.05))  # type: ignore[arg-type]
-        await asyncio.sleep(2.5)
+        await asyncio.wait_for(fake.seen_resumed.wait(), 10)
         done.set()
         return await asyncio.wait_for(watcher, 10)
 

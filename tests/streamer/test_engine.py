@@ -237,8 +237,10 @@ class FakeLayerEvent:
         import threading
 
         self.fired = threading.Event()
+        self.waited_on = threading.Event()  # a waiter thread is inside synchronize()
 
     def synchronize(self) -> None:
+        self.waited_on.set()
         assert self.fired.wait(10.0)
 
 
@@ -264,8 +266,9 @@ def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> N
         task = asyncio.ensure_future(t.run())
         typed(src)[0].copy_(ref[0])
         t.layer_ready(0)  # launched, not computed
-        await asyncio.sleep(0.2)
-        assert moved.empty() and not typed(dst).any()
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, events[0].waited_on.wait, 5.0)  # the engine waits on the event
+        assert moved.empty() and not typed(dst).any()  # ... and has issued no copy before it fires
         events[0].fired.set()
         assert await asyncio.wait_for(moved.get(), 5) == 0
         t.layer_ready(1)  # layer 1's event never fires: the stage died mid-layer
