@@ -440,6 +440,12 @@ class StreamRequest(Msg, tag=208):
     progress: bool = False  # send TransferProgress after each layer
 
 
+# A stage's compute thread may send LayerReady on a socket of its own (no hop through its event loop); that
+# socket's identity is the client's identity + SIGNAL_SEP + a number, and the streamer files the signal under
+# the client's identity (streamer/client.py, StreamerClient.layer_ready_direct).
+SIGNAL_SEP = "|signal-"
+
+
 class LayerReady(Msg, tag=209):
     """Stage -> streamer: local layer `layer` (global id) is computed for these layered transfers. On GPU the
     stage records the pool's event for that layer *before* sending this."""

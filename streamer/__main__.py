@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--transfer-timeout", type=float, default=60.0)
     p.add_argument("--peer-timeout", type=float, default=3.0)
     p.add_argument("--layer-timeout", type=float, default=30.0)
-    p.add_argument("--layer-wait", choices=["device", "host"], default="device",
-                   help="layered transfers from a GPU stage wait for each layer on the GPU (default) or on a host thread")
+    p.add_argument("--layer-wait", choices=["device", "host"], default="host",
+                   help="layered transfers from a GPU stage wait for each layer on a host thread (default) or on the GPU")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)

@@ -58,10 +58,14 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
         answers: TransferProgress per layer (progress=True: `h.next_progress`), then exactly one of
         TransferDone / TransferFailed (`await h.wait()` returns or raises the typed error). Clients named in
         `notify` that are connected to the destination's streamer get `Delivered` when it commits.
-    await client.layer_ready(xfers, layer)      /  client.layer_ready_threadsafe(...)  /  LayerSignal
+    await client.layer_ready(xfers, layer)  /  client.layer_ready_threadsafe(...)  /  client.layer_ready_direct(...)
+    /  LayerSignal(client, mem, xfers, direct=False)
         who: the stage computing a layered transfer's source, right after launching layer `layer` (global id).
+        _threadsafe: from the compute thread, sent by the client's loop; _direct: from the compute thread, sent
+        at once on a socket that thread owns (no loop hop; the streamer files it under the client's identity).
         GPU: record the pool's interprocess event for that layer first (GpuPoolMemory.record / LayerSignal);
-        the streamer waits on it on the owning device, so layer l's copy overlaps computing layer l+1.
+        the streamer waits for it on the owning device - on a waiter thread by default (layer_wait="host"), or
+        with its copy stream (layer_wait="device") - so layer l's copy overlaps computing layer l+1.
         CPU: the message itself says the layer is written. A transfer whose next layer does not become ready
         within layer_timeout_s fails with PeerDeadError. blocks: no (a message). A prompt pass streams itself
         with forward hooks: `hooks = attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer]))`

@@ -13,8 +13,11 @@ stage's request - this process plays the stages.
    shares on GPU: "events-only" (the stage records its interprocess events, nothing moves), "copies-only"
    (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated) and
    "signals-only" (the whole per-layer path - events, LayerReady, the streamer's gating and waits - with one
-   token per slot and layer to copy); and each layered row again through a streamer run with
-   layer_wait="host" ("<dst> host-wait": no wait of the streamer sits on the stage's GPU).
+   token per slot and layer to copy). Each layered row also runs with LayerReady sent from the compute thread
+   itself ("<dst> direct-signal", no hop through the stage's event loop) and through a streamer run with
+   layer_wait="device" ("<dst> device-wait": the streamer's copy stream waits on the stage's event, the
+   default before session 5). Each row reports the whole pass until the last layer has landed ("overhead")
+   and the stage's compute alone ("compute_overhead": what the stage's own work pays).
 """
 
 from __future__ import annotations
@@ -135,9 +138,9 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
 
 
 async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str,
-                   c_host: StreamerClient | None = None) -> list[dict[str, Any]]:
-    """`c_host`: a streamer on the same host run with layer_wait="host" (GPU): the layered rows once more through
-    it, each named "<dst> host-wait"."""
+                   c_dev: StreamerClient | None = None) -> list[dict[str, Any]]:
+    """`c_dev`: a streamer on the same host run with layer_wait="device" (GPU): the layered rows once more
+    through it, each named "<dst> device-wait"."""
     from stages.batch import SeqChunk
     from stages.runtime import ShardConfig, ShardRuntime
 
@@ -200,12 +203,12 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             for hook in hooks:
                 hook.remove()
 
-        def layered(client: StreamerClient, part: Region, pool: str) -> tuple[Any, Any]:
+        def layered(client: StreamerClient, part: Region, pool: str, direct: bool = False) -> tuple[Any, Any]:
             """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled by
-            hooks on the stage's blocks."""
+            hooks on the stage's blocks (`direct`: sent by the compute thread itself)."""
             async def before() -> tuple[Any, list[Any]]:
                 h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True)
-                return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer]))
+                return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer], direct=direct))
 
             async def after(state: tuple[Any, list[Any]]) -> None:
                 await state[0].wait(120)
@@ -237,18 +240,19 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
         await compare("signals-only", tiny.nbytes(lay), *layered(c0, tiny, "ov-h"))
         for where, pool in dests:
             await compare(where, region.nbytes(lay), *layered(c0, region, pool))
-        if c_host is not None:  # the same through a streamer that waits for each layer on a host thread
-            await c_host.register_pool("ov-p", mem)
+            await compare(f"{where} direct-signal", region.nbytes(lay), *layered(c0, region, pool, direct=True))
+        if c_dev is not None:  # the same through a streamer whose copy streams wait on the stage's events
+            await c_dev.register_pool("ov-p", mem)
             if on_gpu:
-                await c_host.register_pool("ov-t", target)
-            await c_host.alloc_pool("ov-h", wire.POOL_SWAP, lay)
+                await c_dev.register_pool("ov-t", target)
+            await c_dev.alloc_pool("ov-h", wire.POOL_SWAP, lay)
             try:
                 for where, pool in dests:
-                    await compare(f"{where} host-wait", region.nbytes(lay), *layered(c_host, region, pool))
+                    await compare(f"{where} device-wait", region.nbytes(lay), *layered(c_dev, region, pool))
             finally:
-                await c_host.unregister_pool("ov-p")
+                await c_dev.unregister_pool("ov-p")
                 if on_gpu:
-                    await c_host.unregister_pool("ov-t")
+                    await c_dev.unregister_pool("ov-t")
     finally:
         compute.shutdown()
         await c0.unregister_pool("ov-p")
@@ -264,20 +268,21 @@ async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = 
     rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
     swap = ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]
     procs = [_start("h0", d, "h1", swap), _start("h1", d, "h0", ["--replica-gib", _gib(rep)])]
-    host_wait = overhead_too
-    if host_wait:  # a second streamer on h0's host, for the layer_wait="host" rows of the overhead
-        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "host"]))
+    device_wait = overhead_too and on_gpu
+    if device_wait:  # a second streamer on h0's host, for the layer_wait="device" rows of the overhead
+        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "device"]))
     out: list[dict[str, Any]] = []
     try:
         c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "bench-p"), StreamerClient(f"ipc://{d}/h1.c", "bench-t")
-        c2 = StreamerClient(f"ipc://{d}/h2.c", "bench-w") if host_wait else None
+        c2 = StreamerClient(f"ipc://{d}/h2.c", "bench-w") if device_wait else None
         for c in (c0, c1, c2):
             if c is not None:
                 await c.status(timeout=120)
         if remote_too:
             out += await remote(c0, c1, on_gpu, repeats)
         if overhead_too:
-            out += await overhead(c0, on_gpu, repeats, model_dir, c2)
+            # 3x the repeats: a row's difference is a few percent of a 50 ms pass (GPU), so noise matters
+            out += await overhead(c0, on_gpu, 3 * repeats if on_gpu else repeats, model_dir, c2)
         for c in (c0, c1, c2):
             if c is not None:
                 await c.close()

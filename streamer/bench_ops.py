@@ -150,7 +150,7 @@ async def ceiling_zmq(nbytes: int, repeats: int, count: int = 8) -> float:
 class Lib:
     """The streamer's movers and transfer engine over endpoints allocated here (no sockets, no IPC)."""
 
-    def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "device") -> None:
+    def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host") -> None:
         self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
                                      staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait)
         self.gpu_exec, self.cpu_exec = ThreadPoolExecutor(1), ThreadPoolExecutor(1)

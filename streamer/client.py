@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,11 @@ class StreamerClient:
         self.connected = False
         self.down: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []  # called when a streamer is back after a disconnect
+        self._incarnation = incarnation
+        self._signal_local = threading.local()  # each compute thread's own LayerReady socket (layer_ready_direct)
+        self._signal_socks: list[_SignalSocket] = []
+        self._signal_lock = threading.Lock()
+        self._closed = False
         self._loop = asyncio.get_running_loop()
         self._tasks = [self._loop.create_task(self._read()), self._loop.create_task(self._watch())]
 
@@ -188,9 +194,15 @@ class StreamerClient:
         self._transfers.clear()
 
     async def close(self) -> None:
+        """Call once no thread sends on this client any more (a compute thread's signal socket is closed here)."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        with self._signal_lock:
+            self._closed = True
+            for sig in self._signal_socks:
+                sig.close()
+            self._signal_socks.clear()
         self._sock.disable_monitor()
         self._monitor.close(0)
         self._sock.close(0)
@@ -280,21 +292,66 @@ class StreamerClient:
         """Same, callable from the stage's compute thread (the send happens on the client's loop)."""
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.layer_ready(xfers, layer)))
 
+    def layer_ready_direct(self, xfers: Sequence[int], layer: int) -> None:
+        """Same, sent at once from the calling thread (the stage's compute thread) on a socket that thread owns,
+        with no hop through the event loop: a hop wakes the loop thread, which then competes for the interpreter
+        lock with the thread launching the next layer's kernels. Never blocks; raises StreamerDownError if the
+        streamer is down or has stopped reading (its queue for this socket is full)."""
+        if self.down is not None:
+            raise StreamerDownError(f"streamer at {self.address} is down: {self.down}")
+        sig = getattr(self._signal_local, "sig", None)
+        if sig is None:
+            with self._signal_lock:
+                if self._closed:
+                    raise StreamerDownError(f"client of the streamer at {self.address} is closed")
+                sig = _SignalSocket(self, len(self._signal_socks) + 1)
+                self._signal_socks.append(sig)
+            self._signal_local.sig = sig
+        sig.send(wire.LayerReady(list(xfers), layer))
+
     async def cancel(self, xfer: int, reason: str = "") -> None:
         await self.request(wire.CancelTransfer(xfer, reason))
 
 
+class _SignalSocket:
+    """A synchronous DEALER socket used by one thread only, for LayerReady (StreamerClient.layer_ready_direct).
+    Its own codec: msg ids only have to be unique per sender socket, and nothing answers a LayerReady."""
+
+    def __init__(self, client: StreamerClient, number: int) -> None:
+        self._ctx = zmq.Context.shadow(client._ctx.underlying)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IDENTITY, f"{client.name}{wire.SIGNAL_SEP}{number}".encode())
+        self._sock.connect(client.address)  # sends queue until the connection is up
+        self._codec = Codec(client.name, client._incarnation, types=ALL_MESSAGES)
+        self.address = client.address
+
+    def send(self, msg: Msg) -> None:
+        try:
+            self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            raise StreamerDownError(f"streamer at {self.address} does not take LayerReady signals "
+                                    "(its queue is full)") from None
+        except zmq.ZMQError as e:
+            raise StreamerDownError(f"LayerReady to the streamer at {self.address} failed: {e}") from None
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+
 class LayerSignal:
     """Per-layer "ready" for the compute thread: records the GPU pool's event for the layer (if any) on the
-    current stream, then tells the streamer. Call it right after local layer j's kernels are launched."""
+    current stream, then tells the streamer. Call it right after local layer j's kernels are launched.
+    `direct`: send from the compute thread itself (layer_ready_direct) instead of through the client's loop."""
 
-    def __init__(self, client: StreamerClient, memory: Any, xfers: Sequence[int]) -> None:
+    def __init__(self, client: StreamerClient, memory: Any, xfers: Sequence[int], direct: bool = False) -> None:
         self.client, self.memory, self.xfers = client, memory, list(xfers)
+        self._send = client.layer_ready_direct if direct else client.layer_ready_threadsafe
 
     def __call__(self, local_layer: int) -> None:
         if hasattr(self.memory, "record"):
             self.memory.record(local_layer)
-        self.client.layer_ready_threadsafe(self.xfers, self.memory.layout.first_layer + local_layer)
+        self._send(self.xfers, self.memory.layout.first_layer + local_layer)
 
 
 def attach_layer_hooks(shard: torch.nn.Module, fn: Any) -> list[Any]:

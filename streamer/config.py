@@ -37,10 +37,12 @@ class StreamerConfig:
     # and waking a thread team costs milliseconds on a busy host (measured: 256 KiB copies 1000x slower)
     nccl: bool = True  # use NCCL for remote GPU pool -> GPU pool when CuPy/NCCL are present
     # How a layered transfer from a GPU stage pool waits for layer l to be computed, once LayerReady came:
-    # "device" = its copy stream waits on the stage's interprocess event (no host time, but a wait of this
-    # process sits on the stage's GPU while the stage computes); "host" = a waiter thread synchronises on the
-    # event, then the copy is issued with nothing left to wait for (an A/B for the layer-by-layer overhead).
-    layer_wait: str = "device"
+    # "host" = a waiter thread synchronises on the stage's interprocess event, then the copy is issued with
+    # nothing left to wait for; "device" = the copy stream waits on the event (no host time, but a wait of this
+    # process sits on the stage's GPU while the stage computes). Measured on 4xH100 (bench/results/
+    # streamer-4xh100-2026-11-27-s5.json): a stage's prompt pass slowed by +1.6-3.1% with "host" against
+    # +8.3-9.0% with "device", hence the default.
+    layer_wait: str = "host"
     # Deadlines, seconds. Each error names the setting that governs it.
     transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
     peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer

@@ -223,36 +223,58 @@ class _Waiters:
     """Daemon threads that block in cudaEventSynchronize (torch releases the GIL there) and hand the result to
     the event loop. Why not poll from the loop: a loop spinning on event.query() holds the GIL and starves the
     GPU thread that enqueues the next copies; why not the GPU thread: a wait there would stall every enqueue.
-    Daemon threads, because a wait on an event that never completes (a hung peer) must not block exit."""
+    Daemon threads, because a wait on an event that never completes (a hung peer) must not block exit.
 
-    def __init__(self, threads: int) -> None:
-        self._q: queue.SimpleQueue[tuple[torch.cuda.Event, asyncio.AbstractEventLoop, asyncio.Future[None]]] = \
+    Elastic: a wait that finds no idle thread starts one, so an event that never fires (a stage that died
+    mid-layer, a hung peer) costs one thread, never the waits queued behind it; threads stay for reuse, at most
+    `keep` of them idle (the rest end once their wait is over)."""
+
+    def __init__(self, keep: int) -> None:
+        self._q: queue.SimpleQueue[tuple[Any, int | None, asyncio.AbstractEventLoop, asyncio.Future[None]]] = \
             queue.SimpleQueue()
-        self._threads = threads
+        self._keep = keep
+        self._idle = 0
         self._started = 0
         self._lock = threading.Lock()
 
     def _run(self) -> None:
         while True:
-            ev, loop, fut = self._q.get()
+            ev, device, loop, fut = self._q.get()
             err: BaseException | None = None
             try:
-                ev.synchronize()
+                if device is None:
+                    ev.synchronize()
+                else:  # an interprocess event: waited on with its owning device current (module docstring)
+                    with torch.cuda.device(device):
+                        ev.synchronize()
             except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
                 err = e
             try:
                 loop.call_soon_threadsafe(_settle, fut, err)
             except RuntimeError:  # the loop is gone (its waiter timed out and the process moved on)
                 pass
+            with self._lock:
+                if self._idle >= self._keep:
+                    self._started -= 1
+                    return
+                self._idle += 1
 
-    def submit(self, ev: torch.cuda.Event, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    def submit(self, ev: Any, loop: asyncio.AbstractEventLoop, device: int | None = None) -> asyncio.Future[None]:
+        """Wait for `ev` (anything with a blocking .synchronize()) on a waiter thread; the future settles on
+        `loop` with None or the wait's exception. Never blocks."""
+        fut: asyncio.Future[None] = loop.create_future()
         with self._lock:
-            if self._started < self._threads:
+            if self._idle:
+                self._idle -= 1
+            else:
                 self._started += 1
                 threading.Thread(target=self._run, name=f"cuda-wait-{self._started}", daemon=True).start()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._q.put((ev, loop, fut))
+        self._q.put((ev, device, loop, fut))
         return fut
+
+    @property
+    def threads(self) -> int:
+        return self._started
 
 
 def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
@@ -267,11 +289,17 @@ def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
 _WAITERS = _Waiters(8)
 
 
+def synchronize_async(event: Any, device: int | None = None) -> asyncio.Future[None]:
+    """A future (of the running loop) that settles once `event` has completed, waited on by a waiter thread
+    (see _Waiters; `device`: the owning device of an interprocess event). No deadline: the caller sets one."""
+    return _WAITERS.submit(event, asyncio.get_running_loop(), device)
+
+
 async def wait_event(event: torch.cuda.Event, timeout: float, what: str, setting: str) -> None:
     """Wait for device work without blocking the loop (see _Waiters), within `timeout` seconds."""
     if event.query():
         return
-    fut = _WAITERS.submit(event, asyncio.get_running_loop())
+    fut = synchronize_async(event)
     try:
         await asyncio.wait_for(asyncio.shield(fut), timeout)
     except TimeoutError:

@@ -87,8 +87,8 @@ class GpuMover:
     def __init__(self, devices: list[int], staging_bytes: int, lanes: int, gpu: Executor, cpu: Executor,
                  timeout_setting: str = "transfer_timeout_s", device_layer_waits: bool = True) -> None:
         self.devices, self.staging_bytes, self.nlanes = devices, staging_bytes, lanes
-        # False (layer_wait="host"): the engine has already seen each layer's event fire before it asks for the
-        # layer's copies, so no wait on a stage's event is enqueued here
+        # False (layer_wait="host", the streamer's default): the engine has already seen each layer's event fire
+        # before it asks for the layer's copies, so no wait on a stage's event is enqueued here
         self.device_layer_waits = device_layer_waits
         self._gpu, self._cpu, self._setting = gpu, cpu, timeout_setting
         self.lanes: dict[int, list[Lane]] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ import torch
 from stages.kv_cache import Region
 from streamer import wire
 from streamer.config import StreamerConfig
-from streamer.cuda import wait_event
+from streamer.cuda import synchronize_async, wait_event
 from streamer.endpoints import Endpoint
 from streamer.errors import (
     CancelledError,
@@ -230,32 +229,20 @@ class Transfer:
             await self._host_wait(layer, t)
 
     async def _host_wait(self, layer: int, timeout: float) -> None:
-        """layer_wait="host": wait on a thread until the stage's event for `layer` has fired, so the copy issued
-        next finds its input ready and no wait of this process sits on the stage's GPU meanwhile."""
+        """layer_wait="host": wait on a waiter thread until the stage's event for `layer` has fired, so the copy
+        issued next finds its input ready and no wait of this process sits on the stage's GPU meanwhile."""
         gpu_event = self.src.layer_event(layer)
         if gpu_event is None:
             return
         device = self.src.device
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def wait() -> None:  # a daemon thread: one whose stage died mid-layer never holds up the process's exit
-            err: BaseException | None = None
-            try:
-                # the event was opened under its own device (streamer/cuda.py)
-                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                    gpu_event.synchronize()
-            except Exception as e:  # noqa: BLE001 - a CUDA error fails the transfer, reported below
-                err = PeerDeadError(f"transfer {self.xfer}: waiting for layer {layer} of {self.owner} failed: {e}")
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(lambda: done.done() or (done.set_exception(err) if err else done.set_result(None)))
-
-        threading.Thread(target=wait, name=f"layer-wait-{self.xfer}", daemon=True).start()
+        done = synchronize_async(gpu_event, device.index if device.type == "cuda" else None)
         try:
-            await asyncio.wait_for(done, timeout)
+            await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError:
             raise PeerDeadError(f"transfer {self.xfer}: layer {layer} of {self.owner} not computed within {timeout:.1f}s "
                                 "of its LayerReady (setting: layer_timeout_s)") from None
+        except Exception as e:  # a CUDA error on the event: the stage's context is gone
+            raise PeerDeadError(f"transfer {self.xfer}: waiting for layer {layer} of {self.owner} failed: {e}") from None
 
     async def _chunk_done(self, c: Chunk) -> None:
         self.nbytes += c.rows * self.src.layout.row_bytes

@@ -361,8 +361,9 @@ class StreamerService:
             await self.outbox.control(client, wire.Delivered(sender, xfer, tag, dst.name, region_to_spec(region)))
 
     async def _layer_ready(self, who: Who, msg: wire.LayerReady) -> None:
+        owner = who.identity.split(wire.SIGNAL_SEP, 1)[0]  # a compute thread's own signal socket: its client's
         for x in msg.xfers:
-            t = self.transfers.get((who.identity, x))
+            t = self.transfers.get((owner, x))
             if t is not None:  # a transfer that already failed ignores late signals
                 t.layer_ready(msg.layer)
         return None

@@ -11,6 +11,7 @@ from bus.messages import (  # noqa: F401
     POOL_REPLICA,
     POOL_STAGE,
     POOL_SWAP,
+    SIGNAL_SEP,
     STREAMER_MESSAGES,
     VIA_FRAME,
     VIA_NCCL,

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from streamer.cuda import wait_event
+from streamer.cuda import _Waiters, wait_event
 from streamer.errors import TransferTimeoutError
 from tests.streamer.helpers import run
 
@@ -48,5 +48,30 @@ def test_wait_times_out_with_a_typed_error_naming_the_setting() -> None:
         done = FakeEvent()
         done.done.set()
         await wait_event(done, 0.2, "x", "y")  # type: ignore[arg-type]
+
+    run(scenario)
+
+
+def test_an_event_that_never_fires_holds_one_waiter_thread_not_the_waits_behind_it() -> None:
+    """Elastic waiters: stuck waits (a stage that died mid-layer) each keep one thread; a later wait still gets
+    a thread of its own at once, and threads beyond `keep` end once their waits are over."""
+    waiters = _Waiters(2)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        stuck = [FakeEvent() for _ in range(5)]
+        futs = [waiters.submit(ev, loop) for ev in stuck]
+        ok = FakeEvent()
+        ok.done.set()
+        await asyncio.wait_for(waiters.submit(ok, loop), 5)
+        assert not any(f.done() for f in futs) and waiters.threads >= 5
+        for ev in stuck:
+            ev.done.set()
+        await asyncio.wait_for(asyncio.gather(*futs), 5)
+        for _ in range(200):  # the extra threads leave after settling their futures
+            if waiters.threads <= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert waiters.threads <= 2
 
     run(scenario)

@@ -48,7 +48,7 @@ def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
         assert checksum_parts(t.cuda()).tolist() == checksum_parts(t).tolist()
 
 
-def _lib(layer_wait: str = "device"):  # type: ignore[no-untyped-def]
+def _lib(layer_wait: str = "host"):  # type: ignore[no-untyped-def]
     from streamer.bench_ops import Lib
 
     return Lib(True, staging_bytes=256 * 1024, lanes=2, layer_wait=layer_wait)

@@ -145,6 +145,49 @@ def test_layered_push_arrives_layer_by_layer_and_notifies(pair) -> None:  # type
     run(scenario)
 
 
+def test_layer_ready_sent_from_the_compute_thread_itself_drives_a_layered_transfer(pair) -> None:  # type: ignore[no-untyped-def]
+    """layer_ready_direct: the compute thread signals on a socket of its own (no hop through the client's loop);
+    the streamer files the signal under the client's identity, layer by layer, and a closed client refuses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    h0, _ = pair
+    lay = layout_for(torch.float32)
+    region = Region((1, 3), (2, 6), ((0, 20), (4, 24)))
+    ref = fill_random(torch.empty(lay.shape, dtype=lay.dtype), 11)
+
+    async def scenario() -> None:
+        c = StreamerClient(h0.control, "direct0")
+        await connect(c)
+        mem = SharedPoolMemory.create(lay)
+        await c.register_pool("direct0", mem)
+        await c.alloc_pool("direct-rx", wire.POOL_SWAP, lay)
+        h = await c.stream("direct0", region, dst="direct-rx", dst_region=region, layered=True, progress=True)
+        compute = ThreadPoolExecutor(1)  # the stage's compute thread
+        loop = asyncio.get_running_loop()
+
+        def layer(j: int, g: int) -> None:
+            mem.tensor[j].copy_(ref[j])
+            c.layer_ready_direct([h.xfer], g)
+
+        for j, g in enumerate(range(2, 6)):
+            await loop.run_in_executor(compute, layer, j, g)
+            got = await h.next_progress(5)
+            assert (got.layer, got.layers_done) == (g, j + 1)
+        assert (await h.wait(5)).nbytes == region.nbytes(lay)
+        back = await c.stream("direct-rx", region, dst="direct0", dst_region=region)
+        mem.tensor.zero_()
+        await back.wait(5)
+        assert torch.equal(packed(mem.tensor, lay, region), packed(ref, lay, region))
+        await c.unregister_pool("direct0")
+        await c.free_pool("direct-rx")
+        await c.close()
+        with pytest.raises(StreamerDownError, match="closed"):
+            await loop.run_in_executor(ThreadPoolExecutor(1), c.layer_ready_direct, [h.xfer], 2)
+        compute.shutdown()
+
+    run(scenario)
+
+
 def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair) -> None:  # type: ignore[no-untyped-def]
     """Frames follow a remote open without waiting for its answer: a refused open (no such pool there, or a
     region the pool cannot hold) must still surface as the refusal, and the link stays usable."""
