@@ -36,6 +36,7 @@ import torch
 
 from bus import loadgen
 from bus.client import AsyncClient
+from stages.layers.attention import CUDNN_ATTENTION_MODES
 
 SHAPES: dict[str, dict[str, int]] = {
     # OPT family shapes (hidden, layers, heads, ffn); vocab 50272, 2048 positions
@@ -60,7 +61,7 @@ def write_model(shape: str, root: Path) -> Path:
 
 
 def baseline_step(model: Path, layers: int, batch: int, context: int, dtype: str, device: str,
-                  repeats: int, cudnn_attention: bool = True) -> dict[str, float]:
+                  repeats: int, cudnn_attention: str = "decode") -> dict[str, float]:
     """Decode step of one stage's layers in one in-process runtime (no pipeline): median seconds."""
     from stages.batch import SeqChunk
     from stages.runtime import ShardConfig, ShardRuntime
@@ -322,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-timeout", type=float, default=60.0,
                    help="the deployment kills a stage busy with one step this long (a prompt pass takes ~1 s)")
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
-    p.add_argument("--no-cudnn-attention", action="store_true",
-                   help="stages (and the baseline) keep attention off cuDNN's per-shape compiled kernels")
+    p.add_argument("--cudnn-attention", default="decode", choices=CUDNN_ATTENTION_MODES,
+                   help="where the stages' (and the baseline's) attention may use cuDNN's per-shape compiled kernels")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
     args = p.parse_args(argv)
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     for stages in [int(s) for s in args.stages.split(",")]:
         base_device = "cuda:0" if args.device == "cuda" else "cpu"
         base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
-                             base_device, 20, cudnn_attention=not args.no_cudnn_attention)
+                             base_device, 20, cudnn_attention=args.cudnn_attention)
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
               f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
         dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--startup-timeout", "600", "--transport", args.transport,
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout",
                                "10", "--hang-timeout", str(args.hang_timeout),
-                               *(["--no-cudnn-attention"] if args.no_cudnn_attention else []), timeout=900,
+                               "--cudnn-attention", args.cudnn_attention, timeout=900,
                                log_level="INFO")
 
         def save_log(dep: Deployment = dep) -> None:  # whole, with any stack dumps

@@ -32,8 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-timeout", type=float, default=10.0)
     p.add_argument("--stage-threads", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
-    p.add_argument("--no-cudnn-attention", action="store_true",
-                   help="keep attention off cuDNN, whose kernels are compiled per shape while serving (CUDA)")
+    p.add_argument("--cudnn-attention", default="decode", choices=["decode", "all", "off"],  # attention.py's modes
+                   help="where attention may use cuDNN, whose kernels are compiled per shape while serving (CUDA): "
+                        "decode tokens only (default), everywhere, or nowhere")
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"],
                    help="activation plane between stages (auto: NCCL on cuda, ZeroMQ on cpu)")
     p.add_argument("--no-streamer", action="store_true",
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             max_restarts=args.max_restarts, restart_window=args.restart_window,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
-            cudnn_attention=not args.no_cudnn_attention,
+            cudnn_attention=args.cudnn_attention,
             transport=args.transport, streamer=not args.no_streamer,
         )
     except (ValueError, OSError) as e:

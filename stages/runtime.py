@@ -19,6 +19,7 @@ from torch import nn
 from stages.batch import SeqChunk, StepPlan, build_plan
 from stages.errors import InvalidRequestError, LayerRangeError, ModelLoadError
 from stages.kv_cache import KVPool, PoolLayout
+from stages.layers.attention import CUDNN_ATTENTION_MODES, set_cudnn_attention
 from stages.models import DecoderShard, load_spec
 from stages.models.spec import parse_dtype, read_config
 from stages.weights import Checkpoint, load_shard, random_fill, random_weights_setting
@@ -47,8 +48,9 @@ class ShardConfig:
     device: str = "cpu"
     cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
     # cuDNN's attention kernels are compiled at run time for each new shape, and loading one waits for the
-    # whole device (an NCCL receive included): False keeps attention on precompiled kernels (CUDA only)
-    cudnn_attention: bool = True
+    # whole device (an NCCL receive included): "decode" (default) keeps prompt chunks on precompiled kernels,
+    # "all" lets SDPA pick cuDNN everywhere, "off" never (CUDA only; stages/layers/attention.py)
+    cudnn_attention: str = "decode"
     range_size: int = 0  # slots per microbatch range for graphs (0 = all slots form one range)
     graph_bucket: int = 256  # a decode graph reads keys up to a multiple of this
 
@@ -57,6 +59,9 @@ class ShardConfig:
             raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.cudnn_attention not in CUDNN_ATTENTION_MODES:
+            raise ValueError(f"cudnn_attention must be one of {', '.join(CUDNN_ATTENTION_MODES)}, "
+                             f"got {self.cudnn_attention!r}")
 
 
 def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -113,8 +118,8 @@ class ShardRuntime:
         self.layout = pool_layout(config)
         self.pool = KVPool(self.layout, pool_memory, self.device)
         self.graphs = None
-        if self.device.type == "cuda" and not config.cudnn_attention:
-            torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: a stage process runs one shard
+        if self.device.type == "cuda":
+            set_cudnn_attention(config.cudnn_attention)  # process-wide: a stage process runs one shard
         if self.device.type == "cuda" and config.cuda_graphs:
             from stages.graphs import DecodeGraphs
 

@@ -4,14 +4,35 @@ New keys/values are first written into the pool at (slot, position); each attent
 sequences' keys straight from the pool — a view, no copy, when the group's slots are consecutive, which is
 how the scheduler hands out microbatch slots. Grouped-query attention uses SDPA's `enable_gqa`, so K/V are
 never repeated in memory.
+
+cuDNN (CUDA): SDPA's cuDNN backend compiles a kernel for each new shape at run time, and loading it waits for
+the whole device. Decode shapes repeat (and decode graphs are captured once), prompt shapes keep changing, so
+by default (`CUDNN_ATTENTION = "decode"`) prompt chunks run on the precompiled flash / memory-efficient
+kernels and decode tokens may use cuDNN; "all" lets SDPA choose everywhere, "off" never uses cuDNN.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stages.batch import AttnGroup, StepPlan
+
+CUDNN_ATTENTION_MODES = ("decode", "all", "off")
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_prompt_without_cudnn = False  # set per process by set_cudnn_attention (a stage process runs one shard)
+
+
+def set_cudnn_attention(mode: str) -> None:
+    """Where SDPA may use cuDNN in this process (CUDA): see the module docstring."""
+    global _prompt_without_cudnn
+    if mode not in CUDNN_ATTENTION_MODES:
+        raise ValueError(f"cudnn_attention must be one of {', '.join(CUDNN_ATTENTION_MODES)}, got {mode!r}")
+    torch.backends.cuda.enable_cudnn_sdp(mode != "off")
+    _prompt_without_cudnn = mode == "decode"
 
 
 def write_kv(
@@ -74,7 +95,9 @@ def _sdpa(
         q = qg.view(b, kv_heads, heads // kv_heads, d)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # mask [B,1,1,L] broadcasts
         return o.reshape(b, 1, heads, d)
-    o = F.scaled_dot_product_attention(
-        qg.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
-    )
+    no_cudnn = _prompt_without_cudnn and t > 1 and qg.is_cuda
+    with sdpa_kernel(_NO_CUDNN) if no_cudnn else contextlib.nullcontext():
+        o = F.scaled_dot_product_attention(
+            qg.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
     return o.transpose(1, 2)

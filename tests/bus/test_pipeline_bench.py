@@ -15,8 +15,8 @@ from bus import pipeline_bench
 
 def test_pipeline_bench_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
-    # --no-cudnn-attention changes nothing on CPU; here it checks the option reaches the stages' configuration
-    assert pipeline_bench.main(["--quick", "--stages", "2", "--no-cudnn-attention", "--out", str(tmp_path)]) == 0
+    # --cudnn-attention changes nothing on CPU; here it checks the option reaches the stages' configuration
+    assert pipeline_bench.main(["--quick", "--stages", "2", "--cudnn-attention", "off", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "pipeline_bench.json").read_text())
     (run,) = result["runs"]
     assert run["stages"] == 2 and run["baseline_step"]["median_s"] > 0
@@ -27,7 +27,7 @@ def test_pipeline_bench_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert all(0.0 <= f <= 1.0 for f in r["idle_fraction"].values())
         assert r["stalls"] == [] and r["restarts"] == {}
     assert (tmp_path / "pipeline_bench.png").stat().st_size > 1000
-    assert result["settings"]["no_cudnn_attention"] == "True"
+    assert result["settings"]["cudnn_attention"] == "off"
 
 
 class StallingStatus:

@@ -73,6 +73,16 @@ def test_max_seq_len_past_the_models_positions(model_factory) -> None:  # type: 
         LocalPipeline(model_factory("opt"), 1, num_slots=1, max_seq_len=129)
 
 
+def test_unknown_cudnn_attention_mode_is_refused(model_factory) -> None:  # type: ignore[no-untyped-def]
+    from stages.layers.attention import set_cudnn_attention
+    from stages.runtime import ShardConfig
+
+    with pytest.raises(ValueError, match="cudnn_attention must be one of decode, all, off"):
+        ShardConfig(model_factory("llama"), cudnn_attention="sometimes")
+    with pytest.raises(ValueError, match="cudnn_attention"):
+        set_cudnn_attention("yes")
+
+
 # --- the CLI --------------------------------------------------------------------------------------------------
 
 

@@ -93,3 +93,32 @@ def test_fused_rope_and_cache_matches_torch(dtype: torch.dtype, rot: int) -> Non
     torch.testing.assert_close(q, r.apply(qr.reshape(n, heads, d), pos), **tol)
     torch.testing.assert_close(kc, kc2, **tol)
     torch.testing.assert_close(vc, vc2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["decode", "all", "off"])
+def test_cudnn_attention_mode_decides_where_sdpa_may_use_cudnn(mode: str, model_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """"decode": prompt chunks run with cuDNN's SDPA backend disabled (per-shape run-time compiles), decode
+    tokens with it enabled; "all" / "off": enabled / disabled for both."""
+    from stages.layers import attention
+
+    seen: list[tuple[str, bool]] = []
+    phase = ["prompt"]
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((phase[0], torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    try:
+        rt = ShardRuntime(ShardConfig(model_factory("llama"), None, 2, 64, "bfloat16", "cuda", cuda_graphs=False,
+                                      cudnn_attention=mode))
+        rt.forward([SeqChunk(0, 0, 9), SeqChunk(1, 0, 5)], rt.embed_input(list(range(3, 17))))
+        phase[0] = "decode"
+        rt.forward([SeqChunk(0, 9, 1), SeqChunk(1, 5, 1)], rt.embed_input([5, 6]))
+    finally:
+        attention.set_cudnn_attention("decode")
+    expect = {"decode": (False, True), "all": (True, True), "off": (False, False)}[mode]
+    assert {p for p, _ in seen} == {"prompt", "decode"}
+    assert all(on == expect[0] for p, on in seen if p == "prompt")
+    assert all(on == expect[1] for p, on in seen if p == "decode")
