@@ -72,8 +72,11 @@ for line in open(sys.argv[1]):
         print(f"{s:8} {r.get('shape', ''):5} {r['op']:13} {r['path']:9} {r['mode']:8} {r['bytes'] / 2**20:8.2f} MiB "
               f"{r.get('stream_gbps', r['gbps']):8.1f} GB/s  {100 * r['fraction']:5.1f}% of {r['ceiling']}")
     elif s == "overhead":
+        last = r.get("last_layer") or {}
+        split = " ".join(f"{k[:-2]} {1e3 * v:.2f}" for k, v in last.items())
         print(f"overhead -> {r['dst']:7} prompt {1e3 * r['prompt_s']:.1f} ms, streamed {1e3 * r['streamed_total_s']:.1f} ms "
-              f"({100 * r['overhead']:+.2f}%; compute {100 * r['compute_overhead']:+.2f}%)")
+              f"({100 * r['overhead']:+.2f}%; compute {100 * r['compute_overhead']:+.2f}%)"
+              + (f"; last layer, ms: {split}" if split else ""))
     elif s == "summary":
         print("summary ", json.dumps(r))
 PY

@@ -438,6 +438,7 @@ class StreamRequest(Msg, tag=208):
     tag: str = ""  # echoed in every answer (e.g. "mb3/step17")
     notify: list[str] = []  # clients of the destination's streamer told `Delivered` on commit
     progress: bool = False  # send TransferProgress after each layer
+    timeline: bool = False  # TransferDone carries each layer's LayerTimes (diagnostics)
 
 
 # A stage's compute thread may send LayerReady on a socket of its own (no hop through its event loop); that
@@ -467,12 +468,25 @@ class TransferProgress(Msg, tag=211):
     tag: str = ""
 
 
+class LayerTimes(msgspec.Struct, frozen=True, array_like=True):
+    """When the streamer saw each step of one layer of a transfer (StreamRequest.timeline), in seconds of the
+    streamer host's monotonic clock (time.monotonic(); comparable between processes of one host). 0.0: the step
+    does not apply (no LayerReady for a transfer that is not layered)."""
+
+    layer: int
+    ready: float  # LayerReady arrived
+    fired: float  # the layer may move: LayerReady seen and, with layer_wait="host", the stage's event fired
+    issued: float  # its copies were enqueued (GPU) or started (CPU)
+    landed: float  # its last byte is at the destination
+
+
 class TransferDone(Msg, tag=212):
     xfer: int
     tag: str
     nbytes: int
     seconds: float
     checksummed: bool
+    timeline: list[LayerTimes] = []  # StreamRequest.timeline: one entry per layer, in order
 
 
 class TransferFailed(Msg, tag=213):

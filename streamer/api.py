@@ -56,7 +56,9 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
         (the stage must not overwrite it) and the destination region belongs to the transfer (no one may read
         it as valid). A failed transfer's destination content is undefined and never counted as filled.
         answers: TransferProgress per layer (progress=True: `h.next_progress`), then exactly one of
-        TransferDone / TransferFailed (`await h.wait()` returns or raises the typed error). Clients named in
+        TransferDone / TransferFailed (`await h.wait()` returns or raises the typed error). timeline=True:
+        TransferDone.timeline says, per layer, when LayerReady came, when the layer was cleared to move, when
+        its copies were issued and when it landed (the streamer host's time.monotonic()). Clients named in
         `notify` that are connected to the destination's streamer get `Delivered` when it commits.
     await client.layer_ready(xfers, layer)  /  client.layer_ready_threadsafe(...)  /  client.layer_ready_direct(...)
     /  LayerSignal(client, mem, xfers, direct=False)

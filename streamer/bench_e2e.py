@@ -170,34 +170,46 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
     loop = asyncio.get_running_loop()
     compute = ThreadPoolExecutor(1)
 
-    def forward() -> float:  # the stage's compute thread
+    def forward() -> tuple[float, float]:  # the stage's compute thread: (seconds, monotonic time at the end)
         t0 = time.perf_counter()
         with torch.inference_mode():
             runtime.forward(chunks, runtime.embed_input(ids.tolist()))
         if stream is not None:
             stream.synchronize()  # the compute stream only
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.monotonic()
 
     out = []
     try:
         async def compare(dst: str, kv_bytes: int, before: Any, after: Any) -> None:
             """The prompt pass alone vs with `before()` set up just ahead of it and `after(state)` awaited
-            once it ends (medians; the first round warms both up)."""
+            once it ends (medians; the first round warms both up). If `after` returns a TransferDone with a
+            timeline, the row also splits the tail (from the end of compute to the transfer's end) for the
+            last layer: cleared to move, copies issued, landed, reported."""
             base, comp, total = [], [], []
+            tail: dict[str, list[float]] = {}
             for i in range(repeats + 1):
-                b = await loop.run_in_executor(compute, forward)
+                b, _ = await loop.run_in_executor(compute, forward)
                 state = await before()
                 t0 = time.perf_counter()
-                c = await loop.run_in_executor(compute, forward)
-                await after(state)
+                c, c_end = await loop.run_in_executor(compute, forward)
+                done = await after(state)
+                done_at = time.monotonic()
                 if i:
                     base.append(b)
                     comp.append(c)
                     total.append(time.perf_counter() - t0)
+                    if getattr(done, "timeline", None):
+                        last = done.timeline[-1]
+                        for k, v in (("ready_before_compute_end_s", c_end - last.ready),
+                                     ("fired_after_compute_end_s", last.fired - c_end),
+                                     ("issue_s", last.issued - last.fired), ("copy_s", last.landed - last.issued),
+                                     ("report_s", done_at - last.landed)):
+                            tail.setdefault(k, []).append(v)
             b, c, t = median(base), median(comp), median(total)
             out.append({"section": "overhead", "dst": dst, "batch": batch, "prompt": plen, "prompt_s": b,
                         "streamed_compute_s": c, "streamed_total_s": t, "overhead": t / b - 1.0,
-                        "compute_overhead": c / b - 1.0, "kv_bytes": kv_bytes, "layers": lay.num_layers})
+                        "compute_overhead": c / b - 1.0, "kv_bytes": kv_bytes, "layers": lay.num_layers,
+                        "last_layer": {k: median(v) for k, v in tail.items()}})
 
         async def remove(hooks: list[Any]) -> None:
             for hook in hooks:
@@ -207,12 +219,13 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled by
             hooks on the stage's blocks (`direct`: sent by the compute thread itself)."""
             async def before() -> tuple[Any, list[Any]]:
-                h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True)
+                h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True, timeline=True)
                 return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer], direct=direct))
 
-            async def after(state: tuple[Any, list[Any]]) -> None:
-                await state[0].wait(120)
+            async def after(state: tuple[Any, list[Any]]) -> Any:
+                done = await state[0].wait(120)
                 await remove(state[1])
+                return done
 
             return before, after
 

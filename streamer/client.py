@@ -257,9 +257,11 @@ class StreamerClient:
     async def stream(self, src: str | wire.PoolRef, region: Region, routes: Sequence[wire.Route] = (), *,
                      dst: str | wire.PoolRef | None = None, dst_region: Region | None = None, layered: bool = False,
                      checksum: bool | None = None, buffered: bool | None = None, deadline_s: float = 0.0,
-                     tag: str = "", notify: Sequence[str] = (), progress: bool = False) -> TransferHandle:
+                     tag: str = "", notify: Sequence[str] = (), progress: bool = False,
+                     timeline: bool = False) -> TransferHandle:
         """Submit a transfer; returns once it is sent (does not wait for the copy). Either give `routes`, or a
-        single destination `dst` + `dst_region` for all of the region's layers."""
+        single destination `dst` + `dst_region` for all of the region's layers. `timeline`: TransferDone then
+        carries when each layer was signalled, cleared to move, issued and landed (wire.LayerTimes)."""
         src_ref = wire.PoolRef(src) if isinstance(src, str) else src
         if not routes:
             if dst is None or dst_region is None:
@@ -272,7 +274,7 @@ class StreamerClient:
         h.done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if never awaited
         self._transfers[xfer] = h
         req = wire.StreamRequest(xfer, src_ref, region_to_spec(region), list(routes), layered, checksum, buffered,
-                                 deadline_s, tag, list(notify), progress)
+                                 deadline_s, tag, list(notify), progress, timeline)
         data, msg_id = self._encode(req)
         h.msg_id = msg_id
         self._by_msg[msg_id] = xfer

@@ -163,6 +163,7 @@ class Transfer:
         self._t_end = 0.0
         self.task: asyncio.Task[None] | None = None
         self.incarnation = 0  # the requester's (a dead process's transfers are told apart from its successor's)
+        self.times: dict[int, list[float]] | None = None  # {} to record LayerTimes (StreamRequest.timeline)
 
     # ------------------------------------------------------------------ control from the service
 
@@ -170,7 +171,18 @@ class Transfer:
         return self.src is ep or any(isinstance(r, LocalRoute) and r.dst is ep for r in self.routes)
 
     def layer_ready(self, layer: int) -> None:
+        self._mark(layer, 0)
         self._ready.setdefault(layer, asyncio.Event()).set()
+
+    def _mark(self, layer: int, step: int) -> None:
+        """Timeline: step 0 ready, 1 fired, 2 issued, 3 landed (the first time each happens)."""
+        if self.times is not None:
+            t = self.times.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+            if not t[step]:
+                t[step] = time.monotonic()
+
+    def timeline(self) -> list[wire.LayerTimes]:
+        return [wire.LayerTimes(layer, *t) for layer, t in sorted((self.times or {}).items())]
 
     def abort(self, exc: StreamerError) -> None:
         """Fail the transfer with `exc` (cancel, owner down, pool unregistered)."""
@@ -216,6 +228,7 @@ class Transfer:
 
     async def _gate(self, layer: int) -> None:
         if not self.layered:
+            self._mark(layer, 1)
             return
         ev = self._ready.setdefault(layer, asyncio.Event())
         t = self.rt.config.layer_timeout_s
@@ -227,6 +240,7 @@ class Transfer:
                                     f"{t:.1f}s (setting: layer_timeout_s)") from None
         if self.rt.config.layer_wait == "host":
             await self._host_wait(layer, t)
+        self._mark(layer, 1)
 
     async def _host_wait(self, layer: int, timeout: float) -> None:
         """layer_wait="host": wait on a waiter thread until the stage's event for `layer` has fired, so the copy
@@ -244,9 +258,15 @@ class Transfer:
         except Exception as e:  # a CUDA error on the event: the stage's context is gone
             raise PeerDeadError(f"transfer {self.xfer}: waiting for layer {layer} of {self.owner} failed: {e}") from None
 
+    def _issued(self, g: list[Chunk]) -> None:
+        if self.times is not None:
+            for c in g:
+                self._mark(c.layer, 2)
+
     async def _chunk_done(self, c: Chunk) -> None:
         self.nbytes += c.rows * self.src.layout.row_bytes
         for layer in c.completes:
+            self._mark(layer, 3)
             self.layers_done += 1
             if self.on_layer is not None:
                 await self.on_layer(layer, self.layers_done, self.nbytes)
@@ -270,6 +290,7 @@ class Transfer:
                     if drain is not None:
                         await asyncio.shield(self._drain_all(drain, list(hs)))
                 raise
+            self._issued(groups[0])
             for k, (c, h) in enumerate(zip(groups[0], hs)):
                 try:
                     await settle(c, h)
@@ -298,6 +319,7 @@ class Transfer:
                         started.extend((c, h, False) for c, h in zip(g, hs))
                     raise
                 started.extend((c, h, i == len(g) - 1) for i, (c, h) in enumerate(zip(g, hs)))
+                self._issued(g)
                 more.set()
 
         async def consumer() -> None:

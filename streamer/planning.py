@@ -66,5 +66,8 @@ def plan_transfer(rt: Runtime, pools: PoolTable, owner: str, msg: wire.StreamReq
         routes.append(RemoteRoute(sub, r.dst.streamer, r.dst.pool, dst_region,
                                   RouteIndex(packed_rows(src.layout, sub), None),
                                   plan_chunks(sub, src.layout.row_bytes, size, msg.layered)))
-    return Transfer(rt, owner, msg.xfer, msg.tag, src, routes, layered=msg.layered, checksum=check,
-                    buffered=buffered, deadline_s=deadline, notify=list(msg.notify), on_layer=on_layer)
+    t = Transfer(rt, owner, msg.xfer, msg.tag, src, routes, layered=msg.layered, checksum=check,
+                 buffered=buffered, deadline_s=deadline, notify=list(msg.notify), on_layer=on_layer)
+    if msg.timeline:
+        t.times = {}
+    return t

@@ -346,7 +346,7 @@ class StreamerService:
             log.exception("[stream] transfer %s of %s failed", t.xfer, t.owner)
             answer = wire.TransferFailed(t.xfer, t.tag, code_of(e), f"{type(e).__name__}: {e}")
         else:
-            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksum)
+            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksum, t.timeline())
             for r in t.routes:
                 if isinstance(r, LocalRoute):
                     await self.delivered(r.dst, who.identity, t.xfer, t.tag, r.dst_region, t.notify)

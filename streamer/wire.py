@@ -33,6 +33,7 @@ from bus.messages import (  # noqa: F401
     Delivered,
     FreePool,
     LayerReady,
+    LayerTimes,
     LayoutSpec,
     NcclAccepted,
     NcclOffer,

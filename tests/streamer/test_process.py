@@ -161,7 +161,8 @@ def test_layer_ready_sent_from_the_compute_thread_itself_drives_a_layered_transf
         mem = SharedPoolMemory.create(lay)
         await c.register_pool("direct0", mem)
         await c.alloc_pool("direct-rx", wire.POOL_SWAP, lay)
-        h = await c.stream("direct0", region, dst="direct-rx", dst_region=region, layered=True, progress=True)
+        h = await c.stream("direct0", region, dst="direct-rx", dst_region=region, layered=True, progress=True,
+                           timeline=True)
         compute = ThreadPoolExecutor(1)  # the stage's compute thread
         loop = asyncio.get_running_loop()
 
@@ -173,7 +174,14 @@ def test_layer_ready_sent_from_the_compute_thread_itself_drives_a_layered_transf
             await loop.run_in_executor(compute, layer, j, g)
             got = await h.next_progress(5)
             assert (got.layer, got.layers_done) == (g, j + 1)
-        assert (await h.wait(5)).nbytes == region.nbytes(lay)
+        done = await h.wait(5)
+        assert done.nbytes == region.nbytes(lay)
+        # the timeline: each layer signalled, cleared, issued, landed in that order, the next one signalled only
+        # after this one's progress came back (the loop above)
+        assert [t.layer for t in done.timeline] == [2, 3, 4, 5]
+        for t, nxt in zip(done.timeline, [*done.timeline[1:], None]):
+            assert 0 < t.ready <= t.fired <= t.issued <= t.landed
+            assert nxt is None or nxt.ready > t.landed
         back = await c.stream("direct-rx", region, dst="direct0", dst_region=region)
         mem.tensor.zero_()
         await back.wait(5)
