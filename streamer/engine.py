@@ -227,11 +227,17 @@ class Transfer:
         return max(0.0, self._t_end - asyncio.get_running_loop().time()) + 1e-3
 
     async def _gate(self, layer: int) -> None:
+        """Before the copies of a group whose highest layer is `layer` are issued: a layered transfer waits for
+        its LayerReady; then, with layer_wait="host", any transfer from a GPU stage pool waits for the stage's
+        event of that layer (recorded in layer order on the stage's stream, so it covers the group's lower
+        layers too). With layer_wait="device" the mover makes its copy stream wait on the event instead."""
+        t = self.rt.config.layer_timeout_s
         if not self.layered:
+            if self.rt.config.layer_wait == "host":
+                await self._host_wait(layer, t)
             self._mark(layer, 1)
             return
         ev = self._ready.setdefault(layer, asyncio.Event())
-        t = self.rt.config.layer_timeout_s
         if not ev.is_set():
             try:
                 await asyncio.wait_for(ev.wait(), t)
@@ -249,7 +255,12 @@ class Transfer:
         if gpu_event is None:
             return
         device = self.src.device
-        done = synchronize_async(gpu_event, device.index if device.type == "cuda" else None)
+        index = device.index if device.type == "cuda" else None
+        if index is not None:
+            with torch.cuda.device(index):  # an interprocess event: its owning device current (streamer/cuda.py)
+                if gpu_event.query():  # already computed (a region at rest): no thread hop
+                    return
+        done = synchronize_async(gpu_event, index)
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout)
         except TimeoutError:
@@ -280,7 +291,7 @@ class Transfer:
         progress for layer l is reported the moment it lands, not when the window fills). On failure, whatever
         was started but not settled is handed to `drain`."""
         if len(groups) == 1:  # one group (a decode step, a whole-region DMA): start, settle, no tasks
-            await self._gate(groups[0][0].layer)
+            await self._gate(max(c.layer for c in groups[0]))
             job = asyncio.ensure_future(start(groups[0]))
             try:
                 hs = await asyncio.shield(job)
@@ -306,7 +317,7 @@ class Transfer:
 
         async def producer() -> None:
             for g in groups:
-                await self._gate(g[0].layer)
+                await self._gate(max(c.layer for c in g))
                 await slots.acquire()
                 job = asyncio.ensure_future(start(g))
                 try:

@@ -283,6 +283,35 @@ def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> N
     assert torch.equal(packed(typed(dst), lay, region.sub_layers(0, 1)), packed(ref, lay, region.sub_layers(0, 1)))
 
 
+def test_host_layer_wait_holds_a_whole_region_copy_until_its_last_layer_is_computed() -> None:
+    """layer_wait="host", a transfer that is not layered (a replica or swap right after a step): nothing is
+    read before the stage's event of the region's last layer has fired (the events fire in layer order)."""
+    e = Env(layer_wait="host", layer_timeout_s=5.0)
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
+    events = [FakeLayerEvent(), FakeLayerEvent()]
+    src = Endpoint("p", wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "test",
+                   events=events)  # type: ignore[arg-type]
+    dst = endpoint("t", lay)
+    region = Region.uniform((0, 1), (0, 2), 0, 8)
+    ref = typed(endpoint("ref", lay, seed=10))
+
+    async def scenario() -> None:
+        t = e.transfer(src, region, dst, region)
+        task = asyncio.ensure_future(t.run())
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, events[1].waited_on.wait, 5.0)  # waits on the last layer's event
+        assert not events[0].waited_on.is_set() and not typed(dst).any() and not task.done()
+        typed(src).copy_(ref)  # the step's kernels run ...
+        events[1].fired.set()  # ... and its last layer's event fires
+        await asyncio.wait_for(task, 5)
+
+    try:
+        run(scenario)
+    finally:
+        e.close()
+    assert torch.equal(packed(typed(dst), lay, region), packed(ref, lay, region))
+
+
 def test_layer_wait_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="layer_wait"):
         StreamerConfig(name="h0", control_address="ipc://x", data_address="ipc://y", layer_wait="sometimes")

@@ -141,12 +141,15 @@ def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
     run(scenario, timeout=300)
 
 
+@pytest.mark.parametrize("layered", [True, False], ids=["layered", "whole"])
 @pytest.mark.parametrize("layer_wait", ["device", "host"])
 @pytest.mark.parametrize("tokens", [64, 1024], ids=["staged", "direct"])
-def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str) -> None:
+def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str, layered: bool) -> None:
     """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
     stage's event (if it did not, it would copy the zeros that were there before). Short pieces go through
-    staging, long ones pool to pool by DMA: both wait, whether the wait sits on the GPU or on a host thread."""
+    staging, long ones pool to pool by DMA: both wait, whether the wait sits on the GPU or on a host thread.
+    Layered: each layer's LayerReady is said at once after its kernels are enqueued. Whole: a transfer that
+    is not layered (a replica or swap right after a step) is requested with all three layers still queued."""
     need()
     lay = PoolLayout(0, 3, 2, tokens, 2, 64, torch.float16)
 
@@ -159,16 +162,26 @@ def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str) -> None:
             want = fill_random(torch.empty(lay.shape, dtype=lay.dtype), 5)
             want_gpu = want.cuda()
             torch.cuda.synchronize()
-            t = lib.transfer(src, region, dst, region, buffered=True, layered=True, checksum=True)
-            task = asyncio.ensure_future(t.run())
             compute = torch.cuda.Stream(0)
             typed = src.flat.view(lay.dtype).view(lay.shape)
-            for j in range(3):
+
+            def layer(j: int) -> None:
                 with torch.cuda.stream(compute):
                     torch.cuda._sleep(50_000_000)  # ~30 ms of "attention" before the layer's KV exists
                     typed[j].copy_(want_gpu[j])  # enqueued only: on the GPU it runs after the sleep
                     src.events[j].record(compute)
-                t.layer_ready(j)  # said at once; the copy must still wait for the event
+
+            if layered:
+                t = lib.transfer(src, region, dst, region, buffered=True, layered=True, checksum=True)
+                task = asyncio.ensure_future(t.run())
+                for j in range(3):
+                    layer(j)
+                    t.layer_ready(j)  # said at once; the copy must still wait for the event
+            else:
+                for j in range(3):
+                    layer(j)
+                t = lib.transfer(src, region, dst, region, buffered=True, checksum=True)
+                task = asyncio.ensure_future(t.run())
             await asyncio.wait_for(task, 60)
             got = packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region)
             assert torch.equal(got, packed(want, lay, region))
