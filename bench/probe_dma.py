@@ -12,6 +12,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,23 +62,42 @@ async def main() -> None:
         out["peer_1d_gbps"] = nbytes / device_time(lambda: flat_b.copy_(flat_a, non_blocking=True), s0) / 1e9
         out["d2h_2d_gbps"] = nbytes / device_time(lambda: run_blocks(host.flat, cuda.D2H), s0) / 1e9
         out["d2h_1d_gbps"] = nbytes / device_time(lambda: flat_h.copy_(flat_a, non_blocking=True), s0) / 1e9
-    for name, d in (("peer", dst), ("host", host)):
-        lat = []
+    async def transfers(name: str, d: Any, suffix: str) -> None:
+        lat, steps = [], []
         for _ in range(12):
             lib.sync()
-            t0 = time.perf_counter()
-            await lib.transfer(src, region, d, region, True).run()
+            t = lib.transfer(src, region, d, region, True)
+            t.times = {}
+            t0, m0 = time.perf_counter(), time.monotonic()
+            await t.run()
             lat.append(time.perf_counter() - t0)
-        out[f"{name}_transfer_latency_us"] = sorted(lat)[6] * 1e6
+            end = time.monotonic()
+            lt = t.timeline()[-1]
+            steps.append((lt.fired - m0, lt.issued - lt.fired, lt.landed - lt.issued, end - lt.landed))
+        out[f"{name}_transfer_latency_us{suffix}"] = sorted(lat)[6] * 1e6
+        # where one transfer's time goes: cleared to move (planning, gate), copies issued (GPU thread hop and
+        # enqueue), landed (device work + completion wait), returned (task wind-down)
+        out[f"{name}_transfer_steps_us{suffix}"] = dict(zip(
+            ("cleared", "issued", "landed", "returned"), (sorted(x)[6] * 1e6 for x in zip(*steps))))
         lib.sync()
         t0 = time.perf_counter()
         await asyncio.gather(*(lib.transfer(src, region, d, region, True).run() for _ in range(8)))
         lib.sync()
-        out[f"{name}_8_in_flight_gbps"] = 8 * nbytes / (time.perf_counter() - t0) / 1e9
+        out[f"{name}_8_in_flight_gbps{suffix}"] = 8 * nbytes / (time.perf_counter() - t0) / 1e9
+
+    for name, d in (("peer", dst), ("host", host)):
+        await transfers(name, d, "")
         t0 = time.perf_counter()
         for _ in range(20):
             lib.transfer(src, region, d, region, True)
         out[f"{name}_plan_us"] = (time.perf_counter() - t0) / 20 * 1e6
+    # the same with every copy enqueued by the GPU thread (StreamerConfig.inline_dma=False): the two thread hops
+    lib.rt.gpu.inline_dma = False
+    try:
+        for name, d in (("peer", dst), ("host", host)):
+            await transfers(name, d, "_thread")
+    finally:
+        lib.rt.gpu.inline_dma = True
     prof = cProfile.Profile()
     prof.enable()
     await asyncio.gather(*(lib.transfer(src, region, dst, region, True).run() for _ in range(8)))

@@ -150,9 +150,11 @@ async def ceiling_zmq(nbytes: int, repeats: int, count: int = 8) -> float:
 class Lib:
     """The streamer's movers and transfer engine over endpoints allocated here (no sockets, no IPC)."""
 
-    def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host") -> None:
+    def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host",
+                 inline_dma: bool = True) -> None:
         self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
-                                     staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait)
+                                     staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait,
+                                     inline_dma=inline_dma)
         self.gpu_exec, self.cpu_exec = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.ctx = zmq.asyncio.Context()
         gm = None
@@ -161,7 +163,7 @@ class Lib:
             from streamer.cuda_mover import GpuMover
 
             gm = GpuMover(self.devices, staging_bytes, lanes, self.gpu_exec, self.cpu_exec,
-                          device_layer_waits=layer_wait == "device")
+                          device_layer_waits=layer_wait == "device", inline_dma=inline_dma)
         peers = PeerNet(self.ctx, "bench", streamer_codec("bench", 0), 5.0, 1 << 30, {})
         self.rt = Runtime(self.config, CpuMover(self.cpu_exec, staging_bytes), gm, peers, self.cpu_exec,
                           self.on_gpu, None, set())

@@ -85,11 +85,13 @@ class GpuHandle:
 
 class GpuMover:
     def __init__(self, devices: list[int], staging_bytes: int, lanes: int, gpu: Executor, cpu: Executor,
-                 timeout_setting: str = "transfer_timeout_s", device_layer_waits: bool = True) -> None:
+                 timeout_setting: str = "transfer_timeout_s", device_layer_waits: bool = True,
+                 inline_dma: bool = False) -> None:
         self.devices, self.staging_bytes, self.nlanes = devices, staging_bytes, lanes
         # False (layer_wait="host", the streamer's default): the engine has already seen each layer's event fire
         # before it asks for the layer's copies, so no wait on a stage's event is enqueued here
         self.device_layer_waits = device_layer_waits
+        self.inline_dma = inline_dma  # see StreamerConfig.inline_dma and start_many
         self._gpu, self._cpu, self._setting = gpu, cpu, timeout_setting
         self.lanes: dict[int, list[Lane]] = {}
         self._rr: dict[int, itertools.count] = {}
@@ -113,8 +115,17 @@ class GpuMover:
         return await self._on_gpu(self._enqueue, job)
 
     async def start_many(self, jobs: list[MoveJob]) -> list[GpuHandle]:
-        """Enqueue several chunks in one hop to the GPU thread (the device orders them; nothing waits)."""
+        """Enqueue several chunks in one hop to the GPU thread (the device orders them; nothing waits) - or,
+        with inline_dma, DMA-only chunks right here on the loop's thread: cudaMemcpy2DAsync between device or
+        pinned memory and an event record never block, and they touch no lane staging state (`_direct`), so
+        they may interleave with the GPU thread's work (CUDA streams take calls from any thread)."""
+        if self.inline_dma and all(self._dma_only(j) for j in jobs):
+            return [self._enqueue(j) for j in jobs]
         return await self._on_gpu(lambda: [self._enqueue(j) for j in jobs])
+
+    @staticmethod
+    def _dma_only(job: MoveJob) -> bool:
+        return job.blocks is not None and not job.checksum and job.src.async_dma and job.dst.async_dma
 
     async def finish(self, handle: GpuHandle, timeout: float) -> None:
         try:

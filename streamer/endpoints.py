@@ -57,6 +57,15 @@ class Endpoint:
     def is_host_pool(self) -> bool:
         return self.kind != wire.POOL_STAGE
 
+    @property
+    def async_dma(self) -> bool:
+        """Copies to or from this memory never block the calling thread: device memory or pinned host memory
+        (pageable memory, e.g. a disk pool's mapping, makes the CUDA copy synchronous)."""
+        v = getattr(self, "_async_dma", None)
+        if v is None:
+            v = self._async_dma = self.is_cuda or self.flat.is_pinned()
+        return v
+
     def layer_event(self, layer: int) -> torch.cuda.Event | None:
         """The interprocess event the stage records after computing global `layer` (None on CPU)."""
         j = layer - self.layout.first_layer

@@ -80,7 +80,8 @@ class StreamerService:
             from streamer.cuda_mover import GpuMover
 
             gpu = GpuMover(list(range(torch.cuda.device_count())), config.staging_bytes, config.staging_lanes,
-                           gpu_executor, cpu_executor, device_layer_waits=config.layer_wait == "device")
+                           gpu_executor, cpu_executor, device_layer_waits=config.layer_wait == "device",
+                           inline_dma=config.inline_dma)
         nccl_links = None
         if self.cuda and config.nccl:
             from streamer import nccl
