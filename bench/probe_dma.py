@@ -91,13 +91,13 @@ async def main() -> None:
         for _ in range(20):
             lib.transfer(src, region, d, region, True)
         out[f"{name}_plan_us"] = (time.perf_counter() - t0) / 20 * 1e6
-    # the same with every copy enqueued by the GPU thread (StreamerConfig.inline_dma=False): the two thread hops
-    lib.rt.gpu.inline_dma = False
+    # the same with DMA-only copies enqueued on the loop's thread (StreamerConfig.inline_dma): no thread hops
+    lib.rt.gpu.inline_dma = True
     try:
         for name, d in (("peer", dst), ("host", host)):
-            await transfers(name, d, "_thread")
+            await transfers(name, d, "_inline")
     finally:
-        lib.rt.gpu.inline_dma = True
+        lib.rt.gpu.inline_dma = False
     prof = cProfile.Profile()
     prof.enable()
     await asyncio.gather(*(lib.transfer(src, region, dst, region, True).run() for _ in range(8)))

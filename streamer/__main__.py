@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--layer-timeout", type=float, default=30.0)
     p.add_argument("--layer-wait", choices=["device", "host"], default="host",
                    help="layered transfers from a GPU stage wait for each layer on a host thread (default) or on the GPU")
-    p.add_argument("--no-inline-dma", action="store_true",
-                   help="enqueue every copy on the GPU thread (default: DMA-only copies on the event loop's thread)")
+    p.add_argument("--inline-dma", action="store_true",
+                   help="enqueue DMA-only copies on the event loop's thread (default: every copy on the GPU thread)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             pin_memory=not a.no_pin, buffered=not a.naive, checksums=not a.no_checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
             window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
-            layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=not a.no_inline_dma, peers=tuple(peers),
+            layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=a.inline_dma, peers=tuple(peers),
             supervisor_address=a.supervisor)
     except ValueError as e:
         p.error(str(e))

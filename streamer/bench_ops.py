@@ -151,7 +151,7 @@ class Lib:
     """The streamer's movers and transfer engine over endpoints allocated here (no sockets, no IPC)."""
 
     def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host",
-                 inline_dma: bool = True) -> None:
+                 inline_dma: bool = False) -> None:
         self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
                                      staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait,
                                      inline_dma=inline_dma)

@@ -43,11 +43,11 @@ class StreamerConfig:
     # streamer-4xh100-2026-11-27-s5.json): a stage's prompt pass slowed by +1.6-3.1% with "host" against
     # +8.3-9.0% with "device", hence the default.
     layer_wait: str = "host"
-    # DMA-only copies (pool to pool 2-D blocks, no checksum, device or pinned memory on both ends) are enqueued
-    # by the event loop's thread itself instead of the GPU thread: the two thread hops cost ~200 us of a
-    # 330 us prompt-layer transfer to a peer GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json). Those
-    # calls never block; everything else still runs on the GPU thread.
-    inline_dma: bool = True
+    # True: DMA-only copies (pool to pool 2-D blocks, no checksum, device or pinned memory on both ends) are
+    # enqueued by the event loop's thread itself instead of the GPU thread. The two thread hops cost ~230 us of
+    # a 330 us prompt-layer transfer to a peer GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json).
+    # Off until it has run on a GPU (bench/probe_dma.py A/Bs it); those calls never block.
+    inline_dma: bool = False
     # Deadlines, seconds. Each error names the setting that governs it.
     transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
     peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer

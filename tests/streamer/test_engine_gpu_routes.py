@@ -161,3 +161,44 @@ def test_cancel_while_waiting_for_the_device_drains_the_chunk() -> None:
     finally:
         env.close()
     assert gpu.finished == [0, 0]  # the settle that was cancelled, then the drain that waited for the device
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_inline_dma_enqueues_only_dma_only_jobs_on_the_loop_thread(inline: bool) -> None:
+    """GpuMover(inline_dma=True): a group of DMA-only jobs (2-D blocks, no checksum, device or pinned memory on
+    both ends) is enqueued on the event loop's thread; any other group - staging, checksums, pageable memory
+    on one end - still goes to the GPU thread, as does everything with inline_dma off."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamer.cuda_mover import GpuMover
+    from streamer.movers import RouteIndex
+    from streamer.regions import Chunk
+
+    gpu = ThreadPoolExecutor(1, thread_name_prefix="gpu")
+    mover = GpuMover([], 1 << 20, 1, gpu, gpu, inline_dma=inline)
+    mover._enqueue = lambda job: threading.current_thread().name  # type: ignore[method-assign]
+    lay = PoolLayout(0, 1, 1, 4, 1, 4, torch.float32)
+
+    def ep(name: str, async_dma: bool) -> Endpoint:
+        e = Endpoint(name, wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "test")
+        e._async_dma = async_dma  # what a device or pinned (True) / pageable (False) pool reports
+        return e
+
+    fast, slow = ep("fast", True), ep("slow", False)
+    index, chunk = RouteIndex(torch.arange(4), torch.arange(4)), Chunk(0, 0, 4, 0, (0,))
+
+    def job(src: Endpoint, dst: Endpoint, blocks: Any = (), checksum: bool = False) -> MoveJob:
+        return MoveJob(src, dst, index, chunk, True, checksum, None, list(blocks) if blocks is not None else None)
+
+    async def scenario() -> None:
+        loop_thread = threading.current_thread().name
+        dma = job(fast, fast)
+        assert await mover.start_many([dma, dma]) == [loop_thread if inline else "gpu_0"] * 2
+        for other in (job(fast, fast, blocks=None), job(fast, fast, checksum=True), job(fast, slow), job(slow, fast)):
+            assert await mover.start_many([dma, other]) == ["gpu_0", "gpu_0"]
+
+    try:
+        run(scenario)
+    finally:
+        gpu.shutdown()
