@@ -244,16 +244,22 @@ class FakeLayerEvent:
         assert self.fired.wait(10.0)
 
 
-def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> None:
-    """layer_wait="host": LayerReady alone (kernels launched, not yet run) does not start the layer's copy; the
-    event having fired does. A layer whose event never fires fails the transfer within layer_timeout_s."""
-    e = Env(layer_wait="host", layer_timeout_s=0.5)
+def _gated_source(layer_timeout_s: float) -> tuple[Env, PoolLayout, list[FakeLayerEvent], Endpoint, Endpoint, Region]:
+    """layer_wait="host": a 2-layer stage pool whose layer events the test fires, a destination, the region."""
+    e = Env(layer_wait="host", layer_timeout_s=layer_timeout_s)
     lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
     events = [FakeLayerEvent(), FakeLayerEvent()]
     src = Endpoint("p", wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "test",
                    events=events)  # type: ignore[arg-type]
     dst = endpoint("t", lay)
     region = Region.uniform((0, 1), (0, 2), 0, 8)
+    return e, lay, events, src, dst, region
+
+
+def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> None:
+    """layer_wait="host": LayerReady alone (kernels launched, not yet run) does not start the layer's copy; the
+    event having fired does. A layer whose event never fires fails the transfer within layer_timeout_s."""
+    e, lay, events, src, dst, region = _gated_source(0.5)
     ref = typed(endpoint("ref", lay, seed=9))
 
     async def scenario() -> None:
@@ -286,13 +292,7 @@ def test_host_layer_wait_moves_a_layer_only_once_its_compute_has_finished() -> N
 def test_host_layer_wait_holds_a_whole_region_copy_until_its_last_layer_is_computed() -> None:
     """layer_wait="host", a transfer that is not layered (a replica or swap right after a step): nothing is
     read before the stage's event of the region's last layer has fired (the events fire in layer order)."""
-    e = Env(layer_wait="host", layer_timeout_s=5.0)
-    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
-    events = [FakeLayerEvent(), FakeLayerEvent()]
-    src = Endpoint("p", wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "test",
-                   events=events)  # type: ignore[arg-type]
-    dst = endpoint("t", lay)
-    region = Region.uniform((0, 1), (0, 2), 0, 8)
+    e, lay, events, src, dst, region = _gated_source(5.0)
     ref = typed(endpoint("ref", lay, seed=10))
 
     async def scenario() -> None:
