@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 10
+    from recovery.child import install_uvloop
+
+    install_uvloop()  # this process plays the stages (and their clients), which run on uvloop
     out = asyncio.run(run(args))
     json_path = Path(args.json) if args.json else (Path(args.out) / "streamer_bench.json" if args.out else None)
     plot_path = Path(args.plot) if args.plot else (Path(args.out) / "streamer_bench.png" if args.out else None)
