@@ -206,7 +206,7 @@ class AsyncClient:
         return s.result
 
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
-        """The deployment's processes and queue counts (see status_dict)."""
+        """The deployment's processes, queue counts and slots (requests it runs at once); see status_dict."""
         self._check_open()
         t = self.connect_timeout if timeout is None else timeout
         return await self._status(t, "status(timeout=...), default AsyncClient(connect_timeout=...)", "")

@@ -210,7 +210,8 @@ class ControllerProcess:
                                          st.steps, st.uptime_s))
         procs.extend(self.reg.others.values())
         waiting, running = self.core.counts()
-        return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running)
+        return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
+                           self.cfg.num_microbatches * self.cfg.microbatch_size)
 
     async def _flush(self) -> None:
         steps, out = self.core.outbox.drain()

@@ -169,7 +169,7 @@ async def _one(client: AsyncClient, i: int, req: Planned, t0: float, timeout: fl
 
 
 async def run_rate(client: AsyncClient, rate: float, reqs: Sequence[Planned], timeout: float,
-                   deadline: float) -> dict[str, Any]:
+                   deadline: float, slots: int = 0) -> dict[str, Any]:
     """Send `reqs` at their arrival times; cancel whatever is still running `deadline` s after the start."""
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(_one(client, i, r, t0, timeout)) for i, r in enumerate(reqs)]
@@ -185,7 +185,7 @@ async def run_rate(client: AsyncClient, rate: float, reqs: Sequence[Planned], ti
                             "error": "unfinished", "message": f"still running at the deadline ({deadline:.0f}s)"})
         else:
             records.append(t.result())
-    return summarize(rate, records, wall)
+    return summarize(rate, records, wall, slots)
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -203,7 +203,31 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": sum(v) / len(v), "p50": q(0.50), "p95": q(0.95), "p99": q(0.99), "max": v[-1]}
 
 
-def summarize(rate: float, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def saturated(records: list[dict[str, Any]], slots: int) -> dict[str, float | None]:
+    """Throughput while the deployment was full: the seconds during which at least `slots` requests were in the
+    system (sent, not yet ended) and the output tokens per second over those seconds, each request's tokens
+    after its first spread evenly up to its end. A run of N requests ends in a drain of its longest outputs,
+    so N / elapsed understates capacity; this is the steady-state figure, when the run reaches it."""
+    ok = [r for r in records if r["error"] is None and "end_s" in r]
+    edges: list[tuple[float, int, float]] = []  # (time, +-1 requests in the system, +-tokens per second)
+    for r in ok:
+        first = r["sent_s"] + (r["ttft_s"] or 0.0)
+        edges += [(r["sent_s"], 1, 0.0), (r["end_s"], -1, 0.0)]
+        if r["generated"] > 1 and r["end_s"] > first:
+            per_s = (r["generated"] - 1) / (r["end_s"] - first)
+            edges += [(first, 0, per_s), (r["end_s"], 0, -per_s)]
+    edges.sort()
+    inside, rate, full_s, tokens = 0, 0.0, 0.0, 0.0
+    for (t, dn, dr), nxt in zip(edges, edges[1:] + [edges[-1]] if edges else []):
+        inside, rate = inside + dn, rate + dr
+        if inside >= slots > 0:
+            full_s += nxt[0] - t
+            tokens += rate * (nxt[0] - t)
+    return {"full_s": full_s, "full_tokens_per_s": tokens / full_s if full_s > 0 else None}
+
+
+def summarize(rate: float, records: list[dict[str, Any]], wall: float, slots: int = 0) -> dict[str, Any]:
+    """`slots`: the deployment's (status()["slots"]); with it, the summary adds `saturated`."""
     ok = [r for r in records if r["error"] is None]
     ends = [r["end_s"] for r in records if "end_s" in r]
     elapsed = max(ends) if len(ends) == len(records) and ends else wall  # first arrival is at ~0
@@ -227,6 +251,7 @@ def summarize(rate: float, records: list[dict[str, Any]], wall: float) -> dict[s
         "max_send_lag_s": max(lags) if lags else None,
         "ttft_s": stat("ttft_s"), "tpot_s": stat("tpot_s"), "latency_s": stat("latency_s"),
         "normalized_latency_s": stat("normalized_latency_s"),
+        **({"slots": slots, "saturated": saturated(records, slots)} if slots > 0 else {}),
         "per_request": records,
     }
 
@@ -243,7 +268,9 @@ def line(s: dict[str, Any]) -> str:
     return (f"rate {s['rate']:g} req/s: {s['completed']}/{s['requests']} done ({s['failed']} failed), "
             f"{_fmt(s['throughput_rps'], ' req/s')}, {_fmt(s['tokens_per_s'], ' tok/s')}; "
             f"ttft p50 {_fmt(tt['p50'])}, tpot p50 {_fmt(s['tpot_s']['p50'])}; normalized latency "
-            f"mean {_fmt(nl['mean'])} p50 {_fmt(nl['p50'])} p95 {_fmt(nl['p95'])} p99 {_fmt(nl['p99'])} per token")
+            f"mean {_fmt(nl['mean'])} p50 {_fmt(nl['p50'])} p95 {_fmt(nl['p95'])} p99 {_fmt(nl['p99'])} per token"
+            + (f"; all {s['slots']} slots busy for {s['saturated']['full_s']:.1f}s at "
+               f"{_fmt(s['saturated']['full_tokens_per_s'], ' tok/s')}" if s.get("saturated") else ""))
 
 
 def plot(report: dict[str, Any], compare: Sequence[dict[str, Any]], path: Path) -> None:
@@ -362,7 +389,8 @@ async def amain(argv: Sequence[str] | None = None) -> int:
         for rate in args.rates:
             reqs = plan(rate, args)
             deadline = args.deadline or (reqs[-1].arrival_s if reqs else 0.0) + args.timeout + 10.0
-            summary = await run_rate(client, rate, reqs, args.timeout, deadline)
+            summary = await run_rate(client, rate, reqs, args.timeout, deadline,
+                                     int((client.server_info or {}).get("slots", 0)))
             report["rates"].append(summary)
             print(line(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,7 @@ class StatusReply(Msg, tag=26):
     epoch: int
     waiting: int
     running: int
+    slots: int = 0  # requests the deployment runs at once (microbatches x microbatch size)
 
 
 class KeepAlive(Msg, tag=27):

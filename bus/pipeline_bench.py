@@ -246,7 +246,8 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
             done = asyncio.Event()
             watcher = asyncio.create_task(watch_progress(c, done, f"rate{rate:g}", args.out, save_log))
             try:
-                summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout)
+                summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout,
+                                                 int((await c.status()).get("slots", 0)))
             finally:
                 done.set()
                 stalls = await watcher

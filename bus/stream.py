@@ -157,7 +157,7 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
     return {
         "processes": [msgspec.structs.asdict(p) for p in reply.processes],
         "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
-        "waiting": reply.waiting, "running": reply.running,
+        "waiting": reply.waiting, "running": reply.running, "slots": reply.slots,
     }
 
 

@@ -77,6 +77,22 @@ def test_percentiles() -> None:
     assert sb.percentiles([])["p50"] is None
 
 
+def test_saturated_throughput_counts_only_the_time_every_slot_is_busy() -> None:
+    """Two slots. A: sent at 0, first token at once, 11 tokens by 10 s (1 token/s after the first). B: sent at
+    2, 9 tokens by 6 s (2 tokens/s). Both slots are busy during [2, 6): 4 s at 3 tokens/s. A failed request
+    counts for nothing; one slot more and the deployment is never full."""
+    a = {"error": None, "arrival_s": 0.0, "sent_s": 0.0, "ttft_s": 0.0, "end_s": 10.0, "generated": 11}
+    b = {"error": None, "arrival_s": 2.0, "sent_s": 2.0, "ttft_s": 0.0, "end_s": 6.0, "generated": 9}
+    failed = {"error": "ServerError", "sent_s": 1.0}
+    got = sb.saturated([a, b, failed], 2)
+    assert got["full_s"] == pytest.approx(4.0) and got["full_tokens_per_s"] == pytest.approx(3.0)
+    assert sb.saturated([a, b], 3) == {"full_s": 0.0, "full_tokens_per_s": None}
+    assert sb.saturated([], 2) == {"full_s": 0.0, "full_tokens_per_s": None}
+    summary = sb.summarize(1.0, [a | {"output_len": 11}, b | {"output_len": 9}], 10.0, slots=2)
+    assert summary["slots"] == 2 and summary["saturated"]["full_s"] == pytest.approx(4.0)
+    assert "saturated" not in sb.summarize(1.0, [a | {"output_len": 11}], 10.0)
+
+
 def test_quick_run_against_fake_server(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
 

@@ -26,6 +26,8 @@ def test_pipeline_bench_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert r["completed"] == r["requests"] and set(r["idle_fraction"]) == {"0", "1"}
         assert all(0.0 <= f <= 1.0 for f in r["idle_fraction"].values())
         assert r["stalls"] == [] and r["restarts"] == {}
+        assert r["slots"] == 2 * int(result["settings"]["microbatch_size"])  # from status(): 2 microbatches
+        assert set(r["saturated"]) == {"full_s", "full_tokens_per_s"}
     assert (tmp_path / "pipeline_bench.png").stat().st_size > 1000
     assert result["settings"]["cudnn_attention"] == "off"
 
