@@ -488,6 +488,7 @@ class TransferDone(Msg, tag=212):
     seconds: float
     checksummed: bool
     timeline: list[LayerTimes] = []  # StreamRequest.timeline: one entry per layer, in order
+    sent_at: float = 0.0  # StreamRequest.timeline: when this answer was sent (the streamer's time.monotonic())
 
 
 class TransferFailed(Msg, tag=213):

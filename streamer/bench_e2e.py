@@ -184,7 +184,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             """The prompt pass alone vs with `before()` set up just ahead of it and `after(state)` awaited
             once it ends (medians; the first round warms both up). If `after` returns a TransferDone with a
             timeline, the row also splits the tail (from the end of compute to the transfer's end) for the
-            last layer: cleared to move, copies issued, landed, reported."""
+            last layer: cleared to move, copies issued, landed, TransferDone sent (wind-down), received here."""
             base, comp, total = [], [], []
             tail: dict[str, list[float]] = {}
             for i in range(repeats + 1):
@@ -203,7 +203,8 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                         for k, v in (("ready_before_compute_end_s", c_end - last.ready),
                                      ("fired_after_compute_end_s", last.fired - c_end),
                                      ("issue_s", last.issued - last.fired), ("copy_s", last.landed - last.issued),
-                                     ("report_s", done_at - last.landed)):
+                                     ("wind_down_s", done.sent_at - last.landed),
+                                     ("delivery_s", done_at - done.sent_at)):
                             tail.setdefault(k, []).append(v)
             b, c, t = median(base), median(comp), median(total)
             out.append({"section": "overhead", "dst": dst, "batch": batch, "prompt": plen, "prompt_s": b,

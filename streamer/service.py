@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -347,10 +348,11 @@ class StreamerService:
             log.exception("[stream] transfer %s of %s failed", t.xfer, t.owner)
             answer = wire.TransferFailed(t.xfer, t.tag, code_of(e), f"{type(e).__name__}: {e}")
         else:
-            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksum, t.timeline())
             for r in t.routes:
                 if isinstance(r, LocalRoute):
                     await self.delivered(r.dst, who.identity, t.xfer, t.tag, r.dst_region, t.notify)
+            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksum, t.timeline(),
+                                       time.monotonic() if t.times is not None else 0.0)
         finally:
             self.transfers.pop(key, None)
         await self.outbox.control(who.identity, answer, who.msg_id)

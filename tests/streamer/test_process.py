@@ -182,6 +182,7 @@ def test_layer_ready_sent_from_the_compute_thread_itself_drives_a_layered_transf
         for t, nxt in zip(done.timeline, [*done.timeline[1:], None]):
             assert 0 < t.ready <= t.fired <= t.issued <= t.landed
             assert nxt is None or nxt.ready > t.landed
+        assert done.timeline[-1].landed <= done.sent_at <= time.monotonic()
         back = await c.stream("direct-rx", region, dst="direct0", dst_region=region)
         mem.tensor.zero_()
         await back.wait(5)
