@@ -256,16 +256,16 @@ class Transfer:
             return
         device = self.src.device
         index = device.index if device.type == "cuda" else None
-        if index is not None:
-            with torch.cuda.device(index):  # an interprocess event: its owning device current (streamer/cuda.py)
-                if gpu_event.query():  # already computed (a region at rest): no thread hop
-                    return
-        done = synchronize_async(gpu_event, index)
         try:
-            await asyncio.wait_for(asyncio.shield(done), timeout)
+            if index is not None:
+                with torch.cuda.device(index):  # an interprocess event: its owning device current (streamer/cuda.py)
+                    if gpu_event.query():  # already computed (a region at rest): no thread hop
+                        return
+            await asyncio.wait_for(asyncio.shield(synchronize_async(gpu_event, index)), timeout)
         except TimeoutError:
+            after = "of its LayerReady " if self.layered else ""
             raise PeerDeadError(f"transfer {self.xfer}: layer {layer} of {self.owner} not computed within {timeout:.1f}s "
-                                "of its LayerReady (setting: layer_timeout_s)") from None
+                                f"{after}(setting: layer_timeout_s)") from None
         except Exception as e:  # a CUDA error on the event: the stage's context is gone
             raise PeerDeadError(f"transfer {self.xfer}: waiting for layer {layer} of {self.owner} failed: {e}") from None
 

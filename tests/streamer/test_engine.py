@@ -312,6 +312,23 @@ def test_host_layer_wait_holds_a_whole_region_copy_until_its_last_layer_is_compu
     assert torch.equal(packed(typed(dst), lay, region), packed(ref, lay, region))
 
 
+def test_a_cuda_error_on_the_stage_event_fails_the_transfer_as_a_dead_peer() -> None:
+    """The stage's context is gone (its process died): waiting on its interprocess event raises; the transfer
+    fails with PeerDeadError naming the layer, at once."""
+    e, lay, events, src, dst, region = _gated_source(5.0)
+
+    class Broken(FakeLayerEvent):
+        def synchronize(self) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    src.events = [events[0], Broken()]  # type: ignore[list-item]
+    try:
+        with pytest.raises(PeerDeadError, match="layer 1 of test failed: CUDA error"):
+            run(lambda: asyncio.wait_for(e.transfer(src, region, dst, region).run(), 5))
+    finally:
+        e.close()
+
+
 def test_layer_wait_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="layer_wait"):
         StreamerConfig(name="h0", control_address="ipc://x", data_address="ipc://y", layer_wait="sometimes")
