@@ -37,7 +37,7 @@ import torch
 
 from stages.kv_cache import PoolLayout, Region
 from streamer import wire
-from streamer.bench_ops import MiB, NcclPair, ceiling_zmq, gbps, median
+from streamer.bench_ops import NcclPair, ceiling_zmq_best, gbps, median
 from streamer.client import LayerSignal, StreamerClient, attach_layer_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,13 +120,17 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
         for op, region in cases:
             nbytes = region.nbytes(lay)
             for path, dst, ceiling in dests:
-                ceil = pair.gbps(nbytes, repeats) if ceiling == "nccl" and pair is not None else \
-                    await ceiling_zmq(min(nbytes, 64 * MiB), repeats)
+                frame = nbytes
+                if ceiling == "nccl" and pair is not None:
+                    ceil = pair.gbps(nbytes, repeats)
+                else:  # the best frame size: the streamer chooses its own chunking too
+                    ceil, frame = await ceiling_zmq_best(nbytes, repeats)
                 for buffered in (False, True):
                     server, wall = await _time(c0, "p", region, dst, region, buffered, repeats)
                     out.append({"section": "e2e", "op": op, "path": path, "mode": "buffered" if buffered else "naive",
                                 "bytes": nbytes, "gbps": gbps(nbytes, server), "wall_gbps": gbps(nbytes, wall),
                                 "wall_us": wall * 1e6, "ceiling": ceiling, "ceiling_gbps": ceil,
+                                "ceiling_frame_bytes": frame,
                                 "fraction": gbps(nbytes, server) / ceil})
     finally:
         if pair is not None:
