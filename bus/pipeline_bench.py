@@ -61,7 +61,7 @@ def write_model(shape: str, root: Path) -> Path:
 
 
 def baseline_step(model: Path, layers: int, batch: int, context: int, dtype: str, device: str,
-                  repeats: int, cudnn_attention: str = "decode") -> dict[str, float]:
+                  repeats: int, cudnn_attention: str = "all") -> dict[str, float]:
     """Decode step of one stage's layers in one in-process runtime (no pipeline): median seconds."""
     from stages.batch import SeqChunk
     from stages.runtime import ShardConfig, ShardRuntime
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-timeout", type=float, default=60.0,
                    help="the deployment kills a stage busy with one step this long (a prompt pass takes ~1 s)")
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
-    p.add_argument("--cudnn-attention", default="decode", choices=CUDNN_ATTENTION_MODES,
+    p.add_argument("--cudnn-attention", default="all", choices=CUDNN_ATTENTION_MODES,
                    help="where the stages' (and the baseline's) attention may use cuDNN's per-shape compiled kernels")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")

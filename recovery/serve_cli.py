@@ -32,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-timeout", type=float, default=10.0)
     p.add_argument("--stage-threads", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
-    p.add_argument("--cudnn-attention", default="decode", choices=["decode", "all", "off"],  # attention.py's modes
+    p.add_argument("--cudnn-attention", default="all", choices=["all", "decode", "off"],  # attention.py's modes
                    help="where attention may use cuDNN, whose kernels are compiled per shape while serving (CUDA): "
-                        "decode tokens only (default), everywhere, or nowhere")
+                        "wherever SDPA picks it (default), for decode tokens only, or nowhere")
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"],
                    help="activation plane between stages (auto: NCCL on cuda, ZeroMQ on cpu)")
     p.add_argument("--no-streamer", action="store_true",

@@ -38,7 +38,7 @@ class DeploymentConfig:
     step_timeout: float = 600.0
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs
-    cudnn_attention: str = "decode"  # decode | all | off: where attention may use cuDNN (stages/layers/attention.py)
+    cudnn_attention: str = "all"  # all | decode | off: where attention may use cuDNN (stages/layers/attention.py)
     transport: str = "auto"  # activation plane: auto (NCCL on cuda), zmq, nccl
     streamer: bool = True  # start this host's KV streamer process
     swap_bytes: int = 256 << 20  # its pinned host pools (explicit capacities; over-commitment is refused)

@@ -84,7 +84,7 @@ class StageProcConfig:
     transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
     microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
     cuda_graphs: bool = True
-    cudnn_attention: str = "decode"  # where attention may use cuDNN (stages/layers/attention.py)
+    cudnn_attention: str = "all"  # where attention may use cuDNN (stages/layers/attention.py)
     link_timeout: float = 60.0  # NCCL link setup deadline
     streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
     streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown

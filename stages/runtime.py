@@ -48,9 +48,9 @@ class ShardConfig:
     device: str = "cpu"
     cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA only)
     # cuDNN's attention kernels are compiled at run time for each new shape, and loading one waits for the
-    # whole device (an NCCL receive included): "decode" (default) keeps prompt chunks on precompiled kernels,
-    # "all" lets SDPA pick cuDNN everywhere, "off" never (CUDA only; stages/layers/attention.py)
-    cudnn_attention: str = "decode"
+    # whole device (an NCCL receive included): "all" (default) lets SDPA pick cuDNN anywhere, "decode" keeps
+    # prompt chunks on precompiled kernels, "off" never uses it (CUDA only; stages/layers/attention.py)
+    cudnn_attention: str = "all"
     range_size: int = 0  # slots per microbatch range for graphs (0 = all slots form one range)
     graph_bucket: int = 256  # a decode graph reads keys up to a multiple of this
 

@@ -6,9 +6,12 @@ how the scheduler hands out microbatch slots. Grouped-query attention uses SDPA'
 never repeated in memory.
 
 cuDNN (CUDA): SDPA's cuDNN backend compiles a kernel for each new shape at run time, and loading it waits for
-the whole device. Decode shapes repeat (and decode graphs are captured once), prompt shapes keep changing, so
-by default (`CUDNN_ATTENTION = "decode"`) prompt chunks run on the precompiled flash / memory-efficient
-kernels and decode tokens may use cuDNN; "all" lets SDPA choose everywhere, "off" never uses cuDNN.
+the whole device. Decode shapes repeat (and decode graphs are captured once), prompt shapes keep changing.
+Modes (set_cudnn_attention): "all" (default) lets SDPA choose everywhere; "decode" runs prompt chunks on the
+precompiled flash / memory-efficient / math kernels and lets decode tokens use cuDNN; "off" never uses cuDNN.
+The default stays "all" until a measurement favours another (bench/NOTES.md, session 5: no difference beyond
+run-to-run noise with fixed-length prompts; whether flash or efficient take every masked grouped-query prompt
+group, or some fall to math, is not checked on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stages.batch import AttnGroup, StepPlan
 
-CUDNN_ATTENTION_MODES = ("decode", "all", "off")
+CUDNN_ATTENTION_MODES = ("all", "decode", "off")
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _prompt_without_cudnn = False  # set per process by set_cudnn_attention (a stage process runs one shard)
 

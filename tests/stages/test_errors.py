@@ -77,7 +77,7 @@ def test_unknown_cudnn_attention_mode_is_refused(model_factory) -> None:  # type
     from stages.layers.attention import set_cudnn_attention
     from stages.runtime import ShardConfig
 
-    with pytest.raises(ValueError, match="cudnn_attention must be one of decode, all, off"):
+    with pytest.raises(ValueError, match="cudnn_attention must be one of all, decode, off"):
         ShardConfig(model_factory("llama"), cudnn_attention="sometimes")
     with pytest.raises(ValueError, match="cudnn_attention"):
         set_cudnn_attention("yes")

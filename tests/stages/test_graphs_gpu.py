@@ -117,7 +117,7 @@ def test_cudnn_attention_mode_decides_where_sdpa_may_use_cudnn(mode: str, model_
         phase[0] = "decode"
         rt.forward([SeqChunk(0, 9, 1), SeqChunk(1, 5, 1)], rt.embed_input([5, 6]))
     finally:
-        attention.set_cudnn_attention("decode")
+        attention.set_cudnn_attention("all")
     expect = {"decode": (False, True), "all": (True, True), "off": (False, False)}[mode]
     assert {p for p, _ in seen} == {"prompt", "decode"}
     assert all(on == expect[0] for p, on in seen if p == "prompt")
