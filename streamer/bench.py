@@ -220,6 +220,8 @@ def summarize(out: list[dict[str, Any]]) -> dict[str, Any]:
             "max_streaming_overhead_direct_signal": worst("overhead", "direct-signal"),
             "max_streaming_compute_overhead_direct_signal": worst("compute_overhead", "direct-signal"),
             "max_streaming_overhead_device_wait": worst("overhead", "device-wait"),
+            "max_streaming_overhead_checksummed": worst("overhead", "checksummed"),
+            "max_streaming_compute_overhead_checksummed": worst("compute_overhead", "checksummed"),
             "max_streaming_compute_overhead_device_wait": worst("compute_overhead", "device-wait"),
             "target_overhead": 0.02}
 

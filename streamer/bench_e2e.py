@@ -14,7 +14,9 @@ stage's request - this process plays the stages.
    (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated) and
    "signals-only" (the whole per-layer path - events, LayerReady, the streamer's gating and waits - with one
    token per slot and layer to copy). Each layered row also runs with LayerReady sent from the compute thread
-   itself ("<dst> direct-signal", no hop through the stage's event loop) and through a streamer run with
+   itself ("<dst> direct-signal", no hop through the stage's event loop), with checksums on as a deployment's
+   default ("<dst> checksummed": on GPU the source digest is a kernel in the streamer's context on the
+   stage's GPU), and through a streamer run with
    layer_wait="device" ("<dst> device-wait": the streamer's copy stream waits on the stage's event, the
    default before session 5). Each row reports the whole pass until the last layer has landed ("overhead")
    and the stage's compute alone ("compute_overhead": what the stage's own work pays).
@@ -220,11 +222,14 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             for hook in hooks:
                 hook.remove()
 
-        def layered(client: StreamerClient, part: Region, pool: str, direct: bool = False) -> tuple[Any, Any]:
+        def layered(client: StreamerClient, part: Region, pool: str, direct: bool = False,
+                    checksum: bool = False) -> tuple[Any, Any]:
             """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled by
-            hooks on the stage's blocks (`direct`: sent by the compute thread itself)."""
+            hooks on the stage's blocks (`direct`: sent by the compute thread itself; `checksum`: as a deployment
+            does by default - the bench's streamers run with --no-checksums)."""
             async def before() -> tuple[Any, list[Any]]:
-                h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True, timeline=True)
+                h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True, timeline=True,
+                                        checksum=checksum)
                 return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer], direct=direct))
 
             async def after(state: tuple[Any, list[Any]]) -> Any:
@@ -259,6 +264,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
         for where, pool in dests:
             await compare(where, region.nbytes(lay), *layered(c0, region, pool))
             await compare(f"{where} direct-signal", region.nbytes(lay), *layered(c0, region, pool, direct=True))
+            await compare(f"{where} checksummed", region.nbytes(lay), *layered(c0, region, pool, checksum=True))
         if c_dev is not None:  # the same through a streamer whose copy streams wait on the stage's events
             await c_dev.register_pool("ov-p", mem)
             if on_gpu:
