@@ -70,9 +70,10 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
         with its copy stream (layer_wait="device") - so layer l's copy overlaps computing layer l+1.
         CPU: the message itself says the layer is written. A transfer whose next layer does not become ready
         within layer_timeout_s fails with PeerDeadError. blocks: no (a message). A prompt pass streams itself
-        with forward hooks: `hooks = attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer]))`
-        (remove them after the pass). A GPU stage records the event of every layer of every step whose KV
-        may be streamed (non-layered transfers wait on the event of the region's last layer).
+        with KV hooks, called as soon as each layer has written its KV (before its attention and MLP):
+        `hooks = attach_kv_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer]))` (remove them after the
+        pass; attach_layer_hooks signals at the end of each block instead). A GPU stage records the event of
+        every layer of every step whose KV may be streamed (non-layered transfers wait on the event of the region's last layer).
     await h.cancel(reason)  /  client.cancel(xfer)
         blocks: until the streamer acknowledged; the transfer then fails with CancelledError (exactly once).
 
@@ -98,7 +99,7 @@ The process: `run_streamer(StreamerConfig)` (streamer/proc.py), `python -m strea
 
 from __future__ import annotations
 
-from streamer.client import LayerSignal, StreamerClient, TransferHandle, attach_layer_hooks
+from streamer.client import LayerSignal, StreamerClient, TransferHandle, attach_kv_hooks, attach_layer_hooks
 from streamer.config import StreamerConfig
 from streamer.cuda import GpuPoolMemory, cuda_ready
 from streamer.errors import (
@@ -125,5 +126,5 @@ __all__ = [
     "LayerSignal", "OwnerDownError", "POOL_DISK", "POOL_RECEIVE", "POOL_REPLICA", "POOL_STAGE", "POOL_SWAP",
     "PeerDeadError", "PoolRef", "Route", "SharedPoolMemory", "StaleError", "StreamerClient", "StreamerConfig",
     "StreamerDownError", "StreamerError", "TransferHandle", "TransferTimeoutError", "TransportUnavailableError",
-    "attach_layer_hooks", "cuda_ready", "region_to_spec", "routes_by_layer", "run_streamer",
+    "attach_kv_hooks", "attach_layer_hooks", "cuda_ready", "region_to_spec", "routes_by_layer", "run_streamer",
 ]

@@ -6,20 +6,21 @@ stage's request - this process plays the stages.
    over TCP. Reported: the streamer's own transfer time (TransferDone.seconds) and the requester's wall clock,
    naive vs buffered, against the transport's ceiling.
 2. Layer-by-layer streaming overhead on a real prompt pass: a random Llama stage (8 of 8B's 32 layers on GPU,
-   a small one on CPU) computes into a pool registered with h0; a forward hook after every block records the
-   layer's event and sends LayerReady, and h0 streams that layer (GPU: to another GPU and to pinned memory)
-   while the next one computes. Compared with the same prompt pass without streaming. The streamer is a
-   separate process, as in a deployment, so the two never compete for one interpreter lock. Two diagnostic
-   shares on GPU: "events-only" (the stage records its interprocess events, nothing moves), "copies-only"
-   (the streamer copies the same bytes from another pool on the stage's GPU during the pass, ungated) and
-   "signals-only" (the whole per-layer path - events, LayerReady, the streamer's gating and waits - with one
-   token per slot and layer to copy). Each layered row also runs with LayerReady sent from the compute thread
-   itself ("<dst> direct-signal", no hop through the stage's event loop), with checksums on as a deployment's
-   default ("<dst> checksummed": on GPU the source digest is a kernel in the streamer's context on the
-   stage's GPU), and through a streamer run with
-   layer_wait="device" ("<dst> device-wait": the streamer's copy stream waits on the stage's event, the
-   default before session 5). Each row reports the whole pass until the last layer has landed ("overhead")
-   and the stage's compute alone ("compute_overhead": what the stage's own work pays).
+   a small one on CPU) computes into a pool registered with h0; as soon as a block has written its layer's KV
+   (before its attention and MLP) a hook records the layer's event and sends LayerReady, and h0 streams that
+   layer (GPU: to another GPU and to pinned memory) while the rest of the pass computes. Compared with the same
+   prompt pass without streaming. The streamer is a separate process, as in a deployment, so the two never
+   compete for one interpreter lock. Diagnostic shares on GPU: "events-only" (the stage records its
+   interprocess events, nothing moves), "copies-only" (the streamer copies the same bytes from another pool on
+   the stage's GPU during the pass, ungated) and "signals-only" (the whole per-layer path - events,
+   LayerReady, the streamer's gating and waits - with one token per slot and layer to copy). Variants of each
+   layered row: "<dst> direct-signal" (LayerReady sent from the compute thread itself, no hop through the
+   stage's event loop), "<dst> block-end" (signalled when each block has run, the way before session 5),
+   "<dst> checksummed" (checksums on, a deployment's default; on GPU the source digest is a kernel in the
+   streamer's context on the stage's GPU) and "<dst> device-wait" (a streamer run with layer_wait="device":
+   its copy stream waits on the stage's event, the default before session 5). Each row reports the whole pass
+   until the last layer has landed ("overhead") and the stage's compute alone ("compute_overhead": what the
+   stage's own work pays).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.bench_ops import NcclPair, ceiling_zmq_best, gbps, median
-from streamer.client import LayerSignal, StreamerClient, attach_layer_hooks
+from streamer.client import LayerSignal, StreamerClient, attach_kv_hooks, attach_layer_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,9 +189,10 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
     try:
         async def compare(dst: str, kv_bytes: int, before: Any, after: Any) -> None:
             """The prompt pass alone vs with `before()` set up just ahead of it and `after(state)` awaited
-            once it ends (medians; the first round warms both up). If `after` returns a TransferDone with a
-            timeline, the row also splits the tail (from the end of compute to the transfer's end) for the
-            last layer: cleared to move, copies issued, landed, TransferDone sent (wind-down), received here."""
+            once it ends (medians; the first round warms both up). If `after` returns a TransferHandle whose
+            TransferDone has a timeline, the row also splits the last layer's path relative to the end of
+            compute: cleared to move, copies issued, landed, TransferDone sent (wind-down), received here
+            (delivery), and how long after compute ended it arrived (0 if before)."""
             base, comp, total = [], [], []
             tail: dict[str, list[float]] = {}
             for i in range(repeats + 1):
@@ -198,19 +200,20 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                 state = await before()
                 t0 = time.perf_counter()
                 c, c_end = await loop.run_in_executor(compute, forward)
-                done = await after(state)
-                done_at = time.monotonic()
+                h = await after(state)
                 if i:
                     base.append(b)
                     comp.append(c)
                     total.append(time.perf_counter() - t0)
+                    done = h.done.result() if h is not None else None
                     if getattr(done, "timeline", None):
                         last = done.timeline[-1]
                         for k, v in (("ready_before_compute_end_s", c_end - last.ready),
                                      ("fired_after_compute_end_s", last.fired - c_end),
                                      ("issue_s", last.issued - last.fired), ("copy_s", last.landed - last.issued),
                                      ("wind_down_s", done.sent_at - last.landed),
-                                     ("delivery_s", done_at - done.sent_at)):
+                                     ("delivery_s", h.received_at - done.sent_at),
+                                     ("done_after_compute_end_s", max(0.0, h.received_at - c_end))):
                             tail.setdefault(k, []).append(v)
             b, c, t = median(base), median(comp), median(total)
             out.append({"section": "overhead", "dst": dst, "batch": batch, "prompt": plen, "prompt_s": b,
@@ -223,25 +226,27 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                 hook.remove()
 
         def layered(client: StreamerClient, part: Region, pool: str, direct: bool = False,
-                    checksum: bool = False) -> tuple[Any, Any]:
-            """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled by
-            hooks on the stage's blocks (`direct`: sent by the compute thread itself; `checksum`: as a deployment
-            does by default - the bench's streamers run with --no-checksums)."""
+                    checksum: bool = False, block_end: bool = False) -> tuple[Any, Any]:
+            """before/after for `compare`: stream `part` of the stage pool to `pool` layer by layer, signalled as
+            soon as each layer has written its KV (`block_end`: when each block has run, the earlier way;
+            `direct`: sent by the compute thread itself; `checksum`: as a deployment does by default - the
+            bench's streamers run with --no-checksums)."""
+            attach = attach_layer_hooks if block_end else attach_kv_hooks
             async def before() -> tuple[Any, list[Any]]:
                 h = await client.stream("ov-p", part, dst=pool, dst_region=part, layered=True, timeline=True,
                                         checksum=checksum)
-                return h, attach_layer_hooks(runtime.shard, LayerSignal(client, mem, [h.xfer], direct=direct))
+                return h, attach(runtime.shard, LayerSignal(client, mem, [h.xfer], direct=direct))
 
             async def after(state: tuple[Any, list[Any]]) -> Any:
-                done = await state[0].wait(120)
+                await state[0].wait(120)
                 await remove(state[1])
-                return done
+                return state[0]
 
             return before, after
 
         if on_gpu:  # the stage-side share alone: hooks that only record the pool's interprocess events
             async def events() -> list[Any]:
-                return attach_layer_hooks(runtime.shard, mem.record)
+                return attach_kv_hooks(runtime.shard, mem.record)
 
             await compare("events-only", 0, events, remove)
             # the copy's share alone: the same bytes copied by the streamer from another pool on the stage's GPU
@@ -265,6 +270,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             await compare(where, region.nbytes(lay), *layered(c0, region, pool))
             await compare(f"{where} direct-signal", region.nbytes(lay), *layered(c0, region, pool, direct=True))
             await compare(f"{where} checksummed", region.nbytes(lay), *layered(c0, region, pool, checksum=True))
+            await compare(f"{where} block-end", region.nbytes(lay), *layered(c0, region, pool, block_end=True))
         if c_dev is not None:  # the same through a streamer whose copy streams wait on the stage's events
             await c_dev.register_pool("ov-p", mem)
             if on_gpu:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class TransferHandle:
     done: asyncio.Future[wire.TransferDone] = field(repr=False)
     progress: asyncio.Queue[wire.TransferProgress] = field(default_factory=asyncio.Queue, repr=False)
     msg_id: int = 0  # of its StreamRequest (an outright refusal answers that)
+    received_at: float = 0.0  # time.monotonic() when its TransferDone / TransferFailed arrived
 
     async def wait(self, timeout: float | None = None) -> wire.TransferDone:
         t = self.deadline_s + self.client.request_timeout_s if timeout is None else timeout
@@ -149,6 +151,7 @@ class StreamerClient:
                 return
             self._transfers.pop(body.xfer, None)
             self._by_msg.pop(h.msg_id, None)
+            h.received_at = time.monotonic()
             if not h.done.done():
                 if isinstance(body, wire.TransferDone):
                     h.done.set_result(body)
@@ -356,7 +359,25 @@ class LayerSignal:
         self._send(self.xfers, self.memory.layout.first_layer + local_layer)
 
 
+class _KvHook:
+    def __init__(self, shard: Any, fn: Any) -> None:
+        self.shard, self.fn = shard, fn
+        shard.kv_hooks.append(fn)
+
+    def remove(self) -> None:
+        if self.fn in self.shard.kv_hooks:
+            self.shard.kv_hooks.remove(self.fn)
+
+
+def attach_kv_hooks(shard: Any, fn: Any) -> list[Any]:
+    """Call fn(local_layer) as soon as each block of a DecoderShard (`runtime.shard`) has written its KV of the
+    step - before that block's attention and MLP run, so the layer's copy overlaps the rest of the layer and
+    the next ones, and the last layer's copy is mostly done when the pass ends. Returns handles (call .remove()
+    on each to detach). This is how a prompt pass streams its KV layer by layer."""
+    return [_KvHook(shard, fn)]
+
+
 def attach_layer_hooks(shard: torch.nn.Module, fn: Any) -> list[Any]:
-    """Call fn(local_layer) after each block of a DecoderShard (`runtime.shard`) runs; returns hook handles
-    (call .remove() on each to detach). This is how a prompt pass streams its KV layer by layer."""
+    """Call fn(local_layer) after each block of a DecoderShard (`runtime.shard`) has run, as a whole: later than
+    attach_kv_hooks (the A/B in the streamer bench); returns hook handles (.remove() detaches)."""
     return [block.register_forward_hook(lambda *_, j=j: fn(j)) for j, block in enumerate(shard.blocks)]

@@ -17,6 +17,8 @@ group, or some fall to math, is not checked on a GPU).
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,29 @@ def set_cudnn_attention(mode: str) -> None:
     _prompt_without_cudnn = mode == "decode"
 
 
+_listener = threading.local()
+
+
+@contextlib.contextmanager
+def kv_listener(fn: Callable[[], None]) -> Iterator[None]:
+    """While the block that runs inside this context writes its layer's keys/values for the step, `fn` is called
+    right after the write (kv_written): from there on the layer's KV of this step is final - attention only
+    reads it - so a transfer of it may start while the layer's attention and MLP still compute."""
+    prev = getattr(_listener, "fn", None)
+    _listener.fn = fn
+    try:
+        yield
+    finally:
+        _listener.fn = prev
+
+
+def kv_written() -> None:
+    """Every KV write site calls this after writing a layer's keys/values of the step (write_kv does)."""
+    fn = getattr(_listener, "fn", None)
+    if fn is not None:
+        fn()
+
+
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan
 ) -> None:
@@ -45,6 +70,7 @@ def write_kv(
     index = (plan.token_slots, plan.positions)
     k_cache.index_put_(index, k)
     v_cache.index_put_(index, v)
+    kv_written()
 
 
 def attend(

@@ -19,6 +19,7 @@ from torch import nn
 
 from stages.batch import StepPlan
 from stages.kv_cache import KVPool
+from stages.layers.attention import kv_listener
 from stages.models.spec import ModelSpec
 
 
@@ -68,9 +69,17 @@ class DecoderShard(nn.Module):
         self.blocks = nn.ModuleList([family.block(spec, i) for i in layers])
         self.head = family.head(spec) if self.is_last else None
         self.ctx: Any = None
+        # called with the local layer j right after block j wrote its KV of the step (before its attention and
+        # MLP run): how a prompt pass streams its KV layer by layer (streamer.client.attach_kv_hooks). Not
+        # called while a CUDA graph is being captured.
+        self.kv_hooks: list[Callable[[int], None]] = []
 
     def setup(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         self.ctx = self.family.context(self.spec, max_seq_len, dtype, device)
+
+    def _kv_written(self, j: int) -> None:
+        for fn in list(self.kv_hooks):
+            fn(j)
 
     def weight_refs(self) -> Sequence[WeightRef]:
         return self.family.checkpoint_map(self.spec, self.layers, self.is_first, self.is_last)
@@ -80,8 +89,13 @@ class DecoderShard(nn.Module):
         self, inputs: torch.Tensor, plan: StepPlan, pool: KVPool, all_logits: bool = False
     ) -> torch.Tensor:
         h = self.embed(inputs, plan, self.ctx) if self.embed is not None else inputs
+        hooks = self.kv_hooks and not (h.is_cuda and torch.cuda.is_current_stream_capturing())
         for j, block in enumerate(self.blocks):
-            h = block(h, plan, pool.k(j), pool.v(j), self.ctx)
+            if hooks:
+                with kv_listener(lambda j=j: self._kv_written(j)):  # type: ignore[misc]
+                    h = block(h, plan, pool.k(j), pool.v(j), self.ctx)
+            else:
+                h = block(h, plan, pool.k(j), pool.v(j), self.ctx)
         if self.head is None:
             return h
         if not all_logits:

@@ -16,7 +16,7 @@ from torch import nn
 from stages.batch import StepPlan
 from stages.errors import UnsupportedArchitectureError
 from stages.layers.activations import activation
-from stages.layers.attention import attend, write_kv
+from stages.layers.attention import attend, kv_written, write_kv
 from stages.layers.fused import can_fuse_rope, rope_and_cache, silu_mul
 from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import RMSNorm
@@ -98,6 +98,7 @@ class Attention(nn.Module):
         if can_fuse_rope(qkv, k_cache, self.head_dim):
             q = rope_and_cache(qkv, rotary.cos, rotary.sin, plan.positions, plan.token_slots, k_cache, v_cache,
                                self.heads, self.kv_heads, self.head_dim, rotary.rot_dim)
+            kv_written()
             return self.o_proj(attend(q, k_cache, v_cache, plan, self.scale))
         q, k, v = qkv.split(self.splits, dim=-1)
         q = rotary.apply(q.view(n, self.heads, self.head_dim), plan.positions)  # [N, H, D]

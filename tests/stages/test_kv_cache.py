@@ -195,3 +195,38 @@ def test_moved_cache_decodes_like_the_original(model_factory) -> None:  # type: 
     torch.testing.assert_close(there, here, rtol=0, atol=1e-6)
     unmoved = dst.step([SeqChunk(2, len(prompt), 1)], [33])  # an empty slot: the cache did matter
     assert not torch.allclose(unmoved, here, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "bloom"])
+def test_kv_hooks_fire_once_a_layers_kv_is_final_before_its_block_ends(family: str, model_factory) -> None:  # type: ignore[no-untyped-def]
+    """DecoderShard.kv_hooks (streamer.client.attach_kv_hooks): hook j runs after block j wrote its KV of the step
+    and before block j's output exists; the KV it sees is already what the pass leaves; the hooks change no
+    output, and a removed hook is not called again."""
+    from streamer.client import attach_kv_hooks
+
+    path = model_factory(family)
+    rt = ShardRuntime(ShardConfig(path, (1, 3), num_slots=2, max_seq_len=24))
+    ref = ShardRuntime(ShardConfig(path, (1, 3), num_slots=2, max_seq_len=24))
+    first = rt.layout.first_layer
+    chunks = [SeqChunk(0, 0, 7), SeqChunk(1, 0, 5)]
+    x = torch.randn(12, rt.spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    events: list[tuple[str, int]] = []
+    seen: dict[int, torch.Tensor] = {}
+
+    def on_kv(j: int) -> None:
+        events.append(("kv", j))
+        seen[j] = rt.pool.read(Region((0, 1), (first + j, first + j + 1), ((0, 7), (0, 5)))).clone()
+
+    handles = attach_kv_hooks(rt.shard, on_kv)
+    ends = [b.register_forward_hook(lambda *_, j=j: events.append(("end", j))) for j, b in enumerate(rt.shard.blocks)]
+    out = rt.forward(chunks, x)
+    assert events == [("kv", 0), ("end", 0), ("kv", 1), ("end", 1)]
+    for j in (0, 1):
+        final = rt.pool.read(Region((0, 1), (first + j, first + j + 1), ((0, 7), (0, 5))))
+        assert torch.equal(seen[j], final) and final.abs().sum() > 0
+    assert torch.equal(out, ref.forward(chunks, x))
+    for h in handles + ends:
+        h.remove()
+    events.clear()
+    rt.forward([SeqChunk(0, 7, 1)], x[:1])
+    assert events == [] and rt.shard.kv_hooks == []
