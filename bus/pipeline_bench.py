@@ -241,13 +241,14 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
     async with AsyncClient(address, timeout=args.timeout) as c:
         for rate in rates:
             before = await fresh_stats(c)
-            inc_before = incarnations(await c.status())
+            st = await c.status()
+            inc_before, slots = incarnations(st), int(st.get("slots", 0))
             reqs = loadgen.plan(rate, largs)
             done = asyncio.Event()
             watcher = asyncio.create_task(watch_progress(c, done, f"rate{rate:g}", args.out, save_log))
             try:
                 summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout,
-                                                 int((await c.status()).get("slots", 0)))
+                                                 slots)
             finally:
                 done.set()
                 stalls = await watcher

@@ -323,11 +323,10 @@ class _SignalSocket:
     Its own codec: msg ids only have to be unique per sender socket, and nothing answers a LayerReady."""
 
     def __init__(self, client: StreamerClient, number: int) -> None:
-        self._ctx = zmq.Context.shadow(client._ctx.underlying)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IDENTITY, f"{client.name}{wire.SIGNAL_SEP}{number}".encode())
-        self._sock.connect(client.address)  # sends queue until the connection is up
+        # a synchronous socket (the project's socket factory) on the client's ZeroMQ context; sends queue until
+        # the connection is up
+        self._sock = make_socket(zmq.Context.shadow(client._ctx.underlying), zmq.DEALER, connect=client.address,
+                                 identity=f"{client.name}{wire.SIGNAL_SEP}{number}".encode())
         self._codec = Codec(client.name, client._incarnation, types=ALL_MESSAGES)
         self.address = client.address
 

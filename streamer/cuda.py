@@ -236,6 +236,7 @@ class _Waiters:
         self._idle = 0
         self._started = 0
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
 
     def _run(self) -> None:
         while True:
@@ -256,6 +257,7 @@ class _Waiters:
             with self._lock:
                 if self._idle >= self._keep:
                     self._started -= 1
+                    self._ended.notify_all()
                     return
                 self._idle += 1
 
@@ -275,6 +277,11 @@ class _Waiters:
     @property
     def threads(self) -> int:
         return self._started
+
+    def shrink_to(self, n: int, timeout: float) -> bool:
+        """Block until at most `n` waiter threads are left (the extra ones end after their waits), or timeout."""
+        with self._ended:
+            return self._ended.wait_for(lambda: self._started <= n, timeout)
 
 
 def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:

@@ -29,6 +29,7 @@ from stages.batch import AttnGroup, StepPlan
 CUDNN_ATTENTION_MODES = ("all", "decode", "off")
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _prompt_without_cudnn = False  # set per process by set_cudnn_attention (a stage process runs one shard)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: no object per attention call
 
 
 def set_cudnn_attention(mode: str) -> None:
@@ -125,7 +126,7 @@ def _sdpa(
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # mask [B,1,1,L] broadcasts
         return o.reshape(b, 1, heads, d)
     no_cudnn = _prompt_without_cudnn and t > 1 and qg.is_cuda
-    with sdpa_kernel(_NO_CUDNN) if no_cudnn else contextlib.nullcontext():
+    with sdpa_kernel(_NO_CUDNN) if no_cudnn else _NO_CONTEXT:
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
         )

@@ -68,10 +68,8 @@ def test_an_event_that_never_fires_holds_one_waiter_thread_not_the_waits_behind_
         for ev in stuck:
             ev.done.set()
         await asyncio.wait_for(asyncio.gather(*futs), 5)
-        for _ in range(200):  # the extra threads leave after settling their futures
-            if waiters.threads <= 2:
-                break
-            await asyncio.sleep(0.01)
+        # the extra threads leave after settling their futures
+        assert await asyncio.get_running_loop().run_in_executor(None, waiters.shrink_to, 2, 5.0)
         assert waiters.threads <= 2
 
     run(scenario)
