@@ -13,6 +13,7 @@
 # streamer_bench.jsonl (one record per line, kept even if the run is cut short), streamer_bench.json,
 # streamer_bench.png, streamer_bench.log, streamer_logs/ (every streamer process's log). Each phase has its own time limit (TEST_LIMIT, BENCH_LIMIT seconds)
 # so the whole script stays under 10 minutes; exits non-zero if a phase failed or ran out of time.
+# BENCH_ARGS adds options to the benchmark (e.g. --inline-dma); SKIP_TESTS=1 runs the benchmark alone.
 # Needs python3 with torch, cupy (NCCL), pyzmq, msgspec, msgpack, uvloop; pytest is optional.
 set -uo pipefail
 
@@ -48,7 +49,9 @@ cat "$OUT/environment.txt"
 
 status=0
 echo "== gpu tests (limit ${TEST_LIMIT}s)"
-if python3 -c "import pytest" 2>/dev/null; then
+if [[ -n "${SKIP_TESTS:-}" ]]; then
+    echo "skipped (SKIP_TESTS)" > "$OUT/gpu_tests.log"
+elif python3 -c "import pytest" 2>/dev/null; then
     timeout -k 10 "$TEST_LIMIT" python3 -m pytest -v -m gpu tests/streamer/test_gpu.py -p no:cacheprovider \
         --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1 || status=1
 else
@@ -58,7 +61,7 @@ fi
 tail -n 40 "$OUT/gpu_tests.log"
 
 echo "== dejavu-bench streamer (limit ${BENCH_LIMIT}s)"
-timeout -k 10 "$BENCH_LIMIT" python3 -m streamer.bench --device cuda --out "$OUT" \
+timeout -k 10 "$BENCH_LIMIT" python3 -m streamer.bench --device cuda --out "$OUT" ${BENCH_ARGS:-} \
     > "$OUT/streamer_bench.jsonl" 2> "$OUT/streamer_bench.log" || status=1
 tail -n 20 "$OUT/streamer_bench.log"
 python3 - "$OUT/streamer_bench.jsonl" <<'PY'

@@ -1,6 +1,8 @@
 """Where does a prompt-layer transfer's time go? Device time of the direct path's 2-D DMA blocks alone (peer
 and device-to-host) against one contiguous copy of the same bytes, then the library's transfer (one, and 8 in
-flight) and the host time of its enqueue. Run on a 2-GPU machine:  python3 bench/probe_dma.py
+flight) and the host time of its enqueue, split into the thread hops, the enqueue, the driver calls and the
+waiter's hop, and 8 in flight with their plans made before the clock starts. Run on a 2-GPU machine:
+python3 bench/probe_dma.py
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch  # noqa: E402
 from stages.kv_cache import PoolLayout, Region  # noqa: E402
 from streamer import cuda  # noqa: E402
 from streamer.bench_ops import Lib  # noqa: E402
+from streamer.movers import MoveJob  # noqa: E402
 from streamer.regions import pair_blocks  # noqa: E402
 
 
@@ -34,6 +37,26 @@ def device_time(fn, stream: torch.cuda.Stream, reps: int = 20) -> float:  # type
     b.record(stream)
     b.synchronize()
     return a.elapsed_time(b) / 1e3 / reps
+
+
+def host_us(fn, reps: int = 50) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    xs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        xs.append(time.perf_counter() - t0)
+    return sorted(xs)[reps // 2] * 1e6
+
+
+async def host_us_async(fn, reps: int = 50) -> float:  # type: ignore[no-untyped-def]
+    await fn()
+    xs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        await fn()
+        xs.append(time.perf_counter() - t0)
+    return sorted(xs)[reps // 2] * 1e6
 
 
 async def main() -> None:
@@ -98,6 +121,40 @@ async def main() -> None:
             await transfers(name, d, "_inline")
     finally:
         lib.rt.gpu.inline_dma = False
+    # the issue step's parts, host time: the hop to the GPU thread and back (a no-op), one enqueue of the direct
+    # path (on this thread), the driver calls alone, the waiter-thread hop for an event already complete
+    loop = asyncio.get_running_loop()
+
+    async def hop() -> None:
+        await loop.run_in_executor(lib.gpu_exec, lambda: None)
+
+    out["gpu_thread_hop_us"] = await host_us_async(hop)
+    done = torch.cuda.Event(blocking=True)
+    done.record(torch.cuda.current_stream(0))
+    done.synchronize()
+    out["waiter_hop_us"] = await host_us_async(lambda: cuda.synchronize_async(done))
+    with torch.cuda.device(0), torch.cuda.stream(s0):
+        out["copy2d_calls_us_peer"] = host_us(lambda: run_blocks(dst.flat, cuda.DEFAULT))
+        out["copy2d_calls_us_host"] = host_us(lambda: run_blocks(host.flat, cuda.D2H))
+        out["event_record_us"] = host_us(lambda: torch.cuda.Event(blocking=True).record(s0))
+    def device_switch() -> None:
+        with cuda.on_device(0), torch.cuda.stream(s0):
+            pass
+
+    out["on_device_and_stream_us"] = host_us(device_switch)
+    out["loop"] = type(loop).__module__
+    for name, d in (("peer", dst), ("host", host)):
+        r = lib.transfer(src, region, d, region, True).routes[0]
+        job = MoveJob(src, r.dst, r.index, r.chunks[0], True, False, r.chunks[0].layer, r.blocks[0])
+        out[f"enqueue_us_{name}"] = host_us(lambda j=job: lib.rt.gpu._enqueue(j))
+        torch.cuda.synchronize(0)
+        # 8 in flight with the plans made before the clock starts (the stream's copy path alone)
+        ts = [lib.transfer(src, region, d, region, True) for _ in range(8)]
+        lib.sync()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(t.run() for t in ts))
+        lib.sync()
+        out[f"{name}_8_in_flight_preplanned_gbps"] = 8 * nbytes / (time.perf_counter() - t0) / 1e9
     prof = cProfile.Profile()
     prof.enable()
     await asyncio.gather(*(lib.transfer(src, region, dst, region, True).run() for _ in range(8)))
@@ -109,4 +166,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:  # the streamer runs on uvloop; so does the probe where it is installed
+        import uvloop
+    except ImportError:
+        uvloop = None
+    (uvloop.run if uvloop is not None else asyncio.run)(main())

@@ -156,7 +156,8 @@ async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, 
     from streamer.bench_e2e import run_e2e
 
     for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
-                             model_dir=args.model_dir, remote_too=not args.skip_e2e):
+                             model_dir=args.model_dir, remote_too=not args.skip_e2e,
+                             streamer_args=("--inline-dma",) if args.inline_dma else ()):
         emit(rec, out)
 
 
@@ -169,7 +170,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     emit({"section": "meta", "device": args.device, "quick": args.quick, "gpus": ngpu,
           "gpu_name": torch.cuda.get_device_name(0) if on_gpu else platform.processor() or platform.machine(),
           "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-          "host": platform.node()}, out)
+          "host": platform.node(), "inline_dma": args.inline_dma}, out)
     if on_gpu:
         sizes = [1 * MiB, 16 * MiB, 256 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB]
     else:
@@ -182,7 +183,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     stagings = [int(float(x) * MiB) for x in args.stagings.split(",")] if args.stagings else \
         ([16 * MiB] if on_gpu else [8 * MiB])
     for staging in stagings:
-        lib = Lib(on_gpu, staging_bytes=staging)
+        lib = Lib(on_gpu, staging_bytes=staging, inline_dma=args.inline_dma)
         await lib.start()
         try:
             for shape in (GPU_SHAPES if on_gpu else CPU_SHAPES):
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagings", default="", help="comma-separated staging buffer sizes in MiB (default 16; CPU 8)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--inline-dma", action="store_true",
+                   help="DMA-only copies enqueued on the event loop's thread (StreamerConfig.inline_dma), in the "
+                        "in-process operations and in every streamer process")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -292,15 +292,17 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
 
 async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = True, model_dir: str = "",
-                  remote_too: bool = True) -> list[dict[str, Any]]:
+                  remote_too: bool = True, streamer_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """`streamer_args`: extra options for every streamer process (e.g. --inline-dma, for an A/B)."""
     d = tempfile.mkdtemp(prefix="dvb")
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
     swap = ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]
-    procs = [_start("h0", d, "h1", swap), _start("h1", d, "h0", ["--replica-gib", _gib(rep)])]
+    procs = [_start("h0", d, "h1", [*swap, *streamer_args]),
+             _start("h1", d, "h0", ["--replica-gib", _gib(rep), *streamer_args])]
     device_wait = overhead_too and on_gpu
     if device_wait:  # a second streamer on h0's host, for the layer_wait="device" rows of the overhead
-        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "device"]))
+        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "device", *streamer_args]))
     out: list[dict[str, Any]] = []
     try:
         c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "bench-p"), StreamerClient(f"ipc://{d}/h1.c", "bench-t")

@@ -48,10 +48,10 @@ def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
         assert checksum_parts(t.cuda()).tolist() == checksum_parts(t).tolist()
 
 
-def _lib(layer_wait: str = "host"):  # type: ignore[no-untyped-def]
+def _lib(layer_wait: str = "host", inline_dma: bool = False):  # type: ignore[no-untyped-def]
     from streamer.bench_ops import Lib
 
-    return Lib(True, staging_bytes=256 * 1024, lanes=2, layer_wait=layer_wait)
+    return Lib(True, staging_bytes=256 * 1024, lanes=2, layer_wait=layer_wait, inline_dma=inline_dma)
 
 
 def _endpoints(lib, lay: PoolLayout, seed: int):  # type: ignore[no-untyped-def]
@@ -101,16 +101,19 @@ def test_gpu_and_host_round_trips_in_process(dtype: torch.dtype) -> None:
     run(scenario, timeout=300)
 
 
-@pytest.mark.parametrize("checksum", [True, False])
-def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
+@pytest.mark.parametrize(("checksum", "inline"), [(True, False), (False, False), (False, True)],
+                         ids=["checksum", "dma", "dma-inline"])
+def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool, inline: bool) -> None:
     """Regions of long pieces take the direct path (2-D DMA blocks, no staging): cuda:0 -> pinned, pageable,
-    cuda:0 and cuda:1, and pinned -> cuda:0, byte-exact, layered or not, with random slots and token ranges."""
+    cuda:0 and cuda:1, and pinned -> cuda:0, byte-exact, layered or not, with random slots and token ranges.
+    dma-inline: the DMA-only copies are enqueued by the event loop's thread (inline_dma), the GPU thread's
+    staged copies interleaving with them on the same lanes."""
     need()
     rng = random.Random(7)
     lay = PoolLayout(2, 3, 6, 1024, 4, 128, torch.bfloat16)  # 1 KiB rows: 512+ tokens = 512+ KiB pieces
 
     async def scenario() -> None:
-        lib = _lib()
+        lib = _lib(inline_dma=inline)
         await lib.start()
         try:
             g0, dests = _endpoints(lib, lay, seed=3)
@@ -143,18 +146,20 @@ def test_long_pieces_move_pool_to_pool_by_dma(checksum: bool) -> None:
 
 @pytest.mark.parametrize("layered", [True, False], ids=["layered", "whole"])
 @pytest.mark.parametrize("layer_wait", ["device", "host"])
-@pytest.mark.parametrize("tokens", [64, 1024], ids=["staged", "direct"])
+@pytest.mark.parametrize("tokens", [64, 1024, -1024], ids=["staged", "direct", "direct-inline"])
 def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str, layered: bool) -> None:
     """The source layer is written by a slow kernel on the compute stream; the copy must wait for the
     stage's event (if it did not, it would copy the zeros that were there before). Short pieces go through
     staging, long ones pool to pool by DMA: both wait, whether the wait sits on the GPU or on a host thread.
     Layered: each layer's LayerReady is said at once after its kernels are enqueued. Whole: a transfer that
-    is not layered (a replica or swap right after a step) is requested with all three layers still queued."""
+    is not layered (a replica or swap right after a step) is requested with all three layers still queued.
+    direct-inline: long pieces without checksums, enqueued by the loop's thread (inline_dma)."""
     need()
+    inline, tokens = tokens < 0, abs(tokens)
     lay = PoolLayout(0, 3, 2, tokens, 2, 64, torch.float16)
 
     async def scenario() -> None:
-        lib = _lib(layer_wait)
+        lib = _lib(layer_wait, inline_dma=inline)
         await lib.start()
         try:
             src, dst = lib.endpoint("p", lay, "cuda:0"), lib.endpoint("t", lay, "pinned", wire.POOL_RECEIVE)
@@ -172,7 +177,7 @@ def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str, layered:
                     src.events[j].record(compute)
 
             if layered:
-                t = lib.transfer(src, region, dst, region, buffered=True, layered=True, checksum=True)
+                t = lib.transfer(src, region, dst, region, buffered=True, layered=True, checksum=not inline)
                 task = asyncio.ensure_future(t.run())
                 for j in range(3):
                     layer(j)
@@ -180,7 +185,7 @@ def test_layer_ready_event_gates_the_copy(tokens: int, layer_wait: str, layered:
             else:
                 for j in range(3):
                     layer(j)
-                t = lib.transfer(src, region, dst, region, buffered=True, checksum=True)
+                t = lib.transfer(src, region, dst, region, buffered=True, checksum=not inline)
                 task = asyncio.ensure_future(t.run())
             await asyncio.wait_for(task, 60)
             got = packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region)
