@@ -13,7 +13,7 @@
 # streamer_bench.jsonl (one record per line, kept even if the run is cut short), streamer_bench.json,
 # streamer_bench.png, streamer_bench.log, streamer_logs/ (every streamer process's log). Each phase has its own time limit (TEST_LIMIT, BENCH_LIMIT seconds)
 # so the whole script stays under 10 minutes; exits non-zero if a phase failed or ran out of time.
-# BENCH_ARGS adds options to the benchmark (e.g. --inline-dma); SKIP_TESTS=1 runs the benchmark alone.
+# BENCH_ARGS adds options to the benchmark (e.g. --no-inline-dma); SKIP_TESTS=1 runs the benchmark alone.
 # Needs python3 with torch, cupy (NCCL), pyzmq, msgspec, msgpack, uvloop; pytest is optional.
 set -uo pipefail
 

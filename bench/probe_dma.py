@@ -63,7 +63,7 @@ async def main() -> None:
     lay = PoolLayout(0, 16, 16, 1024, 8, 128, torch.bfloat16)
     region = Region.uniform(range(8), (8, 9), 0, 1000)
     nbytes = region.nbytes(lay)
-    lib = Lib(True, staging_bytes=16 << 20)
+    lib = Lib(True, staging_bytes=16 << 20, inline_dma=False)  # the GPU-thread baseline; "_inline" below
     await lib.start()
     src = lib.endpoint("s", lay, "cuda:0")
     dst = lib.endpoint("d", lay, "cuda:1")

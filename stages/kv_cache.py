@@ -49,7 +49,7 @@ class PoolLayout:
     @property
     def row_bytes(self) -> int:
         """Bytes of one token's K (or V) in one layer."""
-        return self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

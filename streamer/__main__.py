@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from streamer.config import MiB, StreamerConfig
+from streamer.config import CHECKSUM_POLICIES, MiB, StreamerConfig
 from streamer.proc import run_streamer
 
 GiB = 1 << 30
@@ -28,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--disk-gib", type=float, default=0.0)
     p.add_argument("--no-pin", action="store_true", help="do not page-lock host pools")
     p.add_argument("--naive", action="store_true", help="default to one copy per contiguous piece (ablation)")
-    p.add_argument("--no-checksums", action="store_true")
+    p.add_argument("--checksums", choices=CHECKSUM_POLICIES, default="remote",
+                   help="default for transfers that do not say: verify where bytes pass through software (remote "
+                        "frames, NCCL, disk pools; the default), every transfer, or none")
+    p.add_argument("--no-checksums", action="store_true", help="the same as --checksums off")
     p.add_argument("--no-nccl", action="store_true")
     p.add_argument("--staging-mib", type=float, default=16.0)
     p.add_argument("--lanes", type=int, default=3)
@@ -40,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--layer-timeout", type=float, default=30.0)
     p.add_argument("--layer-wait", choices=["device", "host"], default="host",
                    help="layered transfers from a GPU stage wait for each layer on a host thread (default) or on the GPU")
-    p.add_argument("--inline-dma", action="store_true",
-                   help="enqueue DMA-only copies on the event loop's thread (default: every copy on the GPU thread)")
+    p.add_argument("--inline-dma", action=argparse.BooleanOptionalAction, default=True,
+                   help="enqueue DMA-only copies on the event loop's thread (default); --no-inline-dma: every copy "
+                        "on the GPU thread")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)
@@ -56,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             name=a.name, control_address=a.control, data_address=a.data, incarnation=a.incarnation,
             swap_bytes=int(a.swap_gib * GiB), replica_bytes=int(a.replica_gib * GiB),
             receive_bytes=int(a.receive_gib * GiB), disk_dir=a.disk_dir, disk_bytes=int(a.disk_gib * GiB),
-            pin_memory=not a.no_pin, buffered=not a.naive, checksums=not a.no_checksums, nccl=not a.no_nccl,
+            pin_memory=not a.no_pin, buffered=not a.naive, checksums="off" if a.no_checksums else a.checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
             window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
             layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=a.inline_dma, peers=tuple(peers),

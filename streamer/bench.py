@@ -6,7 +6,8 @@
    16 / 20 layers): one prompt layer (1,000 tokens x microbatch 8), one decode step's new KV across all of a
    stage's layers, a whole microbatch swap-out and swap-in - naive (one copy per contiguous piece) vs
    buffered (gather, one copy, scatter), as GB/s and as a fraction of the matching ceiling at the same size.
-   Single-transfer latency includes host overhead; `stream_gbps` is 8 transfers in flight (a stream of layers).
+   Single-transfer latency includes host overhead; `stream_gbps` is a stream of 32 transfers with 8 in flight
+   (8 of 64 MiB and more), each planned in its turn: what a stream of layers sustains.
 3. End to end through real streamer processes (streamer/bench_e2e.py): GPU pool -> GPU pool on another
    "host" (NCCL), and over TCP; and the overhead of layer-by-layer streaming on a real prompt pass, the stage
    here and the streamer in its own process (with / without; the paper: within 2%).
@@ -157,7 +158,7 @@ async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, 
 
     for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
                              model_dir=args.model_dir, remote_too=not args.skip_e2e,
-                             streamer_args=("--inline-dma",) if args.inline_dma else ()):
+                             streamer_args=() if args.inline_dma else ("--no-inline-dma",)):
         emit(rec, out)
 
 
@@ -278,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagings", default="", help="comma-separated staging buffer sizes in MiB (default 16; CPU 8)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
-    p.add_argument("--inline-dma", action="store_true",
-                   help="DMA-only copies enqueued on the event loop's thread (StreamerConfig.inline_dma), in the "
-                        "in-process operations and in every streamer process")
+    p.add_argument("--inline-dma", action=argparse.BooleanOptionalAction, default=True,
+                   help="DMA-only copies enqueued on the event loop's thread (StreamerConfig.inline_dma, the "
+                        "default), in the in-process operations and in every streamer process; --no-inline-dma: on "
+                        "the GPU thread (the A/B)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

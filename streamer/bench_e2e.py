@@ -293,7 +293,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
 async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = True, model_dir: str = "",
                   remote_too: bool = True, streamer_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """`streamer_args`: extra options for every streamer process (e.g. --inline-dma, for an A/B)."""
+    """`streamer_args`: extra options for every streamer process (e.g. --no-inline-dma, for an A/B)."""
     d = tempfile.mkdtemp(prefix="dvb")
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes

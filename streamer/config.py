@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MiB = 1 << 20
+CHECKSUM_POLICIES = ("remote", "all", "off")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,16 @@ class StreamerConfig:
     pin_memory: bool = True  # pin host pools when CUDA is present (no effect on CPU-only hosts)
     # Copies.
     buffered: bool = True  # default copy mode; False = one copy per contiguous piece (the ablation)
-    checksums: bool = True  # default for transfers that do not say
+    # Checksums of transfers that do not say (StreamRequest.checksum None):
+    #   "remote" - verify end to end where the bytes pass through software on their way: ZeroMQ frames and NCCL to
+    #              another streamer, and disk pools (memory-mapped files); trust local DMA and host memory copies
+    #              (GPU <-> GPU, GPU <-> pinned host, host <-> host) to the hardware (ECC memory, CRC-checked
+    #              NVLink / PCIe links);  "all" - every transfer;  "off" - none.
+    # Measured (2xH200, bench/results/streamer-2xh200-2026-11-27-s6.json): checksumming local layer-by-layer
+    # streaming slowed the stage's prompt pass by +12% to a peer GPU (the source digest is a kernel of this
+    # process on the stage's GPU) and +65% to pinned host (the CPU digest of every 31 MiB layer), against
+    # +0.8-1.4% unchecked - hence "remote". A request may always ask for checksums (checksum=True).
+    checksums: str = "remote"
     staging_bytes: int = 16 * MiB  # one staging buffer (per lane and device) = the chunk size of local copies
     staging_lanes: int = 3  # staging buffers / streams per device: chunk i+1 gathers while chunk i copies
     tcp_chunk_bytes: int = 8 * MiB  # chunk size of transfers over ZeroMQ
@@ -44,10 +54,10 @@ class StreamerConfig:
     # +8.3-9.0% with "device", hence the default.
     layer_wait: str = "host"
     # True: DMA-only copies (pool to pool 2-D blocks, no checksum, device or pinned memory on both ends) are
-    # enqueued by the event loop's thread itself instead of the GPU thread. The two thread hops cost ~230 us of
-    # a 330 us prompt-layer transfer to a peer GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json).
-    # Off until it has run on a GPU (bench/probe_dma.py A/Bs it); those calls never block.
-    inline_dma: bool = False
+    # enqueued by the event loop's thread itself instead of the GPU thread (those calls never block): no hop to
+    # the GPU thread and back, which cost 55 us each way and ~230 us of a 330 us prompt-layer transfer to a peer
+    # GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json and probe-dma-2xh200-2026-11-27-s6.json).
+    inline_dma: bool = True
     # Deadlines, seconds. Each error names the setting that governs it.
     transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
     peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer
@@ -82,6 +92,8 @@ class StreamerConfig:
             raise ValueError(f"tcp_chunk_bytes must be >= 4096, got {self.tcp_chunk_bytes}")
         if self.tcp_chunk_bytes > self.max_message_bytes:
             raise ValueError("tcp_chunk_bytes must not exceed max_message_bytes")
+        if self.checksums not in CHECKSUM_POLICIES:
+            raise ValueError(f"checksums must be one of {CHECKSUM_POLICIES}, got {self.checksums!r}")
         if self.layer_wait not in ("device", "host"):
             raise ValueError(f"layer_wait must be 'device' or 'host', got {self.layer_wait!r}")
         if self.copy_threads < 1:

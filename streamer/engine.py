@@ -150,7 +150,7 @@ def _read_cpu(src: Endpoint, idx: torch.Tensor, buffered: bool, check: bool,
 
 class Transfer:
     def __init__(self, rt: Runtime, owner: str, xfer: int, tag: str, src: Endpoint,
-                 routes: list[LocalRoute | RemoteRoute], *, layered: bool, checksum: bool, buffered: bool,
+                 routes: list[LocalRoute | RemoteRoute], *, layered: bool, checksum: bool | None, buffered: bool,
                  deadline_s: float, notify: list[str],
                  on_layer: Callable[[int, int, int], Awaitable[None]] | None = None) -> None:
         self.rt, self.owner, self.xfer, self.tag, self.src = rt, owner, xfer, tag, src
@@ -164,6 +164,18 @@ class Transfer:
         self.task: asyncio.Task[None] | None = None
         self.incarnation = 0  # the requester's (a dead process's transfers are told apart from its successor's)
         self.times: dict[int, list[float]] | None = None  # {} to record LayerTimes (StreamRequest.timeline)
+
+    def checks(self, r: LocalRoute | RemoteRoute) -> bool:
+        """Whether route `r`'s bytes are checksummed: as the request (or an "all"/"off" default) says, else by
+        the "remote" policy (StreamerConfig.checksums): remote routes and disk pools yes, local DMA no."""
+        if self.checksum is not None:
+            return self.checksum
+        return isinstance(r, RemoteRoute) or wire.POOL_DISK in (self.src.kind, r.dst.kind)
+
+    @property
+    def checksummed(self) -> bool:
+        """Every byte of this transfer verified (TransferDone.checksummed)."""
+        return all(self.checks(r) for r in self.routes)
 
     # ------------------------------------------------------------------ control from the service
 
@@ -285,22 +297,26 @@ class Transfer:
     async def _pipeline(self, groups: list[list[Chunk]], depth: int,
                         start: Callable[[list[Chunk]], Awaitable[list[Any]]],
                         settle: Callable[[Chunk, Any], Awaitable[None]],
-                        drain: Callable[[Any], Awaitable[None]] | None = None) -> None:
+                        drain: Callable[[Any], Awaitable[None]] | None = None,
+                        start_now: Callable[[list[Chunk]], list[Any] | None] | None = None) -> None:
         """Start groups of chunks in order (each once its layer is ready, at most `depth` groups unsettled; one
         `start` call per group returns one handle per chunk), settle chunks in order as they complete (so
         progress for layer l is reported the moment it lands, not when the window fills). On failure, whatever
-        was started but not settled is handed to `drain`."""
+        was started but not settled is handed to `drain`. `start_now`: starts a group right here when it can
+        (inline DMA: no task, no thread hop, nothing to shield) and returns its handles, else None."""
         if len(groups) == 1:  # one group (a decode step, a whole-region DMA): start, settle, no tasks
             await self._gate(max(c.layer for c in groups[0]))
-            job = asyncio.ensure_future(start(groups[0]))
-            try:
-                hs = await asyncio.shield(job)
-            except asyncio.CancelledError:  # enqueued work is drained, never dropped (as in the producer below)
-                with contextlib.suppress(Exception):
-                    hs = await job
-                    if drain is not None:
-                        await asyncio.shield(self._drain_all(drain, list(hs)))
-                raise
+            hs = start_now(groups[0]) if start_now is not None else None
+            if hs is None:
+                job = asyncio.ensure_future(start(groups[0]))
+                try:
+                    hs = await asyncio.shield(job)
+                except asyncio.CancelledError:  # enqueued work is drained, never dropped (as in the producer)
+                    with contextlib.suppress(Exception):
+                        hs = await job
+                        if drain is not None:
+                            await asyncio.shield(self._drain_all(drain, list(hs)))
+                    raise
             self._issued(groups[0])
             for k, (c, h) in enumerate(zip(groups[0], hs)):
                 try:
@@ -319,16 +335,18 @@ class Transfer:
             for g in groups:
                 await self._gate(max(c.layer for c in g))
                 await slots.acquire()
-                job = asyncio.ensure_future(start(g))
-                try:
-                    hs = await asyncio.shield(job)
-                except asyncio.CancelledError:
-                    # work handed to the GPU thread cannot be called back: let it finish being enqueued so
-                    # its handles are drained like the others, then stop
-                    with contextlib.suppress(Exception):
-                        hs = await job
-                        started.extend((c, h, False) for c, h in zip(g, hs))
-                    raise
+                hs = start_now(g) if start_now is not None else None
+                if hs is None:
+                    job = asyncio.ensure_future(start(g))
+                    try:
+                        hs = await asyncio.shield(job)
+                    except asyncio.CancelledError:
+                        # work handed to the GPU thread cannot be called back: let it finish being enqueued so
+                        # its handles are drained like the others, then stop
+                        with contextlib.suppress(Exception):
+                            hs = await job
+                            started.extend((c, h, False) for c, h in zip(g, hs))
+                        raise
                 started.extend((c, h, i == len(g) - 1) for i, (c, h) in enumerate(zip(g, hs)))
                 self._issued(g)
                 more.set()
@@ -372,6 +390,7 @@ class Transfer:
         if r.dst.is_host_pool:
             r.dst.begin_write(r.dst_region)
         direct = gpu and self.buffered and r.blocks is not None
+        check = self.checks(r)
         chunks = r.chunks if direct or r.blocks is None else \
             plan_chunks(r.src_region, self.src.layout.row_bytes, self.rt.config.staging_bytes, self.layered)
         # GPU: every chunk of a group is enqueued in one hop to the GPU thread; the device orders them (the
@@ -379,7 +398,7 @@ class Transfer:
         groups = group_chunks(chunks, self.layered, 64 if gpu else 1)
 
         def job(c: Chunk) -> MoveJob:
-            return MoveJob(self.src, r.dst, r.index, c, self.buffered, self.checksum,
+            return MoveJob(self.src, r.dst, r.index, c, self.buffered, check,
                            c.layer if self.src.is_cuda else None, r.blocks[c.index] if direct else None)
 
         async def start(g: list[Chunk]) -> list[Any]:
@@ -387,13 +406,16 @@ class Transfer:
                 return await mover.start_many([job(c) for c in g])
             return [await mover.start(job(c)) for c in g]
 
+        def start_now(g: list[Chunk]) -> list[Any] | None:
+            return mover.start_now([job(c) for c in g])
+
         async def settle(c: Chunk, h: Any) -> None:
             await mover.finish(h, self._left())
 
         async def drain(h: Any) -> None:  # device work must end before the memory it touches can go
             await mover.finish(h, self.rt.config.peer_timeout_s)
 
-        await self._pipeline(groups, 2 if gpu else 1, start, settle, drain)
+        await self._pipeline(groups, 2 if gpu else 1, start, settle, drain, start_now if gpu else None)
         if r.dst.is_host_pool:
             r.dst.commit_write(r.dst_region)
 
@@ -402,7 +424,7 @@ class Transfer:
     def _open(self, r: RemoteRoute, rseq: int, via: int, link: int) -> wire.RemoteOpen:
         lay = self.src.layout
         return wire.RemoteOpen(rseq, r.dst_pool, region_to_spec(r.dst_region), len(r.chunks),
-                               r.src_region.nbytes(lay), dtype_name(lay.dtype), lay.row_bytes, self.checksum, via,
+                               r.src_region.nbytes(lay), dtype_name(lay.dtype), lay.row_bytes, self.checks(r), via,
                                link, self.tag, list(self.notify), r.origin, r.origin_xfer)
 
     async def _remote(self, r: RemoteRoute) -> None:
@@ -503,9 +525,9 @@ class Transfer:
 
         gm, dev = self.rt.gpu, self.src.device.index
         h = await self.rt.on_gpu(lambda: nccl.enqueue_gather(
-            gm, self.src, gm.device_index(r.index, dev, "src")[c.r0: c.r1], c.rows, self.checksum, c.layer))
+            gm, self.src, gm.device_index(r.index, dev, "src")[c.r0: c.r1], c.rows, self.checks(r), c.layer))
         dg = None
-        if self.checksum:  # the digest travels with the announcement, so wait for the gather
+        if self.checks(r):  # the digest travels with the announcement, so wait for the gather
             await wait_event(h.event, self._left(), h.what, "transfer_timeout_s")
             dg = nccl.handle_digest(h, 0)
         async with link.lock:  # announce + enqueue atomically: both ranks see the same order
@@ -530,9 +552,9 @@ class Transfer:
             loop = asyncio.get_running_loop()
             buf = self.rt.send_buffers.acquire(c.rows * self.src.layout.row_bytes)
             data, dg = await loop.run_in_executor(self.rt.cpu_executor, _read_cpu, self.src, idx, self.buffered,
-                                                  self.checksum, buf)
+                                                  self.checks(r), buf)
             return data, dg, buf
-        h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, self.checksum, c.layer)
+        h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, self.checks(r), c.layer)
         data, dg = await self.rt.gpu.finish_read(h, self._left())
         return data, dg, None
 

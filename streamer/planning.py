@@ -17,9 +17,10 @@ from streamer.pools import PoolTable
 from streamer.regions import check_region, packed_rows, plan_chunks, region_from_spec
 
 
-def transfer_options(config: StreamerConfig, msg: wire.StreamRequest) -> tuple[bool, bool, float]:
-    """(checksum, buffered, deadline_s): the request's, or the streamer's defaults."""
-    check = config.checksums if msg.checksum is None else msg.checksum
+def transfer_options(config: StreamerConfig, msg: wire.StreamRequest) -> tuple[bool | None, bool, float]:
+    """(checksum, buffered, deadline_s): the request's, or the streamer's defaults. checksum None: decided per
+    route by the "remote" policy (engine.Transfer.checks)."""
+    check = msg.checksum if msg.checksum is not None else {"all": True, "off": False}.get(config.checksums)
     buffered = config.buffered if msg.buffered is None else msg.buffered
     deadline = msg.deadline_s if msg.deadline_s > 0 else config.transfer_timeout_s
     return check, buffered, deadline

@@ -40,7 +40,9 @@ class Pulls:
         self.waiters[(peer.name, pull)] = done
         failed = peer.expect(("pull", pull))
         src_region = region_from_spec(msg.region).sub_layers(*r.src_layers)
-        req = wire.PullRequest(pull, msg.src.pool, region_to_spec(src_region), dst.name, r.region, check, buffered,
+        # a pull's bytes come from another streamer: checksummed unless the request or an "off" default says no
+        req = wire.PullRequest(pull, msg.src.pool, region_to_spec(src_region), dst.name, r.region,
+                               True if check is None else check, buffered,
                                deadline, msg.tag, list(msg.notify), who.identity, pull)
         self.svc.spawn(self._wait(who, msg, peer, req, done, failed, deadline), f"pull-{pull}")
         return None

@@ -351,7 +351,7 @@ class StreamerService:
             for r in t.routes:
                 if isinstance(r, LocalRoute):
                     await self.delivered(r.dst, who.identity, t.xfer, t.tag, r.dst_region, t.notify)
-            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksum, t.timeline(),
+            answer = wire.TransferDone(t.xfer, t.tag, t.nbytes, seconds, t.checksummed, t.timeline(),
                                        time.monotonic() if t.times is not None else 0.0)
         finally:
             self.transfers.pop(key, None)

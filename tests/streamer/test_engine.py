@@ -332,3 +332,57 @@ def test_a_cuda_error_on_the_stage_event_fails_the_transfer_as_a_dead_peer() -> 
 def test_layer_wait_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="layer_wait"):
         StreamerConfig(name="h0", control_address="ipc://x", data_address="ipc://y", layer_wait="sometimes")
+
+
+@pytest.mark.parametrize(("policy", "asked", "want"), [
+    # (local pinned/shared host pool, local disk pool, remote): verified or not
+    ("remote", None, (False, True, True)),
+    ("all", None, (True, True, True)),
+    ("off", None, (False, False, False)),
+    ("remote", True, (True, True, True)),  # a request may always ask for checksums ...
+    ("all", False, (False, False, False)),  # ... or turn them off
+])
+def test_checksum_policy_by_route(policy: str, asked: bool | None, want: tuple[bool, bool, bool]) -> None:
+    """StreamerConfig.checksums decides for requests that do not say: "remote" verifies bytes that pass through
+    software on their way (frames or NCCL to a peer streamer, memory-mapped disk pools) and trusts local DMA
+    and memory copies; TransferDone.checksummed is true only when every route was verified."""
+    from streamer.engine import RemoteRoute
+    from streamer.movers import RouteIndex
+    from streamer.planning import transfer_options
+
+    e = Env(checksums=policy)
+    try:
+        lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
+
+        def ep(name: str, kind: int) -> Endpoint:
+            return Endpoint(name, kind, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "t")
+
+        src, host, disk = ep("s", wire.POOL_STAGE), ep("h", wire.POOL_SWAP), ep("d", wire.POOL_DISK)
+        region = Region.uniform((0,), (0, 2), 0, 4)
+        req = wire.StreamRequest(1, wire.PoolRef("s"), wire.RegionSpec([0], [0, 2], [[0, 4]]), [], checksum=asked)
+        check, _, _ = transfer_options(e.config, req)
+        assert check == ({"all": True, "off": False}.get(policy) if asked is None else asked)
+        remote = RemoteRoute(region, "h1", "p", region, RouteIndex(None, None), [])
+        routes = [local_route(src, region, host, region, 1 << 16, False),
+                  local_route(src, region, disk, region, 1 << 16, False), remote]
+        t = Transfer(e.rt, "test", 1, "", src, routes, layered=False, checksum=check, buffered=True,
+                     deadline_s=1.0, notify=[])
+        assert tuple(t.checks(r) for r in routes) == want
+        assert t.checksummed == all(want)
+        # a disk pool as the source counts too
+        assert Transfer(e.rt, "test", 2, "", disk, routes[:1], layered=False, checksum=check, buffered=True,
+                        deadline_s=1.0, notify=[]).checks(routes[0]) == (want[1] if asked is None else asked)
+    finally:
+        e.close()
+
+
+def test_checksum_policy_is_validated_and_set_from_the_command_line() -> None:
+    from streamer.__main__ import parse_args as parse_config
+
+    with pytest.raises(ValueError, match="checksums must be one of"):
+        StreamerConfig("h0", "ipc://a", "ipc://b", checksums="sometimes")
+    base = ["--name", "h0", "--control", "ipc://a", "--data", "ipc://b"]
+    assert parse_config(base).checksums == "remote" and parse_config(base).inline_dma
+    assert parse_config([*base, "--checksums", "all"]).checksums == "all"
+    assert parse_config([*base, "--no-checksums"]).checksums == "off"
+    assert not parse_config([*base, "--no-inline-dma"]).inline_dma

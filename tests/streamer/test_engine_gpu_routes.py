@@ -30,15 +30,27 @@ class GpuLikeEndpoint(Endpoint):
 
 
 class FakeGpuMover:
-    def __init__(self, fail_chunk: int | None = None, hold_chunk: int | None = None) -> None:
+    """inline: groups of DMA-only jobs start at once on the caller's thread (start_now), as GpuMover's inline_dma."""
+
+    def __init__(self, fail_chunk: int | None = None, hold_chunk: int | None = None, inline: bool = False) -> None:
         self.calls: list[list[int]] = []  # chunk indexes per start_many call (one hop each)
+        self.now: list[list[int]] = []  # chunk indexes per start_now call that started its group
         self.direct: list[bool] = []
         self.finished: list[int] = []
-        self.fail_chunk, self.hold_chunk = fail_chunk, hold_chunk
+        self.fail_chunk, self.hold_chunk, self.inline = fail_chunk, hold_chunk, inline
         self.release = asyncio.Event()
+
+    def start_now(self, jobs: list[MoveJob]) -> list[Any] | None:
+        if not (self.inline and all(j.blocks is not None and not j.checksum for j in jobs)):
+            return None
+        self.now.append([j.chunk.index for j in jobs])
+        return self._do(jobs)
 
     async def start_many(self, jobs: list[MoveJob]) -> list[Any]:
         self.calls.append([j.chunk.index for j in jobs])
+        return self._do(jobs)
+
+    def _do(self, jobs: list[MoveJob]) -> list[Any]:
         for j in jobs:
             self.direct.append(j.blocks is not None)
             if j.blocks is not None:
@@ -75,10 +87,12 @@ def _transfer(env: Env, src: Endpoint, region: Region, dst: Endpoint, layered: b
     return env.transfer(src, region, dst, region, layered=layered, checksum=False, on_layer=on_layer)
 
 
+@pytest.mark.parametrize("inline", [False, True], ids=["gpu-thread", "inline"])
 @pytest.mark.parametrize("layered", [False, True])
-def test_long_pieces_go_direct_in_one_hop_per_layer_or_route(layered: bool) -> None:
+def test_long_pieces_go_direct_in_one_hop_per_layer_or_route(layered: bool, inline: bool) -> None:
+    """Inline: the same groups, started at once by the loop (start_now) instead of by a hop (start_many)."""
     env = Env()
-    gpu = env.rt.gpu = FakeGpuMover()
+    gpu = env.rt.gpu = FakeGpuMover(inline=inline)
     lay, src, dst = _pools(1024)  # 1,000 tokens x 256 B = 250 KiB pieces: the direct path
     region = Region.uniform(range(3), (0, 4), 0, 1000)
     done: list[int] = []
@@ -95,7 +109,8 @@ def test_long_pieces_go_direct_in_one_hop_per_layer_or_route(layered: bool) -> N
     finally:
         env.close()
     assert all(gpu.direct) and done == [0, 1, 2, 3]
-    assert gpu.calls == ([[0], [1], [2], [3]] if layered else [[0]])  # direct chunks are whole layers
+    groups = [[0], [1], [2], [3]] if layered else [[0]]  # direct chunks are whole layers
+    assert (gpu.now, gpu.calls) == ((groups, []) if inline else ([], groups))
     assert torch.equal(packed(dst.flat.view(lay.dtype).view(lay.shape), lay, region),
                        packed(src.flat.view(lay.dtype).view(lay.shape), lay, region))
 
@@ -115,12 +130,15 @@ def test_short_pieces_take_staging_chunks_enqueued_together() -> None:
                        packed(src.flat.view(lay.dtype).view(lay.shape), lay, region))
 
 
-@pytest.mark.parametrize("layered", [False, True])
-def test_failed_chunk_fails_the_transfer_after_draining_what_was_enqueued(layered: bool) -> None:
+@pytest.mark.parametrize(("layered", "tokens", "inline"), [(False, 64, False), (True, 64, False), (True, 1024, True)],
+                         ids=["staged", "staged-layered", "direct-layered-inline"])
+def test_failed_chunk_fails_the_transfer_after_draining_what_was_enqueued(layered: bool, tokens: int,
+                                                                          inline: bool) -> None:
     env = Env()
-    gpu = env.rt.gpu = FakeGpuMover(fail_chunk=1)
-    lay, src, dst = _pools(64)
-    region = Region.uniform(range(4), (0, 4), 0, 64)  # 4 layers x 2 x 4 x 64 rows = 2,048 rows: 8 chunks
+    gpu = env.rt.gpu = FakeGpuMover(fail_chunk=1, inline=inline)
+    lay, src, dst = _pools(tokens)
+    # staged: 4 layers x 2 x 4 x 64 rows = 2,048 rows: 8 chunks; direct: one chunk per layer
+    region = Region.uniform(range(4), (0, 4), 0, min(tokens, 1000))
 
     async def go() -> None:
         t = _transfer(env, src, region, dst, layered)
@@ -134,14 +152,16 @@ def test_failed_chunk_fails_the_transfer_after_draining_what_was_enqueued(layere
         run(go, timeout=30)
     finally:
         env.close()
-    started = [i for call in gpu.calls for i in call]
+    started = [i for call in gpu.calls + gpu.now for i in call]
+    assert bool(gpu.now) == inline
     assert gpu.finished.count(1) == 2  # settled (it failed), then drained like everything started after it
     assert set(started) - {0, 1} <= set(gpu.finished[gpu.finished.index(1) + 1:])
 
 
-def test_cancel_while_waiting_for_the_device_drains_the_chunk() -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["gpu-thread", "inline"])
+def test_cancel_while_waiting_for_the_device_drains_the_chunk(inline: bool) -> None:
     env = Env()
-    gpu = env.rt.gpu = FakeGpuMover(hold_chunk=0)
+    gpu = env.rt.gpu = FakeGpuMover(hold_chunk=0, inline=inline)
     lay, src, dst = _pools(1024)
     region = Region.uniform(range(2), (0, 1), 0, 1000)  # one direct chunk: the single-group path
 
@@ -161,6 +181,7 @@ def test_cancel_while_waiting_for_the_device_drains_the_chunk() -> None:
     finally:
         env.close()
     assert gpu.finished == [0, 0]  # the settle that was cancelled, then the drain that waited for the device
+    assert len(gpu.now if inline else gpu.calls) == 1
 
 
 @pytest.mark.parametrize("inline", [True, False])
