@@ -155,12 +155,49 @@ async def main() -> None:
         await asyncio.gather(*(t.run() for t in ts))
         lib.sync()
         out[f"{name}_8_in_flight_preplanned_gbps"] = 8 * nbytes / (time.perf_counter() - t0) / 1e9
+    # a stream as the bench runs it (32 transfers, 8 in flight, each planned in its turn), inline DMA: its rate
+    # and the loop thread's CPU time per transfer, with completions polled while expected (the default), parked
+    # on waiter threads (a waiter's completion needs the GIL the busy loop holds), or always polled
+    lib.rt.gpu.inline_dma = True
+
+    async def stream(d: Any, n: int = 32, window: int = 8) -> tuple[float, float]:
+        gate = asyncio.Semaphore(window)
+
+        async def one() -> None:
+            async with gate:
+                await lib.transfer(src, region, d, region, True).run()
+
+        lib.sync()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        await asyncio.gather(*(one() for _ in range(n)))
+        lib.sync()
+        return n * nbytes / (time.perf_counter() - t0) / 1e9, (time.thread_time() - c0) / n * 1e6
+
+    import streamer.cuda_mover as cm
+
+    async def poll_wait(event: Any, timeout: float, what: str, setting: str) -> None:
+        while not event.query():
+            await asyncio.sleep(0)
+
+    spin = lib.rt.gpu.spin_s  # the default: polled for up to completion_spin_us when expected to end by then
+    for name, d in (("peer", dst), ("host", host)):
+        for label, spin_s, poll in (("", spin, False), ("_park", 0.0, False), ("_poll", 0.0, True)):
+            lib.rt.gpu.spin_s = spin_s  # "_park": every wait on a waiter thread (the earlier default)
+            if poll:  # "_poll": every wait polled by the loop, however long (an upper bound; burns a core)
+                cm.wait_event = poll_wait  # type: ignore[assignment]
+            try:
+                await stream(d)
+                runs = [await stream(d) for _ in range(5)]
+            finally:
+                cm.wait_event = cuda.wait_event
+                lib.rt.gpu.spin_s = spin
+            out[f"{name}_stream32_gbps{label}"] = sorted(r[0] for r in runs)[2]
+            out[f"{name}_stream32_loop_cpu_us_per_transfer{label}"] = sorted(r[1] for r in runs)[2]
     prof = cProfile.Profile()
     prof.enable()
-    await asyncio.gather(*(lib.transfer(src, region, dst, region, True).run() for _ in range(8)))
-    lib.sync()
+    await stream(dst)
     prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     await lib.close()
     print(json.dumps(out))
 

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--inline-dma", action=argparse.BooleanOptionalAction, default=True,
                    help="enqueue DMA-only copies on the event loop's thread (default); --no-inline-dma: every copy "
                         "on the GPU thread")
+    p.add_argument("--completion-spin-us", type=float, default=250.0,
+                   help="poll a local copy's completion from the event loop for up to this long when it should end by "
+                        "then (0: always wait on a waiter thread)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)
@@ -63,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             pin_memory=not a.no_pin, buffered=not a.naive, checksums="off" if a.no_checksums else a.checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
             window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
-            layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=a.inline_dma, peers=tuple(peers),
+            layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=a.inline_dma,
+            completion_spin_us=a.completion_spin_us, peers=tuple(peers),
             supervisor_address=a.supervisor)
     except ValueError as e:
         p.error(str(e))

@@ -158,7 +158,9 @@ async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, 
 
     for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
                              model_dir=args.model_dir, remote_too=not args.skip_e2e,
-                             streamer_args=() if args.inline_dma else ("--no-inline-dma",)):
+                             streamer_args=(() if args.inline_dma else ("--no-inline-dma",))
+                             + (("--completion-spin-us", str(args.completion_spin_us))
+                                if args.completion_spin_us is not None else ())):
         emit(rec, out)
 
 
@@ -171,7 +173,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     emit({"section": "meta", "device": args.device, "quick": args.quick, "gpus": ngpu,
           "gpu_name": torch.cuda.get_device_name(0) if on_gpu else platform.processor() or platform.machine(),
           "torch": torch.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-          "host": platform.node(), "inline_dma": args.inline_dma}, out)
+          "host": platform.node(), "inline_dma": args.inline_dma, "completion_spin_us": args.completion_spin_us}, out)
     if on_gpu:
         sizes = [1 * MiB, 16 * MiB, 256 * MiB] if args.quick else [1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB]
     else:
@@ -184,7 +186,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     stagings = [int(float(x) * MiB) for x in args.stagings.split(",")] if args.stagings else \
         ([16 * MiB] if on_gpu else [8 * MiB])
     for staging in stagings:
-        lib = Lib(on_gpu, staging_bytes=staging, inline_dma=args.inline_dma)
+        lib = Lib(on_gpu, staging_bytes=staging, inline_dma=args.inline_dma, spin_us=args.completion_spin_us)
         await lib.start()
         try:
             for shape in (GPU_SHAPES if on_gpu else CPU_SHAPES):
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="DMA-only copies enqueued on the event loop's thread (StreamerConfig.inline_dma, the "
                         "default), in the in-process operations and in every streamer process; --no-inline-dma: on "
                         "the GPU thread (the A/B)")
+    p.add_argument("--completion-spin-us", type=float, default=None,
+                   help="StreamerConfig.completion_spin_us for the operations and every streamer (default: its default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

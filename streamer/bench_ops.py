@@ -164,10 +164,11 @@ class Lib:
     """The streamer's movers and transfer engine over endpoints allocated here (no sockets, no IPC)."""
 
     def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host",
-                 inline_dma: bool = True) -> None:
+                 inline_dma: bool = True, spin_us: float | None = None) -> None:
+        extra = {} if spin_us is None else {"completion_spin_us": spin_us}
         self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
                                      staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait,
-                                     inline_dma=inline_dma)
+                                     inline_dma=inline_dma, **extra)  # type: ignore[arg-type]
         self.gpu_exec, self.cpu_exec = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.ctx = zmq.asyncio.Context()
         gm = None
@@ -176,7 +177,8 @@ class Lib:
             from streamer.cuda_mover import GpuMover
 
             gm = GpuMover(self.devices, staging_bytes, lanes, self.gpu_exec, self.cpu_exec,
-                          device_layer_waits=layer_wait == "device", inline_dma=inline_dma)
+                          device_layer_waits=layer_wait == "device", inline_dma=inline_dma,
+                          spin_s=self.config.completion_spin_us * 1e-6)
         peers = PeerNet(self.ctx, "bench", streamer_codec("bench", 0), 5.0, 1 << 30, {})
         self.rt = Runtime(self.config, CpuMover(self.cpu_exec, staging_bytes), gm, peers, self.cpu_exec,
                           self.on_gpu, None, set())

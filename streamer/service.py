@@ -82,7 +82,7 @@ class StreamerService:
 
             gpu = GpuMover(list(range(torch.cuda.device_count())), config.staging_bytes, config.staging_lanes,
                            gpu_executor, cpu_executor, device_layer_waits=config.layer_wait == "device",
-                           inline_dma=config.inline_dma)
+                           inline_dma=config.inline_dma, spin_s=config.completion_spin_us * 1e-6)
         nccl_links = None
         if self.cuda and config.nccl:
             from streamer import nccl

@@ -73,3 +73,90 @@ def test_an_event_that_never_fires_holds_one_waiter_thread_not_the_waits_behind_
         assert waiters.threads <= 2
 
     run(scenario)
+
+
+class CountingEvent(FakeEvent):
+    """Completes on its `after`-th query (device work the loop sees finish while it polls)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.queries, self.synced = after, 0, 0
+
+    def query(self) -> bool:
+        self.queries += 1
+        if self.queries >= self.after:
+            self.done.set()
+        return super().query()
+
+    def synchronize(self) -> None:
+        self.synced += 1
+        super().synchronize()
+
+
+def test_a_short_wait_is_polled_by_the_loop_without_a_waiter_thread() -> None:
+    """spin_s: the loop polls (one query per turn, other tasks running between) and never parks the wait."""
+    async def scenario() -> None:
+        ev = CountingEvent(after=5)
+        others = 0
+
+        async def other() -> None:
+            nonlocal others
+            while not ev.done.is_set():
+                others += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(other())
+        await wait_event(ev, 5.0, "chunk", "transfer_timeout_s", spin_s=10.0)  # type: ignore[arg-type]
+        await task
+        assert ev.queries == 5 and ev.synced == 0 and others >= 3
+
+    run(scenario)
+
+
+def test_a_wait_longer_than_the_spin_parks_on_a_waiter_thread() -> None:
+    async def scenario() -> None:
+        ev = CountingEvent(after=10**9)  # never seen done by a query
+        waiter = asyncio.ensure_future(wait_event(ev, 5.0, "chunk", "transfer_timeout_s", spin_s=0.002))  # type: ignore[arg-type]
+        while ev.synced == 0:  # polled ~2 ms, then handed to a thread blocked in synchronize()
+            await asyncio.sleep(0.001)
+        polled = ev.queries
+        await asyncio.sleep(0.01)
+        assert ev.queries == polled and not waiter.done()  # parked: the loop polls no more
+        ev.done.set()
+        await asyncio.wait_for(waiter, 5)
+
+    run(scenario)
+
+
+def test_the_mover_spins_only_for_copies_expected_to_end_within_the_spin() -> None:
+    import torch
+
+    from stages.kv_cache import PoolLayout
+    from streamer import wire
+    from streamer.cuda_mover import GpuMover
+    from streamer.endpoints import Endpoint
+
+    lay = PoolLayout(0, 1, 1, 4, 1, 4, torch.float32)
+
+    class Ep(Endpoint):
+        def __init__(self, name: str, device: str) -> None:
+            super().__init__(name, wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "t")
+            self._dev = torch.device(device)
+
+        @property
+        def device(self) -> torch.device:
+            return self._dev
+
+        @property
+        def is_cuda(self) -> bool:
+            return self._dev.type == "cuda"
+
+    g0, g0b, g1, host = Ep("a", "cuda:0"), Ep("b", "cuda:0"), Ep("c", "cuda:1"), Ep("h", "cpu")
+    mover = GpuMover([], 1 << 20, 1, None, None, spin_s=250e-6)  # type: ignore[arg-type]
+    MiB = 1 << 20
+    assert mover.spin_for(31 * MiB, g0, g1) == 250e-6  # a prompt layer to a peer GPU: ~0.1-0.2 ms
+    assert mover.spin_for(31 * MiB, g0, g0b) == 250e-6
+    assert mover.spin_for(MiB // 2, g0, host) == 250e-6  # a decode step's KV to pinned host
+    assert mover.spin_for(31 * MiB, g0, host) == 0.0  # a prompt layer over PCIe: ~0.6 ms, parked at once
+    assert mover.spin_for(500 * MiB, g0, g1) == 0.0
+    assert GpuMover([], 1 << 20, 1, None, None).spin_for(MiB, g0, g1) == 0.0  # type: ignore[arg-type]
