@@ -175,7 +175,7 @@ async def main() -> None:
 
     import streamer.cuda_mover as cm
 
-    async def poll_wait(event: Any, timeout: float, what: str, setting: str) -> None:
+    async def poll_wait(event: Any, timeout: float, what: str, setting: str, spin_s: float = 0.0) -> None:
         while not event.query():
             await asyncio.sleep(0)
 

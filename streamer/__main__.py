@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--inline-dma", action=argparse.BooleanOptionalAction, default=True,
                    help="enqueue DMA-only copies on the event loop's thread (default); --no-inline-dma: every copy "
                         "on the GPU thread")
-    p.add_argument("--completion-spin-us", type=float, default=250.0,
-                   help="poll a local copy's completion from the event loop for up to this long when it should end by "
-                        "then (0: always wait on a waiter thread)")
+    p.add_argument("--completion-spin-us", type=float, default=1000.0,
+                   help="poll a local copy's completion from the event loop for up to this long when the copy should "
+                        "take at most a quarter of it (0: always wait on a waiter thread)")
     p.add_argument("--peer", action="append", default=[], metavar="NAME=ADDRESS")
     p.add_argument("--supervisor", default="", help="supervisor endpoint (Hello + heartbeats)")
     a = p.parse_args(argv)

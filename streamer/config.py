@@ -58,11 +58,12 @@ class StreamerConfig:
     # the GPU thread and back, which cost 55 us each way and ~230 us of a 330 us prompt-layer transfer to a peer
     # GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json and probe-dma-2xh200-2026-11-27-s6.json).
     inline_dma: bool = True
-    # The loop polls for a local copy's completion for up to this long when the copy is expected to end by then
-    # (at a conservative rate for its path), before parking the wait on a waiter thread; 0 = never poll. A stream
-    # of 31 MiB prompt layers to a peer GPU: 336 GB/s polled vs 139 GB/s with waiter threads (2xH200,
-    # bench/results/probe-dma-2xh200-2026-11-27-s6.json). Costs one core of this process while it polls.
-    completion_spin_us: float = 250.0
+    # The loop polls for a local copy's completion for up to this long when the copy alone should take at most a
+    # quarter of it (at a conservative rate for its path; GpuMover.spin_for), before parking the wait on a waiter
+    # thread; 0 = never poll. A stream of 31 MiB prompt layers to a peer GPU: 336 GB/s polled vs 139 GB/s with
+    # waiter threads (2xH200, bench/results/probe-dma-2xh200-2026-11-27-s6.json). Polling costs this process's
+    # loop thread (one core) while it lasts, between its other work.
+    completion_spin_us: float = 1000.0
     # Deadlines, seconds. Each error names the setting that governs it.
     transfer_timeout_s: float = 60.0  # whole transfer, unless the request gives deadline_s
     peer_timeout_s: float = 3.0  # longest silence from a peer streamer while it owes an answer

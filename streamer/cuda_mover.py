@@ -144,15 +144,17 @@ class GpuMover:
         return job.blocks is not None and not job.checksum and job.src.async_dma and job.dst.async_dma
 
     def spin_for(self, nbytes: int, src: Endpoint, dst: Endpoint) -> float:
-        """The loop polls for a chunk's completion (up to spin_s) when its copy is expected to end within the
-        spin at a conservative rate for its path; longer ones park on a waiter thread at once."""
+        """The loop polls for a chunk's completion (up to spin_s) when its copy alone is expected to take at most
+        a quarter of the spin at a conservative rate for its path - the rest covers the copies queued ahead of it
+        when several are in flight (8 prompt layers in flight over 3 lanes wait up to ~3 copies); longer ones
+        park on a waiter thread at once."""
         if self.spin_s <= 0:
             return 0.0
         if src.is_cuda and dst.is_cuda:
             rate = _RATE_SAME_DEVICE if src.device == dst.device else _RATE_PEER
         else:
             rate = _RATE_HOST
-        return self.spin_s if nbytes / rate <= self.spin_s else 0.0
+        return self.spin_s if nbytes / rate <= self.spin_s / 4 else 0.0
 
     async def finish(self, handle: GpuHandle, timeout: float) -> None:
         try:

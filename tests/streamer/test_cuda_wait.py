@@ -152,11 +152,11 @@ def test_the_mover_spins_only_for_copies_expected_to_end_within_the_spin() -> No
             return self._dev.type == "cuda"
 
     g0, g0b, g1, host = Ep("a", "cuda:0"), Ep("b", "cuda:0"), Ep("c", "cuda:1"), Ep("h", "cpu")
-    mover = GpuMover([], 1 << 20, 1, None, None, spin_s=250e-6)  # type: ignore[arg-type]
+    mover = GpuMover([], 1 << 20, 1, None, None, spin_s=1e-3)  # type: ignore[arg-type]
     MiB = 1 << 20
-    assert mover.spin_for(31 * MiB, g0, g1) == 250e-6  # a prompt layer to a peer GPU: ~0.1-0.2 ms
-    assert mover.spin_for(31 * MiB, g0, g0b) == 250e-6
-    assert mover.spin_for(MiB // 2, g0, host) == 250e-6  # a decode step's KV to pinned host
+    assert mover.spin_for(31 * MiB, g0, g1) == 1e-3  # a prompt layer to a peer GPU: ~0.1-0.2 ms
+    assert mover.spin_for(31 * MiB, g0, g0b) == 1e-3
+    assert mover.spin_for(MiB // 2, g0, host) == 1e-3  # a decode step's KV to pinned host
     assert mover.spin_for(31 * MiB, g0, host) == 0.0  # a prompt layer over PCIe: ~0.6 ms, parked at once
     assert mover.spin_for(500 * MiB, g0, g1) == 0.0
     assert GpuMover([], 1 << 20, 1, None, None).spin_for(MiB, g0, g1) == 0.0  # type: ignore[arg-type]

@@ -386,7 +386,7 @@ def test_copy_settings_are_validated_and_set_from_the_command_line() -> None:
     assert parse_config([*base, "--checksums", "all"]).checksums == "all"
     assert parse_config([*base, "--no-checksums"]).checksums == "off"
     assert not parse_config([*base, "--no-inline-dma"]).inline_dma
-    assert parse_config(base).completion_spin_us == 250.0
+    assert parse_config(base).completion_spin_us == 1000.0
     assert parse_config([*base, "--completion-spin-us", "0"]).completion_spin_us == 0.0
     with pytest.raises(ValueError, match="completion_spin_us"):
         StreamerConfig("h0", "ipc://a", "ipc://b", completion_spin_us=-1.0)
