@@ -103,11 +103,13 @@ class Region:
             raise InvalidRequestError("a region needs one token range per slot and at least one slot")
         if len(set(self.slots)) != len(self.slots):
             raise InvalidRequestError(f"region names a slot twice: {self.slots}")
-        for s, (t0, t1) in zip(self.slots, self.tokens):
-            if not 0 <= s < layout.num_slots:
-                raise InvalidRequestError(f"region slot {s} outside [0, {layout.num_slots})")
-            if not 0 <= t0 <= t1 <= layout.max_seq_len:
-                raise InvalidRequestError(f"region tokens [{t0}, {t1}) outside [0, {layout.max_seq_len}]")
+        if min(self.slots) < 0 or max(self.slots) >= layout.num_slots:  # builtins first: this runs per transfer
+            bad = next(s for s in self.slots if not 0 <= s < layout.num_slots)
+            raise InvalidRequestError(f"region slot {bad} outside [0, {layout.num_slots})")
+        t = layout.max_seq_len
+        for t0, t1 in self.tokens:
+            if not 0 <= t0 <= t1 <= t:
+                raise InvalidRequestError(f"region tokens [{t0}, {t1}) outside [0, {t}]")
 
 
 def region_rows(layout: PoolLayout, region: Region, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -128,16 +130,21 @@ def region_rows(layout: PoolLayout, region: Region, device: torch.device | str =
     return rows if torch.device(device).type == "cpu" else rows.to(device)
 
 
-def region_pieces(layout: PoolLayout, region: Region) -> list[tuple[int, int]]:
-    """Contiguous byte runs (offset in the pool, nbytes) in packed order: one per (layer, K|V, slot)."""
-    region.check(layout)
+def region_pieces(layout: PoolLayout, region: Region, validate: bool = True) -> list[tuple[int, int]]:
+    """Contiguous byte runs (offset in the pool, nbytes) in packed order: one per (layer, K|V, slot) with
+    tokens. `validate=False`: the caller has checked the region against the layout already (the streamer plans
+    every transfer with this; host time per transfer is what limits a stream of short copies)."""
+    if validate:
+        region.check(layout)
     rb, s, t = layout.row_bytes, layout.num_slots, layout.max_seq_len
     a = region.layers[0] - layout.first_layer
-    out = []
+    per_slot = [((slot * t + t0) * rb, (t1 - t0) * rb) for slot, (t0, t1) in zip(region.slots, region.tokens)
+                if t1 > t0]
+    out: list[tuple[int, int]] = []
+    step = s * t * rb
     for lc in range(a * 2, (a + region.num_layers) * 2):
-        for slot, (t0, t1) in zip(region.slots, region.tokens):
-            if t1 > t0:
-                out.append(((lc * s * t + slot * t + t0) * rb, (t1 - t0) * rb))
+        base = lc * step
+        out.extend([(base + off, n) for off, n in per_slot])
     return out
 
 

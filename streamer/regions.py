@@ -216,8 +216,9 @@ def pair_blocks(src_layout: PoolLayout, src_region: Region, dst_layout: PoolLayo
     merge into one block: one prompt layer of a microbatch (K and V of every slot) is at most two blocks."""
     i, j = layers or (0, src_region.num_layers)
     a, b = src_region.layers[0], dst_region.layers[0]
-    ps = region_pieces(src_layout, src_region.sub_layers(a + i, a + j))  # empty slots are skipped on both sides
-    pd = region_pieces(dst_layout, dst_region.sub_layers(b + i, b + j))
+    # both regions were checked by check_compatible (local_route) before any blocks are made
+    ps = region_pieces(src_layout, src_region.sub_layers(a + i, a + j), validate=False)  # empty slots: skipped
+    pd = region_pieces(dst_layout, dst_region.sub_layers(b + i, b + j), validate=False)  # on both sides
     return [PairBlock(*m) for m in merge_runs([o for o, _ in ps], [o for o, _ in pd], [n for _, n in ps])]
 
 
