@@ -49,6 +49,8 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
     h = await client.stream(src, region, routes | dst=..., dst_region=..., layered=False, checksum=None,
                             buffered=None, deadline_s=0, tag="", notify=(), progress=False)
         who: normally the stage owning `src` (any client may move any pool). blocks: only to send the request.
+        checksum None: the streamer's policy (StreamerConfig.checksums, default "remote": verified when the bytes
+        go to another streamer or touch a disk pool, not for local DMA); True / False: this transfer's choice.
         src / dst: a pool name here, or PoolRef(pool, streamer=peer) - a remote destination is a push over the
         peer's data socket (TCP frames; NCCL GPU -> GPU across hosts); a remote *source* is a pull (the peer
         pushes back). Several routes split the region by layer among destinations (prompt -> token stages).

@@ -1,7 +1,9 @@
 """The CUDA mover: chunks of packed rows between GPU pools and host memory, on the streamer's own streams.
 
-Runs in the streamer process. Every CUDA call is made on the one GPU thread (`executor`); the event loop only
-polls completion events. Paths (buffered; the naive ablation replaces gather/copy/scatter by one
+Runs in the streamer process. CUDA calls are made on the one GPU thread (`executor`), except DMA-only chunks
+(pool-to-pool 2-D blocks without checksums), which the event loop's thread enqueues itself when inline_dma is on
+(the default; those calls never block). Completion: the loop polls a chunk's event while its copy is expected to
+end soon (completion_spin_us), else a waiter thread blocks on it (streamer/cuda.wait_event). Paths (buffered; the naive ablation replaces gather/copy/scatter by one
 cudaMemcpyAsync per contiguous piece):
 
     GPU a -> GPU a      gather (lane stream) -> scatter
