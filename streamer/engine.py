@@ -415,7 +415,9 @@ class Transfer:
         async def drain(h: Any) -> None:  # device work must end before the memory it touches can go
             await mover.finish(h, self.rt.config.peer_timeout_s)
 
-        await self._pipeline(groups, 2 if gpu else 1, start, settle, drain, start_now if gpu else None)
+        # only unchecked direct chunks can start inline (GpuMover.start_now); other groups skip the attempt
+        await self._pipeline(groups, 2 if gpu else 1, start, settle, drain,
+                             start_now if direct and not check else None)
         if r.dst.is_host_pool:
             r.dst.commit_write(r.dst_region)
 
