@@ -173,10 +173,10 @@ class Lib:
 
     def __init__(self, use_cuda: bool, staging_bytes: int = 8 * MiB, lanes: int = 3, layer_wait: str = "host",
                  inline_dma: bool = True, spin_us: float | None = None) -> None:
-        extra = {} if spin_us is None else {"completion_spin_us": spin_us}
         self.config = StreamerConfig("bench", "inproc://c", "inproc://d", staging_bytes=staging_bytes,
                                      staging_lanes=lanes, transfer_timeout_s=600.0, layer_wait=layer_wait,
-                                     inline_dma=inline_dma, **extra)  # type: ignore[arg-type]
+                                     inline_dma=inline_dma,
+                                     completion_spin_us=StreamerConfig.completion_spin_us if spin_us is None else spin_us)
         self.gpu_exec, self.cpu_exec = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         self.ctx = zmq.asyncio.Context()
         gm = None

@@ -311,10 +311,8 @@ class GpuMover:
         a device that is not current (CUDA programming guide, "Stream and Event Behavior"; only kernel launches
         and event records need the stream's device, and torch's record and wait switch to it themselves), so
         neither the device nor torch's current stream is switched (those context managers cost ~21 us)."""
-        if job.wait_layer is not None and self.device_layer_waits and job.src.is_cuda:
-            ev = job.src.layer_event(job.wait_layer)
-            if ev is not None:
-                st.wait_event(ev)
+        if job.src.is_cuda:
+            self.wait_source(st, job.src, job.wait_layer)  # torch's wait switches to the stream's device itself
         sp, dp = job.src.flat.data_ptr(), job.dst.flat.data_ptr()
         for b in job.blocks or ():
             copy_2d(dp + b.dst_off, b.dst_pitch, sp + b.src_off, b.src_pitch, b.width, b.height, kind, st)

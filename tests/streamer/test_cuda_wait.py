@@ -81,6 +81,7 @@ class CountingEvent(FakeEvent):
     def __init__(self, after: int) -> None:
         super().__init__()
         self.after, self.queries, self.synced = after, 0, 0
+        self.parked = threading.Event()  # set once a waiter thread blocks in synchronize()
 
     def query(self) -> bool:
         self.queries += 1
@@ -90,6 +91,7 @@ class CountingEvent(FakeEvent):
 
     def synchronize(self) -> None:
         self.synced += 1
+        self.parked.set()
         super().synchronize()
 
 
@@ -117,10 +119,11 @@ def test_a_wait_longer_than_the_spin_parks_on_a_waiter_thread() -> None:
     async def scenario() -> None:
         ev = CountingEvent(after=10**9)  # never seen done by a query
         waiter = asyncio.ensure_future(wait_event(ev, 5.0, "chunk", "transfer_timeout_s", spin_s=0.002))  # type: ignore[arg-type]
-        while ev.synced == 0:  # polled ~2 ms, then handed to a thread blocked in synchronize()
-            await asyncio.sleep(0.001)
+        # polled ~2 ms, then handed to a thread blocked in synchronize()
+        assert await asyncio.to_thread(ev.parked.wait, 5.0)
         polled = ev.queries
-        await asyncio.sleep(0.01)
+        for _ in range(20):  # loop turns: a wait still spinning would query on each
+            await asyncio.sleep(0)
         assert ev.queries == polled and not waiter.done()  # parked: the loop polls no more
         ev.done.set()
         await asyncio.wait_for(waiter, 5)
