@@ -20,7 +20,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from bus.messages import Msg
-from streamer import wire
+from streamer import trace, wire
 from streamer.cuda import wait_event
 from streamer.endpoints import Endpoint
 from streamer.engine import RemoteRoute, Transfer
@@ -96,6 +96,8 @@ class DataPlane:
         """Register the transfer now (in message order: rseq checks stay monotonic); answer at once, or - for an
         NCCL link whose receiving rank is still joining - once it is up."""
         link = None
+        if trace.ON:
+            trace.mark("rx_open", msg.rseq)
         try:
             t = self.incoming.open(peer, incarnation, msg)
             if msg.via == wire.VIA_NCCL:
@@ -119,6 +121,8 @@ class DataPlane:
             if msg.nchunks == 0 and self.incoming.applied(t, 0):
                 await self._committed(t)
             await self._answer(peer, wire.RemoteOpened(msg.rseq, True), msg_id)
+            if trace.ON:
+                trace.mark("tx_opened", msg.rseq)
 
         self.svc.spawn(answer(), f"open-{peer}-{msg.rseq}")
 
@@ -130,6 +134,8 @@ class DataPlane:
         return link
 
     def _chunk(self, peer: str, incarnation: int, msg_id: int, msg: wire.RemoteChunk, frames: list[Any]) -> None:
+        if trace.ON:
+            trace.mark("rx_chunk", msg.rseq, msg.chunk)
         try:
             t, d_idx = self.incoming.chunk(peer, incarnation, msg)
             if t.open.via == wire.VIA_FRAME:
@@ -149,6 +155,8 @@ class DataPlane:
 
     async def _apply_frame(self, t: Inbound, d_idx: Any, data: Any, msg: wire.RemoteChunk) -> None:
         dst, svc = t.dst, self.svc
+        if trace.ON:
+            trace.mark("apply", msg.rseq, msg.chunk)
         buffered = svc.config.buffered
         loop = asyncio.get_running_loop()
         if not dst.is_cuda:
@@ -169,18 +177,23 @@ class DataPlane:
         svc, link = self.svc, self._link(t.sender, t.open.link)
         gm = svc.rt.gpu
         rows = msg.rows[1] - msg.rows[0]
-        fut = asyncio.get_running_loop().run_in_executor(
-            svc.gpu_executor, lambda: nccl.enqueue_recv(gm, link, t.dst, gm.device_index(
-                RouteIndex(d_idx, None), link.device, "src"), rows, msg.checksum is not None))
+        blocks = nccl.long_pieces(d_idx, t.dst.layout.row_bytes)  # long pieces: scattered by DMA, no row map
+        fut = svc.rt.submit_gpu(lambda: nccl.enqueue_recv(
+            gm, link, t.dst, lambda: gm.device_index(RouteIndex(d_idx, None), link.device, "src"), rows,
+            msg.checksum is not None, blocks))
 
         async def finish() -> None:
             h = await fut
+            if trace.ON:
+                trace.mark("recv_enqueued", msg.rseq, msg.chunk)
             try:
                 await wait_event(h.event, svc.config.peer_timeout_s, h.what, "peer_timeout_s")
             except TransferTimeoutError:
                 await svc.rt.nccl.abort(link)  # a sender that stopped sending: abort, never wait forever
                 raise PeerDeadError(f"NCCL receive from {t.sender} did not complete within "
                                     f"{svc.config.peer_timeout_s:.1f}s (setting: peer_timeout_s)") from None
+            if trace.ON:
+                trace.mark("received", msg.rseq, msg.chunk)
             if msg.checksum is not None:
                 verify(msg.checksum, nccl.handle_digest(h, 1), f"NCCL chunk into {t.dst.name}")
 
@@ -204,6 +217,8 @@ class DataPlane:
                 await self._committed(t)
             ack = wire.RemoteChunkAck(msg.rseq, msg.chunk, True, committed)
         await self._answer(t.sender, ack, msg_id)
+        if trace.ON:
+            trace.mark("tx_ack", msg.rseq, msg.chunk)
 
     async def _committed(self, t: Inbound) -> None:
         o = t.open

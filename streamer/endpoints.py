@@ -38,20 +38,16 @@ class Endpoint:
         self.name, self.kind, self.layout, self.owner, self.path = name, kind, layout, owner, path
         self.flat = flat  # uint8 [nbytes], cpu or cuda
         self.rows = row_view(flat, layout)
+        # where the pool lives, fixed for its life (plain attributes: read several times per transfer, and a
+        # torch device property costs ~1 us each time)
+        self.device: torch.device = flat.device
+        self.is_cuda: bool = flat.device.type == "cuda"
         self.events = events or []  # GPU stage pools: interprocess "local layer j computed" events
         self.owner_alive = True
         self.pid = 0  # stage pools: the registering process (its exit is watched)
         self.filled = [0] * layout.num_slots  # host pools: tokens [0, filled) hold committed data
         self._release = release or []
         self.closed = False
-
-    @property
-    def device(self) -> torch.device:
-        return self.flat.device
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.flat.device.type == "cuda"
 
     @property
     def is_host_pool(self) -> bool:

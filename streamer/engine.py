@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -26,8 +27,8 @@ from typing import Any
 
 import torch
 
-from stages.kv_cache import Region
-from streamer import wire
+from stages.kv_cache import PoolLayout, Region
+from streamer import trace, wire
 from streamer.config import StreamerConfig
 from streamer.cuda import synchronize_async, wait_event
 from streamer.endpoints import Endpoint
@@ -88,12 +89,45 @@ def local_route(src: Endpoint, region: Region, dst: Endpoint, dst_region: Region
     index = RouteIndex.build(src, region, dst, dst_region)
     rb = src.layout.row_bytes
     if (src.is_cuda or dst.is_cuda) and direct_worthwhile(region, rb):
-        chunks = plan_direct(region, rb, max(chunk_bytes, DIRECT_CHUNK_BYTES), layered)
-        a = region.layers[0]
-        blocks = [pair_blocks(src.layout, region, dst.layout, dst_region, (c.completes[0] - a, c.completes[-1] + 1 - a))
-                  for c in chunks]
+        chunks, blocks = direct_plan(src.layout, region, dst.layout, dst_region, chunk_bytes, layered)
         return LocalRoute(region, dst, dst_region, index, chunks, blocks)
     return LocalRoute(region, dst, dst_region, index, plan_chunks(region, rb, chunk_bytes, layered))
+
+
+def direct_plan(src: PoolLayout, region: Region, dst: PoolLayout, dst_region: Region, chunk_bytes: int,
+                layered: bool) -> tuple[list[Chunk], list[list[PairBlock]]]:
+    """Chunks and pool-to-pool DMA blocks of a direct route (regions already checked). Planned once per region
+    *shape* - slots, token ranges, layer count, the two layouts - and moved to the route's layers by adding a
+    constant per side: every layer of a pool is laid out alike, so a stream of prompt layers (same slots, a new
+    layer each time) plans once. Planning was half of the loop's time per transfer in a stream of prompt
+    layers to a peer GPU (2xH200, bench/probe_remote.py)."""
+    chunks, blocks = _direct_shape(src, region.slots, region.tokens, dst, dst_region.slots, dst_region.tokens,
+                                   region.num_layers, chunk_bytes, layered)
+    ds, dd = region.layers[0] - src.first_layer, dst_region.layers[0] - dst.first_layer
+    if ds == 0 and dd == 0:
+        return list(chunks), [list(b) for b in blocks]
+    sb, db = ds * _layer_bytes(src), dd * _layer_bytes(dst)
+    return ([Chunk(c.index, c.r0, c.r1, c.layer + ds, tuple(x + ds for x in c.completes)) for c in chunks],
+            [[PairBlock(b.src_off + sb, b.src_pitch, b.dst_off + db, b.dst_pitch, b.width, b.height) for b in bs]
+             for bs in blocks])
+
+
+def _layer_bytes(layout: PoolLayout) -> int:
+    return 2 * layout.num_slots * layout.max_seq_len * layout.row_bytes  # K and V of every slot
+
+
+@functools.lru_cache(maxsize=4096)
+def _direct_shape(src: PoolLayout, slots: tuple[int, ...], tokens: tuple[tuple[int, int], ...], dst: PoolLayout,
+                  dst_slots: tuple[int, ...], dst_tokens: tuple[tuple[int, int], ...], layers: int, chunk_bytes: int,
+                  layered: bool) -> tuple[tuple[Chunk, ...], tuple[tuple[PairBlock, ...], ...]]:
+    """The direct plan of this shape with its layers starting at each pool's first layer."""
+    region = Region(slots, (src.first_layer, src.first_layer + layers), tokens)
+    dst_region = Region(dst_slots, (dst.first_layer, dst.first_layer + layers), dst_tokens)
+    chunks = plan_direct(region, src.row_bytes, max(chunk_bytes, DIRECT_CHUNK_BYTES), layered)
+    a = region.layers[0]
+    blocks = [pair_blocks(src, region, dst, dst_region, (c.completes[0] - a, c.completes[-1] + 1 - a))
+              for c in chunks]
+    return tuple(chunks), tuple(tuple(b) for b in blocks)
 
 
 def group_chunks(chunks: list[Chunk], layered: bool, most: int) -> list[list[Chunk]]:
@@ -121,6 +155,14 @@ class Runtime:
     nccl: Any = None  # NcclLinks | None
     no_nccl: set[tuple[str, str]] | None = None  # (peer, pool) that refused NCCL: use frames
     send_buffers: SendBuffers | None = None
+    gpu_executor: Executor | None = None  # the GPU thread (what `on_gpu` runs on): see `submit_gpu`
+
+    def submit_gpu(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Queue `fn` on the GPU thread *now* and return its future: work submitted in some order runs in that
+        order (one FIFO thread), which NCCL needs - both ranks of a link must post their operations in the
+        announced order - without holding a lock across the thread's round trip."""
+        assert self.gpu_executor is not None
+        return asyncio.get_running_loop().run_in_executor(self.gpu_executor, fn, *args)
 
     def __post_init__(self) -> None:
         if self.send_buffers is None:
@@ -449,6 +491,8 @@ class Transfer:
     async def _remote_via(self, r: RemoteRoute, peer: Any, link: Any) -> None:
         """Push the route to a peer streamer: frames (TCP) when `link` is None, else NCCL on `link`."""
         rseq = peer.next_rseq()
+        if trace.ON:
+            trace.mark("open", self.xfer, rseq)
         via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
         what, refused = f"open of transfer {rseq}", f"{r.peer} refused transfer into {r.dst_pool!r}"
         opened: asyncio.Future[Any] | None = None
@@ -462,6 +506,8 @@ class Transfer:
             opened = asyncio.ensure_future(peer.answer(fut, what))
         else:
             raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
+            if trace.ON:
+                trace.mark("opened", self.xfer, rseq)
         committed = not r.chunks
         pt = self.rt.config.peer_timeout_s
 
@@ -477,9 +523,15 @@ class Transfer:
         async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
             fut = peer.expect(("chunk", rseq, c.index))
             if link is None:
+                if trace.ON:
+                    trace.mark("read", self.xfer, rseq, c.index)
                 data, dg, buf = await self._read(r, c)
+                if trace.ON:
+                    trace.mark("framed", self.xfer, rseq, c.index)
                 await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], data.numel() * data.element_size(),
                                                  dg), [tensor_frame(data)])
+                if trace.ON:
+                    trace.mark("frame_sent", self.xfer, rseq, c.index)
                 return buf, fut
             return await self._nccl_start(r, c, peer, link, rseq), fut
 
@@ -494,7 +546,11 @@ class Transfer:
                     await self.rt.nccl.abort(link)  # never wait on NCCL forever: abort, the peer is gone
                     raise PeerDeadError(f"NCCL send to {r.peer} did not complete within {pt:.1f}s (setting: "
                                         f"peer_timeout_s); link {link.link_id} aborted") from None
+                if trace.ON:
+                    trace.mark("sent", self.xfer, rseq, c.index)
             answer = await peer.answer(fut, f"chunk {c.index} of transfer {rseq}")
+            if trace.ON:
+                trace.mark("acked", self.xfer, rseq, c.index)
             raise_if_refused(answer, f"{r.peer} rejected chunk {c.index} of transfer {rseq}")
             committed = bool(answer.committed)
             if link is None and held is not None:
@@ -523,18 +579,43 @@ class Transfer:
                 await self._abort_remote(peer, rseq)
 
     async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> Any:
+        """Gather chunk `c` on the source GPU (by DMA blocks when its pieces are long), announce it, send it.
+        Unchecked (the default for... every NCCL chunk but a checksummed one): the gather and the send go to the
+        GPU thread as one job, submitted right after the announcement under the link's lock - one thread hop per
+        chunk, and the lock is not held across it. Checked: the digest travels with the announcement, so the
+        gather completes first."""
         from streamer import nccl
 
         gm, dev = self.rt.gpu, self.src.device.index
-        h = await self.rt.on_gpu(lambda: nccl.enqueue_gather(
-            gm, self.src, gm.device_index(r.index, dev, "src")[c.r0: c.r1], c.rows, self.checks(r), c.layer))
-        dg = None
-        if self.checks(r):  # the digest travels with the announcement, so wait for the gather
-            await wait_event(h.event, self._left(), h.what, "transfer_timeout_s")
-            dg = nccl.handle_digest(h, 0)
-        async with link.lock:  # announce + enqueue atomically: both ranks see the same order
+        blocks = nccl.long_pieces(r.index.src[c.r0: c.r1], self.src.layout.row_bytes)
+
+        def s_idx() -> Any:  # GPU thread: the row map on the device, when the pieces are short
+            return gm.device_index(r.index, dev, "src")[c.r0: c.r1]
+
+        def gather() -> Any:
+            return nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks)
+
+        check = self.checks(r)
+        if trace.ON:
+            trace.mark("gather", self.xfer, rseq, c.index)
+        if not check:
+            async with link.lock:  # announce + submit atomically: both ranks see the same order
+                await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], c.rows * self.src.layout.row_bytes,
+                                                 None))
+                job = self.rt.submit_gpu(lambda: nccl.enqueue_send(link, gather()))
+            if trace.ON:
+                trace.mark("announced", self.xfer, rseq, c.index)
+            h = await job
+            if trace.ON:
+                trace.mark("send_enqueued", self.xfer, rseq, c.index)
+            return h
+        h = await self.rt.on_gpu(gather)
+        await wait_event(h.event, self._left(), h.what, "transfer_timeout_s")
+        dg = nccl.handle_digest(h, 0)
+        async with link.lock:
             await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], h.nbytes, dg))
-            return await self.rt.on_gpu(nccl.enqueue_send, link, h)
+            job = self.rt.submit_gpu(nccl.enqueue_send, link, h)
+        return await job
 
     async def _abort_remote(self, peer: Any, rseq: int) -> None:
         code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from streamer.cuda import completion_event, cupy, on_device, require_cuda
+from streamer.cuda import D2D, completion_event, copy_2d, cupy, on_device, require_cuda
 from streamer.cuda_mover import GpuHandle, GpuMover
 from streamer.endpoints import Endpoint
 from streamer.errors import PeerDeadError, TransportUnavailableError
 from streamer.integrity import checksum_parts, digest
+from streamer.regions import DIRECT_RUN_BYTES, Block, dma_blocks
 
 log = logging.getLogger(__name__)
 
@@ -163,19 +164,38 @@ class NcclLink:
             raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer}: {e}") from None
 
 
-def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx_dev: torch.Tensor, rows: int, check: bool,
-                   wait_layer: int | None) -> GpuHandle:
+def long_pieces(idx: torch.Tensor, row_bytes: int) -> list[Block] | None:
+    """The 2-D DMA blocks covering pool rows `idx` (CPU) when its contiguous pieces are long enough, on
+    average, for the copy engines (regions.DIRECT_RUN_BYTES: a prompt layer's pieces are thousands of rows);
+    None: gather or scatter with one index kernel instead. DMA blocks need no row map on the device (no upload
+    per chunk) and leave the GPU's SMs to the stage computing on it."""
+    blocks = dma_blocks(idx, row_bytes)
+    runs = sum(b.height for b in blocks)
+    return blocks if runs and idx.numel() * row_bytes >= DIRECT_RUN_BYTES * runs else None
+
+
+def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check: bool,
+                   wait_layer: int | None, blocks: list[Block] | None = None) -> GpuHandle:
     """GPU thread: gather the chunk on the source device into a buffer of its own (not a lane's: the send is
-    enqueued later, after other chunks may have used the lanes). `h.event` = gathered; `h.result` = buffer."""
+    enqueued later, after other chunks may have used the lanes) - by 2-D DMA blocks pool -> buffer when given
+    (`long_pieces`), else one index kernel over `s_idx()` (the route's row map on the device). `h.event` =
+    gathered; `h.result` = buffer."""
     a = src.device.index
     la = mover.lane(a)
     sa = la.stream
     h = GpuHandle(completion_event(), f"gather {src.name} ({rows} rows)", rows * src.layout.row_bytes,
-                  keep=[s_idx_dev, src.flat], lane=la)
+                  keep=[src.flat], lane=la)
     with on_device(a), torch.cuda.stream(sa):
         mover.wait_source(sa, src, wait_layer)
         packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
-        torch.index_select(src.rows, 0, s_idx_dev, out=packed)
+        if blocks is not None:
+            pp, sp = packed.data_ptr(), src.flat.data_ptr()
+            for b in blocks:
+                copy_2d(pp + b.packed_off, b.width, sp + b.pool_off, b.pitch, b.width, b.height, D2D, sa)
+        else:
+            idx = s_idx()
+            h.keep.append(idx)
+            torch.index_select(src.rows, 0, idx, out=packed)
         if check:
             h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
             h.parts[0].copy_(checksum_parts(packed), non_blocking=True)
@@ -198,17 +218,18 @@ def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
     return h
 
 
-def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx_dev: torch.Tensor, rows: int,
-                 check: bool) -> GpuHandle:
-    """GPU thread: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream. Must be
-    called in the order the sender announced its chunks (the data loop submits in message order to the FIFO
-    GPU thread)."""
+def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, rows: int,
+                 check: bool, blocks: list[Block] | None = None) -> GpuHandle:
+    """GPU thread: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream - by 2-D
+    DMA blocks buffer -> pool when given (`long_pieces`), else one index kernel over `d_idx()` (the row map on
+    the device). Must be called in the order the sender announced its chunks (the data loop submits in message
+    order to the FIFO GPU thread)."""
     link.check()
     b = link.device
     lb = mover.lane(b)
     nbytes = rows * dst.layout.row_bytes
     h = GpuHandle(completion_event(), f"NCCL recv from {link.peer} on link {link.link_id}", nbytes,
-                  keep=[d_idx_dev, dst.flat], lane=lb)
+                  keep=[dst.flat], lane=lb)
     with on_device(b):
         ls, sb = link.stream, lb.stream
         with torch.cuda.stream(ls):
@@ -221,7 +242,15 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx_dev: torc
             if check:
                 h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
                 h.parts[1].copy_(checksum_parts(packed), non_blocking=True)
-            dst.rows.index_copy_(0, d_idx_dev, packed)
+            if blocks is not None:
+                pp, dp = packed.data_ptr(), dst.flat.data_ptr()
+                for blk in blocks:
+                    copy_2d(dp + blk.pool_off, blk.pitch, pp + blk.packed_off, blk.width, blk.width, blk.height,
+                            D2D, sb)
+            else:
+                idx = d_idx()
+                h.keep.append(idx)
+                dst.rows.index_copy_(0, idx, packed)
         h.event.record(sb)
     h.keep.append(packed)
     return h

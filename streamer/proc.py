@@ -29,6 +29,7 @@ from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from streamer import trace
 from streamer.config import StreamerConfig
 from streamer.dataplane import DataPlane
 from streamer.peer import PeerNet
@@ -115,6 +116,7 @@ async def _main(config: StreamerConfig) -> int:
             log.error("[shutdown] releasing pools took over %.1fs (setting: shutdown_timeout_s)",
                       config.shutdown_timeout_s)
         peers.close()
+        trace.dump(config.name)
         control.close(0)
         data.close(0)
         gpu_exec.shutdown(wait=False, cancel_futures=True)

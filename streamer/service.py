@@ -22,7 +22,7 @@ import torch
 
 from bus.messages import ERR_BAD_MESSAGE, ErrorReply, Heartbeat, Msg
 from recovery.launch import alive
-from streamer import cuda, wire
+from streamer import cuda, trace, wire
 from streamer.config import StreamerConfig
 from streamer.endpoints import Endpoint
 from streamer.engine import LocalRoute, Runtime, Transfer, cancelled
@@ -90,7 +90,7 @@ class StreamerService:
             if nccl.nccl_ready():
                 nccl_links = nccl.NcclLinks(self.on_gpu, config.nccl_init_timeout_s)
         self.rt = Runtime(config, CpuMover(cpu_executor, config.staging_bytes), gpu, peers, cpu_executor,
-                          self.on_gpu, nccl_links, set())
+                          self.on_gpu, nccl_links, set(), gpu_executor=gpu_executor)
         self._handlers: dict[type, Callable[[Who, Any], Awaitable[Msg | None]]] = {
             wire.RegisterPool: self._register, wire.UnregisterPool: self._unregister, wire.AllocPool: self._alloc,
             wire.FreePool: self._free, wire.StreamRequest: self._stream, wire.LayerReady: self._layer_ready,
@@ -315,6 +315,8 @@ class StreamerService:
     # ------------------------------------------------------------------ transfers
 
     async def _stream(self, who: Who, msg: wire.StreamRequest) -> Msg | None:
+        if trace.ON:
+            trace.mark("request", msg.xfer)
         self._requests.accept(who.identity, who.incarnation, msg.xfer, "transfer")  # duplicates -> ErrorReply
         try:
             if msg.src.streamer not in ("", self.config.name):
@@ -325,6 +327,8 @@ class StreamerService:
         key = (who.identity, msg.xfer)
         t.incarnation = who.incarnation
         self.transfers[key] = t
+        if trace.ON:
+            trace.mark("planned", msg.xfer)
         t.task = self.spawn(self._execute(who, t, key), f"xfer-{who.identity}-{msg.xfer}")
         return None
 
@@ -356,6 +360,8 @@ class StreamerService:
         finally:
             self.transfers.pop(key, None)
         await self.outbox.control(who.identity, answer, who.msg_id)
+        if trace.ON:
+            trace.mark("answered", t.xfer)
 
     async def delivered(self, dst: Endpoint, sender: str, xfer: int, tag: str, region: Any, notify: list[str]) -> None:
         if dst.kind == wire.POOL_DISK:

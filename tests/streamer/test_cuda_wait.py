@@ -144,15 +144,8 @@ def test_the_mover_spins_only_for_copies_expected_to_end_within_the_spin() -> No
     class Ep(Endpoint):
         def __init__(self, name: str, device: str) -> None:
             super().__init__(name, wire.POOL_STAGE, lay, torch.zeros(lay.nbytes, dtype=torch.uint8), "t")
-            self._dev = torch.device(device)
-
-        @property
-        def device(self) -> torch.device:
-            return self._dev
-
-        @property
-        def is_cuda(self) -> bool:
-            return self._dev.type == "cuda"
+            self.device = torch.device(device)  # where it claims to live (no GPU here)
+            self.is_cuda = self.device.type == "cuda"
 
     g0, g0b, g1, host = Ep("a", "cuda:0"), Ep("b", "cuda:0"), Ep("c", "cuda:1"), Ep("h", "cpu")
     mover = GpuMover([], 1 << 20, 1, None, None, spin_s=1e-3)  # type: ignore[arg-type]

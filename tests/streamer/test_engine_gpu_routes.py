@@ -24,9 +24,9 @@ from tests.streamer.test_engine import Env
 class GpuLikeEndpoint(Endpoint):
     """A CPU endpoint the engine treats as a GPU pool (its memory stays in host RAM for the fake mover)."""
 
-    @property
-    def is_cuda(self) -> bool:
-        return True
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.is_cuda = True
 
 
 class FakeGpuMover:

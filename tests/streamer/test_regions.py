@@ -169,3 +169,32 @@ def test_routes_by_layer_split_prompt_among_token_stages() -> None:
     assert routes[1].dst == wire.PoolRef("t1", "h2") and routes[1].region.slots == [5, 6]
     with pytest.raises(BadRequestError):
         routes_by_layer(region, targets[:2])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_direct_plans_reused_across_layers_match_fresh_plans(seed: int) -> None:
+    """engine.direct_plan plans a region shape once and moves it to each route's layers: for random shapes, pool
+    layouts whose first layers differ, and layered or whole plans, the moved plan equals one made from scratch
+    for those exact layers (chunks, and blocks byte for byte) - asked in an order that warms the cache first
+    with other layers of the same shape."""
+    from streamer.engine import DIRECT_CHUNK_BYTES, direct_plan
+
+    rng = random.Random(seed)
+    lay = random_layout(rng, torch.bfloat16, first_layer=rng.randint(0, 4), num_layers=rng.randint(2, 6))
+    dlay = PoolLayout(rng.randint(0, 9), lay.num_layers + rng.randint(0, 3), lay.num_slots + rng.randint(0, 2),
+                      lay.max_seq_len + rng.randint(0, 5), lay.kv_heads, lay.head_dim, lay.dtype)
+    n = rng.randint(1, lay.num_layers)
+    shape = random_region(rng, lay, layers=(lay.first_layer, lay.first_layer + n))
+    dshape = random_region(rng, dlay, lens=[b - a for a, b in shape.tokens], layers=(dlay.first_layer, dlay.first_layer + n))
+    chunk_bytes, layered = rng.choice([1, DIRECT_CHUNK_BYTES]), rng.random() < 0.5
+    offsets = [(a, b) for a in range(lay.num_layers - n + 1) for b in range(dlay.num_layers - n + 1)]
+    rng.shuffle(offsets)
+    for da, db in offsets:
+        region = shape.sub_layers(lay.first_layer + da, lay.first_layer + da + n)
+        dst_region = dshape.sub_layers(dlay.first_layer + db, dlay.first_layer + db + n)
+        chunks, blocks = direct_plan(lay, region, dlay, dst_region, chunk_bytes, layered)
+        want = plan_direct(region, lay.row_bytes, max(chunk_bytes, DIRECT_CHUNK_BYTES), layered)
+        a = region.layers[0]
+        assert chunks == want
+        assert blocks == [pair_blocks(lay, region, dlay, dst_region, (c.completes[0] - a, c.completes[-1] + 1 - a))
+                          for c in want]
