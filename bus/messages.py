@@ -590,13 +590,27 @@ class RemoteOpened(Msg, tag=241):
 
 
 class RemoteChunk(Msg, tag=242):
-    """Rows [r0, r1) of the packed region. VIA_FRAME: the bytes follow as one frame."""
+    """Rows [r0, r1) of the packed region. VIA_FRAME: the bytes follow as one frame. VIA_NCCL: the sender has
+    posted (or is about to post) an ncclSend of `nbytes` on link `link`; the receiver posts exactly one matching
+    receive per such announcement, in announcement order - into a scratch buffer if it refuses the chunk
+    (unknown, refused or aborted transfer), so the link stays in step. `checksum` None on a checked NCCL
+    transfer: the digest follows in a RemoteChunkDigest (the send does not wait for it)."""
 
     rseq: int
     chunk: int
     rows: list[int]
     nbytes: int
     checksum: int | None = None
+    link: int = 0  # the NCCL link the bytes travel on (0: a frame follows)
+
+
+class RemoteChunkDigest(Msg, tag=249):
+    """Sender -> receiver: the source digest of NCCL chunk `chunk` of transfer `rseq`, sent once its gather is
+    done (the chunk's bytes are already on their way); the receiver acks the chunk only once it matches."""
+
+    rseq: int
+    chunk: int
+    checksum: int
 
 
 class RemoteChunkAck(Msg, tag=243):
@@ -669,7 +683,7 @@ CONTROL = (
 )
 DATA = (
     RemoteOpen, RemoteOpened, RemoteChunk, RemoteChunkAck, RemoteAbort, PullRequest, PullFailed, NcclOffer,
-    NcclAccepted,
+    NcclAccepted, RemoteChunkDigest,
 )
 STREAMER_MESSAGES: tuple[type[Msg], ...] = CONTROL + DATA
 

@@ -216,7 +216,10 @@ def summarize(out: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [r[key] for r in streamed if (r["dst"].endswith(" " + variant) if variant else " " not in r["dst"])]
         return max(rows, default=None)
 
+    e2e = [r["stream_fraction"] for r in out if r.get("section") == "e2e" and r["mode"] == "buffered"
+           and "stream_fraction" in r]
     return {"min_fraction_ge16mib": min(best.values(), default=None), "target_fraction": 0.9,
+            "min_e2e_stream_fraction": min(e2e, default=None),
             "worst_op_ge16mib": min(best, key=lambda k: best[k], default=None),
             "max_buffered_over_naive": max(speed, default=None),
             "max_streaming_overhead": worst("overhead"),

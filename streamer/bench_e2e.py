@@ -96,6 +96,22 @@ async def _time(c: StreamerClient, src: Any, region: Region, dst: Any, dst_regio
     return median(server), median(wall)
 
 
+async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, buffered: bool, count: int = 32,
+                  window: int = 8) -> float:
+    """Seconds for `count` transfers with `window` in flight, each of the next region in turn (a prompt pass
+    streamed layer by layer: a new layer each time), requested and waited for as a stage does."""
+    gate = asyncio.Semaphore(window)
+
+    async def one(k: int) -> None:
+        async with gate:
+            r = regions[k % len(regions)]
+            await (await c.stream(src, r, dst=dst, dst_region=r, buffered=buffered)).wait(120)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(k) for k in range(count)))
+    return time.perf_counter() - t0
+
+
 async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int) -> list[dict[str, Any]]:
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     lay = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16)
@@ -130,11 +146,18 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
                     ceil, frame = await ceiling_zmq_best(nbytes, repeats)
                 for buffered in (False, True):
                     server, wall = await _time(c0, "p", region, dst, region, buffered, repeats)
-                    out.append({"section": "e2e", "op": op, "path": path, "mode": "buffered" if buffered else "naive",
-                                "bytes": nbytes, "gbps": gbps(nbytes, server), "wall_gbps": gbps(nbytes, wall),
-                                "wall_us": wall * 1e6, "ceiling": ceiling, "ceiling_gbps": ceil,
-                                "ceiling_frame_bytes": frame,
-                                "fraction": gbps(nbytes, server) / ceil})
+                    row = {"section": "e2e", "op": op, "path": path, "mode": "buffered" if buffered else "naive",
+                           "bytes": nbytes, "gbps": gbps(nbytes, server), "wall_gbps": gbps(nbytes, wall),
+                           "wall_us": wall * 1e6, "ceiling": ceiling, "ceiling_gbps": ceil,
+                           "ceiling_frame_bytes": frame, "fraction": gbps(nbytes, server) / ceil}
+                    if op == "prompt_layer":  # a stream of layers, 8 in flight: the rate a prompt pass sustains
+                        layer_regions = [region.sub_layers(k, k + 1) for k in range(layers)]
+                        await _stream(c0, "p", layer_regions, dst, buffered, count=8)  # warm-up
+                        secs = median([await _stream(c0, "p", layer_regions, dst, buffered)
+                                       for _ in range(max(1, repeats // 2))])
+                        row.update(stream_gbps=gbps(32 * nbytes, secs), stream_transfers=32, in_flight=8,
+                                   stream_fraction=gbps(32 * nbytes, secs) / ceil)
+                    out.append(row)
     finally:
         if pair is not None:
             pair.close()

@@ -40,7 +40,7 @@ from streamer.endpoints import Endpoint
 from streamer.errors import TransferTimeoutError
 from streamer.integrity import checksum_parts, digest, verify
 from streamer.movers import MoveJob, RouteIndex
-from streamer.regions import common_runs, dma_blocks
+from streamer.regions import common_runs, dma_blocks, long_blocks
 
 
 class Lane:
@@ -84,6 +84,7 @@ class GpuHandle:
     keep: list[Any] = field(default_factory=list)  # everything the device work touches stays alive until done
     lane: Lane | None = None
     spin_s: float = 0.0  # how long the loop polls for completion before parking the wait on a thread
+    gathered: Any = None  # NCCL sends: the gather's event (its digest is read once it completes)
 
 
 # Conservative copy rates (bytes/s) for guessing how long a chunk's device work takes (GpuMover.spin_for): lower
@@ -421,8 +422,16 @@ class GpuMover:
         out = torch.empty((r1 - r0) * rb, dtype=torch.uint8, pin_memory=True)
         h = GpuHandle(completion_event(), f"{src.name} rows [{r0}, {r1}) -> host", out.numel(), result=out, lane=la,
                       keep=[src.flat])
+        blocks = long_blocks(index.src[r0:r1], rb) if buffered and not check else None
         with on_device(a), torch.cuda.stream(sa):
             self.wait_source(sa, src, wait_layer)
+            if blocks is not None:  # long pieces: DMA blocks from the pool straight into the pinned buffer
+                sp, op = src.flat.data_ptr(), out.data_ptr()
+                for blk in blocks:
+                    curt.memcpy2DAsync(op + blk.packed_off, blk.width, sp + blk.pool_off, blk.pitch, blk.width,
+                                       blk.height, D2H, sa.cuda_stream)
+                h.event.record(sa)
+                return h
             s_idx = self.device_index(index, a, "src")[r0:r1]
             if buffered:
                 la.use(sa)

@@ -37,7 +37,7 @@ from streamer.incoming import Inbound, Incoming
 from streamer.integrity import checksum, verify
 from streamer.movers import RouteIndex, scatter_cpu
 from streamer.peer import frame_tensor
-from streamer.regions import check_region, packed_rows, plan_chunks, region_from_spec
+from streamer.regions import check_region, long_blocks, packed_rows, plan_chunks, region_from_spec
 from streamer.service import StreamerService
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class DataPlane:
     def __init__(self, svc: StreamerService) -> None:
         self.svc = svc
         self.incoming = Incoming(svc.pools.get)
+        self._digests: dict[tuple[str, int, int], asyncio.Future[int]] = {}  # (sender, rseq, chunk): NCCL digests
         svc.pool_dropped.append(self._pool_dropped)
 
     def _pool_dropped(self, ep: Endpoint) -> None:
@@ -70,6 +71,8 @@ class DataPlane:
                 self._open(peer, incarnation, msg_id, body)
             elif isinstance(body, wire.RemoteChunk):
                 self._chunk(peer, incarnation, msg_id, body, frames)
+            elif isinstance(body, wire.RemoteChunkDigest):
+                self._digest_arrived(peer, body)
             elif isinstance(body, wire.RemoteAbort):
                 if self.incoming.abort(peer, body.rseq) is not None:
                     log.info("[stream] %s aborted transfer %s: %s", peer, body.rseq, body.reason)
@@ -86,6 +89,8 @@ class DataPlane:
         """Periodic (the shell's janitor): forget incoming transfers whose sender went silent for longer than
         any transfer may take."""
         cfg = self.svc.config
+        for k in [k for k, f in self._digests.items() if f.done() and k[:2] not in self.incoming.open_transfers]:
+            del self._digests[k]  # a digest that came for a chunk nobody waits for any more
         for t in self.incoming.sweep(cfg.transfer_timeout_s + cfg.peer_timeout_s):
             log.warning("[stream] incoming transfer %s from %s abandoned by its sender; discarded", t.open.rseq,
                         t.sender)
@@ -148,10 +153,58 @@ class DataPlane:
             else:
                 work = self._apply_nccl(t, d_idx, msg)
         except StreamerError as e:
+            if msg.link:  # the sender has posted this chunk's send: receive it anyway, so the link stays in step
+                self._discard_nccl(peer, msg)
             self.svc.spawn(self._answer(peer, wire.RemoteChunkAck(msg.rseq, msg.chunk, False, False, e.code, str(e)),
                                         msg_id), "nack")
             return
         self.svc.spawn(self._ack_after(t, msg, msg_id, work), f"chunk-{peer}-{msg.rseq}-{msg.chunk}")
+
+    def _discard_nccl(self, peer: str, msg: wire.RemoteChunk) -> None:
+        """Post the receive of a refused NCCL chunk into scratch (in message order, like every receive); a link
+        that is gone, or an absurd size, aborts instead - the sender's send then fails within its deadline."""
+        from streamer import nccl
+
+        svc = self.svc
+        links = svc.rt.nccl
+        link = links.receiving.get((peer, msg.link)) if links is not None else None
+        if link is None or link.dead or link.comm is None:
+            return
+        if not 0 < msg.nbytes <= nccl.DISCARD_MAX_BYTES:
+            svc.spawn(links.abort(link), f"nccl-abort-{peer}-{msg.link}")
+            return
+        job = svc.rt.submit_gpu(nccl.enqueue_discard, link, msg.nbytes)
+
+        async def finish() -> None:
+            try:
+                h = await job
+                await wait_event(h.event, svc.config.peer_timeout_s, h.what, "peer_timeout_s")
+            except Exception as e:  # noqa: BLE001 - the link is out of step or dead: abort it
+                log.warning("[stream] discarding chunk %s of %s from %s on NCCL link %s: %s", msg.chunk, msg.rseq,
+                            peer, msg.link, e)
+                await links.abort(link)
+
+        svc.spawn(finish(), f"nccl-discard-{peer}-{msg.rseq}-{msg.chunk}")
+
+    def _digest_arrived(self, peer: str, msg: wire.RemoteChunkDigest) -> None:
+        if (peer, msg.rseq) not in self.incoming.open_transfers:
+            return  # aborted, refused or already failed: nothing waits for it
+        fut = self._digests.setdefault((peer, msg.rseq, msg.chunk), asyncio.get_running_loop().create_future())
+        if not fut.done():
+            fut.set_result(msg.checksum)
+
+    async def _digest(self, peer: str, rseq: int, chunk: int) -> int:
+        """The source digest of an NCCL chunk that travels after its bytes (wire.RemoteChunkDigest)."""
+        key = (peer, rseq, chunk)
+        fut = self._digests.setdefault(key, asyncio.get_running_loop().create_future())
+        t = self.svc.config.peer_timeout_s
+        try:
+            return await asyncio.wait_for(fut, t)
+        except TimeoutError:
+            raise PeerDeadError(f"{peer} sent no digest for chunk {chunk} of transfer {rseq} within {t:.1f}s "
+                                f"(setting: peer_timeout_s)") from None
+        finally:
+            self._digests.pop(key, None)
 
     async def _apply_frame(self, t: Inbound, d_idx: Any, data: Any, msg: wire.RemoteChunk) -> None:
         dst, svc = t.dst, self.svc
@@ -175,12 +228,16 @@ class DataPlane:
         from streamer import nccl
 
         svc, link = self.svc, self._link(t.sender, t.open.link)
+        if msg.link != link.link_id:
+            raise BadRequestError(f"chunk {msg.chunk} of transfer {msg.rseq} announced on NCCL link {msg.link}, "
+                                  f"opened on {link.link_id}")
         gm = svc.rt.gpu
         rows = msg.rows[1] - msg.rows[0]
-        blocks = nccl.long_pieces(d_idx, t.dst.layout.row_bytes)  # long pieces: scattered by DMA, no row map
+        check = t.open.checksum or msg.checksum is not None
+        blocks = long_blocks(d_idx, t.dst.layout.row_bytes)  # long pieces: scattered by DMA, no row map
         fut = svc.rt.submit_gpu(lambda: nccl.enqueue_recv(
-            gm, link, t.dst, lambda: gm.device_index(RouteIndex(d_idx, None), link.device, "src"), rows,
-            msg.checksum is not None, blocks))
+            gm, link, t.dst, lambda: gm.device_index(RouteIndex(d_idx, None), link.device, "src"), rows, check,
+            blocks))
 
         async def finish() -> None:
             h = await fut
@@ -194,8 +251,10 @@ class DataPlane:
                                     f"{svc.config.peer_timeout_s:.1f}s (setting: peer_timeout_s)") from None
             if trace.ON:
                 trace.mark("received", msg.rseq, msg.chunk)
-            if msg.checksum is not None:
-                verify(msg.checksum, nccl.handle_digest(h, 1), f"NCCL chunk into {t.dst.name}")
+            if check:
+                expected = msg.checksum if msg.checksum is not None else await self._digest(t.sender, msg.rseq,
+                                                                                             msg.chunk)
+                verify(expected, nccl.handle_digest(h, 1), f"NCCL chunk into {t.dst.name}")
 
         return finish()
 

@@ -48,6 +48,7 @@ from streamer.regions import (
     check_compatible,
     direct_worthwhile,
     dtype_name,
+    long_blocks,
     pair_blocks,
     plan_chunks,
     plan_direct,
@@ -496,16 +497,19 @@ class Transfer:
         via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
         what, refused = f"open of transfer {rseq}", f"{r.peer} refused transfer into {r.dst_pool!r}"
         opened: asyncio.Future[Any] | None = None
-        if link is None:
-            # Frames: the chunks follow the open at once, without waiting a round trip for its answer. The peer
-            # registers (or refuses) the open before it reads the next message from us, so a chunk never meets
-            # an unknown transfer unless the open was refused - and that refusal is checked before any chunk's
-            # ack counts. NCCL waits for the answer: both ranks must agree on a transfer before a send is posted.
+        if link is None or link.confirmed:
+            # The chunks follow the open at once, without waiting a round trip for its answer. The peer registers
+            # (or refuses) the open before it reads the next message from us, so a chunk never meets an unknown
+            # transfer unless the open was refused - and that refusal is checked before any chunk's ack counts.
+            # NCCL: a refused transfer's announced chunks are still received (into scratch) by the peer, so the
+            # link stays in step (wire.RemoteChunk); only a link's first transfer waits for the answer, which
+            # also says the peer's rank is up.
             fut = peer.expect(("open", rseq))
             await peer.send(self._open(r, rseq, via, link_id))
             opened = asyncio.ensure_future(peer.answer(fut, what))
         else:
             raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
+            link.confirmed = True
             if trace.ON:
                 trace.mark("opened", self.xfer, rseq)
         committed = not r.chunks
@@ -579,43 +583,41 @@ class Transfer:
                 await self._abort_remote(peer, rseq)
 
     async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> Any:
-        """Gather chunk `c` on the source GPU (by DMA blocks when its pieces are long), announce it, send it.
-        Unchecked (the default for... every NCCL chunk but a checksummed one): the gather and the send go to the
-        GPU thread as one job, submitted right after the announcement under the link's lock - one thread hop per
-        chunk, and the lock is not held across it. Checked: the digest travels with the announcement, so the
-        gather completes first."""
+        """Announce chunk `c`, then gather it on the source GPU (by DMA blocks when its pieces are long) and send
+        it: the gather and the send go to the GPU thread as one job, submitted under the link's lock right after
+        the announcement (the thread is FIFO, so both ranks see the same order without the lock being held across
+        the thread's round trip). A checked chunk's digest follows in its own message once the gather is done;
+        the bytes do not wait for it."""
         from streamer import nccl
 
-        gm, dev = self.rt.gpu, self.src.device.index
-        blocks = nccl.long_pieces(r.index.src[c.r0: c.r1], self.src.layout.row_bytes)
+        gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
+        check = self.checks(r)
+        blocks = long_blocks(r.index.src[c.r0: c.r1], rb)
 
         def s_idx() -> Any:  # GPU thread: the row map on the device, when the pieces are short
             return gm.device_index(r.index, dev, "src")[c.r0: c.r1]
 
-        def gather() -> Any:
-            return nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks)
-
-        check = self.checks(r)
         if trace.ON:
             trace.mark("gather", self.xfer, rseq, c.index)
-        if not check:
-            async with link.lock:  # announce + submit atomically: both ranks see the same order
-                await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], c.rows * self.src.layout.row_bytes,
-                                                 None))
-                job = self.rt.submit_gpu(lambda: nccl.enqueue_send(link, gather()))
-            if trace.ON:
-                trace.mark("announced", self.xfer, rseq, c.index)
-            h = await job
-            if trace.ON:
-                trace.mark("send_enqueued", self.xfer, rseq, c.index)
-            return h
-        h = await self.rt.on_gpu(gather)
-        await wait_event(h.event, self._left(), h.what, "transfer_timeout_s")
-        dg = nccl.handle_digest(h, 0)
         async with link.lock:
-            await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], h.nbytes, dg))
-            job = self.rt.submit_gpu(nccl.enqueue_send, link, h)
-        return await job
+            await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], c.rows * rb, None, link.link_id))
+            job = self.rt.submit_gpu(lambda: nccl.enqueue_send(
+                link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks)))
+        if trace.ON:
+            trace.mark("announced", self.xfer, rseq, c.index)
+        try:
+            h = await job
+        except BaseException:
+            # announced but not sent: the peer's receive for it would never complete, so the link is out of step
+            if not link.dead:
+                await asyncio.shield(self.rt.nccl.abort(link))
+            raise
+        if trace.ON:
+            trace.mark("send_enqueued", self.xfer, rseq, c.index)
+        if check:
+            await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
+            await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
+        return h
 
     async def _abort_remote(self, peer: Any, rseq: int) -> None:
         code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL

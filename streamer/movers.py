@@ -105,25 +105,38 @@ def copy_rows_cpu(src: Endpoint, dst: Endpoint, s_idx: torch.Tensor, d_idx: torc
         verify(expected, checksum(dst.rows.index_select(0, d_idx)), f"{src.name} -> {dst.name}")
 
 
+def _runs_if_long(idx: torch.Tensor, row_bytes: int, buffered: bool) -> list[list[int]] | None:
+    """The contiguous pieces (pool row, -, rows) to copy one by one: always when naive, and when buffered if
+    they are long (LONG_RUN_BYTES on average) - a memcpy per long piece runs at the memory's speed where an
+    index kernel over every row does not (CPU box: 10.2 vs 4.6 GB/s gathering a prompt layer, 10.2 vs 8.5
+    scattering it). None: one index kernel."""
+    runs = common_runs(idx, idx)
+    if buffered and idx.numel() * row_bytes < LONG_RUN_BYTES * runs.shape[0]:
+        return None
+    return runs.tolist()
+
+
 def gather_cpu(src: Endpoint, s_idx: torch.Tensor, buffered: bool, buf: torch.Tensor) -> torch.Tensor:
     """The packed rows, gathered into `buf` (uint8, large enough): the bytes of a frame leaving the process."""
     words = src.rows.shape[1]
     out = buf[: s_idx.numel() * words * src.rows.element_size()].view(src.rows.dtype).view(-1, words)
-    if buffered:
+    runs = _runs_if_long(s_idx, src.layout.row_bytes, buffered)
+    if runs is None:
         return torch.index_select(src.rows, 0, s_idx, out=out)
     at = 0
-    for s, _, k in common_runs(s_idx, s_idx).tolist():
+    for s, _, k in runs:
         out[at: at + k].copy_(src.rows[s: s + k])
         at += k
     return out
 
 
 def scatter_cpu(dst: Endpoint, d_idx: torch.Tensor, packed: torch.Tensor, buffered: bool) -> None:
-    if buffered:
+    runs = _runs_if_long(d_idx, dst.layout.row_bytes, buffered)
+    if runs is None:
         dst.rows.index_copy_(0, d_idx, packed)
         return
     at = 0
-    for _, d, k in common_runs(d_idx, d_idx).tolist():
+    for _, d, k in runs:
         dst.rows[d: d + k].copy_(packed[at: at + k])
         at += k
 

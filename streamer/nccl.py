@@ -28,7 +28,7 @@ from streamer.cuda_mover import GpuHandle, GpuMover
 from streamer.endpoints import Endpoint
 from streamer.errors import PeerDeadError, TransportUnavailableError
 from streamer.integrity import checksum_parts, digest
-from streamer.regions import DIRECT_RUN_BYTES, Block, dma_blocks
+from streamer.regions import Block
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class NcclLink:
         self.comm: Any = None
         self.dead = False
         self.closed = False  # aborted on purpose (abort_link): an operation that fails now is stale, not a fault
+        self.confirmed = False  # sender: a transfer was accepted on it, so the peer's rank is up (no open waits)
         self.lock = asyncio.Lock()  # sender: enqueue + announce each chunk atomically (same order both sides)
         with on_device(device):
             self.stream = torch.cuda.Stream(device)
@@ -164,21 +165,11 @@ class NcclLink:
             raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer}: {e}") from None
 
 
-def long_pieces(idx: torch.Tensor, row_bytes: int) -> list[Block] | None:
-    """The 2-D DMA blocks covering pool rows `idx` (CPU) when its contiguous pieces are long enough, on
-    average, for the copy engines (regions.DIRECT_RUN_BYTES: a prompt layer's pieces are thousands of rows);
-    None: gather or scatter with one index kernel instead. DMA blocks need no row map on the device (no upload
-    per chunk) and leave the GPU's SMs to the stage computing on it."""
-    blocks = dma_blocks(idx, row_bytes)
-    runs = sum(b.height for b in blocks)
-    return blocks if runs and idx.numel() * row_bytes >= DIRECT_RUN_BYTES * runs else None
-
-
 def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check: bool,
                    wait_layer: int | None, blocks: list[Block] | None = None) -> GpuHandle:
     """GPU thread: gather the chunk on the source device into a buffer of its own (not a lane's: the send is
     enqueued later, after other chunks may have used the lanes) - by 2-D DMA blocks pool -> buffer when given
-    (`long_pieces`), else one index kernel over `s_idx()` (the route's row map on the device). `h.event` =
+    (regions.long_blocks), else one index kernel over `s_idx()` (the route's row map on the device). `h.event` =
     gathered; `h.result` = buffer."""
     a = src.device.index
     la = mover.lane(a)
@@ -212,6 +203,7 @@ def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
         ls = link.stream
         ls.wait_event(h.event)
         link.comm.send(h.result.data_ptr(), h.nbytes, _nccl.NCCL_UINT8, 1, ls.cuda_stream)
+        h.gathered = h.event
         h.event = completion_event()
         h.event.record(ls)
     h.what = f"NCCL send to {link.peer} on link {link.link_id}"
@@ -221,7 +213,7 @@ def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
 def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, rows: int,
                  check: bool, blocks: list[Block] | None = None) -> GpuHandle:
     """GPU thread: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream - by 2-D
-    DMA blocks buffer -> pool when given (`long_pieces`), else one index kernel over `d_idx()` (the row map on
+    DMA blocks buffer -> pool when given (regions.long_blocks), else one index kernel over `d_idx()` (the row map on
     the device). Must be called in the order the sender announced its chunks (the data loop submits in message
     order to the FIFO GPU thread)."""
     link.check()
@@ -253,6 +245,24 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
                 dst.rows.index_copy_(0, idx, packed)
         h.event.record(sb)
     h.keep.append(packed)
+    return h
+
+
+DISCARD_MAX_BYTES = 1 << 30  # an announcement larger than this is not received into scratch: the link is aborted
+
+
+def enqueue_discard(link: NcclLink, nbytes: int) -> GpuHandle:
+    """GPU thread: receive an announced chunk the receiver refuses into a scratch buffer, so the link's next
+    operations still pair up (every announcement gets exactly one receive). `h.event`: received."""
+    link.check()
+    h = GpuHandle(completion_event(), f"NCCL discard from {link.peer} on link {link.link_id}", nbytes)
+    with on_device(link.device):
+        ls = link.stream
+        with torch.cuda.stream(ls):
+            scratch = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", link.device))
+        link.comm.recv(scratch.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)
+        h.event.record(ls)
+    h.keep.append(scratch)
     return h
 
 

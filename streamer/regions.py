@@ -184,6 +184,16 @@ def merge_runs(src: list[int], dst: list[int], lens: list[int]) -> list[tuple[in
     return out
 
 
+def long_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block] | None:
+    """The 2-D DMA blocks covering pool rows `idx` (CPU) when its contiguous pieces are long enough on average
+    for the copy engines (DIRECT_RUN_BYTES: a prompt layer's pieces are thousands of rows); None: gather or
+    scatter with one index kernel instead. DMA blocks need no row map on the device (no upload per chunk) and
+    leave the GPU's SMs to the stage computing on it."""
+    blocks = dma_blocks(idx, row_bytes)
+    runs = sum(b.height for b in blocks)
+    return blocks if runs and idx.numel() * row_bytes >= DIRECT_RUN_BYTES * runs else None
+
+
 @dataclass(frozen=True)
 class PairBlock:
     """`height` runs of `width` bytes copied pool to pool: run k goes from byte `src_off + k * src_pitch` of the

@@ -54,6 +54,7 @@ from bus.messages import (  # noqa: F401
     RemoteAbort,
     RemoteChunk,
     RemoteChunkAck,
+    RemoteChunkDigest,
     RemoteOpen,
     RemoteOpened,
     Route,

@@ -229,6 +229,28 @@ def test_long_runs_are_copied_directly_and_exactly(env: Env, buffered: bool) -> 
     assert torch.equal(packed(typed(dst), lay, back), packed(typed(src), lay, region))
 
 
+@pytest.mark.parametrize("buffered", [True, False])
+def test_frame_gather_and_scatter_are_exact_for_long_and_short_pieces(buffered: bool) -> None:
+    """What leaves and lands as a frame (gather_cpu / scatter_cpu): long pieces copied one by one, short ones by
+    one index kernel (buffered) - the bytes are those of the row maps either way, and nothing else is touched."""
+    from streamer.movers import LONG_RUN_BYTES, gather_cpu, scatter_cpu
+    from streamer.regions import common_runs
+
+    lay = PoolLayout(0, 2, 4, 300, 8, 128, torch.bfloat16)  # 2 KiB rows
+    for region, dst_region in ((Region.uniform((1, 3), (0, 2), 0, 260), Region.uniform((0, 2), (0, 2), 20, 280)),
+                               (Region((0, 2), (1, 2), ((5, 6), (9, 12))), Region((3, 1), (1, 2), ((0, 1), (7, 10))))):
+        src, dst = endpoint("s", lay, seed=11), endpoint("d", lay, seed=12)
+        s_idx, d_idx = region_rows(lay, region), region_rows(lay, dst_region)
+        runs = common_runs(s_idx, s_idx).shape[0]  # long: 520 KiB pieces; short: 1-3 rows
+        assert (s_idx.numel() * lay.row_bytes >= LONG_RUN_BYTES * runs) == (region.tokens[0][1] > 100)
+        buf = torch.empty(s_idx.numel() * lay.row_bytes, dtype=torch.uint8)
+        data = gather_cpu(src, s_idx, buffered, buf)
+        assert torch.equal(data, src.rows.index_select(0, s_idx))
+        want = dst.rows.clone().index_copy_(0, d_idx, data)
+        scatter_cpu(dst, d_idx, data, buffered)
+        assert torch.equal(dst.rows, want)
+
+
 class FakeLayerEvent:
     """What a GPU stage pool's interprocess layer event does for layer_wait="host": synchronize() blocks until the
     stage's kernels for the layer have run (here: until the test fires it)."""

@@ -310,6 +310,76 @@ def test_nccl_between_two_streamers_and_frames_to_host() -> None:
         h1.kill()
 
 
+def test_nccl_transfers_follow_their_open_and_a_refused_one_leaves_the_link_in_step() -> None:
+    """Once a link carried a transfer, the next ones announce their chunks without waiting for the open's answer
+    (long pieces gathered and scattered by DMA, short ones by index kernels; checked ones with the digest in its
+    own message). A transfer the receiver refuses (a region outside its pool) fails fast with the typed error -
+    its announced chunks are received into scratch, not left to time out - and the same link then carries the
+    next transfers byte-exact, checked and not."""
+    need(2, nccl=True)
+    from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
+
+    h0, h1 = _nccl_pair()
+    lay = PoolLayout(0, 4, 4, 512, 8, 64, torch.bfloat16)
+    small = PoolLayout(0, 4, 2, 512, 8, 64, torch.bfloat16)  # the receiver's pool has 2 slots
+    try:
+        async def scenario() -> None:
+            a, b = StreamerClient(h0.control, "ra"), StreamerClient(h1.control, "rb")
+            await connect(a, timeout=120)
+            await connect(b, timeout=120)
+            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(small, 1)
+            src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), 7)
+                                               .view(torch.uint8).cuda(0))
+            torch.cuda.synchronize()
+            await a.register_pool("ra", src)
+            await b.register_pool("rb", dst)
+            long = Region.uniform((0, 1), (0, 4), 0, 500)  # pieces of 500 rows: DMA blocks
+            short = Region((2, 3), (1, 3), ((3, 4), (9, 11)))  # a few rows: index kernels
+            into_short = Region((1, 0), (1, 3), ((100, 101), (7, 9)))
+            for check in (False, True):
+                for s_reg, d_reg in ((long, long), (short, into_short)):
+                    await (await a.stream("ra", s_reg, dst=wire.PoolRef("rb", "n1"), dst_region=d_reg,
+                                          checksum=check)).wait(60)
+                    torch.cuda.synchronize()
+                    assert torch.equal(packed(dst.tensor.cpu(), small, d_reg), packed(src.tensor.cpu(), lay, s_reg))
+            bad = Region.uniform((2, 3), (0, 4), 0, 500)  # slots 2 and 3 do not exist at the receiver
+            t0 = time.monotonic()
+            with pytest.raises(BadRequestError):
+                await (await a.stream("ra", long, dst=wire.PoolRef("rb", "n1"), dst_region=bad)).wait(60)
+            assert time.monotonic() - t0 < 1.5  # refused at once, not after peer_timeout_s (2 s) and an abort
+            src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), 8)
+                                               .view(torch.uint8).cuda(0))
+            torch.cuda.synchronize()
+            for check in (True, False):
+                await (await a.stream("ra", long, dst=wire.PoolRef("rb", "n1"), dst_region=long,
+                                      checksum=check)).wait(60)
+                torch.cuda.synchronize()
+                assert torch.equal(packed(dst.tensor.cpu(), small, long), packed(src.tensor.cpu(), lay, long))
+            # to a host pool on the peer: frames, read from the GPU pool by DMA blocks (long pieces, unchecked)
+            await b.alloc_pool("rep", wire.POOL_REPLICA, lay)
+            for check in (False, True):
+                await (await a.stream("ra", long, dst=wire.PoolRef("rep", "n1"), dst_region=long,
+                                      checksum=check)).wait(60)
+                back = Region.uniform((2, 3), (0, 4), 0, 500)
+                src.tensor[:, :, 2:4].zero_()  # what comes back must be this round's
+                torch.cuda.synchronize()
+                await (await a.stream(wire.PoolRef("rep", "n1"), long, dst="ra", dst_region=back)).wait(60)
+                torch.cuda.synchronize()
+                assert torch.equal(packed(src.tensor.cpu(), lay, back), packed(src.tensor.cpu(), lay, long))
+            await a.unregister_pool("ra")
+            await b.unregister_pool("rb")
+            await a.close()
+            await b.close()
+
+        run(scenario, timeout=300)
+        log = h0.log.read_text(errors="replace")
+        assert log.count(" up (rank 0") == 1, "the refused transfer must not cost the link:\n" + h0.tail()
+    finally:
+        h0.kill()
+        h1.kill()
+
+
 def test_nccl_send_to_a_frozen_peer_is_aborted_not_waited_on() -> None:
     need(2, nccl=True)
     from streamer.client import StreamerClient
