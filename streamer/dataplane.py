@@ -37,7 +37,7 @@ from streamer.incoming import Inbound, Incoming
 from streamer.integrity import checksum, verify
 from streamer.movers import RouteIndex, scatter_cpu
 from streamer.peer import frame_tensor
-from streamer.regions import check_region, long_blocks, packed_rows, plan_chunks, region_from_spec
+from streamer.regions import check_region, packed_rows, plan_chunks, region_blocks, region_from_spec
 from streamer.service import StreamerService
 
 log = logging.getLogger(__name__)
@@ -142,16 +142,16 @@ class DataPlane:
         if trace.ON:
             trace.mark("rx_chunk", msg.rseq, msg.chunk)
         try:
-            t, d_idx = self.incoming.chunk(peer, incarnation, msg)
+            t = self.incoming.chunk(peer, incarnation, msg)
             if t.open.via == wire.VIA_FRAME:
                 if len(frames) != 1:
                     raise BadRequestError(f"chunk {msg.chunk} came with {len(frames)} frames, not 1")
                 data = frame_tensor(frames[0])
                 if data.numel() != msg.nbytes:
                     raise BadRequestError(f"chunk {msg.chunk}: frame of {data.numel()} bytes, header says {msg.nbytes}")
-                work = self._apply_frame(t, d_idx, data, msg)
+                work = self._apply_frame(t, t.rows[msg.rows[0]: msg.rows[1]], data, msg)
             else:
-                work = self._apply_nccl(t, d_idx, msg)
+                work = self._apply_nccl(t, msg)
         except StreamerError as e:
             if msg.link:  # the sender has posted this chunk's send: receive it anyway, so the link stays in step
                 self._discard_nccl(peer, msg)
@@ -222,7 +222,7 @@ class DataPlane:
         h = await svc.rt.gpu.write(dst, d_idx, data, buffered, False)
         await svc.rt.gpu.finish_write(h, svc.config.peer_timeout_s)
 
-    def _apply_nccl(self, t: Inbound, d_idx: Any, msg: wire.RemoteChunk) -> Awaitable[None]:
+    def _apply_nccl(self, t: Inbound, msg: wire.RemoteChunk) -> Awaitable[None]:
         """Submit the receive now - from the loop, in message order, to the FIFO GPU thread, so both ranks issue
         their operations in the same order - and return what waits for it."""
         from streamer import nccl
@@ -234,9 +234,10 @@ class DataPlane:
         gm = svc.rt.gpu
         rows = msg.rows[1] - msg.rows[0]
         check = t.open.checksum or msg.checksum is not None
-        blocks = long_blocks(d_idx, t.dst.layout.row_bytes)  # long pieces: scattered by DMA, no row map
+        blocks = region_blocks(t.dst.layout, t.region, *msg.rows[:2])  # long pieces: scattered by DMA, no row map
         fut = svc.rt.submit_gpu(lambda: nccl.enqueue_recv(
-            gm, link, t.dst, lambda: gm.device_index(RouteIndex(d_idx, None), link.device, "src"), rows, check,
+            gm, link, t.dst, lambda: gm.device_index(RouteIndex(t.rows[msg.rows[0]: msg.rows[1]], None), link.device,
+                                                      "src"), rows, check,
             blocks))
 
         async def finish() -> None:

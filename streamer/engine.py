@@ -48,10 +48,10 @@ from streamer.regions import (
     check_compatible,
     direct_worthwhile,
     dtype_name,
-    long_blocks,
     pair_blocks,
     plan_chunks,
     plan_direct,
+    region_blocks,
     region_to_spec,
 )
 
@@ -592,7 +592,7 @@ class Transfer:
 
         gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
         check = self.checks(r)
-        blocks = long_blocks(r.index.src[c.r0: c.r1], rb)
+        blocks = region_blocks(self.src.layout, r.src_region, c.r0, c.r1)  # long pieces: DMA, no row map
 
         def s_idx() -> Any:  # GPU thread: the row map on the device, when the pieces are short
             return gm.device_index(r.index, dev, "src")[c.r0: c.r1]

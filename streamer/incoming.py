@@ -34,15 +34,27 @@ class Inbound:
     open: wire.RemoteOpen
     dst: Endpoint
     region: Region
-    rows: torch.Tensor  # packed row -> destination pool row
     received: set[int] = field(default_factory=set)
     applied: int = 0
     nbytes: int = 0
     last: float = field(default_factory=time.monotonic)  # last message about it (see Incoming.sweep)
 
+    _rows: torch.Tensor | None = None
+
     @property
     def key(self) -> tuple[str, int]:
         return self.sender, self.open.rseq
+
+    @property
+    def nrows(self) -> int:
+        return 2 * self.region.tokens_total * self.region.num_layers
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Packed row -> destination pool row; built on first use (chunks moved by DMA blocks never need it)."""
+        if self._rows is None:
+            self._rows = packed_rows(self.dst.layout, self.region)
+        return self._rows
 
 
 class Incoming:
@@ -67,14 +79,15 @@ class Incoming:
                                   f"has {msg.row_bytes}-byte rows of {msg.dtype}")
         if msg.nbytes != region.nbytes(dst.layout):
             raise BadRequestError(f"transfer of {msg.nbytes} bytes does not fill region of {region.nbytes(dst.layout)}")
-        t = Inbound(sender, incarnation, msg, dst, region, packed_rows(dst.layout, region))
+        t = Inbound(sender, incarnation, msg, dst, region)
         if dst.is_host_pool:
             dst.begin_write(region)
         self.open_transfers[t.key] = t
         return t
 
-    def chunk(self, sender: str, incarnation: int, msg: wire.RemoteChunk) -> tuple[Inbound, torch.Tensor]:
-        """The transfer and the destination rows of this chunk; raises if it must not be applied."""
+    def chunk(self, sender: str, incarnation: int, msg: wire.RemoteChunk) -> Inbound:
+        """The transfer this chunk belongs to (its destination rows: `t.rows[r0:r1]`); raises if it must not be
+        applied."""
         if self._seq.incarnation(sender) != incarnation:
             raise StaleError(f"chunk from {sender} incarnation {incarnation}, which has no open transfers")
         t = self.open_transfers.get((sender, msg.rseq))
@@ -85,11 +98,11 @@ class Incoming:
             raise DuplicateError(f"chunk {msg.chunk} of transfer {msg.rseq} from {sender} was already received "
                                  f"or is out of range [0, {t.open.nchunks})")
         r0, r1 = (msg.rows + [0, 0])[:2]
-        if not 0 <= r0 < r1 <= t.rows.numel() or msg.nbytes != (r1 - r0) * t.dst.layout.row_bytes:
+        if not 0 <= r0 < r1 <= t.nrows or msg.nbytes != (r1 - r0) * t.dst.layout.row_bytes:
             raise BadRequestError(f"chunk rows [{r0}, {r1}) / {msg.nbytes} bytes do not fit transfer {msg.rseq}")
         t.received.add(msg.chunk)
         t.last = time.monotonic()
-        return t, t.rows[r0:r1]
+        return t
 
     def applied(self, t: Inbound, nbytes: int) -> bool:
         """A chunk was written and verified; True when that completes (commits) the transfer."""

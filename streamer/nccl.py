@@ -176,9 +176,18 @@ def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check:
     sa = la.stream
     h = GpuHandle(completion_event(), f"gather {src.name} ({rows} rows)", rows * src.layout.row_bytes,
                   keep=[src.flat], lane=la)
+    # the buffer is only ever freed once every use of it completed, so its allocator stream does not matter
+    packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
+    if blocks is not None and not check:  # copy engine only: no current device or stream needed (GpuMover._dma)
+        mover.wait_source(sa, src, wait_layer)
+        pp, sp = packed.data_ptr(), src.flat.data_ptr()
+        for b in blocks:
+            copy_2d(pp + b.packed_off, b.width, sp + b.pool_off, b.pitch, b.width, b.height, D2D, sa)
+        h.event.record(sa)
+        h.result = packed
+        return h
     with on_device(a), torch.cuda.stream(sa):
         mover.wait_source(sa, src, wait_layer)
-        packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
         if blocks is not None:
             pp, sp = packed.data_ptr(), src.flat.data_ptr()
             for b in blocks:
@@ -222,14 +231,21 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
     nbytes = rows * dst.layout.row_bytes
     h = GpuHandle(completion_event(), f"NCCL recv from {link.peer} on link {link.link_id}", nbytes,
                   keep=[dst.flat], lane=lb)
+    # the buffer is only ever freed once every use of it completed, so its allocator stream does not matter
+    packed = torch.empty((rows, dst.rows.shape[1]), dtype=dst.rows.dtype, device=dst.device)
+    h.keep.append(packed)
+    ls, sb = link.stream, lb.stream
     with on_device(b):
-        ls, sb = link.stream, lb.stream
-        with torch.cuda.stream(ls):
-            packed = torch.empty((rows, dst.rows.shape[1]), dtype=dst.rows.dtype, device=dst.device)
         link.comm.recv(packed.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)
-        got = torch.cuda.Event()
-        got.record(ls)
-        sb.wait_event(got)
+    if blocks is not None and not check:  # scatter by the copy engine: no current device or stream needed
+        sb.wait_stream(ls)
+        pp, dp = packed.data_ptr(), dst.flat.data_ptr()
+        for blk in blocks:
+            copy_2d(dp + blk.pool_off, blk.pitch, pp + blk.packed_off, blk.width, blk.width, blk.height, D2D, sb)
+        h.event.record(sb)
+        return h
+    with on_device(b):
+        sb.wait_stream(ls)
         with torch.cuda.stream(sb):
             if check:
                 h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
@@ -244,7 +260,6 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
                 h.keep.append(idx)
                 dst.rows.index_copy_(0, idx, packed)
         h.event.record(sb)
-    h.keep.append(packed)
     return h
 
 
@@ -256,13 +271,11 @@ def enqueue_discard(link: NcclLink, nbytes: int) -> GpuHandle:
     operations still pair up (every announcement gets exactly one receive). `h.event`: received."""
     link.check()
     h = GpuHandle(completion_event(), f"NCCL discard from {link.peer} on link {link.link_id}", nbytes)
-    with on_device(link.device):
-        ls = link.stream
-        with torch.cuda.stream(ls):
-            scratch = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", link.device))
-        link.comm.recv(scratch.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)
-        h.event.record(ls)
+    scratch = torch.empty(nbytes, dtype=torch.uint8, device=torch.device("cuda", link.device))
     h.keep.append(scratch)
+    with on_device(link.device):
+        link.comm.recv(scratch.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, link.stream.cuda_stream)
+        h.event.record(link.stream)
     return h
 
 

@@ -10,6 +10,7 @@ the same per-slot token counts, in order, and the same row size and dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -182,6 +183,26 @@ def merge_runs(src: list[int], dst: list[int], lens: list[int]) -> list[tuple[in
         out.append((src[i], sp, dst[i], dp, lens[i], h))
         i += h
     return out
+
+
+def region_blocks(layout: PoolLayout, region: Region, r0: int, r1: int) -> list[Block] | None:
+    """`long_blocks` of packed rows [r0, r1) of `region` (checked against `layout`), from a plan made once per
+    region *shape* (slots, token ranges, layer count, chunk range) and moved to the region's layers - a stream
+    of prompt layers to a peer streamer computes it once (building the row map and its blocks for each 31 MiB
+    layer took ~150 us of the loop, 2xH200, bench/probe_remote.py)."""
+    blocks = _shape_blocks(layout, region.slots, region.tokens, region.num_layers, r0, r1)
+    shift = (region.layers[0] - layout.first_layer) * 2 * layout.num_slots * layout.max_seq_len * layout.row_bytes
+    if blocks is None or shift == 0:
+        return None if blocks is None else list(blocks)
+    return [Block(b.pool_off + shift, b.pitch, b.width, b.height, b.packed_off) for b in blocks]
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape_blocks(layout: PoolLayout, slots: tuple[int, ...], tokens: tuple[tuple[int, int], ...], layers: int,
+                  r0: int, r1: int) -> tuple[Block, ...] | None:
+    region = Region(slots, (layout.first_layer, layout.first_layer + layers), tokens)
+    blocks = long_blocks(packed_rows(layout, region)[r0:r1], layout.row_bytes)
+    return None if blocks is None else tuple(blocks)
 
 
 def long_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block] | None:

@@ -198,3 +198,23 @@ def test_direct_plans_reused_across_layers_match_fresh_plans(seed: int) -> None:
         assert chunks == want
         assert blocks == [pair_blocks(lay, region, dlay, dst_region, (c.completes[0] - a, c.completes[-1] + 1 - a))
                           for c in want]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_chunk_blocks_reused_across_layers_match_the_row_maps(seed: int) -> None:
+    """regions.region_blocks (the DMA blocks of an NCCL chunk, planned once per region shape and chunk range)
+    equals the blocks of the chunk's own row map, for random shapes, layers and row ranges - None exactly when
+    the pieces are short."""
+    from streamer.regions import long_blocks, region_blocks
+
+    rng = random.Random(seed)
+    lay = random_layout(rng, torch.bfloat16, first_layer=rng.randint(0, 3), num_layers=rng.randint(2, 5),
+                        max_seq=rng.choice([40, 600]), kv_heads=8, head_dim=64)
+    n = rng.randint(1, lay.num_layers)
+    shape = random_region(rng, lay, layers=(lay.first_layer, lay.first_layer + n))
+    total = 2 * shape.tokens_total * n
+    ranges = [(0, total), (rng.randint(0, total - 1), total)]
+    for a in rng.sample(range(lay.num_layers - n + 1), lay.num_layers - n + 1):
+        region = shape.sub_layers(lay.first_layer + a, lay.first_layer + a + n)
+        for r0, r1 in ranges:
+            assert region_blocks(lay, region, r0, r1) == long_blocks(region_rows(lay, region)[r0:r1], lay.row_bytes)
