@@ -11,7 +11,7 @@ Each phase reports its rate and, where py-spy is on PATH, writes `<phase>-<proce
 one stack per line with its sample count) into OUT_DIR; `python3 bench/probe_remote.py --summary OUT_DIR` prints
 the hottest functions of each. On a CPU-only host only the TCP phases run (from a shared-memory pool).
 
-    python3 bench/probe_remote.py OUT_DIR [--seconds 3]
+    python3 bench/probe_remote.py OUT_DIR [--seconds 3] [--streamer-args "--switch-interval-us 5000"] [--no-local]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,19 +76,20 @@ async def phase(name: str, out: Path, pids: dict[str, int], seconds: float, one:
             s.wait(30)
 
 
-async def main(out: Path, seconds: float) -> None:
+async def main(out: Path, seconds: float, streamer_args: list[str], local_too: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available() and torch.cuda.device_count() >= 2
     lay = PoolLayout(0, 16, 8, 1024, 8, 128, torch.bfloat16)
     layers = [Region.uniform(range(8), (k, k + 1), 0, 1000) for k in range(16)]
     nbytes = layers[0].nbytes(lay)
-    results: dict[str, Any] = {"bytes": nbytes, "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu"}
+    results: dict[str, Any] = {"bytes": nbytes, "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+                               "streamer_args": streamer_args}
     turn = iter(range(1 << 30))
 
     def layer() -> Region:  # a stream of layers, as a prompt pass sends them
         return layers[next(turn) % len(layers)]
 
-    if on_gpu:
+    if on_gpu and local_too:
         lib = Lib(True, staging_bytes=16 << 20)
         await lib.start()
         src, dst = lib.endpoint("s", lay, "cuda:0"), lib.endpoint("d", lay, "cuda:1")
@@ -100,7 +102,8 @@ async def main(out: Path, seconds: float) -> None:
         await lib.close()
     d = tempfile.mkdtemp(prefix="dvp")
     os.environ["DEJAVU_STREAMER_TRACE"] = str(out / "trace")  # the streamers' step timelines (streamer/trace.py)
-    procs = [_start("h0", d, "h1", []), _start("h1", d, "h0", ["--replica-gib", _gib(lay.nbytes)])]
+    procs = [_start("h0", d, "h1", streamer_args),
+             _start("h1", d, "h0", ["--replica-gib", _gib(lay.nbytes), *streamer_args])]
     c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "probe-p"), StreamerClient(f"ipc://{d}/h1.c", "probe-t")
     try:
         await c0.status(timeout=120)
@@ -221,6 +224,8 @@ if __name__ == "__main__":
     ap.add_argument("out")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--summary", action="store_true", help="summarise the profiles and traces already in OUT")
+    ap.add_argument("--streamer-args", default="", help="extra options for both streamer processes (an A/B)")
+    ap.add_argument("--no-local", action="store_true", help="skip the in-process phase")
     a = ap.parse_args()
     if a.summary:
         summary(Path(a.out))
@@ -230,4 +235,5 @@ if __name__ == "__main__":
             import uvloop
         except ImportError:
             uvloop = None
-        (uvloop.run if uvloop is not None else asyncio.run)(main(Path(a.out), a.seconds))
+        (uvloop.run if uvloop is not None else asyncio.run)(main(Path(a.out), a.seconds, shlex.split(a.streamer_args),
+                                                                 not a.no_local))

@@ -38,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--tcp-chunk-mib", type=float, default=8.0)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--copy-threads", type=int, default=1, help="torch threads for CPU copies")
+    p.add_argument("--frame-threads", type=int, default=4,
+                   help="threads gathering and scattering frames to and from peer streamers (chunks in parallel)")
+    p.add_argument("--switch-interval-us", type=float, default=200.0,
+                   help="the process's interpreter-lock switch interval (Python's default: 5000)")
     p.add_argument("--transfer-timeout", type=float, default=60.0)
     p.add_argument("--peer-timeout", type=float, default=3.0)
     p.add_argument("--layer-timeout", type=float, default=30.0)
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             receive_bytes=int(a.receive_gib * GiB), disk_dir=a.disk_dir, disk_bytes=int(a.disk_gib * GiB),
             pin_memory=not a.no_pin, buffered=not a.naive, checksums="off" if a.no_checksums else a.checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
-            window=a.window, copy_threads=a.copy_threads, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
+            window=a.window, copy_threads=a.copy_threads, frame_threads=a.frame_threads,
+            switch_interval_us=a.switch_interval_us, transfer_timeout_s=a.transfer_timeout, peer_timeout_s=a.peer_timeout,
             layer_timeout_s=a.layer_timeout, layer_wait=a.layer_wait, inline_dma=a.inline_dma,
             completion_spin_us=a.completion_spin_us, peers=tuple(peers),
             supervisor_address=a.supervisor)

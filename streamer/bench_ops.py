@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,10 @@ class Lib:
         return await asyncio.get_running_loop().run_in_executor(self.gpu_exec, fn, *args)
 
     async def start(self) -> None:
+        # the streamer process's interpreter-lock switch interval (StreamerConfig.switch_interval_us), restored
+        # by close(): the library's threads hand work to the loop here as they do there
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(self.config.switch_interval_us * 1e-6)
         if self.rt.gpu is not None:
             await self.on_gpu(cuda.enable_peer_access, self.devices)
             await self.on_gpu(self.rt.gpu.setup)
@@ -250,6 +255,7 @@ class Lib:
                 "stream_gbps": gbps(nbytes * count, stream), "stream_transfers": count, "in_flight": concurrent}
 
     async def close(self) -> None:
+        sys.setswitchinterval(getattr(self, "_switch", sys.getswitchinterval()))
         self.gpu_exec.shutdown()
         self.cpu_exec.shutdown()
         self.ctx.destroy(0)

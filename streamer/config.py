@@ -45,6 +45,15 @@ class StreamerConfig:
     window: int = 4  # chunks of one remote transfer in flight before waiting for an ack
     copy_threads: int = 1  # torch intra-op threads for CPU copies: the streamer shares the host with stages,
     # and waking a thread team costs milliseconds on a busy host (measured: 256 KiB copies 1000x slower)
+    # Threads that gather and scatter the frames of transfers to and from peer streamers in host memory: chunks
+    # of a transfer in flight (up to `window`) are copied in parallel, one thread each. One thread scattered
+    # 8 MiB chunks into a replica pool at ~3.4 GB/s on an H200 host, under the ZeroMQ link's ~4.5 GB/s.
+    frame_threads: int = 4
+    # Python's switch interval in the streamer process (sys.setswitchinterval): how long a thread that wants the
+    # interpreter lock waits before the holder is made to drop it. At Python's default of 5 ms the GPU thread's
+    # and the waiter threads' work queues behind a busy event loop: a GPU-thread job of a stream of NCCL chunks
+    # took ~1 ms to come back though the thread was busy ~20% of the time (2xH200, bench/probe_remote.py).
+    switch_interval_us: float = 200.0
     nccl: bool = True  # use NCCL for remote GPU pool -> GPU pool when CuPy/NCCL are present
     # How a layered transfer from a GPU stage pool waits for layer l to be computed, once LayerReady came:
     # "host" = a waiter thread synchronises on the stage's interprocess event, then the copy is issued with
@@ -106,6 +115,10 @@ class StreamerConfig:
             raise ValueError(f"layer_wait must be 'device' or 'host', got {self.layer_wait!r}")
         if self.copy_threads < 1:
             raise ValueError(f"copy_threads must be >= 1, got {self.copy_threads}")
+        if not 1 <= self.frame_threads <= 64:
+            raise ValueError(f"frame_threads must be in [1, 64], got {self.frame_threads}")
+        if not 10 <= self.switch_interval_us <= 100_000:
+            raise ValueError(f"switch_interval_us must be in [10, 100000], got {self.switch_interval_us}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
         for what in ("transfer_timeout_s", "peer_timeout_s", "layer_timeout_s", "nccl_init_timeout_s",

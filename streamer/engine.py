@@ -151,7 +151,7 @@ class Runtime:
     cpu: CpuMover
     gpu: Any  # GpuMover | None
     peers: PeerNet
-    cpu_executor: Executor
+    cpu_executor: Executor  # frames to and from peer streamers: gathers, scatters, their checksums
     on_gpu: Callable[..., Awaitable[Any]]  # run a function on the GPU thread
     nccl: Any = None  # NcclLinks | None
     no_nccl: set[tuple[str, str]] | None = None  # (peer, pool) that refused NCCL: use frames

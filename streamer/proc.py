@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -68,6 +69,7 @@ def run_streamer(config: StreamerConfig) -> int:
     import torch
 
     torch.set_num_threads(config.copy_threads)
+    sys.setswitchinterval(config.switch_interval_us * 1e-6)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -87,8 +89,9 @@ async def _main(config: StreamerConfig) -> int:
     data = make_socket(ctx, zmq.ROUTER, bind=config.data_address, max_message=config.max_message_bytes)
     gpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-gpu")
     cpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-copy")
+    frame_exec = ThreadPoolExecutor(config.frame_threads, thread_name_prefix="streamer-frame")
     peers = PeerNet(ctx, config.name, codec, config.peer_timeout_s, config.max_message_bytes, dict(config.peers))
-    svc = StreamerService(config, _Outbox(control, data, codec), peers, cpu_exec, gpu_exec)
+    svc = StreamerService(config, _Outbox(control, data, codec), peers, cpu_exec, gpu_exec, frame_exec)
     plane = DataPlane(svc)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,6 +124,7 @@ async def _main(config: StreamerConfig) -> int:
         data.close(0)
         gpu_exec.shutdown(wait=False, cancel_futures=True)
         cpu_exec.shutdown(wait=False, cancel_futures=True)
+        frame_exec.shutdown(wait=False, cancel_futures=True)
         ctx.destroy(0)
     return 0
 

@@ -64,7 +64,7 @@ class Who:
 
 class StreamerService:
     def __init__(self, config: StreamerConfig, outbox: Outbox, peers: PeerNet, cpu_executor: Executor,
-                 gpu_executor: Executor) -> None:
+                 gpu_executor: Executor, frame_executor: Executor | None = None) -> None:
         self.config, self.outbox, self.peers = config, outbox, peers
         self.gpu_executor = gpu_executor
         self.pools = PoolTable(config)
@@ -89,8 +89,10 @@ class StreamerService:
 
             if nccl.nccl_ready():
                 nccl_links = nccl.NcclLinks(self.on_gpu, config.nccl_init_timeout_s)
-        self.rt = Runtime(config, CpuMover(cpu_executor, config.staging_bytes), gpu, peers, cpu_executor,
-                          self.on_gpu, nccl_links, set(), gpu_executor=gpu_executor)
+        # frames of remote transfers are gathered and scattered on their own threads (chunks in parallel; each
+        # has its own buffer), apart from the one-thread CPU mover whose staging buffer is shared
+        self.rt = Runtime(config, CpuMover(cpu_executor, config.staging_bytes), gpu, peers,
+                          frame_executor or cpu_executor, self.on_gpu, nccl_links, set(), gpu_executor=gpu_executor)
         self._handlers: dict[type, Callable[[Who, Any], Awaitable[Msg | None]]] = {
             wire.RegisterPool: self._register, wire.UnregisterPool: self._unregister, wire.AllocPool: self._alloc,
             wire.FreePool: self._free, wire.StreamRequest: self._stream, wire.LayerReady: self._layer_ready,

@@ -412,3 +412,9 @@ def test_copy_settings_are_validated_and_set_from_the_command_line() -> None:
     assert parse_config([*base, "--completion-spin-us", "0"]).completion_spin_us == 0.0
     with pytest.raises(ValueError, match="completion_spin_us"):
         StreamerConfig("h0", "ipc://a", "ipc://b", completion_spin_us=-1.0)
+    assert (parse_config(base).frame_threads, parse_config(base).switch_interval_us) == (4, 200.0)
+    got = parse_config([*base, "--frame-threads", "2", "--switch-interval-us", "5000"])
+    assert (got.frame_threads, got.switch_interval_us) == (2, 5000.0)
+    for bad in ({"frame_threads": 0}, {"switch_interval_us": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            StreamerConfig("h0", "ipc://a", "ipc://b", **bad)  # type: ignore[arg-type]
