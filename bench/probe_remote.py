@@ -6,6 +6,7 @@ they run for a few seconds each:
   nccl_stream   the same with 8 in flight
   tcp_single    one prompt layer at a time into a replica pool over ZeroMQ frames
   tcp_stream    the same with 8 in flight
+  *_prompt      a microbatch's whole prompt KV (16 layers, 512 MiB) in one transfer, one at a time
 
 Each phase reports its rate and, where py-spy is on PATH, writes `<phase>-<process>.txt` (py-spy's raw format:
 one stack per line with its sample count) into OUT_DIR; `python3 bench/probe_remote.py --summary OUT_DIR` prints
@@ -134,11 +135,22 @@ async def main(out: Path, seconds: float, streamer_args: list[str], local_too: b
                 client.append((h.xfer, t0, h.received_at))
             return one
 
+        whole = Region.uniform(range(8), (0, 16), 0, 1000)  # a microbatch's prompt KV, every layer, one transfer
+
+        def all_layers(dst: wire.PoolRef) -> Any:
+            async def one() -> None:
+                t0 = time.monotonic()
+                h = await c0.stream("p", whole, dst=dst, dst_region=whole)
+                await h.wait(60)
+                client.append((h.xfer, t0, h.received_at))
+            return one
+
         paths = ([("nccl", wire.PoolRef("t", "h1"))] if on_gpu else []) + [("tcp", wire.PoolRef("rep", "h1"))]
         for path, dst in paths:
-            for kind, k in (("single", 1), ("stream", 8)):
+            for kind, k, fn, size in (("single", 1, to, nbytes), ("stream", 8, to, nbytes),
+                                      ("prompt", 1, all_layers, whole.nbytes(lay))):
                 first = len(client)
-                await phase(f"{path}_{kind}", out, pids, seconds, to(dst), k, nbytes, results)
+                await phase(f"{path}_{kind}", out, pids, seconds, fn(dst), k, size, results)
                 results[f"{path}_{kind}"]["xfers"] = [client[first][0], client[-1][0]]
         await c0.unregister_pool("p")
         if on_gpu:

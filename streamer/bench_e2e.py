@@ -3,8 +3,10 @@ stage's request - this process plays the stages.
 
 1. Remote transfers: CPU - a shared-memory stage pool on h0 -> a replica pool on h1 over TCP frames. GPU - a GPU
    pool on h0 (cuda:0) -> a GPU pool on h1 (cuda:1) over NCCL, and -> a replica pool in h1's pinned memory
-   over TCP. Reported: the streamer's own transfer time (TransferDone.seconds) and the requester's wall clock,
-   naive vs buffered, against the transport's ceiling.
+   over TCP. Operations: one prompt layer, one decode step's KV, a microbatch's whole prompt KV in one transfer.
+   Reported: the streamer's own transfer time (TransferDone.seconds) and the requester's wall clock, naive vs
+   buffered, against the transport's ceiling; for a prompt layer also a stream of 32 of them, 8 in flight, each
+   of the next layer ("stream_fraction").
 2. Layer-by-layer streaming overhead on a real prompt pass: a random Llama stage (8 of 8B's 32 layers on GPU,
    a small one on CPU) computes into a pool registered with h0; as soon as a block has written its layer's KV
    (before its attention and MLP) a hook records the layer's event and sends LayerReady, and h0 streams that
@@ -130,7 +132,10 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
     await c1.alloc_pool("rep", wire.POOL_REPLICA, lay)
     slots = range(mb)
     cases = [("prompt_layer", Region.uniform(slots, (layers // 2, layers // 2 + 1), 0, prompt)),
-             ("decode_step", Region.uniform(slots, (0, layers), prompt, prompt + 1))]
+             ("decode_step", Region.uniform(slots, (0, layers), prompt, prompt + 1)),
+             # a microbatch's whole prompt KV (every layer) in one transfer: a prompt at rest handed to a token
+             # stage, or a microbatch's replica; chunks pipelined within the transfer
+             ("prompt", Region.uniform(slots, (0, layers), 0, prompt))]
     dests = ([("nccl_gpu", wire.PoolRef("t", "h1"), "nccl")] if on_gpu else []) + \
         [("tcp_host", wire.PoolRef("rep", "h1"), "zmq_tcp")]
     pair = NcclPair() if on_gpu else None
