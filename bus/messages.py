@@ -580,6 +580,9 @@ class RemoteOpen(Msg, tag=240):
     notify: list[str] = []
     origin: str = ""  # the requester's name at the *receiving* streamer for a pull ("" = push)
     origin_xfer: int = 0
+    # False: answer only a refusal (the chunks follow at once, and their acks say the open was accepted); a
+    # transfer of no chunks is always answered
+    answer: bool = True
 
 
 class RemoteOpened(Msg, tag=241):

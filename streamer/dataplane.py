@@ -114,6 +114,9 @@ class DataPlane:
             self.svc.spawn(self._answer(peer, wire.RemoteOpened(msg.rseq, False, e.code, str(e)), msg_id), "refuse")
             return
 
+        if link is None and not msg.answer and msg.nchunks:
+            return  # accepted: the chunks' acks say so
+
         async def answer() -> None:
             if link is not None:
                 try:
@@ -125,7 +128,8 @@ class DataPlane:
                     return
             if msg.nchunks == 0 and self.incoming.applied(t, 0):
                 await self._committed(t)
-            await self._answer(peer, wire.RemoteOpened(msg.rseq, True), msg_id)
+            if msg.answer or not msg.nchunks:
+                await self._answer(peer, wire.RemoteOpened(msg.rseq, True), msg_id)
             if trace.ON:
                 trace.mark("tx_opened", msg.rseq)
 

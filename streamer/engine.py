@@ -466,11 +466,11 @@ class Transfer:
 
     # ------------------------------------------------------------------ remote routes
 
-    def _open(self, r: RemoteRoute, rseq: int, via: int, link: int) -> wire.RemoteOpen:
+    def _open(self, r: RemoteRoute, rseq: int, via: int, link: int, answer: bool = True) -> wire.RemoteOpen:
         lay = self.src.layout
         return wire.RemoteOpen(rseq, r.dst_pool, region_to_spec(r.dst_region), len(r.chunks),
                                r.src_region.nbytes(lay), dtype_name(lay.dtype), lay.row_bytes, self.checks(r), via,
-                               link, self.tag, list(self.notify), r.origin, r.origin_xfer)
+                               link, self.tag, list(self.notify), r.origin, r.origin_xfer, answer)
 
     async def _remote(self, r: RemoteRoute) -> None:
         peer = self.rt.peers.link(r.peer)
@@ -496,17 +496,22 @@ class Transfer:
             trace.mark("open", self.xfer, rseq)
         via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
         what, refused = f"open of transfer {rseq}", f"{r.peer} refused transfer into {r.dst_pool!r}"
-        opened: asyncio.Future[Any] | None = None
+        opened: asyncio.Future[Any] | None = None  # the open's answer, awaited before the first ack counts
+        refusal: asyncio.Future[Any] | None = None  # the open's answer if it is a refusal (none comes otherwise)
         if link is None or link.confirmed:
             # The chunks follow the open at once, without waiting a round trip for its answer. The peer registers
             # (or refuses) the open before it reads the next message from us, so a chunk never meets an unknown
-            # transfer unless the open was refused - and that refusal is checked before any chunk's ack counts.
-            # NCCL: a refused transfer's announced chunks are still received (into scratch) by the peer, so the
-            # link stays in step (wire.RemoteChunk); only a link's first transfer waits for the answer, which
-            # also says the peer's rank is up.
+            # transfer unless the open was refused - and that refusal is answered before any chunk's ack (the
+            # peer answers in message order), so it is what the transfer fails with. An accepted open with chunks
+            # is not answered at all: the chunks' acks say it. NCCL: a refused transfer's announced chunks are
+            # still received (into scratch) by the peer, so the link stays in step (wire.RemoteChunk); only a
+            # link's first transfer waits for the answer, which also says the peer's rank is up.
             fut = peer.expect(("open", rseq))
-            await peer.send(self._open(r, rseq, via, link_id))
-            opened = asyncio.ensure_future(peer.answer(fut, what))
+            await peer.send(self._open(r, rseq, via, link_id, answer=not r.chunks))
+            if r.chunks:
+                refusal = fut
+            else:
+                opened = asyncio.ensure_future(peer.answer(fut, what))
         else:
             raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
             link.confirmed = True
@@ -520,6 +525,8 @@ class Transfer:
             if opened is not None:
                 answer, opened = await opened, None
                 raise_if_refused(answer, refused)
+            if refusal is not None and refusal.done() and not refusal.cancelled():
+                raise_if_refused(refusal.result(), refused)
 
         async def start(g: list[Chunk]) -> list[tuple[Any, asyncio.Future[Any]]]:
             return [await start_one(c) for c in g]
@@ -542,8 +549,9 @@ class Transfer:
         async def settle(c: Chunk, h: tuple[Any, asyncio.Future[Any]]) -> None:
             nonlocal committed
             await check_open()
-            held, fut = h  # frames: the send buffer; NCCL: the device work of the send
+            held, fut = h  # frames: the send buffer; NCCL: a task resolving to the device work of the send
             if link is not None:
+                held = await held
                 try:
                     await wait_event(held.event, pt, held.what, "peer_timeout_s")
                 except TransferTimeoutError:
@@ -555,6 +563,8 @@ class Transfer:
             answer = await peer.answer(fut, f"chunk {c.index} of transfer {rseq}")
             if trace.ON:
                 trace.mark("acked", self.xfer, rseq, c.index)
+            if not getattr(answer, "ok", True):
+                await check_open()  # a chunk refused because its transfer was: fail with the open's reason
             raise_if_refused(answer, f"{r.peer} rejected chunk {c.index} of transfer {rseq}")
             committed = bool(answer.committed)
             if link is None and held is not None:
@@ -564,6 +574,7 @@ class Transfer:
             held, fut = h
             fut.cancel()
             if link is not None:  # an NCCL send may still read its buffer: let it finish, else abort the link
+                held = await held  # a job that failed raises here (and has aborted the link)
                 try:
                     await wait_event(held.event, pt, held.what, "peer_timeout_s")
                 except TransferTimeoutError:
@@ -582,12 +593,12 @@ class Transfer:
             if not committed:
                 await self._abort_remote(peer, rseq)
 
-    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> Any:
-        """Announce chunk `c`, then gather it on the source GPU (by DMA blocks when its pieces are long) and send
-        it: the gather and the send go to the GPU thread as one job, submitted under the link's lock right after
-        the announcement (the thread is FIFO, so both ranks see the same order without the lock being held across
-        the thread's round trip). A checked chunk's digest follows in its own message once the gather is done;
-        the bytes do not wait for it."""
+    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> asyncio.Task[Any]:
+        """Announce chunk `c` and queue its gather (by DMA blocks when its pieces are long) and send on the GPU
+        thread as one job, under the link's lock (the thread is FIFO, so both ranks see the same order without
+        the lock being held across the thread's round trip). Returns at once with a task resolving to the send's
+        handle, so the next chunks are announced and queued while this one's job runs; a checked chunk's digest
+        follows in its own message once its gather is done (the bytes do not wait for it)."""
         from streamer import nccl
 
         gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
@@ -605,19 +616,23 @@ class Transfer:
                 link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks)))
         if trace.ON:
             trace.mark("announced", self.xfer, rseq, c.index)
-        try:
-            h = await job
-        except BaseException:
-            # announced but not sent: the peer's receive for it would never complete, so the link is out of step
-            if not link.dead:
-                await asyncio.shield(self.rt.nccl.abort(link))
-            raise
-        if trace.ON:
-            trace.mark("send_enqueued", self.xfer, rseq, c.index)
-        if check:
-            await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
-            await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
-        return h
+
+        async def queued() -> Any:
+            try:
+                h = await job
+            except BaseException:
+                # announced but not sent: the peer's receive for it never completes, so the link is out of step
+                if not link.dead:
+                    await asyncio.shield(self.rt.nccl.abort(link))
+                raise
+            if trace.ON:
+                trace.mark("send_enqueued", self.xfer, rseq, c.index)
+            if check:
+                await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
+                await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
+            return h
+
+        return asyncio.ensure_future(queued())
 
     async def _abort_remote(self, peer: Any, rseq: int) -> None:
         code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL
