@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from stages.kv_cache import PoolLayout, Region  # noqa: E402
 from streamer import wire  # noqa: E402
-from streamer.bench_e2e import _gib, _start  # noqa: E402
+from streamer.bench_e2e import _gib, _start, remote_pools  # noqa: E402
 from streamer.bench_ops import Lib  # noqa: E402
 from streamer.client import StreamerClient  # noqa: E402
 
@@ -110,47 +110,25 @@ async def main(out: Path, seconds: float, streamer_args: list[str], local_too: b
         await c0.status(timeout=120)
         await c1.status(timeout=120)
         pids = {"h0": procs[0].pid, "h1": procs[1].pid}
-        if on_gpu:
-            from streamer.cuda import GpuPoolMemory
-
-            src_mem: Any = GpuPoolMemory(lay, 0)
-            dst_mem = GpuPoolMemory(lay, 1)  # referenced until unregistered (the exporter owns it)
-            await c1.register_pool("t", dst_mem)
-        else:
-            from streamer.memory import SharedPoolMemory
-
-            src_mem = SharedPoolMemory.create(lay)
-        src_mem.tensor.view(torch.uint8).random_(0, 255)
-        await c0.register_pool("p", src_mem)
-        await c1.alloc_pool("rep", wire.POOL_REPLICA, lay)
-
+        src_mem, dst_mem = await remote_pools(c0, c1, lay, on_gpu)  # noqa: F841 - dst_mem: kept referenced
         client: list[tuple[int, float, float]] = []  # (xfer, request sent, answer received), monotonic
+        whole = Region.uniform(range(8), (0, 16), 0, 1000)  # a microbatch's prompt KV, every layer, one transfer
 
-        def to(dst: wire.PoolRef) -> Any:
+        def to(dst: wire.PoolRef, region: Any) -> Any:
             async def one() -> None:
-                r = layer()
+                r = region()
                 t0 = time.monotonic()
                 h = await c0.stream("p", r, dst=dst, dst_region=r)
                 await h.wait(60)
                 client.append((h.xfer, t0, h.received_at))
             return one
 
-        whole = Region.uniform(range(8), (0, 16), 0, 1000)  # a microbatch's prompt KV, every layer, one transfer
-
-        def all_layers(dst: wire.PoolRef) -> Any:
-            async def one() -> None:
-                t0 = time.monotonic()
-                h = await c0.stream("p", whole, dst=dst, dst_region=whole)
-                await h.wait(60)
-                client.append((h.xfer, t0, h.received_at))
-            return one
-
         paths = ([("nccl", wire.PoolRef("t", "h1"))] if on_gpu else []) + [("tcp", wire.PoolRef("rep", "h1"))]
         for path, dst in paths:
-            for kind, k, fn, size in (("single", 1, to, nbytes), ("stream", 8, to, nbytes),
-                                      ("prompt", 1, all_layers, whole.nbytes(lay))):
+            for kind, k, region, size in (("single", 1, layer, nbytes), ("stream", 8, layer, nbytes),
+                                          ("prompt", 1, lambda: whole, whole.nbytes(lay))):
                 first = len(client)
-                await phase(f"{path}_{kind}", out, pids, seconds, fn(dst), k, size, results)
+                await phase(f"{path}_{kind}", out, pids, seconds, to(dst, region), k, size, results)
                 results[f"{path}_{kind}"]["xfers"] = [client[first][0], client[-1][0]]
         await c0.unregister_pool("p")
         if on_gpu:

@@ -98,6 +98,28 @@ async def _time(c: StreamerClient, src: Any, region: Region, dst: Any, dst_regio
     return median(server), median(wall)
 
 
+async def remote_pools(c0: StreamerClient, c1: StreamerClient, lay: PoolLayout, on_gpu: bool) -> tuple[Any, Any]:
+    """The pools of the remote rows: random bytes in a stage pool "p" registered with h0 (GPU: on cuda:0; CPU:
+    shared memory), a stage pool "t" on cuda:1 registered with h1 (GPU only) and a replica pool "rep" at h1.
+    Returns (source memory, destination memory or None): the caller keeps both referenced while registered (the
+    exporter frees an IPC allocation on collection) and unregisters "p" and "t" before they go."""
+    dst_mem = None
+    if on_gpu:
+        from streamer.cuda import GpuPoolMemory
+
+        src_mem: Any = GpuPoolMemory(lay, 0)
+        dst_mem = GpuPoolMemory(lay, 1)
+        await c1.register_pool("t", dst_mem)
+    else:
+        from streamer.memory import SharedPoolMemory
+
+        src_mem = SharedPoolMemory.create(lay)
+    src_mem.tensor.view(torch.uint8).random_(0, 255)
+    await c0.register_pool("p", src_mem)
+    await c1.alloc_pool("rep", wire.POOL_REPLICA, lay)
+    return src_mem, dst_mem
+
+
 async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, buffered: bool, count: int = 32,
                   window: int = 8) -> float:
     """Seconds for `count` transfers with `window` in flight, each of the next region in turn (a prompt pass
@@ -117,19 +139,7 @@ async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, 
 async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int) -> list[dict[str, Any]]:
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     lay = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16)
-    if on_gpu:
-        from streamer.cuda import GpuPoolMemory
-
-        src_mem: Any = GpuPoolMemory(lay, 0)
-        dst_mem = GpuPoolMemory(lay, 1)  # kept referenced: the exporter frees an IPC allocation on collection
-        await c1.register_pool("t", dst_mem)
-    else:
-        from streamer.memory import SharedPoolMemory
-
-        src_mem = SharedPoolMemory.create(lay)
-    src_mem.tensor.view(torch.uint8).random_(0, 255)
-    await c0.register_pool("p", src_mem)
-    await c1.alloc_pool("rep", wire.POOL_REPLICA, lay)
+    src_mem, dst_mem = await remote_pools(c0, c1, lay, on_gpu)  # noqa: F841 - dst_mem: kept referenced
     slots = range(mb)
     cases = [("prompt_layer", Region.uniform(slots, (layers // 2, layers // 2 + 1), 0, prompt)),
              ("decode_step", Region.uniform(slots, (0, layers), prompt, prompt + 1)),
