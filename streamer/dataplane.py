@@ -1,14 +1,18 @@
 """`DataPlane`: what the streamer does with messages from peer streamers (its data ROUTER). Sibling of
 StreamerService (pools, transfers, the GPU thread are shared through it); no sockets of its own.
 
-    RemoteOpen    -> may this transfer land here? (Incoming.open)          -> RemoteOpened
-    RemoteChunk   -> verify the bytes, then scatter them (CPU thread / GPU) -> RemoteChunkAck (committed on last)
-    RemoteAbort   -> discard an uncommitted transfer
-    PullRequest   -> push a region of one of our pools back to the asker   -> (PullFailed on failure)
-    NcclOffer     -> join a directed NCCL link                             -> NcclAccepted
+    RemoteOpen        -> may this transfer land here? (Incoming.open)      -> RemoteOpened (a refusal; an
+                                                                              acceptance only when asked for)
+    RemoteChunk       -> verify the bytes, then scatter them (frame threads / GPU) -> RemoteChunkAck (committed
+                                                                              on the last)
+    RemoteChunkDigest -> the source digest of a checked NCCL chunk, sent after its bytes
+    RemoteAbort       -> discard an uncommitted transfer
+    PullRequest       -> push a region of one of our pools back to the asker -> (PullFailed on failure)
+    NcclOffer         -> join a directed NCCL link                           -> NcclAccepted
 
-Frames are verified *before* they are scattered, so corrupt bytes never reach a pool. NCCL chunks are
-received in the order they were announced (submitted to the FIFO GPU thread from the loop, in message order).
+Frames are verified *before* they are scattered, so corrupt bytes never reach a pool; an NCCL chunk is acked
+only once its digest matched. NCCL chunks are received in the order they were announced (submitted to the FIFO
+GPU thread from the loop, in message order), each announcement exactly once - into scratch when refused.
 """
 
 from __future__ import annotations
