@@ -222,6 +222,9 @@ def summarize(out: list[dict[str, Any]]) -> dict[str, Any]:
             "min_e2e_stream_fraction": min(e2e, default=None),
             "min_e2e_prompt_fraction": min((r["fraction"] for r in out if r.get("section") == "e2e"
                                             and r["mode"] == "buffered" and r["op"] == "prompt"), default=None),
+            "min_e2e_prompt_fraction_checksummed": min(
+                (r["fraction"] for r in out if r.get("section") == "e2e" and r["mode"] == "buffered checksummed"
+                 and r["op"] == "prompt"), default=None),
             "worst_op_ge16mib": min(best, key=lambda k: best[k], default=None),
             "max_buffered_over_naive": max(speed, default=None),
             "max_streaming_overhead": worst("overhead"),

@@ -5,7 +5,8 @@ stage's request - this process plays the stages.
    pool on h0 (cuda:0) -> a GPU pool on h1 (cuda:1) over NCCL, and -> a replica pool in h1's pinned memory
    over TCP. Operations: one prompt layer, one decode step's KV, a microbatch's whole prompt KV in one transfer.
    Reported: the streamer's own transfer time (TransferDone.seconds) and the requester's wall clock, naive vs
-   buffered, against the transport's ceiling; for a prompt layer also a stream of 32 of them, 8 in flight, each
+   buffered (and buffered with checksums, a deployment's default for these routes), against the transport's
+   ceiling; for a prompt layer also a stream of 32 of them, 8 in flight, each
    of the next layer ("stream_fraction").
 2. Layer-by-layer streaming overhead on a real prompt pass: a random Llama stage (8 of 8B's 32 layers on GPU,
    a small one on CPU) computes into a pool registered with h0; as soon as a block has written its layer's KV
@@ -87,11 +88,12 @@ def overhead_shape(on_gpu: bool) -> tuple[int, int, PoolLayout]:
 
 
 async def _time(c: StreamerClient, src: Any, region: Region, dst: Any, dst_region: Region, buffered: bool,
-                repeats: int) -> tuple[float, float]:
+                repeats: int, checksum: bool = False) -> tuple[float, float]:
     server, wall = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        done = await (await c.stream(src, region, dst=dst, dst_region=dst_region, buffered=buffered)).wait(120)
+        done = await (await c.stream(src, region, dst=dst, dst_region=dst_region, buffered=buffered,
+                                     checksum=checksum)).wait(120)
         if i:  # the first one warms up (and builds the NCCL link)
             server.append(done.seconds)
             wall.append(time.perf_counter() - t0)
@@ -121,7 +123,7 @@ async def remote_pools(c0: StreamerClient, c1: StreamerClient, lay: PoolLayout, 
 
 
 async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, buffered: bool, count: int = 32,
-                  window: int = 8) -> float:
+                  window: int = 8, checksum: bool = False) -> float:
     """Seconds for `count` transfers with `window` in flight, each of the next region in turn (a prompt pass
     streamed layer by layer: a new layer each time), requested and waited for as a stage does."""
     gate = asyncio.Semaphore(window)
@@ -129,7 +131,7 @@ async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, 
     async def one(k: int) -> None:
         async with gate:
             r = regions[k % len(regions)]
-            await (await c.stream(src, r, dst=dst, dst_region=r, buffered=buffered)).wait(120)
+            await (await c.stream(src, r, dst=dst, dst_region=r, buffered=buffered, checksum=checksum)).wait(120)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(count)))
@@ -159,16 +161,20 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
                     ceil = pair.gbps(nbytes, repeats)
                 else:  # the best frame size: the streamer chooses its own chunking too
                     ceil, frame = await ceiling_zmq_best(nbytes, repeats)
-                for buffered in (False, True):
-                    server, wall = await _time(c0, "p", region, dst, region, buffered, repeats)
-                    row = {"section": "e2e", "op": op, "path": path, "mode": "buffered" if buffered else "naive",
+                # the bench's streamers run with --no-checksums; "checksummed" is what a deployment's default
+                # ("remote": every transfer to another streamer is verified) costs
+                modes = [(False, False), (True, False)] + ([(True, True)] if op != "decode_step" else [])
+                for buffered, check in modes:
+                    server, wall = await _time(c0, "p", region, dst, region, buffered, repeats, check)
+                    mode = ("buffered" if buffered else "naive") + (" checksummed" if check else "")
+                    row = {"section": "e2e", "op": op, "path": path, "mode": mode,
                            "bytes": nbytes, "gbps": gbps(nbytes, server), "wall_gbps": gbps(nbytes, wall),
                            "wall_us": wall * 1e6, "ceiling": ceiling, "ceiling_gbps": ceil,
                            "ceiling_frame_bytes": frame, "fraction": gbps(nbytes, server) / ceil}
                     if op == "prompt_layer":  # a stream of layers, 8 in flight: the rate a prompt pass sustains
                         layer_regions = [region.sub_layers(k, k + 1) for k in range(layers)]
-                        await _stream(c0, "p", layer_regions, dst, buffered, count=8)  # warm-up
-                        secs = median([await _stream(c0, "p", layer_regions, dst, buffered)
+                        await _stream(c0, "p", layer_regions, dst, buffered, count=8, checksum=check)  # warm-up
+                        secs = median([await _stream(c0, "p", layer_regions, dst, buffered, checksum=check)
                                        for _ in range(max(1, repeats // 2))])
                         row.update(stream_gbps=gbps(32 * nbytes, secs), stream_transfers=32, in_flight=8,
                                    stream_fraction=gbps(32 * nbytes, secs) / ceil)
