@@ -214,6 +214,75 @@ def enable_peer_access(devices: list[int]) -> None:
                             raise
 
 
+# The streamer's checksum (streamer/integrity.py) in one pass and one kernel: every int32 word w at word
+# position p of the bytes adds w to part 0; in the whole 4096-word blocks, w * (p // 4096 + 1) to part 1 and
+# w * (p % 4096 + 1) to part 2; past them, w * (p - whole + 1) to part 3 - all modulo 2**32, which is what
+# torch's int32 row / column sums and weighted sums compute, so the parts are bit-identical to the CPU's. The
+# torch version costs about a dozen kernel launches and reductions per chunk (host time on the GPU thread, SM
+# time on the GPU): this is one launch and one read of the bytes.
+_CHECKSUM_SRC = r"""
+extern "C" __global__ void dv_checksum(const unsigned long long w_addr, const long long n32,
+                                       const long long whole, const unsigned long long out_addr) {
+    const unsigned int* w = (const unsigned int*)w_addr;
+    unsigned int s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < n32; p += stride) {
+        const unsigned int v = w[p];
+        s0 += v;
+        if (p < whole) {
+            s1 += v * (unsigned int)((p >> 12) + 1);
+            s2 += v * (unsigned int)((p & 4095) + 1);
+        } else {
+            s3 += v * (unsigned int)(p - whole + 1);
+        }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        s0 += __shfl_down_sync(0xffffffffu, s0, off);
+        s1 += __shfl_down_sync(0xffffffffu, s1, off);
+        s2 += __shfl_down_sync(0xffffffffu, s2, off);
+        s3 += __shfl_down_sync(0xffffffffu, s3, off);
+    }
+    __shared__ unsigned int part[32][4];
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+        part[warp][0] = s0; part[warp][1] = s1; part[warp][2] = s2; part[warp][3] = s3;
+    }
+    __syncthreads();
+    if (threadIdx.x < 4) {
+        unsigned int t = 0;
+        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) t += part[k][threadIdx.x];
+        atomicAdd((unsigned int*)out_addr + threadIdx.x, t);
+    }
+}
+"""
+_checksum_kernel: Any = None
+
+
+def checksum_parts_cuda(t: torch.Tensor) -> torch.Tensor | None:
+    """integrity.checksum_parts of a contiguous CUDA tensor whose size is a whole number of 4-byte words, as one
+    kernel on the current stream of its device (int32 [4] on that device; no host sync). None: not applicable
+    (no CuPy, a ragged size, an address not 4-byte aligned, non-contiguous) - the caller uses the torch version."""
+    global _checksum_kernel
+    nbytes = t.numel() * t.element_size()
+    if cupy is None or not t.is_cuda or nbytes % 4 or t.data_ptr() % 4 or not t.is_contiguous():
+        return None
+    import numpy as np
+
+    if _checksum_kernel is None:
+        _checksum_kernel = cupy.RawKernel(_CHECKSUM_SRC, "dv_checksum")
+    dev = t.device.index
+    out = torch.zeros(4, dtype=torch.int32, device=t.device)
+    n32 = nbytes // 4
+    if n32:
+        threads = 256
+        blocks = max(1, min(1024, -(-n32 // (threads * 8))))
+        stream = torch.cuda.current_stream(dev)
+        with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream.cuda_stream, dev):
+            _checksum_kernel((blocks,), (threads,), (np.uint64(t.data_ptr()), np.int64(n32),
+                                                      np.int64(n32 - n32 % 4096), np.uint64(out.data_ptr())))
+    return out
+
+
 def completion_event() -> torch.cuda.Event:
     """An event someone will wait on: blocking-sync, so a waiter sleeps instead of spinning a core that the
     stages on this host may need."""

@@ -109,10 +109,14 @@ class GpuMover:
         self._retired: list[Any] = []
 
     def setup(self) -> None:
-        """Create lanes (GPU thread)."""
+        """Create lanes, and build the checksum kernel for every device now rather than inside the first checked
+        transfer (GPU thread)."""
         for d in self.devices:
             self.lanes[d] = [Lane(d, self.staging_bytes) for _ in range(self.nlanes)]
             self._rr[d] = itertools.count()
+            with on_device(d):
+                checksum_parts(torch.zeros(1 << 14, dtype=torch.uint8, device=torch.device("cuda", d)))
+            torch.cuda.synchronize(d)
 
     def lane(self, device: int) -> Lane:
         return self.lanes[device][next(self._rr[device]) % self.nlanes]

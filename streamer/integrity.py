@@ -38,7 +38,18 @@ def _words(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def checksum_parts(t: torch.Tensor) -> torch.Tensor:
-    """Device-side checksum of a contiguous tensor's bytes: int32 [4] on t.device (no host sync)."""
+    """Device-side checksum of a contiguous tensor's bytes: int32 [4] on t.device (no host sync). On a GPU, one
+    fused kernel when CuPy is there (streamer.cuda.checksum_parts_cuda, bit-identical)."""
+    if t.is_cuda:
+        from streamer.cuda import checksum_parts_cuda
+
+        fused = checksum_parts_cuda(t)
+        if fused is not None:
+            return fused
+    return _checksum_parts_torch(t)
+
+
+def _checksum_parts_torch(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(-1).view(torch.uint8)
     w32, w16 = _words(flat)
     i32 = torch.int32

@@ -42,10 +42,24 @@ def gpu_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
+    """The GPU checksum - one fused kernel for whole-word sizes, the torch reductions otherwise - gives the CPU's
+    parts bit for bit: sizes around the 4096-word blocks, a 64 MiB chunk, ragged tails, an odd address."""
     need()
-    for n in (0, 6, 4096 * 4 * 7 + 2, 3 << 20):
+    from streamer.cuda import checksum_parts_cuda
+
+    for n in (0, 4, 6, 4096 * 4, 4096 * 4 * 7 + 2, 4096 * 4 * 3 + 8, 3 << 20, (64 << 20) + 12):
         t = fill_random(torch.empty(n, dtype=torch.uint8), n)
-        assert checksum_parts(t.cuda()).tolist() == checksum_parts(t).tolist()
+        g = t.cuda()
+        assert checksum_parts(g).tolist() == checksum_parts(t).tolist(), n
+        fused = checksum_parts_cuda(g)
+        assert (fused is not None) == (n % 4 == 0), n
+        if fused is not None:
+            assert fused.tolist() == checksum_parts(t).tolist(), n
+    t = fill_random(torch.empty(4096 * 4 * 2 + 6, dtype=torch.uint8), 9)
+    assert checksum_parts_cuda(t.cuda()[2:]) is None  # not 4-byte aligned: the torch version
+    assert checksum_parts(t.cuda()[2:]).tolist() == checksum_parts(t[2:]).tolist()
+    rows = fill_random(torch.empty((64, 96), dtype=torch.int32), 10)
+    assert checksum_parts(rows.cuda()[::2]).tolist() == checksum_parts(rows[::2].contiguous()).tolist()
 
 
 def _lib(layer_wait: str = "host", inline_dma: bool = False):  # type: ignore[no-untyped-def]
