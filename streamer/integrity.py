@@ -27,6 +27,8 @@ _BLOCK = 4096
 
 def _words(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int32 words of the 4-byte-aligned prefix, int16 words of the tail) of a flat uint8 tensor."""
+    if flat.storage_offset() % 4:  # a byte view starting mid-word cannot be viewed as words: copy it first
+        flat = flat.clone()
     n = flat.numel()
     head = n - n % 4
     w32 = flat[:head].view(torch.int32) if head else flat.new_zeros(0, dtype=torch.int32)
