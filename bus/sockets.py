@@ -81,6 +81,25 @@ async def send(sock: zmq.asyncio.Socket, codec: Codec, body: Msg, *, reply_to: i
     await sock.send_multipart(frames, copy=False)
 
 
+class Receiver:
+    """The receive side of a socket read by one loop: a message already queued is taken with a non-blocking
+    call on the raw socket; only when none is queued does it wait through zmq.asyncio. A queued message costs
+    ~5 us this way against ~25 us through zmq.asyncio's futures and event registration (CPU box; the
+    streamer's loops receive several messages per transfer). Safe because only this reader receives on the
+    socket: zmq.asyncio has no receive pending whenever the raw call runs, and it checks the socket's events
+    itself before it waits."""
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)  # the same ZeroMQ socket; never closed through this
+
+    async def recv(self) -> list[Any]:
+        try:
+            return self._raw.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return await self._sock.recv_multipart(copy=False)
+
+
 def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) -> tuple[list[bytes], Received]:
     """Split off `route_frames` identity frames and decode the rest. Raises ProtocolError."""
     from bus.errors import ProtocolError

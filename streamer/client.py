@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, Envelope, ErrorReply, Msg
-from bus.sockets import decode_frames, make_socket
+from bus.sockets import Receiver, decode_frames, make_socket
 from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.errors import StreamerDownError, StreamerError, error_for
@@ -130,9 +130,10 @@ class StreamerClient:
         return answer
 
     async def _read(self) -> None:
+        inbox = Receiver(self._sock)
         while True:
             try:
-                frames = await self._sock.recv_multipart(copy=False)
+                frames = await inbox.recv()
                 _, got = decode_frames(self._codec, frames)
             except ProtocolError as e:
                 log.warning("[stream] undecodable answer from the streamer: %s", e)

@@ -24,7 +24,7 @@ import zmq.asyncio
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import Msg
-from bus.sockets import decode_frames, make_socket, send
+from bus.sockets import Receiver, decode_frames, make_socket, send
 from streamer import wire
 from streamer.errors import BadRequestError, PeerDeadError, error_for
 
@@ -66,9 +66,10 @@ class PeerLink:
         return next(self._rseq)
 
     async def _read(self) -> None:
+        inbox = Receiver(self.sock)
         while not self.closed:
             try:
-                frames = await self.sock.recv_multipart(copy=False)
+                frames = await inbox.recv()
                 _, got = decode_frames(self._codec, frames)
             except ProtocolError as e:
                 log.warning("[stream] undecodable answer from peer %s: %s", self.name, e)

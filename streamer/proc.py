@@ -29,7 +29,7 @@ import zmq.asyncio
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
-from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from bus.sockets import Receiver, bound_address, context, decode_frames, make_socket, send
 from streamer import trace
 from streamer.config import StreamerConfig
 from streamer.dataplane import DataPlane
@@ -141,8 +141,9 @@ async def _until(stop: asyncio.Event) -> None:
 
 
 async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerService, stop: asyncio.Event) -> None:
+    inbox = Receiver(sock)
     while True:
-        frames = await sock.recv_multipart(copy=False)
+        frames = await inbox.recv()
         try:
             route, got = decode_frames(codec, frames, route_frames=1)
         except ProtocolError as e:
@@ -159,8 +160,9 @@ async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerSer
 
 
 async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -> None:
+    inbox = Receiver(sock)
     while True:
-        frames = await sock.recv_multipart(copy=False)
+        frames = await inbox.recv()
         try:
             route, got = decode_frames(codec, frames, route_frames=1)
         except ProtocolError as e:
