@@ -50,9 +50,11 @@ class StreamerConfig:
     # 8 MiB chunks into a replica pool at ~3.4 GB/s on an H200 host, under the ZeroMQ link's ~4.5 GB/s.
     frame_threads: int = 4
     # Python's switch interval in the streamer process (sys.setswitchinterval): how long a thread that wants the
-    # interpreter lock waits before the holder is made to drop it. At Python's default of 5 ms the GPU thread's
-    # and the waiter threads' work queues behind a busy event loop: a GPU-thread job of a stream of NCCL chunks
-    # took ~1 ms to come back though the thread was busy ~20% of the time (2xH200, bench/probe_remote.py).
+    # interpreter lock waits before the holder is made to drop it. At Python's default of 5 ms a waiter thread's
+    # completion queues behind a busy event loop: a stream of prompt layers to a peer GPU ran 139 GB/s with
+    # waiter-thread completions at 5 ms, 188 GB/s at 0.1-0.5 ms (2xH200, probe-dma-2xh200-2026-11-27-s6.json).
+    # A same-machine A/B of two streamer processes (probe-remote-2xh200-2026-11-27-s7.json) showed no change on
+    # NCCL or frame streams either way.
     switch_interval_us: float = 200.0
     nccl: bool = True  # use NCCL for remote GPU pool -> GPU pool when CuPy/NCCL are present
     # How a layered transfer from a GPU stage pool waits for layer l to be computed, once LayerReady came:
