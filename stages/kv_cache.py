@@ -52,8 +52,13 @@ class PoolLayout:
         return self.kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer: K and V of every slot (layers are laid out alike, one after another)."""
+        return 2 * self.num_slots * self.max_seq_len * self.row_bytes
+
+    @property
     def nbytes(self) -> int:
-        return self.num_layers * 2 * self.num_slots * self.max_seq_len * self.row_bytes
+        return self.num_layers * self.layer_bytes
 
     @property
     def layers(self) -> range:

@@ -107,14 +107,10 @@ def direct_plan(src: PoolLayout, region: Region, dst: PoolLayout, dst_region: Re
     ds, dd = region.layers[0] - src.first_layer, dst_region.layers[0] - dst.first_layer
     if ds == 0 and dd == 0:
         return list(chunks), [list(b) for b in blocks]
-    sb, db = ds * _layer_bytes(src), dd * _layer_bytes(dst)
+    sb, db = ds * src.layer_bytes, dd * dst.layer_bytes
     return ([Chunk(c.index, c.r0, c.r1, c.layer + ds, tuple(x + ds for x in c.completes)) for c in chunks],
             [[PairBlock(b.src_off + sb, b.src_pitch, b.dst_off + db, b.dst_pitch, b.width, b.height) for b in bs]
              for bs in blocks])
-
-
-def _layer_bytes(layout: PoolLayout) -> int:
-    return 2 * layout.num_slots * layout.max_seq_len * layout.row_bytes  # K and V of every slot
 
 
 @functools.lru_cache(maxsize=4096)

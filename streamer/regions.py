@@ -191,7 +191,7 @@ def region_blocks(layout: PoolLayout, region: Region, r0: int, r1: int) -> list[
     of prompt layers to a peer streamer computes it once (building the row map and its blocks for each 31 MiB
     layer took ~150 us of the loop, 2xH200, bench/probe_remote.py)."""
     blocks = _shape_blocks(layout, region.slots, region.tokens, region.num_layers, r0, r1)
-    shift = (region.layers[0] - layout.first_layer) * 2 * layout.num_slots * layout.max_seq_len * layout.row_bytes
+    shift = (region.layers[0] - layout.first_layer) * layout.layer_bytes
     if blocks is None or shift == 0:
         return None if blocks is None else list(blocks)
     return [Block(b.pool_off + shift, b.pitch, b.width, b.height, b.packed_off) for b in blocks]
