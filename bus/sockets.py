@@ -81,23 +81,74 @@ async def send(sock: zmq.asyncio.Socket, codec: Codec, body: Msg, *, reply_to: i
     await sock.send_multipart(frames, copy=False)
 
 
+def _rescan(sock: zmq.asyncio.Socket) -> None:
+    """After an operation on the raw socket: have zmq.asyncio look at the socket's events again, as it does after
+    its own operations. ZeroMQ's notification descriptor is edge-triggered and any send or receive may consume
+    its edge, so a receive waiting in zmq.asyncio would otherwise sleep through a message that a raw send let in
+    (or a send waiting for room through a raw receive). Cheap: nothing unless zmq.asyncio waits on something."""
+    sock._schedule_remaining_events()  # pyzmq's own hook for exactly this (zmq/_future.py)
+
+
+_RAW_OK = hasattr(zmq.asyncio.Socket, "_schedule_remaining_events")  # else: every operation through zmq.asyncio
+
+
 class Receiver:
     """The receive side of a socket read by one loop: a message already queued is taken with a non-blocking
     call on the raw socket; only when none is queued does it wait through zmq.asyncio. A queued message costs
     ~5 us this way against ~25 us through zmq.asyncio's futures and event registration (CPU box; the
-    streamer's loops receive several messages per transfer). Safe because only this reader receives on the
-    socket: zmq.asyncio has no receive pending whenever the raw call runs, and it checks the socket's events
-    itself before it waits."""
+    streamer's loops receive several messages per transfer). Only this reader receives on the socket, so
+    zmq.asyncio has no receive pending whenever the raw call runs; a send it may have pending is woken by
+    `_rescan`."""
 
     def __init__(self, sock: zmq.asyncio.Socket) -> None:
         self._sock = sock
         self._raw = zmq.Socket.shadow(sock.underlying)  # the same ZeroMQ socket; never closed through this
 
     async def recv(self) -> list[Any]:
+        if _RAW_OK:
+            try:
+                frames = self._raw.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            else:
+                _rescan(self._sock)
+                return frames
+        return await self._sock.recv_multipart(copy=False)
+
+
+class Sender:
+    """The send side of a socket written by one loop: a message goes out with one non-blocking call on the raw
+    socket when ZeroMQ can queue it now - the usual case - and only otherwise (its send queue full, or with
+    ZMQ_IMMEDIATE no peer connected yet) through zmq.asyncio, which waits for room. Order is kept: while any
+    send waits there, later ones queue behind it. zmq.asyncio makes the same non-blocking attempt first, but
+    builds a future and its bookkeeping per message; the streamer's loops send several messages per transfer
+    (the receive side: Receiver). All sends on the socket must go through this object."""
+
+    def __init__(self, sock: zmq.asyncio.Socket) -> None:
+        self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)  # the same ZeroMQ socket; never closed through this
+        self._waiting = 0
+
+    def send_now(self, frames: Sequence[Any]) -> bool:
+        """Queue `frames` with ZeroMQ now if it has room and no earlier send waits; False: use `send`. ZeroMQ
+        queues a multipart message whole or not at all."""
+        if self._waiting or not _RAW_OK:
+            return False
         try:
-            return self._raw.recv_multipart(zmq.NOBLOCK, copy=False)
+            self._raw.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return await self._sock.recv_multipart(copy=False)
+            return False
+        _rescan(self._sock)
+        return True
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        if self.send_now(frames):
+            return
+        self._waiting += 1
+        try:
+            await self._sock.send_multipart(frames, copy=False)
+        finally:
+            self._waiting -= 1
 
 
 def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) -> tuple[list[bytes], Received]:

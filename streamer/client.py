@@ -25,7 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, Envelope, ErrorReply, Msg
-from bus.sockets import Receiver, decode_frames, make_socket
+from bus.sockets import Receiver, Sender, decode_frames, make_socket
 from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.errors import StreamerDownError, StreamerError, error_for
@@ -82,6 +82,7 @@ class StreamerClient:
         self._sock = make_socket(self._ctx, zmq.DEALER, identity=name.encode())
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._sock.connect(address)
+        self._out = Sender(self._sock)  # every send on _sock goes through it (order)
         self._xfers = itertools.count(1)
         self._requests: dict[int, asyncio.Future[Msg]] = {}  # msg id -> answer
         self._transfers: dict[int, TransferHandle] = {}
@@ -109,14 +110,14 @@ class StreamerClient:
 
     async def _send(self, body: Msg) -> int:
         data, msg_id = self._encode(body)
-        await self._sock.send(data)
+        await self._out.send([data])
         return msg_id
 
     async def request(self, body: Msg, timeout: float | None = None) -> Msg:
         fut: asyncio.Future[Msg] = self._loop.create_future()
         data, msg_id = self._encode(body)
         self._requests[msg_id] = fut
-        await self._sock.send(data)
+        await self._out.send([data])
         t = self.request_timeout_s if timeout is None else timeout
         try:
             answer = await asyncio.wait_for(fut, t)
@@ -283,7 +284,7 @@ class StreamerClient:
         h.msg_id = msg_id
         self._by_msg[msg_id] = xfer
         try:
-            await self._sock.send(data)
+            await self._out.send([data])
         except BaseException:
             self._transfers.pop(xfer, None)
             self._by_msg.pop(msg_id, None)

@@ -24,7 +24,7 @@ import zmq.asyncio
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import Msg
-from bus.sockets import Receiver, decode_frames, make_socket, send
+from bus.sockets import Receiver, Sender, decode_frames, make_socket
 from streamer import wire
 from streamer.errors import BadRequestError, PeerDeadError, error_for
 
@@ -54,6 +54,7 @@ class PeerLink:
         self.sock = make_socket(ctx, zmq.DEALER, identity=me.encode(), max_message=max_message)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.connect(address)
+        self._out = Sender(self.sock)
         self._rseq = itertools.count(1)
         self._waiting: dict[tuple[Any, ...], asyncio.Future[Msg]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -96,8 +97,11 @@ class PeerLink:
     async def send(self, body: Msg, buffers: Sequence[Any] = ()) -> None:
         if self.closed:
             raise PeerDeadError(f"link to peer streamer {self.name} is closed")
+        frames = [self._codec.encode(body), *buffers]
+        if self._out.send_now(frames):
+            return
         try:
-            await asyncio.wait_for(send(self.sock, self._codec, body, buffers=buffers), self.timeout)
+            await asyncio.wait_for(self._out.send(frames), self.timeout)
         except TimeoutError:
             raise PeerDeadError(f"could not send to peer streamer {self.name} at {self.address} within "
                                 f"{self.timeout:.1f}s (setting: peer_timeout_s)") from None

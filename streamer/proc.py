@@ -29,7 +29,7 @@ import zmq.asyncio
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
-from bus.sockets import Receiver, bound_address, context, decode_frames, make_socket, send
+from bus.sockets import Receiver, Sender, bound_address, context, decode_frames, make_socket
 from streamer import trace
 from streamer.config import StreamerConfig
 from streamer.dataplane import DataPlane
@@ -45,14 +45,18 @@ class _Stopped(Exception):
 
 
 class _Outbox:
-    def __init__(self, control: zmq.asyncio.Socket, data: zmq.asyncio.Socket, codec: Codec) -> None:
-        self._control, self._data, self._codec = control, data, codec
+    """Every message the streamer sends on its two ROUTERs (bus.sockets.Sender: no zmq.asyncio future when
+    ZeroMQ has room, the usual case)."""
 
-    async def control(self, identity: str, body: Msg, reply_to: int = 0) -> None:
-        await send(self._control, self._codec, body, reply_to=reply_to, route=[identity.encode()])
+    def __init__(self, control: zmq.asyncio.Socket, data: zmq.asyncio.Socket, codec: Codec) -> None:
+        self._control, self._data, self._codec = Sender(control), Sender(data), codec
+
+    async def control(self, identity: str | bytes, body: Msg, reply_to: int = 0) -> None:
+        route = identity if isinstance(identity, bytes) else identity.encode()
+        await self._control.send([route, self._codec.encode(body, reply_to)])
 
     async def data(self, identity: str, body: Msg, reply_to: int = 0) -> None:
-        await send(self._data, self._codec, body, reply_to=reply_to, route=[identity.encode()])
+        await self._data.send([identity.encode(), self._codec.encode(body, reply_to)])
 
 
 def streamer_codec(name: str, incarnation: int) -> Codec:
@@ -141,7 +145,7 @@ async def _until(stop: asyncio.Event) -> None:
 
 
 async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerService, stop: asyncio.Event) -> None:
-    inbox = Receiver(sock)
+    inbox, out = Receiver(sock), svc.outbox
     while True:
         frames = await inbox.recv()
         try:
@@ -149,11 +153,11 @@ async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerSer
         except ProtocolError as e:
             log.warning("[stream] undecodable control message: %s", e)
             if len(frames) > 1:
-                await send(sock, codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[bytes(frames[0].bytes)])
+                await out.control(bytes(frames[0].bytes), ErrorReply(ERR_BAD_MESSAGE, str(e)))
             continue
         identity = route[0].decode(errors="replace")
         if isinstance(got.body, Shutdown):
-            await send(sock, codec, Ok("stopping"), reply_to=got.env.msg_id, route=route)
+            await out.control(route[0], Ok("stopping"), got.env.msg_id)
             stop.set()
             continue
         await svc.handle(identity, got.env.incarnation, got.env.msg_id, got.body)
