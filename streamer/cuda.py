@@ -15,6 +15,7 @@ Two rules from the lent machines (DESIGN.md section 8), enforced here:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -372,9 +373,73 @@ def synchronize_async(event: Any, device: int | None = None) -> asyncio.Future[N
     return _WAITERS.submit(event, asyncio.get_running_loop(), device)
 
 
-async def wait_event(event: Any, timeout: float, what: str, setting: str, spin_s: float = 0.0) -> None:
+class _Poller:
+    """The loop's one poller of device completions that are being spun on (wait_event with spin_s): one callback
+    per loop turn queries the waits in flight and settles their futures, instead of every waiting task waking
+    each turn to query its own event. With 8 prompt layers in flight that was 8 task wake-ups and 8 queries per
+    turn of a loop whose time per transfer is the limit (bench/probe_remote.py). Waits that share a `key` (the
+    CUDA stream their event was recorded on) complete in the order they were queued, so only the oldest of
+    each key is queried until it completes. A wait whose spin runs out settles False: the caller parks it on
+    a waiter thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._queues: dict[Any, collections.deque[tuple[Any, asyncio.Future[bool], float]]] = {}
+        self._scheduled = False
+        self.queries = 0  # for tests: how many queries the ticks made
+
+    def poll(self, event: Any, spin_s: float, key: Any = None) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = self.loop.create_future()
+        q = self._queues.get(key if key is not None else fut)  # no key: a queue of its own
+        if q is None:
+            q = self._queues[key if key is not None else fut] = collections.deque()
+        q.append((event, fut, time.perf_counter() + spin_s))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._tick)
+        return fut
+
+    def _tick(self) -> None:
+        self._scheduled = False
+        now = time.perf_counter()
+        for key in list(self._queues):
+            q = self._queues[key]
+            while q:
+                event, fut, end = q[0]
+                if not fut.done():  # a cancelled wait is just dropped
+                    self.queries += 1
+                    try:
+                        done = event.query()
+                    except Exception as e:  # noqa: BLE001 - a CUDA error on the event: the waiter raises it
+                        fut.set_exception(e)
+                    else:
+                        if done or now >= end:
+                            fut.set_result(done)
+                        else:
+                            break
+                q.popleft()
+            if not q:
+                del self._queues[key]
+        if self._queues:
+            self._scheduled = True
+            self.loop.call_soon(self._tick)
+
+
+_POLLER: list[_Poller] = []
+
+
+def _poller() -> _Poller:
+    loop = asyncio.get_running_loop()
+    if not _POLLER or _POLLER[0].loop is not loop:
+        _POLLER[:] = [_Poller(loop)]
+    return _POLLER[0]
+
+
+async def wait_event(event: Any, timeout: float, what: str, setting: str, spin_s: float = 0.0,
+                     key: Any = None) -> None:
     """Wait for device work without blocking the loop, within `timeout` seconds: first polled by the loop for up
-    to `spin_s` (between its other work: one query per loop turn), then on a waiter thread (see _Waiters).
+    to `spin_s` (one query per loop turn, by the loop's _Poller; `key`: the stream the event was recorded on,
+    if known), then on a waiter thread (see _Waiters).
 
     Why spin: a waiter thread's completion has to take the GIL from a busy loop and wake it; with prompt layers
     streamed back to back that hand-off, not the copy engines, set the pace - a stream of 31 MiB peer copies
@@ -383,12 +448,8 @@ async def wait_event(event: Any, timeout: float, what: str, setting: str, spin_s
     for it only for copies expected to end within the spin (GpuMover: completion_spin_us)."""
     if event.query():
         return
-    if spin_s > 0:
-        end = time.perf_counter() + spin_s
-        while time.perf_counter() < end:
-            await asyncio.sleep(0)  # one loop turn: whatever else is ready runs first
-            if event.query():
-                return
+    if spin_s > 0 and await _poller().poll(event, spin_s, key):
+        return
     fut = synchronize_async(event)
     try:
         await asyncio.wait_for(asyncio.shield(fut), timeout)

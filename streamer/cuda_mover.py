@@ -85,12 +85,14 @@ class GpuHandle:
     lane: Lane | None = None
     spin_s: float = 0.0  # how long the loop polls for completion before parking the wait on a thread
     gathered: Any = None  # NCCL sends: the gather's event (its digest is read once it completes)
+    key: Any = None  # the stream `event` was recorded on, when known (wait_event: in-order polling)
 
 
 # Conservative copy rates (bytes/s) for guessing how long a chunk's device work takes (GpuMover.spin_for): lower
 # than measured (H100/H200: HBM ~3 TB/s, NVLink peer 260-390 GB/s, pinned PCIe ~55 GB/s), so a guess errs long
 # and a long copy parks its wait on a thread instead of spinning.
 _RATE_SAME_DEVICE, _RATE_PEER, _RATE_HOST = 500e9, 200e9, 20e9
+_RATE_NCCL = 150e9  # one host's GPUs over NVLink: 167-358 GB/s for 16 MiB-1 GiB (4xH200); across hosts far less
 
 
 class GpuMover:
@@ -163,9 +165,15 @@ class GpuMover:
             rate = _RATE_HOST
         return self.spin_s if nbytes / rate <= self.spin_s / 4 else 0.0
 
+    def spin_nccl(self, nbytes: int) -> float:
+        """spin_for an NCCL chunk: its send or its receive + scatter (the 31 MiB prompt layer spins, a 64 MiB
+        chunk of a whole prompt parks). Polled like a copy for the same reason: a waiter thread's hand-off to a
+        busy loop took longer than the transfer (bench/probe_remote.py)."""
+        return self.spin_s if self.spin_s > 0 and nbytes / _RATE_NCCL <= self.spin_s / 4 else 0.0
+
     async def finish(self, handle: GpuHandle, timeout: float) -> None:
         try:
-            await wait_event(handle.event, timeout, handle.what, self._setting, handle.spin_s)
+            await wait_event(handle.event, timeout, handle.what, self._setting, handle.spin_s, handle.key)
         except TransferTimeoutError:
             if handle.lane is not None:
                 await self._on_gpu(self._retire, handle)
@@ -322,6 +330,7 @@ class GpuMover:
         for b in job.blocks or ():
             copy_2d(dp + b.dst_off, b.dst_pitch, sp + b.src_off, b.src_pitch, b.width, b.height, kind, st)
         h.event.record(st)
+        h.key = id(st)
 
     def _naive_copy(self, job: MoveJob, h: GpuHandle, stream: torch.cuda.Stream, a: int, b: int) -> None:
         """One cudaMemcpy(Peer)Async per contiguous piece, source pool to destination pool (no staging)."""

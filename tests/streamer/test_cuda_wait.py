@@ -156,3 +156,42 @@ def test_the_mover_spins_only_for_copies_expected_to_end_within_the_spin() -> No
     assert mover.spin_for(31 * MiB, g0, host) == 0.0  # a prompt layer over PCIe: ~0.6 ms, parked at once
     assert mover.spin_for(500 * MiB, g0, g1) == 0.0
     assert GpuMover([], 1 << 20, 1, None, None).spin_for(MiB, g0, g1) == 0.0  # type: ignore[arg-type]
+
+
+def test_waits_on_one_stream_are_polled_oldest_first_by_one_poller() -> None:
+    """Waits sharing a key (the stream their events were recorded on) complete in order: while the oldest is
+    not done, the ones queued behind it are not queried; all settle as they complete, none parks."""
+    async def scenario() -> None:
+        evs = [CountingEvent(after=10**9) for _ in range(3)]
+        waits = [asyncio.ensure_future(wait_event(ev, 5.0, "chunk", "transfer_timeout_s", spin_s=10.0, key="lane"))  # type: ignore[arg-type]
+                 for ev in evs]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert evs[0].queries > 5 and evs[1].queries == evs[2].queries == 1  # one query each: wait_event's own
+        evs[0].done.set()
+        evs[1].done.set()
+        await asyncio.wait_for(asyncio.gather(*waits[:2]), 5)
+        assert not waits[2].done()
+        evs[2].done.set()
+        await asyncio.wait_for(waits[2], 5)
+        assert sum(ev.synced for ev in evs) == 0
+
+    run(scenario)
+
+
+def test_a_cancelled_wait_leaves_the_poller_and_does_not_hold_up_its_stream() -> None:
+    async def scenario() -> None:
+        first, second = CountingEvent(after=10**9), CountingEvent(after=10**9)
+        a = asyncio.ensure_future(wait_event(first, 5.0, "a", "s", spin_s=10.0, key=1))  # type: ignore[arg-type]
+        b = asyncio.ensure_future(wait_event(second, 5.0, "b", "s", spin_s=10.0, key=1))  # type: ignore[arg-type]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        a.cancel()  # its transfer failed: the wait goes, its event is never queried again
+        second.done.set()
+        await asyncio.wait_for(b, 5)
+        polled = first.queries
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert first.queries == polled and a.cancelled()
+
+    run(scenario)
