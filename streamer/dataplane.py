@@ -11,8 +11,8 @@ StreamerService (pools, transfers, the GPU thread are shared through it); no soc
     NcclOffer         -> join a directed NCCL link                           -> NcclAccepted
 
 Frames are verified *before* they are scattered, so corrupt bytes never reach a pool; an NCCL chunk is acked
-only once its digest matched. NCCL chunks are received in the order they were announced (submitted to the FIFO
-GPU thread from the loop, in message order), each announcement exactly once - into scratch when refused.
+only once its digest matched. NCCL chunks are received in the order they were announced (posted by the loop
+as each announcement is handled, in message order), each announcement exactly once - into scratch when refused.
 """
 
 from __future__ import annotations
@@ -181,11 +181,17 @@ class DataPlane:
         if not 0 < msg.nbytes <= nccl.DISCARD_MAX_BYTES:
             svc.spawn(links.abort(link), f"nccl-abort-{peer}-{msg.link}")
             return
-        job = svc.rt.submit_gpu(nccl.enqueue_discard, link, msg.nbytes)
+        try:
+            h = nccl.enqueue_discard(link, msg.nbytes)
+        except Exception as e:  # noqa: BLE001 - not posted: the link is out of step, abort it
+            log.warning("[stream] discarding chunk %s of %s from %s on NCCL link %s: %s", msg.chunk, msg.rseq, peer,
+                        msg.link, e)
+            link.dead = True
+            svc.spawn(links.abort(link), f"nccl-abort-{peer}-{msg.link}")
+            return
 
         async def finish() -> None:
             try:
-                h = await job
                 await wait_event(h.event, svc.config.peer_timeout_s, h.what, "peer_timeout_s")
             except Exception as e:  # noqa: BLE001 - the link is out of step or dead: abort it
                 log.warning("[stream] discarding chunk %s of %s from %s on NCCL link %s: %s", msg.chunk, msg.rseq,
@@ -231,8 +237,8 @@ class DataPlane:
         await svc.rt.gpu.finish_write(h, svc.config.peer_timeout_s)
 
     def _apply_nccl(self, t: Inbound, msg: wire.RemoteChunk) -> Awaitable[None]:
-        """Submit the receive now - from the loop, in message order, to the FIFO GPU thread, so both ranks issue
-        their operations in the same order - and return what waits for it."""
+        """Post the receive now - in this step of the loop, in message order, so both ranks issue their
+        operations in the same order - and return what waits for it."""
         from streamer import nccl
 
         svc, link = self.svc, self._link(t.sender, t.open.link)
@@ -243,17 +249,24 @@ class DataPlane:
         rows = msg.rows[1] - msg.rows[0]
         check = t.open.checksum or msg.checksum is not None
         blocks = region_blocks(t.dst.layout, t.region, *msg.rows[:2])  # long pieces: scattered by DMA, no row map
-        fut = svc.rt.submit_gpu(lambda: nccl.enqueue_recv(
-            gm, link, t.dst, lambda: gm.device_index(RouteIndex(t.rows[msg.rows[0]: msg.rows[1]], None), link.device,
-                                                      "src"), rows, check,
-            blocks))
+        try:
+            h = nccl.enqueue_recv(
+                gm, link, t.dst, lambda: gm.device_index(RouteIndex(t.rows[msg.rows[0]: msg.rows[1]], None),
+                                                         link.device, "src"), rows, check, blocks)
+        except StreamerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a CUDA or NCCL error: the receive is not posted, the link is
+            link.dead = True    # out of step with its sender - abort it (the sender's send then fails)
+            svc.spawn(svc.rt.nccl.abort(link), f"nccl-abort-{t.sender}-{link.link_id}")
+            raise PeerDeadError(f"NCCL receive on link {link.link_id} from {t.sender} could not be posted: "
+                                f"{type(e).__name__}: {e}") from None
+        if trace.ON:
+            trace.mark("recv_enqueued", msg.rseq, msg.chunk)
+        spin = gm.spin_nccl(h.nbytes)
 
         async def finish() -> None:
-            h = await fut
-            if trace.ON:
-                trace.mark("recv_enqueued", msg.rseq, msg.chunk)
             try:
-                await wait_event(h.event, svc.config.peer_timeout_s, h.what, "peer_timeout_s")
+                await wait_event(h.event, svc.config.peer_timeout_s, h.what, "peer_timeout_s", spin, h.key)
             except TransferTimeoutError:
                 await svc.rt.nccl.abort(link)  # a sender that stopped sending: abort, never wait forever
                 raise PeerDeadError(f"NCCL receive from {t.sender} did not complete within "

@@ -545,11 +545,12 @@ class Transfer:
         async def settle(c: Chunk, h: tuple[Any, asyncio.Future[Any]]) -> None:
             nonlocal committed
             await check_open()
-            held, fut = h  # frames: the send buffer; NCCL: a task resolving to the device work of the send
+            held, fut = h  # frames: the send buffer; NCCL: a future of the send's handle (see _nccl_start)
             if link is not None:
                 held = await held
                 try:
-                    await wait_event(held.event, pt, held.what, "peer_timeout_s")
+                    await wait_event(held.event, pt, held.what, "peer_timeout_s", self.rt.gpu.spin_nccl(held.nbytes),
+                                     id(link.stream))
                 except TransferTimeoutError:
                     await self.rt.nccl.abort(link)  # never wait on NCCL forever: abort, the peer is gone
                     raise PeerDeadError(f"NCCL send to {r.peer} did not complete within {pt:.1f}s (setting: "
@@ -589,46 +590,44 @@ class Transfer:
             if not committed:
                 await self._abort_remote(peer, rseq)
 
-    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> asyncio.Task[Any]:
-        """Announce chunk `c` and queue its gather (by DMA blocks when its pieces are long) and send on the GPU
-        thread as one job, under the link's lock (the thread is FIFO, so both ranks see the same order without
-        the lock being held across the thread's round trip). Returns at once with a task resolving to the send's
-        handle, so the next chunks are announced and queued while this one's job runs; a checked chunk's digest
-        follows in its own message once its gather is done (the bytes do not wait for it)."""
+    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> asyncio.Future[Any]:
+        """Announce chunk `c` and enqueue its gather (by DMA blocks when its pieces are long) and send on the
+        link, in one step of the loop under the link's lock, so both ranks see the same order. Returns a future
+        of the send's handle, already settled unless the chunk is checked: its digest follows in its own message
+        once the gather is done (the bytes do not wait for it)."""
         from streamer import nccl
 
         gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
         check = self.checks(r)
         blocks = region_blocks(self.src.layout, r.src_region, c.r0, c.r1)  # long pieces: DMA, no row map
 
-        def s_idx() -> Any:  # GPU thread: the row map on the device, when the pieces are short
+        def s_idx() -> Any:  # the row map on the device, when the pieces are short
             return gm.device_index(r.index, dev, "src")[c.r0: c.r1]
 
         if trace.ON:
             trace.mark("gather", self.xfer, rseq, c.index)
         async with link.lock:
             await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], c.rows * rb, None, link.link_id))
-            job = self.rt.submit_gpu(lambda: nccl.enqueue_send(
-                link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks)))
-        if trace.ON:
-            trace.mark("announced", self.xfer, rseq, c.index)
-
-        async def queued() -> Any:
             try:
-                h = await job
+                h = nccl.enqueue_send(link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks))
             except BaseException:
                 # announced but not sent: the peer's receive for it never completes, so the link is out of step
                 if not link.dead:
                     await asyncio.shield(self.rt.nccl.abort(link))
                 raise
-            if trace.ON:
-                trace.mark("send_enqueued", self.xfer, rseq, c.index)
-            if check:
-                await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
-                await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
+        if trace.ON:
+            trace.mark("send_enqueued", self.xfer, rseq, c.index)
+        if not check:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(h)
+            return done
+
+        async def digest() -> Any:
+            await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
+            await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
             return h
 
-        return asyncio.ensure_future(queued())
+        return asyncio.ensure_future(digest())
 
     async def _abort_remote(self, peer: Any, rseq: int) -> None:
         code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL

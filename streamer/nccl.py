@@ -8,8 +8,15 @@ device; NCCL operations of one link never run on two streams.
 Lifecycle: the sender creates the unique id and offers it (wire.NcclOffer over the peer's data socket); both
 ranks call ncclCommInitRank, which blocks until the other joins - so init runs on a daemon thread of its own
 with a deadline (CuPy exposes no non-blocking init; a rank whose peer never joins leaves that thread stuck,
-not the streamer). A link whose operation misses its deadline is *aborted* (ncclCommAbort frees the
-communicator and makes its pending kernels return), never waited on forever; the next transfer builds a new link.
+not the streamer), followed by one small exchange that makes NCCL connect the pair (NcclLink._connect). A link
+whose operation misses its deadline is *aborted* (ncclCommAbort frees the communicator and makes its pending
+kernels return), never waited on forever; the next transfer builds a new link.
+
+Operations are issued by the event loop itself, each announcement's gather + send (sender) or receive +
+scatter (receiver) in the same loop step that sends or handles the announcement: on a connected link an
+NCCL send or receive only enqueues a kernel, as a cudaMemcpyAsync does. Through the GPU thread, each chunk paid
+two thread hand-offs per side, and the GPU thread waited for the interpreter lock behind the busy loop: the
+posting of a receive lagged its announcement by 0.2-0.8 ms (4xH200, bench/probe_remote.py, session 8).
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ def next_link_id() -> int:
     return next(_link_ids)
 
 
+CONNECT_BYTES = 1 << 20  # the exchange that connects a new link (NcclLink._connect)
 ABORT_TIMEOUT_S = 10.0  # ncclCommAbort returns in milliseconds; past this it is logged and left to its thread
 
 
@@ -124,6 +132,7 @@ class NcclLink:
             try:
                 with on_device(self.device):
                     comm = make_communicator(uid, self.rank)
+                    self._connect(comm)
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(comm))
             except Exception as e:  # noqa: BLE001 - reported to the awaiting task
                 err = e
@@ -140,6 +149,18 @@ class NcclLink:
             self.dead = True
             raise PeerDeadError(f"NCCL link {self.link_id} to {self.peer} failed to initialise: {e}") from None
         log.info("[stream] NCCL link %d to %s up (rank %d, cuda:%d)", self.link_id, self.peer, self.rank, self.device)
+
+    def _connect(self, comm: Any) -> None:
+        """Init thread: one small exchange (rank 0 sends, rank 1 receives) so NCCL sets up the link's
+        peer-to-peer connections here, under the init deadline. NCCL connects a pair of ranks at their first
+        send/receive, and that connect waits for the peer's host; every later operation only enqueues work on
+        the link's stream, which is what lets the event loop issue them itself (enqueue_send, enqueue_recv)."""
+        buf = torch.empty(CONNECT_BYTES, dtype=torch.uint8, device=torch.device("cuda", self.device))
+        if self.rank == 0:
+            comm.send(buf.data_ptr(), CONNECT_BYTES, _nccl.NCCL_UINT8, 1, self.stream.cuda_stream)
+        else:
+            comm.recv(buf.data_ptr(), CONNECT_BYTES, _nccl.NCCL_UINT8, 0, self.stream.cuda_stream)
+        self.stream.synchronize()
 
     def abort(self) -> None:
         """Any thread (normally through `abort_link`). Abort the communicator: pending NCCL kernels return,
@@ -167,8 +188,9 @@ class NcclLink:
 
 def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check: bool,
                    wait_layer: int | None, blocks: list[Block] | None = None) -> GpuHandle:
-    """GPU thread: gather the chunk on the source device into a buffer of its own (not a lane's: the send is
-    enqueued later, after other chunks may have used the lanes) - by 2-D DMA blocks pool -> buffer when given
+    """Event loop (like every enqueue_* here: each only enqueues device work, and the link connected at init):
+    gather the chunk on the source device into a buffer of its own (not a lane's staging: lanes are shared with
+    the GPU thread's copies) - by 2-D DMA blocks pool -> buffer when given
     (regions.long_blocks), else one index kernel over `s_idx()` (the route's row map on the device). `h.event` =
     gathered; `h.result` = buffer."""
     a = src.device.index
@@ -205,7 +227,7 @@ def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check:
 
 
 def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
-    """GPU thread: ncclSend of a gathered chunk on the link's stream (after the gather). Replaces `h.event`."""
+    """Event loop: ncclSend of a gathered chunk on the link's stream (after the gather). Replaces `h.event`."""
     link.check()
     assert h.result is not None
     with on_device(link.device):
@@ -221,10 +243,10 @@ def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
 
 def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, rows: int,
                  check: bool, blocks: list[Block] | None = None) -> GpuHandle:
-    """GPU thread: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream - by 2-D
+    """Event loop: ncclRecv into a buffer of its own on the link's stream, then scatter on a lane stream - by 2-D
     DMA blocks buffer -> pool when given (regions.long_blocks), else one index kernel over `d_idx()` (the row map on
-    the device). Must be called in the order the sender announced its chunks (the data loop submits in message
-    order to the FIFO GPU thread)."""
+    the device). Must be called in the order the sender announced its chunks (the data loop calls it as each
+    announcement is handled, in message order)."""
     link.check()
     b = link.device
     lb = mover.lane(b)
@@ -243,6 +265,7 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
         for blk in blocks:
             copy_2d(dp + blk.pool_off, blk.pitch, pp + blk.packed_off, blk.width, blk.width, blk.height, D2D, sb)
         h.event.record(sb)
+        h.key = id(sb)
         return h
     with on_device(b):
         sb.wait_stream(ls)
@@ -260,6 +283,7 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
                 h.keep.append(idx)
                 dst.rows.index_copy_(0, idx, packed)
         h.event.record(sb)
+    h.key = id(sb)
     return h
 
 
@@ -267,7 +291,7 @@ DISCARD_MAX_BYTES = 1 << 30  # an announcement larger than this is not received 
 
 
 def enqueue_discard(link: NcclLink, nbytes: int) -> GpuHandle:
-    """GPU thread: receive an announced chunk the receiver refuses into a scratch buffer, so the link's next
+    """Event loop: receive an announced chunk the receiver refuses into a scratch buffer, so the link's next
     operations still pair up (every announcement gets exactly one receive). `h.event`: received."""
     link.check()
     h = GpuHandle(completion_event(), f"NCCL discard from {link.peer} on link {link.link_id}", nbytes)
