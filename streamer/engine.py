@@ -167,6 +167,43 @@ class Runtime:
             self.send_buffers = SendBuffers(chunk, 4 * self.config.window)
 
 
+class _Watchdog:
+    """The deadlines of every transfer running on a loop, checked by one timer every PERIOD_S. asyncio.timeout
+    armed and cancelled a timer per transfer: a fifth of the loop's time per transfer in a stream of prompt
+    layers to a peer GPU (py-spy, 2xH200, bench/probe_remote.py, session 8). A transfer is interrupted at most
+    PERIOD_S after its deadline; deadlines are seconds (transfer_timeout_s, a request's deadline_s)."""
+
+    PERIOD_S = 0.05
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._live: dict[Transfer, asyncio.Task[Any]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, t: Transfer, task: asyncio.Task[Any]) -> None:
+        self._live[t] = task
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.PERIOD_S, self._check)
+
+    def forget(self, t: Transfer) -> None:
+        self._live.pop(t, None)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        for t in [t for t in self._live if t._t_end <= now]:
+            t._expire(self._live.pop(t))
+        self._timer = self.loop.call_later(self.PERIOD_S, self._check) if self._live else None
+
+
+_WATCHDOG: list[_Watchdog] = []
+
+
+def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
+    if not _WATCHDOG or _WATCHDOG[0].loop is not loop:
+        _WATCHDOG[:] = [_Watchdog(loop)]
+    return _WATCHDOG[0]
+
+
 def _first_error(eg: BaseExceptionGroup) -> BaseException:
     flat: list[BaseException] = []
 
@@ -200,6 +237,7 @@ class Transfer:
         self._ready: dict[int, asyncio.Event] = {}
         self._abort: StreamerError | None = None
         self._t_end = 0.0
+        self._expired = False
         self.task: asyncio.Task[None] | None = None
         self.incarnation = 0  # the requester's (a dead process's transfers are told apart from its successor's)
         self.times: dict[int, list[float]] | None = None  # {} to record LayerTimes (StreamRequest.timeline)
@@ -249,8 +287,12 @@ class Transfer:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         self._t_end = loop.time() + self.deadline_s
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog = _watchdog(loop)
+        watchdog.watch(self, task)
         try:
-            async with asyncio.timeout(self.deadline_s):
+            try:
                 if len(self.routes) == 1:  # the common case: no task group (host time per transfer matters)
                     r = self.routes[0]
                     await (self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
@@ -258,6 +300,10 @@ class Transfer:
                     async with asyncio.TaskGroup() as tg:
                         for r in self.routes:
                             tg.create_task(self._local(r) if isinstance(r, LocalRoute) else self._remote(r))
+            except asyncio.CancelledError:
+                if self._expired and self._abort is None and task.uncancel() == 0:
+                    raise TimeoutError from None  # the watchdog's cancel, nobody else's
+                raise
         except BaseExceptionGroup as eg:
             err = _first_error(eg)
             if isinstance(err, asyncio.CancelledError) and self._abort is not None:
@@ -272,7 +318,15 @@ class Transfer:
         except TimeoutError:
             raise TransferTimeoutError(f"transfer {self.xfer} of {self.owner} not done within {self.deadline_s:.1f}s "
                                        f"(request deadline_s, default setting transfer_timeout_s)") from None
+        finally:
+            watchdog.forget(self)
         return time.perf_counter() - t0
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        """The watchdog: past the deadline - interrupt whatever the transfer waits for (run() turns it into a
+        TransferTimeoutError)."""
+        self._expired = True
+        task.cancel()
 
     def _left(self) -> float:
         return max(0.0, self._t_end - asyncio.get_running_loop().time()) + 1e-3
@@ -309,9 +363,15 @@ class Transfer:
         index = device.index if device.type == "cuda" else None
         try:
             if index is not None:
-                with torch.cuda.device(index):  # an interprocess event: its owning device current (streamer/cuda.py)
+                # an interprocess event: queried with its owning device current (streamer/cuda.py); switching
+                # only when it is not (the context manager was ~15% of the loop's time per peer transfer)
+                if torch.cuda.current_device() == index:
                     if gpu_event.query():  # already computed (a region at rest): no thread hop
                         return
+                else:
+                    with torch.cuda.device(index):
+                        if gpu_event.query():
+                            return
             await asyncio.wait_for(asyncio.shield(synchronize_async(gpu_event, index)), timeout)
         except TimeoutError:
             after = "of its LayerReady " if self.layered else ""

@@ -178,6 +178,31 @@ def test_overall_deadline_and_cancel(env: Env) -> None:
     assert dst.filled == [0, 0]  # neither committed
 
 
+def test_a_deadline_fails_its_own_transfer_only_and_leaves_the_caller_running(env: Env) -> None:
+    """Deadlines are kept by one watchdog per loop (engine._Watchdog): the transfer past its deadline fails
+    with TransferTimeoutError, a concurrent one in the same task group completes, the awaiting task carries on
+    (no cancellation leaks out of run()), and nothing stays watched."""
+    from streamer.engine import _watchdog
+
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float16)
+    src = endpoint("p", lay, seed=5)
+    late, ok = endpoint("t1", lay, wire.POOL_REPLICA), endpoint("t2", lay, wire.POOL_REPLICA)
+    region = Region.uniform((0, 1), (0, 2), 0, 8)
+
+    async def scenario() -> None:
+        stuck = env.transfer(src, region, late, region, layered=True, deadline_s=0.2)  # no LayerReady ever
+        fine = env.transfer(src, region, ok, region, layered=True, deadline_s=30.0)
+        fine.layer_ready(0)
+        fine.layer_ready(1)
+        got = await asyncio.gather(stuck.run(), fine.run(), return_exceptions=True)
+        assert isinstance(got[0], TransferTimeoutError) and isinstance(got[1], float)
+        await asyncio.sleep(0.01)  # this task was not left with a pending cancellation
+        assert not _watchdog(asyncio.get_running_loop())._live
+
+    run(scenario)
+    assert ok.filled == [8, 8] and late.filled == [0, 0]
+
+
 def test_host_pool_fill_marks_commit_only_whole_transfers(env: Env) -> None:
     lay = PoolLayout(0, 2, 2, 16, 1, 4, torch.float32)
     src, dst = endpoint("s", lay, seed=1), endpoint("r", lay, wire.POOL_REPLICA)
