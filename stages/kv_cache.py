@@ -21,6 +21,7 @@ Blocking: read/write enqueue device work on the current stream and return; the c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,17 +47,17 @@ class PoolLayout:
     def shape(self) -> tuple[int, int, int, int, int, int]:
         return (self.num_layers, 2, self.num_slots, self.max_seq_len, self.kv_heads, self.head_dim)
 
-    @property
+    @functools.cached_property  # immutable: computed once (hot in the streamer's per-transfer path)
     def row_bytes(self) -> int:
         """Bytes of one token's K (or V) in one layer."""
         return self.kv_heads * self.head_dim * self.dtype.itemsize
 
-    @property
+    @functools.cached_property  # immutable: computed once (hot in the streamer's per-transfer path)
     def layer_bytes(self) -> int:
         """Bytes of one layer: K and V of every slot (layers are laid out alike, one after another)."""
         return 2 * self.num_slots * self.max_seq_len * self.row_bytes
 
-    @property
+    @functools.cached_property  # immutable: computed once (hot in the streamer's per-transfer path)
     def nbytes(self) -> int:
         return self.num_layers * self.layer_bytes
 
@@ -81,7 +82,7 @@ class Region:
     def num_layers(self) -> int:
         return self.layers[1] - self.layers[0]
 
-    @property
+    @functools.cached_property  # immutable: computed once (hot in the streamer's per-transfer path)
     def tokens_total(self) -> int:
         return sum(b - a for a, b in self.tokens)
 
