@@ -118,7 +118,7 @@ class DataPlane:
             self.svc.spawn(self._answer(peer, wire.RemoteOpened(msg.rseq, False, e.code, str(e)), msg_id), "refuse")
             return
 
-        if link is None and not msg.answer and msg.nchunks:
+        if (link is None or self.svc.rt.nccl.is_ready(link)) and not msg.answer and msg.nchunks:
             return  # accepted: the chunks' acks say so
 
         async def answer() -> None:

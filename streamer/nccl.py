@@ -370,10 +370,19 @@ class NcclLinks:
         link.joining = task  # type: ignore[attr-defined]
         return link
 
+    def is_ready(self, link: NcclLink) -> bool:
+        """The receiving rank is up (its init and connect are done) and the link alive."""
+        fut = self.ready.get((link.peer, link.link_id))
+        return (fut is None or (fut.done() and not fut.cancelled() and fut.exception() is None)) and not link.dead
+
     async def wait_ready(self, link: NcclLink) -> None:
         fut = self.ready.get((link.peer, link.link_id))
-        if fut is not None:
-            await asyncio.wait_for(asyncio.shield(fut), self._init_timeout + 1.0)
+        if fut is None:
+            return
+        if fut.done():
+            fut.result()  # raises if the rank never came up
+            return
+        await asyncio.wait_for(asyncio.shield(fut), self._init_timeout + 1.0)
 
     async def abort(self, link: NcclLink) -> None:
         await abort_link(link)  # not on the GPU thread: it may be blocked on this very link

@@ -46,6 +46,9 @@ def tensor_frame(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+CHECK_S = 0.05  # how often the deadlines of answers waited for are checked (PeerLink.answer)
+
+
 class PeerLink:
     def __init__(self, ctx: zmq.asyncio.Context, me: str, name: str, address: str, codec: Codec, timeout: float,
                  max_message: int) -> None:
@@ -58,6 +61,8 @@ class PeerLink:
         self._rseq = itertools.count(1)
         self._waiting: dict[tuple[Any, ...], asyncio.Future[Msg]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._deadlines: dict[asyncio.Future[Msg], tuple[float, str, float]] = {}  # answer(): end, what, timeout
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     def start(self) -> None:
@@ -107,12 +112,30 @@ class PeerLink:
                                 f"{self.timeout:.1f}s (setting: peer_timeout_s)") from None
 
     async def answer(self, fut: asyncio.Future[Msg], what: str, timeout: float | None = None) -> Msg:
+        """The answer `fut` (from `expect`) within `timeout` (peer_timeout_s) from now, else PeerDeadError. The
+        deadlines of all waits are checked by one timer every CHECK_S (a wait fails at most that late): a timer
+        per wait (asyncio.wait_for) is measurable when every chunk of a transfer waits for its ack."""
+        if fut.done():
+            return fut.result()
         t = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        self._deadlines[fut] = (loop.time() + t, what, t)
+        if self._timer is None:
+            self._timer = loop.call_later(CHECK_S, self._check)
         try:
-            return await asyncio.wait_for(fut, t)
-        except TimeoutError:
-            raise PeerDeadError(f"peer streamer {self.name} did not answer {what} within {t:.1f}s "
-                                f"(setting: peer_timeout_s)") from None
+            return await fut
+        finally:
+            self._deadlines.pop(fut, None)
+
+    def _check(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for fut, (end, what, t) in list(self._deadlines.items()):
+            if end <= now:
+                del self._deadlines[fut]
+                if not fut.done():
+                    fut.set_exception(PeerDeadError(f"peer streamer {self.name} did not answer {what} within "
+                                                    f"{t:.1f}s (setting: peer_timeout_s)"))
+        self._timer = asyncio.get_running_loop().call_later(CHECK_S, self._check) if self._deadlines else None
 
     async def request(self, body: Msg, key: tuple[Any, ...], what: str, buffers: Sequence[Any] = (),
                       timeout: float | None = None) -> Msg:
@@ -131,6 +154,9 @@ class PeerLink:
 
     def close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.fail_all(f"link to peer streamer {self.name} closed")
         if self._reader is not None:
             self._reader.cancel()
