@@ -583,6 +583,10 @@ class RemoteOpen(Msg, tag=240):
     # False: answer only a refusal (the chunks follow at once, and their acks say the open was accepted); a
     # transfer of no chunks is always answered
     answer: bool = True
+    # chunk 0 of the transfer, carried by its open (one message instead of two per single-chunk transfer, e.g.
+    # a prompt layer): handled as if it arrived right after the open - announced NCCL bytes are received (into
+    # scratch if the open is refused); VIA_FRAME: its frame follows this envelope
+    first: RemoteChunk | None = None
 
 
 class RemoteOpened(Msg, tag=241):

@@ -141,14 +141,20 @@ class Sender:
         _rescan(self._sock)
         return True
 
-    async def send(self, frames: Sequence[Any]) -> None:
-        if self.send_now(frames):
-            return
+    def queue(self, frames: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue `frames` behind the sends already waiting, now (in call order), through zmq.asyncio; the future
+        settles when ZeroMQ took the message (cancel it to give up)."""
         self._waiting += 1
-        try:
-            await self._sock.send_multipart(frames, copy=False)
-        finally:
-            self._waiting -= 1
+        fut = self._sock.send_multipart(frames, copy=False)
+        fut.add_done_callback(self._sent)
+        return fut
+
+    def _sent(self, _: Any) -> None:
+        self._waiting -= 1
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        if not self.send_now(frames):
+            await self.queue(frames)
 
 
 def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) -> tuple[list[bytes], Received]:

@@ -2,7 +2,8 @@
 StreamerService (pools, transfers, the GPU thread are shared through it); no sockets of its own.
 
     RemoteOpen        -> may this transfer land here? (Incoming.open)      -> RemoteOpened (a refusal; an
-                                                                              acceptance only when asked for)
+                                                                              acceptance only when asked for);
+                         its chunk 0 may ride with it (`first`), handled next as a RemoteChunk
     RemoteChunk       -> verify the bytes, then scatter them (frame threads / GPU) -> RemoteChunkAck (committed
                                                                               on the last)
     RemoteChunkDigest -> the source digest of a checked NCCL chunk, sent after its bytes
@@ -73,6 +74,8 @@ class DataPlane:
         try:
             if isinstance(body, wire.RemoteOpen):
                 self._open(peer, incarnation, msg_id, body)
+                if body.first is not None:  # chunk 0 rode with its open: handled as if it came next
+                    self._chunk(peer, incarnation, msg_id, self._first(peer, body), frames)
             elif isinstance(body, wire.RemoteChunk):
                 self._chunk(peer, incarnation, msg_id, body, frames)
             elif isinstance(body, wire.RemoteChunkDigest):
@@ -100,6 +103,19 @@ class DataPlane:
                         t.sender)
 
     # ------------------------------------------------------------------ receiving
+
+    @staticmethod
+    def _first(peer: str, msg: wire.RemoteOpen) -> wire.RemoteChunk:
+        """The chunk carried by an open, checked to belong to it: one naming another transfer is turned into a
+        chunk of this one that no transfer accepts (out of range), so it is refused - and, announced on an NCCL
+        link, still received into scratch."""
+        first = msg.first
+        assert first is not None
+        if first.rseq != msg.rseq or first.chunk != 0:
+            log.warning("[stream] %s sent chunk %s of transfer %s inside the open of %s", peer, first.chunk,
+                        first.rseq, msg.rseq)
+            return wire.RemoteChunk(msg.rseq, -1, first.rows, first.nbytes, first.checksum, first.link)
+        return first
 
     def _open(self, peer: str, incarnation: int, msg_id: int, msg: wire.RemoteOpen) -> None:
         """Register the transfer now (in message order: rseq checks stay monotonic); answer at once, or - for an

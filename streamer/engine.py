@@ -25,6 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from stages.kv_cache import PoolLayout, Region
@@ -546,35 +547,53 @@ class Transfer:
         await self._remote_via(r, peer, None)
 
     async def _remote_via(self, r: RemoteRoute, peer: Any, link: Any) -> None:
-        """Push the route to a peer streamer: frames (TCP) when `link` is None, else NCCL on `link`."""
-        rseq = peer.next_rseq()
-        if trace.ON:
-            trace.mark("open", self.xfer, rseq)
+        """Push the route to a peer streamer: frames (TCP) when `link` is None, else NCCL on `link`.
+
+        The open rides with chunk 0 (wire.RemoteOpen.first: one message less per transfer - a prompt layer is
+        one chunk), and the chunks follow without waiting a round trip for its answer. The peer registers (or
+        refuses) the open before it handles the chunk, and answers a refusal before any chunk's ack (it answers
+        in message order), so the refusal is what the transfer fails with; an accepted open with chunks is not
+        answered at all - the acks say it. The transfer's `rseq` is drawn when its open is sent (in the same
+        loop step), because the peer takes a sender's opens in increasing rseq order only. NCCL: a refused
+        transfer's announced chunks are still received (into scratch) by the peer, so the link stays in step
+        (wire.RemoteChunk); only a link's first transfer sends its open alone and waits for the answer, which also
+        says the peer's rank is up."""
         via, link_id = (wire.VIA_FRAME, 0) if link is None else (wire.VIA_NCCL, link.link_id)
-        what, refused = f"open of transfer {rseq}", f"{r.peer} refused transfer into {r.dst_pool!r}"
+        refused = f"{r.peer} refused transfer into {r.dst_pool!r}"
+        rseq = 0  # 0 until the open is sent
         opened: asyncio.Future[Any] | None = None  # the open's answer, awaited before the first ack counts
         refusal: asyncio.Future[Any] | None = None  # the open's answer if it is a refusal (none comes otherwise)
-        if link is None or link.confirmed:
-            # The chunks follow the open at once, without waiting a round trip for its answer. The peer registers
-            # (or refuses) the open before it reads the next message from us, so a chunk never meets an unknown
-            # transfer unless the open was refused - and that refusal is answered before any chunk's ack (the
-            # peer answers in message order), so it is what the transfer fails with. An accepted open with chunks
-            # is not answered at all: the chunks' acks say it. NCCL: a refused transfer's announced chunks are
-            # still received (into scratch) by the peer, so the link stays in step (wire.RemoteChunk); only a
-            # link's first transfer waits for the answer, which also says the peer's rank is up.
-            fut = peer.expect(("open", rseq))
-            await peer.send(self._open(r, rseq, via, link_id, answer=not r.chunks))
-            if r.chunks:
-                refusal = fut
-            else:
-                opened = asyncio.ensure_future(peer.answer(fut, what))
-        else:
-            raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
-            link.confirmed = True
+        deferred = bool(r.chunks) and (link is None or link.confirmed)
+        if not deferred:
+            rseq = peer.next_rseq()
             if trace.ON:
-                trace.mark("opened", self.xfer, rseq)
+                trace.mark("open", self.xfer, rseq)
+            what = f"open of transfer {rseq}"
+            if link is None or link.confirmed:  # no chunks: the answer is all there is
+                fut = peer.expect(("open", rseq))
+                await peer.send(self._open(r, rseq, via, link_id))
+                opened = asyncio.ensure_future(peer.answer(fut, what))
+            else:
+                raise_if_refused(await peer.request(self._open(r, rseq, via, link_id), ("open", rseq), what), refused)
+                link.confirmed = True
+                if trace.ON:
+                    trace.mark("opened", self.xfer, rseq)
         committed = not r.chunks
         pt = self.rt.config.peer_timeout_s
+
+        def announce(c: Chunk, nbytes: int, checksum: int | None, on_link: int) -> tuple[Any, asyncio.Future[Any]]:
+            """Chunk c's announcement - inside the open, for chunk 0 of a deferred open - and the future of its
+            ack. Sent by the caller in this same loop step (no await in between)."""
+            nonlocal rseq, refusal
+            if not rseq:
+                rseq = peer.next_rseq()
+                if trace.ON:
+                    trace.mark("open", self.xfer, rseq)
+                refusal = peer.expect(("open", rseq))
+            msg = wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], nbytes, checksum, on_link)
+            body = msgspec.structs.replace(self._open(r, rseq, via, link_id, answer=False), first=msg) \
+                if deferred and c.index == r.chunks[0].index else msg
+            return body, peer.expect(("chunk", rseq, c.index))
 
         async def check_open() -> None:
             nonlocal opened
@@ -588,19 +607,18 @@ class Transfer:
             return [await start_one(c) for c in g]
 
         async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
-            fut = peer.expect(("chunk", rseq, c.index))
-            if link is None:
-                if trace.ON:
-                    trace.mark("read", self.xfer, rseq, c.index)
-                data, dg, buf = await self._read(r, c)
-                if trace.ON:
-                    trace.mark("framed", self.xfer, rseq, c.index)
-                await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], data.numel() * data.element_size(),
-                                                 dg), [tensor_frame(data)])
-                if trace.ON:
-                    trace.mark("frame_sent", self.xfer, rseq, c.index)
-                return buf, fut
-            return await self._nccl_start(r, c, peer, link, rseq), fut
+            if link is not None:
+                return await self._nccl_start(r, c, peer, link, announce)
+            if trace.ON:
+                trace.mark("read", self.xfer, rseq, c.index)
+            data, dg, buf = await self._read(r, c)
+            if trace.ON:
+                trace.mark("framed", self.xfer, rseq, c.index)
+            body, fut = announce(c, data.numel() * data.element_size(), dg, 0)
+            await peer.send(body, [tensor_frame(data)])
+            if trace.ON:
+                trace.mark("frame_sent", self.xfer, rseq, c.index)
+            return buf, fut
 
         async def settle(c: Chunk, h: tuple[Any, asyncio.Future[Any]]) -> None:
             nonlocal committed
@@ -644,17 +662,20 @@ class Transfer:
             if opened is not None:  # failed before its answer was read
                 opened.cancel()
                 await asyncio.gather(opened, return_exceptions=True)
-            peer.forget(("open", rseq))
-            for c in r.chunks:
-                peer.forget(("chunk", rseq, c.index))
-            if not committed:
-                await self._abort_remote(peer, rseq)
+            if rseq:  # else nothing was sent
+                peer.forget(("open", rseq))
+                for c in r.chunks:
+                    peer.forget(("chunk", rseq, c.index))
+                if not committed:
+                    await self._abort_remote(peer, rseq)
 
-    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any, rseq: int) -> asyncio.Future[Any]:
-        """Announce chunk `c` and enqueue its gather (by DMA blocks when its pieces are long) and send on the
-        link, in one step of the loop under the link's lock, so both ranks see the same order. Returns a future
-        of the send's handle, already settled unless the chunk is checked: its digest follows in its own message
-        once the gather is done (the bytes do not wait for it)."""
+    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any,
+                          announce: Callable[..., tuple[Any, asyncio.Future[Any]]]
+                          ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Announce chunk `c` (`announce`: see _remote_via) and enqueue its gather (by DMA blocks when its pieces
+        are long) and send on the link, under the link's lock, so both ranks see the same order. Returns a
+        future of the send's handle - already settled unless the chunk is checked: its digest follows in its own
+        message once the gather is done (the bytes do not wait for it) - and the future of the chunk's ack."""
         from streamer import nccl
 
         gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
@@ -664,10 +685,12 @@ class Transfer:
         def s_idx() -> Any:  # the row map on the device, when the pieces are short
             return gm.device_index(r.index, dev, "src")[c.r0: c.r1]
 
-        if trace.ON:
-            trace.mark("gather", self.xfer, rseq, c.index)
         async with link.lock:
-            await peer.send(wire.RemoteChunk(rseq, c.index, [c.r0, c.r1], c.rows * rb, None, link.link_id))
+            body, acked = announce(c, c.rows * rb, None, link.link_id)
+            rseq = body.rseq
+            if trace.ON:
+                trace.mark("gather", self.xfer, rseq, c.index)
+            await peer.send(body)
             try:
                 h = nccl.enqueue_send(link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks))
             except BaseException:
@@ -680,14 +703,14 @@ class Transfer:
         if not check:
             done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             done.set_result(h)
-            return done
+            return done, acked
 
         async def digest() -> Any:
             await wait_event(h.gathered, self._left(), f"gather for {h.what}", "transfer_timeout_s")
             await peer.send(wire.RemoteChunkDigest(rseq, c.index, nccl.handle_digest(h, 0)))
             return h
 
-        return asyncio.ensure_future(digest())
+        return asyncio.ensure_future(digest()), acked
 
     async def _abort_remote(self, peer: Any, rseq: int) -> None:
         code = self._abort.code if self._abort is not None else wire.XFER_INTERNAL

@@ -106,7 +106,7 @@ class PeerLink:
         if self._out.send_now(frames):
             return
         try:
-            await asyncio.wait_for(self._out.send(frames), self.timeout)
+            await asyncio.wait_for(self._out.queue(frames), self.timeout)  # queued now: order kept
         except TimeoutError:
             raise PeerDeadError(f"could not send to peer streamer {self.name} at {self.address} within "
                                 f"{self.timeout:.1f}s (setting: peer_timeout_s)") from None

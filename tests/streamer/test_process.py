@@ -233,6 +233,41 @@ def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair)
     run(scenario)
 
 
+def test_pushes_to_one_peer_may_open_out_of_order_of_their_requests(pair) -> None:  # type: ignore[no-untyped-def]
+    """A push's open rides with its first chunk, so it is sent when that chunk is ready - after later pushes'
+    opens, if its layer comes later. The peer takes a sender's opens only in increasing order, so the order
+    number is drawn when the open is sent: the late one must not be refused as a replay."""
+    h0, h1 = pair
+    lay = layout_for(torch.float32)
+    region = Region((0, 1), (2, 4), ((0, 10), (2, 12)))
+
+    async def scenario() -> None:
+        p, t = StreamerClient(h0.control, "order-src"), StreamerClient(h1.control, "order-dst")
+        await connect(p)
+        await connect(t)
+        mem = SharedPoolMemory.create(lay)
+        fill_random(mem.tensor, 11)
+        await p.register_pool("order-src", mem)
+        await t.alloc_pool("order-rep", wire.POOL_REPLICA, lay)
+        other = Region((3, 4), (2, 4), ((0, 10), (2, 12)))
+        late = await p.stream("order-src", region, dst=wire.PoolRef("order-rep", "h1"), dst_region=region,
+                              layered=True)  # waits for its layers
+        early = await p.stream("order-src", region, dst=wire.PoolRef("order-rep", "h1"), dst_region=other)
+        await early.wait(10)  # opened and delivered while the first push still waits
+        await p.layer_ready([late.xfer], 2)
+        await p.layer_ready([late.xfer], 3)
+        await late.wait(10)
+        back = await p.stream(wire.PoolRef("order-rep", "h1"), other, dst="order-src",
+                              dst_region=Region((2, 4), (2, 4), ((0, 10), (2, 12))))
+        await back.wait(10)
+        assert torch.equal(packed(mem.tensor, lay, Region((2, 4), (2, 4), ((0, 10), (2, 12)))),
+                           packed(mem.tensor, lay, region))
+        await p.close()
+        await t.close()
+
+    run(scenario)
+
+
 def test_capacity_is_explicit_and_refused_when_exceeded(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
     big = PoolLayout(0, 8, 8, 64, 8, 16, torch.float32)  # 4 MiB: the whole swap capacity

@@ -28,6 +28,8 @@ def test_round_trip_every_message() -> None:
         wire.StreamRequest(7, wire.PoolRef("s0"), region, [wire.Route([2, 4], wire.PoolRef("r", "h1"), region)],
                            layered=True, checksum=False, tag="mb3/step9", notify=["t0"], progress=True),
         wire.RemoteChunk(3, 1, [10, 20], 320, 2**62), wire.RemoteOpen(1, "p", region, 2, 64, "float16", 8, True, 1),
+        wire.RemoteOpen(4, "p", region, 1, 64, "float16", 8, False, 2, link=3, answer=False,
+                        first=wire.RemoteChunk(4, 0, [0, 8], 64, None, 3)),
         wire.NcclOffer(5, list(range(-128, 0)), 0, "t1"), wire.StreamerStatus(
             "h0", 0, 1, [wire.CapacityInfo(1, 10, 2)], ["a"], 0, [], False, False),
     ]
