@@ -230,13 +230,14 @@ def enqueue_send(link: NcclLink, h: GpuHandle) -> GpuHandle:
     """Event loop: ncclSend of a gathered chunk on the link's stream (after the gather). Replaces `h.event`."""
     link.check()
     assert h.result is not None
-    with on_device(link.device):
-        ls = link.stream
-        ls.wait_event(h.event)
-        link.comm.send(h.result.data_ptr(), h.nbytes, _nccl.NCCL_UINT8, 1, ls.cuda_stream)
-        h.gathered = h.event
-        h.event = completion_event()
-        h.event.record(ls)
+    # no device switch (~20 us of context managers): NCCL makes the communicator's device current for its own
+    # launch (one thread may drive several devices' communicators), and torch's wait/record switch themselves
+    ls = link.stream
+    ls.wait_event(h.event)
+    link.comm.send(h.result.data_ptr(), h.nbytes, _nccl.NCCL_UINT8, 1, ls.cuda_stream)
+    h.gathered = h.event
+    h.event = completion_event()
+    h.event.record(ls)
     h.what = f"NCCL send to {link.peer} on link {link.link_id}"
     return h
 
@@ -257,8 +258,7 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
     packed = torch.empty((rows, dst.rows.shape[1]), dtype=dst.rows.dtype, device=dst.device)
     h.keep.append(packed)
     ls, sb = link.stream, lb.stream
-    with on_device(b):
-        link.comm.recv(packed.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)
+    link.comm.recv(packed.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)  # no device switch: enqueue_send
     if blocks is not None and not check:  # scatter by the copy engine: no current device or stream needed
         sb.wait_stream(ls)
         pp, dp = packed.data_ptr(), dst.flat.data_ptr()
