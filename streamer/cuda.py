@@ -379,21 +379,21 @@ class _Poller:
     each turn to query its own event. With 8 prompt layers in flight that was 8 task wake-ups and 8 queries per
     turn of a loop whose time per transfer is the limit (bench/probe_remote.py). Waits that share a `key` (the
     CUDA stream their event was recorded on) complete in the order they were queued, so only the oldest of
-    each key is queried until it completes. A wait whose spin runs out settles False: the caller parks it on
-    a waiter thread."""
+    each key is queried until it completes - and a wait's spin is counted from when the work ahead of it on its
+    stream completed (it cannot end before), so a queue of waits behind a busy stream does not run out of spin
+    while it waits its turn. A wait whose spin runs out settles False: the caller parks it on a waiter thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._queues: dict[Any, collections.deque[tuple[Any, asyncio.Future[bool], float]]] = {}
+        self._queues: dict[Any, collections.deque[list[Any]]] = {}  # [event, future, spin end, spin]
         self._scheduled = False
-        self.queries = 0  # for tests: how many queries the ticks made
 
     def poll(self, event: Any, spin_s: float, key: Any = None) -> asyncio.Future[bool]:
         fut: asyncio.Future[bool] = self.loop.create_future()
         q = self._queues.get(key if key is not None else fut)  # no key: a queue of its own
         if q is None:
             q = self._queues[key if key is not None else fut] = collections.deque()
-        q.append((event, fut, time.perf_counter() + spin_s))
+        q.append([event, fut, time.perf_counter() + spin_s, spin_s])
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._tick)
@@ -404,19 +404,24 @@ class _Poller:
         now = time.perf_counter()
         for key in list(self._queues):
             q = self._queues[key]
+            completed = False  # the wait ahead completed this turn: the next one's spin starts now
             while q:
-                event, fut, end = q[0]
+                entry = q[0]
+                event, fut = entry[0], entry[1]
                 if not fut.done():  # a cancelled wait is just dropped
-                    self.queries += 1
+                    if completed:
+                        entry[2] = max(entry[2], now + entry[3])
                     try:
                         done = event.query()
                     except Exception as e:  # noqa: BLE001 - a CUDA error on the event: the waiter raises it
                         fut.set_exception(e)
+                        done = False
                     else:
-                        if done or now >= end:
+                        if done or now >= entry[2]:
                             fut.set_result(done)
                         else:
                             break
+                    completed = done
                 q.popleft()
             if not q:
                 del self._queues[key]

@@ -166,10 +166,13 @@ class GpuMover:
         return self.spin_s if nbytes / rate <= self.spin_s / 4 else 0.0
 
     def spin_nccl(self, nbytes: int) -> float:
-        """spin_for an NCCL chunk: its send or its receive + scatter (the 31 MiB prompt layer spins, a 64 MiB
-        chunk of a whole prompt parks). Polled like a copy for the same reason: a waiter thread's hand-off to a
-        busy loop took longer than the transfer (bench/probe_remote.py)."""
-        return self.spin_s if self.spin_s > 0 and nbytes / _RATE_NCCL <= self.spin_s / 4 else 0.0
+        """spin_for an NCCL chunk - its send, or its receive + scatter: polled when it is expected to take at
+        most half the spin at a conservative rate (a 31 MiB prompt layer and the 64 MiB chunks of a whole prompt
+        spin; 128 MiB parks). The chunks of a link run one after another on its stream, and a wait's spin counts
+        from when the one ahead completed (cuda._Poller), so no allowance for queued chunks is needed beyond
+        that. Polled like a copy for the same reason: a waiter thread's hand-off to a busy loop took longer than
+        the transfer (bench/probe_remote.py)."""
+        return self.spin_s if self.spin_s > 0 and nbytes / _RATE_NCCL <= self.spin_s / 2 else 0.0
 
     async def finish(self, handle: GpuHandle, timeout: float) -> None:
         try:

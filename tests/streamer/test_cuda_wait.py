@@ -195,3 +195,31 @@ def test_a_cancelled_wait_leaves_the_poller_and_does_not_hold_up_its_stream() ->
         assert first.queries == polled and a.cancelled()
 
     run(scenario)
+
+
+def test_a_queued_wait_spins_from_when_the_work_ahead_of_it_completed() -> None:
+    """Two waits on one stream, each spinning 0.5 s: the second's work ends 0.6 s after both were queued -
+    past its own spin counted from then, but within the spin counted from when the first completed (0.3 s).
+    It is still polled, never parked on a waiter thread."""
+    async def scenario() -> None:
+        first, second = CountingEvent(after=10**9), CountingEvent(after=10**9)
+        waits = [asyncio.ensure_future(wait_event(ev, 5.0, "chunk", "peer_timeout_s", spin_s=0.5, key="link"))  # type: ignore[arg-type]
+                 for ev in (first, second)]
+        await asyncio.sleep(0.3)
+        first.done.set()
+        await asyncio.sleep(0.3)
+        second.done.set()
+        await asyncio.wait_for(asyncio.gather(*waits), 5)
+        assert first.synced == second.synced == 0
+
+    run(scenario)
+
+
+def test_nccl_chunks_of_a_whole_prompt_spin_and_larger_ones_park() -> None:
+    from streamer.cuda_mover import GpuMover
+
+    MiB = 1 << 20
+    mover = GpuMover([], 1 << 20, 1, None, None, spin_s=1e-3)  # type: ignore[arg-type]
+    assert mover.spin_nccl(31 * MiB) == mover.spin_nccl(64 * MiB) == 1e-3
+    assert mover.spin_nccl(128 * MiB) == 0.0
+    assert GpuMover([], 1 << 20, 1, None, None).spin_nccl(MiB) == 0.0  # type: ignore[arg-type]
