@@ -608,7 +608,7 @@ class Transfer:
 
         async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
             if link is not None:
-                return await self._nccl_start(r, c, peer, link, announce)
+                return self._nccl_start(r, c, peer, link, announce)
             if trace.ON:
                 trace.mark("read", self.xfer, rseq, c.index)
             data, dg, buf = await self._read(r, c)
@@ -656,7 +656,9 @@ class Transfer:
                     await self.rt.nccl.abort(link)
 
         try:
-            await self._pipeline([[c] for c in r.chunks], self.rt.config.window, start, settle, drain)
+            # NCCL chunks start right in the pipeline's step (no task per transfer): _nccl_start never waits
+            now = None if link is None else (lambda g: [self._nccl_start(r, c, peer, link, announce) for c in g])
+            await self._pipeline([[c] for c in r.chunks], self.rt.config.window, start, settle, drain, now)
             await check_open()  # a transfer of no chunks has only this answer
         finally:
             if opened is not None:  # failed before its answer was read
@@ -669,13 +671,15 @@ class Transfer:
                 if not committed:
                     await self._abort_remote(peer, rseq)
 
-    async def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any,
-                          announce: Callable[..., tuple[Any, asyncio.Future[Any]]]
-                          ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+    def _nccl_start(self, r: RemoteRoute, c: Chunk, peer: Any, link: Any,
+                    announce: Callable[..., tuple[Any, asyncio.Future[Any]]]
+                    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
         """Announce chunk `c` (`announce`: see _remote_via) and enqueue its gather (by DMA blocks when its pieces
-        are long) and send on the link, under the link's lock, so both ranks see the same order. Returns a
-        future of the send's handle - already settled unless the chunk is checked: its digest follows in its own
-        message once the gather is done (the bytes do not wait for it) - and the future of the chunk's ack."""
+        are long) and send on the link - all in this one step of the loop, with no await: the announcements
+        leave in the order they are posted (PeerLink.post keeps order even when one has to wait for room), and
+        the link's operations are enqueued in that same order, so both ranks agree without a lock. Returns a
+        future of the send's handle - already settled unless the chunk is checked: its digest follows in its
+        own message once the gather is done (the bytes do not wait for it) - and the future of its ack."""
         from streamer import nccl
 
         gm, dev, rb = self.rt.gpu, self.src.device.index, self.src.layout.row_bytes
@@ -685,19 +689,20 @@ class Transfer:
         def s_idx() -> Any:  # the row map on the device, when the pieces are short
             return gm.device_index(r.index, dev, "src")[c.r0: c.r1]
 
-        async with link.lock:
-            body, acked = announce(c, c.rows * rb, None, link.link_id)
-            rseq = body.rseq
-            if trace.ON:
-                trace.mark("gather", self.xfer, rseq, c.index)
-            await peer.send(body)
-            try:
-                h = nccl.enqueue_send(link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks))
-            except BaseException:
-                # announced but not sent: the peer's receive for it never completes, so the link is out of step
-                if not link.dead:
-                    await asyncio.shield(self.rt.nccl.abort(link))
-                raise
+        body, acked = announce(c, c.rows * rb, None, link.link_id)
+        rseq = body.rseq
+        if trace.ON:
+            trace.mark("gather", self.xfer, rseq, c.index)
+        queued = peer.post(body)
+        try:
+            h = nccl.enqueue_send(link, nccl.enqueue_gather(gm, self.src, s_idx, c.rows, check, c.layer, blocks))
+        except BaseException:
+            # announced but not sent: the peer's receive for it never completes, so the link is out of step
+            self.rt.nccl.abort_soon(link)
+            raise
+        if queued is not None:  # an announcement that never leaves leaves its send unmatched: abort the link
+            queued.add_done_callback(lambda f: None if not f.cancelled() and f.exception() is None
+                                     else self.rt.nccl.abort_soon(link))
         if trace.ON:
             trace.mark("send_enqueued", self.xfer, rseq, c.index)
         if not check:

@@ -119,7 +119,6 @@ class NcclLink:
         self.dead = False
         self.closed = False  # aborted on purpose (abort_link): an operation that fails now is stale, not a fault
         self.confirmed = False  # sender: a transfer was accepted on it, so the peer's rank is up (no open waits)
-        self.lock = asyncio.Lock()  # sender: enqueue + announce each chunk atomically (same order both sides)
         with on_device(device):
             self.stream = torch.cuda.Stream(device)
 
@@ -322,6 +321,7 @@ class NcclLinks:
         self.receiving: dict[tuple[str, int], NcclLink] = {}
         self.ready: dict[tuple[str, int], asyncio.Future[None]] = {}  # (sender, link id) -> its rank is up
         self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        self._aborting: set[asyncio.Task[None]] = set()  # abort_soon's tasks, referenced until done
 
     async def sender(self, peer: Any, src_device: int, dst_pool: str) -> NcclLink:
         """The live link to `peer` for this pool, building it if needed. Raises TransportUnavailableError if the
@@ -383,6 +383,13 @@ class NcclLinks:
             fut.result()  # raises if the rank never came up
             return
         await asyncio.wait_for(asyncio.shield(fut), self._init_timeout + 1.0)
+
+    def abort_soon(self, link: NcclLink) -> None:
+        """`abort` from code that cannot wait: the link is marked dead at once, the abort runs as a task."""
+        link.dead = True
+        task = asyncio.ensure_future(self.abort(link))
+        self._aborting.add(task)
+        task.add_done_callback(self._aborting.discard)
 
     async def abort(self, link: NcclLink) -> None:
         await abort_link(link)  # not on the GPU thread: it may be blocked on this very link

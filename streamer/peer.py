@@ -99,6 +99,20 @@ class PeerLink:
         if fut is not None and not fut.done():
             fut.cancel()
 
+    def post(self, body: Msg, buffers: Sequence[Any] = ()) -> asyncio.Future[Any] | None:
+        """Send now when ZeroMQ has room (None), else queue behind the sends already waiting and return the
+        queued send's future, cancelled if it has not left within peer_timeout_s. Never waits: what is posted
+        leaves in the order it was posted."""
+        if self.closed:
+            raise PeerDeadError(f"link to peer streamer {self.name} is closed")
+        frames = [self._codec.encode(body), *buffers]
+        if self._out.send_now(frames):
+            return None
+        fut = self._out.queue(frames)
+        timer = asyncio.get_running_loop().call_later(self.timeout, fut.cancel)
+        fut.add_done_callback(lambda _: timer.cancel())
+        return fut
+
     async def send(self, body: Msg, buffers: Sequence[Any] = ()) -> None:
         if self.closed:
             raise PeerDeadError(f"link to peer streamer {self.name} is closed")

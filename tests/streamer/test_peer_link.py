@@ -40,3 +40,21 @@ def test_an_unanswered_wait_fails_at_its_deadline_and_an_answered_one_returns() 
             ctx.destroy(0)
 
     run(scenario)
+
+
+def test_a_post_that_finds_no_peer_is_queued_in_order_and_given_up_after_the_timeout() -> None:
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        link = PeerLink(ctx, "me", "h9", "tcp://127.0.0.1:9", streamer_codec("me", 0), 0.2, 1 << 20)  # nobody there
+        try:
+            first = link.post(wire.RemoteAbort(1, 20, "x"))
+            second = link.post(wire.RemoteAbort(2, 20, "y"))  # behind the first, never ahead of it
+            assert first is not None and second is not None
+            t0 = time.monotonic()
+            await asyncio.wait([first, second], timeout=5)
+            assert first.cancelled() and second.cancelled() and time.monotonic() - t0 < 1.0
+        finally:
+            link.close()
+            ctx.destroy(0)
+
+    run(scenario)
