@@ -72,7 +72,7 @@ for line in open(sys.argv[1]):
     if s == "ceiling" and "gbps" in r:
         print(f"ceiling  {r['name']:8} {r['bytes'] / 2**20:8.1f} MiB {r['gbps']:8.1f} GB/s")
     elif s in ("op", "e2e"):
-        stream = f"  stream of 32: {r['stream_gbps']:8.1f} GB/s {100 * r['stream_fraction']:5.1f}%" \
+        stream = f"  stream of {r['stream_transfers']} ({r['in_flight']} in flight): {r['stream_gbps']:8.1f} GB/s {100 * r['stream_fraction']:5.1f}%" \
             if "stream_fraction" in r else ""
         print(f"{s:8} {r.get('shape', ''):5} {r['op']:13} {r['path']:9} {r['mode']:8} {r['bytes'] / 2**20:8.2f} MiB "
               f"{r.get('stream_gbps', r['gbps']) if s == 'op' else r['gbps']:8.1f} GB/s  {100 * r['fraction']:5.1f}% "

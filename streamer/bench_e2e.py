@@ -138,6 +138,9 @@ async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, 
     return time.perf_counter() - t0
 
 
+PROMPTS = 6  # whole prompts in the stream of prompts
+
+
 async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int) -> list[dict[str, Any]]:
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     lay = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16)
@@ -178,6 +181,14 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
                                        for _ in range(max(1, repeats // 2))])
                         row.update(stream_gbps=gbps(32 * nbytes, secs), stream_transfers=32, in_flight=8,
                                    stream_fraction=gbps(32 * nbytes, secs) / ceil)
+                    elif op == "prompt":  # microbatches' prompts back to back, 2 in flight: one transfer's
+                        # control-plane latency (request, open, last ack, answer: four process hops) overlaps
+                        # the other's bytes - the rate a stream of prompts handed to token stages sustains
+                        await _stream(c0, "p", [region], dst, buffered, count=2, window=2, checksum=check)  # warm-up
+                        secs = median([await _stream(c0, "p", [region], dst, buffered, count=PROMPTS, window=2,
+                                                     checksum=check) for _ in range(max(1, repeats // 3))])
+                        row.update(stream_gbps=gbps(PROMPTS * nbytes, secs), stream_transfers=PROMPTS, in_flight=2,
+                                   stream_fraction=gbps(PROMPTS * nbytes, secs) / ceil)
                     out.append(row)
     finally:
         if pair is not None:
