@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -197,6 +198,27 @@ def test_layer_ready_sent_from_the_compute_thread_itself_drives_a_layered_transf
     run(scenario)
 
 
+async def _pusher(h0: Any, h1: Any, name: str, lay: PoolLayout, seed: int) -> tuple[Any, Any, Any]:
+    """Clients of both streamers, a source pool "<name>-src" of random bytes registered with h0 and a replica
+    pool "<name>-rep" at h1: (source client, destination client, source memory)."""
+    p, t = StreamerClient(h0.control, f"{name}-src"), StreamerClient(h1.control, f"{name}-dst")
+    await connect(p)
+    await connect(t)
+    mem = SharedPoolMemory.create(lay)
+    fill_random(mem.tensor, seed)
+    await p.register_pool(f"{name}-src", mem)
+    await t.alloc_pool(f"{name}-rep", wire.POOL_REPLICA, lay)
+    return p, t, mem
+
+
+async def _pull_back_and_compare(p: Any, name: str, mem: Any, lay: PoolLayout, at_peer: Region, into: Region,
+                                 original: Region) -> None:
+    """Pull `at_peer` of the replica "<name>-rep" back into `into` of "<name>-src": it must hold `original`."""
+    back = await p.stream(wire.PoolRef(f"{name}-rep", "h1"), at_peer, dst=f"{name}-src", dst_region=into)
+    await back.wait(10)
+    assert torch.equal(packed(mem.tensor, lay, into), packed(mem.tensor, lay, original))
+
+
 def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair) -> None:  # type: ignore[no-untyped-def]
     """Frames follow a remote open without waiting for its answer: a refused open (no such pool there, or a
     region the pool cannot hold) must still surface as the refusal, and the link stays usable."""
@@ -205,13 +227,7 @@ def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair)
     region = Region((0, 1), (2, 4), ((0, 10), (2, 12)))
 
     async def scenario() -> None:
-        p, t = StreamerClient(h0.control, "refused-src"), StreamerClient(h1.control, "refused-dst")
-        await connect(p)
-        await connect(t)
-        mem = SharedPoolMemory.create(lay)
-        fill_random(mem.tensor, 5)
-        await p.register_pool("refused-src", mem)
-        await t.alloc_pool("refused-rep", wire.POOL_REPLICA, lay)
+        p, t, mem = await _pusher(h0, h1, "refused", lay, 5)
         with pytest.raises(BadRequestError, match="no-such-pool"):
             await (await p.stream("refused-src", region, dst=wire.PoolRef("no-such-pool", "h1"),
                                   dst_region=region)).wait(10)
@@ -222,11 +238,7 @@ def test_a_push_the_peer_refuses_fails_typed_and_the_next_one_goes_through(pair)
         done = await (await p.stream("refused-src", region, dst=wire.PoolRef("refused-rep", "h1"),
                                      dst_region=region)).wait(10)
         assert done.nbytes == region.nbytes(lay)
-        back = await p.stream(wire.PoolRef("refused-rep", "h1"), region, dst="refused-src",
-                              dst_region=Region((3, 4), (2, 4), ((0, 10), (2, 12))))
-        await back.wait(10)
-        assert torch.equal(packed(mem.tensor, lay, Region((3, 4), (2, 4), ((0, 10), (2, 12)))),
-                           packed(mem.tensor, lay, region))
+        await _pull_back_and_compare(p, "refused", mem, lay, region, Region((3, 4), (2, 4), ((0, 10), (2, 12))), region)
         await p.close()
         await t.close()
 
@@ -242,13 +254,7 @@ def test_pushes_to_one_peer_may_open_out_of_order_of_their_requests(pair) -> Non
     region = Region((0, 1), (2, 4), ((0, 10), (2, 12)))
 
     async def scenario() -> None:
-        p, t = StreamerClient(h0.control, "order-src"), StreamerClient(h1.control, "order-dst")
-        await connect(p)
-        await connect(t)
-        mem = SharedPoolMemory.create(lay)
-        fill_random(mem.tensor, 11)
-        await p.register_pool("order-src", mem)
-        await t.alloc_pool("order-rep", wire.POOL_REPLICA, lay)
+        p, t, mem = await _pusher(h0, h1, "order", lay, 11)
         other = Region((3, 4), (2, 4), ((0, 10), (2, 12)))
         late = await p.stream("order-src", region, dst=wire.PoolRef("order-rep", "h1"), dst_region=region,
                               layered=True)  # waits for its layers
@@ -257,11 +263,7 @@ def test_pushes_to_one_peer_may_open_out_of_order_of_their_requests(pair) -> Non
         await p.layer_ready([late.xfer], 2)
         await p.layer_ready([late.xfer], 3)
         await late.wait(10)
-        back = await p.stream(wire.PoolRef("order-rep", "h1"), other, dst="order-src",
-                              dst_region=Region((2, 4), (2, 4), ((0, 10), (2, 12))))
-        await back.wait(10)
-        assert torch.equal(packed(mem.tensor, lay, Region((2, 4), (2, 4), ((0, 10), (2, 12)))),
-                           packed(mem.tensor, lay, region))
+        await _pull_back_and_compare(p, "order", mem, lay, other, Region((2, 4), (2, 4), ((0, 10), (2, 12))), region)
         await p.close()
         await t.close()
 
