@@ -2,15 +2,17 @@
 gated by the stage's "layer ready" signals. Runs on the streamer's event loop; movers do the copying.
 
     local route   chunk -> mover.start (gather/copy/scatter enqueued) -> mover.finish (done + verified)
-    remote route  RemoteOpen -> per chunk: read packed rows, send (frame or NCCL), await the ack -> the
-                  last ack says the receiver committed
+    remote route  per chunk: read packed rows (frames) or gather + enqueue the send (NCCL), announce it -
+                  chunk 0 inside the transfer's RemoteOpen - and await the ack -> the last ack says the
+                  receiver committed
 
 Pipelining: up to `depth` chunks of a route are in flight (GPU: two per lane; remote: `window` unacked), so
 layer l+1's gather overlaps layer l's copy, and layer l's copy overlaps the stage computing layer l+1.
 Failure: the first error of any route fails the whole transfer; in-flight device work is drained before the
 transfer ends (the memory it touches stays valid until then), and a remote receiver is told to abort, so a
-failed transfer is never half-delivered. Deadlines: the whole transfer (`deadline_s` or transfer_timeout_s),
-each wait for a layer (layer_timeout_s), each answer from a peer (peer_timeout_s).
+failed transfer is never half-delivered. Deadlines: the whole transfer (`deadline_s` or transfer_timeout_s;
+kept by one watchdog per loop, _Watchdog: enforced within 50 ms), each wait for a layer (layer_timeout_s), each
+answer from a peer (peer_timeout_s; PeerLink.answer, also within 50 ms).
 """
 
 from __future__ import annotations

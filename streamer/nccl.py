@@ -87,8 +87,8 @@ ABORT_TIMEOUT_S = 10.0  # ncclCommAbort returns in milliseconds; past this it is
 
 async def abort_link(link: Any, timeout: float = ABORT_TIMEOUT_S) -> None:
     """Event loop. Abort `link` (anything with `abort()`, `link_id`, `peer`) on a thread of its own - never on
-    the GPU thread, which may be the very thread blocked on this link: a host-side send that waits for a peer
-    that died, or a synchronize on a receive whose sender is gone. ncclCommAbort is what releases such a wait
+    a thread that may be blocked on this link: the link's init thread (init and its connect wait for the peer),
+    or a waiter thread synchronizing on a receive whose sender is gone. ncclCommAbort is what releases such a wait
     (NCCL kernels and host waits poll the communicator's abort flag; torch's NCCL watchdog aborts from its own
     thread for the same reason), so queueing the abort behind that wait would deadlock until a supervisor kill.
     Marks the link dead and closed at once; returns when the abort is done or after `timeout`."""
@@ -392,7 +392,7 @@ class NcclLinks:
         task.add_done_callback(self._aborting.discard)
 
     async def abort(self, link: NcclLink) -> None:
-        await abort_link(link)  # not on the GPU thread: it may be blocked on this very link
+        await abort_link(link)  # on a thread of its own: another may be blocked on this very link
         for table in (self.sending, self.receiving):
             for k, v in list(table.items()):
                 if v is link:

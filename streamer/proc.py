@@ -6,9 +6,11 @@ One entry point: `run_streamer(config) -> exit code`. Started by the supervisor 
     control ROUTER  config.control_address   stages, supervisor, controller (streamer/wire.py 200-229)
     data ROUTER     config.data_address      peer streamers (240-259)
     DEALER per peer (streamer/peer.py), DEALER to the supervisor when config.supervisor_address is set
-Threads: "streamer-gpu" makes the CUDA/NCCL calls (the loop itself enqueues DMA-only copies, which never block:
-StreamerConfig.inline_dma); "streamer-copy" does CPU copies and checksums; "cuda-wait-N" block on device events
-that are not expected to complete soon. The loop never blocks on any of them. Shutdown (Shutdown message, SIGTERM, SIGINT): transfers fail with a typed error, pools
+Threads: "streamer-gpu" makes the CUDA calls that may block or launch kernels (the loop itself enqueues
+DMA-only copies, StreamerConfig.inline_dma, and the NCCL sends and receives of connected links - calls that only
+enqueue work; streamer/nccl.py); "streamer-copy" does CPU copies and checksums, "streamer-frame" applies
+ZeroMQ frames; "nccl-init-N" build NCCL links; "cuda-wait-N" block on device events that are not expected to
+complete soon (the loop polls the others: cuda._Poller). The loop never blocks on any of them. Shutdown (Shutdown message, SIGTERM, SIGINT): transfers fail with a typed error, pools
 are released, all within shutdown_timeout_s; the process then exits 0. Death any other way is seen by the
 supervisor (process sentinel, missing heartbeats) and by clients (disconnect -> StreamerDownError).
 """
