@@ -78,7 +78,7 @@ class RemoteRoute:
     dst_pool: str
     dst_region: Region
     index: RouteIndex  # source rows only
-    chunks: list[Chunk]
+    chunks: list[Chunk] | None  # None: planned by the transfer once it knows the path (NCCL chunks are larger)
     origin: str = ""  # set when this push answers a peer's PullRequest
     origin_xfer: int = 0
 
@@ -546,6 +546,10 @@ class Transfer:
                 r.chunks = plan_chunks(r.src_region, self.src.layout.row_bytes,
                                        max(self.rt.config.staging_bytes, DIRECT_CHUNK_BYTES), self.layered)
                 return await self._remote_via(r, peer, link)
+        if r.chunks is None:  # frames: one chunk per staging buffer (and at most tcp_chunk_bytes)
+            cfg = self.rt.config
+            r.chunks = plan_chunks(r.src_region, self.src.layout.row_bytes,
+                                   min(cfg.staging_bytes, cfg.tcp_chunk_bytes), self.layered)
         await self._remote_via(r, peer, None)
 
     async def _remote_via(self, r: RemoteRoute, peer: Any, link: Any) -> None:

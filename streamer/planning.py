@@ -14,7 +14,7 @@ from streamer.engine import LocalRoute, RemoteRoute, Runtime, Transfer, local_ro
 from streamer.errors import BadRequestError
 from streamer.movers import RouteIndex
 from streamer.pools import PoolTable
-from streamer.regions import check_region, plan_chunks, region_from_spec
+from streamer.regions import check_region, region_from_spec
 
 
 def transfer_options(config: StreamerConfig, msg: wire.StreamRequest) -> tuple[bool | None, bool, float]:
@@ -63,10 +63,9 @@ def plan_transfer(rt: Runtime, pools: PoolTable, owner: str, msg: wire.StreamReq
                 or sub.num_layers != dst_region.num_layers:
             raise BadRequestError("route's destination region differs in shape from its source layers")
         rt.peers.link(r.dst.streamer)  # an unknown peer fails now, not mid-transfer
-        size = min(config.staging_bytes, config.tcp_chunk_bytes)
         routes.append(RemoteRoute(sub, r.dst.streamer, r.dst.pool, dst_region,
                                   RouteIndex.build(src, sub, None, dst_region),  # row maps on first use
-                                  plan_chunks(sub, src.layout.row_bytes, size, msg.layered)))
+                                  None))  # chunks: planned for the path the transfer takes (engine._remote)
     t = Transfer(rt, owner, msg.xfer, msg.tag, src, routes, layered=msg.layered, checksum=check,
                  buffered=buffered, deadline_s=deadline, notify=list(msg.notify), on_layer=on_layer)
     if msg.timeline:
