@@ -388,6 +388,46 @@ def test_corrupt_and_duplicate_chunks_from_a_peer_are_refused(pair) -> None:  # 
     run(scenario)
 
 
+def test_a_chunk_carried_by_its_open_is_applied_once_and_a_mismatched_one_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    """RemoteOpen.first: chunk 0 rides with its transfer's open and is applied as if it came next (no answer to
+    the open itself: the chunks' acks say it). A carried chunk that names another transfer is refused, nothing
+    of that transfer commits, and the streamer goes on serving."""
+    h0, _ = pair
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)  # 16-byte rows
+    region = Region((1,), (0, 2), ((0, 8),))  # 32 rows = 512 bytes
+    data = fill_random(torch.empty(512, dtype=torch.uint8), 13)
+    half = [data[:256].numpy().tobytes(), data[256:].numpy().tobytes()]
+
+    def piece(rseq: int, i: int) -> wire.RemoteChunk:
+        return wire.RemoteChunk(rseq, i, [16 * i, 16 * i + 16], 256, checksum(data[256 * i: 256 * i + 256]))
+
+    def opening(rseq: int, first: wire.RemoteChunk) -> wire.RemoteOpen:
+        return wire.RemoteOpen(rseq, "rx2", region_to_spec(region), 2, 512, "float32", 16, True, wire.VIA_FRAME,
+                               answer=False, first=first)
+
+    async def scenario() -> None:
+        c = StreamerClient(h0.control, "rx2-owner")
+        await connect(c)
+        await c.alloc_pool("rx2", wire.POOL_RECEIVE, lay)
+        a = await raw_exchange(h0.data, "carrier", [opening(1, piece(7, 0))], [[half[0]]], answers=1)
+        assert isinstance(a[0], wire.RemoteChunkAck) and not a[0].ok and not a[0].committed
+        assert (await c.pool_info("rx2")).filled == [0, 0]
+        a = await raw_exchange(h0.data, "carrier", [opening(2, piece(2, 0)), piece(2, 1)], [[half[0]], [half[1]]],
+                               answers=2)
+        assert all(isinstance(x, wire.RemoteChunkAck) and x.ok for x in a)
+        assert sum(x.committed for x in a) == 1  # delivered once, no RemoteOpened for the quiet open
+        assert (await c.pool_info("rx2")).filled == [0, 8]
+        mem = SharedPoolMemory.create(lay)
+        await c.register_pool("rx2-check", mem)
+        await (await c.stream("rx2", region, dst="rx2-check", dst_region=region)).wait(5)
+        assert torch.equal(packed(mem.tensor, lay, region).reshape(-1), data)
+        await c.unregister_pool("rx2-check")
+        await c.free_pool("rx2")
+        await c.close()
+
+    run(scenario)
+
+
 def test_peer_death_fails_transfers_within_the_deadline(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
     d = tempfile.mkdtemp(prefix="dv")
