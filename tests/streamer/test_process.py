@@ -345,6 +345,18 @@ def test_duplicate_requests_are_refused(pair) -> None:  # type: ignore[no-untype
     run(scenario)
 
 
+async def _holds_then_free(c: StreamerClient, pool: str, lay: PoolLayout, region: Region, data: torch.Tensor) -> None:
+    """`region` of host pool `pool` holds exactly `data` (copied out into a fresh pool to look); then the pool
+    is freed and the client closed."""
+    mem = SharedPoolMemory.create(lay)
+    await c.register_pool(f"{pool}-check", mem)
+    await (await c.stream(pool, region, dst=f"{pool}-check", dst_region=region)).wait(5)
+    assert torch.equal(packed(mem.tensor, lay, region).reshape(-1), data)
+    await c.unregister_pool(f"{pool}-check")
+    await c.free_pool(pool)
+    await c.close()
+
+
 def test_corrupt_and_duplicate_chunks_from_a_peer_are_refused(pair) -> None:  # type: ignore[no-untyped-def]
     h0, _ = pair
     lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)  # 16-byte rows
@@ -377,13 +389,7 @@ def test_corrupt_and_duplicate_chunks_from_a_peer_are_refused(pair) -> None:  # 
         reopen = [x for x in a if isinstance(x, wire.RemoteOpened)]
         assert [x.ok for x in reopen] == [True, False] and reopen[1].code == wire.XFER_DUPLICATE
         assert (await c.pool_info("rx")).filled == [0, 8]
-        mem = SharedPoolMemory.create(lay)
-        await c.register_pool("rx-check", mem)
-        await (await c.stream("rx", region, dst="rx-check", dst_region=region)).wait(5)
-        assert torch.equal(packed(mem.tensor, lay, region).reshape(-1), data)
-        await c.unregister_pool("rx-check")
-        await c.free_pool("rx")
-        await c.close()
+        await _holds_then_free(c, "rx", lay, region, data)
 
     run(scenario)
 
@@ -417,13 +423,7 @@ def test_a_chunk_carried_by_its_open_is_applied_once_and_a_mismatched_one_refuse
         assert all(isinstance(x, wire.RemoteChunkAck) and x.ok for x in a)
         assert sum(x.committed for x in a) == 1  # delivered once, no RemoteOpened for the quiet open
         assert (await c.pool_info("rx2")).filled == [0, 8]
-        mem = SharedPoolMemory.create(lay)
-        await c.register_pool("rx2-check", mem)
-        await (await c.stream("rx2", region, dst="rx2-check", dst_region=region)).wait(5)
-        assert torch.equal(packed(mem.tensor, lay, region).reshape(-1), data)
-        await c.unregister_pool("rx2-check")
-        await c.free_pool("rx2")
-        await c.close()
+        await _holds_then_free(c, "rx2", lay, region, data)
 
     run(scenario)
 
