@@ -78,3 +78,15 @@ def test_checksum_of_a_byte_view_starting_mid_word() -> None:
     t = fill_random(torch.empty(4096 * 4 * 2 + 6, dtype=torch.uint8), 9)
     for k in (1, 2, 3):
         assert checksum_parts(t[k:]).tolist() == checksum_parts(t[k:].clone()).tolist()
+
+
+@pytest.mark.parametrize("nbytes", [0, 3, 7, 4096 * 4 - 2, 4096 * 4 * 3 + 10, 4096 * 4 * 5 + 1])
+def test_the_cpu_and_torch_checksums_give_the_same_bits(nbytes: int) -> None:
+    """CPU tensors are digested through numpy, tensors on a GPU without CuPy through torch (and with it by a
+    fused kernel, tested on the GPU machines): one algorithm, the same parts - for random bytes, all-ones
+    bytes (every sum wraps), and views starting mid-word."""
+    from streamer.integrity import _checksum_parts_cpu, _checksum_parts_torch
+
+    t = fill_random(torch.empty(nbytes + 3, dtype=torch.uint8), nbytes + 1)
+    for v in (t[:nbytes], t[1: nbytes + 1], t[3:], torch.full((nbytes,), 255, dtype=torch.uint8)):
+        assert _checksum_parts_cpu(v).tolist() == _checksum_parts_torch(v).tolist()
