@@ -190,7 +190,7 @@ class Lib:
                           spin_s=self.config.completion_spin_us * 1e-6)
         peers = PeerNet(self.ctx, "bench", streamer_codec("bench", 0), 5.0, 1 << 30, {})
         self.rt = Runtime(self.config, CpuMover(self.cpu_exec, staging_bytes), gm, peers, self.cpu_exec,
-                          self.on_gpu, None, set(), gpu_executor=self.gpu_exec)
+                          self.on_gpu, None, set())
 
     async def on_gpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.gpu_exec, fn, *args)

@@ -21,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -63,6 +63,18 @@ def copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: in
         log.warning("2-D peer copies refused by the driver; copying row by row")
         _PEER_2D["ok"] = False
         _rows_peer(dst, dpitch, src, spitch, width, height, stream)
+
+
+def gather_blocks(packed: int, pool: int, blocks: Iterable[Any], kind: int, stream: torch.cuda.Stream) -> None:
+    """Copy the pool bytes of DMA blocks (regions.Block) into the packed chunk at `packed`, one 2-D copy each."""
+    for b in blocks:
+        copy_2d(packed + b.packed_off, b.width, pool + b.pool_off, b.pitch, b.width, b.height, kind, stream)
+
+
+def scatter_blocks(pool: int, packed: int, blocks: Iterable[Any], kind: int, stream: torch.cuda.Stream) -> None:
+    """The reverse of gather_blocks: the packed chunk at `packed` onto its blocks' places in the pool."""
+    for b in blocks:
+        copy_2d(pool + b.pool_off, b.pitch, packed + b.packed_off, b.width, b.width, b.height, kind, stream)
 
 
 def _rows_peer(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,

@@ -35,12 +35,24 @@ from typing import Any
 
 import torch
 
-from streamer.cuda import D2D, D2H, DEFAULT, H2D, completion_event, copy_2d, curt, on_device, wait_event
+from streamer.cuda import (
+    D2D,
+    D2H,
+    DEFAULT,
+    H2D,
+    completion_event,
+    copy_2d,
+    curt,
+    gather_blocks,
+    on_device,
+    scatter_blocks,
+    wait_event,
+)
 from streamer.endpoints import Endpoint
 from streamer.errors import TransferTimeoutError
 from streamer.integrity import checksum_parts, digest, verify
 from streamer.movers import MoveJob, RouteIndex
-from streamer.regions import common_runs, dma_blocks, long_blocks
+from streamer.regions import Block, common_runs, dma_blocks
 
 
 class Lane:
@@ -379,9 +391,8 @@ class GpuMover:
                 torch.index_select(src.rows, 0, s_idx, out=packed)
                 if job.checksum:
                     self._parts(h, 0, packed)
-                for blk in dma_blocks(d_cpu, rb):  # the host side is written by the copy engine, in place
-                    curt.memcpy2DAsync(host + blk.pool_off, blk.pitch, la.ptr + blk.packed_off, blk.width,
-                                       blk.width, blk.height, D2H, sa.cuda_stream)
+                # the host side is written by the copy engine, in place
+                scatter_blocks(host, la.ptr, dma_blocks(d_cpu, rb), D2H, sa)
                 h.event = la.used(sa)
             else:
                 if job.checksum:
@@ -406,9 +417,7 @@ class GpuMover:
             if job.buffered:
                 lb.use(sb)
                 packed = lb.packed(c.rows, dst.rows)
-                for blk in dma_blocks(s_cpu, rb):
-                    curt.memcpy2DAsync(lb.ptr + blk.packed_off, blk.width, host + blk.pool_off, blk.pitch,
-                                       blk.width, blk.height, H2D, sb.cuda_stream)
+                gather_blocks(lb.ptr, host, dma_blocks(s_cpu, rb), H2D, sb)
                 if job.checksum:
                     self._parts(h, 1, packed)
                 dst.rows.index_copy_(0, d_idx, packed)
@@ -427,25 +436,23 @@ class GpuMover:
     # ------------------------------------------------------------------ to / from bytes (remote transports)
 
     async def read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
-                   wait_layer: int | None) -> GpuHandle:
-        return await self._on_gpu(self._read, src, index, r0, r1, buffered, check, wait_layer)
+                   wait_layer: int | None, blocks: list[Block] | None = None) -> GpuHandle:
+        """Packed rows [r0, r1) of `src` into pinned host memory. `blocks`: the chunk's DMA blocks when its pieces
+        are long (regions.region_blocks, planned once per region shape), used when buffered and unchecked."""
+        return await self._on_gpu(self._read, src, index, r0, r1, buffered, check, wait_layer, blocks)
 
     def _read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
-              wait_layer: int | None) -> GpuHandle:
+              wait_layer: int | None, blocks: list[Block] | None) -> GpuHandle:
         a, rb = src.device.index, src.layout.row_bytes
         la = self.lane(a)
         sa = la.stream
         out = torch.empty((r1 - r0) * rb, dtype=torch.uint8, pin_memory=True)
         h = GpuHandle(completion_event(), f"{src.name} rows [{r0}, {r1}) -> host", out.numel(), result=out, lane=la,
                       keep=[src.flat])
-        blocks = long_blocks(index.src[r0:r1], rb) if buffered and not check else None
         with on_device(a), torch.cuda.stream(sa):
             self.wait_source(sa, src, wait_layer)
-            if blocks is not None:  # long pieces: DMA blocks from the pool straight into the pinned buffer
-                sp, op = src.flat.data_ptr(), out.data_ptr()
-                for blk in blocks:
-                    curt.memcpy2DAsync(op + blk.packed_off, blk.width, sp + blk.pool_off, blk.pitch, blk.width,
-                                       blk.height, D2H, sa.cuda_stream)
+            if blocks is not None and buffered and not check:  # long pieces: pool -> pinned buffer by DMA
+                gather_blocks(out.data_ptr(), src.flat.data_ptr(), blocks, D2H, sa)
                 h.event.record(sa)
                 return h
             s_idx = self.device_index(index, a, "src")[r0:r1]

@@ -195,15 +195,14 @@ class DataPlane:
         if link is None or link.dead or link.comm is None:
             return
         if not 0 < msg.nbytes <= nccl.DISCARD_MAX_BYTES:
-            svc.spawn(links.abort(link), f"nccl-abort-{peer}-{msg.link}")
+            links.abort_soon(link)
             return
         try:
             h = nccl.enqueue_discard(link, msg.nbytes)
         except Exception as e:  # noqa: BLE001 - not posted: the link is out of step, abort it
             log.warning("[stream] discarding chunk %s of %s from %s on NCCL link %s: %s", msg.chunk, msg.rseq, peer,
                         msg.link, e)
-            link.dead = True
-            svc.spawn(links.abort(link), f"nccl-abort-{peer}-{msg.link}")
+            links.abort_soon(link)
             return
 
         async def finish() -> None:
@@ -272,8 +271,7 @@ class DataPlane:
         except StreamerError:
             raise
         except Exception as e:  # noqa: BLE001 - a CUDA or NCCL error: the receive is not posted, the link is
-            link.dead = True    # out of step with its sender - abort it (the sender's send then fails)
-            svc.spawn(svc.rt.nccl.abort(link), f"nccl-abort-{t.sender}-{link.link_id}")
+            svc.rt.nccl.abort_soon(link)  # out of step with its sender - abort it (the sender's send then fails)
             raise PeerDeadError(f"NCCL receive on link {link.link_id} from {t.sender} could not be posted: "
                                 f"{type(e).__name__}: {e}") from None
         if trace.ON:

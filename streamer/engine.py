@@ -155,14 +155,6 @@ class Runtime:
     nccl: Any = None  # NcclLinks | None
     no_nccl: set[tuple[str, str]] | None = None  # (peer, pool) that refused NCCL: use frames
     send_buffers: SendBuffers | None = None
-    gpu_executor: Executor | None = None  # the GPU thread (what `on_gpu` runs on): see `submit_gpu`
-
-    def submit_gpu(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Queue `fn` on the GPU thread *now* and return its future: work submitted in some order runs in that
-        order (one FIFO thread), which NCCL needs - both ranks of a link must post their operations in the
-        announced order - without holding a lock across the thread's round trip."""
-        assert self.gpu_executor is not None
-        return asyncio.get_running_loop().run_in_executor(self.gpu_executor, fn, *args)
 
     def __post_init__(self) -> None:
         if self.send_buffers is None:
@@ -612,9 +604,7 @@ class Transfer:
         async def start(g: list[Chunk]) -> list[tuple[Any, asyncio.Future[Any]]]:
             return [await start_one(c) for c in g]
 
-        async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:
-            if link is not None:
-                return self._nccl_start(r, c, peer, link, announce)
+        async def start_one(c: Chunk) -> tuple[Any, asyncio.Future[Any]]:  # frames (NCCL chunks: `now` below)
             if trace.ON:
                 trace.mark("read", self.xfer, rseq, c.index)
             data, dg, buf = await self._read(r, c)
@@ -743,7 +733,9 @@ class Transfer:
             data, dg = await loop.run_in_executor(self.rt.cpu_executor, _read_cpu, self.src, idx, self.buffered,
                                                   self.checks(r), buf)
             return data, dg, buf
-        h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, self.checks(r), c.layer)
+        check = self.checks(r)
+        blocks = region_blocks(self.src.layout, r.src_region, c.r0, c.r1) if self.buffered and not check else None
+        h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, check, c.layer, blocks)
         data, dg = await self.rt.gpu.finish_read(h, self._left())
         return data, dg, None
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from streamer.cuda import D2D, completion_event, copy_2d, cupy, on_device, require_cuda
+from streamer.cuda import D2D, completion_event, cupy, gather_blocks, on_device, require_cuda, scatter_blocks
 from streamer.cuda_mover import GpuHandle, GpuMover
 from streamer.endpoints import Endpoint
 from streamer.errors import PeerDeadError, TransportUnavailableError
@@ -201,18 +201,14 @@ def enqueue_gather(mover: GpuMover, src: Endpoint, s_idx: Any, rows: int, check:
     packed = torch.empty((rows, src.rows.shape[1]), dtype=src.rows.dtype, device=src.device)
     if blocks is not None and not check:  # copy engine only: no current device or stream needed (GpuMover._dma)
         mover.wait_source(sa, src, wait_layer)
-        pp, sp = packed.data_ptr(), src.flat.data_ptr()
-        for b in blocks:
-            copy_2d(pp + b.packed_off, b.width, sp + b.pool_off, b.pitch, b.width, b.height, D2D, sa)
+        gather_blocks(packed.data_ptr(), src.flat.data_ptr(), blocks, D2D, sa)
         h.event.record(sa)
         h.result = packed
         return h
     with on_device(a), torch.cuda.stream(sa):
         mover.wait_source(sa, src, wait_layer)
         if blocks is not None:
-            pp, sp = packed.data_ptr(), src.flat.data_ptr()
-            for b in blocks:
-                copy_2d(pp + b.packed_off, b.width, sp + b.pool_off, b.pitch, b.width, b.height, D2D, sa)
+            gather_blocks(packed.data_ptr(), src.flat.data_ptr(), blocks, D2D, sa)
         else:
             idx = s_idx()
             h.keep.append(idx)
@@ -260,9 +256,7 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
     link.comm.recv(packed.data_ptr(), nbytes, _nccl.NCCL_UINT8, 0, ls.cuda_stream)  # no device switch: enqueue_send
     if blocks is not None and not check:  # scatter by the copy engine: no current device or stream needed
         sb.wait_stream(ls)
-        pp, dp = packed.data_ptr(), dst.flat.data_ptr()
-        for blk in blocks:
-            copy_2d(dp + blk.pool_off, blk.pitch, pp + blk.packed_off, blk.width, blk.width, blk.height, D2D, sb)
+        scatter_blocks(dst.flat.data_ptr(), packed.data_ptr(), blocks, D2D, sb)
         h.event.record(sb)
         h.key = id(sb)
         return h
@@ -273,10 +267,7 @@ def enqueue_recv(mover: GpuMover, link: NcclLink, dst: Endpoint, d_idx: Any, row
                 h.parts = torch.empty((2, 4), dtype=torch.int32, pin_memory=True)
                 h.parts[1].copy_(checksum_parts(packed), non_blocking=True)
             if blocks is not None:
-                pp, dp = packed.data_ptr(), dst.flat.data_ptr()
-                for blk in blocks:
-                    copy_2d(dp + blk.pool_off, blk.pitch, pp + blk.packed_off, blk.width, blk.width, blk.height,
-                            D2D, sb)
+                scatter_blocks(dst.flat.data_ptr(), packed.data_ptr(), blocks, D2D, sb)
             else:
                 idx = d_idx()
                 h.keep.append(idx)

@@ -92,7 +92,7 @@ class StreamerService:
         # frames of remote transfers are gathered and scattered on their own threads (chunks in parallel; each
         # has its own buffer), apart from the one-thread CPU mover whose staging buffer is shared
         self.rt = Runtime(config, CpuMover(cpu_executor, config.staging_bytes), gpu, peers,
-                          frame_executor or cpu_executor, self.on_gpu, nccl_links, set(), gpu_executor=gpu_executor)
+                          frame_executor or cpu_executor, self.on_gpu, nccl_links, set())
         self._handlers: dict[type, Callable[[Who, Any], Awaitable[Msg | None]]] = {
             wire.RegisterPool: self._register, wire.UnregisterPool: self._unregister, wire.AllocPool: self._alloc,
             wire.FreePool: self._free, wire.StreamRequest: self._stream, wire.LayerReady: self._layer_ready,

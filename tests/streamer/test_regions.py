@@ -218,3 +218,41 @@ def test_chunk_blocks_reused_across_layers_match_the_row_maps(seed: int) -> None
         region = shape.sub_layers(lay.first_layer + a, lay.first_layer + a + n)
         for r0, r1 in ranges:
             assert region_blocks(lay, region, r0, r1) == long_blocks(region_rows(lay, region)[r0:r1], lay.row_bytes)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda.gather_blocks / scatter_blocks (what the NCCL and frame paths use to pack a chunk by DMA) move exactly
+    the chunk's rows: run here with host memory and a 2-D copy done row by row in Python, against index_select
+    / index_copy over the row map."""
+    import ctypes
+
+    from streamer import cuda
+    from streamer.regions import dma_blocks
+
+    def host_copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
+                     stream: object) -> None:
+        for k in range(height):
+            ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
+
+    monkeypatch.setattr(cuda, "copy_2d", host_copy_2d)
+    rng = random.Random(seed)
+    lay = random_layout(rng, torch.float16, max_seq=rng.choice([40, 600]), slots=rng.randint(2, 6))
+    t0 = rng.randint(0, lay.max_seq_len - 2)
+    # even token ranges (one prompt layer of a microbatch: blocks of many runs, pitch > width) or random ones
+    region = Region.uniform(sorted(rng.sample(range(lay.num_slots), rng.randint(2, lay.num_slots))),
+                            (0, lay.num_layers), t0, rng.randint(t0 + 1, lay.max_seq_len)) \
+        if seed % 2 == 0 else random_region(rng, lay)
+    idx = region_rows(lay, region)
+    r0, r1 = (0, idx.numel()) if seed % 4 == 0 else sorted(rng.sample(range(idx.numel() + 1), 2))
+    pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed)
+    rows = pool.view(-1, lay.row_bytes)
+    blocks = dma_blocks(idx[r0:r1], lay.row_bytes)
+    assert seed % 4 or any(b.height > 1 and b.pitch > b.width for b in blocks)  # whole even regions: 2-D blocks
+    packed = torch.zeros((r1 - r0, lay.row_bytes), dtype=torch.uint8)
+    cuda.gather_blocks(packed.data_ptr(), pool.data_ptr(), blocks, cuda.D2D, None)  # type: ignore[arg-type]
+    assert torch.equal(packed, rows.index_select(0, idx[r0:r1]))
+    back = torch.zeros_like(pool)
+    cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.D2D, None)  # type: ignore[arg-type]
+    want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
+    assert torch.equal(back, want)
