@@ -42,7 +42,7 @@ from streamer.incoming import Inbound, Incoming
 from streamer.integrity import checksum, verify
 from streamer.movers import RouteIndex, scatter_cpu
 from streamer.peer import frame_tensor
-from streamer.regions import check_region, packed_rows, region_blocks, region_from_spec
+from streamer.regions import check_region, region_blocks, region_from_spec
 from streamer.service import StreamerService
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,8 @@ class DataPlane:
             region = region_from_spec(msg.region)
             check_region(src.layout, region, f"pulled region of pool {src.name!r}")
             dst_region = region_from_spec(msg.dst_region)
-            route = RemoteRoute(region, peer, msg.dst_pool, dst_region, RouteIndex(packed_rows(src.layout, region), None),
+            route = RemoteRoute(region, peer, msg.dst_pool, dst_region,
+                                RouteIndex.build(src, region, None, dst_region),  # row maps on first use
                                 None, msg.origin, msg.pull)
             svc.peers.link(peer)
         except StreamerError as e:

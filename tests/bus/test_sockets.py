@@ -75,7 +75,7 @@ def test_an_answer_that_arrives_before_a_raw_send_still_wakes_the_waiting_reader
         server.setsockopt(zmq.LINGER, 0)
         server.bind("tcp://127.0.0.1:*")
         client = make_socket(ctx, zmq.DEALER, identity=b"c", connect=server.getsockopt_string(zmq.LAST_ENDPOINT))
-        stop = threading.Event()
+        stop, answered = threading.Event(), threading.Event()
 
         def echo() -> None:  # a peer in another thread, answering everything but b"quiet"
             poller = zmq.Poller()
@@ -85,6 +85,7 @@ def test_an_answer_that_arrives_before_a_raw_send_still_wakes_the_waiting_reader
                     ident, payload = server.recv_multipart()
                     if payload != b"quiet":
                         server.send_multipart([ident, payload])
+                        answered.set()
 
         thread = threading.Thread(target=echo, daemon=True)
         thread.start()
@@ -93,8 +94,11 @@ def test_an_answer_that_arrives_before_a_raw_send_still_wakes_the_waiting_reader
         await asyncio.sleep(0)  # parked in zmq.asyncio
         try:
             for r in range(20):
+                answered.clear()
                 assert c_out.send_now([f"q{r}".encode()])
-                time.sleep(0.01)  # the loop is held: the answer arrives and signals meanwhile
+                # the loop is held (blocking waits): the peer answers, and the answer crosses to our socket
+                assert answered.wait(5)
+                time.sleep(0.002)  # loopback delivery after the peer's send: no event to wait on from here
                 assert c_out.send_now([b"quiet"])  # a raw send that may consume that signal
                 frames = await asyncio.wait_for(reader, 2)
                 assert bytes(frames[0].bytes) == f"q{r}".encode()

@@ -197,17 +197,33 @@ def test_a_cancelled_wait_leaves_the_poller_and_does_not_hold_up_its_stream() ->
     run(scenario)
 
 
-def test_a_queued_wait_spins_from_when_the_work_ahead_of_it_completed() -> None:
-    """Two waits on one stream, each spinning 0.5 s: the second's work ends 0.6 s after both were queued -
-    past its own spin counted from then, but within the spin counted from when the first completed (0.3 s).
-    It is still polled, never parked on a waiter thread."""
+def test_a_queued_wait_spins_from_when_the_work_ahead_of_it_completed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two waits on one stream, each spinning 0.5 s (on a clock the test moves): the second's work ends 0.6 s
+    after both were queued - past its own spin counted from then, but within the spin counted from when the
+    first completed (0.3 s). It is still polled, never parked on a waiter thread."""
+    import types
+
+    from streamer import cuda
+
+    clock = [0.0]
+    monkeypatch.setattr(cuda, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    async def turns(n: int = 5) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)  # loop turns: the poller ticks once each
+
     async def scenario() -> None:
         first, second = CountingEvent(after=10**9), CountingEvent(after=10**9)
         waits = [asyncio.ensure_future(wait_event(ev, 5.0, "chunk", "peer_timeout_s", spin_s=0.5, key="link"))  # type: ignore[arg-type]
                  for ev in (first, second)]
-        await asyncio.sleep(0.3)
+        await turns()
+        clock[0] = 0.3
         first.done.set()
-        await asyncio.sleep(0.3)
+        await turns()
+        assert waits[0].done() and not waits[1].done()
+        clock[0] = 0.6  # past the second's spin from its queueing, within it from the first's completion
+        await turns()
+        assert not waits[1].done() and second.synced == 0  # still polled, not parked
         second.done.set()
         await asyncio.wait_for(asyncio.gather(*waits), 5)
         assert first.synced == second.synced == 0
