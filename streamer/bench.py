@@ -7,7 +7,8 @@
    stage's layers, a whole microbatch swap-out and swap-in - naive (one copy per contiguous piece) vs
    buffered (gather, one copy, scatter), as GB/s and as a fraction of the matching ceiling at the same size.
    Single-transfer latency includes host overhead; `stream_gbps` is a stream of 32 transfers with 8 in flight
-   (8 of 64 MiB and more), each planned in its turn: what a stream of layers sustains.
+   (8 of 64 MiB and more), each planned in its turn: what a stream of layers sustains (prompt layers: the
+   stage's layers in turn, as a prompt pass sends them; the same layer repeated: stream_gbps_same_region).
 3. End to end through real streamer processes (streamer/bench_e2e.py): GPU pool -> GPU pool on another
    "host" (NCCL), and over TCP - one transfer at a time, a stream of 32 prompt layers (8 in flight) and a
    stream of whole prompts (2 in flight: one's control-plane latency overlaps the other's bytes); and the overhead of layer-by-layer streaming on a real prompt pass, the stage
@@ -83,6 +84,15 @@ def ops(shape: Shape) -> list[tuple[str, Region, Region]]:
     ]
 
 
+def layer_stream(shape: Shape, op: str) -> list[tuple[Region, Region]] | None:
+    """The regions a stream of this operation takes in turn: prompt layers go out one layer after another, as a
+    prompt pass sends them (microbatch 0's slots, every layer of the stage); the other operations repeat."""
+    if op != "prompt_layer":
+        return None
+    slots = range(shape.mb)
+    return [(Region.uniform(slots, (k, k + 1), 0, shape.prompt),) * 2 for k in range(shape.layers)]
+
+
 async def bench_ops(lib: Lib, shape: Shape, on_gpu: bool, repeats: int, ceil: dict[tuple[str, int], float],
                     out: list[dict[str, Any]]) -> None:
     stage_where = "cuda:0" if on_gpu else "cpu"
@@ -118,7 +128,7 @@ async def one_op(lib: Lib, shape: Shape, op: str, path: str, src: Any, region: R
     for buffered in (False, True):
         mode = "buffered" if buffered else "naive"
         reps = repeats if buffered or nbytes < 64 * MiB else max(2, repeats // 2)
-        m = await lib.measure(src, region, dst, dst_region, buffered, reps)
+        m = await lib.measure(src, region, dst, dst_region, buffered, reps, stream_of=layer_stream(shape, op))
         figures[mode] = m
         emit({"section": "op", "shape": shape.name, "op": op, "path": path, "mode": mode,
               "staging_mib": lib.config.staging_bytes / MiB, **m,

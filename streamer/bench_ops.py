@@ -224,11 +224,15 @@ class Lib:
             torch.cuda.synchronize(d)
 
     async def measure(self, src: Endpoint, region: Region, dst: Endpoint, dst_region: Region, buffered: bool,
-                      repeats: int, concurrent: int = 8) -> dict[str, float]:
+                      repeats: int, concurrent: int = 8,
+                      stream_of: list[tuple[Region, Region]] | None = None) -> dict[str, float]:
         """Latency of one transfer (wall clock, host overhead included) and the throughput of a stream of
         transfers with `concurrent` in flight (what a stream of layers sustains): 32 of them (8 of 64 MiB and
         more), each planned when its turn comes, so one's planning and issue overlap the others' copies as in a
-        prompt pass streamed layer by layer; the stream's start and end are inside the clock.
+        prompt pass streamed layer by layer; the stream's start and end are inside the clock. `stream_of`: the
+        (source, destination) regions the stream takes in turn - a stage's layers one after another, as a
+        prompt pass sends them (the same region over and over has the copies in flight write the same memory);
+        then the same-region stream is reported too (stream_gbps_same_region).
 
         The stream is `concurrent` workers, each starting its next transfer when its last one is done (as
         bench/probe_remote.py drives it): the harness adds a task per worker, not one per transfer plus a
@@ -238,15 +242,13 @@ class Lib:
         nbytes = region.nbytes(src.layout)
         count = 32 if nbytes < 64 * MiB else concurrent
 
-        async def one() -> None:
-            await self.transfer(src, region, dst, dst_region, buffered).run()
-
-        async def batch(k: int, window: int) -> float:
+        async def batch(k: int, window: int, regions: list[tuple[Region, Region]]) -> float:
             todo = iter(range(k))
 
             async def worker() -> None:
-                for _ in todo:  # shared: a worker takes the next transfer when its last one is done
-                    await one()
+                for i in todo:  # shared: a worker takes the next transfer when its last one is done
+                    a, b = regions[i % len(regions)]
+                    await self.transfer(src, a, dst, b, buffered).run()
 
             self.sync()
             t0 = time.perf_counter()
@@ -254,15 +256,23 @@ class Lib:
             self.sync()
             return time.perf_counter() - t0
 
-        await batch(1, 1)  # warm-up (index upload, allocator)
-        single = median([await batch(1, 1) for _ in range(repeats)])
-        await batch(count, concurrent)  # warm-up of the stream (events and lanes of 8 in flight)
-        streams = [await batch(count, concurrent) for _ in range(max(1, repeats))]
-        return {"bytes": nbytes, "latency_us": single * 1e6, "gbps": gbps(nbytes, single),
-                "stream_gbps": gbps(nbytes * count, median(streams)), "stream_transfers": count,
-                "in_flight": concurrent, "stream_samples": len(streams),
-                "stream_gbps_min": gbps(nbytes * count, max(streams)),
-                "stream_gbps_max": gbps(nbytes * count, min(streams))}
+        async def streams(regions: list[tuple[Region, Region]]) -> list[float]:
+            await batch(count, concurrent, regions)  # warm-up of the stream (events and lanes of 8 in flight)
+            return [await batch(count, concurrent, regions) for _ in range(max(1, repeats))]
+
+        same = [(region, dst_region)]
+        await batch(1, 1, same)  # warm-up (index upload, allocator)
+        single = median([await batch(1, 1, same) for _ in range(repeats)])
+        timed = await streams(stream_of or same)
+        out = {"bytes": nbytes, "latency_us": single * 1e6, "gbps": gbps(nbytes, single),
+               "stream_gbps": gbps(nbytes * count, median(timed)), "stream_transfers": count,
+               "in_flight": concurrent, "stream_samples": len(timed),
+               "stream_gbps_min": gbps(nbytes * count, max(timed)),
+               "stream_gbps_max": gbps(nbytes * count, min(timed))}
+        if stream_of:
+            out["stream_regions"] = len(stream_of)
+            out["stream_gbps_same_region"] = gbps(nbytes * count, median(await streams(same)))
+        return out
 
     async def close(self) -> None:
         sys.setswitchinterval(getattr(self, "_switch", sys.getswitchinterval()))
