@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU run of the KV streaming library (issue 4) on a 2- or 4-GPU machine (H100/H200):
+# GPU run of the KV streaming library (issue 4) on a 1-, 2- or 4-GPU machine (H100/H200; one GPU: no peer or NCCL rows):
 #   1. the gpu-marked streamer tests: checksums across devices, GPU <-> pinned/pageable host and GPU -> GPU
 #      copies (buffered and naive), the stage's "layer ready" event gating a copy, CUDA IPC pools through a
 #      real streamer process, NCCL between two streamer processes, an NCCL send to a frozen peer aborted;

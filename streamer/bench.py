@@ -16,7 +16,7 @@
 
 Targets (issue 4): >= 90% of the ceiling for transfers of 16 MiB and more; streaming overhead <= 2%.
 
-    bin/dejavu-bench streamer --out bench/results/streamer-h100          # GPUs (2 or more)
+    bin/dejavu-bench streamer --out bench/results/streamer-h100          # GPUs (one GPU: no peer / NCCL rows)
     bin/dejavu-bench streamer --device cpu --quick [--json F] [--plot F]  # CI: small, under a minute
 
 Prints one JSON object per line; `--json`/`--plot` (or `--out DIR`) write the whole run and a figure.

@@ -100,9 +100,15 @@ async def _time(c: StreamerClient, src: Any, region: Region, dst: Any, dst_regio
     return median(server), median(wall)
 
 
+def two_gpus() -> bool:
+    """GPU pool -> GPU pool rows (NCCL, streaming to cuda:1) need a second GPU; a one-GPU host runs the rest."""
+    return torch.cuda.device_count() > 1
+
+
 async def remote_pools(c0: StreamerClient, c1: StreamerClient, lay: PoolLayout, on_gpu: bool) -> tuple[Any, Any]:
     """The pools of the remote rows: random bytes in a stage pool "p" registered with h0 (GPU: on cuda:0; CPU:
-    shared memory), a stage pool "t" on cuda:1 registered with h1 (GPU only) and a replica pool "rep" at h1.
+    shared memory), a stage pool "t" on cuda:1 registered with h1 (two GPUs or more) and a replica pool "rep"
+    at h1.
     Returns (source memory, destination memory or None): the caller keeps both referenced while registered (the
     exporter frees an IPC allocation on collection) and unregisters "p" and "t" before they go."""
     dst_mem = None
@@ -110,8 +116,9 @@ async def remote_pools(c0: StreamerClient, c1: StreamerClient, lay: PoolLayout, 
         from streamer.cuda import GpuPoolMemory
 
         src_mem: Any = GpuPoolMemory(lay, 0)
-        dst_mem = GpuPoolMemory(lay, 1)
-        await c1.register_pool("t", dst_mem)
+        if two_gpus():
+            dst_mem = GpuPoolMemory(lay, 1)
+            await c1.register_pool("t", dst_mem)
     else:
         from streamer.memory import SharedPoolMemory
 
@@ -151,9 +158,10 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
              # a microbatch's whole prompt KV (every layer) in one transfer: a prompt at rest handed to a token
              # stage, or a microbatch's replica; chunks pipelined within the transfer
              ("prompt", Region.uniform(slots, (0, layers), 0, prompt))]
-    dests = ([("nccl_gpu", wire.PoolRef("t", "h1"), "nccl")] if on_gpu else []) + \
+    nccl = on_gpu and two_gpus()  # one GPU: the GPU pool -> host replica rows over TCP only
+    dests = ([("nccl_gpu", wire.PoolRef("t", "h1"), "nccl")] if nccl else []) + \
         [("tcp_host", wire.PoolRef("rep", "h1"), "zmq_tcp")]
-    pair = NcclPair() if on_gpu else None
+    pair = NcclPair() if nccl else None
     out = []
     try:
         for op, region in cases:
@@ -194,7 +202,7 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
         if pair is not None:
             pair.close()
         await c0.unregister_pool("p")
-        if on_gpu:
+        if dst_mem is not None:
             await c1.unregister_pool("t")  # before dst_mem (the exporter's allocation) goes away
     return out
 
@@ -209,13 +217,16 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
     path, layers = stage_model(on_gpu, model_dir)
     batch, plen, lay = overhead_shape(on_gpu)
     device = "cuda:0" if on_gpu else "cpu"
+    target: Any = None  # a stage pool on cuda:1 (two GPUs or more): layers streamed to the peer GPU
     if on_gpu:
         from streamer.cuda import GpuPoolMemory
 
         mem: Any = GpuPoolMemory(lay, 0)
-        target = GpuPoolMemory(lay, 1)  # kept referenced while h0 has it mapped
-        await c0.register_pool("ov-t", target)
-        dests = [("cuda:1", "ov-t"), ("pinned", "ov-h")]
+        target = GpuPoolMemory(lay, 1) if two_gpus() else None  # kept referenced while h0 has it mapped
+        dests = [("pinned", "ov-h")]
+        if target is not None:
+            await c0.register_pool("ov-t", target)
+            dests.insert(0, ("cuda:1", "ov-t"))
     else:
         from streamer.memory import SharedPoolMemory
 
@@ -328,7 +339,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
             await compare(f"{where} block-end", region.nbytes(lay), *layered(c0, region, pool, block_end=True))
         if c_dev is not None:  # the same through a streamer whose copy streams wait on the stage's events
             await c_dev.register_pool("ov-p", mem)
-            if on_gpu:
+            if target is not None:
                 await c_dev.register_pool("ov-t", target)
             await c_dev.alloc_pool("ov-h", wire.POOL_SWAP, lay)
             try:
@@ -336,12 +347,12 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                     await compare(f"{where} device-wait", region.nbytes(lay), *layered(c_dev, region, pool))
             finally:
                 await c_dev.unregister_pool("ov-p")
-                if on_gpu:
+                if target is not None:
                     await c_dev.unregister_pool("ov-t")
     finally:
         compute.shutdown()
         await c0.unregister_pool("ov-p")
-        if on_gpu:
+        if target is not None:
             await c0.unregister_pool("ov-t")
     return out
 
