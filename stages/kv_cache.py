@@ -74,6 +74,15 @@ class Region:
     layers: tuple[int, int]
     tokens: tuple[tuple[int, int], ...]
 
+    def __hash__(self) -> int:
+        """Hashed once (immutable): regions key the streamer's plan and check caches on every transfer, and a
+        region's hash walks all of its slots' token ranges. Kept by dataclass (an explicit __hash__ wins)."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.slots, self.layers, self.tokens))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @classmethod
     def uniform(cls, slots: Sequence[int], layers: tuple[int, int], start: int, stop: int) -> Region:
         return cls(tuple(slots), layers, tuple((start, stop) for _ in slots))

@@ -235,9 +235,10 @@ class PairBlock:
 DIRECT_RUN_BYTES = 128 * 1024  # pieces at least this long on average go pool to pool by DMA, with no staging
 
 
+@functools.lru_cache(maxsize=8192)
 def direct_worthwhile(region: Region, row_bytes: int, min_run_bytes: int = DIRECT_RUN_BYTES) -> bool:
     """Whether the region's pieces are long enough, on average, for pool-to-pool DMA to beat staging (a copy
-    engine moves short pieces slowly, and every copy call costs host time)."""
+    engine moves short pieces slowly, and every copy call costs host time). Remembered (asked per transfer)."""
     pieces = sum(1 for t0, t1 in region.tokens if t1 > t0)
     return pieces > 0 and region.tokens_total * row_bytes >= min_run_bytes * pieces
 

@@ -149,6 +149,18 @@ def test_bad_regions_raise(region: Region, message: str) -> None:
     assert torch.equal(pool.data, before)
 
 
+def test_region_hash_is_remembered_and_agrees_with_equality() -> None:
+    """Regions key the streamer's plan caches: a region's hash is computed once, equal regions hash alike
+    however they were built, and the remembered hash takes no part in equality."""
+    a = Region.uniform(range(3), (1, 2), 0, 5)
+    b = Region((0, 1, 2), (1, 2), ((0, 5), (0, 5), (0, 5)))
+    hash(a)
+    assert a == b and hash(a) == hash(b) == hash(((0, 1, 2), (1, 2), ((0, 5),) * 3))
+    assert {a: 1}[b] == 1 and a.sub_layers(1, 2) == a
+    assert a != Region.uniform(range(3), (1, 2), 0, 4) and hash(a) != hash(Region.uniform(range(3), (1, 2), 0, 4))
+    assert repr(a) == repr(b)  # nothing extra shows
+
+
 def test_write_with_the_wrong_size_raises() -> None:
     pool = KVPool(_layout())
     region = Region.uniform([0, 1], (3, 5), 0, 4)
