@@ -10,6 +10,7 @@ warm-up.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -203,6 +204,8 @@ class Lib:
         if self.rt.gpu is not None:
             await self.on_gpu(cuda.enable_peer_access, self.devices)
             await self.on_gpu(self.rt.gpu.setup)
+        gc.collect()  # as the streamer process does after start-up (streamer/proc.py)
+        gc.freeze()
 
     def endpoint(self, name: str, layout: PoolLayout, where: str, kind: int = wire.POOL_STAGE) -> Endpoint:
         """where: "cpu", "pinned", or "cuda:N". GPU stage endpoints get one event per layer, as IPC pools do."""
@@ -276,6 +279,7 @@ class Lib:
 
     async def close(self) -> None:
         sys.setswitchinterval(getattr(self, "_switch", sys.getswitchinterval()))
+        gc.unfreeze()
         self.gpu_exec.shutdown()
         self.cpu_exec.shutdown()
         self.ctx.destroy(0)

@@ -274,24 +274,35 @@ def _nccl_pair() -> tuple[StreamerProc, StreamerProc]:
     return h0, h1
 
 
-def test_nccl_between_two_streamers_and_frames_to_host() -> None:
-    need(2, nccl=True)
+async def _nccl_pools(h0: StreamerProc, h1: StreamerProc, names: tuple[str, str], lay: PoolLayout,
+                      dst_lay: PoolLayout | None = None, seed: int | None = None):  # type: ignore[no-untyped-def]
+    """Clients of both streamers (each named like the pool it registers), a GPU stage pool on cuda:0 registered
+    with n0 (random bytes when `seed` is given) and one on cuda:1 registered with n1 (`dst_lay`, default `lay`).
+    Returns (client of n0, client of n1, source memory, destination memory)."""
     from streamer.client import StreamerClient
     from streamer.cuda import GpuPoolMemory
 
+    a, b = StreamerClient(h0.control, names[0]), StreamerClient(h1.control, names[1])
+    hello = await connect(a, timeout=120)
+    await connect(b, timeout=120)
+    assert hello.nccl
+    src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(dst_lay or lay, 1)
+    if seed is not None:
+        src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), seed)
+                                           .view(torch.uint8).cuda(0))
+        torch.cuda.synchronize()
+    await a.register_pool(names[0], src)
+    await b.register_pool(names[1], dst)
+    return a, b, src, dst
+
+
+def test_nccl_between_two_streamers_and_frames_to_host() -> None:
+    need(2, nccl=True)
     h0, h1 = _nccl_pair()
     lay = PoolLayout(0, 4, 4, 128, 8, 64, torch.bfloat16)
     try:
         async def scenario() -> None:
-            a, b = StreamerClient(h0.control, "pa"), StreamerClient(h1.control, "tb")
-            assert (await connect(a, timeout=120)).nccl
-            await connect(b, timeout=120)
-            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(lay, 1)
-            src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), 4)
-                                               .view(torch.uint8).cuda(0))
-            torch.cuda.synchronize()
-            await a.register_pool("pa", src)
-            await b.register_pool("tb", dst)
+            a, b, src, dst = await _nccl_pools(h0, h1, ("pa", "tb"), lay, seed=4)
             region = Region((0, 1, 3), (0, 4), ((0, 120), (5, 70), (0, 1)))
             target = Region((2, 0, 1), (0, 4), ((8, 128), (0, 65), (3, 4)))
             h = await a.stream("pa", region, dst=wire.PoolRef("tb", "n1"), dst_region=target, layered=True,
@@ -331,23 +342,12 @@ def test_nccl_transfers_follow_their_open_and_a_refused_one_leaves_the_link_in_s
     its announced chunks are received into scratch, not left to time out - and the same link then carries the
     next transfers byte-exact, checked and not."""
     need(2, nccl=True)
-    from streamer.client import StreamerClient
-    from streamer.cuda import GpuPoolMemory
-
     h0, h1 = _nccl_pair()
     lay = PoolLayout(0, 4, 4, 512, 8, 64, torch.bfloat16)
     small = PoolLayout(0, 4, 2, 512, 8, 64, torch.bfloat16)  # the receiver's pool has 2 slots
     try:
         async def scenario() -> None:
-            a, b = StreamerClient(h0.control, "ra"), StreamerClient(h1.control, "rb")
-            await connect(a, timeout=120)
-            await connect(b, timeout=120)
-            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(small, 1)
-            src.tensor.view(torch.uint8).copy_(fill_random(torch.empty(src.tensor.shape, dtype=lay.dtype), 7)
-                                               .view(torch.uint8).cuda(0))
-            torch.cuda.synchronize()
-            await a.register_pool("ra", src)
-            await b.register_pool("rb", dst)
+            a, b, src, dst = await _nccl_pools(h0, h1, ("ra", "rb"), lay, small, seed=7)
             long = Region.uniform((0, 1), (0, 4), 0, 500)  # pieces of 500 rows: DMA blocks
             short = Region((2, 3), (1, 3), ((3, 4), (9, 11)))  # a few rows: index kernels
             into_short = Region((1, 0), (1, 3), ((100, 101), (7, 9)))
@@ -396,19 +396,11 @@ def test_nccl_transfers_follow_their_open_and_a_refused_one_leaves_the_link_in_s
 
 def test_nccl_send_to_a_frozen_peer_is_aborted_not_waited_on() -> None:
     need(2, nccl=True)
-    from streamer.client import StreamerClient
-    from streamer.cuda import GpuPoolMemory
-
     h0, h1 = _nccl_pair()
     lay = PoolLayout(0, 3, 2, 64, 8, 64, torch.bfloat16)
     try:
         async def scenario() -> None:
-            a, b = StreamerClient(h0.control, "fa"), StreamerClient(h1.control, "fb")
-            await connect(a, timeout=120)
-            await connect(b, timeout=120)
-            src, dst = GpuPoolMemory(lay, 0), GpuPoolMemory(lay, 1)
-            await a.register_pool("fa", src)
-            await b.register_pool("fb", dst)
+            a, b, src, dst = await _nccl_pools(h0, h1, ("fa", "fb"), lay)
             region = Region.uniform((0, 1), (0, 3), 0, 64)
             h = await a.stream("fa", region, dst=wire.PoolRef("fb", "n1"), dst_region=region, layered=True,
                                progress=True)
