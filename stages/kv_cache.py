@@ -31,28 +31,9 @@ import torch
 from stages.errors import InvalidRequestError
 
 
-def _hash_once(self: PoolLayout | Region) -> int:
-    """The hash of a frozen dataclass's fields, computed once: layouts and regions key the streamer's plan and
-    check caches on every transfer (four layout and five region hashes each), and a region's walks all of its
-    slots' token ranges. Set in the class body, so dataclass keeps it; equal objects hash alike as before."""
-    h = self.__dict__.get("_hash")
-    if h is None:
-        h = hash(tuple(self.__dict__[name] for name in self.__dataclass_fields__))
-        object.__setattr__(self, "_hash", h)
-    return h
-
-
-def _state_without_hash(self: PoolLayout | Region) -> dict[str, object]:
-    """What a copy or pickle carries: not the remembered hash (a dtype's hash differs between processes)."""
-    return {k: v for k, v in self.__dict__.items() if k != "_hash"}
-
-
 @dataclass(frozen=True)
 class PoolLayout:
     """Shape of a KV pool; enough for another process to map the same memory."""
-
-    __hash__ = _hash_once
-    __getstate__ = _state_without_hash
 
     first_layer: int
     num_layers: int
@@ -92,9 +73,6 @@ class Region:
     slots: tuple[int, ...]
     layers: tuple[int, int]
     tokens: tuple[tuple[int, int], ...]
-
-    __hash__ = _hash_once
-    __getstate__ = _state_without_hash
 
     @classmethod
     def uniform(cls, slots: Sequence[int], layers: tuple[int, int], start: int, stop: int) -> Region:

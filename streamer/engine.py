@@ -22,7 +22,7 @@ import contextlib
 import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -65,10 +65,10 @@ class LocalRoute:
     dst: Endpoint
     dst_region: Region
     index: RouteIndex
-    chunks: Sequence[Chunk]  # direct routes: shared with other routes of the same plan (direct_plan) - read only
+    chunks: list[Chunk]
     # GPU routes made of long pieces: per chunk, 2-D DMA blocks pool to pool (used when buffered; see
     # regions.pair_blocks) - no staging, so chunks are whole layers and no kernel runs on the stage's GPU
-    blocks: Sequence[Sequence[PairBlock]] | None = None
+    blocks: list[list[PairBlock]] | None = None
 
 
 @dataclass
@@ -98,25 +98,22 @@ def local_route(src: Endpoint, region: Region, dst: Endpoint, dst_region: Region
     return LocalRoute(region, dst, dst_region, index, plan_chunks(region, rb, chunk_bytes, layered))
 
 
-@functools.lru_cache(maxsize=8192)
 def direct_plan(src: PoolLayout, region: Region, dst: PoolLayout, dst_region: Region, chunk_bytes: int,
-                layered: bool) -> tuple[tuple[Chunk, ...], tuple[tuple[PairBlock, ...], ...]]:
+                layered: bool) -> tuple[list[Chunk], list[list[PairBlock]]]:
     """Chunks and pool-to-pool DMA blocks of a direct route (regions already checked). Planned once per region
     *shape* - slots, token ranges, layer count, the two layouts - and moved to the route's layers by adding a
     constant per side: every layer of a pool is laid out alike, so a stream of prompt layers (same slots, a new
     layer each time) plans once. Planning was half of the loop's time per transfer in a stream of prompt
-    layers to a peer GPU (2xH200, bench/probe_remote.py). The moved plan is remembered too (one entry per layer
-    of a stream; immutable, shared by the routes that use it): the engine's own host time per direct transfer
-    19.7 -> ~15 us on the CPU box (fake mover)."""
+    layers to a peer GPU (2xH200, bench/probe_remote.py)."""
     chunks, blocks = _direct_shape(src, region.slots, region.tokens, dst, dst_region.slots, dst_region.tokens,
                                    region.num_layers, chunk_bytes, layered)
     ds, dd = region.layers[0] - src.first_layer, dst_region.layers[0] - dst.first_layer
     if ds == 0 and dd == 0:
-        return chunks, blocks
+        return list(chunks), [list(b) for b in blocks]
     sb, db = ds * src.layer_bytes, dd * dst.layer_bytes
-    return (tuple(Chunk(c.index, c.r0, c.r1, c.layer + ds, tuple(x + ds for x in c.completes)) for c in chunks),
-            tuple(tuple(PairBlock(b.src_off + sb, b.src_pitch, b.dst_off + db, b.dst_pitch, b.width, b.height)
-                        for b in bs) for bs in blocks))
+    return ([Chunk(c.index, c.r0, c.r1, c.layer + ds, tuple(x + ds for x in c.completes)) for c in chunks],
+            [[PairBlock(b.src_off + sb, b.src_pitch, b.dst_off + db, b.dst_pitch, b.width, b.height) for b in bs]
+             for bs in blocks])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -133,7 +130,7 @@ def _direct_shape(src: PoolLayout, slots: tuple[int, ...], tokens: tuple[tuple[i
     return tuple(chunks), tuple(tuple(b) for b in blocks)
 
 
-def group_chunks(chunks: Sequence[Chunk], layered: bool, most: int) -> list[list[Chunk]]:
+def group_chunks(chunks: list[Chunk], layered: bool, most: int) -> list[list[Chunk]]:
     """Consecutive chunks handed to a mover in one call (one hop to the GPU thread for all of them): a layered
     route's chunks of one layer (they become ready together), else up to `most` at a time."""
     groups: list[list[Chunk]] = []
