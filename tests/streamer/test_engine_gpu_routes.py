@@ -39,6 +39,7 @@ class FakeGpuMover:
         self.finished: list[int] = []
         self.fail_chunk, self.hold_chunk, self.inline = fail_chunk, hold_chunk, inline
         self.release = asyncio.Event()
+        self.holding = asyncio.Event()  # set whenever a wait on hold_chunk begins (settling it or draining it)
 
     def start_now(self, jobs: list[MoveJob]) -> list[Any] | None:
         if not (self.inline and all(j.blocks is not None and not j.checksum for j in jobs)):
@@ -66,6 +67,7 @@ class FakeGpuMover:
     async def finish(self, h: int, timeout: float) -> None:
         self.finished.append(h)  # every wait for a chunk's device work: settling it, or draining it
         if h == self.hold_chunk:
+            self.holding.set()
             await self.release.wait()
         if h == self.fail_chunk:
             raise IntegrityError(f"chunk {h} arrived corrupt")
@@ -168,9 +170,10 @@ def test_cancel_while_waiting_for_the_device_drains_the_chunk(inline: bool) -> N
     async def go() -> None:
         t = _transfer(env, src, region, dst, False)
         t.task = asyncio.ensure_future(t.run())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(gpu.holding.wait(), 10)  # settling chunk 0: waiting for the device
+        gpu.holding.clear()
         t.abort(CancelledError("cancelled by the test"))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(gpu.holding.wait(), 10)  # the cancelled chunk is drained: waited for again
         assert not t.task.done()  # still draining: the device has not finished with the memory
         gpu.release.set()
         with pytest.raises(CancelledError):
