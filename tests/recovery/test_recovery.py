@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
+from recovery.launch import alive
 from bus.client import AsyncClient
 from bus.errors import DejaVuError
-from recovery.launch import alive
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.layers.sampling import SamplingParams
 from tests.conftest import start_deployment
@@ -178,13 +178,12 @@ def test_controller_restart_keeps_streamed_text_exact_and_status_answers(default
         assert dep.stop() == 0
 
 
-def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> None:  # type: ignore[no-untyped-def]
-    """Chaos: five kill -9s of randomly chosen stages, controller and streamer (one every 100-300 tokens, a
-    process sometimes killed again while it restarts), over 24 streamed requests: every output equals the
-    fault-free run, each token delivered once, whichever recovery path each failure took."""
-    rng = random.Random(4)
-    path = model_factory("llama")
-    reqs = workload(211, n=24)
+def chaos(path, seed: int, kills: int, n: int) -> None:  # type: ignore[no-untyped-def]
+    """`kills` kill -9s of randomly chosen stages, controller and streamer (one every 100-300 tokens, a process
+    sometimes killed again while it restarts), over `n` streamed requests: every output equals the fault-free
+    run, each token delivered once, whichever recovery path each failure took."""
+    rng = random.Random(seed)
+    reqs = workload(211, n=n)
     refs = reference(path, reqs)
     dep = start_deployment(path, 3, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
                            "--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--max-restarts", "20")
@@ -194,7 +193,7 @@ def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> No
         async with AsyncClient(dep.address, timeout=240) as c:
             async def chaos() -> list[str]:
                 killed = []
-                for _ in range(5):
+                for _ in range(kills):
                     await progress.reach(progress.received + rng.randint(100, 300))
                     st = await c.status()
                     victim = rng.choice([p for p in st["processes"]
@@ -217,6 +216,17 @@ def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> No
         assert {k.split("-")[0] for k in killed} >= {"stage", "controller"}, killed
     finally:
         assert dep.stop() == 0
+
+
+def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> None:  # type: ignore[no-untyped-def]
+    chaos(model_factory("llama"), seed=4, kills=5, n=24)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [5, 6, 7, 8])
+def test_long_random_kills_lose_nothing(model_factory, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """The chaos run at length: more requests, more kills, other seeds (`.ci/run` runs these when time allows)."""
+    chaos(model_factory("llama"), seed=seed, kills=9, n=40)
 
 
 def test_hung_stage_is_killed_by_heartbeat_timeout_and_replaced(model_factory) -> None:  # type: ignore[no-untyped-def]
