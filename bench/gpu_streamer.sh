@@ -61,7 +61,7 @@ fi
 tail -n 40 "$OUT/gpu_tests.log"
 
 echo "== dejavu-bench streamer (limit ${BENCH_LIMIT}s)"
-timeout -k 10 "$BENCH_LIMIT" python3 -m streamer.bench --device cuda --out "$OUT" ${BENCH_ARGS:-} \
+timeout -k 10 "$BENCH_LIMIT" python3 -m bench.streamer_bench --device cuda --out "$OUT" ${BENCH_ARGS:-} \
     > "$OUT/streamer_bench.jsonl" 2> "$OUT/streamer_bench.log" || status=1
 tail -n 20 "$OUT/streamer_bench.log"
 python3 - "$OUT/streamer_bench.jsonl" <<'PY'

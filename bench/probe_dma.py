@@ -20,9 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from stages.kv_cache import PoolLayout, Region  # noqa: E402
+from bench.streamer_ops import Lib  # noqa: E402
 from streamer import cuda  # noqa: E402
-from streamer.bench_ops import Lib  # noqa: E402
+from streamer.layout import (
+    PoolLayout,
+    Region,  # noqa: E402
+)
 from streamer.movers import MoveJob  # noqa: E402
 from streamer.regions import pair_blocks  # noqa: E402
 

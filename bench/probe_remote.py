@@ -35,11 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from stages.kv_cache import PoolLayout, Region  # noqa: E402
+from bench.streamer_e2e import _gib, _start, remote_pools  # noqa: E402
+from bench.streamer_ops import Lib  # noqa: E402
 from streamer import wire  # noqa: E402
-from streamer.bench_e2e import _gib, _start, remote_pools  # noqa: E402
-from streamer.bench_ops import Lib  # noqa: E402
 from streamer.client import StreamerClient  # noqa: E402
+from streamer.layout import (
+    PoolLayout,
+    Region,  # noqa: E402
+)
 
 
 def spy(pid: int, path: Path, seconds: float) -> subprocess.Popen[bytes] | None:

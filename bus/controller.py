@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus.errors import InvalidRequestError
 from bus.messages import (
     ERR_BAD_REQUEST,
     ERR_OVERLOADED,
@@ -30,8 +31,7 @@ from bus.messages import (
 )
 from bus.requests import Request, admit
 from bus.scheduler import Scheduler
-from stages.errors import InvalidRequestError
-from stages.stopping import CANCELLED, finish_reason
+from bus.stopping import CANCELLED, finish_reason
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import zmq
 
+from bus.child import EXIT_CONFIG, CannotStart, SupervisorLink, decode_config, install_uvloop, setup_child
 from bus.codec import Codec, Received
 from bus.controller import Controller, ModelInfo
 from bus.errors import ProtocolError
@@ -55,15 +56,16 @@ from bus.messages import (
     Welcome,
 )
 from bus.scheduler import Scheduler
-from bus.sockets import bound_address, context, decode_frames, make_socket, send
-from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
+from bus.sockets import DEFAULT_MAX_MESSAGE, bound_address, context, decode_frames, make_socket, send
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    model_dir: str
+    model_dir: str  # for its tokenizer; the facts below come from the supervisor, which parsed the model
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
     num_stages: int
     microbatch_size: int
     num_microbatches: int
@@ -107,12 +109,8 @@ class Registry:
 
 class ControllerProcess:
     def __init__(self, cfg: ControllerConfig) -> None:
-        from stages.models import load_spec
-        from stages.text import load_tokenizer
-
         self.cfg = cfg
-        _, spec = load_spec(Path(cfg.model_dir))
-        info = ModelInfo(spec.vocab_size, spec.eos_token_ids, cfg.max_seq_len, load_tokenizer(Path(cfg.model_dir)))
+        info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
         sched = Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
         self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
                                step_timeout=cfg.step_timeout)
@@ -129,12 +127,22 @@ class ControllerProcess:
         self.ever_ready = False
         self.fatal: str | None = None
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
-        self.clients = make_socket(self.ctx, zmq.ROUTER, bind=cfg.client_bind, max_message=cfg.max_client_frame)
-        self.internal = make_socket(self.ctx, zmq.ROUTER, bind=cfg.internal_bind)
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0)
         self.sup.on_message = self._on_supervisor
+        try:
+            self.clients = self._bind(cfg.client_bind, "client", cfg.max_client_frame)
+            self.internal = self._bind(cfg.internal_bind, "internal")
+        except CannotStart as e:
+            log.info("[startup] %s", e)
+            await self.sup.fatal(str(e))
+            self.ctx.destroy(linger=0)
+            return EXIT_CONFIG
+        # The tokenizer loads on a thread while stages load (seconds of imports): Hello goes out at once, and the
+        # first GenerateRequest (and DeploymentReady) wait for it.
+        self.tokenizer = asyncio.get_running_loop().run_in_executor(None, self._load_tokenizer)
         addresses = {"client": bound_address(self.clients), "internal": bound_address(self.internal)}
         await self.sup.hello(addresses)
         log.info("[startup] controller: clients %s, stages %s", addresses["client"], addresses["internal"])
@@ -152,6 +160,19 @@ class ControllerProcess:
             for t in tasks:
                 t.cancel()
         self.ctx.destroy(linger=0)
+        return 0
+
+    def _bind(self, address: str, what: str, max_message: int = DEFAULT_MAX_MESSAGE) -> zmq.asyncio.Socket:
+        try:
+            return make_socket(self.ctx, zmq.ROUTER, bind=address, max_message=max_message)
+        except zmq.ZMQError as e:
+            hint = " (choose another --port or --host)" if what == "client" else ""
+            raise CannotStart(f"the controller cannot listen on {address} ({what} socket): {e.strerror}{hint}") from e
+
+    def _load_tokenizer(self) -> None:  # on a worker thread
+        from bus.text import load_tokenizer
+
+        self.core.model = replace(self.core.model, tokenizer=load_tokenizer(Path(self.cfg.model_dir)))
 
     def _state(self) -> str:
         return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
@@ -181,6 +202,8 @@ class ControllerProcess:
     async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
         body = msg.body
         if isinstance(body, GenerateRequest):
+            if not self.tokenizer.done():
+                await self.tokenizer  # only in the first seconds after a start
             if self.fatal:
                 await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
                            reply_to=msg.env.msg_id)
@@ -315,6 +338,7 @@ class ControllerProcess:
                  "every request in flight is recomputed" if self.ever_ready else "first epoch")
         if not self.ever_ready:
             self.ever_ready = True
+            await self.tokenizer
             await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))
 
     # ------------------------------------------------------------------ supervisor
@@ -369,8 +393,7 @@ class ControllerProcess:
 def run_controller(cfg: ControllerConfig) -> int:
     setup_child(f"dejavu: controller ({cfg.num_stages} stages)", cfg.log_level, cfg.supervisor_pid)
     install_uvloop()
-    asyncio.run(ControllerProcess(cfg).run())
-    return 0
+    return asyncio.run(ControllerProcess(cfg).run())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,11 @@ class DeadlineError(BusError, TimeoutError):
     """A wait ran past its deadline. The message names what was awaited and which setting governs it."""
 
 
+class InvalidRequestError(ValueError):
+    """A request cannot be served as given: bad token ids, empty or too-long prompt, bad sampling parameters.
+    Raised where requests are admitted (bus/requests.py) and by the stage runtime for a malformed step."""
+
+
 class DejaVuError(Exception):
     """Base of the errors the async client raises."""
 

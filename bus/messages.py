@@ -279,7 +279,9 @@ class DeploymentReady(Msg, tag=71):
 
 
 class FatalError(Msg, tag=72):
-    """Supervisor -> controller (or the reverse): stop serving; the deployment cannot go on."""
+    """Supervisor -> controller: stop serving, the deployment cannot go on. Child -> supervisor: this process
+    cannot start as configured (a port in use, a model it cannot load); it exits with code 2 and is not
+    restarted, since a new incarnation would fail the same way."""
 
     message: str
 
@@ -325,7 +327,7 @@ XFER_STREAMER_DOWN = 31
 
 
 class LayoutSpec(msgspec.Struct, frozen=True, array_like=True):
-    """A KV pool's shape (stages/kv_cache.PoolLayout): [num_layers, 2, num_slots, max_seq_len, kv_heads, head_dim]."""
+    """A KV pool's shape (streamer/layout.PoolLayout): [num_layers, 2, num_slots, max_seq_len, kv_heads, head_dim]."""
 
     first_layer: int
     num_layers: int
@@ -337,7 +339,7 @@ class LayoutSpec(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RegionSpec(msgspec.Struct, frozen=True, array_like=True):
-    """Slots x global layers [a, b) x one token range [t0, t1) per slot (stages/kv_cache.Region)."""
+    """Slots x global layers [a, b) x one token range [t0, t1) per slot (streamer/layout.Region)."""
 
     slots: list[int]
     layers: list[int]

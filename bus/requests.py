@@ -6,17 +6,29 @@ InvalidRequestError with a message meant for the client.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus.errors import InvalidRequestError
 from bus.messages import GenerateRequest, Sampling
-from stages.errors import InvalidRequestError
-from stages.layers.sampling import check_sampling
-from stages.text import IncrementalDetokenizer
+from bus.text import IncrementalDetokenizer
 
 MAX_REQUEST_ID = 128
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
+    """Sampling parameters as the last stage's sampler takes them (stages/layers/sampling.py)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
+        raise InvalidRequestError(f"temperature must be a number in [0, 100], got {temperature!r}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {seed!r}")
 
 
 @dataclass(eq=False)

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bus.child import alive
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "bin" / "dejavu-serve"
 
@@ -39,14 +41,6 @@ def descendants(pid: int) -> set[int]:
         out |= nxt
         frontier = nxt
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 class Deployment:

@@ -16,6 +16,7 @@ is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -30,23 +31,32 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from bus.child import EXIT_CONFIG, alive
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
 from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
-from recovery.launch import alive
 from recovery.specs import ChildSpec, DeploymentConfig
 from recovery.supervisor import FAILED, RESTARTING, SERVING, STARTING, STOPPED, ChildState, RestartIntensity
-from stages.proc import StageProcConfig
-from stages.runtime import split_layers
-from streamer.memory import SHM_DIR, SHM_PREFIX
+from stages.config import StageProcConfig
+from stages.models.spec import read_spec, split_layers
+from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
 
 log = logging.getLogger(__name__)
 
 
 class DeploymentError(RuntimeError):
-    """The deployment could not start or could not go on; the message says why and what governs it."""
+    """The deployment could not start or could not go on; the message says why and what governs it.
+    `config`: a process could not start as configured (the user must change a setting: exit code 2)."""
+
+    def __init__(self, message: str, config: bool = False) -> None:
+        super().__init__(message)
+        self.config = config
+
+
+class StartAborted(Exception):
+    """A failure or a signal ended the start-up; `fatal` says which."""
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Child:
     route: bytes | None = None
     spawned_at: float = 0.0
     said_hello: bool = False
+    cannot_start: str = ""  # its FatalError: why it cannot start as configured
 
 
 class SupervisorProcess:
@@ -70,6 +81,8 @@ class SupervisorProcess:
         self.stopping = False
         self.stop = asyncio.Event()
         self.fatal: str | None = None
+        self.fatal_config = False  # the fatal error is a setting to change (exit code 2)
+        self.config_error = asyncio.Event()  # some child said it cannot start as configured
         self.ready = asyncio.Event()
         self.controller_hello = asyncio.Event()
         self.streamer_hello = asyncio.Event()
@@ -93,9 +106,10 @@ class SupervisorProcess:
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
             await self._start()
-            if not self.stop.is_set():
-                self.on_ready(self.addresses["client"])
-                await self.stop.wait()
+            self.on_ready(self.addresses["client"])
+            await self.stop.wait()
+        except StartAborted:
+            pass
         except DeadlineError as e:
             self.fatal = str(e)
         finally:
@@ -105,25 +119,27 @@ class SupervisorProcess:
             self.ctx.destroy(linger=0)
             self._sweep()
         if self.fatal:
-            raise DeploymentError(self.fatal)
+            raise DeploymentError(self.fatal, self.fatal_config)
         return 0
 
     async def _start(self) -> None:
-        cfg = self.cfg
-        pid = os.getpid()
+        """Start every process at once: each spends seconds importing torch and loading, and none needs another
+        to be up first (sockets connect to addresses fixed here and ZeroMQ delivers once the peer binds). The
+        client address is the controller's to choose (--port 0), so the ready line waits for its Hello."""
+        cfg, pid = self.cfg, os.getpid()
+        spec = read_spec(Path(cfg.model_dir))
+        internal = f"ipc://{self.run_dir}/controller.internal"
         ctl_cfg = ControllerConfig(
-            model_dir=cfg.model_dir, num_stages=cfg.num_stages, microbatch_size=cfg.microbatch_size,
+            model_dir=cfg.model_dir, vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids,
+            num_stages=cfg.num_stages, microbatch_size=cfg.microbatch_size,
             num_microbatches=cfg.microbatches, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
-            client_bind=f"tcp://{cfg.host}:{cfg.port}", prefill_chunk=cfg.prefill_chunk, max_waiting=cfg.max_waiting,
-            client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
+            client_bind=f"tcp://{cfg.host}:{cfg.port}", internal_bind=internal, prefill_chunk=cfg.prefill_chunk,
+            max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
         )
         self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
-        await self._wait(self.controller_hello, "the controller's Hello")
         streamer_address = ""
         if cfg.streamer:
-            from streamer.config import StreamerConfig
-
             # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
             # streamer binds it again
             streamer_address = f"ipc://{self.run_dir}/streamer-0.control"
@@ -131,17 +147,15 @@ class SupervisorProcess:
                 name="streamer-0", control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
                 swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
                 heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
+                log_level=cfg.log_level,
             )
             self._spawn(Child(ChildSpec("streamer", 0, "streamer", sc), ChildState("streamer-0")))
-        from stages.models import load_spec
-
-        _, spec = load_spec(cfg.model_dir)  # type: ignore[arg-type]
         for i, layers in enumerate(split_layers(spec.num_layers, cfg.num_stages)):
             device = cfg.device if cfg.device == "cpu" else f"cuda:{i}"
             st = StageProcConfig(
                 index=i, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=layers,
                 num_slots=cfg.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
-                controller_address=self.addresses["internal"], dtype=cfg.dtype, device=device,
+                controller_address=internal, dtype=cfg.dtype, device=device,
                 heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
@@ -149,6 +163,7 @@ class SupervisorProcess:
                 streamer_address=streamer_address, shm_prefix=self.shm_prefix,
             )
             self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
+        await self._wait(self.controller_hello, "the controller's Hello")
         if cfg.streamer:  # up before serving starts, so status() always lists it
             await self._wait(self.streamer_hello, "the streamer's Hello")
         await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")
@@ -164,15 +179,18 @@ class SupervisorProcess:
             got.cancel()
         if not done:
             raise DeadlineError(f"no {what} within {self.cfg.startup_timeout:.0f}s (setting: startup_timeout)")
+        if self.stop.is_set():
+            raise StartAborted
 
     def _request_stop(self, reason: str) -> None:
         log.info("[shutdown] %s", reason)
         self.stop.set()
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, config: bool = False) -> None:
         if self.fatal is None:
-            self.fatal = message
-            log.error("[fatal] %s", message)
+            self.fatal, self.fatal_config = message, config
+            # a setting to change is the command's one line of output (serve_cli); anything else is an error
+            log.log(logging.INFO if config else logging.ERROR, "[fatal] %s", message)
         self.stop.set()
 
     # ------------------------------------------------------------------ children
@@ -192,7 +210,15 @@ class SupervisorProcess:
         argv = child.spec.argv(incarnation)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, env=env)
+        out = None
+        if self.cfg.log_dir:  # one file per process, every incarnation appended
+            out = open(Path(self.cfg.log_dir) / f"{child.spec.name}.log", "ab")  # noqa: SIM115 - the child's
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                                                        stderr=out, env=env)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
         child.proc, child.state.pid = proc, proc.pid
         log.info("[spawn] %s incarnation %d pid %d", child.spec.name, incarnation, proc.pid)
         code = await proc.wait()
@@ -204,6 +230,14 @@ class SupervisorProcess:
 
     async def _on_exit(self, child: Child, incarnation: int, code: int) -> None:
         name = child.spec.name
+        if code == EXIT_CONFIG:  # it cannot start as configured: a new incarnation would fail the same way
+            if not child.cannot_start:  # its FatalError left before it exited; the socket may deliver it later
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.config_error.wait(), 2.0)
+            child.state.state = FAILED
+            self._fail(child.cannot_start or f"{name} could not start as configured (exit code {code}; see its log)",
+                       config=True)
+            return
         reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         log.warning("[restart] %s incarnation %d %s", name, incarnation, reason)
         allowed = self.intensity.allow(time.monotonic())
@@ -280,6 +314,9 @@ class SupervisorProcess:
             child.state.busy_s = body.busy_s
         elif isinstance(body, DeploymentReady) and child.spec.role == "controller":
             self.ready.set()
+        elif isinstance(body, FatalError):
+            child.cannot_start = body.message
+            self.config_error.set()
 
     async def _watchdog(self) -> None:
         interval = self.cfg.heartbeat_interval / 2
@@ -362,7 +399,7 @@ def sweep_dead_deployments() -> None:
 
 def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:
     """Run a whole deployment on this host until SIGINT/SIGTERM. Raises DeploymentError on failure."""
-    from recovery.child import install_uvloop
+    from bus.child import install_uvloop
 
     install_uvloop()
     return asyncio.run(SupervisorProcess(cfg, on_ready).run())

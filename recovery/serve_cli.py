@@ -1,7 +1,8 @@
-"""`dejavu-serve`: a whole deployment on one host (controller, one process per stage, supervisor).
+"""`dejavu-serve`: a whole deployment on one host (controller, one process per stage, the KV streamer, supervisor).
 
 Prints one line containing `ready` and the client address once it can serve, then serves until SIGINT or
-SIGTERM. Exit code 0 after a clean stop, 1 when the deployment failed (the reason on stderr).
+SIGTERM. Exit code 0 after a clean stop, 2 when it cannot start as asked (one line on stderr says what to
+change), 1 when the deployment failed while serving (the reason on stderr).
 """
 
 from __future__ import annotations
@@ -9,49 +10,78 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dejavu-serve", description=__doc__)
-    p.add_argument("--model", default="default", help="Hugging Face model directory, or 'default'")
-    p.add_argument("--stages", type=int, default=1)
+    p = argparse.ArgumentParser(prog="dejavu-serve", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer files), or 'default' "
+                        "for the embedded tiny model (random weights: its text is gibberish)")
+    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process (and GPU) each")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: stage i on GPU i")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights, activations and KV cache")
     p.add_argument("--host", default="127.0.0.1", help="interface for the client socket")
-    p.add_argument("--port", type=int, default=0, help="client port (0 = any free port)")
-    p.add_argument("--microbatch-size", type=int, default=8)
-    p.add_argument("--microbatches", type=int, default=0, help="microbatches in flight (0 = one per stage)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--prefill-chunk", type=int, default=0, help="split prompts into chunks of this many tokens")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0)
-    p.add_argument("--heartbeat-timeout", type=float, default=3.0)
-    p.add_argument("--hang-timeout", type=float, default=300.0, help="kill a stage stuck in one step this long")
-    p.add_argument("--max-restarts", type=int, default=5)
-    p.add_argument("--restart-window", type=float, default=60.0)
-    p.add_argument("--startup-timeout", type=float, default=300.0)
-    p.add_argument("--client-timeout", type=float, default=10.0)
-    p.add_argument("--stage-threads", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="client port (0: any free port; the ready line says which)")
+    p.add_argument("--microbatch-size", type=int, default=8, help="KV slots (requests) per microbatch")
+    p.add_argument("--microbatches", type=int, default=0, help="microbatches in flight (0: one per stage)")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="longest sequence (prompt + output) a slot holds; longer requests are refused")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="split prompts into chunks of this many tokens (0: whole prompts)")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between a process's heartbeats")
+    p.add_argument("--heartbeat-timeout", type=float, default=3.0,
+                   help="a process silent this many seconds is killed and restarted")
+    p.add_argument("--hang-timeout", type=float, default=300.0,
+                   help="kill a stage stuck in one step this many seconds")
+    p.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window ...")
+    p.add_argument("--restart-window", type=float, default=60.0, help="... seconds, else the deployment stops")
+    p.add_argument("--startup-timeout", type=float, default=300.0,
+                   help="seconds for every process to load and link before start-up fails")
+    p.add_argument("--client-timeout", type=float, default=10.0,
+                   help="cancel the requests of a client silent this many seconds")
+    p.add_argument("--stage-threads", type=int, default=0, help="torch threads per CPU stage (0: cores / stages)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
     p.add_argument("--cudnn-attention", default="all", choices=["all", "decode", "off"],  # attention.py's modes
                    help="where attention may use cuDNN, whose kernels are compiled per shape while serving (CUDA): "
-                        "wherever SDPA picks it (default), for decode tokens only, or nowhere")
+                        "wherever SDPA picks it, for decode tokens only, or nowhere")
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"],
                    help="activation plane between stages (auto: NCCL on cuda, ZeroMQ on cpu)")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
-    p.add_argument("--cache-dir", default=None, help="where the default model is written (env DEJAVU_CACHE)")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the default model is written (default: $DEJAVU_CACHE, else ~/.cache/dejavu)")
+    p.add_argument("--log-dir", default=None,
+                   help="write each process's log to DIR/<process>.log (default: everything to stderr)")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                   help="at WARNING only what is wrong is logged")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
-    from recovery.proc import DeploymentError, run_supervisor
+    from recovery.preflight import UsageError, check_deployment
     from recovery.specs import DeploymentConfig
     from stages.generate_cli import resolve_model
 
+    def usage(message: str) -> int:
+        print(f"dejavu-serve: error: {message}", file=sys.stderr)
+        return 2
+
+    log_file = None
+    if args.log_dir:
+        try:
+            Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+            log_file = Path(args.log_dir) / "supervisor.log"
+            log_file.open("a").close()
+        except OSError as e:
+            return usage(f"--log-dir {args.log_dir}: {e.strerror}")
+    logging.basicConfig(level=args.log_level, filename=log_file,
+                        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
     try:
         model_dir = resolve_model(args.model, args.cache_dir)
         cfg = DeploymentConfig(
@@ -63,19 +93,27 @@ def main(argv: list[str] | None = None) -> int:
             max_restarts=args.max_restarts, restart_window=args.restart_window,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
-            cudnn_attention=args.cudnn_attention,
+            cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",
             transport=args.transport, streamer=not args.no_streamer,
         )
-    except (ValueError, OSError) as e:
-        print(f"dejavu-serve: error: {e}", file=sys.stderr)
-        return 2
+        checked = check_deployment(cfg)
+    except (ValueError, UsageError) as e:
+        return usage(str(e))
+    except OSError as e:  # writing the default model
+        return usage(f"{e.filename or args.cache_dir}: {e.strerror} (set --cache-dir)")
+    for warning in checked.warnings:
+        print(f"dejavu-serve: warning: {warning}", file=sys.stderr)
 
     def ready(address: str) -> None:
         print(f"dejavu-serve: ready {address} (model {model_dir}, {cfg.num_stages} stage(s), {cfg.device})",
               flush=True)
 
+    from recovery.proc import DeploymentError, run_supervisor
+
     try:
         return run_supervisor(cfg, ready)
     except DeploymentError as e:
+        if e.config:
+            return usage(str(e))
         print(f"dejavu-serve: failed: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from recovery.child import encode_config
+from bus.child import encode_config
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class DeploymentConfig:
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
     log_level: str = "INFO"
+    log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:

@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 VERSION = "v1"
 SEED = 20240301
@@ -69,6 +70,8 @@ def default_model_dir(cache_dir: Path) -> Path:
 
 
 def _weights() -> dict[str, torch.Tensor]:
+    import torch  # only when the model is written: finding it (every start) stays torch-free
+
     c = CONFIG
     h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
@@ -141,6 +144,8 @@ def _write_tokenizer(path: Path) -> None:
 
 
 def write_default_model(path: Path) -> None:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     save_file(_weights(), str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(CONFIG, indent=2))

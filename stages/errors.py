@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from bus.errors import InvalidRequestError  # the control side's: a request (or step) is wrong, not the stage
+
+__all__ = ["CapacityError", "InvalidRequestError", "LayerRangeError", "ModelLoadError", "StageError",
+           "UnsupportedArchitectureError"]
+
 
 class StageError(Exception):
     """Base class of every error raised by the stage runtime."""
@@ -17,10 +22,6 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 class LayerRangeError(StageError, ValueError):
     """A shard's layer range [a, b) is empty or outside the model's layers."""
-
-
-class InvalidRequestError(StageError, ValueError):
-    """A request cannot be served as given: bad token ids, empty or too-long prompt, bad sampling parameters."""
 
 
 class CapacityError(StageError):

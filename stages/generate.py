@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from bus.stopping import finish_reason
 from stages.batch import SeqChunk
 from stages.errors import CapacityError, InvalidRequestError
 from stages.layers.sampling import SamplingParams, sample
-from stages.runtime import ShardConfig, ShardRuntime, split_layers
-from stages.stopping import finish_reason
+from stages.models.spec import split_layers
+from stages.runtime import ShardConfig, ShardRuntime
 
 
 @dataclass

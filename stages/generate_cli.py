@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = getattr(args, "prompts", None) or []
     if not prompts:
         parser().error("give at least one --prompt-ids or --prompt")
+    from bus.text import load_tokenizer
     from stages.generate import GenerationRequest, LocalPipeline, generate
     from stages.layers.sampling import SamplingParams
-    from stages.text import load_tokenizer
 
     try:
         model_dir = resolve_model(args.model)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import zmq
 
-from stages.kv_cache import PoolLayout
+from streamer.layout import PoolLayout
 
 if TYPE_CHECKING:
     from streamer.client import StreamerClient
@@ -90,8 +90,9 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
                     timeout: float) -> KVHome:
     """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it."""
     from streamer.client import StreamerClient
+    from streamer.config import SHM_PREFIX
     from streamer.errors import StreamerError
-    from streamer.memory import SHM_PREFIX, SharedPoolMemory
+    from streamer.memory import SharedPoolMemory
     from streamer.regions import layout_to_spec
 
     try:

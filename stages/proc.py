@@ -23,13 +23,12 @@ import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import zmq
 
-from bus.activation import ActivationIn, ActivationOut
+from bus.child import EXIT_CONFIG, SupervisorLink, decode_config, install_uvloop, setup_child
 from bus.codec import Codec
 from bus.errors import DeadlineError, ProtocolError
 from bus.messages import (
@@ -48,11 +47,12 @@ from bus.messages import (
     TopologyAck,
     Welcome,
 )
-from bus.nccl_activation import LinkClosed, NcclActivations
 from bus.sockets import context, decode_frames, make_socket, recv_within, send
-from recovery.child import SupervisorLink, decode_config, install_uvloop, setup_child
-from stages.errors import StageError
+from stages.activation import ActivationIn, ActivationOut
+from stages.config import StageProcConfig
+from stages.errors import InvalidRequestError, StageError
 from stages.kv_home import KVHome, open_home
+from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
 from streamer.errors import PeerDeadError
@@ -60,47 +60,6 @@ from streamer.errors import PeerDeadError
 log = logging.getLogger(__name__)
 
 MAX_LINK_FAILURES = 3  # epochs in a row a stage may fail to link (a neighbour died meanwhile) before it exits
-
-
-@dataclass(frozen=True)
-class StageProcConfig:
-    index: int
-    num_stages: int
-    incarnation: int
-    model_dir: str
-    layers: tuple[int, int]
-    num_slots: int
-    max_seq_len: int
-    supervisor_address: str
-    controller_address: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    bind_host: str = "127.0.0.1"
-    heartbeat_interval: float = 1.0
-    handshake_timeout: float = 60.0
-    supervisor_pid: int | None = None
-    log_level: str = "INFO"
-    threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
-    transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
-    microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
-    cuda_graphs: bool = True
-    cudnn_attention: str = "all"  # where attention may use cuDNN (stages/layers/attention.py)
-    link_timeout: float = 60.0  # NCCL link setup deadline
-    streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
-    streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown
-    shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.index < self.num_stages:
-            raise ValueError(f"stage index {self.index} outside [0, {self.num_stages})")
-        if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
-            raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
-        if self.transport not in ("auto", "zmq", "nccl"):
-            raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
-
-    @property
-    def uses_nccl(self) -> bool:
-        return self.transport == "nccl" or (self.transport == "auto" and self.device.startswith("cuda"))
 
 
 class StageProcess:
@@ -140,7 +99,8 @@ class StageProcess:
         """Run `fn` on the compute thread (the only thread that issues CUDA work)."""
         return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
         loop = self.loop = asyncio.get_running_loop()
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index)
@@ -154,7 +114,12 @@ class StageProcess:
                                 cudnn_attention=cfg.cudnn_attention)
             self.kv = await self._kv_home(shard)
             self.busy_since = time.monotonic()
-            self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
+            try:
+                self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
+            except (StageError, InvalidRequestError) as e:  # the model or the settings: a restart fails the same
+                log.info("[startup] stage %d cannot load: %s", cfg.index, e)
+                await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
+                return EXIT_CONFIG
             self.busy_since = 0.0
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0")
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
@@ -175,6 +140,7 @@ class StageProcess:
                 log.info("[shutdown] stage %d: %s", cfg.index, self.sup.stop_reason)
                 for t in tasks:
                     t.cancel()
+            return 0
         finally:
             beats.cancel()
             self.compute.shutdown(wait=False, cancel_futures=True)
@@ -353,7 +319,7 @@ class StageProcess:
                     log.info("[step] mb %d step %d of epoch %d failed after the pipeline was rebuilt (%s); dropped",
                              step.mb, step.step, step.epoch, e)
                     continue
-                if not isinstance(e, StageError):
+                if not isinstance(e, (StageError, InvalidRequestError)):
                     raise  # a fault of this stage: it exits, and the supervisor restarts it
                 # the step was wrong, not the stage: report it; the process keeps serving
                 log.warning("[step] mb %d step %d failed: %s", step.mb, step.step, e)
@@ -391,7 +357,7 @@ class StageProcess:
         if out.hidden is not None and self.nccl is not None and self.nccl.out is not None and self.out is not None:
             sock, loop = self.out, self.loop
 
-            def announce(meta: TensorMeta) -> None:  # header first: see bus/nccl_activation.py
+            def announce(meta: TensorMeta) -> None:  # header first: see stages/nccl_activation.py
                 asyncio.run_coroutine_threadsafe(sock.send_header(step, meta), loop)
 
             return StepOutput(None, None, self.nccl.send(out.hidden, announce))
@@ -403,11 +369,10 @@ def run_stage(cfg: StageProcConfig) -> int:
                 cfg.log_level, cfg.supervisor_pid)
     install_uvloop()
     try:
-        asyncio.run(StageProcess(cfg).run())
+        return asyncio.run(StageProcess(cfg).run())
     except DeadlineError as e:
         log.error("[handshake] %s", e)
         return 3
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,24 +18,13 @@ from torch import nn
 
 from stages.batch import SeqChunk, StepPlan, build_plan
 from stages.errors import InvalidRequestError, LayerRangeError, ModelLoadError
-from stages.kv_cache import KVPool, PoolLayout
+from stages.kv_cache import KVPool
 from stages.layers.attention import CUDNN_ATTENTION_MODES, set_cudnn_attention
-from stages.models import DecoderShard, load_spec
-from stages.models.spec import parse_dtype, read_config
+from stages.models import load_spec
+from stages.models.base import DecoderShard
+from stages.models.spec import read_config
 from stages.weights import Checkpoint, load_shard, random_fill, random_weights_setting
-
-
-def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Contiguous, as-even-as-possible layer ranges; earlier stages take the remainder (the last has the head)."""
-    if not 1 <= stages <= num_layers:
-        raise LayerRangeError(f"cannot split {num_layers} layers into {stages} stages (need 1 <= stages <= layers)")
-    base, extra = divmod(num_layers, stages)
-    out, a = [], 0
-    for i in range(stages):
-        b = a + base + (1 if i < extra else 0)
-        out.append((a, b))
-        a = b
-    return out
+from streamer.layout import PoolLayout, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -75,12 +64,19 @@ def _materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) ->
             sub._parameters[name] = new
 
 
+def model_dtype(name: str) -> torch.dtype:
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+
+
 def pool_layout(config: ShardConfig) -> PoolLayout:
     """The KV pool a shard with this config computes in (known before its weights load)."""
     _, spec = load_spec(Path(config.model_dir))
     a, b = config.layers if config.layers is not None else (0, spec.num_layers)
     return PoolLayout(a, b - a, config.num_slots, config.max_seq_len, spec.num_kv_heads, spec.head_dim,
-                      parse_dtype(config.dtype))
+                      model_dtype(config.dtype))
 
 
 class ShardRuntime:
@@ -96,7 +92,7 @@ class ShardRuntime:
                 f"max_seq_len {config.max_seq_len} exceeds the model's {spec.max_positions} positions"
             )
         self.layers = range(a, b)
-        self.dtype = parse_dtype(config.dtype)
+        self.dtype = model_dtype(config.dtype)
         try:
             self.device = torch.device(config.device)
         except RuntimeError as e:

@@ -17,8 +17,7 @@ from safetensors import safe_open
 
 from stages.errors import ModelLoadError
 from stages.models.base import DecoderShard, WeightRef
-
-INDEX_FILE = "model.safetensors.index.json"
+from stages.models.spec import INDEX_FILE, RANDOM_WEIGHTS_KEY, weight_files
 
 
 class Checkpoint:
@@ -34,16 +33,8 @@ class Checkpoint:
                 raise ModelLoadError(f"{index}: unreadable index ({e})") from e
             self.file_of: dict[str, str] = dict(weight_map)
         else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            if not files:
-                if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
-                    raise ModelLoadError(
-                        f"{self.dir}: only pickle checkpoints (*.bin/*.pt) found; convert them to safetensors "
-                        "(pickles are never loaded)"
-                    )
-                raise ModelLoadError(f"{self.dir}: no *.safetensors files")
             self.file_of = {}
-            for name in files:
+            for name in weight_files(self.dir):
                 with self._open(name, "cpu") as f:
                     for key in f.keys():
                         self.file_of[key] = name
@@ -112,9 +103,6 @@ def load_shard(shard: DecoderShard, ckpt: Checkpoint, device: torch.device) -> N
     unfilled = [name for name in params if not any(p == name for p, _ in filled)]
     if unfilled:
         raise ModelLoadError(f"no checkpoint tensor maps to parameter(s) {unfilled[:3]} (runtime bug)")
-
-
-RANDOM_WEIGHTS_KEY = "dejavu_random_weights"
 
 
 def random_weights_setting(raw_config: dict) -> dict | None:  # type: ignore[type-arg]

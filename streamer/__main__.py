@@ -82,10 +82,10 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 1 and args[0].startswith("{"):  # started by the supervisor: a StreamerConfig as JSON
-        from recovery.child import decode_config, setup_child
+        from bus.child import decode_config, setup_child
 
         config = decode_config(StreamerConfig, args[0])
-        setup_child(f"dejavu: streamer {config.name}", "INFO", config.supervisor_pid)
+        setup_child(f"dejavu: streamer {config.name}", config.log_level, config.supervisor_pid)
         return run_streamer(config)
     return run_streamer(parse_args(args))
 

@@ -10,8 +10,8 @@ while long pieces (a prompt layer, a microbatch swap) go pool to pool as 2-D DMA
 kernel (streamer/regions.pair_blocks); flush / fetch move contiguous bytes over a transport (CUDA copy engines,
 CUDA IPC + peer copy, NCCL, ZeroMQ frames, memory-mapped files).
 
-Vocabulary: a *pool* is a KV allocation laid out as stages/kv_cache.PoolLayout; a *region* is
-(slots, global layers [a, b), one token range per slot) = stages/kv_cache.Region; a transfer copies the packed
+Vocabulary: a *pool* is a KV allocation laid out as streamer/layout.PoolLayout; a *region* is
+(slots, global layers [a, b), one token range per slot) = streamer/layout.Region; a transfer copies the packed
 rows of a source region onto a destination region of the same shape (same layer count, same per-slot token
 counts, same row format) in the same or another pool, here or on another host.
 

@@ -26,9 +26,9 @@ from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, Envelope, ErrorReply, Msg
 from bus.sockets import Receiver, Sender, decode_frames, make_socket
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.errors import StreamerDownError, StreamerError, error_for
+from streamer.layout import PoolLayout, Region
 from streamer.regions import layout_to_spec, region_to_spec
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,11 @@ surfacing later as an out-of-memory kill.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MiB = 1 << 20
+SHM_DIR = Path("/dev/shm")  # CPU stage pools are files here (streamer/memory.py) ...
+SHM_PREFIX = "dejavu-kv"  # ... named dejavu-kv-<deployment>-*: the supervisor sweeps what a dead deployment left
 CHECKSUM_POLICIES = ("remote", "all", "off")
 
 
@@ -86,6 +89,7 @@ class StreamerConfig:
     peers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     supervisor_address: str = ""  # "" = standalone (tests, benchmarks)
     supervisor_pid: int | None = None  # the child dies with this process (set by the supervisor)
+    log_level: str = "INFO"  # when started by the supervisor (standalone: the command line's)
     max_message_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:

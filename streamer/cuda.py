@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from stages.kv_cache import PoolLayout
 from streamer import wire
 from streamer.errors import TransferTimeoutError, TransportUnavailableError
+from streamer.layout import PoolLayout
 from streamer.regions import layout_to_spec
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
+from streamer.layout import PoolLayout, Region
 from streamer.regions import layout_to_spec
 
 _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))

@@ -30,7 +30,6 @@ from typing import Any
 import msgspec
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import trace, wire
 from streamer.config import StreamerConfig
 from streamer.cuda import synchronize_async, wait_event
@@ -43,6 +42,7 @@ from streamer.errors import (
     TransportUnavailableError,
 )
 from streamer.integrity import checksum
+from streamer.layout import PoolLayout, Region
 from streamer.movers import CpuMover, MoveJob, RouteIndex, SendBuffers, gather_cpu
 from streamer.peer import PeerNet, raise_if_refused, tensor_frame
 from streamer.regions import (

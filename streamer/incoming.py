@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.kv_cache import Region
 from streamer import wire
 from streamer.endpoints import Endpoint
 from streamer.errors import BadRequestError, DuplicateError, StaleError
 from streamer.integrity import Monotonic
+from streamer.layout import Region
 from streamer.regions import check_region, packed_rows, region_from_spec
 
 

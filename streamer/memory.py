@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from stages.kv_cache import PoolLayout
+from streamer.config import SHM_DIR, SHM_PREFIX
 from streamer.errors import BadRequestError, CapacityError
+from streamer.layout import PoolLayout
 
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "dejavu-kv"
 ALIGN = 4096  # sub-allocations are page aligned: DMA-friendly and safe for any word view
 
 

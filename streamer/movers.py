@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer.endpoints import Endpoint
 from streamer.integrity import checksum, verify
+from streamer.layout import PoolLayout, Region
 from streamer.regions import Chunk, PairBlock, common_runs, packed_rows
 
 

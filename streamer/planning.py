@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from stages.kv_cache import Region
 from streamer import wire
 from streamer.config import StreamerConfig
 from streamer.engine import LocalRoute, RemoteRoute, Runtime, Transfer, local_route
 from streamer.errors import BadRequestError
+from streamer.layout import Region
 from streamer.movers import RouteIndex
 from streamer.pools import PoolTable
 from streamer.regions import check_region, region_from_spec

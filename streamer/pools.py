@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from stages.kv_cache import PoolLayout
 from streamer import wire
-from streamer.config import StreamerConfig
+from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
 from streamer.endpoints import Endpoint
 from streamer.errors import BadRequestError, CapacityError
-from streamer.memory import SHM_DIR, SHM_PREFIX, Arena, MappedFile
+from streamer.layout import PoolLayout
+from streamer.memory import Arena, MappedFile
 from streamer.regions import layout_from_spec, layout_to_spec
 
 HOST_KINDS = {wire.POOL_SWAP: ("swap", "swap_bytes"), wire.POOL_REPLICA: ("replica", "replica_bytes"),

@@ -187,7 +187,7 @@ async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -
 async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, addresses: tuple[str, str],
                       stop: asyncio.Event) -> None:
     """Hello, then a Heartbeat every heartbeat_interval_s; a Shutdown from the supervisor stops us."""
-    from recovery.child import SupervisorLink
+    from bus.child import SupervisorLink
 
     link = SupervisorLink(ctx, config.supervisor_address, streamer_codec(config.name, config.incarnation),
                           "streamer", 0)

@@ -2,7 +2,7 @@
 index maps every copy path uses. Pure functions on CPU tensors; no process, no device.
 
 Vocabulary. A pool is viewed as *rows*: one row = one token's K (or V) in one layer, `row_bytes` long. The
-*packed form* of a region is its rows in packed order (stages/kv_cache: layer-major, K before V, slots in
+*packed form* of a region is its rows in packed order (streamer/layout.py: layer-major, K before V, slots in
 region order, tokens in order). A transfer moves packed rows [r0, r1) of the source region onto packed rows
 [r0, r1) of the destination region: two regions are compatible when they have the same number of layers and
 the same per-slot token counts, in order, and the same row size and dtype.
@@ -17,14 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.kv_cache import PoolLayout, Region, region_pieces, region_rows
-from stages.models.spec import parse_dtype
 from streamer import wire
 from streamer.errors import BadRequestError
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from streamer.layout import PoolLayout, Region, dtype_name, parse_dtype, region_pieces, region_rows
 
 
 def layout_to_spec(layout: PoolLayout) -> wire.LayoutSpec:
@@ -35,7 +30,7 @@ def layout_to_spec(layout: PoolLayout) -> wire.LayoutSpec:
 def layout_from_spec(spec: wire.LayoutSpec) -> PoolLayout:
     try:
         dtype = parse_dtype(spec.dtype)
-    except Exception as e:  # parse_dtype raises the runtime's own error type
+    except ValueError as e:
         raise BadRequestError(f"unknown pool dtype {spec.dtype!r}: {e}") from None
     if min(spec.num_layers, spec.num_slots, spec.max_seq_len, spec.kv_heads, spec.head_dim) < 1 or spec.first_layer < 0:
         raise BadRequestError(f"pool layout has a non-positive dimension: {spec}")

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import torch
 
+from bus.child import alive
 from bus.messages import ERR_BAD_MESSAGE, ErrorReply, Heartbeat, Msg
-from recovery.launch import alive
 from streamer import cuda, trace, wire
 from streamer.config import StreamerConfig
 from streamer.endpoints import Endpoint
@@ -312,7 +312,7 @@ class StreamerService:
             ep.owner_alive = False
             if ep.is_cuda:
                 await self._drop_pool(ep.name, OwnerDownError(f"pool {ep.name!r} died with {owner} ({reason})"))
-        log.warning("[stream] %s is down (%s); its CPU pools are kept", owner, reason)
+        log.info("[stream] %s is down (%s); its CPU pools are kept", owner, reason)
 
     # ------------------------------------------------------------------ transfers
 

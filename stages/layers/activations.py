@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from stages.errors import UnsupportedArchitectureError
+from stages.models.spec import ACTIVATIONS as NAMES
+from stages.models.spec import check_activation
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -20,10 +21,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+assert set(ACTIVATIONS) == set(NAMES), "stages/models/spec.py's ACTIVATIONS names exactly these"
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise UnsupportedArchitectureError(
-            f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
-        ) from None
+    check_activation(name)
+    return ACTIVATIONS[name]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.errors import InvalidRequestError
+from bus.requests import check_sampling
 
 _M32 = 0xFFFFFFFF
 
@@ -33,19 +33,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
-    import math
-
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and 0.0 <= temperature <= 100.0):
-        raise InvalidRequestError(f"temperature must be a number in [0, 100], got {temperature!r}")
-    if not (isinstance(top_k, int) and top_k >= 0):
-        raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (isinstance(seed, int) and 0 <= seed < 2**64):
-        raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {seed!r}")
 
 
 def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:

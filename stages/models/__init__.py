@@ -1,29 +1,24 @@
-"""Model families by Hugging Face architecture name. One file per family; shared pieces in stages/layers."""
+"""Model families: `spec.py` maps Hugging Face architectures to families and parses their config.json
+(torch-free); one module per family (llama.py, opt.py, bloom.py) builds its layers; shared pieces live in
+stages/layers. Importing this package does not import torch: the supervisor reads specs through it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stages.errors import UnsupportedArchitectureError
-from stages.models import bloom, llama, opt
-from stages.models.base import DecoderShard, Family, WeightRef
-from stages.models.spec import ModelSpec, read_config
+from stages.models.spec import ModelSpec, read_spec
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, opt.FAMILY, bloom.FAMILY)
-BY_ARCHITECTURE: dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}
+if TYPE_CHECKING:
+    from stages.models.base import Family
 
 
 def load_spec(model_dir: Path) -> tuple[Family, ModelSpec]:
-    raw = read_config(model_dir)
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise UnsupportedArchitectureError(f"{model_dir}/config.json names no architecture")
-    family = BY_ARCHITECTURE.get(archs[0])
-    if family is None:
-        raise UnsupportedArchitectureError(
-            f"architecture {archs[0]!r} is not supported (supported: {', '.join(sorted(BY_ARCHITECTURE))})"
-        )
-    return family, family.parse(raw, Path(model_dir))
+    """The model's family (its torch modules) and spec."""
+    from stages.models import bloom, llama, opt
+
+    spec = read_spec(Path(model_dir))
+    return {f.name: f for f in (llama.FAMILY, opt.FAMILY, bloom.FAMILY)}[spec.family], spec
 
 
-__all__ = ["BY_ARCHITECTURE", "FAMILIES", "DecoderShard", "Family", "ModelSpec", "WeightRef", "load_spec"]
+__all__ = ["ModelSpec", "load_spec", "read_spec"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,9 +33,7 @@ class WeightRef:
 
 @dataclass(frozen=True)
 class Family:
-    name: str
-    architectures: tuple[str, ...]
-    parse: Callable[[dict[str, Any], Path], ModelSpec]
+    name: str  # as in stages/models/spec.py's ARCHITECTURES (which also parses the family's config.json)
     embedding: Callable[[ModelSpec], nn.Module]
     block: Callable[[ModelSpec, int], nn.Module]
     head: Callable[[ModelSpec], nn.Module]

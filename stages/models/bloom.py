@@ -4,7 +4,6 @@ query_key_value laid out [heads, 3, head_dim], tanh-GeLU MLP, tied head."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,31 +14,7 @@ from stages.layers.attention import attend, write_kv
 from stages.layers.linear import Linear, default_weight_loader
 from stages.layers.norms import LayerNorm
 from stages.models.base import Family, NormHead, WeightRef
-from stages.models.spec import ModelSpec, eos_ids, required
-
-
-def parse(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
-    hidden = int(required(raw, "hidden_size", "n_embed"))
-    heads = int(required(raw, "n_head", "num_attention_heads"))
-    return ModelSpec(
-        architecture=raw["architectures"][0],
-        family="bloom",
-        vocab_size=int(required(raw, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=int(required(raw, "n_layer", "num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=4 * hidden,
-        max_positions=0,
-        eos_token_ids=eos_ids(raw, model_dir),
-        bos_token_id=raw.get("bos_token_id"),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        options={
-            "eps": float(raw.get("layer_norm_epsilon", 1e-5)),
-            "post_ln_residual": bool(raw.get("apply_residual_connection_post_layernorm", False)),
-        },
-    )
+from stages.models.spec import ModelSpec
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -131,8 +106,6 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
 
 FAMILY = Family(
     name="bloom",
-    architectures=("BloomForCausalLM",),
-    parse=parse,
     embedding=Embedding,
     block=Block,
     head=head,

@@ -7,14 +7,12 @@ fused into one matmul each. Embeddings tied or untied.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from stages.batch import StepPlan
-from stages.errors import UnsupportedArchitectureError
 from stages.layers.activations import activation
 from stages.layers.attention import attend, kv_written, write_kv
 from stages.layers.fused import can_fuse_rope, rope_and_cache, silu_mul
@@ -22,51 +20,7 @@ from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import RMSNorm
 from stages.layers.rotary import Rotary
 from stages.models.base import Family, NormHead, WeightRef
-from stages.models.spec import ModelSpec, eos_ids, required, rope_settings
-
-
-def parse(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
-    arch = raw["architectures"][0]
-    hidden = int(required(raw, "hidden_size"))
-    heads = int(required(raw, "num_attention_heads"))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
-    head_dim = int(raw.get("head_dim") or hidden // heads)
-    theta, scaling, partial = rope_settings(raw)
-    is_qwen = raw.get("model_type") == "qwen2" or arch.startswith("Qwen2")
-    window = None
-    if arch.startswith("Mistral"):
-        window = raw.get("sliding_window")
-    elif is_qwen and raw.get("use_sliding_window"):
-        raise UnsupportedArchitectureError("Qwen2 with use_sliding_window=true is not supported")
-    attention_bias = bool(raw.get("attention_bias", False))
-    options = {
-        "qkv_bias": True if is_qwen else attention_bias,
-        "o_bias": False if is_qwen else attention_bias,
-        "mlp_bias": bool(raw.get("mlp_bias", False)),
-        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
-        "rope_theta": theta,
-        "rope_scaling": scaling,
-        "rot_dim": int(head_dim * partial),
-        "hidden_act": raw.get("hidden_act", "silu"),
-    }
-    activation(options["hidden_act"])  # fail early on an unknown activation
-    return ModelSpec(
-        architecture=arch,
-        family="llama",
-        vocab_size=int(required(raw, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=int(required(raw, "num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        intermediate_size=int(required(raw, "intermediate_size")),
-        max_positions=0,
-        eos_token_ids=eos_ids(raw, model_dir),
-        bos_token_id=raw.get("bos_token_id"),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        sliding_window=int(window) if window else None,
-        options=options,
-    )
+from stages.models.spec import ModelSpec
 
 
 class Embedding(nn.Module):
@@ -180,8 +134,6 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
 
 FAMILY = Family(
     name="llama",
-    architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
-    parse=parse,
     embedding=Embedding,
     block=Block,
     head=head,

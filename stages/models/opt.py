@@ -3,7 +3,6 @@ each sub-layer, biased projections, ReLU MLP, optional project_in/out when word_
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,40 +14,9 @@ from stages.layers.attention import attend, write_kv
 from stages.layers.linear import Linear, MergedLinear, default_weight_loader
 from stages.layers.norms import LayerNorm
 from stages.models.base import Family, WeightRef
-from stages.models.spec import ModelSpec, eos_ids, required
+from stages.models.spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
-
-
-def parse(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
-    hidden = int(required(raw, "hidden_size"))
-    heads = int(required(raw, "num_attention_heads"))
-    pre = bool(raw.get("do_layer_norm_before", True))
-    options = {
-        "pre_norm": pre,
-        "final_norm": pre and not raw.get("_remove_final_layer_norm", False),
-        "proj_dim": int(raw.get("word_embed_proj_dim") or hidden),
-        "bias": bool(raw.get("enable_bias", True)),
-        "affine": bool(raw.get("layer_norm_elementwise_affine", True)),
-        "act": raw.get("activation_function", "relu"),
-    }
-    activation(options["act"])
-    return ModelSpec(
-        architecture=raw["architectures"][0],
-        family="opt",
-        vocab_size=int(required(raw, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=int(required(raw, "num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=int(required(raw, "ffn_dim")),
-        max_positions=int(required(raw, "max_position_embeddings")),
-        eos_token_ids=eos_ids(raw, model_dir),
-        bos_token_id=raw.get("bos_token_id"),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-        options=options,
-    )
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -159,8 +127,6 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
 
 FAMILY = Family(
     name="opt",
-    architectures=("OPTForCausalLM",),
-    parse=parse,
     embedding=Embedding,
     block=Block,
     head=Head,

@@ -1,37 +1,24 @@
-"""`ModelSpec`: the parts of a Hugging Face config.json the runtime needs, normalised across families.
+"""`ModelSpec`: the parts of a Hugging Face config.json the runtime needs, normalised across families, and the
+layer split of a pipeline.
 
 Reads the raw JSON (never imports a model class from transformers), so both the older `rope_scaling` /
-`rope_theta` keys and the newer `rope_parameters` form are understood.
+`rope_theta` keys and the newer `rope_parameters` form are understood. Torch-free on purpose: the supervisor
+checks a model (and a layer split) before it starts any process, and must not pay torch's import for it. The
+family modules (llama.py, opt.py, bloom.py) hold the torch side and name their parser here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from stages.errors import LayerRangeError, ModelLoadError, UnsupportedArchitectureError
 
-from stages.errors import ModelLoadError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise ModelLoadError(f"dtype {name} is not supported (use one of {', '.join(DTYPES)})")
-        return name
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ModelLoadError(f"dtype {name!r} is not supported (use one of {', '.join(DTYPES)})") from None
+# Hugging Face activation names the layers implement (stages/layers/activations.py maps each to a function)
+ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 @dataclass(frozen=True)
@@ -109,3 +96,160 @@ def required(raw: Mapping[str, Any], *keys: str) -> Any:
         if k in raw and raw[k] is not None:
             return raw[k]
     raise ModelLoadError(f"config.json lacks {' / '.join(keys)}")
+
+
+INDEX_FILE = "model.safetensors.index.json"
+RANDOM_WEIGHTS_KEY = "dejavu_random_weights"  # benchmark models: no weight files (stages/weights.py)
+
+
+def weight_files(model_dir: Path) -> list[str]:
+    """The directory's safetensors files when it has no index (with one, the index names them). ModelLoadError
+    when there are none, saying why: pickle checkpoints (*.bin, *.pt) are never loaded."""
+    d = Path(model_dir)
+    files = sorted(p.name for p in d.glob("*.safetensors"))
+    if files or (d / INDEX_FILE).is_file():
+        return files
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+        raise ModelLoadError(f"{d}: only pickle checkpoints (*.bin/*.pt) found; convert them to safetensors "
+                             "(pickles are never loaded)")
+    raise ModelLoadError(f"{d}: no *.safetensors files")
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+
+
+def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """Contiguous, as-even-as-possible layer ranges; earlier stages take the remainder (the last has the head)."""
+    if not 1 <= stages <= num_layers:
+        raise LayerRangeError(f"cannot split {num_layers} layers into {stages} stages (need 1 <= stages <= layers)")
+    base, extra = divmod(num_layers, stages)
+    out, a = [], 0
+    for i in range(stages):
+        b = a + base + (1 if i < extra else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def parse_llama(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
+    arch = raw["architectures"][0]
+    hidden = int(required(raw, "hidden_size"))
+    heads = int(required(raw, "num_attention_heads"))
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    head_dim = int(raw.get("head_dim") or hidden // heads)
+    theta, scaling, partial = rope_settings(raw)
+    is_qwen = raw.get("model_type") == "qwen2" or arch.startswith("Qwen2")
+    window = None
+    if arch.startswith("Mistral"):
+        window = raw.get("sliding_window")
+    elif is_qwen and raw.get("use_sliding_window"):
+        raise UnsupportedArchitectureError("Qwen2 with use_sliding_window=true is not supported")
+    attention_bias = bool(raw.get("attention_bias", False))
+    options = {
+        "qkv_bias": True if is_qwen else attention_bias,
+        "o_bias": False if is_qwen else attention_bias,
+        "mlp_bias": bool(raw.get("mlp_bias", False)),
+        "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rot_dim": int(head_dim * partial),
+        "hidden_act": raw.get("hidden_act", "silu"),
+    }
+    check_activation(options["hidden_act"])  # fail early on an unknown activation
+    return ModelSpec(
+        architecture=arch,
+        family="llama",
+        vocab_size=int(required(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(required(raw, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(required(raw, "intermediate_size")),
+        max_positions=0,
+        eos_token_ids=eos_ids(raw, model_dir),
+        bos_token_id=raw.get("bos_token_id"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=int(window) if window else None,
+        options=options,
+    )
+
+
+def parse_opt(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
+    hidden = int(required(raw, "hidden_size"))
+    heads = int(required(raw, "num_attention_heads"))
+    pre = bool(raw.get("do_layer_norm_before", True))
+    options = {
+        "pre_norm": pre,
+        "final_norm": pre and not raw.get("_remove_final_layer_norm", False),
+        "proj_dim": int(raw.get("word_embed_proj_dim") or hidden),
+        "bias": bool(raw.get("enable_bias", True)),
+        "affine": bool(raw.get("layer_norm_elementwise_affine", True)),
+        "act": raw.get("activation_function", "relu"),
+    }
+    check_activation(options["act"])
+    return ModelSpec(
+        architecture=raw["architectures"][0],
+        family="opt",
+        vocab_size=int(required(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(required(raw, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=int(required(raw, "ffn_dim")),
+        max_positions=int(required(raw, "max_position_embeddings")),
+        eos_token_ids=eos_ids(raw, model_dir),
+        bos_token_id=raw.get("bos_token_id"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        options=options,
+    )
+
+
+def parse_bloom(raw: dict[str, Any], model_dir: Path) -> ModelSpec:
+    hidden = int(required(raw, "hidden_size", "n_embed"))
+    heads = int(required(raw, "n_head", "num_attention_heads"))
+    return ModelSpec(
+        architecture=raw["architectures"][0],
+        family="bloom",
+        vocab_size=int(required(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=int(required(raw, "n_layer", "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=4 * hidden,
+        max_positions=0,
+        eos_token_ids=eos_ids(raw, model_dir),
+        bos_token_id=raw.get("bos_token_id"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        options={
+            "eps": float(raw.get("layer_norm_epsilon", 1e-5)),
+            "post_ln_residual": bool(raw.get("apply_residual_connection_post_layernorm", False)),
+        },
+    )
+
+
+PARSERS: dict[str, Callable[[dict[str, Any], Path], ModelSpec]] = {
+    "llama": parse_llama, "opt": parse_opt, "bloom": parse_bloom,
+}
+ARCHITECTURES: dict[str, str] = {  # Hugging Face architecture -> family
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+    "OPTForCausalLM": "opt", "BloomForCausalLM": "bloom",
+}
+
+
+def read_spec(model_dir: Path) -> ModelSpec:
+    """The spec of the model in `model_dir` (config.json, generation_config.json); ModelLoadError if unusable."""
+    raw = read_config(model_dir)
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise UnsupportedArchitectureError(f"{model_dir}/config.json names no architecture")
+    family = ARCHITECTURES.get(archs[0])
+    if family is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {archs[0]!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return PARSERS[family](raw, Path(model_dir))

@@ -121,7 +121,7 @@ def test_four_stage_nccl_pipeline_prefills_many_long_prompts_without_stalling(tm
 
 
 def _dump_stage_stacks(dep) -> None:  # type: ignore[no-untyped-def]
-    """SIGUSR1 makes every stage write its threads' stacks to the deployment log (recovery/child.py); print it."""
+    """SIGUSR1 makes every stage write its threads' stacks to the deployment log (bus/child.py); print it."""
     import os
     import signal
     import time

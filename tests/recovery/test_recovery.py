@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from recovery.launch import alive
+from bus.child import alive
 from bus.client import AsyncClient
 from bus.errors import DejaVuError
 from stages.generate import GenerationRequest, LocalPipeline, generate
@@ -272,7 +272,7 @@ def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) ->
 
 def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-untyped-def]
     from recovery.launch import descendants
-    from streamer.memory import SHM_DIR, SHM_PREFIX
+    from streamer.config import SHM_DIR, SHM_PREFIX
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists: the supervisor of an earlier deployment killed with -9

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bus.text import load_tokenizer
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.generate_cli import main
-from stages.text import load_tokenizer
 from tests.tiny_models import load_hf
 
 ROOT = Path(__file__).resolve().parents[2]

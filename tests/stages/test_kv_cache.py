@@ -12,8 +12,9 @@ import torch
 from stages.batch import SeqChunk
 from stages.errors import InvalidRequestError
 from stages.generate import LocalPipeline
-from stages.kv_cache import KVPool, PoolLayout, Region
+from stages.kv_cache import KVPool
 from stages.runtime import ShardConfig, ShardRuntime
+from streamer.layout import PoolLayout, Region
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

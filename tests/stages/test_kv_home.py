@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from stages.kv_cache import PoolLayout
 from stages.kv_home import open_home
-from streamer.memory import SHM_DIR, SHM_PREFIX
+from streamer.config import SHM_DIR, SHM_PREFIX
+from streamer.layout import PoolLayout
 
 
 def test_without_a_streamer_the_pool_is_private_and_nothing_is_left_behind() -> None:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from stages.batch import SeqChunk
 from stages.errors import LayerRangeError, ModelLoadError, UnsupportedArchitectureError
 from stages.generate import GenerationRequest, LocalPipeline, generate
-from stages.runtime import ShardConfig, ShardRuntime, split_layers
+from stages.models.spec import split_layers
+from stages.runtime import ShardConfig, ShardRuntime
 from stages.weights import INDEX_FILE
 from tests import tiny_models
 

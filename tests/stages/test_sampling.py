@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bus.stopping import LENGTH, STOP
 from stages.errors import InvalidRequestError
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.layers.sampling import SamplingParams, sample, uniform_noise
-from stages.stopping import LENGTH, STOP
 
 PROMPTS = [[5, 17, 42, 99, 3, 8, 150], [7, 11], [100, 1, 60, 61, 62, 63, 64, 65, 66, 67, 68], [9]]
 NEW = 12

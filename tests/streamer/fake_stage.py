@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.client import StreamerClient
+from streamer.layout import PoolLayout, Region
 from streamer.memory import SharedPoolMemory
 from tests.streamer.helpers import fill_random
 

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from stages.kv_cache import KVPool, PoolLayout, Region
+from stages.kv_cache import KVPool
+from streamer.layout import PoolLayout, Region
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -134,10 +134,10 @@ def test_a_wait_longer_than_the_spin_parks_on_a_waiter_thread() -> None:
 def test_the_mover_spins_only_for_copies_expected_to_end_within_the_spin() -> None:
     import torch
 
-    from stages.kv_cache import PoolLayout
     from streamer import wire
     from streamer.cuda_mover import GpuMover
     from streamer.endpoints import Endpoint
+    from streamer.layout import PoolLayout
 
     lay = PoolLayout(0, 1, 1, 4, 1, 4, torch.float32)
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 import zmq.asyncio
 
-from stages.kv_cache import PoolLayout, Region, region_rows
 from streamer import wire
 from streamer.config import StreamerConfig
 from streamer.endpoints import Endpoint
@@ -23,6 +22,7 @@ from streamer.errors import (
     PeerDeadError,
     TransferTimeoutError,
 )
+from streamer.layout import PoolLayout, Region, region_rows
 from streamer.movers import CpuMover, copy_rows_cpu
 from streamer.peer import PeerNet
 from tests.streamer.helpers import DTYPES, fill_random, packed, random_layout, random_region, run

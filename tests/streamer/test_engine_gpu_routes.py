@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.endpoints import Endpoint
 from streamer.engine import Transfer
 from streamer.errors import CancelledError, IntegrityError
+from streamer.layout import PoolLayout, Region
 from streamer.movers import MoveJob
 from tests.streamer.helpers import fill_random, packed, run
 from tests.streamer.test_engine import Env

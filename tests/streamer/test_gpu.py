@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.errors import BadRequestError, PeerDeadError
 from streamer.integrity import checksum_parts
+from streamer.layout import PoolLayout, Region
 from tests.streamer.helpers import DTYPES, StreamerProc, connect, fill_random, packed, random_region, run
 
 pytestmark = pytest.mark.gpu
@@ -63,7 +63,7 @@ def test_checksum_is_the_same_on_gpu_and_cpu() -> None:
 
 
 def _lib(layer_wait: str = "host", inline_dma: bool = False):  # type: ignore[no-untyped-def]
-    from streamer.bench_ops import Lib
+    from bench.streamer_ops import Lib
 
     return Lib(True, staging_bytes=256 * 1024, lanes=2, layer_wait=layer_wait, inline_dma=inline_dma)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import wire
 from streamer.endpoints import Endpoint
 from streamer.errors import BadRequestError, DuplicateError, StaleError
 from streamer.incoming import Incoming
+from streamer.layout import PoolLayout, Region
 from streamer.regions import region_to_spec
 
 LAYOUT = PoolLayout(0, 2, 3, 8, 1, 4, torch.float16)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.kv_cache import PoolLayout
 from streamer.errors import BadRequestError, CapacityError
+from streamer.layout import PoolLayout
 from streamer.memory import ALIGN, Arena, SharedPoolMemory
 from tests.streamer.helpers import fill_random
 

@@ -22,11 +22,12 @@ import zmq
 import zmq.asyncio
 
 from bus.messages import ErrorReply
-from stages.kv_cache import KVPool, PoolLayout, Region
+from stages.kv_cache import KVPool
 from streamer import wire
 from streamer.client import StreamerClient
 from streamer.errors import BadRequestError, CapacityError, OwnerDownError, PeerDeadError, StreamerDownError
 from streamer.integrity import checksum
+from streamer.layout import PoolLayout, Region
 from streamer.memory import SharedPoolMemory
 from streamer.proc import streamer_codec
 from streamer.regions import layout_to_spec, region_to_spec

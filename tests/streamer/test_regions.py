@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from stages.kv_cache import PoolLayout, Region, region_pieces, region_rows
 from streamer import wire
 from streamer.errors import BadRequestError
+from streamer.layout import PoolLayout, Region, region_pieces, region_rows
 from streamer.regions import (
     check_compatible,
     common_runs,

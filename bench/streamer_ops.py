@@ -1,8 +1,8 @@
-"""Measurement primitives of `dejavu-bench streamer` (streamer/bench.py): hardware ceilings, the library's
+"""Measurement primitives of `dejavu-bench streamer` (bench/streamer_bench.py): hardware ceilings, the library's
 operations run in this process, and the overhead of layer-by-layer streaming on a real prompt pass.
 
 The library is exercised in-process (`Lib`: the streamer's own movers and transfer engine over endpoints this
-process allocates), so figures are the copy paths themselves; streamer/bench_e2e.py adds end-to-end figures
+process allocates), so figures are the copy paths themselves; bench/streamer_e2e.py adds end-to-end figures
 through real streamer processes (and the prompt-pass overhead). Every figure is a median of repeats after a
 warm-up.
 """
@@ -22,11 +22,11 @@ import torch
 import zmq
 import zmq.asyncio
 
-from stages.kv_cache import PoolLayout, Region
 from streamer import cuda, wire
 from streamer.config import StreamerConfig
 from streamer.endpoints import Endpoint
 from streamer.engine import Runtime, Transfer, local_route
+from streamer.layout import PoolLayout, Region
 from streamer.movers import CpuMover
 from streamer.peer import PeerNet
 from streamer.proc import streamer_codec

@@ -9,7 +9,7 @@
    Single-transfer latency includes host overhead; `stream_gbps` is a stream of 32 transfers with 8 in flight
    (8 of 64 MiB and more), each planned in its turn: what a stream of layers sustains (prompt layers: the
    stage's layers in turn, as a prompt pass sends them; the same layer repeated: stream_gbps_same_region).
-3. End to end through real streamer processes (streamer/bench_e2e.py): GPU pool -> GPU pool on another
+3. End to end through real streamer processes (bench/streamer_e2e.py): GPU pool -> GPU pool on another
    "host" (NCCL), and over TCP - one transfer at a time, a stream of 32 prompt layers (8 in flight) and a
    stream of whole prompts (2 in flight: one's control-plane latency overlaps the other's bytes); and the overhead of layer-by-layer streaming on a real prompt pass, the stage
    here and the streamer in its own process (with / without; the paper: within 2%).
@@ -39,15 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run straight 
 
 import torch  # noqa: E402
 
-from stages.kv_cache import PoolLayout, Region  # noqa: E402
-from streamer import wire  # noqa: E402
-from streamer.bench_ops import (  # noqa: E402
+from bench.streamer_ops import (  # noqa: E402
     Lib,
     MiB,
     NcclPair,
     ceiling_copy,
     ceiling_memcpy,
     ceiling_zmq,
+)
+from streamer import wire  # noqa: E402
+from streamer.layout import (
+    PoolLayout,
+    Region,  # noqa: E402
 )
 
 
@@ -165,7 +168,7 @@ async def bench_ceilings(on_gpu: bool, sizes: list[int], repeats: int, ngpu: int
 
 async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, Any]]) -> None:
     """Through two real streamer processes: remote transfers, and the prompt-pass overhead."""
-    from streamer.bench_e2e import run_e2e
+    from bench.streamer_e2e import run_e2e
 
     for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
                              model_dir=args.model_dir, remote_too=not args.skip_e2e,
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 10
-    from recovery.child import install_uvloop
+    from bus.child import install_uvloop
 
     install_uvloop()  # this process plays the stages (and their clients), which run on uvloop
     out = asyncio.run(run(args))

@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from stages.kv_cache import PoolLayout, Region
+from bench.streamer_ops import NcclPair, ceiling_zmq_best, gbps, median
 from streamer import wire
-from streamer.bench_ops import NcclPair, ceiling_zmq_best, gbps, median
 from streamer.client import LayerSignal, StreamerClient, attach_kv_hooks, attach_layer_hooks
+from streamer.layout import PoolLayout, Region
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def _gib(nbytes: int) -> str:
 def stage_model(on_gpu: bool, model_dir: str) -> tuple[Path, tuple[int, int]]:
     """A random Llama model (config.json only: the stage draws its weights on its device, see
     stages/weights.random_fill) and the layers one stage runs: 8 of an 8B model's 32 (a 4-stage pipeline)."""
-    from stages.bench import LLAMA3_8B
+    from bench.runtime_bench import LLAMA3_8B
 
     if on_gpu:
         config, layers = {**LLAMA3_8B}, (0, 8)

@@ -1,10 +1,10 @@
 """`dejavu-bench <what> ...`: one entry point for the project's benchmarks.
 
     serve     load generator against a running deployment (bus/loadgen.py)
-    streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (streamer/bench.py)
-    runtime   single-shard model runtime vs Hugging Face and the weight-read floor (stages/bench.py)
+    streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (bench/streamer_bench.py)
+    runtime   single-shard model runtime vs Hugging Face and the weight-read floor (bench/runtime_bench.py)
     pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles
-              (bus/pipeline_bench.py)
+              (bench/pipeline_bench.py)
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import sys
 
 COMMANDS = {
     "serve": "bus.loadgen",
-    "streamer": "streamer.bench",
-    "runtime": "stages.bench",
-    "pipeline": "bus.pipeline_bench",
+    "streamer": "bench.streamer_bench",
+    "runtime": "bench.runtime_bench",
+    "pipeline": "bench.pipeline_bench",
 }
 
 

@@ -166,7 +166,7 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
 
 def dump_stacks(processes: list[dict[str, Any]], out: Path | None = None, tag: str = "") -> None:
     """Ask each (local) process to write every thread's Python stack to its log (faulthandler on SIGUSR1,
-    recovery/child.py): where a slow phase waits. With py-spy on PATH and `out` given, also each process's
+    bus/child.py): where a slow phase waits. With py-spy on PATH and `out` given, also each process's
     native stacks (the CUDA or NCCL call a thread sits in), one file per process."""
     import shutil
     import subprocess

@@ -15,9 +15,9 @@ import zmq
 import zmq.asyncio
 
 from bus.codec import Codec, Received
-from bus.frames import frame_tensor, tensor_frame
 from bus.messages import Msg, StepRequest, TensorMeta
 from bus.sockets import bound_address, decode_frames, make_socket, send
+from stages.frames import frame_tensor, tensor_frame
 
 
 class ActivationIn:

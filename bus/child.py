@@ -1,5 +1,5 @@
 """What every supervised child process does the same way: process title, dying with its supervisor,
-logging, and the supervisor link (Hello, heartbeats, Shutdown).
+logging, its config on the command line, and the supervisor link (Hello, heartbeats, Shutdown).
 
 A child must never outlive its supervisor: PR_SET_PDEATHSIG makes the kernel kill it when the supervisor
 dies (even by SIGKILL), and a parent-pid check closes the race where the supervisor died first.
@@ -17,17 +17,24 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 import zmq
 
 from bus.codec import Codec, Received
 from bus.errors import ProtocolError
-from bus.messages import Heartbeat, Hello, Shutdown
+from bus.messages import FatalError, Heartbeat, Hello, Shutdown
 from bus.sockets import decode_frames, make_socket, send
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+EXIT_CONFIG = 2  # a child that cannot start as configured exits so (after SupervisorLink.fatal): no restart
+
+
+class CannotStart(Exception):
+    """Raised by a child's start-up for a fault of its configuration, not of the process: the message is what
+    the user reads (one line, saying what to change)."""
 
 
 def die_with_parent(expected_parent: int | None) -> None:
@@ -94,6 +101,12 @@ class SupervisorLink:
         await send(self.sock, self.codec, Hello(self.role, self.index, os.getpid(), socket.gethostname(),
                                                 addresses or {}, layers or []))
 
+    async def fatal(self, message: str, linger_s: float = 2.0) -> None:
+        """Tell the supervisor this process cannot start as configured (then exit with EXIT_CONFIG). The socket
+        is closed with a linger, so the message still leaves when the context is destroyed right after."""
+        await send(self.sock, self.codec, FatalError(message))
+        self.sock.close(linger=int(linger_s * 1000))
+
     async def run(self, interval: float, busy_s: Callable[[], float], state: Callable[[], str]) -> None:
         """Heartbeat every `interval` s and watch for Shutdown, until `stop` is set."""
         seq = 0
@@ -126,3 +139,12 @@ class SupervisorLink:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from bus.nccl_activation import LinkClosed, NcclActivations, _check, _link_errors
+from stages.nccl_activation import LinkClosed, NcclActivations, _check, _link_errors
 from streamer.errors import PeerDeadError
 
 
@@ -140,8 +140,8 @@ def test_a_receive_never_writes_into_memory_that_queued_compute_still_reads() ->
     tensor whose copy is queued behind a sleep, then receives a message of the same size at once."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    from bus.frames import DTYPE_NAMES
     from bus.messages import TensorMeta
+    from stages.frames import DTYPE_NAMES
 
     d0, d1 = torch.device("cuda:0"), torch.device("cuda:1")
     gpu0 = ThreadPoolExecutor(1, "gpu0", initializer=torch.cuda.set_device, initargs=(d0,))

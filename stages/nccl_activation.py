@@ -28,8 +28,8 @@ import threading
 
 import torch
 
-from bus.frames import DTYPE_NAMES, DTYPES
 from bus.messages import TensorMeta
+from stages.frames import DTYPE_NAMES, DTYPES
 from streamer.nccl import abort_link
 
 

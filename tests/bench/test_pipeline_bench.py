@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bus import pipeline_bench
+from bench import pipeline_bench
 
 
 def test_pipeline_bench_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,4 +1,4 @@
-"""Keeps stages/bench.py (`dejavu-bench runtime`) working: its --quick mode runs the real code path (model directory written,
+"""Keeps bench/runtime_bench.py (`dejavu-bench runtime`) working: its --quick mode runs the real code path (model directory written,
 our runtime, Hugging Face, the floor) on CPU with a tiny shape and writes the JSON, the plot and a table."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     pytest.importorskip("matplotlib")
-    import stages.bench
+    import bench.runtime_bench
 
-    yield stages.bench
+    yield bench.runtime_bench
 
 
 def _positive(x: object) -> bool:

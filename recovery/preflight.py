@@ -1,0 +1,150 @@
+"""What `dejavu-serve` checks before it starts any process: the model directory, the layer split, the client
+port, the devices, the shared memory the KV pools need. Each refusal is one `UsageError` line that says what
+to change (the command exits with code 2); a shortage that only costs a feature is a warning line.
+
+Torch-free, like the rest of the supervisor: these checks take milliseconds, where one process importing
+torch takes seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.metadata
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from recovery.specs import DeploymentConfig
+from stages.errors import StageError
+from stages.models.spec import (
+    RANDOM_WEIGHTS_KEY,
+    ModelSpec,
+    read_config,
+    read_spec,
+    split_layers,
+    weight_files,
+)
+from streamer.config import SHM_DIR
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class UsageError(ValueError):
+    """The deployment cannot start as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    spec: ModelSpec
+    warnings: tuple[str, ...]
+
+
+def check_deployment(cfg: DeploymentConfig) -> Checked:
+    spec = check_model(Path(cfg.model_dir))
+    check_layout(cfg, spec)
+    check_port(cfg.host, cfg.port)
+    if cfg.device == "cuda":
+        check_gpus(cfg)
+    warnings = []
+    if cfg.device == "cpu" and cfg.streamer:
+        warnings += shm_shortage(cfg, spec)
+    return Checked(spec, tuple(warnings))
+
+
+def check_model(model_dir: Path) -> ModelSpec:
+    if not model_dir.is_dir():
+        raise UsageError(f"--model {model_dir}: no such directory; give a Hugging Face model directory "
+                         "(config.json, *.safetensors, tokenizer files) or 'default'")
+    try:
+        spec = read_spec(model_dir)
+        if RANDOM_WEIGHTS_KEY not in read_config(model_dir):
+            weight_files(model_dir)
+    except StageError as e:
+        raise UsageError(f"--model {model_dir}: {e}") from None
+    return spec
+
+
+def check_layout(cfg: DeploymentConfig, spec: ModelSpec) -> None:
+    if cfg.num_stages > spec.num_layers:
+        raise UsageError(f"--stages {cfg.num_stages}: the model has {spec.num_layers} layers; "
+                         f"choose 1 to {spec.num_layers} stages")
+    split_layers(spec.num_layers, cfg.num_stages)
+    if spec.max_positions and cfg.max_seq_len > spec.max_positions:
+        raise UsageError(f"--max-seq-len {cfg.max_seq_len}: the model has {spec.max_positions} positions; "
+                         f"choose at most {spec.max_positions}")
+
+
+def check_port(host: str, port: int) -> None:
+    """The client socket's address must be free (ZeroMQ binds with SO_REUSEADDR, so the probe does too)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+            s.listen(1)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port {port}: already in use on {host}; stop what listens there or choose "
+                                 "another port (--port 0 picks a free one)") from None
+            raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: the driver's list (or device nodes),
+    narrowed by CUDA_VISIBLE_DEVICES when it is set."""
+    listed = Path("/proc/driver/nvidia/gpus")
+    if listed.is_dir():
+        count = len(list(listed.iterdir()))
+    else:
+        count = len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return count
+
+
+def check_gpus(cfg: DeploymentConfig) -> None:
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError("--device cuda: torch is not installed") from None
+    if version.endswith("+cpu"):
+        raise UsageError(f"--device cuda: the installed torch {version} is a CPU build; install a CUDA build "
+                         "(see README, 'On a GPU machine') or use --device cpu")
+    gpus = visible_gpus()
+    if gpus == 0:
+        raise UsageError("--device cuda: no NVIDIA GPU is visible (no driver in /proc/driver/nvidia, or "
+                         "CUDA_VISIBLE_DEVICES hides them all); use --device cpu")
+    if cfg.num_stages > gpus:
+        raise UsageError(f"--stages {cfg.num_stages} --device cuda: each stage takes one GPU and {gpus} are "
+                         f"visible; choose at most {gpus} stages")
+    if cfg.transport in ("auto", "nccl") and importlib.util.find_spec("cupy") is None:
+        raise UsageError("--device cuda: the activation plane uses NCCL through CuPy, which is not installed; "
+                         "pip install 'dejavu-serving[cuda12]' (or [cuda13]), or use --transport zmq")
+
+
+def pool_bytes(cfg: DeploymentConfig, spec: ModelSpec) -> int:
+    """Bytes of every stage's KV pool together."""
+    per_token_layer = 2 * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[cfg.dtype]
+    return spec.num_layers * cfg.num_slots * cfg.max_seq_len * per_token_layer
+
+
+def shm_shortage(cfg: DeploymentConfig, spec: ModelSpec) -> list[str]:
+    need = pool_bytes(cfg, spec)
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return [f"{SHM_DIR} is not available: stages keep their KV in private memory, so a restarted stage "
+                "recomputes its requests instead of taking its KV over"]
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return [f"{SHM_DIR} has {free / 2**20:.0f} MiB free and the KV pools need {need / 2**20:.0f} MiB: stages "
+                "that find no room keep their KV in private memory (a restart recomputes their requests); "
+                "lower --microbatch-size or --max-seq-len, or grow /dev/shm"]
+    return []

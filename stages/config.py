@@ -1,0 +1,50 @@
+"""`StageProcConfig`: everything a stage process is told, validated once, never mutated.
+
+Built by the supervisor, passed as JSON on the stage's command line (bus/child.py). Torch-free: the supervisor
+imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageProcConfig:
+    index: int
+    num_stages: int
+    incarnation: int
+    model_dir: str
+    layers: tuple[int, int]
+    num_slots: int
+    max_seq_len: int
+    supervisor_address: str
+    controller_address: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    bind_host: str = "127.0.0.1"
+    heartbeat_interval: float = 1.0
+    handshake_timeout: float = 60.0
+    supervisor_pid: int | None = None
+    log_level: str = "INFO"
+    threads: int = 0  # torch intra-op threads on CPU (0 = torch's default)
+    transport: str = "auto"  # activation plane: "zmq", "nccl", or auto (nccl on cuda)
+    microbatch_size: int = 0  # slots per microbatch range (CUDA graphs per range); 0 = all slots
+    cuda_graphs: bool = True
+    cudnn_attention: str = "all"  # where attention may use cuDNN (stages/layers/attention.py)
+    link_timeout: float = 60.0  # NCCL link setup deadline
+    streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
+    streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown
+    shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.num_stages:
+            raise ValueError(f"stage index {self.index} outside [0, {self.num_stages})")
+        if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
+            raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
+        if self.transport not in ("auto", "zmq", "nccl"):
+            raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
+
+    @property
+    def uses_nccl(self) -> bool:
+        return self.transport == "nccl" or (self.transport == "auto" and self.device.startswith("cuda"))
