@@ -28,6 +28,7 @@ from bus.messages import FatalError, Heartbeat, Hello, Shutdown
 from bus.sockets import decode_frames, make_socket, send
 
 log = logging.getLogger(__name__)
+STARTED = time.time()  # ~when this process started: a child imports this module first thing
 PR_SET_PDEATHSIG = 1
 EXIT_CONFIG = 2  # a child that cannot start as configured exits so (after SupervisorLink.fatal): no restart
 
@@ -50,6 +51,10 @@ def die_with_parent(expected_parent: int | None) -> None:
 
 def setup_child(title: str, log_level: str = "INFO", expected_parent: int | None = None) -> None:
     die_with_parent(expected_parent)
+    if getattr(logging, log_level.upper(), logging.INFO) >= logging.WARNING:
+        # transformers (the controller's tokenizer) warns about things that are not ours to fix; read when it is
+        # first imported, which is after this
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import faulthandler
 
     faulthandler.enable()  # a crash in native code (CUDA, NCCL) still leaves a Python stack in the log
@@ -99,7 +104,7 @@ class SupervisorLink:
 
     async def hello(self, addresses: dict[str, str] | None = None, layers: list[int] | None = None) -> None:
         await send(self.sock, self.codec, Hello(self.role, self.index, os.getpid(), socket.gethostname(),
-                                                addresses or {}, layers or []))
+                                                addresses or {}, layers or [], started=STARTED))
 
     async def fatal(self, message: str, linger_s: float = 2.0) -> None:
         """Tell the supervisor this process cannot start as configured (then exit with EXIT_CONFIG). The socket

@@ -26,9 +26,18 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import msgspec
 import zmq
 
-from bus.child import EXIT_CONFIG, CannotStart, SupervisorLink, decode_config, install_uvloop, setup_child
+from bus.child import (
+    EXIT_CONFIG,
+    STARTED,
+    CannotStart,
+    SupervisorLink,
+    decode_config,
+    install_uvloop,
+    setup_child,
+)
 from bus.codec import Codec, Received
 from bus.controller import Controller, ModelInfo
 from bus.errors import ProtocolError
@@ -105,6 +114,7 @@ class StageEntry:
 class Registry:
     stages: dict[int, StageEntry] = field(default_factory=dict)
     others: dict[tuple[str, int], ProcessInfo] = field(default_factory=dict)
+    started: dict[tuple[str, int], float] = field(default_factory=dict)  # others' start (wall clock)
 
 
 class ControllerProcess:
@@ -221,8 +231,9 @@ class ControllerProcess:
                        route=[client], reply_to=msg.env.msg_id)
 
     def _status(self) -> StatusReply:
+        now = time.time()
         procs = [ProcessInfo("controller", 0, os.getpid(), self.cfg.incarnation, self._state(), socket.gethostname(),
-                             bound_address(self.internal))]
+                             bound_address(self.internal), uptime_s=now - STARTED)]
         for i in range(self.cfg.num_stages):
             e = self.reg.stages.get(i)
             if e is None:
@@ -231,7 +242,8 @@ class ControllerProcess:
                 st = e.stats or StageStats(0.0, 0, 0.0)
                 procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data, st.busy_s,
                                          st.steps, st.uptime_s))
-        procs.extend(self.reg.others.values())
+        procs.extend(msgspec.structs.replace(info, uptime_s=max(0.0, now - self.reg.started.get(key, now)))
+                     for key, info in self.reg.others.items())
         waiting, running = self.core.counts()
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
                            self.cfg.num_microbatches * self.cfg.microbatch_size)
@@ -377,6 +389,7 @@ class ControllerProcess:
             self.reg.others[(body.role, body.index)] = ProcessInfo(
                 body.role, body.index, body.pid, incarnation, "serving", body.host,
                 " ".join(body.addresses.values()))
+            self.reg.started[(body.role, body.index)] = body.started
 
     async def _timer(self) -> None:
         while True:

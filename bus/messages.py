@@ -66,9 +66,9 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     state: str  # "starting" | "ready" | "serving" | "failed" | "restarting" | "stopped"
     host: str = ""
     detail: str = ""
-    busy_s: float = 0.0  # stages: seconds spent computing steps since the process started
-    steps: int = 0  # stages: steps computed
-    uptime_s: float = 0.0  # stages: seconds since the stage began serving
+    busy_s: float | None = None  # stages: seconds spent computing steps since the process started (else None)
+    steps: int | None = None  # stages: steps computed (else None)
+    uptime_s: float = 0.0  # seconds since the process started; stages: since the stage began serving
 
 
 # ---------------------------------------------------------------- 1-19: common -----------------------
@@ -86,6 +86,7 @@ class Hello(Msg, tag=1):
     num_slots: int = 0
     incarnation: int = -1  # set when the supervisor forwards a child's Hello (-1: the envelope's)
     kv_intact: bool = False  # a restarted stage whose KV pool is its predecessor's, kept by the streamer
+    started: float = 0.0  # wall-clock time (time.time()) the process started: status() reports its uptime
 
 
 class Welcome(Msg, tag=2):

@@ -93,6 +93,12 @@ def admit(
         )
     if not 1 <= req.max_new_tokens <= 1_000_000:
         raise InvalidRequestError(f"max_new_tokens must be in [1, 1000000], got {req.max_new_tokens}")
+    if len(ids) + req.max_new_tokens > max_seq_len:  # refused, never cut short silently
+        raise InvalidRequestError(
+            f"prompt of {len(ids)} tokens + max_new_tokens {req.max_new_tokens} exceeds the maximum sequence "
+            f"length {max_seq_len}: ask for at most {max_seq_len - len(ids)} new tokens (the server's "
+            "--max-seq-len)"
+        )
     check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
     bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
     if bad:

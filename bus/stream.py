@@ -155,7 +155,8 @@ def build_request(
 
 def status_dict(reply: StatusReply) -> dict[str, Any]:
     return {
-        "processes": [msgspec.structs.asdict(p) for p in reply.processes],
+        # fields that do not apply to a process (busy_s and steps: stages only) are left out
+        "processes": [{k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in reply.processes],
         "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
         "waiting": reply.waiting, "running": reply.running, "slots": reply.slots,
     }

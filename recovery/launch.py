@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from bus.child import alive
 
@@ -44,16 +45,17 @@ def descendants(pid: int) -> set[int]:
 
 
 class Deployment:
-    def __init__(self, proc: subprocess.Popen[str], address: str, log: Path) -> None:
-        self.proc, self.address, self.log = proc, address, log
+    def __init__(self, proc: subprocess.Popen[str], address: str, log: IO[bytes]) -> None:
+        self.proc, self.address, self._log = proc, address, log
 
     @classmethod
     def start(cls, model: Path | str, stages: int, *args: str, timeout: float = 120.0,
               log_level: str = "INFO") -> Deployment:
-        log = Path(tempfile.mkstemp(prefix="dejavu-serve-", suffix=".log")[1])
+        # the deployment's stderr goes to a file with no name: nothing is left behind, however this process ends
+        log = tempfile.TemporaryFile()
         cmd = [sys.executable, str(SERVE), "--model", str(model), "--stages", str(stages), "--log-level", log_level,
                *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
         assert proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
@@ -69,7 +71,7 @@ class Deployment:
                 return cls(proc, m.group(1), log)
         proc.kill()
         proc.wait(10)
-        raise RuntimeError(f"deployment did not become ready within {timeout}s:\n{log.read_text()[-4000:]}")
+        raise RuntimeError(f"deployment did not become ready within {timeout}s:\n{read_all(log)[-4000:]}")
 
     def stop(self, timeout: float = 30.0) -> int:
         tree = descendants(self.proc.pid)
@@ -90,4 +92,11 @@ class Deployment:
         return code
 
     def logs(self) -> str:
-        return self.log.read_text()
+        """Everything the deployment wrote to stderr so far."""
+        return read_all(self._log)
+
+
+def read_all(f: IO[bytes]) -> str:
+    """The whole file, read without moving its offset (the deployment's processes write at that offset)."""
+    fd = f.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")

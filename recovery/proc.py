@@ -22,6 +22,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +33,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from bus.child import EXIT_CONFIG, alive
+from bus.child import EXIT_CONFIG, STARTED, alive
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
@@ -44,6 +46,10 @@ from stages.models.spec import read_spec, split_layers
 from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
 
 log = logging.getLogger(__name__)
+
+
+RUN_DIR_PARENT = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+RUN_DIR_PREFIX = "dejavu-"  # dejavu-<supervisor pid>-<random>: local sockets of one deployment
 
 
 class DeploymentError(RuntimeError):
@@ -99,9 +105,10 @@ class SupervisorProcess:
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
         self.address = bound_address(self.sock)
-        # local sockets of this deployment; under /tmp, since an ipc:// path may not exceed ~107 bytes
-        self.run_dir = tempfile.mkdtemp(prefix="dejavu-", dir="/tmp" if os.path.isdir("/tmp") else None)
         sweep_dead_deployments()
+        # local sockets of this deployment; under /tmp, since an ipc:// path may not exceed ~107 bytes
+        self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=RUN_DIR_PARENT)
+        self.janitor = start_janitor(self.run_dir, f"{SHM_PREFIX}-{self.shm_prefix}-*")
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
@@ -118,6 +125,8 @@ class SupervisorProcess:
             watchdog.cancel()
             self.ctx.destroy(linger=0)
             self._sweep()
+            self.janitor.kill()  # swept: nothing is left for it (closing its pipe would make it sweep again)
+            self.janitor.wait()
         if self.fatal:
             raise DeploymentError(self.fatal, self.fatal_config)
         return 0
@@ -306,7 +315,8 @@ class SupervisorProcess:
                 child.state.state = SERVING
                 self.controller_hello.set()
                 await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname(),
-                                                        {"supervisor": self.address}), route=[route])
+                                                        {"supervisor": self.address}, started=STARTED),
+                           route=[route])
                 for hello in self.forwarded.values():  # a restarted controller knows nothing yet
                     await send(self.sock, self.codec, hello, route=[route])
         elif isinstance(body, Heartbeat):
@@ -351,6 +361,9 @@ class SupervisorProcess:
         for c in alive:
             if c.route is not None:
                 await send(self.sock, self.codec, Shutdown(reason), route=[c.route])
+            elif c.proc is not None:  # still starting (importing, loading): it cannot hear Shutdown yet
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGTERM)
         await self._reap(alive, self.cfg.shutdown_timeout, None)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGTERM)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
@@ -386,15 +399,27 @@ def remove_pools(paths: Iterable[Path], why: str) -> None:
             pass
 
 
+def start_janitor(run_dir: str, shm_glob: str) -> subprocess.Popen[bytes]:
+    """The process that sweeps this deployment's files if the supervisor dies unswept (recovery/janitor.py): its
+    stdin is a pipe only this process holds (children are started with close_fds), in a session of its own."""
+    return subprocess.Popen([sys.executable, "-m", "recovery.janitor", run_dir, shm_glob], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
 def sweep_dead_deployments() -> None:
-    """Remove the shared-memory KV pools of deployments whose supervisor is gone (killed with -9, so it could
-    not sweep them itself): files dejavu-kv-d<supervisor pid>-* whose pid no longer runs (a reused pid keeps
-    its files: harmless)."""
+    """Remove what deployments whose supervisor is gone left behind, where their janitor could not (it was
+    killed too): shared-memory KV pools dejavu-kv-d<supervisor pid>-* and run directories
+    /tmp/dejavu-<supervisor pid>-* whose pid no longer runs (a reused pid keeps its files: harmless)."""
     def owner(path: Path) -> str:
         return path.name[len(SHM_PREFIX) + 2:].split("-", 1)[0]
 
     remove_pools((p for p in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*") if owner(p).isdigit() and not alive(int(owner(p)))),
                  "its deployment is gone")
+    for d in Path(RUN_DIR_PARENT).glob(f"{RUN_DIR_PREFIX}*-*"):
+        pid = d.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("[sweep] removed %s (its deployment is gone)", d)
 
 
 def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:

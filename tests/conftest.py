@@ -10,12 +10,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests import tiny_models  # noqa: E402
 
 torch.set_num_threads(min(4, torch.get_num_threads()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the run (the tests' own, and those of the processes they start) goes into one
+    short-named folder that the run removes at its end: a test run leaves nothing in /tmp. Short, because
+    ipc:// socket paths may not exceed ~107 bytes. (What the product itself must clean up - a deployment's run
+    directory and shared memory - is not affected: it does not use tempfile's folder; tests check it.)"""
+    run_tmp = tempfile.mkdtemp(prefix="dvt")
+    config.stash[RUN_TMP] = run_tmp
+    os.environ["TMPDIR"] = tempfile.tempdir = run_tmp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run_tmp = config.stash.get(RUN_TMP, None)
+    if run_tmp:
+        shutil.rmtree(run_tmp, ignore_errors=True)
+
+
+RUN_TMP = pytest.StashKey[str]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -152,6 +152,18 @@ def test_bad_and_excess_requests_get_typed_errors_others_unaffected() -> None:
     assert set(k[1] for k in core.requests) == {"ok", "w1"}
 
 
+def test_max_new_tokens_past_the_sequence_limit_is_refused_not_cut() -> None:
+    """prompt + max_new_tokens may fill a slot (64 here) exactly; one token more is refused, saying the limit."""
+    core = make(mbs=1, size=2)
+    core.submit(b"c", req("fits", [5] * 4, n=60), 0.0)
+    core.submit(b"c", req("over", [5] * 4, n=61), 0.0)
+    _, out = core.outbox.drain()
+    (failed,) = [m for _, m in out if isinstance(m, RequestFailed)]
+    assert failed.request_id == "over" and failed.code == ERR_BAD_REQUEST
+    assert "at most 60 new tokens" in failed.message and "maximum sequence length 64" in failed.message
+    assert set(k[1] for k in core.requests) == {"fits"}
+
+
 def test_resume_continues_after_the_tokens_the_client_holds() -> None:
     """A restarted controller gets a resume: prompt + held tokens are recomputed, the output goes on at the
     next index, and RequestDone counts every token of the output."""
