@@ -24,10 +24,12 @@ import zmq
 
 from bus.codec import Codec, Received
 from bus.errors import ProtocolError
+from bus.logs import Throttled
 from bus.messages import FatalError, Heartbeat, Hello, Shutdown
 from bus.sockets import decode_frames, make_socket, send
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 STARTED = time.time()  # ~when this process started: a child imports this module first thing
 PR_SET_PDEATHSIG = 1
 EXIT_CONFIG = 2  # a child that cannot start as configured exits so (after SupervisorLink.fatal): no restart
@@ -130,7 +132,7 @@ class SupervisorLink:
                     try:
                         _, msg = decode_frames(self.codec, frames)
                     except ProtocolError as e:
-                        log.warning("[supervisor-link] dropped a bad frame: %s", e)
+                        noisy.warning("bad-frame", "supervisor", "[supervisor-link] dropped a bad frame: %s", e)
                         continue
                     if isinstance(msg.body, Shutdown):
                         self.stop_reason = msg.body.reason or "supervisor asked"

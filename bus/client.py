@@ -47,6 +47,7 @@ from bus.errors import (
     RequestTimeoutError,
     ServerError,
 )
+from bus.logs import Throttled
 from bus.messages import (
     CLIENT,
     CancelRequest,
@@ -75,6 +76,7 @@ from bus.stream import (
 __all__ = ["AsyncClient", "GenerateResult", "TokenEvent", "TokenStream", "build_request", "error_for"]
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
 class AsyncClient:
@@ -282,7 +284,7 @@ class AsyncClient:
             await self._busy.wait()
             await asyncio.sleep(self.keepalive_interval)
             if self._requests:
-                self._post(KeepAlive())
+                self._post(KeepAlive(list(self._requests)))
             else:
                 self._busy.clear()
 
@@ -294,7 +296,8 @@ class AsyncClient:
                 try:
                     _, rx = decode_frames(self._codec, frames)
                 except ProtocolError as e:
-                    log.warning("[client] dropped an undecodable frame from the controller: %s", e)
+                    noisy.warning("bad-frame", "controller", "[client] dropped an undecodable frame from the "
+                                  "controller: %s", e)
                     continue
                 self._dispatch(rx.env, rx.body, now)
         except asyncio.CancelledError:

@@ -12,12 +12,14 @@ position), so recomputation draws the same tokens).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from bus.errors import InvalidRequestError
 from bus.messages import (
     ERR_BAD_REQUEST,
+    ERR_CANCELLED,
     ERR_OVERLOADED,
     ERR_SERVER,
     ERR_TIMEOUT,
@@ -34,6 +36,7 @@ from bus.scheduler import Scheduler
 from bus.stopping import CANCELLED, finish_reason
 
 log = logging.getLogger(__name__)
+MAX_KEEPALIVE_IDS = 4096  # request ids of one KeepAlive that are looked at (bounds what a client can make us hold)
 
 
 def _who(client: bytes) -> str:
@@ -61,15 +64,25 @@ class Outbox:
 
 
 class Controller:
+    """queue_timeout: a request that waits this long without a slot, or holds a slot in a pipeline that stays
+    down this long, fails with ERR_TIMEOUT. unknown_grace: a KeepAlive naming a request this controller does not know is answered with
+    RequestFailed unless the request arrives (as a resume) within this many seconds."""
+
     def __init__(self, model: ModelInfo, scheduler: Scheduler, *, max_waiting: int = 4096,
-                 client_timeout: float = 10.0, step_timeout: float = 600.0) -> None:
+                 client_timeout: float = 10.0, step_timeout: float = 600.0, queue_timeout: float = 300.0,
+                 unknown_grace: float = 3.0) -> None:
         self.model, self.sched = model, scheduler
         self.max_waiting, self.client_timeout, self.step_timeout = max_waiting, client_timeout, step_timeout
+        self.queue_timeout, self.unknown_grace = queue_timeout, unknown_grace
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.client_seen: dict[bytes, float] = {}
         self.outbox = Outbox()
         self.ready = False
+        self.down_since: float | None = None  # since when the pipeline is down (or not up yet), seen by sweep
+        self.clock = 0.0  # the latest `now` given: when a request ended (for `ended`)
         self.committed_tokens = 0
+        self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
+        self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
 
     # ------------------------------------------------------------------ clients
 
@@ -77,7 +90,9 @@ class Controller:
         """A new request, or a resume (msg.resume_token_ids set: the client reconnected and holds those output
         tokens). A resume replaces the request of the same id if it still runs here (its stream may have lost
         messages while the client was away) and is never refused for a full queue: it was admitted before."""
+        self.clock = now
         self.client_seen[client] = now
+        self.unknown.pop((client, msg.request_id), None)
         resume = msg.resume_token_ids is not None
         old = self.requests.get((client, msg.request_id))
         if old is not None:
@@ -118,23 +133,43 @@ class Controller:
             self.sched.release(req)
 
     def cancel(self, client: bytes, request_id: str, now: float) -> None:
+        self.clock = now
         self.client_seen[client] = now
         req = self.requests.get((client, request_id))
         if req is not None:
             self._cancel(req)
             self.schedule(now)
 
-    def touch(self, client: bytes, now: float) -> None:
+    def touch(self, client: bytes, now: float, request_ids: list[str] | tuple[str, ...] = ()) -> None:
+        """A KeepAlive: the client is there, awaiting `request_ids`."""
+        self.clock = now
         self.client_seen[client] = now
+        for rid in request_ids[:MAX_KEEPALIVE_IDS]:
+            key = (client, rid)
+            if key not in self.requests and key not in self.ended:
+                self.unknown.setdefault(key, now)
 
     def sweep(self, now: float) -> None:
-        """Cancel requests of clients silent past client_timeout; time out steps past step_timeout."""
+        """Cancel requests of clients silent past client_timeout; time out steps past step_timeout, requests
+        past queue_timeout; answer requests named in KeepAlives but unknown here past unknown_grace."""
+        self.clock = now
         gone = {c for c, t in self.client_seen.items() if now - t > self.client_timeout}
         for req in list(self.requests.values()):
             if req.client in gone:
                 log.info("[client] %s silent for %.0fs: cancelling %s", _who(req.client), self.client_timeout,
                          req.request_id)
-                self._cancel(req)
+                self._cancel(req, f"cancelled by the server: no message from this client for {self.client_timeout:.0f}s "
+                                  "(server setting --client-timeout; the client sends KeepAlive while it waits)")
+        self._time_out(now)
+        for key, since in list(self.unknown.items()):
+            if now - since > self.unknown_grace:
+                del self.unknown[key]
+                self._fail_raw(key[0], key[1], ERR_SERVER,
+                               f"request {key[1]} is unknown to this controller: it was restarted and the request "
+                               "was not resumed (send it again with resume_token_ids, as AsyncClient does)")
+        for key, t in list(self.ended.items()):
+            if now - t > self.unknown_grace:
+                del self.ended[key]
         for c in gone:
             if not any(r.client == c for r in self.requests.values()):
                 del self.client_seen[c]
@@ -145,14 +180,41 @@ class Controller:
             self.fail_microbatch(mb.index, mb.inflight.step, ERR_TIMEOUT, "the pipeline did not answer in time")
         self.schedule(now)
 
-    def _cancel(self, req: Request) -> None:
-        req.cancelled = True
+    def _time_out(self, now: float) -> None:
+        """queue_timeout: waiting requests that found no slot in time, and the requests holding slots once the
+        pipeline has been down that long (a waiting request keeps its own deadline: the pipeline may be back)."""
+        if self.ready:
+            self.down_since = None
+        elif self.down_since is None:
+            self.down_since = now
+        stale = [r for r in self.sched.waiting if not r.done and now - r.submitted > self.queue_timeout]
+        if stale:
+            self.sched.waiting = deque(r for r in self.sched.waiting if r not in stale)
+            for req in stale:
+                self._fail(req, ERR_TIMEOUT, f"no slot within {self.queue_timeout:.0f}s in the queue (server setting "
+                                            "--queue-timeout)")
+        if self.down_since is not None and now - self.down_since > self.queue_timeout:
+            for req in [r for r in self.requests.values() if r.mb is not None]:
+                self.sched.release(req)
+                self._fail(req, ERR_TIMEOUT, f"the pipeline has been down for {now - self.down_since:.0f}s "
+                                            "(server setting --queue-timeout)")
+
+    def _cancel(self, req: Request, why: str = "") -> None:
+        """Stop `req`: asked by its client (no answer needed) or by the server (`why`: the client gets
+        RequestFailed ERR_CANCELLED saying why)."""
+        req.cancelled, req.cancel_reason = True, why
         if req.mb is None:  # still waiting: nothing holds it
-            self._finish(req, CANCELLED)
+            self._end_cancelled(req)
         elif self.sched.mbs[req.mb].inflight is None:
             self.sched.release(req)
+            self._end_cancelled(req)
+        # else: ended when its step returns
+
+    def _end_cancelled(self, req: Request) -> None:
+        if req.cancel_reason:
+            self._fail(req, ERR_CANCELLED, req.cancel_reason)
+        else:
             self._finish(req, CANCELLED)
-        # else: finished when its step returns
 
     # ------------------------------------------------------------------ pipeline
 
@@ -162,15 +224,18 @@ class Controller:
     def pipeline_up(self, epoch: int, now: float, keep_cache: bool = False) -> None:
         """A new epoch serves. keep_cache: every stage still holds the KV of every position counted as cached
         (a restarted stage took its pool over), so requests go on from there; else they are recomputed."""
+        self.clock = now
         self.sched.reset_epoch(epoch, keep_cache)
         self.ready = True
         self.schedule(now)
 
     def schedule(self, now: float) -> None:
+        self.clock = now
         if self.ready:
             self.outbox.steps.extend(self.sched.next_steps(now))
 
     def on_result(self, result: StepResult, now: float) -> None:
+        self.clock = now
         if result.epoch != self.sched.epoch:
             return
         done = self.sched.complete(result.mb, result.step)
@@ -182,7 +247,7 @@ class Controller:
             for (req, _, samples), token in zip(done.members, result.tokens):
                 if req.cancelled:
                     self.sched.release(req)
-                    self._finish(req, CANCELLED)
+                    self._end_cancelled(req)
                 elif samples:
                     self._commit(req, token)
         self.schedule(now)
@@ -221,6 +286,7 @@ class Controller:
             return
         req.done = True
         self.requests.pop(req.key, None)
+        self.ended[req.key] = self.clock
         if req.detok is not None and reason != CANCELLED:
             tail = req.detok.flush()
             if tail:
@@ -234,7 +300,12 @@ class Controller:
             return
         req.done = True
         self.requests.pop(req.key, None)
+        self.ended[req.key] = self.clock
         self._fail_raw(req.client, req.request_id, code, message)
+
+    def refuse(self, client: bytes, request_id: str, code: int, message: str) -> None:
+        """Refuse a request before it is submitted (the shell's checks)."""
+        self._fail_raw(client, request_id, code, message)
 
     def _fail_raw(self, client: bytes, request_id: str, code: int, message: str) -> None:
         self.outbox.clients.append((client, RequestFailed(request_id, code, message)))

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -41,8 +42,10 @@ from bus.child import (
 from bus.codec import Codec, Received
 from bus.controller import Controller, ModelInfo
 from bus.errors import ProtocolError
+from bus.logs import Throttled, peer_of
 from bus.messages import (
     ERR_BAD_MESSAGE,
+    ERR_BAD_REQUEST,
     ERR_SERVER,
     CancelRequest,
     DeploymentReady,
@@ -68,6 +71,7 @@ from bus.scheduler import Scheduler
 from bus.sockets import DEFAULT_MAX_MESSAGE, bound_address, context, decode_frames, make_socket, send
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class ControllerConfig:
     max_waiting: int = 4096
     client_timeout: float = 10.0
     step_timeout: float = 600.0
+    queue_timeout: float = 300.0  # a request without a slot (or whose pipeline is down) this long fails
+    unknown_request_grace: float = 3.0  # a KeepAlive's unknown request id is answered after this long
     topology_timeout: float = 30.0
     heartbeat_interval: float = 1.0
     max_client_request: int = 8 * 1024 * 1024  # larger requests get ErrorReply ...
@@ -123,7 +129,8 @@ class ControllerProcess:
         info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
         sched = Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
         self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
-                               step_timeout=cfg.step_timeout)
+                               step_timeout=cfg.step_timeout, queue_timeout=cfg.queue_timeout,
+                               unknown_grace=cfg.unknown_request_grace)
         self.codec = Codec("controller", cfg.incarnation)
         self.client_codec = Codec("controller", cfg.incarnation, max_bytes=cfg.max_client_request)
         self.ctx = context()
@@ -136,6 +143,10 @@ class ControllerProcess:
         self.linking_since = 0.0
         self.ever_ready = False
         self.fatal: str | None = None
+        # the tokenizer's one thread: loading it, then every prompt's tokenization, in arrival order
+        self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.admitting: dict[tuple[bytes, str], asyncio.Future[None]] = {}  # requests being tokenized
+        self.max_prompt_bytes = 0  # set with the tokenizer
 
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
@@ -152,7 +163,7 @@ class ControllerProcess:
             return EXIT_CONFIG
         # The tokenizer loads on a thread while stages load (seconds of imports): Hello goes out at once, and the
         # first GenerateRequest (and DeploymentReady) wait for it.
-        self.tokenizer = asyncio.get_running_loop().run_in_executor(None, self._load_tokenizer)
+        self.tokenizer = asyncio.get_running_loop().run_in_executor(self.text_pool, self._load_tokenizer)
         addresses = {"client": bound_address(self.clients), "internal": bound_address(self.internal)}
         await self.sup.hello(addresses)
         log.info("[startup] controller: clients %s, stages %s", addresses["client"], addresses["internal"])
@@ -179,10 +190,14 @@ class ControllerProcess:
             hint = " (choose another --port or --host)" if what == "client" else ""
             raise CannotStart(f"the controller cannot listen on {address} ({what} socket): {e.strerror}{hint}") from e
 
-    def _load_tokenizer(self) -> None:  # on a worker thread
-        from bus.text import load_tokenizer
+    def _load_tokenizer(self) -> None:  # on the tokenizer's thread
+        from bus.text import load_tokenizer, longest_token_bytes
 
-        self.core.model = replace(self.core.model, tokenizer=load_tokenizer(Path(self.cfg.model_dir)))
+        tokenizer = load_tokenizer(Path(self.cfg.model_dir))
+        if tokenizer is not None:
+            # a text of more bytes than this has more tokens than max_seq_len (x4: normalizers may shrink text)
+            self.max_prompt_bytes = self.cfg.max_seq_len * longest_token_bytes(tokenizer) * 4
+        self.core.model = replace(self.core.model, tokenizer=tokenizer)
 
     def _state(self) -> str:
         return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
@@ -212,23 +227,64 @@ class ControllerProcess:
     async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
         body = msg.body
         if isinstance(body, GenerateRequest):
-            if not self.tokenizer.done():
-                await self.tokenizer  # only in the first seconds after a start
             if self.fatal:
                 await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
                            reply_to=msg.env.msg_id)
                 return
-            self.core.submit(client, body, now)
+            key = (client, body.request_id)
+            if key in self.admitting:
+                if body.resume_token_ids is None:
+                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
+                                     f"request_id {body.request_id!r} is already running")
+                    return
+                self.admitting.pop(key).cancel()  # a resume replaces the request it resumes
+            if body.prompt is None and self.tokenizer.done():
+                self.core.submit(client, body, now)  # token ids: nothing slow to do first
+            else:
+                task = asyncio.ensure_future(self._admit(client, body))
+                self.admitting[key] = task
+                task.add_done_callback(lambda t, key=key: self.admitting.pop(key, None) if self.admitting.get(key) is t
+                                       else None)
         elif isinstance(body, CancelRequest):
+            task = self.admitting.pop((client, body.request_id), None)
+            if task is not None:
+                task.cancel()
             self.core.cancel(client, body.request_id, now)
         elif isinstance(body, KeepAlive):
-            self.core.touch(client, now)
+            self.core.touch(client, now, [r for r in body.request_ids if (client, r) not in self.admitting])
         elif isinstance(body, StatusQuery):
             await send(self.clients, self.client_codec, self._status(), route=[client], reply_to=msg.env.msg_id)
         else:
             await send(self.clients, self.client_codec,
                        ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
                        route=[client], reply_to=msg.env.msg_id)
+
+    async def _admit(self, client: bytes, body: GenerateRequest) -> None:
+        """A request whose admission needs slow work first: the tokenizer still loading (the first seconds after
+        a start), or its text to tokenize - on the tokenizer's thread, so no prompt can stall this loop (its
+        heartbeats, status, other clients). The text's size is bounded before any work."""
+        await self.tokenizer
+        if body.prompt is not None and body.prompt_token_ids is None:  # (both given: admission refuses it)
+            limit = self.max_prompt_bytes
+            size = len(body.prompt.encode("utf-8", "surrogatepass"))
+            tokenizer = self.core.model.tokenizer
+            if tokenizer is not None and size > limit:
+                self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
+                                 f"prompt text of {size} bytes is longer than any prompt that fits the maximum "
+                                 f"sequence length {self.cfg.max_seq_len} tokens (at most {limit} bytes here)")
+                await self._flush()
+                return
+            if tokenizer is not None:
+                loop = asyncio.get_running_loop()
+                try:
+                    ids = await loop.run_in_executor(self.text_pool, tokenizer.encode, body.prompt)
+                except Exception as e:  # the tokenizer refused this text
+                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST, f"the tokenizer refused the prompt: {e}")
+                    await self._flush()
+                    return
+                body = msgspec.structs.replace(body, prompt=None, prompt_token_ids=list(ids))
+        self.core.submit(client, body, time.monotonic())
+        await self._flush()
 
     def _status(self) -> StatusReply:
         now = time.time()
@@ -263,7 +319,8 @@ class ControllerProcess:
             try:
                 route, msg = decode_frames(self.codec, frames, route_frames=1)
             except ProtocolError as e:
-                log.warning("[stage] dropped a bad frame: %s", e)
+                noisy.warning("bad-frame", peer_of(frames), "[stage] dropped a bad frame from %s: %s",
+                              peer_of(frames), e)
                 continue
             try:
                 await self._on_internal(route[0], msg)
@@ -284,7 +341,7 @@ class ControllerProcess:
         body, now = msg.body, time.monotonic()
         index = self._stage_index(msg)
         if index is None or not 0 <= index < self.cfg.num_stages:
-            log.warning("[stage] message from unknown sender %r", msg.env.sender)
+            noisy.warning("unknown-sender", ident, "[stage] message from unknown sender %r", msg.env.sender)
             return
         entry = self.reg.stages.get(index)
         if isinstance(body, Hello):

@@ -182,9 +182,11 @@ class StatusReply(Msg, tag=26):
 
 
 class KeepAlive(Msg, tag=27):
-    """A client with requests in flight says it is still there; silent clients' requests are cancelled."""
+    """A client with requests in flight says it is still there (silent clients' requests are cancelled), and
+    which requests it still awaits: one this controller does not know (it was restarted, and the request was not
+    resumed) is answered with RequestFailed, so a client always learns the fate of every request."""
 
-    pass
+    request_ids: list[str] = []
 
 
 # ---------------------------------------------------------------- 40-69: stages ----------------------

@@ -46,6 +46,7 @@ class Request:
     slot: int | None = None
     mb: int | None = None
     cancelled: bool = False
+    cancel_reason: str = ""  # set when the server cancels it (the client is told why)
     done: bool = False
 
     @property

@@ -40,6 +40,7 @@ from bus.messages import (
     StatusReply,
     TokenChunk,
 )
+from bus.stopping import CANCELLED
 
 if TYPE_CHECKING:
     from bus.client import AsyncClient
@@ -78,7 +79,7 @@ class GenerateResult:
     request_id: str
     token_ids: tuple[int, ...]
     text: str | None  # None when the model has no tokenizer
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" (a request that did not finish raises a typed error instead)
     num_prompt_tokens: int
     token_times: tuple[float, ...]  # arrival of each token, seconds since the request was sent
     latency_s: float  # request sent -> RequestDone received
@@ -235,6 +236,9 @@ class TokenStream:
             return self._on_chunk(item, t)
         self._finished = True
         if isinstance(item, RequestDone):
+            if item.finish_reason == CANCELLED:  # stopped (the client closing): the output is not finished
+                raise CancelledError(f"request {self.request_id}: cancelled after {len(self._tokens)} token(s); "
+                                     "its output is not finished")
             self._on_done(item, t)
             raise StopAsyncIteration
         if isinstance(item, RequestFailed):

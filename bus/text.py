@@ -45,6 +45,11 @@ def _configured_class(model_dir: Path) -> str:
     return cfg.get("tokenizer_class", "") if isinstance(cfg, dict) else ""
 
 
+def longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 bytes of the vocabulary's longest token string: a text has at least len(bytes) / this many tokens."""
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in tokenizer.get_vocab()), default=1) or 1
+
+
 class IncrementalDetokenizer:
     """Feed token ids one step at a time; get back only the newly completed text."""
 

@@ -37,6 +37,7 @@ from bus.child import EXIT_CONFIG, STARTED, alive
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
+from bus.logs import Throttled, peer_of
 from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
 from recovery.specs import ChildSpec, DeploymentConfig
@@ -46,6 +47,7 @@ from stages.models.spec import read_spec, split_layers
 from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
 RUN_DIR_PARENT = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
@@ -144,6 +146,7 @@ class SupervisorProcess:
             num_microbatches=cfg.microbatches, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
             client_bind=f"tcp://{cfg.host}:{cfg.port}", internal_bind=internal, prefill_chunk=cfg.prefill_chunk,
             max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
+            queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
         )
         self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
@@ -289,7 +292,8 @@ class SupervisorProcess:
             try:
                 route, msg = decode_frames(self.codec, frames, route_frames=1)
             except ProtocolError as e:
-                log.warning("[supervisor] dropped a bad frame: %s", e)
+                noisy.warning("bad-frame", peer_of(frames), "[supervisor] dropped a bad frame from %s: %s",
+                              peer_of(frames), e)
                 continue
             try:
                 await self._on_message(route[0], msg)

@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds for every process to load and link before start-up fails")
     p.add_argument("--client-timeout", type=float, default=10.0,
                    help="cancel the requests of a client silent this many seconds")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="fail a request (ERR_TIMEOUT) that waits this many seconds without a slot, or whose "
+                        "pipeline stays down this long")
     p.add_argument("--stage-threads", type=int, default=0, help="torch threads per CPU stage (0: cores / stages)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (for comparison)")
     p.add_argument("--cudnn-attention", default="all", choices=["all", "decode", "off"],  # attention.py's modes
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
             hang_timeout=args.hang_timeout,
             max_restarts=args.max_restarts, restart_window=args.restart_window,
-            startup_timeout=args.startup_timeout, client_timeout=args.client_timeout,
+            startup_timeout=args.startup_timeout, client_timeout=args.client_timeout, queue_timeout=args.queue_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
             cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",
             transport=args.transport, streamer=not args.no_streamer,

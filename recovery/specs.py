@@ -35,6 +35,7 @@ class DeploymentConfig:
     shutdown_timeout: float = 10.0  # after Shutdown, before SIGTERM
     kill_timeout: float = 5.0  # after SIGTERM, before SIGKILL
     client_timeout: float = 10.0
+    queue_timeout: float = 300.0  # a request without a slot, or whose pipeline is down, this long fails
     step_timeout: float = 600.0
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs
@@ -64,6 +65,8 @@ class DeploymentConfig:
             raise ValueError("--transport must be auto, zmq or nccl")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ValueError("need 0 < heartbeat interval < heartbeat timeout")
+        if self.queue_timeout <= 0:
+            raise ValueError("--queue-timeout must be > 0 seconds")
         if self.max_restarts < 0 or self.restart_window <= 0:
             raise ValueError("max_restarts must be >= 0 and restart_window > 0")
 

@@ -31,6 +31,7 @@ import zmq
 from bus.child import EXIT_CONFIG, SupervisorLink, decode_config, install_uvloop, setup_child
 from bus.codec import Codec
 from bus.errors import DeadlineError, ProtocolError
+from bus.logs import Throttled
 from bus.messages import (
     ERR_BAD_REQUEST,
     EpochOver,
@@ -58,6 +59,7 @@ from stages.stage import StageCore, StepOutput
 from streamer.errors import PeerDeadError
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 MAX_LINK_FAILURES = 3  # epochs in a row a stage may fail to link (a neighbour died meanwhile) before it exits
 
@@ -183,7 +185,7 @@ class StageProcess:
             try:
                 _, msg = decode_frames(self.codec, frames)
             except ProtocolError as e:
-                log.warning("[control] dropped a bad frame: %s", e)
+                noisy.warning("bad-frame", "controller", "[control] dropped a bad frame: %s", e)
                 continue
             body = msg.body
             if isinstance(body, StepRequest):
@@ -206,7 +208,7 @@ class StageProcess:
             elif isinstance(body, Shutdown):
                 self.sup.stop.set()
             else:
-                log.warning("[control] unexpected %s", type(body).__name__)
+                noisy.warning("unexpected", "controller", "[control] unexpected %s", type(body).__name__)
 
     async def _serve_epoch(self, topo: Topology, msg_id: int) -> None:
         """Link for `topo.epoch` and acknowledge it. A neighbour that dies meanwhile (the link fails, or the
@@ -260,7 +262,7 @@ class StageProcess:
             try:
                 msg, hidden = await self.data_in.recv()
             except ProtocolError as e:
-                log.warning("[data] dropped a bad frame: %s", e)
+                noisy.warning("bad-frame", "data", "[data] dropped a bad frame: %s", e)
                 continue
             if isinstance(msg.body, StepRequest):
                 self.queue.put_nowait((msg.body, hidden))
@@ -269,7 +271,7 @@ class StageProcess:
                     self.inc_ready.clear()
                     asyncio.ensure_future(self._join_in(msg.body))
             else:
-                log.warning("[data] unexpected %s", type(msg.body).__name__)
+                noisy.warning("unexpected", "data", "[data] unexpected %s", type(msg.body).__name__)
 
     async def _join_in(self, init: LinkInit) -> None:
         assert self.nccl is not None

@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from bus.codec import Codec
 from bus.errors import ProtocolError
+from bus.logs import Throttled, peer_of
 from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
 from bus.sockets import Receiver, Sender, bound_address, context, decode_frames, make_socket
 from streamer import trace
@@ -41,6 +42,7 @@ from streamer.service import StreamerService
 from streamer.wire import Ok
 
 log = logging.getLogger(__name__)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
 class _Stopped(Exception):
@@ -159,7 +161,8 @@ async def _control_loop(sock: zmq.asyncio.Socket, codec: Codec, svc: StreamerSer
         try:
             route, got = decode_frames(codec, frames, route_frames=1)
         except ProtocolError as e:
-            log.warning("[stream] undecodable control message: %s", e)
+            noisy.warning("bad-control", peer_of(frames), "[stream] undecodable control message from %s: %s",
+                          peer_of(frames), e)
             if len(frames) > 1:
                 await out.control(bytes(frames[0].bytes), ErrorReply(ERR_BAD_MESSAGE, str(e)))
             continue
@@ -178,7 +181,8 @@ async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -
         try:
             route, got = decode_frames(codec, frames, route_frames=1)
         except ProtocolError as e:
-            log.warning("[stream] undecodable data message: %s", e)
+            noisy.warning("bad-data", peer_of(frames), "[stream] undecodable data message from %s: %s",
+                          peer_of(frames), e)
             continue
         await plane.handle(route[0].decode(errors="replace"), got.env.incarnation, got.env.msg_id, got.body,
                            list(got.frames))

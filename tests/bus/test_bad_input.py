@@ -185,5 +185,8 @@ def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
             inc_before = {(p["role"], p["index"]): p["incarnation"] for p in before["processes"]}
             inc_after = {(p["role"], p["index"]): p["incarnation"] for p in after["processes"]}
             assert inc_before == inc_after, "no process may crash or restart from bad input"
+            # hundreds of bad frames, a handful of log lines: warnings about peers' input are rate-limited
+            noise = [line for line in dep.logs().splitlines() if "bad frame" in line or "undecodable" in line]
+            assert 0 < len(noise) <= 5 * len(targets), noise[:20]
 
     asyncio.run(scenario())

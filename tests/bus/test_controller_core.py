@@ -5,7 +5,10 @@ from __future__ import annotations
 from bus.controller import Controller, ModelInfo
 from bus.messages import (
     ERR_BAD_REQUEST,
+    ERR_CANCELLED,
     ERR_OVERLOADED,
+    ERR_SERVER,
+    ERR_TIMEOUT,
     GenerateRequest,
     RequestDone,
     RequestFailed,
@@ -131,7 +134,9 @@ def test_silent_clients_are_cancelled() -> None:
     for s in steps:
         answer(core, s, [9])
     _, out = core.outbox.drain()
-    assert (b"gone", RequestDone("a", "cancelled", 1, 0)) in out
+    # the server stopped it: a typed error that says why, not a result (issue: a cancel looked like a result)
+    (failed,) = [m for c, m in out if c == b"gone"]
+    assert isinstance(failed, RequestFailed) and failed.code == ERR_CANCELLED and "--client-timeout" in failed.message
     assert set(k[0] for k in core.requests) == {b"here"}
 
 
@@ -209,3 +214,57 @@ def test_resume_of_an_ended_output_only_ends_it_and_bad_resumes_are_refused() ->
     _, out = core.outbox.drain()
     failed = [(m.request_id, m.code) for _, m in out if isinstance(m, RequestFailed)]
     assert failed == [("b", ERR_BAD_REQUEST), ("d", ERR_BAD_REQUEST), ("e", ERR_BAD_REQUEST)]
+
+
+def test_a_request_without_a_slot_past_queue_timeout_fails_with_a_typed_timeout() -> None:
+    core = make(mbs=1, size=1, queue_timeout=5.0)
+    core.submit(b"c", req("runs", [5], n=50), 0.0)
+    core.submit(b"c", req("waits", [6]), 1.0)
+    core.outbox.drain()
+    core.sweep(5.5)
+    assert not core.outbox.drain()[1]  # 4.5 s waited: not yet
+    core.sweep(6.5)
+    _, out = core.outbox.drain()
+    (failed,) = [m for _, m in out if isinstance(m, RequestFailed)]
+    assert failed.request_id == "waits" and failed.code == ERR_TIMEOUT and "--queue-timeout" in failed.message
+    assert set(k[1] for k in core.requests) == {"runs"} and not core.sched.waiting
+
+
+def test_running_requests_fail_when_the_pipeline_stays_down_past_queue_timeout() -> None:
+    """(A waiting request keeps its own queue deadline: the pipeline may be back before it passes.)"""
+    core = make(mbs=1, size=1, queue_timeout=5.0)
+    core.submit(b"c", req("runs", [5], n=50), 0.0)
+    core.submit(b"c", req("waits", [6]), 1.5)
+    core.outbox.drain()
+    core.pipeline_down()
+    core.sweep(1.0)  # down since 1.0
+    core.sweep(5.9)
+    assert not core.outbox.drain()[1]
+    core.sweep(6.1)
+    _, out = core.outbox.drain()
+    failed = {m.request_id: m for _, m in out if isinstance(m, RequestFailed)}
+    assert set(failed) == {"runs"} and failed["runs"].code == ERR_TIMEOUT
+    assert "pipeline has been down" in failed["runs"].message
+    core.sweep(6.6)
+    _, out = core.outbox.drain()
+    assert [m.request_id for _, m in out if isinstance(m, RequestFailed)] == ["waits"]
+    assert not core.requests
+
+
+def test_a_keepalive_naming_an_unknown_request_is_answered_after_the_grace() -> None:
+    """A restarted controller does not know the requests of its predecessor: a client that does not resend them
+    learns their fate from its own KeepAlive; one that resends (AsyncClient resumes at once) is served."""
+    core = make(mbs=1, size=2, unknown_grace=3.0)
+    core.submit(b"c", req("done", [5], n=1), 0.0)
+    (s,), _ = core.outbox.drain()
+    answer(core, s, [9])  # "done" ends: a KeepAlive sent before its end may still name it
+    core.outbox.drain()
+    core.touch(b"c", 1.0, ["lost", "resumed", "done"])
+    core.submit(b"c", req("resumed", [5], n=4, resume_token_ids=[7]), 1.5)
+    core.sweep(3.9)
+    assert not [m for _, m in core.outbox.drain()[1] if isinstance(m, RequestFailed)]
+    core.sweep(4.1)
+    _, out = core.outbox.drain()
+    (failed,) = [m for _, m in out if isinstance(m, RequestFailed)]
+    assert failed.request_id == "lost" and failed.code == ERR_SERVER and "unknown to this controller" in failed.message
+    assert (b"c", "resumed") in core.requests

@@ -368,3 +368,49 @@ def test_streamer_is_supervised_and_restarted(model_factory) -> None:  # type: i
         asyncio.run(scenario())
     finally:
         assert dep.stop() == 0
+
+
+def test_a_client_that_does_not_resume_learns_its_requests_fate_from_a_restarted_controller(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A plain socket client (no automatic resume) streams a request; the controller is killed with -9 and
+    restarted. The client only keeps saying KeepAlive(its request ids): the new controller does not know the
+    request and answers it with RequestFailed instead of leaving the client waiting forever."""
+    import zmq
+    import zmq.asyncio
+
+    from bus.codec import Codec
+    from bus.messages import ERR_SERVER, GenerateRequest, KeepAlive, RequestFailed, TokenChunk
+    from bus.sockets import decode_frames
+
+    dep = start_deployment(model_factory("llama"), 1, "--max-seq-len", str(MAX_SEQ), "--heartbeat-interval", "0.2")
+
+    async def scenario() -> RequestFailed:
+        ctx = zmq.asyncio.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(dep.address)
+        codec = Codec("plain")
+        try:
+            async with AsyncClient(dep.address, timeout=60) as c:
+                await s.send(codec.encode(GenerateRequest("r", prompt_token_ids=[5, 6], max_new_tokens=150)))
+                _, first = decode_frames(codec, await asyncio.wait_for(s.recv_multipart(copy=False), 60))
+                assert isinstance(first.body, TokenChunk)
+                st = await c.status()
+                os.kill(next(p["pid"] for p in st["processes"] if p["role"] == "controller"), signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await s.send(codec.encode(KeepAlive(["r"])))
+                if await s.poll(500):
+                    _, msg = decode_frames(codec, await s.recv_multipart(copy=False))
+                    if isinstance(msg.body, RequestFailed):
+                        return msg.body
+            raise AssertionError("no word on the request within 60 s")
+        finally:
+            s.close(0)
+            ctx.term()
+
+    try:
+        failed = asyncio.run(scenario())
+        assert failed.request_id == "r" and failed.code == ERR_SERVER
+        assert "unknown to this controller" in failed.message
+    finally:
+        assert dep.stop() == 0
