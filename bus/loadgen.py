@@ -50,6 +50,15 @@ def progress(total: int | None, desc: str, quiet: bool = False, unit: str = "it"
                 disable=quiet or not sys.stderr.isatty())
 
 
+def echo(text: str) -> None:
+    """print() of one line on stdout while a progress() bar may be drawn on stderr (the same terminal): the
+    bar is lifted, the line written, the bar drawn again below it."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
+
+
 # ---------------------------------------------------------------- workload
 
 
