@@ -218,6 +218,7 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    machine_at_start = machine()
     model_dir, present = default_model_present(args.cache_dir)
     warmups = max(args.warmup, 0 if present else 1)  # the first use writes the model: never a timed launch
     floor: list[float] = []
@@ -251,12 +252,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             "ready_over_floor": ready["median_s"] / floor_stats["median_s"],
             "meets_target": ready["median_s"] < TARGET_S, "ready_line": runs[0]["ready_line"],
         })
+    mach = {**machine_at_start, "load_average_at_end": list(os.getloadavg())}
     return {
         "benchmark": "startup: dejavu-serve --model default, launch to ready line and SIGINT to exit, against the "
                      "torch-import floor",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine(),
+        "machine": mach,  # load averages: other work on the machine meanwhile (these figures are wall times)
         "settings": {"stages": args.stages, "repeats": args.repeats, "warmup": warmups, "quick": args.quick,
                      "cache_dir": args.cache_dir, "timeout_s": args.timeout, "stop_timeout_s": args.stop_timeout},
         "model_dir": str(model_dir), "model_written_by_warmup": not present,
