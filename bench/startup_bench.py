@@ -319,8 +319,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     top = max([result["target_s"], f["max_s"], *(r["ready"]["max_s"] for r in rows)])
     ax.set_ylim(0, top * 1.2)
     m = result["machine"]
+    load = [m.get(k, [None])[0] for k in ("load_average_at_start", "load_average_at_end")]
     ax.set_title(f"dejavu-serve --model default: start-up, {m['cpu_count']} CPUs, "
-                 f"{result['settings']['repeats']} repeats, {result['date'][:10]}", fontsize=9)
+                 f"{result['settings']['repeats']} repeats, {result['date'][:10]}"
+                 + (f"\nload average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if None not in load else ""),
+                 fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
