@@ -101,10 +101,16 @@ def floor_command() -> list[str]:
 def time_floor(timeout: float) -> float:
     """Seconds from launching `python -c "import torch"` until it has exited."""
     t0 = time.perf_counter()
-    proc = subprocess.run(floor_command(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    took = time.perf_counter() - t0
+    proc = subprocess.Popen(floor_command(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+        took = time.perf_counter() - t0
+    finally:  # a timeout or Ctrl-C: not left running, nor unreaped
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(floor_command())} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{shlex.join(floor_command())} failed ({proc.returncode}): {err[-2000:]}")
     return took
 
 
