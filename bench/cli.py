@@ -5,6 +5,11 @@
     runtime   single-shard model runtime vs Hugging Face and the weight-read floor (bench/runtime_bench.py)
     pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles
               (bench/pipeline_bench.py)
+    startup   dejavu-serve --model default: launch to ready and SIGINT to exit vs the torch-import floor
+              (bench/startup_bench.py)
+
+Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
+path) and shows progress on stderr when it is a terminal (--quiet: never).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ COMMANDS = {
     "streamer": "bench.streamer_bench",
     "runtime": "bench.runtime_bench",
     "pipeline": "bench.pipeline_bench",
+    "startup": "bench.startup_bench",
 }
 
 

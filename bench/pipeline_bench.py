@@ -11,7 +11,10 @@ For one model shape and each pipeline depth S given:
    throughput, TTFT, TPOT, normalized latency p50/p95/p99, and each stage's idle fraction (bubbles):
    1 - (device-busy time / wall time) over the rate's run.
 Weights are random (config key `dejavu_random_weights`: each stage draws its own on its GPU, no disk).
-Writes one JSON (card, date, command, every figure) and a PNG; `--quick` runs a tiny model on CPU.
+Writes <out>/pipeline_bench.json (card, date, command, every figure) and <out>/pipeline_bench.png (--out:
+default ./dejavu-bench-results/ in the current directory), with the deployment's log; a progress bar per rate
+on stderr (on a terminal, without --quiet); `--quick` runs a tiny model on CPU. Its temporary files (the model's
+config, the deployment's log) are removed at the end, on error and on Ctrl-C too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from bus import loadgen
 from bus.client import AsyncClient
+from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, echo, progress
 from stages.layers.attention import CUDNN_ATTENTION_MODES
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -209,7 +213,7 @@ async def watch_progress(c: AsyncClient, done: asyncio.Event, label: str, out: P
         try:
             st = await asyncio.wait_for(c.status(), 10)
         except Exception as e:  # noqa: BLE001 - diagnostics only: a controller that does not answer is news
-            print(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: status failed: {e!r}", flush=True)
+            echo(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: status failed: {e!r}")
             continue
         stages = [p for p in st["processes"] if p["role"] == "stage"]
         now = [(p["incarnation"], p.get("steps")) for p in stages]
@@ -221,8 +225,8 @@ async def watch_progress(c: AsyncClient, done: asyncio.Event, label: str, out: P
         elif not dumped and time.monotonic() - changed > quiet_s:
             dumped = True
             stalls.append({"t_s": round(changed - t0, 1), "before": now, "states": [p.get("state") for p in stages]})
-            print(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: no stage step for {quiet_s:.0f} s; "
-                  f"(incarnation, steps) {now}; dumping stacks", flush=True)
+            echo(f"[pipeline {time.strftime('%H:%M:%S')}] {label}: no stage step for {quiet_s:.0f} s; "
+                 f"(incarnation, steps) {now}; dumping stacks")
             # on a thread: py-spy takes a while per process, and the rate's clients must keep receiving meanwhile
             await asyncio.to_thread(dump_stacks, st["processes"], out, f"{label}-{len(stalls)}-")
             if save_log is not None:
@@ -239,17 +243,19 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
                                 "--vocab-size", str(args.vocab), "--timeout", str(args.timeout), "--no-plot"])
     out = []
     async with AsyncClient(address, timeout=args.timeout) as c:
-        for rate in rates:
+        for k, rate in enumerate(rates):
             before = await fresh_stats(c)
             st = await c.status()
             inc_before, slots = incarnations(st), int(st.get("slots", 0))
             reqs = loadgen.plan(rate, largs)
             done = asyncio.Event()
             watcher = asyncio.create_task(watch_progress(c, done, f"rate{rate:g}", args.out, save_log))
+            bar = progress(len(reqs), f"rate {rate:g} req/s ({k + 1}/{len(rates)})", args.quiet, "req")
             try:
                 summary = await loadgen.run_rate(c, rate, reqs, args.timeout, reqs[-1].arrival_s + args.timeout,
-                                                 slots)
+                                                 slots, bar)
             finally:
+                bar.close()
                 done.set()
                 stalls = await watcher
             st = await c.status()
@@ -305,9 +311,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from recovery.launch import Deployment
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-bench pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="opt-30b", choices=sorted(SHAPES))
     p.add_argument("--stages", default="2", help="comma-separated pipeline depths")
@@ -327,9 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
     p.add_argument("--cudnn-attention", default="all", choices=CUDNN_ATTENTION_MODES,
                    help="where the stages' (and the baseline's) attention may use cuDNN's per-shape compiled kernels")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for pipeline_bench.json, pipeline_bench.png and deployment.log (default {OUT_DEFAULT})")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
-    args = p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (on stderr; shown only when stderr is a terminal)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     # SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed
     signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
@@ -337,7 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
         args.max_seq_len, args.microbatch_size, args.decode_tokens = 128, 2, 96
     args.vocab = 256 if args.shape == "tiny" else 50272
-    root = Path(tempfile.mkdtemp(prefix="dejavu-pipeline-"))
+    # the model's config and the deployments' logs (recovery.launch writes those to the temp dir) go to a folder
+    # of this run's own, removed at the end, on error and on Ctrl-C too
+    with tempfile.TemporaryDirectory(prefix="dejavu-pipeline-") as root:
+        saved, tempfile.tempdir = tempfile.tempdir, root
+        try:
+            return _run(args, argv, Path(root))
+        finally:
+            tempfile.tempdir = saved
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
+    from recovery.launch import Deployment
+
     model = write_model(args.shape, root)
     layers_total = SHAPES[args.shape]["num_hidden_layers"]
     rates = [float(r) for r in args.rates.split(",")]

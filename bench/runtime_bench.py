@@ -19,14 +19,17 @@ filled batch by batch, and an out-of-memory in one measurement is recorded in th
     bin/dejavu-bench runtime --out bench/results/runtime-h100            # the real thing (cuda)
     bin/dejavu-bench runtime --quick --out /tmp/rb                       # tiny shape on CPU (CI)
 
-Writes <out>/runtime_bench.json and <out>/runtime_bench.png and prints a table. The random model directory
-(~16 GB) is written once to --model-dir (default: under the system temp dir, never inside the checkout) and
-reused when its config matches.
+Writes <out>/runtime_bench.json and <out>/runtime_bench.png (--out: default ./dejavu-bench-results/ in the
+current directory) and prints a table; a progress bar over the figures on stderr (on a terminal, without
+--quiet). The random model directory (~16 GB) is written once to --model-dir (default: under the system temp
+dir, never inside the checkout) and reused when its config matches; --quick's tiny model lives in a temporary
+folder, removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -48,6 +51,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run straight from a checkout
 
 import torch  # noqa: E402
+
+from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, echo, progress  # noqa: E402
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -294,7 +299,12 @@ def _measured(fn: Callable[[], list[float]]) -> dict[str, Any]:
     return {"ms": _median(samples), "samples_ms": samples}
 
 
-def bench_ours(model_dir: Path, s: Settings, timer: Timer) -> dict[str, Any]:
+def _nothing() -> None:
+    pass
+
+
+def bench_ours(model_dir: Path, s: Settings, timer: Timer, tick: Callable[[], object] = _nothing) -> dict[str, Any]:
+    """`tick()` after each figure: the prompt pass, filling the context, each decode batch."""
     from stages.runtime import ShardConfig, ShardRuntime
 
     t0 = time.perf_counter()
@@ -306,13 +316,13 @@ def bench_ours(model_dir: Path, s: Settings, timer: Timer) -> dict[str, Any]:
     out["embedding_bytes"] = embed.numel() * embed.element_size()
     out["kv_pool_bytes"] = rt.layout.nbytes
     with torch.inference_mode():
-        _measure_ours(rt, s, timer, out)
+        _measure_ours(rt, s, timer, out, tick)
     del rt, embed
     _free()
     return out
 
 
-def _measure_ours(rt: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> None:
+def _measure_ours(rt: Any, s: Settings, timer: Timer, out: dict[str, Any], tick: Callable[[], object]) -> None:
     from stages.batch import SeqChunk
 
     vocab = rt.spec.vocab_size
@@ -327,6 +337,7 @@ def _measure_ours(rt: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> No
     step = prompt_pass(range(s.prompt_batch), s.prompt_len)
     out["prefill"] = _measured(lambda: timer.samples(step, s.warmup, s.prefill_repeats))
     _free()
+    tick()
 
     # (b) decode: real prompt passes fill every slot's first `context` tokens, a group of slots at a time
     def fill() -> list[float]:
@@ -336,10 +347,12 @@ def _measure_ours(rt: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> No
         return [0.0]
 
     filled = _measured(fill)
+    tick()
     out["decode"] = {}
     for b in s.batches:
         if "error" in filled:
             out["decode"][b] = filled
+            tick()
             continue
         # every repeat writes position `context` again: the context stays exactly s.context tokens
         chunks = [SeqChunk(i, s.context, 1) for i in range(b)]
@@ -349,6 +362,7 @@ def _measure_ours(rt: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> No
             return rt.forward(c, rt.embed_input(x))
 
         out["decode"][b] = _measured(lambda f=decode: timer.samples(f, s.warmup, s.repeats))
+        tick()
 
 
 # --- Hugging Face ---------------------------------------------------------------------------------------------
@@ -396,7 +410,8 @@ class _HFCache:
         return cache
 
 
-def bench_hf(model_dir: Path, s: Settings, timer: Timer) -> dict[str, Any]:
+def bench_hf(model_dir: Path, s: Settings, timer: Timer, tick: Callable[[], object] = _nothing) -> dict[str, Any]:
+    """`tick()` after each figure: the prompt pass, each decode batch."""
     import transformers
 
     t0 = time.perf_counter()
@@ -404,13 +419,13 @@ def bench_hf(model_dir: Path, s: Settings, timer: Timer) -> dict[str, Any]:
     timer.sync()
     out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "version": transformers.__version__}
     with torch.inference_mode():
-        _measure_hf(model, s, timer, out)
+        _measure_hf(model, s, timer, out, tick)
     del model
     _free()
     return out
 
 
-def _measure_hf(model: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> None:
+def _measure_hf(model: Any, s: Settings, timer: Timer, out: dict[str, Any], tick: Callable[[], object]) -> None:
     device = torch.device(s.device)
     hf = _HFCache(model)
     vocab = model.config.vocab_size
@@ -424,6 +439,7 @@ def _measure_hf(model: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> N
 
     out["prefill"] = _measured(lambda: timer.samples(prefill, s.warmup, s.prefill_repeats))
     _free()
+    tick()
 
     # (b) decode steps on a cache that holds `context` tokens; the appended token is cropped off, untimed
     out["decode"] = {}
@@ -431,6 +447,7 @@ def _measure_hf(model: Any, s: Settings, timer: Timer, out: dict[str, Any]) -> N
         step_ids = torch.randint(0, vocab, (b, 1), generator=gen).to(device)
         out["decode"][b] = _measured(lambda b=b, x=step_ids: _hf_decode(model, hf, x, b, s, timer))
         _free()
+        tick()
 
 
 def _hf_decode(model: Any, hf: _HFCache, ids: torch.Tensor, batch: int, s: Settings, timer: Timer) -> list[float]:
@@ -599,9 +616,12 @@ def _card(device: torch.device) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-bench runtime", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="directory for runtime_bench.json / .png")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for runtime_bench.json and runtime_bench.png (default {OUT_DEFAULT})")
     p.add_argument("--quick", action="store_true", help="tiny shape on CPU (CI smoke run)")
-    p.add_argument("--model-dir", type=Path, help="where the random model lives (written if absent)")
+    p.add_argument("--model-dir", type=Path, help="where the random model lives (written if absent, never removed; "
+                   "default: <temp dir>/dejavu-bench/llama3-8b-shape-random-bf16, kept for the next run; with "
+                   "--quick a temporary folder, removed at the end)")
     p.add_argument("--device", help="cuda (default) or cpu (default with --quick)")
     p.add_argument("--batches", help="decode batch sizes, comma-separated (default 1,8,32,64)")
     p.add_argument("--context", type=int, help="tokens already cached for decode steps (default 1000)")
@@ -609,6 +629,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, help="tokens per prompt (default 1000)")
     p.add_argument("--repeats", type=int, help="timed repeats per decode figure (default 20)")
     p.add_argument("--skip-hf", action="store_true", help="measure ours and the floor only")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (on stderr; shown only when stderr is a terminal)")
     return p
 
 
@@ -637,35 +659,35 @@ def main(argv: list[str] | None = None) -> int:
         print("runtime_bench: no CUDA GPU here; use --quick (or --device cpu)", file=sys.stderr)
         return 2
     command = shlex.join(sys.orig_argv) if argv is None else shlex.join(["bin/dejavu-bench", "runtime", *argv])
-    scratch = None
-    model_dir = args.model_dir
-    if model_dir is None:
-        if args.quick:
-            model_dir = Path(scratch := tempfile.mkdtemp(prefix="runtime-bench-")) / "model"
-        else:
-            model_dir = Path(tempfile.gettempdir()) / "dejavu-bench" / "llama3-8b-shape-random-bf16"
-    try:
+    with contextlib.ExitStack() as cleanup:
+        model_dir = args.model_dir
+        if model_dir is None:
+            if args.quick:  # removed at the end, on error and on Ctrl-C too
+                model_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="runtime-bench-"))) / "model"
+            else:
+                model_dir = Path(tempfile.gettempdir()) / "dejavu-bench" / "llama3-8b-shape-random-bf16"
+        # figures: the model, the hardware, ours (prompt pass, context fill, each batch), HF (prompt pass, each batch)
+        total = 2 + 2 + len(s.batches) + (0 if args.skip_hf else 1 + len(s.batches))
+        bar = cleanup.enter_context(progress(total, "runtime bench", args.quiet, "figure"))
         t0 = time.perf_counter()
         reused = ensure_model(model_dir, config, getattr(torch, s.dtype), s.device, s.seed)
-        print(f"[bench] model {model_dir} {'reused' if reused else 'written'} in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        bar.update(1)
+        echo(f"[bench] model {model_dir} {'reused' if reused else 'written'} in {time.perf_counter() - t0:.1f} s")
         timer = Timer(device)
         hw = hardware(s, device, timer)
-        print(f"[bench] copy {hw['copy_GBps']:.0f} GB/s, matmul {hw['matmul_TFLOPs']:.1f} TFLOP/s", flush=True)
-        ours = bench_ours(model_dir, s, timer)
-        print(f"[bench] ours done (load {ours['load_s']:.1f} s)", flush=True)
+        bar.update(1)
+        echo(f"[bench] copy {hw['copy_GBps']:.0f} GB/s, matmul {hw['matmul_TFLOPs']:.1f} TFLOP/s")
+        ours = bench_ours(model_dir, s, timer, lambda: bar.update(1))
+        echo(f"[bench] ours done (load {ours['load_s']:.1f} s)")
         hf = None
         if not args.skip_hf:
             try:
-                hf = bench_hf(model_dir, s, timer)
-                print(f"[bench] HF done (load {hf['load_s']:.1f} s)", flush=True)
+                hf = bench_hf(model_dir, s, timer, lambda: bar.update(1))
+                echo(f"[bench] HF done (load {hf['load_s']:.1f} s)")
             except Exception as e:  # keep our figures: the report shows HF as missing, with the reason
                 traceback.print_exc()
                 hf = {"error": f"{type(e).__name__}: {e}"[:500]}
                 _free()
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     import transformers
 
     meta = {

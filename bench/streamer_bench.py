@@ -19,7 +19,9 @@ Targets (issue 4): >= 90% of the ceiling for transfers of 16 MiB and more; strea
     bin/dejavu-bench streamer --out bench/results/streamer-h100          # GPUs (one GPU: no peer / NCCL rows)
     bin/dejavu-bench streamer --device cpu --quick [--json F] [--plot F]  # CI: small, under a minute
 
-Prints one JSON object per line; `--json`/`--plot` (or `--out DIR`) write the whole run and a figure.
+Prints one JSON object per line on stdout (progress bars on stderr, on a terminal) and writes the whole run
+and a figure as <out>/streamer_bench.json and <out>/streamer_bench.png (--out: default ./dejavu-bench-results/
+in the current directory), or where --json / --plot say.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ from bench.streamer_ops import (  # noqa: E402
     ceiling_memcpy,
     ceiling_zmq,
 )
+from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, echo, progress  # noqa: E402
 from streamer import wire  # noqa: E402
 from streamer.layout import (
     PoolLayout,
@@ -73,7 +77,7 @@ CPU_SHAPES = (Shape("8b-mini", 4, prompt=256, mb=4),)
 
 def emit(rec: dict[str, Any], out: list[dict[str, Any]]) -> None:
     out.append(rec)
-    print(json.dumps(rec), flush=True)
+    echo(json.dumps(rec))
 
 
 def ops(shape: Shape) -> list[tuple[str, Region, Region]]:
@@ -97,7 +101,7 @@ def layer_stream(shape: Shape, op: str) -> list[tuple[Region, Region]] | None:
 
 
 async def bench_ops(lib: Lib, shape: Shape, on_gpu: bool, repeats: int, ceil: dict[tuple[str, int], float],
-                    out: list[dict[str, Any]]) -> None:
+                    out: list[dict[str, Any]], quiet: bool = False) -> None:
     stage_where = "cuda:0" if on_gpu else "cpu"
     host_where = "pinned" if on_gpu else "cpu"
     src = lib.endpoint(f"{shape.name}-p", shape.layout(2 * shape.mb), stage_where)
@@ -107,21 +111,23 @@ async def bench_ops(lib: Lib, shape: Shape, on_gpu: bool, repeats: int, ceil: di
     targets = [("host", host, "d2h" if on_gpu else "memcpy")]
     if on_gpu and len(lib.devices) > 1:
         targets.append(("peer", lib.endpoint(f"{shape.name}-t", shape.layout(2 * shape.mb), "cuda:1"), "peer"))
-    for op, region, dst_region in ops(shape):
-        for path, dst, ceiling_kind in targets:
-            if op == "swap_out" and path == "peer":
-                continue
-            await one_op(lib, shape, op, path, src, region, dst, dst_region, ceiling_kind, repeats, ceil, out)
+    jobs = [(op, path, src, region, dst, dst_region, ceiling_kind)
+            for op, region, dst_region in ops(shape) for path, dst, ceiling_kind in targets
+            if not (op == "swap_out" and path == "peer")]
     # swap-in: the whole microbatch back from host memory into the other microbatch's slots
     _, region, _ = ops(shape)[2]
     back = Region.uniform(range(shape.mb, 2 * shape.mb), region.layers, 0, shape.prompt)
-    await one_op(lib, shape, "swap_in", "host", host, region, src, back, "h2d" if on_gpu else "memcpy", repeats,
-                 ceil, out)
+    jobs.append(("swap_in", "host", host, region, src, back, "h2d" if on_gpu else "memcpy"))
+    with progress(2 * len(jobs), f"operations {shape.name}, staging {lib.config.staging_bytes / MiB:g} MiB", quiet,
+                  "figure") as bar:
+        for op, path, a, region, b, dst_region, ceiling_kind in jobs:
+            await one_op(lib, shape, op, path, a, region, b, dst_region, ceiling_kind, repeats, ceil, out, bar.update)
 
 
 async def one_op(lib: Lib, shape: Shape, op: str, path: str, src: Any, region: Region, dst: Any,
                  dst_region: Region, ceiling_kind: str, repeats: int, ceil: dict[tuple[str, int], float],
-                 out: list[dict[str, Any]]) -> None:
+                 out: list[dict[str, Any]], tick: Any = None) -> None:
+    """`tick()`: called after each of its two measurements (naive, buffered)."""
     nbytes = region.nbytes(src.layout)
     key = (ceiling_kind, nbytes)
     if key not in ceil:  # the ceiling at exactly this size, measured in the same run
@@ -133,6 +139,8 @@ async def one_op(lib: Lib, shape: Shape, op: str, path: str, src: Any, region: R
         reps = repeats if buffered or nbytes < 64 * MiB else max(2, repeats // 2)
         m = await lib.measure(src, region, dst, dst_region, buffered, reps, stream_of=layer_stream(shape, op))
         figures[mode] = m
+        if tick is not None:
+            tick()
         emit({"section": "op", "shape": shape.name, "op": op, "path": path, "mode": mode,
               "staging_mib": lib.config.staging_bytes / MiB, **m,
               "ceiling": ceiling_kind, "ceiling_gbps": ceil[key], "fraction": m["stream_gbps"] / ceil[key],
@@ -143,7 +151,8 @@ async def one_op(lib: Lib, shape: Shape, op: str, path: str, src: Any, region: R
           "latency_buffered_over_naive": figures["naive"]["latency_us"] / figures["buffered"]["latency_us"]}, out)
 
 
-async def bench_ceilings(on_gpu: bool, sizes: list[int], repeats: int, ngpu: int, out: list[dict[str, Any]]) -> None:
+async def bench_ceilings(on_gpu: bool, sizes: list[int], repeats: int, ngpu: int, out: list[dict[str, Any]],
+                         quiet: bool = False) -> None:
     kinds = (["peer"] if ngpu > 1 else []) + ["h2d", "d2h", "hbm"] if on_gpu else ["memcpy"]
     pair: NcclPair | None = None
     if on_gpu and ngpu > 1:
@@ -151,19 +160,22 @@ async def bench_ceilings(on_gpu: bool, sizes: list[int], repeats: int, ngpu: int
             pair = NcclPair()
         except Exception as e:  # noqa: BLE001 - no CuPy/NCCL: recorded, the rest still runs
             emit({"section": "ceiling", "name": "nccl", "error": repr(e)}, out)
-    try:
-        for n in sizes:
-            for kind in kinds:
-                g = ceiling_memcpy(n, repeats) if kind == "memcpy" else ceiling_copy(kind, n, repeats)
-                emit({"section": "ceiling", "name": kind, "bytes": n, "gbps": g}, out)
+    zmq_sizes = [n for n in sizes if n <= 64 * MiB]
+    with progress(len(sizes) + len(zmq_sizes), "ceilings", quiet, "size") as bar:
+        try:
+            for n in sizes:
+                for kind in kinds:
+                    g = ceiling_memcpy(n, repeats) if kind == "memcpy" else ceiling_copy(kind, n, repeats)
+                    emit({"section": "ceiling", "name": kind, "bytes": n, "gbps": g}, out)
+                if pair is not None:
+                    emit({"section": "ceiling", "name": "nccl", "bytes": n, "gbps": pair.gbps(n, repeats)}, out)
+                bar.update(1)
+        finally:
             if pair is not None:
-                emit({"section": "ceiling", "name": "nccl", "bytes": n, "gbps": pair.gbps(n, repeats)}, out)
-    finally:
-        if pair is not None:
-            pair.close()
-    for n in sizes:
-        if n <= 64 * MiB:
+                pair.close()
+        for n in zmq_sizes:
             emit({"section": "ceiling", "name": "zmq_tcp", "bytes": n, "gbps": await ceiling_zmq(n, repeats)}, out)
+            bar.update(1)
 
 
 async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, Any]]) -> None:
@@ -171,7 +183,7 @@ async def bench_e2e(args: argparse.Namespace, on_gpu: bool, out: list[dict[str, 
     from bench.streamer_e2e import run_e2e
 
     for rec in await run_e2e(on_gpu, args.quick, args.repeats, overhead_too=not args.skip_overhead,
-                             model_dir=args.model_dir, remote_too=not args.skip_e2e,
+                             model_dir=args.model_dir, remote_too=not args.skip_e2e, quiet=args.quiet,
                              streamer_args=(() if args.inline_dma else ("--no-inline-dma",))
                              + (("--completion-spin-us", str(args.completion_spin_us))
                                 if args.completion_spin_us is not None else ())):
@@ -193,7 +205,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         sizes = [256 * 1024, 4 * MiB, 32 * MiB] if args.quick else [256 * 1024, 4 * MiB, 32 * MiB, 256 * MiB]
     t0 = time.perf_counter()
-    await bench_ceilings(on_gpu, sizes, args.repeats, ngpu, out)
+    await bench_ceilings(on_gpu, sizes, args.repeats, ngpu, out, args.quiet)
     ceil: dict[tuple[str, int], float] = {}
     # the staging buffer (= chunk) size matters only for regions of short pieces (decode steps); long pieces
     # move pool to pool by DMA. --stagings measures others.
@@ -204,7 +216,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         await lib.start()
         try:
             for shape in (GPU_SHAPES if on_gpu else CPU_SHAPES):
-                await bench_ops(lib, shape, on_gpu, args.repeats, ceil, out)
+                await bench_ops(lib, shape, on_gpu, args.repeats, ceil, out, args.quiet)
         finally:
             await lib.close()
     if not (args.skip_e2e and args.skip_overhead):
@@ -294,15 +306,18 @@ def plot(out: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-bench streamer", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--out", default="", help="directory for streamer_bench.json and streamer_bench.png")
-    p.add_argument("--json", default="", help="write the whole run here")
-    p.add_argument("--plot", default="", help="write the figure here")
-    p.add_argument("--model-dir", default="", help="where to write the random model's config.json (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for streamer_bench.json and streamer_bench.png (default {OUT_DEFAULT})")
+    p.add_argument("--json", type=Path, help="write the whole run here instead (default <out>/streamer_bench.json)")
+    p.add_argument("--plot", type=Path, help="write the figure here instead (default <out>/streamer_bench.png; with "
+                   "--json, the JSON path with .png)")
+    p.add_argument("--model-dir", default="", help="where to write the random model's config.json (default: a "
+                   "temporary folder, removed at the end; a given one is kept)")
     p.add_argument("--stagings", default="", help="comma-separated staging buffer sizes in MiB (default 16; CPU 8)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
@@ -313,22 +328,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--completion-spin-us", type=float, default=None,
                    help="StreamerConfig.completion_spin_us for the operations and every streamer (default: its default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the streamer's copy_threads)")
-    args = p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (on stderr; shown only when stderr is a terminal)")
+    return p
+
+
+def outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(JSON path, PNG path): --json / --plot where given, else <out>/streamer_bench.json / .png; a --json
+    without --plot puts the figure beside it."""
+    json_path = args.json or args.out / "streamer_bench.json"
+    plot_path = args.plot or (args.json.with_suffix(".png") if args.json else args.out / "streamer_bench.png")
+    return json_path, plot_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 10
     from bus.child import install_uvloop
 
     install_uvloop()  # this process plays the stages (and their clients), which run on uvloop
+    command = shlex.join(sys.orig_argv if argv is None else ["bin/dejavu-bench", "streamer", *argv])
     out = asyncio.run(run(args))
-    json_path = Path(args.json) if args.json else (Path(args.out) / "streamer_bench.json" if args.out else None)
-    plot_path = Path(args.plot) if args.plot else (Path(args.out) / "streamer_bench.png" if args.out else None)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({"records": out}, indent=1))
-    if plot_path is not None:
-        plot_path.parent.mkdir(parents=True, exist_ok=True)
-        plot(out, plot_path)
+    json_path, plot_path = outputs(args)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"command": command, "records": out}, indent=1) + "\n")
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(out, plot_path)
+    print(f"[streamer] wrote {json_path} and {plot_path}", file=sys.stderr)
     return 0
 
 

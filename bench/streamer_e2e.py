@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 from bench.streamer_ops import NcclPair, ceiling_zmq_best, gbps, median
+from bus.loadgen import progress
 from streamer import wire
 from streamer.client import LayerSignal, StreamerClient, attach_kv_hooks, attach_layer_hooks
 from streamer.layout import PoolLayout, Region
@@ -60,9 +62,10 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / (1 << 30) + 0.01:.3f}"
 
 
-def stage_model(on_gpu: bool, model_dir: str) -> tuple[Path, tuple[int, int]]:
+def stage_model(on_gpu: bool, model_dir: str | Path) -> tuple[Path, tuple[int, int]]:
     """A random Llama model (config.json only: the stage draws its weights on its device, see
-    stages/weights.random_fill) and the layers one stage runs: 8 of an 8B model's 32 (a 4-stage pipeline)."""
+    stages/weights.random_fill) written to `model_dir`, and the layers one stage runs: 8 of an 8B model's 32 (a
+    4-stage pipeline)."""
     from bench.runtime_bench import LLAMA3_8B
 
     if on_gpu:
@@ -74,7 +77,7 @@ def stage_model(on_gpu: bool, model_dir: str) -> tuple[Path, tuple[int, int]]:
                   "rope_scaling": {**LLAMA3_8B["rope_scaling"], "original_max_position_embeddings": 64}}
         layers = (0, 4)
     config["dejavu_random_weights"] = {"seed": 0, "std": 0.02}
-    path = Path(model_dir or tempfile.mkdtemp(prefix="dejavu-streamer-bench-"))
+    path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path, layers
@@ -148,7 +151,15 @@ async def _stream(c: StreamerClient, src: Any, regions: list[Region], dst: Any, 
 PROMPTS = 6  # whole prompts in the stream of prompts
 
 
-async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int) -> list[dict[str, Any]]:
+def _modes(op: str) -> list[tuple[bool, bool]]:
+    """(buffered, checksummed) of the remote rows. The bench's streamers run with --no-checksums;
+    "checksummed" is what a deployment's default ("remote": every transfer to another streamer is verified)
+    costs."""
+    return [(False, False), (True, False)] + ([(True, True)] if op != "decode_step" else [])
+
+
+async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: int,
+                 quiet: bool = False) -> list[dict[str, Any]]:
     mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
     lay = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16)
     src_mem, dst_mem = await remote_pools(c0, c1, lay, on_gpu)  # noqa: F841 - dst_mem: kept referenced
@@ -163,6 +174,7 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
         [("tcp_host", wire.PoolRef("rep", "h1"), "zmq_tcp")]
     pair = NcclPair() if nccl else None
     out = []
+    bar = progress(sum(len(_modes(op)) for op, _ in cases) * len(dests), "end to end, remote", quiet, "figure")
     try:
         for op, region in cases:
             nbytes = region.nbytes(lay)
@@ -172,10 +184,7 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
                     ceil = pair.gbps(nbytes, repeats)
                 else:  # the best frame size: the streamer chooses its own chunking too
                     ceil, frame = await ceiling_zmq_best(nbytes, repeats)
-                # the bench's streamers run with --no-checksums; "checksummed" is what a deployment's default
-                # ("remote": every transfer to another streamer is verified) costs
-                modes = [(False, False), (True, False)] + ([(True, True)] if op != "decode_step" else [])
-                for buffered, check in modes:
+                for buffered, check in _modes(op):
                     server, wall = await _time(c0, "p", region, dst, region, buffered, repeats, check)
                     mode = ("buffered" if buffered else "naive") + (" checksummed" if check else "")
                     row = {"section": "e2e", "op": op, "path": path, "mode": mode,
@@ -198,7 +207,9 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
                         row.update(stream_gbps=gbps(PROMPTS * nbytes, secs), stream_transfers=PROMPTS, in_flight=2,
                                    stream_fraction=gbps(PROMPTS * nbytes, secs) / ceil)
                     out.append(row)
+                    bar.update(1)
     finally:
+        bar.close()
         if pair is not None:
             pair.close()
         await c0.unregister_pool("p")
@@ -207,8 +218,8 @@ async def remote(c0: StreamerClient, c1: StreamerClient, on_gpu: bool, repeats: 
     return out
 
 
-async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str,
-                   c_dev: StreamerClient | None = None) -> list[dict[str, Any]]:
+async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: str | Path,
+                   c_dev: StreamerClient | None = None, quiet: bool = False) -> list[dict[str, Any]]:
     """`c_dev`: a streamer on the same host run with layer_wait="device" (GPU): the layered rows once more
     through it, each named "<dst> device-wait"."""
     from stages.batch import SeqChunk
@@ -242,6 +253,9 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
     stream = torch.cuda.current_stream(torch.device(device)) if on_gpu else None
     loop = asyncio.get_running_loop()
     compute = ThreadPoolExecutor(1)
+    # rows: events-only and copies-only (GPU), signals-only, 4 per destination, device-wait per destination
+    bar = progress((2 if on_gpu else 0) + 1 + (4 + (c_dev is not None)) * len(dests), "end to end, overhead", quiet,
+                   "row")
 
     def forward() -> tuple[float, float]:  # the stage's compute thread: (seconds, monotonic time at the end)
         t0 = time.perf_counter()
@@ -286,6 +300,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                         "streamed_compute_s": c, "streamed_total_s": t, "overhead": t / b - 1.0,
                         "compute_overhead": c / b - 1.0, "kv_bytes": kv_bytes, "layers": lay.num_layers,
                         "last_layer": {k: median(v) for k, v in tail.items()}})
+            bar.update(1)
 
         async def remove(hooks: list[Any]) -> None:
             for hook in hooks:
@@ -350,6 +365,7 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
                 if target is not None:
                     await c_dev.unregister_pool("ov-t")
     finally:
+        bar.close()
         compute.shutdown()
         await c0.unregister_pool("ov-p")
         if target is not None:
@@ -358,29 +374,34 @@ async def overhead(c0: StreamerClient, on_gpu: bool, repeats: int, model_dir: st
 
 
 async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = True, model_dir: str = "",
-                  remote_too: bool = True, streamer_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """`streamer_args`: extra options for every streamer process (e.g. --no-inline-dma, for an A/B)."""
-    d = tempfile.mkdtemp(prefix="dvb")
-    mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
-    rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
-    swap = ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]
-    procs = [_start("h0", d, "h1", [*swap, *streamer_args]),
-             _start("h1", d, "h0", ["--replica-gib", _gib(rep), *streamer_args])]
-    device_wait = overhead_too and on_gpu
-    if device_wait:  # a second streamer on h0's host, for the layer_wait="device" rows of the overhead
-        procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "device", *streamer_args]))
+                  remote_too: bool = True, streamer_args: tuple[str, ...] = (), quiet: bool = False
+                  ) -> list[dict[str, Any]]:
+    """`streamer_args`: extra options for every streamer process (e.g. --no-inline-dma, for an A/B).
+    The streamers' sockets and logs, and the random model unless `model_dir` is given, live in a temporary
+    folder that is removed at the end, on error and on Ctrl-C too (after the streamers are gone)."""
+    d = tempfile.mkdtemp(prefix="dvb")  # short: ipc:// paths may not exceed ~107 bytes
+    procs: list[subprocess.Popen[bytes]] = []
     out: list[dict[str, Any]] = []
     try:
+        mb, layers, prompt = (8, 16, 1000) if on_gpu else (4, 4, 256)
+        rep = PoolLayout(0, layers, mb, prompt + 24, 8, 128, torch.bfloat16).nbytes
+        swap = ["--swap-gib", _gib(overhead_shape(on_gpu)[2].nbytes)]
+        procs.append(_start("h0", d, "h1", [*swap, *streamer_args]))
+        procs.append(_start("h1", d, "h0", ["--replica-gib", _gib(rep), *streamer_args]))
+        device_wait = overhead_too and on_gpu
+        if device_wait:  # a second streamer on h0's host, for the layer_wait="device" rows of the overhead
+            procs.append(_start("h2", d, "h1", [*swap, "--layer-wait", "device", *streamer_args]))
         c0, c1 = StreamerClient(f"ipc://{d}/h0.c", "bench-p"), StreamerClient(f"ipc://{d}/h1.c", "bench-t")
         c2 = StreamerClient(f"ipc://{d}/h2.c", "bench-w") if device_wait else None
         for c in (c0, c1, c2):
             if c is not None:
                 await c.status(timeout=120)
         if remote_too:
-            out += await remote(c0, c1, on_gpu, repeats)
+            out += await remote(c0, c1, on_gpu, repeats, quiet)
         if overhead_too:
             # 3x the repeats: a row's difference is a few percent of a 50 ms pass (GPU), so noise matters
-            out += await overhead(c0, on_gpu, 3 * repeats if on_gpu else repeats, model_dir, c2)
+            out += await overhead(c0, on_gpu, 3 * repeats if on_gpu else repeats, model_dir or Path(d) / "model",
+                                  c2, quiet)
         for c in (c0, c1, c2):
             if c is not None:
                 await c.close()
@@ -392,4 +413,6 @@ async def run_e2e(on_gpu: bool, quick: bool, repeats: int, overhead_too: bool = 
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait(30)
+        shutil.rmtree(d, ignore_errors=True)
     return out

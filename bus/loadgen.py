@@ -24,7 +24,6 @@ import platform
 import random
 import shlex
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -36,7 +35,28 @@ from bus.client import AsyncClient, GenerateResult
 from bus.client_cli import run_loop
 from bus.errors import DejaVuError, RequestTimeoutError
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Every benchmark's default output folder (`dejavu-bench serve|streamer|runtime|pipeline|startup`): relative, so
+# it is in the directory the command runs from - never inside the installed package.
+RESULTS_DIR = Path("dejavu-bench-results")
+OUT_DEFAULT = f"./{RESULTS_DIR}/, in the current directory"  # for --out's help
+
+
+def progress(total: int | None, desc: str, quiet: bool = False, unit: str = "it") -> Any:
+    """A tqdm progress bar on stderr, shown only when stderr is a terminal and --quiet was not given (then a
+    disabled bar: update() and close() do nothing). Use as a context manager, or close() it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def echo(text: str) -> None:
+    """print() of one line on stdout while a progress() bar may be drawn on stderr (the same terminal): the
+    bar is lifted, the line written, the bar drawn again below it."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- workload
@@ -169,10 +189,14 @@ async def _one(client: AsyncClient, i: int, req: Planned, t0: float, timeout: fl
 
 
 async def run_rate(client: AsyncClient, rate: float, reqs: Sequence[Planned], timeout: float,
-                   deadline: float, slots: int = 0) -> dict[str, Any]:
-    """Send `reqs` at their arrival times; cancel whatever is still running `deadline` s after the start."""
+                   deadline: float, slots: int = 0, bar: Any = None) -> dict[str, Any]:
+    """Send `reqs` at their arrival times; cancel whatever is still running `deadline` s after the start.
+    `bar` (a progress(), optional) advances by one as each request ends."""
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(_one(client, i, r, t0, timeout)) for i, r in enumerate(reqs)]
+    if bar is not None:
+        for t in tasks:
+            t.add_done_callback(lambda _: bar.update(1))
     _, late = await asyncio.wait(tasks, timeout=deadline) if tasks else (set(), set())
     for t in late:
         t.cancel()  # a cancelled generate() cancels its request on the server
@@ -333,13 +357,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, help="wall-clock seconds per rate; then the rest is cancelled "
                    "(default: last arrival + --timeout + 10)")
     p.add_argument("--connect-timeout", type=float, default=10.0)
-    p.add_argument("--out", type=Path, help="JSON path (default bench/results/serve-<UTC time>.json; "
-                   "with --quick, a temporary file)")
+    p.add_argument("--out", type=Path, help=f"JSON path (default ./{RESULTS_DIR}/serve-<UTC time>.json, in the "
+                   "current directory)")
     p.add_argument("--plot", type=Path, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--label", default="dejavu", help="this run's name in the plot legend")
     p.add_argument("--compare", type=Path, nargs="*", default=[], help="earlier JSON results to draw alongside")
     p.add_argument("--quick", action="store_true", help="a few short requests at two rates (CI smoke test)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (one per rate, on stderr; shown only when stderr is a terminal)")
     return p
 
 
@@ -362,9 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not ok:
             p.error(message)
     if args.out is None:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
-        args.out = (Path(tempfile.gettempdir()) / "dejavu-bench-serve-quick.json" if args.quick
-                    else RESULTS / f"serve-{stamp}.json")
+        args.out = RESULTS_DIR / f"serve-{dt.datetime.now(dt.UTC).strftime('%Y%m%d-%H%M%S')}.json"
     return args
 
 
@@ -386,11 +410,13 @@ async def amain(argv: Sequence[str] | None = None) -> int:
     }
     async with AsyncClient(args.address, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
         report["server"] = client.server_info
-        for rate in args.rates:
+        for k, rate in enumerate(args.rates):
             reqs = plan(rate, args)
             deadline = args.deadline or (reqs[-1].arrival_s if reqs else 0.0) + args.timeout + 10.0
-            summary = await run_rate(client, rate, reqs, args.timeout, deadline,
-                                     int((client.server_info or {}).get("slots", 0)))
+            with progress(len(reqs), f"rate {rate:g} req/s ({k + 1}/{len(args.rates)})", args.quiet,
+                          "req") as bar:
+                summary = await run_rate(client, rate, reqs, args.timeout, deadline,
+                                         int((client.server_info or {}).get("slots", 0)), bar)
             report["rates"].append(summary)
             print(line(summary), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -13,10 +14,15 @@ import pytest
 from bench import pipeline_bench
 
 
-def test_pipeline_bench_quick(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_pipeline_bench_quick(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
+    scratch = tmp_path / "tmp"  # the run's temporary files (model config, deployment log): removed at the end
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     # --cudnn-attention changes nothing on CPU; here it checks the option reaches the stages' configuration
     assert pipeline_bench.main(["--quick", "--stages", "2", "--cudnn-attention", "off", "--out", str(tmp_path)]) == 0
+    assert list(scratch.iterdir()) == [] and tempfile.tempdir == str(scratch)
+    assert (tmp_path / "deployment.log").stat().st_size > 0
     result = json.loads((tmp_path / "pipeline_bench.json").read_text())
     (run,) = result["runs"]
     assert run["stages"] == 2 and run["baseline_step"]["median_s"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,9 +28,12 @@ def _positive(x: object) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def test_quick_run_writes_json_plot_and_table(bench: ModuleType, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "out"
+def test_quick_run_writes_json_plot_and_table(bench: ModuleType, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert bench.main(["--quick", "--out", str(out), "--batches", "1,3"]) == 0
+    assert list(scratch.iterdir()) == [], "--quick must clean up its scratch model"
     result = json.loads((out / "runtime_bench.json").read_text())
     png = (out / "runtime_bench.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

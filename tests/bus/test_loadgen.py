@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import random
 import statistics
@@ -93,8 +94,16 @@ def test_saturated_throughput_counts_only_the_time_every_slot_is_busy() -> None:
     assert "saturated" not in sb.summarize(1.0, [a | {"output_len": 11}], 10.0)
 
 
-def test_quick_run_against_fake_server(tmp_path: Path) -> None:
+class Terminal(io.StringIO):
+    """stderr as a terminal: progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_quick_run_against_fake_server(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "serve.json"
+    monkeypatch.setattr("sys.stderr", term := Terminal())
 
     async def body() -> tuple[int, list[GenerateRequest]]:
         async with FakeController() as fake:
@@ -119,6 +128,8 @@ def test_quick_run_against_fake_server(tmp_path: Path) -> None:
         for key in ("ttft_s", "tpot_s", "latency_s", "normalized_latency_s"):
             assert set(s[key]) == {"mean", "p50", "p95", "p99", "max"} and s[key]["p50"] is not None
     assert len(seen) == 16
+    assert "rate 8 req/s (1/2)" in term.getvalue() and "rate 16 req/s (2/2)" in term.getvalue()
+    assert "8/8" in term.getvalue()  # progress per rate, on stderr
     for req in seen:
         assert req.temperature == 0.0 and req.stop_token_ids == [] and 2 <= req.max_new_tokens <= 8
         assert req.prompt_token_ids is not None and len(req.prompt_token_ids) == 16
@@ -139,3 +150,29 @@ def test_deadline_cancels_what_is_left(tmp_path: Path) -> None:
     assert run(body()) == 1
     s = json.loads(out.read_text())["rates"][0]
     assert s["completed"] == 0 and s["errors"]["unfinished"]["count"] == 2
+
+
+def test_default_output_is_a_folder_in_the_current_directory(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Never inside the package (it once defaulted to bus/results/), --quick or not; --out as given."""
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--quick"]):
+        out = sb.parse_args(["--address", "tcp://127.0.0.1:1", *extra]).out
+        assert not out.is_absolute() and out.parent == sb.RESULTS_DIR == Path("dejavu-bench-results")
+        assert out.name.startswith("serve-") and out.suffix == ".json"
+        assert out.resolve().parent == tmp_path / "dejavu-bench-results"
+    assert sb.parse_args(["--address", "tcp://127.0.0.1:1", "--out", "x/y.json"]).out == Path("x/y.json")
+    assert "./dejavu-bench-results/serve-<UTC time>.json" in " ".join(sb.parser().format_help().split())
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_quiet(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    with sb.progress(3, "x") as bar:
+        assert bar.disable
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    with sb.progress(3, "x", quiet=True) as bar:
+        assert bar.disable
+    with sb.progress(3, "rate 1 req/s", unit="req") as bar:
+        assert not bar.disable
+        bar.update(3)
+    assert "rate 1 req/s" in term.getvalue() and "3/3" in term.getvalue()
