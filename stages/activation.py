@@ -1,8 +1,8 @@
 """Activation plane: hidden states from stage i to stage i+1, behind one interface.
 
 CPU (and CI): the StepRequest header and the tensor travel as one ZeroMQ multipart message, PUSH -> PULL,
-zero-copy. CUDA: the header still goes over ZeroMQ, the tensor over NCCL (streamer/ and the GPU link in
-bus/nccl_link.py). Receivers are bound by the downstream stage; senders are rebuilt on every new epoch
+zero-copy. CUDA: the header still goes over ZeroMQ, the tensor over NCCL (stages/nccl_activation.py, on the
+library's links in streamer/nccl.py). Receivers are bound by the downstream stage; senders are rebuilt on every new epoch
 (closing with linger 0 drops anything queued for a dead peer), so a restart never replays stale work.
 """
 
