@@ -5,6 +5,7 @@
     runtime   single-shard model runtime vs Hugging Face and the weight-read floor (bench/runtime_bench.py)
     pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles
               (bench/pipeline_bench.py)
+    soak      memory of every process over rounds of many clients (bench/soak_bench.py)
     startup   dejavu-serve --model default: launch to ready and SIGINT to exit vs the torch-import floor
               (bench/startup_bench.py)
 
@@ -22,6 +23,7 @@ COMMANDS = {
     "streamer": "bench.streamer_bench",
     "runtime": "bench.runtime_bench",
     "pipeline": "bench.pipeline_bench",
+    "soak": "bench.soak_bench",
     "startup": "bench.startup_bench",
 }
 
