@@ -39,7 +39,7 @@ PHASES=${PHASES:-probe streamer}
     fi
     if [[ " $PHASES " == *" serving "* ]]; then
         echo "== serving GPU tests"
-        timeout -k 5 "${SERVE_LIMIT:-300}" python3 -m pytest -q -m gpu tests/bus/test_serving_gpu.py tests/bus/test_nccl_activation.py \
+        timeout -k 5 "${SERVE_LIMIT:-300}" python3 -m pytest -q -m gpu tests/bus/test_serving_gpu.py tests/stages/test_nccl_activation.py \
             -p no:cacheprovider > "$WORK/serving_gpu.txt" 2>&1
         tail -n 5 "$WORK/serving_gpu.txt"
     fi
