@@ -16,7 +16,7 @@ prompt pass a compute floor (FLOPs / measured bf16 matmul rate).
 Memory: one model at a time is on the GPU (ours, freed, then HF's); the KV context of the decode steps is
 filled batch by batch, and an out-of-memory in one measurement is recorded in the JSON instead of aborting.
 
-    bin/dejavu-bench runtime --out bench/results/runtime-h100            # the real thing (cuda)
+    bin/dejavu-bench runtime --out out/runtime-h100                      # the real thing (cuda)
     bin/dejavu-bench runtime --quick --out /tmp/rb                       # tiny shape on CPU (CI)
 
 Writes <out>/runtime_bench.json and <out>/runtime_bench.png (--out: default ./dejavu-bench-results/ in the

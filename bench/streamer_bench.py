@@ -16,7 +16,7 @@
 
 Targets (issue 4): >= 90% of the ceiling for transfers of 16 MiB and more; streaming overhead <= 2%.
 
-    bin/dejavu-bench streamer --out bench/results/streamer-h100          # GPUs (one GPU: no peer / NCCL rows)
+    bin/dejavu-bench streamer --out out/streamer-h100                    # GPUs (one GPU: no peer / NCCL rows)
     bin/dejavu-bench streamer --device cpu --quick [--json F] [--plot F]  # CI: small, under a minute
 
 Prints one JSON object per line on stdout (progress bars on stderr, on a terminal) and writes the whole run

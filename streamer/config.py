@@ -37,7 +37,7 @@ class StreamerConfig:
     #              another streamer, and disk pools (memory-mapped files); trust local DMA and host memory copies
     #              (GPU <-> GPU, GPU <-> pinned host, host <-> host) to the hardware (ECC memory, CRC-checked
     #              NVLink / PCIe links);  "all" - every transfer;  "off" - none.
-    # Measured (2xH200, bench/results/streamer-2xh200-2026-11-27-s6.json): checksumming local layer-by-layer
+    # Measured (2xH200, streamer-2xh200-2026-11-27-s6.json, in git history at cb7eb45): checksumming local layer-by-layer
     # streaming slowed the stage's prompt pass by +12% to a peer GPU (the source digest is a kernel of this
     # process on the stage's GPU) and +65% to pinned host (the CPU digest of every 31 MiB layer), against
     # +0.8-1.4% unchecked - hence "remote". A request may always ask for checksums (checksum=True).
@@ -63,19 +63,19 @@ class StreamerConfig:
     # How a layered transfer from a GPU stage pool waits for layer l to be computed, once LayerReady came:
     # "host" = a waiter thread synchronises on the stage's interprocess event, then the copy is issued with
     # nothing left to wait for; "device" = the copy stream waits on the event (no host time, but a wait of this
-    # process sits on the stage's GPU while the stage computes). Measured on 4xH100 (bench/results/
-    # streamer-4xh100-2026-11-27-s5.json): a stage's prompt pass slowed by +1.6-3.1% with "host" against
+    # process sits on the stage's GPU while the stage computes). Measured on 4xH100 (streamer-4xh100-2026-11-27-s5.json,
+    # in git history at cb7eb45): a stage's prompt pass slowed by +1.6-3.1% with "host" against
     # +8.3-9.0% with "device", hence the default.
     layer_wait: str = "host"
     # True: DMA-only copies (pool to pool 2-D blocks, no checksum, device or pinned memory on both ends) are
     # enqueued by the event loop's thread itself instead of the GPU thread (those calls never block): no hop to
     # the GPU thread and back, which cost 55 us each way and ~230 us of a 330 us prompt-layer transfer to a peer
-    # GPU (2xH200, bench/results/probe-dma-2xh200-2026-11-27.json and probe-dma-2xh200-2026-11-27-s6.json).
+    # GPU (2xH200, probe-dma-2xh200-2026-11-27.json and -s6.json, in git history at cb7eb45).
     inline_dma: bool = True
     # The loop polls for a local copy's completion for up to this long when the copy alone should take at most a
     # quarter of it (at a conservative rate for its path; GpuMover.spin_for), before parking the wait on a waiter
     # thread; 0 = never poll. A stream of 31 MiB prompt layers to a peer GPU: 336 GB/s polled vs 139 GB/s with
-    # waiter threads (2xH200, bench/results/probe-dma-2xh200-2026-11-27-s6.json). Polling costs this process's
+    # waiter threads (2xH200, probe-dma-2xh200-2026-11-27-s6.json, in git history at cb7eb45). Polling costs this process's
     # loop thread (one core) while it lasts, between its other work.
     completion_spin_us: float = 1000.0
     # Deadlines, seconds. Each error names the setting that governs it.

@@ -461,7 +461,7 @@ async def wait_event(event: Any, timeout: float, what: str, setting: str, spin_s
     Why spin: a waiter thread's completion has to take the GIL from a busy loop and wake it; with prompt layers
     streamed back to back that hand-off, not the copy engines, set the pace - a stream of 31 MiB peer copies
     (90 us of DMA each) ran at 139 GB/s with waiter threads against 336 GB/s polled by the loop, on 2xH200
-    (bench/results/probe-dma-2xh200-2026-11-27-s6.json). Polling costs a core while it lasts, so the mover asks
+    (probe-dma-2xh200-2026-11-27-s6.json, in git history at cb7eb45). Polling costs a core while it lasts, so the mover asks
     for it only for copies expected to end within the spin (GpuMover: completion_spin_us)."""
     if event.query():
         return
