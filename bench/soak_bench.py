@@ -3,7 +3,7 @@
 Starts `dejavu-serve --model default` (or --model), then runs --rounds rounds (default 4) of --clients concurrent
 clients (default 1000). Each client is its own AsyncClient (its own socket and identity, as separate users are),
 sends one short text request, awaits its output and closes. After each round, once the deployment is idle
-(nothing waiting or running), the resident memory (VmRSS, /proc) of every process of the deployment is read;
+(nothing waiting or running) and --settle seconds later, the resident memory (VmRSS, /proc) of every process of the deployment is read;
 after the last round, again after --idle seconds without clients. A leak grows a process's RSS by a similar
 amount every round; the allocator's high-water mark grows it by less and less and then stops. The baseline, in
 the same run: each process's RSS after the first round (warm-up: the first clients fault in code and caches).
@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="rounds of clients (default 4; --quick 2)")
     p.add_argument("--clients", type=int, help="concurrent clients per round (default 1000; --quick 50)")
     p.add_argument("--max-new-tokens", type=int, default=4, help="tokens per request (default 4)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds idle before each round's sample (default 3: the controller gives freed memory back "
+                        "after 2 s without requests)")
     p.add_argument("--idle", type=float, default=5.0, help="seconds without clients before the last sample")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a round may take (default 600)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
@@ -104,7 +107,9 @@ async def soak(address: str, args: argparse.Namespace) -> dict[str, Any]:
                 tokens = await asyncio.wait_for(
                     asyncio.gather(*(counted(i) for i in range(args.clients))), args.timeout)
                 wall = time.perf_counter() - t0
-                st = await idle(probe, args.timeout)
+                await idle(probe, args.timeout)
+                await asyncio.sleep(args.settle)  # memory as an idle deployment holds it: a duration, not an event
+                st = await probe.status()
                 rounds.append({"round": r, "clients": args.clients, "tokens": sum(tokens), "wall_s": wall,
                                "rss_mib": sample(st)})
                 echo(f"round {r}: {args.clients} clients in {wall:.1f}s; RSS MiB " +
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["dejavu-bench", "soak", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"model": args.model, "stages": args.stages, "rounds": args.rounds, "clients": args.clients,
-                     "max_new_tokens": args.max_new_tokens, "idle_s": args.idle},
+                     "max_new_tokens": args.max_new_tokens, "settle_s": args.settle, "idle_s": args.idle},
         "deployment_exit_code": code, **result,
     }
     args.out.mkdir(parents=True, exist_ok=True)
