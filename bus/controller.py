@@ -80,7 +80,6 @@ class Controller:
         self.ready = False
         self.down_since: float | None = None  # since when the pipeline is down (or not up yet), seen by sweep
         self.clock = 0.0  # the latest `now` given: when a request ended (for `ended`)
-        self.committed_tokens = 0
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
 
@@ -272,7 +271,6 @@ class Controller:
 
     def _commit(self, req: Request, token: int) -> None:
         req.generated.append(token)
-        self.committed_tokens += 1
         text = req.detok.push([token]) if req.detok is not None else None
         self.outbox.clients.append((req.client, TokenChunk(req.request_id, len(req.generated) - 1, [token], text)))
         reason = finish_reason(token, len(req.generated), req.max_new_tokens, req.seq_len, self.model.max_seq_len,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -64,16 +64,6 @@ class MoveJob:
     checksum: bool
     wait_layer: int | None  # GPU source: wait for the stage's event of this layer before reading
     blocks: list[PairBlock] | None = None  # GPU, long pieces: 2-D DMA pool to pool instead of staging
-
-
-class Mover(Protocol):
-    """A local transport (CpuMover: host <-> host; GpuMover: anything involving a GPU). Remote transports
-    (ZeroMQ frames, NCCL) plug into the same chunk pipeline (engine.Transfer._pipeline) as start / settle /
-    drain steps of their own."""
-
-    async def start(self, job: MoveJob) -> Any: ...
-
-    async def finish(self, handle: Any, timeout: float) -> None: ...
 
 
 LONG_RUN_BYTES = 64 * 1024  # on CPU, pieces at least this long are copied directly (see copy_rows_cpu)
