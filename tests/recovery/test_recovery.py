@@ -386,7 +386,6 @@ async def _exited(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted streamer knows no pool until its stage registers again")
 @pytest.mark.parametrize("moment", ["while_the_streamer_is_down", "before_it_registers_again"])
 def test_a_stage_killed_across_a_streamer_restart_comes_back_with_its_kv(model_factory, moment: str) -> None:  # type: ignore[no-untyped-def]
     """The streamer dies mid-generation and a stage dies before it could register its pool with the restarted
