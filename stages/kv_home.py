@@ -96,8 +96,9 @@ class KVHome:
 
 
 async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
-                    timeout: float) -> KVHome:
-    """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it."""
+                    timeout: float, wait: float | None = None) -> KVHome:
+    """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it. `wait`:
+    how long to wait for the streamer's first answer (default `timeout`, the deadline of every later one)."""
     from streamer.client import StreamerClient
     from streamer.config import SHM_PREFIX
     from streamer.errors import StreamerError
@@ -111,7 +112,7 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
         return KVHome(name, None, None, False)
     memory, intact, kept = None, False, False
     try:
-        st = await client.status(timeout=timeout)
+        st = await client.status(timeout=timeout if wait is None else wait)
         try:
             info = await client.pool_info(name)
             kept = True
