@@ -70,6 +70,7 @@ class StreamerService:
         self.gpu_executor = gpu_executor
         self.pools = PoolTable(config)
         self.manifest = PoolManifest(config.manifest, config.name) if config.manifest else None
+        self._recording = False  # the manifest is this streamer's to write (it has read and adopted it)
         self.transfers: dict[tuple[str, int], Transfer] = {}
         self._requests = Monotonic()
         self._watch: dict[int, tuple[str, int, int]] = {}  # pid -> (owner, its incarnation, pidfd)
@@ -114,11 +115,14 @@ class StreamerService:
         return task
 
     async def start(self) -> None:
-        """Adopt the stage pools a previous streamer recorded; pin the host arenas and set up device lanes (GPU
-        hosts). Before serving: no request is read until this returns."""
+        """Pin the host arenas and set up device lanes (GPU hosts), then adopt the stage pools a previous
+        streamer recorded - last, so that a start that fails leaves pools and record as they were. Before
+        serving: no request is read until this returns."""
+        if self.cuda:
+            await self._start_cuda()
         self._adopt_recorded()
-        if not self.cuda:
-            return
+
+    async def _start_cuda(self) -> None:
         if self.config.pin_memory:
             for arena in self.pools.arenas.values():
                 try:
@@ -138,7 +142,7 @@ class StreamerService:
         await self._settle([t.task for t in self.transfers.values() if t.task is not None])
         for name in list(self.pools.pools):
             await self._close(self.pools.remove(name), keep_disk=True)
-        if self.manifest is not None:  # every stage pool's file is unlinked: nothing is left to adopt
+        if self.manifest is not None and self._recording:  # every file it held is unlinked: nothing to adopt
             self.manifest.remove()
         for pid in list(self._watch):
             self._unwatch(pid)
@@ -232,7 +236,7 @@ class StreamerService:
     def _record(self) -> None:
         """Write down every shared-memory stage pool mapped here (streamer/manifest.py); called before the
         answer to whatever changed them, so a stage told "registered" is on record."""
-        if self.manifest is None:
+        if self.manifest is None or not self._recording:
             return
         self.manifest.save([PoolRecord(ep.name, layout_to_spec(ep.layout), ep.path, ep.owner, ep.owner_incarnation,
                                        ep.pid, ep.pid_start)
@@ -261,6 +265,7 @@ class StreamerService:
             ep.owner_alive = self._owner_runs(ep)
             log.info("[stream] pool %s adopted from the manifest (%s; owner %s incarnation %d, %s)", ep.name, ep.path,
                      ep.owner, ep.owner_incarnation, f"alive, pid {ep.pid}" if ep.owner_alive else "gone")
+        self._recording = True
         self._record()
 
     def _owner_runs(self, ep: Endpoint) -> bool:
