@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,16 +43,17 @@ def test_a_kept_pool_is_taken_over_only_by_the_incarnation_after_its_owner() -> 
     h = StreamerProc.start("kvh", "--swap-gib", str(1 / 1024), "--receive-gib", str(1 / 1024))
     prefix = f"test{time.monotonic_ns()}"
     lay = fake_stage.LAYOUT
-    stage = None
+    stage, files = None, []  # what a failure midway must not leave in /dev/shm
     try:
         # the dead owner was incarnation 0 (a stage name each: the streamer remembers a client's transfer ids)
         for name, incarnation, seed, intact in (("kv-stage-0", 2, 91, False), ("kv-stage-1", 1, 92, True)):
             stage, path = _start_fake_stage(h.control, name, seed)
+            files.append(path)
             stage.kill()
             stage.wait(10)
 
             async def go(name: str = name, incarnation: int = incarnation, seed: int = seed, intact: bool = intact,
-                         path: object = path) -> None:
+                         path: Path = path) -> None:
                 home = await open_home(name, lay, h.control, incarnation, prefix, timeout=10)
                 assert home.intact == intact and home.memory is not None
                 if intact:
@@ -59,7 +61,7 @@ def test_a_kept_pool_is_taken_over_only_by_the_incarnation_after_its_owner() -> 
                     expected = fill_random(torch.empty(lay.shape, dtype=lay.dtype), seed)
                     assert torch.equal(home.memory.tensor.view(torch.int16), expected.view(torch.int16))
                 else:
-                    assert home.memory.path != path and not path.exists()  # type: ignore[attr-defined]
+                    assert home.memory.path != path and not path.exists()
                 assert isinstance(home.memory, SharedPoolMemory)
                 info = await home.client.pool_info(name)  # type: ignore[union-attr]
                 assert (info.owner_incarnation, info.owner_alive) == (incarnation, True)
@@ -70,9 +72,11 @@ def test_a_kept_pool_is_taken_over_only_by_the_incarnation_after_its_owner() -> 
 
             asyncio.run(go())
         assert h.stop() == 0
+        assert not list(SHM_DIR.glob(f"{SHM_PREFIX}-{prefix}-*"))
     finally:
         if stage is not None and stage.poll() is None:
             stage.kill()
             stage.wait(5)
         h.kill()
-    assert not list(SHM_DIR.glob(f"{SHM_PREFIX}-{prefix}-*"))
+        for f in [*files, *SHM_DIR.glob(f"{SHM_PREFIX}-{prefix}-*")]:
+            f.unlink(missing_ok=True)

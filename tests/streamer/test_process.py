@@ -673,10 +673,11 @@ def test_a_restarted_streamer_adopts_the_pools_of_its_manifest_and_refuses_bad_e
     h4 = StreamerProc.start("h4", *args, directory=d)
     lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
     big = SHM_DIR / f"{SHM_PREFIX}-test{time.monotonic_ns()}-big"  # a layout 4096x larger than this file
-    stage = None
+    stage, files = None, [big]  # what a failure midway must not leave in /dev/shm
     try:
         stage, gone_path = _start_fake_stage(h4.control, "gone", 81)
         live_mem = SharedPoolMemory.create(lay)
+        files += [gone_path, live_mem.path]
         fill_random(live_mem.tensor, 82)
 
         async def register_live() -> None:
@@ -757,7 +758,8 @@ def test_a_restarted_streamer_adopts_the_pools_of_its_manifest_and_refuses_bad_e
             stage.kill()
             stage.wait(5)
         h4.kill()
-        big.unlink(missing_ok=True)
+        for f in files:
+            f.unlink(missing_ok=True)
 
 
 def test_a_manifest_that_is_not_one_is_ignored() -> None:
