@@ -526,6 +526,7 @@ class PoolInfo(Msg, tag=216):
     owner_alive: bool
     filled: list[int]  # per slot: tokens [0, filled) written by committed transfers (host pools)
     path: str = ""  # a stage's shared-memory pool: its file (a restarted stage maps it again: its KV is there)
+    owner_incarnation: int = -1  # a stage pool: its owner's incarnation when it registered or took it over
 
 
 class StreamerStatusQuery(Msg, tag=217):

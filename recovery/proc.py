@@ -153,10 +153,12 @@ class SupervisorProcess:
         streamer_address = ""
         if cfg.streamer:
             # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
-            # streamer binds it again
+            # streamer binds it again - and adopts the stage pools its predecessor recorded beside it (their
+            # shared memory outlives a streamer; the run directory and /dev/shm are swept at the end)
             streamer_address = f"ipc://{self.run_dir}/streamer-0.control"
             sc = StreamerConfig(
                 name="streamer-0", control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
+                manifest=f"{self.run_dir}/streamer-0.pools.json",
                 swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
                 heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
                 log_level=cfg.log_level,

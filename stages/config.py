@@ -35,6 +35,10 @@ class StageProcConfig:
     link_timeout: float = 60.0  # NCCL link setup deadline
     streamer_address: str = ""  # the host's streamer: a CPU stage's KV pool lives with it ("" = private memory)
     streamer_timeout: float = 10.0  # deadline for the streamer's answers at start-up and shutdown
+    # How long a starting stage waits for the streamer's first answer before it computes in private memory: a
+    # streamer being restarted takes seconds to come back (8-9 s seen on a loaded 2-core box), and a restarted
+    # stage's KV is in its keeping - waiting that long beats recomputing every request in flight.
+    streamer_wait: float = 60.0
     shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
 
     def __post_init__(self) -> None:

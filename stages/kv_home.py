@@ -6,10 +6,14 @@ at shutdown. The streamer owns the file's name after registration (streamer/memo
 stage unregisters it (the streamer unlinks it), or unlinks it itself when the streamer is already gone.
 
 A stage comes back *intact* when the streamer still maps a pool under its name with the same layout and no
-live owner: its predecessor was killed, and every position the controller counts as cached is still there
-(the controller then resumes each request where it was instead of recomputing it). Anything else - no
-streamer, a different layout, a GPU stage (its pool dies with its CUDA context; a streamer-owned allocation
-would keep it), /dev/shm unusable - gives a fresh pool, and recomputation, never an error.
+live owner, registered (or taken over) by the incarnation just before this one: its predecessor was killed,
+and every position the controller counts as cached is still there (the controller then resumes each request
+where it was instead of recomputing it). An older owner means some incarnation in between computed elsewhere
+(private memory: it found no streamer), so that pool is stale. The streamer may have been restarted
+meanwhile: it adopts the pools its predecessor recorded (streamer/manifest.py), so a stage that died while no
+streamer ran, or before it registered again, still finds its pool. Anything else - no streamer, a different
+layout, a GPU stage (its pool dies with its CUDA context; a streamer-owned allocation would keep it), /dev/shm
+unusable - gives a fresh pool, and recomputation, never an error.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class KVHome:
     memory: SharedPoolMemory | None  # None = private memory
     client: StreamerClient | None
     intact: bool  # the memory holds the KV of this stage's previous incarnation
+    streamer_pid: int = 0  # the streamer process that has the pool registered
 
     def __post_init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,20 +58,24 @@ class KVHome:
         task.add_done_callback(self._tasks.discard)
 
     async def _register_again(self) -> None:
-        """The streamer was restarted: it no longer maps our pool, so a restart of this stage would lose its KV.
-        Register the same memory again (the new streamer takes over the file's name)."""
+        """The streamer was restarted: register the same memory again, so that the new streamer owns the file's
+        name and watches this process. It may have adopted the pool from its predecessor's manifest already
+        (then this confirms it); if not, a restart of this stage would otherwise lose its KV."""
         from streamer.errors import StreamerError
 
         assert self.client is not None and self.memory is not None
         try:
+            st = await self.client.status()
+            if st.pid == self.streamer_pid:
+                return  # the connection dropped, the streamer did not: it still knows us
             try:
                 info = await self.client.pool_info(self.name)
             except StreamerError:
                 info = None
-            if info is not None and info.path == str(self.memory.path):
-                return  # it still knows us (the connection dropped, the streamer did not)
             await self.client.register_pool(self.name, self.memory, replace=info is not None)
-            log.info("[kv] pool %s registered again with the restarted streamer", self.name)
+            self.streamer_pid = st.pid
+            log.info("[kv] pool %s registered again with the restarted streamer%s", self.name,
+                     " (it had adopted the pool)" if info is not None and info.path == str(self.memory.path) else "")
         except Exception as e:  # noqa: BLE001 - a restart of this stage then recomputes, nothing worse
             log.warning("[kv] pool %s not registered again (%s): a restart of this stage will recompute",
                         self.name, e)
@@ -87,8 +96,9 @@ class KVHome:
 
 
 async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
-                    timeout: float) -> KVHome:
-    """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it."""
+                    timeout: float, wait: float | None = None) -> KVHome:
+    """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it. `wait`:
+    how long to wait for the streamer's first answer (default `timeout`, the deadline of every later one)."""
     from streamer.client import StreamerClient
     from streamer.config import SHM_PREFIX
     from streamer.errors import StreamerError
@@ -102,17 +112,21 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
         return KVHome(name, None, None, False)
     memory, intact, kept = None, False, False
     try:
-        await client.status(timeout=timeout)
+        st = await client.status(timeout=timeout if wait is None else wait)
         try:
             info = await client.pool_info(name)
             kept = True
         except StreamerError:
             info = None  # no such pool: a first start
         if info is not None and info.path and info.layout == layout_to_spec(layout):
-            try:
-                memory, intact = SharedPoolMemory.attach(layout, info.path), True
-            except (OSError, StreamerError) as e:
-                log.warning("[kv] could not map the kept pool %s (%s): starting a fresh one", info.path, e)
+            if info.owner_incarnation != incarnation - 1:
+                log.warning("[kv] the kept pool %s was last owned by incarnation %d, not %d (the one before this): "
+                            "its KV is stale, starting a fresh one", name, info.owner_incarnation, incarnation - 1)
+            else:
+                try:
+                    memory, intact = SharedPoolMemory.attach(layout, info.path), True
+                except (OSError, StreamerError) as e:
+                    log.warning("[kv] could not map the kept pool %s (%s): starting a fresh one", info.path, e)
         if memory is None:
             memory = SharedPoolMemory.create(layout, prefix=f"{SHM_PREFIX}-{prefix}", reserve=True)
         await client.register_pool(name, memory, replace=kept)
@@ -124,4 +138,4 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
         await client.close()
         return KVHome(name, None, None, False)
     log.info("[kv] pool %s %s (%s)", name, "taken over with its KV" if intact else "created", memory.path)
-    return KVHome(name, memory, client, intact)
+    return KVHome(name, memory, client, intact, st.pid)

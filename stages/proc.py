@@ -158,7 +158,7 @@ class StageProcess:
             return KVHome(f"kv-stage-{cfg.index}", None, None, False)
         return await open_home(f"kv-stage-{cfg.index}", pool_layout(shard), cfg.streamer_address, cfg.incarnation,
                                f"{cfg.shm_prefix}-stage{cfg.index}" if cfg.shm_prefix else f"stage{cfg.index}",
-                               cfg.streamer_timeout)
+                               cfg.streamer_timeout, wait=cfg.streamer_wait)
 
     async def _hello(self) -> None:
         cfg = self.cfg

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
     p.add_argument("--receive-gib", type=float, default=0.0, help="pinned prompt receive slots")
     p.add_argument("--disk-dir", default="")
     p.add_argument("--disk-gib", type=float, default=0.0)
+    p.add_argument("--manifest", default="",
+                   help="file recording the shared-memory stage pools this streamer maps; a streamer restarted with "
+                        "the same file adopts those that still exist (default: none)")
     p.add_argument("--no-pin", action="store_true", help="do not page-lock host pools")
     p.add_argument("--naive", action="store_true", help="default to one copy per contiguous piece (ablation)")
     p.add_argument("--checksums", choices=CHECKSUM_POLICIES, default="remote",
@@ -67,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> StreamerConfig:
             name=a.name, control_address=a.control, data_address=a.data, incarnation=a.incarnation,
             swap_bytes=int(a.swap_gib * GiB), replica_bytes=int(a.replica_gib * GiB),
             receive_bytes=int(a.receive_gib * GiB), disk_dir=a.disk_dir, disk_bytes=int(a.disk_gib * GiB),
+            manifest=a.manifest,
             pin_memory=not a.no_pin, buffered=not a.naive, checksums="off" if a.no_checksums else a.checksums, nccl=not a.no_nccl,
             staging_bytes=int(a.staging_mib * MiB), staging_lanes=a.lanes, tcp_chunk_bytes=int(a.tcp_chunk_mib * MiB),
             window=a.window, copy_threads=a.copy_threads, frame_threads=a.frame_threads,

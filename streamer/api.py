@@ -33,8 +33,13 @@ Calls (all on `StreamerClient`, async, on the caller's one event loop; "blocks" 
         context and is dropped. The streamer watches the registering pid and fails that stage's transfers
         the moment it exits. A restarted stage registers with replace=True: a new memory replaces the old
         pool; the *same* shared-memory file (`pool_info(name).path`, mapped again) takes the pool over with
-        its bytes - how a CPU stage comes back with its KV (stages/kv_home.py). Refused while the old owner
-        lives. After a streamer restart, stages register their pools again (StreamerClient.on_reconnect).
+        its bytes - how a CPU stage comes back with its KV (stages/kv_home.py; `pool_info(name)
+        .owner_incarnation` says which incarnation last owned it). Refused while the old owner lives (its owner
+        itself - same client name, same pid - may register it again). Streamer restarts: a streamer given a
+        manifest (StreamerConfig.manifest; the supervisor's does) records every shared-memory stage pool it
+        maps and, started again with that file, adopts those whose file still exists before it serves - an
+        owner still running stays the owner and is watched, a dead one leaves an orphan to take over - and
+        stages register their pools again (StreamerClient.on_reconnect). Without a manifest only the latter.
     await client.unregister_pool(name)
         blocks: until transfers touching the pool have failed (CancelledError) and the mapping is gone.
 

@@ -28,6 +28,11 @@ class StreamerConfig:
     replica_bytes: int = 0
     receive_bytes: int = 0
     disk_dir: str = ""  # where POOL_DISK files live ("" = no disk pools)
+    # Where the streamer records the shared-memory stage pools it maps (streamer/manifest.py), so that the next
+    # streamer started with the same file adopts them: a stage that dies before it registered with that
+    # streamer, or while none ran, still finds its KV. "" = no record (a restarted streamer knows a pool only
+    # once its stage registers it again). The supervisor puts it beside the control socket, in its run directory.
+    manifest: str = ""
     disk_bytes: int = 0
     pin_memory: bool = True  # pin host pools when CUDA is present (no effect on CPU-only hosts)
     # Copies.

@@ -45,6 +45,8 @@ class Endpoint:
         self.events = events or []  # GPU stage pools: interprocess "local layer j computed" events
         self.owner_alive = True
         self.pid = 0  # stage pools: the registering process (its exit is watched)
+        self.pid_start = 0  # ... and its start time (streamer/manifest.process_start): a reused pid is not it
+        self.owner_incarnation = -1  # stage pools: the owner's incarnation when it registered or took it over
         self.filled = [0] * layout.num_slots  # host pools: tokens [0, filled) hold committed data
         self._release = release or []
         self.closed = False
@@ -79,7 +81,8 @@ class Endpoint:
 
     def info(self) -> wire.PoolInfo:
         return wire.PoolInfo(self.name, self.kind, layout_to_spec(self.layout), self.layout.nbytes, self.owner,
-                             self.owner_alive, list(self.filled), self.path if not self.is_cuda else "")
+                             self.owner_alive, list(self.filled), self.path if not self.is_cuda else "",
+                             self.owner_incarnation)
 
     def close(self) -> None:
         if self.closed:

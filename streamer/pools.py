@@ -74,6 +74,24 @@ class PoolTable:
         self.pools[name] = ep
         return ep
 
+    def adopt_stage_pool(self, name: str, spec: wire.LayoutSpec, path: str, owner: str) -> Endpoint:
+        """Map a shared-memory stage pool a previous streamer recorded (streamer/manifest.py), as a registration
+        would: a valid name not taken yet, a valid layout, a KV segment in /dev/shm that still exists and holds
+        exactly the layout's bytes, and a file no other pool maps (one name, one owner that unlinks it).
+        Anything else raises BadRequestError and leaves the file alone."""
+        self._claim(name, replace=False)
+        layout = layout_from_spec(spec)
+        if layout.row_bytes > self.config.staging_bytes:
+            raise BadRequestError(f"a {layout.row_bytes}-byte KV row exceeds staging_bytes={self.config.staging_bytes}")
+        taken = next((p.name for p in self.pools.values() if p.path == path), None)
+        if taken is not None:
+            raise BadRequestError(f"{path} is mapped as pool {taken!r} already")
+        try:
+            flat, release = self.map_shm(path, layout)
+        except OSError as e:  # not a file we may open (FileNotFoundError is a BadRequestError already)
+            raise BadRequestError(f"cannot map {path}: {e}") from None
+        return self.add_stage_pool(name, layout, flat, owner, release, path=path)
+
     @staticmethod
     def map_shm(path: str, layout: PoolLayout) -> tuple[torch.Tensor, list[Callable[[], None]]]:
         """Map a stage's shared-memory pool; from now on this process owns (and will unlink) its name."""

@@ -34,6 +34,7 @@ from streamer.errors import (
     code_of,
 )
 from streamer.integrity import Monotonic
+from streamer.manifest import PoolManifest, PoolRecord, process_start
 from streamer.movers import CpuMover
 from streamer.peer import PeerNet
 from streamer.planning import plan_transfer
@@ -68,6 +69,8 @@ class StreamerService:
         self.config, self.outbox, self.peers = config, outbox, peers
         self.gpu_executor = gpu_executor
         self.pools = PoolTable(config)
+        self.manifest = PoolManifest(config.manifest, config.name) if config.manifest else None
+        self._recording = False  # the manifest is this streamer's to write (it has read and adopted it)
         self.transfers: dict[tuple[str, int], Transfer] = {}
         self._requests = Monotonic()
         self._watch: dict[int, tuple[str, int, int]] = {}  # pid -> (owner, its incarnation, pidfd)
@@ -112,9 +115,14 @@ class StreamerService:
         return task
 
     async def start(self) -> None:
-        """Pin the host arenas and set up device lanes (GPU hosts), before serving."""
-        if not self.cuda:
-            return
+        """Pin the host arenas and set up device lanes (GPU hosts), then adopt the stage pools a previous
+        streamer recorded - last, so that a start that fails leaves pools and record as they were. Before
+        serving: no request is read until this returns."""
+        if self.cuda:
+            await self._start_cuda()
+        self._adopt_recorded()
+
+    async def _start_cuda(self) -> None:
         if self.config.pin_memory:
             for arena in self.pools.arenas.values():
                 try:
@@ -134,6 +142,8 @@ class StreamerService:
         await self._settle([t.task for t in self.transfers.values() if t.task is not None])
         for name in list(self.pools.pools):
             await self._close(self.pools.remove(name), keep_disk=True)
+        if self.manifest is not None and self._recording:  # every file it held is unlinked: nothing to adopt
+            self.manifest.remove()
         for pid in list(self._watch):
             self._unwatch(pid)
         if self.rt.nccl is not None:
@@ -173,10 +183,14 @@ class StreamerService:
         if old is not None:
             if not msg.replace:
                 raise BadRequestError(f"pool {msg.name!r} already exists (a restarted stage registers with replace=True)")
+            # its owner registering it again (after a streamer restart that adopted it) is no replacement
+            itself = old.kind == wire.POOL_STAGE and who.identity == old.owner and 0 < msg.pid == old.pid
+            if not itself and old.owner_alive and old.pid > 0 and alive(old.pid):
+                raise BadRequestError(f"pool {msg.name!r} is held by {old.owner}, pid {old.pid}, which is alive: "
+                                      "not replaced")
             if msg.memory == wire.MEM_SHM and old.path == msg.path:  # never drop (unlink) what is being mapped
-                if layout_to_spec(old.layout) != msg.layout or (old.owner_alive and old.pid > 0 and alive(old.pid)):
-                    raise BadRequestError(f"pool {msg.name!r} maps {msg.path} already (its owner, pid {old.pid}, "
-                                          "is alive or the layout differs)")
+                if layout_to_spec(old.layout) != msg.layout:
+                    raise BadRequestError(f"pool {msg.name!r} maps {msg.path} already, with another layout")
                 return self._adopt(who, old, msg)
             await self._drop_pool(msg.name, cancelled(0, f"pool {msg.name!r} was replaced"))
         events: list[torch.cuda.Event] = []
@@ -194,9 +208,7 @@ class StreamerService:
         else:
             raise BadRequestError(f"unknown pool memory kind {msg.memory}")
         ep = self.pools.add_stage_pool(msg.name, layout, flat, who.identity, release, events, msg.path)
-        ep.pid = msg.pid
-        if msg.pid > 0:
-            self._watch_pid(who.identity, who.incarnation, msg.pid)
+        self._own(ep, who, msg.pid)
         log.info("[stream] pool %s registered by %s (%d bytes, %s)", msg.name, who.identity, layout.nbytes,
                  f"cuda:{msg.device}" if msg.memory == wire.MEM_CUDA_IPC else "shm")
         return wire.PoolRegistered(msg.name, layout.nbytes)
@@ -204,12 +216,70 @@ class StreamerService:
     def _adopt(self, who: Who, ep: Endpoint, msg: wire.RegisterPool) -> Msg:
         """A restarted stage mapped its predecessor's shared-memory file again (its KV is still there): the
         pool stays as it is - same memory, same name - and gets its new owner. Transfers of the old owner
-        already failed when it died."""
-        ep.owner, ep.owner_alive, ep.pid = who.identity, True, msg.pid
-        if msg.pid > 0:
-            self._watch_pid(who.identity, who.incarnation, msg.pid)
-        log.info("[stream] pool %s taken over by %s (its KV kept)", msg.name, who.identity)
+        already failed when it died. Or the owner itself registers it again, with a streamer that adopted it."""
+        again = ep.owner == who.identity and ep.pid == msg.pid and ep.owner_alive
+        self._own(ep, who, msg.pid)
+        log.info("[stream] pool %s %s by %s (its KV kept)", msg.name, "registered again" if again else "taken over",
+                 who.identity)
         return wire.PoolRegistered(msg.name, ep.layout.nbytes)
+
+    def _own(self, ep: Endpoint, who: Who, pid: int) -> None:
+        """`who` (process `pid`) owns stage pool `ep` from now on: watched, and on record."""
+        ep.owner, ep.owner_alive, ep.owner_incarnation = who.identity, True, who.incarnation
+        ep.pid, ep.pid_start = pid, process_start(pid)
+        if pid > 0:
+            self._watch_pid(who.identity, who.incarnation, pid)
+        self._record()
+
+    # ------------------------------------------------------------------ the manifest (a restart adopts)
+
+    def _record(self) -> None:
+        """Write down every shared-memory stage pool mapped here (streamer/manifest.py); called before the
+        answer to whatever changed them, so a stage told "registered" is on record."""
+        if self.manifest is None or not self._recording:
+            return
+        self.manifest.save([PoolRecord(ep.name, layout_to_spec(ep.layout), ep.path, ep.owner, ep.owner_incarnation,
+                                       ep.pid, ep.pid_start)
+                            for ep in self.pools.pools.values() if self._recorded(ep)])
+
+    @staticmethod
+    def _recorded(ep: Endpoint) -> bool:
+        return ep.kind == wire.POOL_STAGE and not ep.is_cuda and bool(ep.path)
+
+    def _adopt_recorded(self) -> None:
+        """Map every pool of the manifest whose file still exists. Its owner counts as alive only if that very
+        process still runs (pid and start time), and is then watched like a registering one; a pool whose owner
+        died meanwhile is an orphan a restarted stage takes over. An entry that does not check out is logged
+        and skipped - its file left as it is (a live stage registers it again; the supervisor's sweep removes it
+        at the end)."""
+        if self.manifest is None:
+            return
+        for rec in self.manifest.load():
+            try:
+                ep = self.pools.adopt_stage_pool(rec.name, rec.layout, rec.path, rec.owner)
+            except Exception as e:  # noqa: BLE001 - whatever an entry holds, the streamer starts
+                log.warning("[stream] manifest entry %r not adopted: %s", rec.name, e)
+                continue
+            ep.owner_incarnation, ep.pid = rec.incarnation, rec.pid
+            ep.pid_start = rec.pid_start if rec.pid > 0 and rec.pid_start else 0
+            ep.owner_alive = self._owner_runs(ep)
+            log.info("[stream] pool %s adopted from the manifest (%s; owner %s incarnation %d, %s)", ep.name, ep.path,
+                     ep.owner, ep.owner_incarnation, f"alive, pid {ep.pid}" if ep.owner_alive else "gone")
+        self._recording = True
+        self._record()
+
+    def _owner_runs(self, ep: Endpoint) -> bool:
+        """Whether the process that registered `ep` still runs; if so it is watched from now on."""
+        if not ep.pid_start or process_start(ep.pid) != ep.pid_start:
+            return False
+        self._watch_pid(ep.owner, ep.owner_incarnation, ep.pid)
+        if ep.pid not in self._watch:  # it exited meanwhile - or this kernel has no pidfds (nothing is watched)
+            return not hasattr(os, "pidfd_open") and process_start(ep.pid) == ep.pid_start
+        # the pidfd pins the process it was opened on: is it still the owner (not a pid reused in between)?
+        if process_start(ep.pid) == ep.pid_start:
+            return True
+        self._unwatch(ep.pid)
+        return False
 
     async def _unregister(self, who: Who, msg: wire.UnregisterPool) -> Msg:
         await self._drop_pool(msg.name, cancelled(0, f"pool {msg.name!r} was unregistered"))
@@ -252,6 +322,8 @@ class StreamerService:
         for hook in self.pool_dropped:  # e.g. the data plane discards transfers arriving into it
             hook(ep)
         await self._close(ep, keep_disk=not delete_disk)
+        if self._recorded(ep):  # off the record once its file is unlinked
+            self._record()
 
     async def _close(self, ep: Endpoint, keep_disk: bool) -> None:
         if ep.kind == wire.POOL_DISK:

@@ -414,3 +414,78 @@ def test_a_client_that_does_not_resume_learns_its_requests_fate_from_a_restarted
         assert "unknown to this controller" in failed.message
     finally:
         assert dep.stop() == 0
+
+
+async def _exited(pid: int, timeout: float) -> None:
+    """Wait (on a pidfd: an event, not a poll) until process `pid` has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+@pytest.mark.parametrize("moment", ["while_the_streamer_is_down", "before_it_registers_again"])
+def test_a_stage_killed_across_a_streamer_restart_comes_back_with_its_kv(model_factory, moment: str) -> None:  # type: ignore[no-untyped-def]
+    """The streamer dies mid-generation and a stage dies before it could register its pool with the restarted
+    streamer - killed in the same breath, or stopped first and killed only once the new streamer answers. The
+    new streamer adopts the pools its predecessor recorded (their shared memory survived it), so the stage
+    still takes its KV over: no request is recomputed, and every output equals the fault-free run."""
+    from streamer.client import StreamerClient
+
+    path = model_factory("llama")
+    reqs = workload(211, n=12)
+    refs = reference(path, reqs)
+    # heartbeats would catch the stopped stage only after 30 s: the test kills it itself, once it has seen the
+    # restarted streamer's pool table
+    dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", str(MAX_SEQ),
+                           "--heartbeat-interval", "0.5", "--heartbeat-timeout", "30")
+    progress = Progress()
+    seen: list[list[str]] = []
+
+    async def scenario() -> list[list[int]]:
+        async with AsyncClient(dep.address, timeout=180) as c:
+            async def killer() -> None:
+                await progress.reach(150)
+                st = await c.status()
+                (streamer,) = [p for p in st["processes"] if p["role"] == "streamer"]
+                stage = next(p["pid"] for p in st["processes"] if p["role"] == "stage" and p["index"] == 1)
+                control = next(a for a in streamer["detail"].split() if a.startswith("ipc://"))
+                if moment == "before_it_registers_again":
+                    os.kill(stage, signal.SIGSTOP)  # it cannot register with the next streamer
+                os.kill(streamer["pid"], signal.SIGKILL)
+                if moment == "while_the_streamer_is_down":
+                    os.kill(stage, signal.SIGKILL)
+                    return
+                await _exited(streamer["pid"], 10)
+                probe = StreamerClient(control, "test-probe")
+                try:
+                    got = await probe.status(timeout=60)  # queued until the restarted streamer answers
+                    assert got.incarnation == 1
+                    seen.append(sorted(got.pools))
+                finally:
+                    await probe.close()
+                os.kill(stage, signal.SIGKILL)
+
+            kill_task = asyncio.create_task(killer())
+            outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
+            await asyncio.wait_for(kill_task, 10)  # done long before: its failures were injected mid-generation
+            return outs
+
+    try:
+        outs = asyncio.run(scenario())
+        assert outs == refs
+        if seen:  # the stopped stage never registered with it: its pool was adopted from the manifest
+            assert seen == [["kv-stage-0", "kv-stage-1"]]
+        logs = dep.logs()
+        assert "taken over with its KV" in logs and "resuming from the KV the stages kept" in logs
+        assert "every request in flight is recomputed" not in logs
+    finally:
+        assert dep.stop() == 0

@@ -5,6 +5,8 @@ and corrupt input refused, and failures - a peer streamer, a stage, the streamer
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import selectors
 import signal
@@ -25,6 +27,7 @@ from bus.messages import ErrorReply
 from stages.kv_cache import KVPool
 from streamer import wire
 from streamer.client import StreamerClient
+from streamer.config import SHM_DIR, SHM_PREFIX
 from streamer.errors import BadRequestError, CapacityError, OwnerDownError, PeerDeadError, StreamerDownError
 from streamer.integrity import checksum
 from streamer.layout import PoolLayout, Region
@@ -651,3 +654,129 @@ def test_pool_contents_never_move_without_request(pair) -> None:  # type: ignore
         await c.close()
 
     run(scenario)
+
+
+def _manifest_entries(path: Path) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in json.loads(path.read_text())["pools"]}
+
+
+def test_a_restarted_streamer_adopts_the_pools_of_its_manifest_and_refuses_bad_entries() -> None:
+    """A streamer records every shared-memory stage pool it maps; killed and started again with the same
+    manifest, it maps those whose file still exists before it serves: an orphan (its stage died while no
+    streamer ran) is taken over by the restarted stage with its bytes, a pool whose stage still runs stays that
+    stage's (an impostor is refused; the owner registering again is not). Entries that do not check out - a
+    layout larger than the file, a file outside /dev/shm or gone, a name or a file taken twice, a malformed
+    entry - are refused one by one without touching their files, and the streamer starts and serves anyway."""
+    d = tempfile.mkdtemp(prefix="dv")
+    manifest = Path(d) / "h4.pools.json"
+    args = ("--manifest", str(manifest), "--swap-gib", str(1 / 1024), "--receive-gib", str(1 / 1024))
+    h4 = StreamerProc.start("h4", *args, directory=d)
+    lay = PoolLayout(0, 2, 2, 8, 1, 4, torch.float32)
+    big = SHM_DIR / f"{SHM_PREFIX}-test{time.monotonic_ns()}-big"  # a layout 4096x larger than this file
+    stage, files = None, [big]  # what a failure midway must not leave in /dev/shm
+    try:
+        stage, gone_path = _start_fake_stage(h4.control, "gone", 81)
+        live_mem = SharedPoolMemory.create(lay)
+        files += [gone_path, live_mem.path]
+        fill_random(live_mem.tensor, 82)
+
+        async def register_live() -> None:
+            c = StreamerClient(h4.control, "live")
+            await connect(c)
+            await c.register_pool("live", live_mem)
+            await c.close()
+
+        run(register_live)
+        entries = _manifest_entries(manifest)
+        assert sorted(entries) == ["gone", "live"]
+        assert (entries["gone"]["path"], entries["gone"]["pid"]) == (str(gone_path), stage.pid)
+        assert (entries["live"]["path"], entries["live"]["pid"]) == (str(live_mem.path), os.getpid())
+
+        h4.kill()
+        stage.send_signal(signal.SIGKILL)  # its stage dies while no streamer runs
+        stage.wait(10)
+        big.write_bytes(bytes(4096))
+        doc = json.loads(manifest.read_text())
+        spec = entries["live"]["layout"]
+        junk = [
+            {**entries["live"], "name": "oversized", "path": str(big), "layout": [0, 64, 64, 16, 1, 4, "float32"]},
+            {**entries["live"], "name": "outside", "path": "/etc/hostname"},
+            {**entries["live"], "name": "vanished", "path": str(SHM_DIR / f"{SHM_PREFIX}-test-no-such-file")},
+            {**entries["live"], "name": "same-file"},  # live's file under a second name: two owners would unlink it
+            {**entries["gone"], "path": str(big), "layout": spec},  # gone's name twice
+            {"name": 5, "layout": "nonsense"},
+            {**entries["live"], "name": "zero", "path": str(big), "layout": [0, 0, 1, 1, 1, 1, "float32"]},
+        ]
+        doc["pools"] = [entries["gone"], entries["live"], *junk]
+        manifest.write_text(json.dumps(doc))
+
+        h4 = StreamerProc.start("h4", *args, directory=d)  # the same addresses and manifest
+        expected = fill_random(torch.empty(fake_stage.LAYOUT.shape, dtype=fake_stage.LAYOUT.dtype), 81)
+
+        async def adopted() -> None:
+            c = StreamerClient(h4.control, "gone-2", incarnation=1)
+            await connect(c)
+            assert sorted((await c.status()).pools) == ["gone", "live"]  # not the junk, nor the arena pools
+            assert sorted(_manifest_entries(manifest)) == ["gone", "live"]  # rewritten as adopted
+            info = await c.pool_info("gone")
+            assert (info.path, info.owner, info.owner_alive, info.owner_incarnation) == (str(gone_path), "gone",
+                                                                                        False, 0)
+            mem = SharedPoolMemory.attach(fake_stage.LAYOUT, info.path)
+            await c.register_pool("gone", mem, replace=True)  # the restarted stage takes its KV over
+            assert torch.equal(mem.tensor.view(torch.int16), expected.view(torch.int16))
+            after = await c.pool_info("gone")
+            assert (after.owner, after.owner_alive, after.owner_incarnation) == ("gone-2", True, 1)
+
+            live = await c.pool_info("live")
+            assert live.owner_alive and live.path == str(live_mem.path)  # this very process still runs
+            with pytest.raises(BadRequestError, match="alive"):
+                await c.register_pool("live", SharedPoolMemory.attach(lay, live.path), replace=True)
+            owner = StreamerClient(h4.control, "live")
+            await connect(owner)
+            await owner.register_pool("live", live_mem, replace=True)  # its owner registering it again
+            await owner.alloc_pool("live-check", wire.POOL_SWAP, lay)
+            region = Region.uniform((0, 1), (0, 2), 0, 8)
+            await (await owner.stream("live", region, dst="live-check", dst_region=region)).wait(5)  # mapped
+            await owner.free_pool("live-check")
+            await owner.close()
+
+            await c.unregister_pool("gone")
+            assert not gone_path.exists()  # the adopting streamer owns the name
+            assert sorted(_manifest_entries(manifest)) == ["live"]
+            await c.close()
+
+        run(adopted)
+        assert big.exists() and big.stat().st_size == 4096  # refused, and left alone
+        log = h4.tail()
+        for name in ("oversized", "outside", "vanished", "same-file", "gone", "zero"):
+            assert f"manifest entry '{name}' not adopted" in log, name
+        assert "entry 7 refused" in log  # the malformed one (name 5 is no string)
+        assert h4.stop() == 0
+        assert not live_mem.path.exists() and not manifest.exists()  # a clean stop releases what it adopted
+    finally:
+        if stage is not None and stage.poll() is None:
+            stage.kill()
+            stage.wait(5)
+        h4.kill()
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+def test_a_manifest_that_is_not_one_is_ignored() -> None:
+    d = tempfile.mkdtemp(prefix="dv")
+    manifest = Path(d) / "h5.pools.json"
+    manifest.write_bytes(b"\x00{not json")
+    h5 = StreamerProc.start("h5", "--manifest", str(manifest), directory=d)
+    try:
+        async def scenario() -> None:
+            c = StreamerClient(h5.control, "m")
+            await connect(c)
+            assert (await c.status()).pools == []
+            assert json.loads(manifest.read_text())["pools"] == []  # replaced by what it holds: nothing
+            await c.close()
+
+        run(scenario)
+        assert "is not a manifest" in h5.tail()
+        assert h5.stop() == 0
+    finally:
+        h5.kill()
