@@ -354,8 +354,11 @@ class ControllerProcess:
                 await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
                 return
             self.asked.discard(index)
+            # A pool taken over is what this controller counts only if the predecessor's was: an incarnation that
+            # started fresh and died before serving left a pool without the KV of the requests in flight.
+            intact = body.kv_intact and (entry is None or entry.kv_intact)
             self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
-                                                kv_intact=body.kv_intact)
+                                                kv_intact=intact)
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
