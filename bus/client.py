@@ -21,9 +21,10 @@ every request in flight with the reason (RequestFailed: ServerError naming the p
 then tells each client it knows (ServerStopping): the client fails whatever else it awaits with that reason at
 once, refuses new requests (ServerError) until a controller answers at the address again, and confirms
 (ServerStoppingAck) - the controller keeps the connection open until then, boundedly, since this socket drops
-messages it has received but not yet read when the connection closes (ZMQ_IMMEDIATE). A client learns
-this only from a controller: when the controller itself is the process that failed for good, nobody is left to
-tell it, its connection simply breaks, and its requests fail when `reconnect_timeout` has passed.
+messages it has received but not yet read when the connection closes (ZMQ_IMMEDIATE). When the controller
+itself is the process that failed for good, the supervisor stands in for it at the address for a moment
+(recovery/proc.py): a client that reconnects to resume its requests is told the same way. Only a client that
+does not come back within that moment - or finds nobody there - learns it when `reconnect_timeout` passes.
 
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
 closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,

@@ -16,8 +16,12 @@ Each restart of a process that failed again soon waits a growing back-off first 
 to `restart_backoff_max`; immediate again once it stayed up `restart_backoff_reset` seconds), on a timer of its
 own: heartbeats of the others are watched meanwhile, and a stop abandons the wait. A process past its budget
 stops the deployment with an error naming it and the settings: the controller fails every request in flight
-with that message and tells every client it knows (ServerStopping) before it exits. Stopping: Shutdown to every
-child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no process is left behind.
+with that message and tells every client it knows (ServerStopping) before it exits. When the controller itself
+is gone for good, the supervisor stands in for it at the client address for `stop_notice_timeout` seconds:
+clients waiting to reconnect come back to it (within ZeroMQ's reconnect interval), and it answers each with
+ServerStopping, so they too fail their requests at once rather than when their reconnect_timeout passes.
+Stopping: Shutdown to every child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no
+process is left behind.
 """
 
 from __future__ import annotations
@@ -44,7 +48,16 @@ from bus.child import EXIT_CONFIG, STARTED, alive
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
-from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
+from bus.messages import (
+    DeploymentReady,
+    FatalError,
+    Heartbeat,
+    Hello,
+    ProcessDown,
+    ServerStopping,
+    ServerStoppingAck,
+    Shutdown,
+)
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
 from recovery.specs import ChildSpec, DeploymentConfig
 from recovery.supervisor import (
@@ -163,6 +176,7 @@ class SupervisorProcess:
             client_bind=f"tcp://{cfg.host}:{cfg.port}", internal_bind=internal, prefill_chunk=cfg.prefill_chunk,
             max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
+            flush_timeout=cfg.stop_notice_timeout,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         streamer_address = ""
@@ -286,8 +300,7 @@ class SupervisorProcess:
             if not allowed or "client" not in self.addresses:
                 child.state.state = FAILED
                 why = budget if not allowed else "it died before it said where it listens"
-                self._fail(f"{name} {reason}: {why}: the deployment stopped (no controller: clients find out when "
-                           "their reconnect_timeout passes)")
+                self._fail(f"{name} {reason}: {why}: the deployment stopped")
                 return
         else:
             await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
@@ -402,8 +415,13 @@ class SupervisorProcess:
 
     async def _shutdown(self, reason: str) -> None:
         self.stopping = True
+        ctl = self.children.get("controller-0")
+        stand_in = None
         if self.fatal:
-            await self._to_controller(FatalError(self.fatal))
+            if ctl is not None and ctl.exited and "client" in self.addresses:  # no controller to tell the clients
+                stand_in = asyncio.ensure_future(self._stand_in(self.addresses["client"], self.fatal))
+            else:
+                await self._to_controller(FatalError(self.fatal))
         alive = [c for c in self.children.values() if c.proc is not None and c.proc.returncode is None]
         for c in alive:
             if c.route is not None:
@@ -414,8 +432,44 @@ class SupervisorProcess:
         await self._reap(alive, self.cfg.shutdown_timeout, None)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGTERM)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
+        if stand_in is not None:
+            await stand_in
         for task in list(self.tasks):
             task.cancel()
+
+    async def _stand_in(self, address: str, message: str) -> None:
+        """The controller is gone for good, and with it whoever could tell its clients. Its clients wait to
+        reconnect, and ZeroMQ retries every ~100 ms: bind the client address in its place for
+        `stop_notice_timeout` seconds and answer every client that speaks (a resume of its requests, a status
+        query) with ServerStopping(message), so it fails its requests now rather than after its reconnect_timeout.
+        Best effort: if the address cannot be bound, the clients find out when reconnect_timeout passes."""
+        try:
+            sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
+        except zmq.ZMQError as e:
+            log.warning("[shutdown] cannot stand in for the controller at %s (%s): its clients find out when their "
+                        "reconnect_timeout passes", address, e.strerror)
+            return
+        told: set[bytes] = set()
+        confirmed: set[bytes] = set()
+        deadline = time.monotonic() + self.cfg.stop_notice_timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not await sock.poll(left * 1000):
+                    break
+                frames = await sock.recv_multipart(copy=False)
+                try:
+                    route, msg = decode_frames(self.codec, frames, route_frames=1)
+                except ProtocolError:
+                    continue
+                if isinstance(msg.body, ServerStoppingAck):
+                    confirmed.add(route[0])
+                elif route[0] not in told:
+                    told.add(route[0])
+                    await send(sock, self.codec, ServerStopping(message), route=route)
+        finally:
+            sock.close(linger=0)  # what a client confirmed it read; the others had stop_notice_timeout
+        log.info("[shutdown] stood in for the controller at %s for %.1fs: told %d client(s), %d confirmed", address,
+                 self.cfg.stop_notice_timeout, len(told), len(confirmed))
 
     def _sweep(self) -> None:
         """After every child is gone: remove this deployment's local sockets and any shared-memory KV pool a

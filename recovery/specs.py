@@ -42,6 +42,9 @@ class DeploymentConfig:
     startup_timeout: float = 300.0
     shutdown_timeout: float = 10.0  # after Shutdown, before SIGTERM
     kill_timeout: float = 5.0  # after SIGTERM, before SIGKILL
+    # When the deployment stops, how long clients have to confirm its last word (ServerStopping) before the
+    # client address closes: the controller's wait, or the supervisor's when it stands in for a dead controller.
+    stop_notice_timeout: float = 2.0
     client_timeout: float = 10.0
     step_timeout: float = 600.0
     stage_threads: int = 0  # torch threads per CPU stage (0 = cores / stages)

@@ -184,6 +184,43 @@ def test_a_process_past_its_budget_stops_the_deployment_and_every_client_hears_w
     assert "told 2 client(s)" in logs and "did not confirm" not in logs
 
 
+def test_a_controller_past_its_budget_leaves_no_client_waiting_for_its_reconnect_timeout(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """The controller itself fails twice with --max-restarts 1: nobody is left to tell its clients, so the
+    supervisor stands in at the client address; the client, reconnecting to resume its request, gets a ServerError
+    naming controller-0 and the settings within seconds instead of after its reconnect_timeout (60 s)."""
+    dep = start_deployment(model_factory("llama"), 1, "--microbatch-size", "2", "--max-seq-len", "256",
+                           "--max-restarts", "1", "--heartbeat-interval", "0.2")
+
+    async def controller(c: AsyncClient) -> dict[str, Any]:
+        st = await c.status()  # sent into a break, it is answered by the successor
+        return next(p for p in st["processes"] if p["role"] == "controller")
+
+    async def scenario() -> None:
+        async with AsyncClient(dep.address, timeout=120, reconnect_timeout=60) as c:
+            os.kill((await controller(c))["pid"], signal.SIGKILL)  # within its budget: restarted
+            ctl = await controller(c)
+            assert ctl["incarnation"] == 1
+            await stages_back(c, {0: 0})  # the stage registered again with the new controller
+            killed_at = 0.0
+            with pytest.raises(ServerError) as failed:
+                async with c.stream(prompt_token_ids=[5, 6, 7], max_new_tokens=250, ignore_eos=True) as s:
+                    async for _ in s:
+                        os.kill(ctl["pid"], signal.SIGKILL)  # past its budget: the deployment stops
+                        killed_at = time.monotonic()
+                        break
+                    await asyncio.wait_for(_drain(s), 20)
+            waited = time.monotonic() - killed_at
+            message = str(failed.value)
+            assert "controller-0 killed by SIGKILL" in message and "max_restarts / restart_window" in message, message
+            assert waited < 20, waited
+
+    asyncio.run(scenario())
+    assert dep.proc.wait(60) == 1
+    logs = dep.logs()
+    assert "[fatal] controller-0 killed by SIGKILL: failed 2 times within 60s" in logs
+    assert "told 1 client(s), 1 confirmed" in logs
+
+
 async def _drain(s) -> None:  # type: ignore[no-untyped-def]
     async for _ in s:
         pass
