@@ -16,6 +16,16 @@ changed or lost; chunks that a resumed request receives twice must repeat what i
 dropped. The socket has a fixed identity (so a controller that stayed up recognises the resume) and queues
 messages only on a live connection.
 
+When the deployment stops - a process failed past its restart budget, or it was stopped - the controller fails
+every request in flight with the reason (RequestFailed: ServerError naming the process and the setting) and
+then tells each client it knows (ServerStopping): the client fails whatever else it awaits with that reason at
+once, refuses new requests (ServerError) until a controller answers at the address again, and confirms
+(ServerStoppingAck) - the controller keeps the connection open until then, boundedly, since this socket drops
+messages it has received but not yet read when the connection closes (ZMQ_IMMEDIATE). When the controller
+itself is the process that failed for good, the supervisor stands in for it at the address for a moment
+(recovery/proc.py): a client that reconnects to resume its requests is told the same way. Only a client that
+does not come back within that moment - or finds nobody there - learns it when `reconnect_timeout` passes.
+
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
 closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,
 or accept a chunk that leaves a gap or contradicts tokens already received (ServerError instead of silently
@@ -50,6 +60,7 @@ from bus.errors import (
 from bus.logs import Throttled
 from bus.messages import (
     CLIENT,
+    ERR_SERVER,
     CancelRequest,
     Envelope,
     ErrorReply,
@@ -58,6 +69,8 @@ from bus.messages import (
     Msg,
     RequestDone,
     RequestFailed,
+    ServerStopping,
+    ServerStoppingAck,
     StatusQuery,
     StatusReply,
     TokenChunk,
@@ -107,6 +120,7 @@ class AsyncClient:
         self.server_info: dict[str, Any] | None = None  # the probe's status(), when probed
         self._state = "new"  # new -> open -> closed
         self._refusal = ""  # why new requests are refused although open ("" = they are not)
+        self._stopped = ""  # the controller's ServerStopping: refused until a controller answers again ("" = not)
         self._closing = False
         self._requests: dict[str, PendingRequest] = {}
         self._by_msg_id: dict[int, str] = {}
@@ -235,6 +249,8 @@ class AsyncClient:
             raise RuntimeError(f"the client is {self._state}: use it inside `async with AsyncClient(...)`")
         if self._refusal:
             raise ServerError(f"the client takes no new requests: {self._refusal}")
+        if self._stopped:
+            raise ServerError(f"the deployment at {self.address} stopped: {self._stopped}")
 
     def _post(self, body: Msg) -> int:
         """Queue one message for the sender task; returns its envelope msg_id (for replies' reply_to)."""
@@ -328,8 +344,25 @@ class AsyncClient:
                 fut.set_result(body)
         elif isinstance(body, ErrorReply):
             self._on_error_reply(env, body, now)
+        elif isinstance(body, ServerStopping):
+            self._on_stopping(body.message, now)
         else:
             log.warning("[client] unexpected %s from the controller dropped", type(body).__name__)
+
+    def _on_stopping(self, message: str, now: float) -> None:
+        """The controller's last word: the deployment stops. Whatever is still awaited would never be answered: it
+        fails now, with the reason; new requests are refused until a controller answers at the address again."""
+        log.error("[client] the deployment at %s stops: %s", self.address, message)
+        self._stopped = message
+        self._post(ServerStoppingAck())  # read: the controller may close the connection now
+        for rid in list(self._requests):
+            pending = self._forget(rid)
+            assert pending is not None
+            pending.queue.put_nowait((now, error_for(ERR_SERVER, message, rid)))
+        err = ServerError(f"the deployment at {self.address} stopped: {message}")
+        for fut in self._status_waiters.values():
+            if not fut.done():
+                fut.set_exception(err)
 
     def _on_chunk(self, pending: PendingRequest, chunk: TokenChunk, now: float) -> None:
         """Queue a chunk that continues the output exactly; drop one a resumed request receives twice (it must
@@ -355,14 +388,18 @@ class AsyncClient:
             event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED and self._lost_at is None and not self._closing:
                 self._lost_at = time.perf_counter()
-                log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
-                            "back (within reconnect_timeout %.0fs)", self.address, len(self._requests),
-                            self.reconnect_timeout)
+                if self._stopped:
+                    log.info("[client] the connection to %s closed: the deployment stopped", self.address)
+                else:
+                        log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
+                                "back (within reconnect_timeout %.0fs)", self.address, len(self._requests),
+                                self.reconnect_timeout)
                 self._give_up = self._loop.call_later(self.reconnect_timeout, self._reconnect_failed)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost_at is not None:
                 log.info("[client] reconnected to %s after %.1fs; resuming %d request(s)", self.address,
                          time.perf_counter() - self._lost_at, len(self._requests))
                 self._lost_at = None
+                self._stopped = ""  # a controller answers at the address again
                 if self._give_up is not None:
                     self._give_up.cancel()
                     self._give_up = None

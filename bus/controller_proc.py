@@ -13,16 +13,27 @@ controller starts a new epoch: it sends every stage a Topology and, once all hav
 recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one. When a
 stage is reported down, the survivors are told at once (EpochOver) so they abort that epoch's links then, not
 when the next epoch's replace them.
+
+Stopping: when the supervisor gives up (FatalError: a process is past its restart budget, or another fatal
+error) every request in flight fails at once with its message, and every client this controller knows is told
+(ServerStopping), so none waits for a reconnection that will not come; on Shutdown (after FatalError, or a
+plain stop) the same happens for whatever is left, and new requests are refused with the reason. Then the
+controller waits - at most `flush_timeout` - until each client it told has confirmed (ServerStoppingAck), and
+only then closes the client socket (with a linger of the same bound). Closing at once lost these last messages:
+a client's socket (ZMQ_IMMEDIATE, bus/client.py) drops what it has received but not yet read when the
+connection closes, and the client then waited out its reconnect_timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import sys
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -59,6 +70,8 @@ from bus.messages import (
     ProcessDown,
     ProcessInfo,
     Rehello,
+    ServerStopping,
+    ServerStoppingAck,
     StageStats,
     StatusQuery,
     StatusReply,
@@ -101,6 +114,8 @@ class ControllerConfig:
     max_client_frame: int = 64 * 1024 * 1024  # ... and larger frames make ZeroMQ drop the connection
     supervisor_pid: int | None = None
     log_level: str = "INFO"
+    flush_timeout: float = 2.0  # on exit, how long clients have to confirm the last messages (ServerStoppingAck)
+    max_known_clients: int = 4096  # clients told when the deployment stops (the most recently heard from)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
@@ -149,6 +164,12 @@ class ControllerProcess:
         self.text_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self.admitting: dict[tuple[bytes, str], asyncio.Future[None]] = {}  # requests being tokenized
         self.max_prompt_bytes = 0  # set with the tokenizer
+        # every client heard from, most recent last (bounded): told when the deployment stops
+        self.known_clients: OrderedDict[bytes, None] = OrderedDict()
+        self.stopping = ""  # why the deployment stops, once the clients were told (ServerStopping)
+        self.told: set[bytes] = set()
+        self.unconfirmed: set[bytes] = set()  # clients told that have not confirmed it yet (ServerStoppingAck)
+        self.confirmed = asyncio.Event()
 
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
@@ -178,10 +199,15 @@ class ControllerProcess:
             ]
             await self.sup.stop.wait()
             log.info("[shutdown] controller: %s", self.sup.stop_reason)
-            self.core.fail_all(ERR_SERVER, f"the deployment is shutting down ({self.sup.stop_reason})")
+            why = self.fatal or f"the deployment is shutting down ({self.sup.stop_reason})"
+            self.core.fail_all(ERR_SERVER, why)
             await self._flush()
+            await self._tell_clients(why)
+            await self._await_confirmations()
             for t in tasks:
                 t.cancel()
+        # what a client that did not confirm was sent still gets a bounded chance to leave (a linger of 0 drops it)
+        self.clients.close(linger=int(cfg.flush_timeout * 1000))
         self.ctx.destroy(linger=0)
         return 0
 
@@ -218,20 +244,23 @@ class ControllerProcess:
                     await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident],
                                reply_to=e.msg_id)
                 continue
+            self._heard_from(route[0])
             try:
                 await self._on_client(route[0], msg, now)
             except Exception as e:  # a handler that fails answers; it never takes the process down
                 log.exception("[client] handling %s failed", type(msg.body).__name__)
                 await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, f"internal error: {e}"),
                            route=route, reply_to=msg.env.msg_id)
+            if self.stopping and route[0] not in self.told:  # a client first heard from while stopping
+                await self._tell(route[0])
             await self._flush()
 
     async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
         body = msg.body
         if isinstance(body, GenerateRequest):
-            if self.fatal:
-                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal), route=[client],
-                           reply_to=msg.env.msg_id)
+            if self.fatal or self.stopping:
+                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal or self.stopping),
+                           route=[client], reply_to=msg.env.msg_id)
                 return
             key = (client, body.request_id)
             if key in self.admitting:
@@ -247,6 +276,10 @@ class ControllerProcess:
                 self.admitting[key] = task
                 task.add_done_callback(lambda t, key=key: self.admitting.pop(key, None) if self.admitting.get(key) is t
                                        else None)
+        elif isinstance(body, ServerStoppingAck):
+            self.unconfirmed.discard(client)
+            if not self.unconfirmed:
+                self.confirmed.set()
         elif isinstance(body, CancelRequest):
             task = self.admitting.pop((client, body.request_id), None)
             if task is not None:
@@ -285,7 +318,10 @@ class ControllerProcess:
                     await self._flush()
                     return
                 body = msgspec.structs.replace(body, prompt=None, prompt_token_ids=list(ids))
-        self.core.submit(client, body, time.monotonic())
+        if self.fatal or self.stopping:  # the deployment began to stop while this one was tokenized
+            self.core.refuse(client, body.request_id, ERR_SERVER, self.fatal or self.stopping)
+        else:
+            self.core.submit(client, body, time.monotonic())
         await self._flush()
 
     def _status(self) -> StatusReply:
@@ -305,6 +341,47 @@ class ControllerProcess:
         waiting, running = self.core.counts()
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
                            self.cfg.num_microbatches * self.cfg.microbatch_size)
+
+    def _heard_from(self, client: bytes) -> None:
+        self.known_clients[client] = None
+        self.known_clients.move_to_end(client)
+        if len(self.known_clients) > self.cfg.max_known_clients:
+            self.known_clients.popitem(last=False)
+
+    async def _tell_clients(self, message: str) -> None:
+        """The deployment stops: tell every client heard from (once). Requests in flight were failed already
+        (RequestFailed goes before this on the same connection)."""
+        if self.stopping:
+            return
+        self.stopping = message
+        for client in list(self.known_clients):
+            await self._tell(client)
+        log.info("[shutdown] told %d client(s): %s", len(self.unconfirmed), message)
+        if not self.unconfirmed:
+            self.confirmed.set()
+
+    async def _tell(self, client: bytes) -> None:
+        """ServerStopping to one client, and wait for its confirmation - unless it is gone: sent with
+        ROUTER_MANDATORY, a send to a client that is no longer connected fails at once (EHOSTUNREACH)."""
+        self.told.add(client)
+        self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            await self.clients.send_multipart([client, self.client_codec.encode(ServerStopping(self.stopping))],
+                                              flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # gone (EHOSTUNREACH), or not reading at all (EAGAIN: its queue is full)
+            return
+        finally:
+            self.clients.setsockopt(zmq.ROUTER_MANDATORY, 0)  # other sends to a client that is gone drop silently
+        self.unconfirmed.add(client)
+        self.confirmed.clear()
+
+    async def _await_confirmations(self) -> None:
+        """Until every client told has read ServerStopping (and so everything before it), at most flush_timeout."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.confirmed.wait(), self.cfg.flush_timeout)
+        if self.unconfirmed:
+            log.warning("[shutdown] %d client(s) did not confirm that the deployment stops within flush_timeout "
+                        "(%.1fs)", len(self.unconfirmed), self.cfg.flush_timeout)
 
     async def _flush(self) -> None:
         steps, out = self.core.outbox.drain()
@@ -442,9 +519,11 @@ class ControllerProcess:
                                                        old.host, body.reason)
         elif isinstance(body, FatalError):
             self.fatal = body.message
+            log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)
             self.core.pipeline_down()
             self.core.fail_all(ERR_SERVER, body.message)
             await self._flush()
+            await self._tell_clients(body.message)
         elif isinstance(body, Hello):
             # the supervisor forwards other processes' identities (itself, the streamer) for status()
             incarnation = body.incarnation if body.incarnation >= 0 else msg.env.incarnation

@@ -189,6 +189,23 @@ class KeepAlive(Msg, tag=27):
     request_ids: list[str] = []
 
 
+class ServerStopping(Msg, tag=28):
+    """Controller -> every client it knows, before it exits: the deployment stops, for `message` (what failed and
+    which setting governs it, or the signal that stopped it). Requests in flight have been failed with it; the
+    client fails whatever else it awaits, refuses new requests until a controller answers again, and answers
+    ServerStoppingAck."""
+
+    message: str
+
+
+class ServerStoppingAck(Msg, tag=29):
+    """Client -> controller: ServerStopping (and so every message before it) was read. The controller closes the
+    connection only after this (or `flush_timeout`): a client's socket (ZMQ_IMMEDIATE) drops messages it has
+    received but not yet read when the connection closes."""
+
+    pass
+
+
 # ---------------------------------------------------------------- 40-69: stages ----------------------
 
 
@@ -702,7 +719,8 @@ STREAMER_MESSAGES: tuple[type[Msg], ...] = CONTROL + DATA
 
 
 COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
-CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive)
+CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive,
+          ServerStopping, ServerStoppingAck)
 STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

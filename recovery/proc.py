@@ -5,12 +5,23 @@ Order: bind the supervisor socket -> start the controller and wait for its Hello
 and stages connect) -> start the host's KV streamer and the stages (they load in parallel) -> wait for the
 streamer's Hello and the controller's DeploymentReady -> `on_ready(address)`.
 Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
-`heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage is reported to the
-controller (ProcessDown) and restarted as a new incarnation, within the restart-intensity limit. So is a dead
-controller: it binds the same addresses, stages register again when it asks them, and clients resume their
-requests from the tokens they hold. Past the limit the deployment shuts down with a clear error. Stopping:
-Shutdown to every child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no process
-is left behind.
+`heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage or streamer is reported
+to the controller (ProcessDown) and restarted as a new incarnation. So is a dead controller: it binds the same
+addresses, stages register again when it asks them, and clients resume their requests from the tokens they
+hold.
+
+Restart budgets: every process has its own (recovery/supervisor.py): at most `max_restarts` restarts of that
+process within `restart_window` seconds, so failures of different processes spread over time never add up.
+Each restart of a process that failed again soon waits a growing back-off first (`restart_backoff`, doubling up
+to `restart_backoff_max`; immediate again once it stayed up `restart_backoff_reset` seconds), on a timer of its
+own: heartbeats of the others are watched meanwhile, and a stop abandons the wait. A process past its budget
+stops the deployment with an error naming it and the settings: the controller fails every request in flight
+with that message and tells every client it knows (ServerStopping) before it exits. When the controller itself
+is gone for good, the supervisor stands in for it at the client address for `stop_notice_timeout` seconds:
+clients waiting to reconnect come back to it (within ZeroMQ's reconnect interval), and it answers each with
+ServerStopping, so they too fail their requests at once rather than when their reconnect_timeout passes.
+Stopping: Shutdown to every child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no
+process is left behind.
 """
 
 from __future__ import annotations
@@ -38,10 +49,28 @@ from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
 from bus.logs import Throttled, peer_of
-from bus.messages import DeploymentReady, FatalError, Heartbeat, Hello, ProcessDown, Shutdown
+from bus.messages import (
+    DeploymentReady,
+    FatalError,
+    Heartbeat,
+    Hello,
+    ProcessDown,
+    ServerStopping,
+    ServerStoppingAck,
+    Shutdown,
+)
 from bus.sockets import bound_address, context, decode_frames, make_socket, send
 from recovery.specs import ChildSpec, DeploymentConfig
-from recovery.supervisor import FAILED, RESTARTING, SERVING, STARTING, STOPPED, ChildState, RestartIntensity
+from recovery.supervisor import (
+    FAILED,
+    RESTARTING,
+    SERVING,
+    STARTING,
+    STOPPED,
+    Backoff,
+    ChildState,
+    RestartIntensity,
+)
 from stages.config import StageProcConfig
 from stages.models.spec import read_spec, split_layers
 from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
@@ -71,10 +100,13 @@ class StartAborted(Exception):
 class Child:
     spec: ChildSpec
     state: ChildState
+    budget: RestartIntensity  # its own: restarts of this process only
+    backoff: Backoff
     proc: asyncio.subprocess.Process | None = None
     route: bytes | None = None
     spawned_at: float = 0.0
     said_hello: bool = False
+    exited: bool = False  # its incarnation is gone (it may be waiting out its back-off): its heartbeats are stale
     cannot_start: str = ""  # its FatalError: why it cannot start as configured
 
 
@@ -85,7 +117,6 @@ class SupervisorProcess:
         self.codec = Codec("supervisor", 0)
         self.ctx = context()
         self.children: dict[str, Child] = {}
-        self.intensity = RestartIntensity(cfg.max_restarts, cfg.restart_window)
         self.stopping = False
         self.stop = asyncio.Event()
         self.fatal: str | None = None
@@ -148,8 +179,9 @@ class SupervisorProcess:
             max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
             queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
+            flush_timeout=cfg.stop_notice_timeout,
         )
-        self._spawn(Child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg), ChildState("controller-0")))
+        self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         streamer_address = ""
         if cfg.streamer:
             # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
@@ -163,7 +195,7 @@ class SupervisorProcess:
                 heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
                 log_level=cfg.log_level,
             )
-            self._spawn(Child(ChildSpec("streamer", 0, "streamer", sc), ChildState("streamer-0")))
+            self._spawn(self._child(ChildSpec("streamer", 0, "streamer", sc)))
         for i, layers in enumerate(split_layers(spec.num_layers, cfg.num_stages)):
             device = cfg.device if cfg.device == "cpu" else f"cuda:{i}"
             st = StageProcConfig(
@@ -176,7 +208,7 @@ class SupervisorProcess:
                 cudnn_attention=cfg.cudnn_attention,
                 streamer_address=streamer_address, shm_prefix=self.shm_prefix,
             )
-            self._spawn(Child(ChildSpec("stage", i, "stages.proc", st), ChildState(f"stage-{i}")))
+            self._spawn(self._child(ChildSpec("stage", i, "stages.proc", st)))
         await self._wait(self.controller_hello, "the controller's Hello")
         if cfg.streamer:  # up before serving starts, so status() always lists it
             await self._wait(self.streamer_hello, "the streamer's Hello")
@@ -209,11 +241,16 @@ class SupervisorProcess:
 
     # ------------------------------------------------------------------ children
 
+    def _child(self, spec: ChildSpec) -> Child:
+        cfg = self.cfg
+        return Child(spec, ChildState(spec.name), RestartIntensity(cfg.max_restarts, cfg.restart_window),
+                     Backoff(cfg.restart_backoff, cfg.restart_backoff_max, cfg.restart_backoff_reset))
+
     def _spawn(self, child: Child, incarnation: int = 0) -> None:
         self.children[child.spec.name] = child
         child.state.incarnation = incarnation
         child.state.state = STARTING if incarnation == 0 else RESTARTING
-        child.said_hello = False
+        child.said_hello = child.exited = False
         child.route = None
         child.spawned_at = child.state.last_beat = time.monotonic()
         task = asyncio.ensure_future(self._run_child(child, incarnation))
@@ -221,6 +258,9 @@ class SupervisorProcess:
         task.add_done_callback(self.tasks.discard)
 
     async def _run_child(self, child: Child, incarnation: int) -> None:
+        if self.stop.is_set():  # stopping: nothing new starts
+            child.state.state = STOPPED
+            return
         argv = child.spec.argv(incarnation)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -235,7 +275,10 @@ class SupervisorProcess:
                 out.close()  # the child holds its own descriptor
         child.proc, child.state.pid = proc, proc.pid
         log.info("[spawn] %s incarnation %d pid %d", child.spec.name, incarnation, proc.pid)
+        if self.stopping:  # the stop began while it was being started: _shutdown's list missed it
+            proc.kill()
         code = await proc.wait()
+        child.exited = True
         child.state.exits.append(code)
         if self.stopping or child.state.incarnation != incarnation:
             child.state.state = STOPPED
@@ -253,33 +296,47 @@ class SupervisorProcess:
                        config=True)
             return
         reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-        log.warning("[restart] %s incarnation %d %s", name, incarnation, reason)
-        allowed = self.intensity.allow(time.monotonic())
+        now = time.monotonic()
+        allowed = child.budget.allow(now)
+        budget = (f"failed {plural(child.budget.failures, 'time')} within {self.cfg.restart_window:g}s, past its "
+                  f"budget of {plural(self.cfg.max_restarts, 'restart')} (settings: max_restarts / restart_window, "
+                  "per process)")
         if child.spec.role == "controller":
             if not allowed or "client" not in self.addresses:
                 child.state.state = FAILED
-                why = "the restart limit is reached (settings: max_restarts / restart_window)" if not allowed \
-                    else "it died before it said where it listens"
-                self._fail(f"{name} {reason}; {why}: the deployment cannot go on without it")
+                why = budget if not allowed else "it died before it said where it listens"
+                self._fail(f"{name} {reason}: {why}: the deployment stopped")
                 return
+        else:
+            await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
+            if not allowed:
+                child.state.state = FAILED
+                self._fail(f"{name} {reason}: {budget}: the deployment stopped")
+                return
+        delay = child.backoff.next_delay(now)
+        child.state.state = RESTARTING
+        log.warning("[restart] %s incarnation %d %s: restart %d of %d within %gs, %s", name, incarnation, reason,
+                    child.budget.failures, self.cfg.max_restarts, self.cfg.restart_window,
+                    f"in {delay:g}s (back-off: restart_backoff / restart_backoff_max)" if delay else "now")
+        if not await self._hold_off(delay):
+            child.state.state = STOPPED
+            return
+        if child.spec.role == "controller":
             # The new incarnation binds where its predecessor did: clients and stages reconnect by themselves.
             # Clients resume their requests from the tokens they hold; stages say Hello again when it asks.
             cfg = replace(child.spec.config, client_bind=self.addresses["client"],  # type: ignore[type-var]
                           internal_bind=self.addresses["internal"])
             child.spec = replace(child.spec, config=cfg)
-            child.state.restarts += 1
-            self._spawn(child, incarnation + 1)
-            return
-        await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
-        if not allowed:
-            child.state.state = FAILED
-            self._fail(
-                f"{name} {reason}; {self.cfg.max_restarts} restarts within {self.cfg.restart_window:.0f}s already "
-                "(settings: max_restarts / restart_window): giving up"
-            )
-            return
         child.state.restarts += 1
         self._spawn(child, incarnation + 1)
+
+    async def _hold_off(self, delay: float) -> bool:
+        """Wait out a restart's back-off without holding anything else up (this is the dead child's own task);
+        False when the deployment stops meanwhile (or already has): then there is no restart."""
+        if delay > 0 and not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+        return not (self.stop.is_set() or self.stopping)
 
     async def _to_controller(self, body) -> None:  # type: ignore[no-untyped-def]
         ctl = self.children.get("controller-0")
@@ -308,9 +365,12 @@ class SupervisorProcess:
         if child is None or msg.env.incarnation != child.state.incarnation:
             return  # unknown sender or a stale incarnation
         body = msg.body
+        if child.exited and not isinstance(body, FatalError):
+            return  # sent before it died, read after (its FatalError explains its exit code: _on_exit waits for it)
         child.state.last_beat = time.monotonic()
         if isinstance(body, Hello):
             child.route, child.said_hello = route, True
+            child.backoff.up(child.state.last_beat)
             if child.spec.role == "streamer":
                 self.streamer_hello.set()
                 # for status(): the controller lists every process, with the incarnation the supervisor knows
@@ -361,8 +421,13 @@ class SupervisorProcess:
 
     async def _shutdown(self, reason: str) -> None:
         self.stopping = True
+        ctl = self.children.get("controller-0")
+        stand_in = None
         if self.fatal:
-            await self._to_controller(FatalError(self.fatal))
+            if ctl is not None and ctl.exited and "client" in self.addresses:  # no controller to tell the clients
+                stand_in = asyncio.ensure_future(self._stand_in(self.addresses["client"], self.fatal))
+            else:
+                await self._to_controller(FatalError(self.fatal))
         alive = [c for c in self.children.values() if c.proc is not None and c.proc.returncode is None]
         for c in alive:
             if c.route is not None:
@@ -373,8 +438,44 @@ class SupervisorProcess:
         await self._reap(alive, self.cfg.shutdown_timeout, None)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGTERM)
         await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
+        if stand_in is not None:
+            await stand_in
         for task in list(self.tasks):
             task.cancel()
+
+    async def _stand_in(self, address: str, message: str) -> None:
+        """The controller is gone for good, and with it whoever could tell its clients. Its clients wait to
+        reconnect, and ZeroMQ retries every ~100 ms: bind the client address in its place for
+        `stop_notice_timeout` seconds and answer every client that speaks (a resume of its requests, a status
+        query) with ServerStopping(message), so it fails its requests now rather than after its reconnect_timeout.
+        Best effort: if the address cannot be bound, the clients find out when reconnect_timeout passes."""
+        try:
+            sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
+        except zmq.ZMQError as e:
+            log.warning("[shutdown] cannot stand in for the controller at %s (%s): its clients find out when their "
+                        "reconnect_timeout passes", address, e.strerror)
+            return
+        told: set[bytes] = set()
+        confirmed: set[bytes] = set()
+        deadline = time.monotonic() + self.cfg.stop_notice_timeout
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not await sock.poll(left * 1000):
+                    break
+                frames = await sock.recv_multipart(copy=False)
+                try:
+                    route, msg = decode_frames(self.codec, frames, route_frames=1)
+                except ProtocolError:
+                    continue
+                if isinstance(msg.body, ServerStoppingAck):
+                    confirmed.add(route[0])
+                elif route[0] not in told:
+                    told.add(route[0])
+                    await send(sock, self.codec, ServerStopping(message), route=route)
+        finally:
+            sock.close(linger=0)  # what a client confirmed it read; the others had stop_notice_timeout
+        log.info("[shutdown] stood in for the controller at %s for %.1fs: told %d client(s), %d confirmed", address,
+                 self.cfg.stop_notice_timeout, len(told), len(confirmed))
 
     def _sweep(self) -> None:
         """After every child is gone: remove this deployment's local sockets and any shared-memory KV pool a
@@ -394,6 +495,10 @@ class SupervisorProcess:
                 except ProcessLookupError:
                     pass
         await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def remove_pools(paths: Iterable[Path], why: str) -> None:

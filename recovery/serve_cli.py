@@ -38,8 +38,18 @@ def parser() -> argparse.ArgumentParser:
                    help="a process silent this many seconds is killed and restarted")
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="kill a stage stuck in one step this many seconds")
-    p.add_argument("--max-restarts", type=int, default=5, help="restarts allowed within --restart-window ...")
-    p.add_argument("--restart-window", type=float, default=60.0, help="... seconds, else the deployment stops")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts allowed per process (each stage, the controller, the streamer on its own) within "
+                        "--restart-window ...")
+    p.add_argument("--restart-window", type=float, default=60.0,
+                   help="... seconds; a process that fails more often stops the deployment, and every connected "
+                        "client gets an error saying which process and why")
+    p.add_argument("--restart-backoff", type=float, default=0.5,
+                   help="seconds to wait before restarting a process that failed again (its first restart is "
+                        "immediate); doubles with each restart in a row (0: always restart at once)")
+    p.add_argument("--restart-backoff-max", type=float, default=10.0, help="longest wait before a restart")
+    p.add_argument("--restart-backoff-reset", type=float, default=10.0,
+                   help="a process up this many seconds after its Hello is restarted at once again when it fails")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds for every process to load and link before start-up fails")
     p.add_argument("--client-timeout", type=float, default=10.0,
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
             hang_timeout=args.hang_timeout,
             max_restarts=args.max_restarts, restart_window=args.restart_window,
+            restart_backoff=args.restart_backoff, restart_backoff_max=args.restart_backoff_max,
+            restart_backoff_reset=args.restart_backoff_reset,
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout, queue_timeout=args.queue_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
             cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",

@@ -29,11 +29,22 @@ class DeploymentConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     hang_timeout: float = 300.0  # a stage busy with one step for longer than this is killed (a hung GPU/NCCL)
-    max_restarts: int = 5  # restart intensity: at most this many restarts ...
-    restart_window: float = 60.0  # ... within this many seconds, else shut down
+    # Each process's own restart budget: at most max_restarts restarts of that process within restart_window
+    # seconds, else the deployment shuts down (failures of different processes do not add up).
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    # Back-off before restarting the same process again: none for its first restart, then restart_backoff,
+    # doubling with each restart in a row up to restart_backoff_max; back to none once the process stayed up
+    # restart_backoff_reset seconds after its Hello (restart_backoff 0: restart at once, always).
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 10.0
+    restart_backoff_reset: float = 10.0
     startup_timeout: float = 300.0
     shutdown_timeout: float = 10.0  # after Shutdown, before SIGTERM
     kill_timeout: float = 5.0  # after SIGTERM, before SIGKILL
+    # When the deployment stops, how long clients have to confirm its last word (ServerStopping) before the
+    # client address closes: the controller's wait, or the supervisor's when it stands in for a dead controller.
+    stop_notice_timeout: float = 2.0
     client_timeout: float = 10.0
     queue_timeout: float = 300.0  # a request without a slot, or whose pipeline is down, this long fails
     step_timeout: float = 600.0
@@ -69,6 +80,8 @@ class DeploymentConfig:
             raise ValueError("--queue-timeout must be > 0 seconds")
         if self.max_restarts < 0 or self.restart_window <= 0:
             raise ValueError("max_restarts must be >= 0 and restart_window > 0")
+        if not 0 <= self.restart_backoff <= self.restart_backoff_max or self.restart_backoff_reset <= 0:
+            raise ValueError("need 0 <= restart_backoff <= restart_backoff_max and restart_backoff_reset > 0")
 
     @property
     def microbatches(self) -> int:

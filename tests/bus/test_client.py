@@ -32,6 +32,8 @@ from bus.messages import (
     KeepAlive,
     RequestDone,
     RequestFailed,
+    ServerStopping,
+    ServerStoppingAck,
     StatusQuery,
     TokenChunk,
 )
@@ -387,5 +389,31 @@ def test_a_connection_that_does_not_come_back_fails_in_flight_requests_in_bounde
                 async for _ in c.stream(prompt_token_ids=[1], max_new_tokens=3):
                     await fake.restart(come_back=False)
             assert time.perf_counter() - t0 < 5.0
+
+    run(body())
+
+
+def test_server_stopping_fails_everything_at_once_refuses_new_requests_and_is_confirmed() -> None:
+    """The controller's last word when the deployment gives up: the request in flight and the status() waiting fail
+    at once with its reason (not after reconnect_timeout), a new request is refused with it, and the client
+    confirms that it read it (the controller keeps the connection open until then)."""
+    reason = ("stage-1 killed by SIGKILL: failed 3 times within 60s, past its budget of 2 restarts (settings: "
+              "max_restarts / restart_window, per process): the deployment stopped")
+
+    async def body() -> None:
+        async with FakeController(never_answer, answer_status=False) as fake, \
+                AsyncClient(fake.address, probe=False, reconnect_timeout=60) as c:
+            first = asyncio.ensure_future(c.stream(prompt_token_ids=[1], max_new_tokens=3).__anext__())
+            route, _, _ = await fake.expect(GenerateRequest)
+            status = asyncio.ensure_future(c.status(timeout=60))
+            await fake.expect(StatusQuery)
+            await fake.send(route, ServerStopping(reason))
+            with pytest.raises(ServerError, match=r"stage-1 killed by SIGKILL.*max_restarts / restart_window"):
+                await first
+            with pytest.raises(ServerError, match=r"the deployment at .* stopped: stage-1 killed"):
+                await status
+            with pytest.raises(ServerError, match=r"stopped: stage-1 killed"):
+                await c.generate(prompt_token_ids=[1], max_new_tokens=1)
+            await fake.expect(ServerStoppingAck)
 
     run(body())
