@@ -268,8 +268,11 @@ class SupervisorProcess:
         if self.cfg.log_dir:  # one file per process, every incarnation appended
             out = open(Path(self.cfg.log_dir) / f"{child.spec.name}.log", "ab")  # noqa: SIM115 - the child's
         try:
+            # a session of its own: a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the
+            # supervisor alone, which stops the children in order - the controller telling its clients first -
+            # instead of killing them all at once mid-sentence. They still die with the supervisor (PDEATHSIG).
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                        stderr=out, env=env)
+                                                        stderr=out, env=env, start_new_session=True)
         finally:
             if out is not None:
                 out.close()  # the child holds its own descriptor

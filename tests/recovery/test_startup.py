@@ -5,6 +5,7 @@ process and the terminal stays quiet."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -159,3 +160,37 @@ def test_at_the_default_level_a_clean_run_prints_only_the_ready_line(default_mod
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert stdout == "" and stderr == ""
+
+
+def test_ctrl_c_at_the_terminal_stops_in_order_and_clients_hear_why(default_model) -> None:  # type: ignore[no-untyped-def]
+    """SIGINT to dejavu-serve's whole process group (what a terminal's Ctrl-C sends): only the supervisor acts on
+    it, so the controller still tells its clients, and everything exits cleanly."""
+    from bus.errors import ServerError
+
+    proc = subprocess.Popen([sys.executable, str(SERVE), "--model", str(default_model), "--stage-threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own group, as a shell gives a foreground job
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "ready tcp://" in line
+    tree = descendants(proc.pid)
+
+    async def scenario() -> Exception:
+        async with AsyncClient(line.split("ready ")[1].split()[0], timeout=60, reconnect_timeout=60) as c:
+            stream = c.stream(prompt_token_ids=[5, 6], max_new_tokens=2000)
+            async with stream as s:
+                async for _ in s:
+                    os.killpg(proc.pid, signal.SIGINT)
+                    break
+            try:
+                await c.generate(prompt_token_ids=[5, 6], max_new_tokens=2000)
+            except Exception as e:  # noqa: BLE001 - the type is the point
+                return e
+            raise AssertionError("a request after Ctrl-C was served")
+
+    err = asyncio.run(asyncio.wait_for(scenario(), 30))  # well before reconnect_timeout: told, not left to wait
+    assert isinstance(err, ServerError), err
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert not [p for p in tree if alive(p)]
