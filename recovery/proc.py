@@ -104,7 +104,6 @@ class Child:
     backoff: Backoff
     proc: asyncio.subprocess.Process | None = None
     route: bytes | None = None
-    spawned_at: float = 0.0
     said_hello: bool = False
     exited: bool = False  # its incarnation is gone (it may be waiting out its back-off): its heartbeats are stale
     cannot_start: str = ""  # its FatalError: why it cannot start as configured
@@ -252,7 +251,7 @@ class SupervisorProcess:
         child.state.state = STARTING if incarnation == 0 else RESTARTING
         child.said_hello = child.exited = False
         child.route = None
-        child.spawned_at = child.state.last_beat = time.monotonic()
+        child.state.last_beat = time.monotonic()
         task = asyncio.ensure_future(self._run_child(child, incarnation))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-STARTING, READY, SERVING, RESTARTING, FAILED, STOPPED = (
-    "starting", "ready", "serving", "restarting", "failed", "stopped"
-)
+STARTING, SERVING, RESTARTING, FAILED, STOPPED = "starting", "serving", "restarting", "failed", "stopped"
 
 
 class RestartIntensity:

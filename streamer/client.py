@@ -88,7 +88,6 @@ class StreamerClient:
         self._transfers: dict[int, TransferHandle] = {}
         self._by_msg: dict[int, int] = {}  # StreamRequest msg id -> xfer
         self.deliveries: asyncio.Queue[wire.Delivered] = asyncio.Queue()
-        self.connected = False
         self.down: str | None = None
         self.on_reconnect: list[Callable[[], None]] = []  # called when a streamer is back after a disconnect
         self._incarnation = incarnation
@@ -181,7 +180,7 @@ class StreamerClient:
                 return
             if event["event"] == zmq.EVENT_CONNECTED:
                 back = self.down is not None
-                self.connected, self.down = True, None
+                self.down = None
                 if back:  # a restarted streamer knows nothing of us: let the owner say again what it needs
                     for fn in list(self.on_reconnect):
                         fn()
@@ -189,7 +188,7 @@ class StreamerClient:
                 self._fail_all(f"connection to {self.address} lost")
 
     def _fail_all(self, reason: str) -> None:
-        self.connected, self.down = False, reason
+        self.down = reason
         for fut in self._requests.values():
             if not fut.done():
                 fut.set_exception(StreamerDownError(f"streamer down: {reason}"))
