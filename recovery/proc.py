@@ -1,9 +1,11 @@
-"""The supervisor: starts a deployment's processes in order, watches them, restarts failed stages, stops
-everything in bounded time. `run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
+"""The supervisor: starts a deployment's processes, watches them, restarts failed ones, stops everything in
+bounded time. `run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
 
-Order: bind the supervisor socket -> start the controller and wait for its Hello (it says where clients
-and stages connect) -> start the host's KV streamer and the stages (they load in parallel) -> wait for the
-streamer's Hello and the controller's DeploymentReady -> `on_ready(address)`.
+Start: bind the supervisor socket, fix the addresses the children need (the controller's internal socket, the
+streamer's control socket: ipc:// paths in the run directory), start the janitor, then the controller, the host's
+KV streamer and every stage at once (each spends seconds importing torch and loading; ZeroMQ delivers once the
+binder is up) -> wait for the controller's Hello (it says where clients connect), the streamer's Hello and the
+controller's DeploymentReady -> `on_ready(address)`.
 Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
 `heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage or streamer is reported
 to the controller (ProcessDown) and restarted as a new incarnation. So is a dead controller: it binds the same
