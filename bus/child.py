@@ -26,7 +26,8 @@ from bus.codec import Codec, Received
 from bus.errors import ProtocolError
 from bus.logs import Throttled
 from bus.messages import FatalError, Heartbeat, Hello, Shutdown
-from bus.sockets import decode_frames, make_socket, send
+from bus.security import SUPERVISOR, Keyring
+from bus.sockets import decode_frames, make_socket, recv_frames, send
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
@@ -105,10 +106,11 @@ def encode_config(config: object) -> str:
 class SupervisorLink:
     """DEALER to the supervisor: announces the child, sends heartbeats, and turns Shutdown into `stop`."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, codec: Codec, role: str, index: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, codec: Codec, role: str, index: int,
+                 keys: Keyring | None = None) -> None:
         self.codec, self.role, self.index = codec, role, index
         identity = f"{role}-{index}-{codec.incarnation}".encode()
-        self.sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self.sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity, keys=keys, server=SUPERVISOR)
         self.stop = asyncio.Event()
         self.stop_reason = ""
         # other messages from the supervisor (ProcessDown, FatalError, forwarded Hellos) go here
@@ -127,7 +129,7 @@ class SupervisorLink:
     async def run(self, interval: float, busy_s: Callable[[], float], state: Callable[[], str]) -> None:
         """Heartbeat every `interval` s and watch for Shutdown, until `stop` is set."""
         seq = 0
-        recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+        recv = asyncio.ensure_future(recv_frames(self.sock))
         try:
             while not self.stop.is_set():
                 seq += 1
@@ -138,7 +140,7 @@ class SupervisorLink:
                     if not done:
                         break
                     frames = recv.result()
-                    recv = asyncio.ensure_future(self.sock.recv_multipart(copy=False))
+                    recv = asyncio.ensure_future(recv_frames(self.sock))
                     try:
                         _, msg = decode_frames(self.codec, frames)
                     except ProtocolError as e:

@@ -75,7 +75,7 @@ from bus.messages import (
     StatusReply,
     TokenChunk,
 )
-from bus.sockets import decode_frames, make_socket
+from bus.sockets import decode_frames, make_socket, recv_frames
 from bus.stream import (
     GenerateResult,
     PendingRequest,
@@ -307,7 +307,7 @@ class AsyncClient:
     async def _receive_loop(self) -> None:
         try:
             while True:
-                frames = await self._sock.recv_multipart(copy=False)
+                frames = await recv_frames(self._sock)
                 now = time.perf_counter()
                 try:
                     _, rx = decode_frames(self._codec, frames)

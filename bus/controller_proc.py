@@ -82,7 +82,16 @@ from bus.messages import (
     Welcome,
 )
 from bus.scheduler import Scheduler
-from bus.sockets import DEFAULT_MAX_MESSAGE, bound_address, context, decode_frames, make_socket, send
+from bus.security import CONTROLLER, Keyring, maybe_load, start_authenticator
+from bus.sockets import (
+    DEFAULT_MAX_MESSAGE,
+    bound_address,
+    context,
+    decode_frames,
+    make_socket,
+    recv_frames,
+    send,
+)
 
 log = logging.getLogger(__name__)
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system
@@ -113,6 +122,7 @@ class ControllerConfig:
     max_client_request: int = 8 * 1024 * 1024  # larger requests get ErrorReply ...
     max_client_frame: int = 64 * 1024 * 1024  # ... and larger frames make ZeroMQ drop the connection
     supervisor_pid: int | None = None
+    keys_dir: str = ""  # the deployment's keys (bus/security.py); "" = plaintext internal sockets
     log_level: str = "INFO"
     flush_timeout: float = 2.0  # on exit, how long clients have to confirm the last messages (ServerStoppingAck)
     max_known_clients: int = 4096  # clients told when the deployment stops (the most recently heard from)
@@ -174,15 +184,17 @@ class ControllerProcess:
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
-        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0)
+        self.keys = maybe_load(cfg.keys_dir, CONTROLLER)
+        self.auth = start_authenticator(self.ctx, self.keys)  # before any bind: it admits the members only
+        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0, self.keys)
         self.sup.on_message = self._on_supervisor
         try:
             self.clients = self._bind(cfg.client_bind, "client", cfg.max_client_frame)
-            self.internal = self._bind(cfg.internal_bind, "internal")
+            self.internal = self._bind(cfg.internal_bind, "internal", keys=self.keys)
         except CannotStart as e:
             log.info("[startup] %s", e)
             await self.sup.fatal(str(e))
-            self.ctx.destroy(linger=0)
+            self._close()
             return EXIT_CONFIG
         # The tokenizer loads on a thread while stages load (seconds of imports): Hello goes out at once, and the
         # first GenerateRequest (and DeploymentReady) wait for it.
@@ -208,12 +220,18 @@ class ControllerProcess:
                 t.cancel()
         # what a client that did not confirm was sent still gets a bounded chance to leave (a linger of 0 drops it)
         self.clients.close(linger=int(cfg.flush_timeout * 1000))
-        self.ctx.destroy(linger=0)
+        self._close()
         return 0
 
-    def _bind(self, address: str, what: str, max_message: int = DEFAULT_MAX_MESSAGE) -> zmq.asyncio.Socket:
+    def _close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.destroy(linger=0)
+
+    def _bind(self, address: str, what: str, max_message: int = DEFAULT_MAX_MESSAGE,
+              keys: Keyring | None = None) -> zmq.asyncio.Socket:
         try:
-            return make_socket(self.ctx, zmq.ROUTER, bind=address, max_message=max_message)
+            return make_socket(self.ctx, zmq.ROUTER, bind=address, max_message=max_message, keys=keys)
         except zmq.ZMQError as e:
             hint = " (choose another --port or --host)" if what == "client" else ""
             raise CannotStart(f"the controller cannot listen on {address} ({what} socket): {e.strerror}{hint}") from e
@@ -234,7 +252,7 @@ class ControllerProcess:
 
     async def _client_loop(self) -> None:
         while True:
-            frames = await self.clients.recv_multipart(copy=False)
+            frames = await recv_frames(self.clients)
             now = time.monotonic()
             try:
                 route, msg = decode_frames(self.client_codec, frames, route_frames=1)
@@ -394,7 +412,7 @@ class ControllerProcess:
 
     async def _internal_loop(self) -> None:
         while True:
-            frames = await self.internal.recv_multipart(copy=False)
+            frames = await recv_frames(self.internal)
             try:
                 route, msg = decode_frames(self.codec, frames, route_frames=1)
             except ProtocolError as e:

@@ -18,6 +18,7 @@ import zmq.asyncio
 from bus.codec import Codec, Received
 from bus.errors import DeadlineError
 from bus.messages import Msg
+from bus.security import Keyring, as_client, as_server, peer_of_frame
 
 DEFAULT_MAX_MESSAGE = 1 << 30  # activation frames can be large; control frames are checked by the codec
 DEFAULT_HWM = 10_000
@@ -36,8 +37,14 @@ def make_socket(
     identity: bytes | None = None,
     max_message: int = DEFAULT_MAX_MESSAGE,
     hwm: int = DEFAULT_HWM,
+    keys: Keyring | None = None,
+    server: str = "",
 ) -> zmq.asyncio.Socket:
-    """A configured socket, bound or connected. `bind` may end in ':0' / ':*' for an ephemeral port."""
+    """A configured socket, bound or connected. `bind` may end in ':0' / ':*' for an ephemeral port.
+
+    keys: this process's deployment keys (bus/security.py): a bound socket becomes a CURVE server that admits the
+    deployment's members only (the process runs the authenticator), a connecting one a CURVE client of process
+    `server`. None: plaintext (standalone tools, tests of one piece)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
@@ -47,6 +54,11 @@ def make_socket(
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same identity takes over
+    if keys is not None:
+        if server:
+            as_client(sock, keys, server)
+        else:
+            as_server(sock, keys)
     try:
         if bind is not None:
             if bind.endswith(":0"):
@@ -64,12 +76,22 @@ def bound_address(sock: zmq.asyncio.Socket) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+async def recv_frames(sock: zmq.asyncio.Socket) -> list[Any]:
+    """The next multipart message (zero-copy frames). zmq.asyncio can find a message announced and then gone:
+    its connection closed in between (a peer relinking, a restart), and recv raises EAGAIN; wait for the next."""
+    while True:
+        try:
+            return await sock.recv_multipart(copy=False)
+        except zmq.Again:
+            continue
+
+
 async def recv_within(
     sock: zmq.asyncio.Socket, timeout: float, what: str, setting: str
 ) -> list[Any]:
     """Receive one multipart message within `timeout` seconds or raise DeadlineError naming `setting`."""
     try:
-        return await asyncio.wait_for(sock.recv_multipart(copy=False), timeout)
+        return await asyncio.wait_for(recv_frames(sock), timeout)
     except TimeoutError:
         raise DeadlineError(f"no {what} within {timeout:.1f}s (setting: {setting})") from None
 
@@ -113,7 +135,7 @@ class Receiver:
             else:
                 _rescan(self._sock)
                 return frames
-        return await self._sock.recv_multipart(copy=False)
+        return await recv_frames(self._sock)
 
 
 class Sender:
@@ -166,4 +188,8 @@ def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) ->
     route = [bytes(f.bytes if hasattr(f, "bytes") else f) for f in frames[:route_frames]]
     head = frames[route_frames]
     data = head.buffer if hasattr(head, "buffer") else head
-    return route, codec.decode(data, frames[route_frames + 1 :])
+    got = codec.decode(data, frames[route_frames + 1 :])
+    peer = peer_of_frame(head)  # set on CURVE server sockets: the authenticated process
+    if peer is not None and got.env.sender != peer:
+        raise ProtocolError(f"a message naming sender {got.env.sender!r} came from {peer!r}: refused", got.env.msg_id)
+    return route, got

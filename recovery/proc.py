@@ -46,6 +46,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from bus import security
 from bus.child import EXIT_CONFIG, STARTED, alive
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
@@ -61,7 +62,8 @@ from bus.messages import (
     ServerStoppingAck,
     Shutdown,
 )
-from bus.sockets import bound_address, context, decode_frames, make_socket, send
+from bus.security import CONTROLLER, SUPERVISOR
+from bus.sockets import bound_address, context, decode_frames, make_socket, recv_frames, send
 from recovery.specs import ChildSpec, DeploymentConfig
 from recovery.supervisor import (
     FAILED,
@@ -81,6 +83,7 @@ log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
+STREAMER = "streamer-0"  # this host's streamer (one per host)
 RUN_DIR_PARENT = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
 RUN_DIR_PREFIX = "dejavu-"  # dejavu-<supervisor pid>-<random>: local sockets of one deployment
 
@@ -137,12 +140,19 @@ class SupervisorProcess:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
-        self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
-        self.address = bound_address(self.sock)
         sweep_dead_deployments()
-        # local sockets of this deployment; under /tmp, since an ipc:// path may not exceed ~107 bytes
+        # local sockets and keys of this deployment (mode 0700); under /tmp, since an ipc:// path may not exceed
+        # ~107 bytes
         self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=RUN_DIR_PARENT)
         self.janitor = start_janitor(self.run_dir, f"{SHM_PREFIX}-{self.shm_prefix}-*")
+        # every process's own CURVE keypair: only the deployment's members can connect to any of its internal
+        # sockets, and each message's sender is the authenticated process (bus/security.py)
+        self.keys_dir = f"{self.run_dir}/keys"
+        security.generate(self.keys_dir, self._process_names())
+        self.keys = security.load(self.keys_dir, SUPERVISOR)
+        self.auth = security.start_authenticator(self.ctx, self.keys)
+        self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0", keys=self.keys)
+        self.address = bound_address(self.sock)
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
@@ -157,6 +167,8 @@ class SupervisorProcess:
             await self._shutdown(self.fatal or "stopping")
             receiver.cancel()
             watchdog.cancel()
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.destroy(linger=0)
             self._sweep()
             self.janitor.kill()  # swept: nothing is left for it (closing its pipe would make it sweep again)
@@ -164,6 +176,10 @@ class SupervisorProcess:
         if self.fatal:
             raise DeploymentError(self.fatal, self.fatal_config)
         return 0
+
+    def _process_names(self) -> list[str]:
+        names = [SUPERVISOR, CONTROLLER, *(f"stage-{i}" for i in range(self.cfg.num_stages))]
+        return [*names, STREAMER] if self.cfg.streamer else names
 
     async def _start(self) -> None:
         """Start every process at once: each spends seconds importing torch and loading, and none needs another
@@ -180,7 +196,7 @@ class SupervisorProcess:
             max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout, step_timeout=cfg.step_timeout,
             queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
-            flush_timeout=cfg.stop_notice_timeout,
+            flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         streamer_address = ""
@@ -188,9 +204,10 @@ class SupervisorProcess:
             # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
             # streamer binds it again - and adopts the stage pools its predecessor recorded beside it (their
             # shared memory outlives a streamer; the run directory and /dev/shm are swept at the end)
-            streamer_address = f"ipc://{self.run_dir}/streamer-0.control"
+            streamer_address = f"ipc://{self.run_dir}/{STREAMER}.control"
             sc = StreamerConfig(
-                name="streamer-0", control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
+                name=STREAMER, control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
+                keys_dir=self.keys_dir,
                 manifest=f"{self.run_dir}/streamer-0.pools.json",
                 swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
                 heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
@@ -207,7 +224,7 @@ class SupervisorProcess:
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
                 microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
                 cudnn_attention=cfg.cudnn_attention,
-                streamer_address=streamer_address, shm_prefix=self.shm_prefix,
+                streamer_address=streamer_address, shm_prefix=self.shm_prefix, keys_dir=self.keys_dir,
             )
             self._spawn(self._child(ChildSpec("stage", i, "stages.proc", st)))
         await self._wait(self.controller_hello, "the controller's Hello")
@@ -351,7 +368,7 @@ class SupervisorProcess:
 
     async def _receive(self) -> None:
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            frames = await recv_frames(self.sock)
             try:
                 route, msg = decode_frames(self.codec, frames, route_frames=1)
             except ProtocolError as e:
@@ -466,7 +483,7 @@ class SupervisorProcess:
             while (left := deadline - time.monotonic()) > 0:
                 if not await sock.poll(left * 1000):
                     break
-                frames = await sock.recv_multipart(copy=False)
+                frames = await recv_frames(sock)
                 try:
                     route, msg = decode_frames(self.codec, frames, route_frames=1)
                 except ProtocolError:

@@ -16,14 +16,15 @@ import zmq.asyncio
 
 from bus.codec import Codec, Received
 from bus.messages import Msg, StepRequest, TensorMeta
-from bus.sockets import bound_address, decode_frames, make_socket, send
+from bus.security import Keyring
+from bus.sockets import bound_address, decode_frames, make_socket, recv_frames, send
 from stages.frames import frame_tensor, tensor_frame
 
 
 class ActivationIn:
-    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, bind: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, bind: str, keys: Keyring | None = None) -> None:
         self.codec = codec
-        self.sock = make_socket(ctx, zmq.PULL, bind=bind)
+        self.sock = make_socket(ctx, zmq.PULL, bind=bind, keys=keys)
         self.address = bound_address(self.sock)
 
     async def recv(self) -> tuple[Received, torch.Tensor | None]:
@@ -31,7 +32,7 @@ class ActivationIn:
 
         A StepRequest whose `hidden` meta comes without a frame carries its tensor over NCCL: hidden is
         None and the receiver fetches it from its link."""
-        frames = await self.sock.recv_multipart(copy=False)
+        frames = await recv_frames(self.sock)
         _, msg = decode_frames(self.codec, frames)
         hidden = None
         body = msg.body
@@ -48,9 +49,10 @@ class ActivationIn:
 
 
 class ActivationOut:
-    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, address: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, codec: Codec, address: str, keys: Keyring | None = None,
+                 downstream: str = "") -> None:
         self.codec, self.address = codec, address
-        self.sock = make_socket(ctx, zmq.PUSH, connect=address)
+        self.sock = make_socket(ctx, zmq.PUSH, connect=address, keys=keys, server=downstream)
 
     async def send(self, step: StepRequest, hidden: torch.Tensor) -> None:
         meta, buf = tensor_frame(hidden)

@@ -40,6 +40,8 @@ class StageProcConfig:
     # stage's KV is in its keeping - waiting that long beats recomputing every request in flight.
     streamer_wait: float = 60.0
     shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
+    streamer_name: str = "streamer-0"  # the host's streamer process (the server key its client names)
+    keys_dir: str = ""  # the deployment's keys (bus/security.py); "" = plaintext sockets
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_stages:

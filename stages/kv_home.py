@@ -29,6 +29,7 @@ import zmq
 from streamer.layout import PoolLayout
 
 if TYPE_CHECKING:
+    from bus.security import Keyring
     from streamer.client import StreamerClient
     from streamer.memory import SharedPoolMemory
 
@@ -96,9 +97,12 @@ class KVHome:
 
 
 async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
-                    timeout: float, wait: float | None = None) -> KVHome:
+                    timeout: float, wait: float | None = None, client_name: str = "", keys: Keyring | None = None,
+                    streamer: str = "") -> KVHome:
     """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it. `wait`:
-    how long to wait for the streamer's first answer (default `timeout`, the deadline of every later one)."""
+    how long to wait for the streamer's first answer (default `timeout`, the deadline of every later one).
+    client_name: who the streamer knows as the pool's owner (the stage's process name; default the pool's name);
+    keys / streamer: this process's deployment keys and the streamer's process name (plaintext without keys)."""
     from streamer.client import StreamerClient
     from streamer.config import SHM_PREFIX
     from streamer.errors import StreamerError
@@ -106,7 +110,8 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
     from streamer.regions import layout_to_spec
 
     try:
-        client = StreamerClient(streamer_address, name, incarnation, request_timeout_s=timeout)
+        client = StreamerClient(streamer_address, client_name or name, incarnation, request_timeout_s=timeout,
+                                keys=keys, server=streamer)
     except zmq.ZMQError as e:  # an address this host cannot use
         log.warning("[kv] pool %s stays in private memory (streamer address %s: %s)", name, streamer_address, e)
         return KVHome(name, None, None, False)

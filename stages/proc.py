@@ -48,7 +48,8 @@ from bus.messages import (
     TopologyAck,
     Welcome,
 )
-from bus.sockets import context, decode_frames, make_socket, recv_within, send
+from bus.security import CONTROLLER, maybe_load, start_authenticator
+from bus.sockets import context, decode_frames, make_socket, recv_frames, recv_within, send
 from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
 from stages.errors import InvalidRequestError, StageError
@@ -67,7 +68,9 @@ MAX_LINK_FAILURES = 3  # epochs in a row a stage may fail to link (a neighbour d
 class StageProcess:
     def __init__(self, cfg: StageProcConfig) -> None:
         self.cfg = cfg
-        self.codec = Codec(f"stage-{cfg.index}", cfg.incarnation)
+        self.name = f"stage-{cfg.index}"  # its process name: its envelopes' sender and its key's name
+        self.upstream = f"stage-{cfg.index - 1}"  # the only sender its activation input takes
+        self.codec = Codec(self.name, cfg.incarnation)
         self.ctx = context()
         # The compute thread makes the stage's GPU current once: CUDA's current device is per thread, and
         # events, streams, graph capture and NCCL calls all act on it.
@@ -105,7 +108,9 @@ class StageProcess:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
         loop = self.loop = asyncio.get_running_loop()
-        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index)
+        self.keys = maybe_load(cfg.keys_dir, self.name)
+        self.auth = start_authenticator(self.ctx, self.keys)  # for the activation input it binds
+        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index, self.keys)
         await self.sup.hello()
         beats = asyncio.ensure_future(self.sup.run(cfg.heartbeat_interval, self._busy, lambda: self.state))
         try:
@@ -123,9 +128,9 @@ class StageProcess:
                 await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
                 return EXIT_CONFIG
             self.busy_since = 0.0
-            self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0")
+            self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0", self.keys)
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
-                                   identity=f"stage-{cfg.index}".encode())
+                                   identity=self.name.encode(), keys=self.keys, server=CONTROLLER)
             await self._hello()
             frames = await recv_within(self.ctl, cfg.handshake_timeout, "Welcome from the controller",
                                        "handshake_timeout")
@@ -148,6 +153,8 @@ class StageProcess:
             self.compute.shutdown(wait=False, cancel_futures=True)
             if self.kv is not None:
                 await self.kv.close(self.cfg.streamer_timeout)
+            if self.auth is not None:
+                self.auth.stop()
             self.ctx.destroy(linger=0)
 
     async def _kv_home(self, shard: ShardConfig) -> KVHome:
@@ -158,7 +165,8 @@ class StageProcess:
             return KVHome(f"kv-stage-{cfg.index}", None, None, False)
         return await open_home(f"kv-stage-{cfg.index}", pool_layout(shard), cfg.streamer_address, cfg.incarnation,
                                f"{cfg.shm_prefix}-stage{cfg.index}" if cfg.shm_prefix else f"stage{cfg.index}",
-                               cfg.streamer_timeout, wait=cfg.streamer_wait)
+                               cfg.streamer_timeout, wait=cfg.streamer_wait, client_name=self.name, keys=self.keys,
+                               streamer=cfg.streamer_name)
 
     async def _hello(self) -> None:
         cfg = self.cfg
@@ -181,7 +189,7 @@ class StageProcess:
 
     async def _control(self) -> None:
         while True:
-            frames = await self.ctl.recv_multipart(copy=False)
+            frames = await recv_frames(self.ctl)
             try:
                 _, msg = decode_frames(self.codec, frames)
             except ProtocolError as e:
@@ -238,7 +246,7 @@ class StageProcess:
         if not self.is_last:
             if not topo.downstream:
                 raise ProtocolError(f"stage {self.cfg.index} got a topology without a downstream address")
-            self.out = ActivationOut(self.ctx, self.codec, topo.downstream)
+            self.out = ActivationOut(self.ctx, self.codec, topo.downstream, self.keys, f"stage-{self.cfg.index + 1}")
             if self.nccl is not None:
                 uid = await self.nccl.open_out(self.on_gpu, self.cfg.link_timeout, topo.epoch)
                 await self.out.send_msg(LinkInit(topo.epoch, uid))
@@ -263,6 +271,10 @@ class StageProcess:
                 msg, hidden = await self.data_in.recv()
             except ProtocolError as e:
                 noisy.warning("bad-frame", "data", "[data] dropped a bad frame: %s", e)
+                continue
+            if msg.env.sender != self.upstream:  # (with keys, decode_frames checked the sender is who it says)
+                noisy.warning("not-upstream", msg.env.sender, "[data] %s is not this stage's upstream %s: dropped",
+                              msg.env.sender, self.upstream)
                 continue
             if isinstance(msg.body, StepRequest):
                 self.queue.put_nowait((msg.body, hidden))

@@ -25,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import ALL_MESSAGES, Envelope, ErrorReply, Msg
+from bus.security import Keyring
 from bus.sockets import Receiver, Sender, decode_frames, make_socket
 from streamer import wire
 from streamer.errors import StreamerDownError, StreamerError, error_for
@@ -73,13 +74,17 @@ class TransferHandle:
 
 class StreamerClient:
     def __init__(self, address: str, name: str, incarnation: int = 0, request_timeout_s: float = 5.0,
-                 transfer_timeout_s: float = 60.0, ctx: zmq.asyncio.Context | None = None) -> None:
+                 transfer_timeout_s: float = 60.0, ctx: zmq.asyncio.Context | None = None,
+                 keys: Keyring | None = None, server: str = "") -> None:
+        """keys / server: this process's deployment keys and the streamer's process name (bus/security.py: a
+        CURVE client); without keys, plaintext. With keys, `name` must be this process's name."""
         self.address, self.name, self.request_timeout_s = address, name, request_timeout_s
+        self._keys, self._server = keys, server
         self.transfer_timeout_s = transfer_timeout_s  # sent with every transfer that names no deadline
         self._own_ctx = ctx is None
         self._ctx = ctx if ctx is not None else zmq.asyncio.Context()
         self._codec = Codec(name, incarnation, types=ALL_MESSAGES)
-        self._sock = make_socket(self._ctx, zmq.DEALER, identity=name.encode())
+        self._sock = make_socket(self._ctx, zmq.DEALER, identity=name.encode(), keys=keys, server=server)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._sock.connect(address)
         self._out = Sender(self._sock)  # every send on _sock goes through it (order)
@@ -327,7 +332,8 @@ class _SignalSocket:
         # a synchronous socket (the project's socket factory) on the client's ZeroMQ context; sends queue until
         # the connection is up
         self._sock = make_socket(zmq.Context.shadow(client._ctx.underlying), zmq.DEALER, connect=client.address,
-                                 identity=f"{client.name}{wire.SIGNAL_SEP}{number}".encode())
+                                 identity=f"{client.name}{wire.SIGNAL_SEP}{number}".encode(), keys=client._keys,
+                                 server=client._server)
         self._codec = Codec(client.name, client._incarnation, types=ALL_MESSAGES)
         self.address = client.address
 

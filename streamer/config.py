@@ -95,6 +95,7 @@ class StreamerConfig:
     supervisor_address: str = ""  # "" = standalone (tests, benchmarks)
     supervisor_pid: int | None = None  # the child dies with this process (set by the supervisor)
     log_level: str = "INFO"  # when started by the supervisor (standalone: the command line's)
+    keys_dir: str = ""  # the deployment's keys (bus/security.py): CURVE on both sockets; "" = plaintext
     max_message_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:

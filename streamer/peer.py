@@ -24,6 +24,7 @@ import zmq.asyncio
 from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.messages import Msg
+from bus.security import Keyring
 from bus.sockets import Receiver, Sender, decode_frames, make_socket
 from streamer import wire
 from streamer.errors import BadRequestError, PeerDeadError, error_for
@@ -51,10 +52,11 @@ CHECK_S = 0.05  # how often the deadlines of answers waited for are checked (Pee
 
 class PeerLink:
     def __init__(self, ctx: zmq.asyncio.Context, me: str, name: str, address: str, codec: Codec, timeout: float,
-                 max_message: int) -> None:
+                 max_message: int, keys: Keyring | None = None) -> None:
         self.name, self.address, self.timeout = name, address, timeout
         self._codec = codec
-        self.sock = make_socket(ctx, zmq.DEALER, identity=me.encode(), max_message=max_message)
+        self.sock = make_socket(ctx, zmq.DEALER, identity=me.encode(), max_message=max_message, keys=keys,
+                                server=name)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.connect(address)
         self._out = Sender(self.sock)
@@ -201,8 +203,9 @@ class PeerNet:
     """All our links to peer streamers, created on first use from the known addresses."""
 
     def __init__(self, ctx: zmq.asyncio.Context, me: str, codec: Codec, timeout: float, max_message: int,
-                 addresses: dict[str, str]) -> None:
+                 addresses: dict[str, str], keys: Keyring | None = None) -> None:
         self._ctx, self.me, self._codec, self._timeout, self._max = ctx, me, codec, timeout, max_message
+        self._keys = keys  # with keys: a peer is reached as the process of its name (CURVE), no one else
         self.addresses = dict(addresses)
         self.links: dict[str, PeerLink] = {}
 
@@ -219,7 +222,7 @@ class PeerNet:
         address = self.addresses.get(name)
         if address is None:
             raise BadRequestError(f"unknown peer streamer {name!r}; known: {sorted(self.addresses)} (send PeerInfo)")
-        link = PeerLink(self._ctx, self.me, name, address, self._codec, self._timeout, self._max)
+        link = PeerLink(self._ctx, self.me, name, address, self._codec, self._timeout, self._max, self._keys)
         link.start()
         self.links[name] = link
         return link

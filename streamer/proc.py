@@ -33,6 +33,7 @@ from bus.codec import Codec
 from bus.errors import ProtocolError
 from bus.logs import Throttled, peer_of
 from bus.messages import ALL_MESSAGES, ERR_BAD_MESSAGE, ErrorReply, Msg, Shutdown
+from bus.security import Keyring, maybe_load, start_authenticator
 from bus.sockets import Receiver, Sender, bound_address, context, decode_frames, make_socket
 from streamer import trace
 from streamer.config import StreamerConfig
@@ -94,12 +95,16 @@ def run_streamer(config: StreamerConfig) -> int:
 async def _main(config: StreamerConfig) -> int:
     ctx = context()
     codec = streamer_codec(config.name, config.incarnation)
-    control = make_socket(ctx, zmq.ROUTER, bind=config.control_address, max_message=config.max_message_bytes)
-    data = make_socket(ctx, zmq.ROUTER, bind=config.data_address, max_message=config.max_message_bytes)
+    keys = maybe_load(config.keys_dir, config.name)  # with keys: only the deployment's members reach us
+    auth = start_authenticator(ctx, keys)
+    control = make_socket(ctx, zmq.ROUTER, bind=config.control_address, max_message=config.max_message_bytes,
+                          keys=keys)
+    data = make_socket(ctx, zmq.ROUTER, bind=config.data_address, max_message=config.max_message_bytes, keys=keys)
     gpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-gpu")
     cpu_exec = ThreadPoolExecutor(1, thread_name_prefix="streamer-copy")
     frame_exec = ThreadPoolExecutor(config.frame_threads, thread_name_prefix="streamer-frame")
-    peers = PeerNet(ctx, config.name, codec, config.peer_timeout_s, config.max_message_bytes, dict(config.peers))
+    peers = PeerNet(ctx, config.name, codec, config.peer_timeout_s, config.max_message_bytes, dict(config.peers),
+                    keys)
     svc = StreamerService(config, _Outbox(control, data, codec), peers, cpu_exec, gpu_exec, frame_exec)
     plane = DataPlane(svc)
     stop = asyncio.Event()
@@ -121,7 +126,7 @@ async def _main(config: StreamerConfig) -> int:
             tg.create_task(_data_loop(data, codec, plane), name="data")
             tg.create_task(_janitor(plane, config.peer_timeout_s), name="janitor")
             if config.supervisor_address:
-                tg.create_task(_supervisor(ctx, config, addresses, stop), name="supervisor")
+                tg.create_task(_supervisor(ctx, config, addresses, stop, keys), name="supervisor")
             tg.create_task(_until(stop), name="stop")
     except* _Stopped:
         pass
@@ -139,6 +144,8 @@ async def _main(config: StreamerConfig) -> int:
         gpu_exec.shutdown(wait=False, cancel_futures=True)
         cpu_exec.shutdown(wait=False, cancel_futures=True)
         frame_exec.shutdown(wait=False, cancel_futures=True)
+        if auth is not None:
+            auth.stop()
         ctx.destroy(0)
     return 0
 
@@ -189,12 +196,12 @@ async def _data_loop(sock: zmq.asyncio.Socket, codec: Codec, plane: DataPlane) -
 
 
 async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, addresses: tuple[str, str],
-                      stop: asyncio.Event) -> None:
+                      stop: asyncio.Event, keys: Keyring | None) -> None:
     """Hello, then a Heartbeat every heartbeat_interval_s; a Shutdown from the supervisor stops us."""
     from bus.child import SupervisorLink
 
     link = SupervisorLink(ctx, config.supervisor_address, streamer_codec(config.name, config.incarnation),
-                          "streamer", 0)
+                          "streamer", 0, keys)
     runner = None
     try:
         await link.hello({"control": addresses[0], "data": addresses[1]})

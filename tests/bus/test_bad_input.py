@@ -28,6 +28,8 @@ from bus.messages import (
     StepRequest,
     TensorMeta,
 )
+from bus.security import Keyring, as_client
+from bus.security import load as load_keys
 from bus.sockets import decode_frames
 from recovery.launch import Deployment
 from tests.conftest import start_deployment
@@ -132,14 +134,21 @@ def _fuzz_frames(rng: random.Random, codec: Codec) -> list[list[bytes]]:
     return out
 
 
-async def _fuzz_one(ctx: zmq.asyncio.Context, kind: int, addr: str, batch: list[list[bytes]]) -> bool:
-    """Send every frame list of ``batch`` to ``addr`` from a fresh socket of ``kind``; False when the peer's
-    socket type refuses ours at the ZMTP handshake (ZeroMQ reports a disconnect and drops the pipe; a send would
-    then wait for a peer forever). The handshake's outcome is read from the socket monitor, under a deadline."""
+async def _fuzz_one(ctx: zmq.asyncio.Context, kind: int, addr: str, batch: list[list[bytes]],
+                    keys: tuple[Keyring, str] | None = None) -> bool:
+    """Send every frame list of ``batch`` to ``addr`` from a fresh socket of ``kind`` (a CURVE client with `keys`
+    = (a member's keyring, the server's process name), else plaintext); False when the peer refuses ours at the
+    handshake: a socket type it does not pair with, or a security mechanism it does not accept (ZeroMQ reports a
+    failure or a disconnect and drops the pipe; a send would then wait for a peer forever). The handshake's
+    outcome is read from the socket monitor, under a deadline."""
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on completed connections: a refused peer never takes a frame
-    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    if keys is not None:
+        as_client(s, *keys)
+    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
     s.connect(addr)
     try:
         event = recv_monitor_message_sync(await asyncio.wait_for(mon.recv_multipart(), 30.0))
@@ -160,25 +169,36 @@ def test_fuzz_every_bound_socket_then_serve_exactly(dep: Deployment) -> None:
         async with AsyncClient(dep.address, timeout=60) as c:
             before = await c.status()
             baseline = await c.generate(prompt_token_ids=[9, 8, 7], max_new_tokens=8)
-            targets = [dep.address]
+            targets = [(dep.address, "")]  # the client socket: plaintext (no keys given to this deployment)
             for p in before["processes"]:
-                targets += [a for a in p["detail"].split() if a.startswith(("tcp://", "ipc://"))]
+                name = p["role"] if p["role"] in ("controller", "supervisor") else f"{p['role']}-{p['index']}"
+                targets += [(a, name) for a in p["detail"].split() if a.startswith(("tcp://", "ipc://"))]
             assert len(targets) >= 7  # client, internal, supervisor, 2 stage data sockets, streamer control + data
+            run_dir = next(a for a, _ in targets if a.startswith("ipc://")).removeprefix("ipc://").rsplit("/", 1)[0]
+            member = load_keys(f"{run_dir}/keys", "stage-1")  # fuzzing as a member: past CURVE, into decoding
             ctx = zmq.asyncio.Context()
             rng = random.Random(1234)
             codec = Codec("fuzz")
-            accepted: dict[str, list[int]] = {}
+            plain: dict[str, list[int]] = {}
+            keyed: dict[str, list[int]] = {}
             try:
-                for addr in targets:
+                for addr, server in targets:
                     for kind in (zmq.DEALER, zmq.PUSH):
-                        accepted.setdefault(addr, [])
+                        plain.setdefault(addr, [])
                         if await _fuzz_one(ctx, kind, addr, _fuzz_frames(rng, codec)):
-                            accepted[addr].append(kind)
+                            plain[addr].append(kind)
+                        if server:
+                            keyed.setdefault(addr, [])
+                            if await _fuzz_one(ctx, kind, addr, _fuzz_frames(rng, codec), (member, server)):
+                                keyed[addr].append(kind)
             finally:  # never left to the garbage collector: a context's term() there blocks a later test
                 ctx.destroy(linger=0)
             # Each bound socket is a ROUTER or a PULL, so exactly one of the two kinds is compatible with it and
-            # must have taken every frame; the other is refused at the ZMTP handshake (by design of ZeroMQ).
-            assert all(len(kinds) == 1 for kinds in accepted.values()), accepted
+            # must have taken every frame; the other is refused at the ZMTP handshake (by design of ZeroMQ). Every
+            # internal socket is a CURVE server: a plaintext peer is refused whatever its kind.
+            assert len(plain[dep.address]) == 1, plain
+            assert all(not kinds for addr, kinds in plain.items() if addr != dep.address), plain
+            assert all(len(kinds) == 1 for kinds in keyed.values()), keyed
             after = await c.status()
             again = await c.generate(prompt_token_ids=[9, 8, 7], max_new_tokens=8)
             assert again.token_ids == baseline.token_ids

@@ -18,6 +18,8 @@ import torch
 from bus.child import alive
 from bus.client import AsyncClient
 from bus.errors import DejaVuError
+from bus.security import SUPERVISOR
+from bus.security import load as load_keys
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.layers.sampling import SamplingParams
 from tests.conftest import start_deployment
@@ -465,7 +467,11 @@ def test_a_stage_killed_across_a_streamer_restart_comes_back_with_its_kv(model_f
                     os.kill(stage, signal.SIGKILL)
                     return
                 await _exited(streamer["pid"], 10)
-                probe = StreamerClient(control, "test-probe")
+                # the streamer admits the deployment's members only: the test speaks as the supervisor (which
+                # never talks to the streamer's control socket itself), with its key from the run directory
+                run_dir = control.removeprefix("ipc://").rsplit("/", 1)[0]
+                probe = StreamerClient(control, SUPERVISOR, keys=load_keys(f"{run_dir}/keys", SUPERVISOR),
+                                       server=streamer["role"] + "-0")
                 try:
                     got = await probe.status(timeout=60)  # queued until the restarted streamer answers
                     assert got.incarnation == 1

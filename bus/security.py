@@ -1,0 +1,161 @@
+"""Who is speaking: CurveZMQ keys for every process of a deployment, and the check that a message's sender is the
+authenticated peer, never a name written inside the message.
+
+A deployment has one keypair per process name ("controller", "supervisor", "streamer-0", "stage-3", ...), made at
+start (`generate`) into a directory only the deployment's user can read, as `<name>.key_secret` files and one
+`public.json` table. Every socket a process binds is a CURVE server with its own key; every socket it connects
+is a CURVE client with its own key that names the server's public key. A ZAP handler in each binding process
+(pyzmq's authenticator, on a thread of its own so a busy event loop cannot stall a handshake) admits exactly the
+deployment's public keys and tags every message of a connection with the peer's process name (ZeroMQ's
+"User-Id"). `decode_frames` (bus/sockets.py) then refuses a message whose envelope names another sender. So a
+local process without the keys cannot connect to any socket of the deployment, and a member cannot speak for
+another one. Encryption comes with CURVE.
+
+Without keys (standalone tools and tests of a single library piece) sockets are plaintext and nothing is
+checked: `Keyring` is None there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+PUBLIC_TABLE = "public.json"
+SUPERVISOR, CONTROLLER = "supervisor", "controller"  # process names (= their envelopes' sender)
+ZAP_DOMAIN = "dejavu"
+USER_ID = "User-Id"  # ZeroMQ's message property set from the ZAP handler's answer
+
+
+class KeysError(ValueError):
+    """A keys directory is missing, unreadable or does not hold this process's key."""
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """One process's view of the deployment's keys: its own keypair and every member's public key."""
+
+    name: str
+    public: dict[str, bytes]  # process name -> Z85 public key
+    secret: bytes  # this process's Z85 secret key
+
+    @property
+    def own_public(self) -> bytes:
+        return self.public[self.name]
+
+    def server_key(self, server: str) -> bytes:
+        try:
+            return self.public[server]
+        except KeyError:
+            raise KeysError(f"no public key for {server!r} among the deployment's keys") from None
+
+
+def generate(directory: Path | str, names: list[str]) -> None:
+    """Make a keypair for every name (0600 files in a 0700 directory); keeps the names it has already."""
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    table_path = d / PUBLIC_TABLE
+    table: dict[str, str] = json.loads(table_path.read_text()) if table_path.is_file() else {}
+    for name in names:
+        if name in table:
+            continue
+        public, secret = zmq.curve_keypair()
+        _write_private(d / f"{name}.key_secret", secret)
+        table[name] = public.decode("ascii")
+    tmp = d / f".{PUBLIC_TABLE}.tmp"
+    _write_private(tmp, json.dumps(table, indent=1).encode())
+    tmp.replace(table_path)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def load(directory: Path | str, name: str) -> Keyring:
+    d = Path(directory)
+    try:
+        table = json.loads((d / PUBLIC_TABLE).read_text())
+        secret = (d / f"{name}.key_secret").read_bytes().strip()
+    except (OSError, ValueError) as e:
+        raise KeysError(f"{d}: cannot read the keys of {name!r} ({e})") from None
+    if name not in table:
+        raise KeysError(f"{d}: no public key for {name!r}")
+    return Keyring(name, {k: v.encode("ascii") for k, v in table.items()}, secret)
+
+
+def maybe_load(directory: str, name: str) -> Keyring | None:
+    """The keyring of `name` from `directory`, or None where no directory is given (plaintext)."""
+    return load(directory, name) if directory else None
+
+
+def as_server(sock: zmq.Socket, keyring: Keyring | None) -> None:
+    """Make `sock` (before bind) a CURVE server with this process's key; members are admitted by the ZAP handler."""
+    if keyring is None:
+        return
+    sock.curve_secretkey = keyring.secret
+    sock.curve_publickey = keyring.own_public
+    sock.curve_server = True
+    sock.zap_domain = ZAP_DOMAIN.encode()
+
+
+def as_client(sock: zmq.Socket, keyring: Keyring | None, server: str) -> None:
+    """Make `sock` (before connect) a CURVE client with this process's key, talking to process `server`."""
+    if keyring is None:
+        return
+    sock.curve_secretkey = keyring.secret
+    sock.curve_publickey = keyring.own_public
+    sock.curve_serverkey = keyring.server_key(server)
+
+
+class _Members:
+    """The ZAP handler's view: a client key is admitted when it is a member's; its User-Id is the member's name."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.by_key = {v: k for k, v in keyring.public.items()}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.by_key
+
+
+class _NamingAuthenticator(ThreadAuthenticator):
+    def __init__(self, context: zmq.Context, members: _Members) -> None:
+        super().__init__(context)
+        self.members = members
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        from zmq.utils import z85
+
+        return self.members.by_key.get(z85.encode(client_public_key), "?")
+
+
+def start_authenticator(ctx: zmq.Context, keyring: Keyring | None) -> ThreadAuthenticator | None:
+    """Run the ZAP handler for the sockets this process binds (call once per context, before binding). Returns it
+    (stop() it before destroying the context), or None without keys."""
+    if keyring is None:
+        return None
+    members = _Members(keyring)
+    auth = _NamingAuthenticator(zmq.Context.shadow(ctx.underlying), members)
+    auth.start()
+    auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=members)
+    return auth
+
+
+def peer_of_frame(frame: object) -> str | None:
+    """The authenticated process name of the connection a received frame came from, or None (plaintext)."""
+    get = getattr(frame, "get", None)
+    if get is None:
+        return None
+    try:
+        value = get(USER_ID)
+    except zmq.ZMQError:
+        return None
+    return value or None
