@@ -107,17 +107,21 @@ class SupervisorLink:
     """DEALER to the supervisor: announces the child, sends heartbeats, and turns Shutdown into `stop`."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str, codec: Codec, role: str, index: int,
-                 keys: Keyring | None = None) -> None:
+                 keys: Keyring | None = None, server: str = SUPERVISOR, host: str = "") -> None:
+        """server: the supervising process's name (its public key): "supervisor" for the controller, the host
+        agent's name ("agent-<slot>") for a stage or a streamer. host: the host id its Hello names (default: the
+        machine's host name)."""
         self.codec, self.role, self.index = codec, role, index
+        self.host = host or socket.gethostname()
         identity = f"{role}-{index}-{codec.incarnation}".encode()
-        self.sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity, keys=keys, server=SUPERVISOR)
+        self.sock = make_socket(ctx, zmq.DEALER, connect=address, identity=identity, keys=keys, server=server)
         self.stop = asyncio.Event()
         self.stop_reason = ""
         # other messages from the supervisor (ProcessDown, FatalError, forwarded Hellos) go here
         self.on_message: Callable[[Received], Awaitable[None] | None] | None = None
 
     async def hello(self, addresses: dict[str, str] | None = None, layers: list[int] | None = None) -> None:
-        await send(self.sock, self.codec, Hello(self.role, self.index, os.getpid(), socket.gethostname(),
+        await send(self.sock, self.codec, Hello(self.role, self.index, os.getpid(), self.host,
                                                 addresses or {}, layers or [], started=STARTED))
 
     async def fatal(self, message: str, linger_s: float = 2.0) -> None:

@@ -66,6 +66,8 @@ from bus.messages import (
     FatalError,
     GenerateRequest,
     Hello,
+    HostInfo,
+    HostsUpdate,
     KeepAlive,
     ProcessDown,
     ProcessInfo,
@@ -148,6 +150,8 @@ class Registry:
     stages: dict[int, StageEntry] = field(default_factory=dict)
     others: dict[tuple[str, int], ProcessInfo] = field(default_factory=dict)
     started: dict[tuple[str, int], float] = field(default_factory=dict)  # others' start (wall clock)
+    hosts: list[HostInfo] = field(default_factory=list)  # from the supervisor (HostsUpdate)
+    unplaced: list[int] = field(default_factory=list)  # stages no host can take now: degraded
 
 
 class ControllerProcess:
@@ -358,7 +362,15 @@ class ControllerProcess:
                      for key, info in self.reg.others.items())
         waiting, running = self.core.counts()
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
-                           self.cfg.num_microbatches * self.cfg.microbatch_size)
+                           self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
+                           self._deployment_state())
+
+    def _deployment_state(self) -> str:
+        if self.fatal or self.stopping:
+            return "stopping"
+        if self.reg.unplaced:
+            return "degraded"  # a stage has no host to run on: requests wait (queue_timeout) for a host to join
+        return "serving" if self.core.ready else "starting"
 
     def _heard_from(self, client: bytes) -> None:
         self.known_clients[client] = None
@@ -533,8 +545,9 @@ class ControllerProcess:
                 key = (body.role, body.index)
                 if key in self.reg.others:
                     old = self.reg.others[key]
-                    self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation, "restarting",
-                                                       old.host, body.reason)
+                    self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation,
+                                                       "restarting" if body.restarting else "dead", old.host,
+                                                       body.reason)
         elif isinstance(body, FatalError):
             self.fatal = body.message
             log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)
@@ -542,8 +555,10 @@ class ControllerProcess:
             self.core.fail_all(ERR_SERVER, body.message)
             await self._flush()
             await self._tell_clients(body.message)
+        elif isinstance(body, HostsUpdate):
+            self.reg.hosts, self.reg.unplaced = list(body.hosts), list(body.unplaced)
         elif isinstance(body, Hello):
-            # the supervisor forwards other processes' identities (itself, the streamer) for status()
+            # the supervisor forwards other processes' identities (itself, the agents, the streamers) for status()
             incarnation = body.incarnation if body.incarnation >= 0 else msg.env.incarnation
             self.reg.others[(body.role, body.index)] = ProcessInfo(
                 body.role, body.index, body.pid, incarnation, "serving", body.host,

@@ -58,6 +58,18 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     seed: int = 0
 
 
+class HostInfo(msgspec.Struct, frozen=True, array_like=True):
+    host_id: str
+    state: str  # "joining" | "up" | "spare" | "dead"
+    address: str = ""
+    pid: int = 0
+    boot: int = 0
+    devices: list[str] = []
+    stages: list[int] = []
+    since_s: float = 0.0  # seconds in this state
+    hostname: str = ""
+
+
 class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     role: str  # "controller" | "stage" | "supervisor" | "streamer"
     index: int
@@ -179,6 +191,8 @@ class StatusReply(Msg, tag=26):
     waiting: int
     running: int
     slots: int = 0  # requests the deployment runs at once (microbatches x microbatch size)
+    hosts: list[HostInfo] = []  # every host agent the deployment knows, with its state
+    state: str = ""  # "starting" | "serving" | "degraded" (a stage has no host to run on) | "stopping"
 
 
 class KeepAlive(Msg, tag=27):
@@ -280,6 +294,10 @@ class StageStats(Msg, tag=45):
 
 
 # ---------------------------------------------------------------- 70-89: supervisor ------------------
+# The cluster supervisor (dejavu-serve) and the host agents (dejavu-agent, one per machine or simulated host):
+# an agent says AgentHello until it is welcomed (HostWelcome: its slot, its processes' keys, the supervision
+# policy), is told which stages to run (Assign: the whole set, so a repeat is harmless), and reports what its
+# processes do (HostBeat, answered by Heartbeat: silence either way for heartbeat_timeout ends the host's lease).
 
 
 class ProcessDown(Msg, tag=70):
@@ -298,12 +316,86 @@ class DeploymentReady(Msg, tag=71):
     epoch: int
 
 
+class AgentHello(Msg, tag=73):
+    """Agent -> cluster supervisor, every heartbeat interval until welcomed: this host joins."""
+
+    host_id: str
+    boot: int  # this agent process's incarnation (random, fixed for its life): a fenced boot stays fenced
+    pid: int
+    address: str  # the address its processes bind and advertise (the agent's --advertise)
+    devices: list[str]  # what it offers stages: ["cpu"] or ["cuda:0", "cuda:1", ...]
+    hostname: str = ""
+    local: bool = False  # a simulated host started by dejavu-serve itself (shares its machine)
+    spare: bool = False  # asks to hold no stage until one is needed
+
+
+class StageAssignment(msgspec.Struct, frozen=True, array_like=True):
+    index: int
+    incarnation: int  # of its first process here; restarts in place count up from it
+    device: str
+    config: str  # the stage's StageProcConfig as JSON, host-specific fields filled in by the agent
+    secret: bytes  # its CURVE secret key (the link carrying this message is CURVE-encrypted)
+
+
+class HostWelcome(Msg, tag=74):
+    """Cluster supervisor -> agent: you are host `slot` of the deployment."""
+
+    host_id: str
+    boot: int
+    slot: int
+    public: dict[str, str]  # every member's public key (process name -> Z85)
+    secrets: dict[str, bytes]  # this host's own processes' secret keys (its agent and streamer names)
+    policy: str  # recovery.specs.HostPolicy as JSON: how the agent supervises, its streamer's pools
+
+
+class Assign(Msg, tag=75):
+    """Cluster supervisor -> agent: run exactly these stages (start the missing ones, stop the others)."""
+
+    host_id: str
+    boot: int
+    stages: list[StageAssignment]
+
+
+class HostProcess(msgspec.Struct, frozen=True, array_like=True):
+    role: str
+    index: int
+    pid: int
+    incarnation: int
+    state: str
+
+
+class HostBeat(Msg, tag=76):
+    """Agent -> cluster supervisor, every heartbeat interval: I am alive, and this is what my processes do."""
+
+    host_id: str
+    boot: int
+    seq: int
+    processes: list[HostProcess] = []
+
+
+class Fenced(Msg, tag=77):
+    """Cluster supervisor -> an agent declared dead (or unknown): stop every process of this host and exit. Its
+    stages run elsewhere now; a new agent process may join again as a fresh host."""
+
+    host_id: str
+    boot: int
+    reason: str
+
+
+class HostsUpdate(Msg, tag=78):
+    """Cluster supervisor -> controller, whenever a host changes state: for status()."""
+
+    hosts: list[HostInfo]
+    unplaced: list[int] = []  # stages no host can take now: the deployment is degraded
+
+
 class FatalError(Msg, tag=72):
     """Supervisor -> controller: stop serving, the deployment cannot go on. Child -> supervisor: this process
     cannot start as configured (a port in use, a model it cannot load); it exits with code 2 and is not
     restarted, since a new incarnation would fail the same way."""
 
     message: str
+    config: bool = False  # agent -> cluster supervisor: a setting must change (dejavu-serve exits with code 2)
 
 
 # ---------------------------------------------------------------- 200-299: streamer -----------------
@@ -722,5 +814,5 @@ COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive,
           ServerStopping, ServerStoppingAck)
 STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver)
-SUPERVISOR = (ProcessDown, DeploymentReady, FatalError)
+SUPERVISOR = (ProcessDown, DeploymentReady, FatalError, AgentHello, HostWelcome, Assign, HostBeat, Fenced, HostsUpdate)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

@@ -72,6 +72,36 @@ def generate(directory: Path | str, names: list[str]) -> None:
     tmp.replace(table_path)
 
 
+def install(directory: Path | str, public: dict[str, str], secrets: dict[str, bytes]) -> None:
+    """Write keys made elsewhere (a host agent receives its processes' keys when it joins): the public table as
+    given and the named secret keys, in generate()'s format and modes."""
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    for name, secret in secrets.items():
+        if "/" in name or name.startswith("."):
+            raise KeysError(f"bad key name {name!r}")
+        _write_private(d / f"{name}.key_secret", secret)
+    tmp = d / f".{PUBLIC_TABLE}.tmp"
+    _write_private(tmp, json.dumps(public, indent=1).encode())
+    tmp.replace(d / PUBLIC_TABLE)
+
+
+def read_table(directory: Path | str) -> dict[str, str]:
+    """The public table of a keys directory (process name -> Z85 public key)."""
+    try:
+        return json.loads((Path(directory) / PUBLIC_TABLE).read_text())
+    except (OSError, ValueError) as e:
+        raise KeysError(f"{directory}: cannot read {PUBLIC_TABLE} ({e})") from None
+
+
+def read_secret(directory: Path | str, name: str) -> bytes:
+    try:
+        return (Path(directory) / f"{name}.key_secret").read_bytes().strip()
+    except OSError as e:
+        raise KeysError(f"{directory}: cannot read the secret key of {name!r} ({e.strerror})") from None
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

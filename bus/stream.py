@@ -160,6 +160,7 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
         "processes": [{k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in reply.processes],
         "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
         "waiting": reply.waiting, "running": reply.running, "slots": reply.slots,
+        "state": reply.state, "hosts": [msgspec.structs.asdict(h) for h in reply.hosts],
     }
 
 

@@ -45,7 +45,7 @@ def check_deployment(cfg: DeploymentConfig) -> Checked:
     spec = check_model(Path(cfg.model_dir))
     check_layout(cfg, spec)
     check_port(cfg.host, cfg.port)
-    if cfg.device == "cuda":
+    if cfg.device == "cuda" and cfg.hosts:
         check_gpus(cfg)
     warnings = []
     if cfg.device == "cpu" and cfg.streamer:
@@ -124,6 +124,10 @@ def check_gpus(cfg: DeploymentConfig) -> None:
     if cfg.num_stages > gpus:
         raise UsageError(f"--stages {cfg.num_stages} --device cuda: each stage takes one GPU and {gpus} are "
                          f"visible; choose at most {gpus} stages")
+    per_host = -(-cfg.num_stages // cfg.hosts)  # a simulated host's GPUs: its block of stages
+    if per_host * (cfg.hosts + cfg.spare_hosts) > gpus:
+        raise UsageError(f"--hosts {cfg.hosts} --spare-hosts {cfg.spare_hosts} --device cuda: each simulated host "
+                         f"takes {per_host} of this machine's {gpus} GPU(s); use fewer hosts or spares")
     if cfg.transport in ("auto", "nccl") and importlib.util.find_spec("cupy") is None:
         raise UsageError("--device cuda: the activation plane uses NCCL through CuPy, which is not installed; "
                          "pip install 'dejavu-serving[cuda12]' (or [cuda13]), or use --transport zmq")

@@ -1,193 +1,191 @@
-"""The supervisor: starts a deployment's processes, watches them, restarts failed ones, stops everything in
-bounded time. `run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
+"""The cluster supervisor, `dejavu-serve`'s process: it runs the controller, starts the local host agents
+(simulated hosts), admits remote ones, places the stages on the hosts and moves them when a host is lost.
+`run_supervisor(config, on_ready)` is what `bin/dejavu-serve` calls.
 
-Start: bind the supervisor socket, fix the addresses the children need (the controller's internal socket, the
-streamer's control socket: ipc:// paths in the run directory), start the janitor, then the controller, the host's
-KV streamer and every stage at once (each spends seconds importing torch and loading; ZeroMQ delivers once the
-binder is up) -> wait for the controller's Hello (it says where clients connect), the streamer's Hello and the
-controller's DeploymentReady -> `on_ready(address)`.
-Watching: a child's exit is seen at once (its process is awaited); a child silent for longer than
-`heartbeat_timeout` is killed (SIGKILL), which turns a hang into an exit. A dead stage or streamer is reported
-to the controller (ProcessDown) and restarted as a new incarnation. So is a dead controller: it binds the same
-addresses, stages register again when it asks them, and clients resume their requests from the tokens they
-hold.
-
-Restart budgets: every process has its own (recovery/supervisor.py): at most `max_restarts` restarts of that
-process within `restart_window` seconds, so failures of different processes spread over time never add up.
-Each restart of a process that failed again soon waits a growing back-off first (`restart_backoff`, doubling up
-to `restart_backoff_max`; immediate again once it stayed up `restart_backoff_reset` seconds), on a timer of its
-own: heartbeats of the others are watched meanwhile, and a stop abandons the wait. A process past its budget
-stops the deployment with an error naming it and the settings: the controller fails every request in flight
-with that message and tells every client it knows (ServerStopping) before it exits. When the controller itself
-is gone for good, the supervisor stands in for it at the client address for `stop_notice_timeout` seconds:
-clients waiting to reconnect come back to it (within ZeroMQ's reconnect interval), and it answers each with
-ServerStopping, so they too fail their requests at once rather than when their reconnect_timeout passes.
-Stopping: Shutdown to every child, then SIGTERM after `shutdown_timeout`, then SIGKILL after `kill_timeout`: no
-process is left behind.
+Processes: the controller (a child of this process, watched and restarted like any child: recovery/children.py)
+and one host agent per host (recovery/agent.py), which runs that host's KV streamer and stages. `--hosts H`
+starts H agents here as simulated hosts (each its own loopback address 127.0.0.<2+k>, streamer, shared-memory
+namespace and run directory; a lone host uses 127.0.0.1), `--spare-hosts K` K more that hold no stage until one
+is needed; agents on other machines join at `--agent-bind` (they need the user's keys: `--keys`).
+Keys: every process has its own CURVE keypair (bus/security.py), made here at start; an agent receives those of
+its processes when it joins, over its CURVE link authenticated with the user's `agent` key (or, without --keys,
+one made here for the local agents only). The supervisor's key is the user's `server` key.
+Start: bind the agent socket, start the janitor, the controller and the local agents at once; place the stages
+once `--min-hosts` hosts joined (default: the local ones; recovery/hosts.py decides where), then wait for the
+controller's DeploymentReady and the streamers' Hellos -> `on_ready(address)`.
+Hosts: a host silent for `heartbeat_timeout` (or whose local agent process exited) is declared dead: its boot is
+fenced (whatever it says later is answered Fenced, and it stops its processes), the controller hears that its
+stages are down, and they move to a spare host, else to live hosts with a free device, else the deployment is
+`degraded` until a host joins. A restarted agent (a new boot) joins as a fresh host.
+Stopping and failures: as recovery/children.py says; a process past its restart budget stops the deployment -
+the controller fails every request in flight with that message and tells every client it knows
+(ServerStopping) before it exits. When the controller itself is gone for good, the supervisor stands in for it
+at the client address for `stop_notice_timeout` seconds and answers each client that comes back with
+ServerStopping.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import msgspec
 import zmq
 
 from bus import security
-from bus.child import EXIT_CONFIG, STARTED, alive
+from bus.child import STARTED, encode_config
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
 from bus.logs import Throttled, peer_of
 from bus.messages import (
+    AgentHello,
+    Assign,
     DeploymentReady,
     FatalError,
+    Fenced,
     Heartbeat,
     Hello,
+    HostBeat,
+    HostsUpdate,
+    HostWelcome,
     ProcessDown,
     ServerStopping,
     ServerStoppingAck,
     Shutdown,
+    StageAssignment,
 )
 from bus.security import CONTROLLER, SUPERVISOR
 from bus.sockets import bound_address, context, decode_frames, make_socket, recv_frames, send
-from recovery.specs import ChildSpec, DeploymentConfig
-from recovery.supervisor import (
-    FAILED,
-    RESTARTING,
-    SERVING,
-    STARTING,
-    STOPPED,
-    Backoff,
-    ChildState,
-    RestartIntensity,
+from recovery.agent import AGENT_KEY, EXIT_FENCED, SERVER_KEY, AgentConfig
+from recovery.children import (
+    Child,
+    ChildSupervisor,
+    DeploymentError,
+    StartAborted,
+    make_run_dir,
+    start_janitor,
+    sweep,
+    sweep_dead_deployments,
 )
+from recovery.hosts import DEAD, Host, HostTable
+from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig
+from recovery.supervisor import SERVING
 from stages.config import StageProcConfig
 from stages.models.spec import read_spec, split_layers
-from streamer.config import SHM_DIR, SHM_PREFIX, StreamerConfig
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
-
-STREAMER = "streamer-0"  # this host's streamer (one per host)
-RUN_DIR_PARENT = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
-RUN_DIR_PREFIX = "dejavu-"  # dejavu-<supervisor pid>-<random>: local sockets of one deployment
+__all__ = ["DeploymentError", "SupervisorProcess", "run_supervisor"]
 
 
-class DeploymentError(RuntimeError):
-    """The deployment could not start or could not go on; the message says why and what governs it.
-    `config`: a process could not start as configured (the user must change a setting: exit code 2)."""
-
-    def __init__(self, message: str, config: bool = False) -> None:
-        super().__init__(message)
-        self.config = config
+def local_address(k: int, total: int) -> str:
+    """Simulated host k's own loopback address (a lone host keeps 127.0.0.1)."""
+    return "127.0.0.1" if total == 1 else f"127.0.0.{2 + k}"
 
 
-class StartAborted(Exception):
-    """A failure or a signal ended the start-up; `fatal` says which."""
+def tcp_host(address: str) -> str:
+    """The host part of tcp://HOST:PORT."""
+    return address.removeprefix("tcp://").rsplit(":", 1)[0]
 
 
-@dataclass
-class Child:
-    spec: ChildSpec
-    state: ChildState
-    budget: RestartIntensity  # its own: restarts of this process only
-    backoff: Backoff
-    proc: asyncio.subprocess.Process | None = None
-    route: bytes | None = None
-    said_hello: bool = False
-    exited: bool = False  # its incarnation is gone (it may be waiting out its back-off): its heartbeats are stale
-    cannot_start: str = ""  # its FatalError: why it cannot start as configured
-
-
-class SupervisorProcess:
-    def __init__(self, cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> None:
+class SupervisorProcess(ChildSupervisor):
+    def __init__(self, cfg: DeploymentConfig, on_ready: Callable[[str, str], None] | None = None) -> None:
+        super().__init__(cfg.policy(), cfg.log_dir)
         self.cfg = cfg
-        self.on_ready = on_ready or (lambda address: None)
-        self.codec = Codec("supervisor", 0)
+        self.on_ready = on_ready or (lambda client, agents: None)
+        self.codec = Codec(SUPERVISOR, 0)
         self.ctx = context()
-        self.children: dict[str, Child] = {}
-        self.stopping = False
-        self.stop = asyncio.Event()
-        self.fatal: str | None = None
-        self.fatal_config = False  # the fatal error is a setting to change (exit code 2)
-        self.config_error = asyncio.Event()  # some child said it cannot start as configured
         self.ready = asyncio.Event()
         self.controller_hello = asyncio.Event()
-        self.streamer_hello = asyncio.Event()
+        self.streamers_up = asyncio.Event()
         self.addresses: dict[str, str] = {}
-        self.forwarded: dict[str, Hello] = {}  # other processes' Hellos the controller lists in status()
-        self.shm_prefix = f"d{os.getpid()}"  # this deployment's shared-memory KV pools: dejavu-kv-d<pid>-*
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.forwarded: dict[tuple[str, int], Hello] = {}  # other processes' Hellos the controller lists in status()
+        self.table = HostTable(cfg.num_stages, MAX_HOSTS)
+        self.placement_note = ""
+        self.boots: dict[str, int] = {}
+        self.local_hosts = cfg.hosts + cfg.spare_hosts
+        self.auth = None
 
     # ------------------------------------------------------------------ main
 
     async def run(self) -> int:
+        import signal
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._request_stop, f"signal {signal.Signals(sig).name}")
         sweep_dead_deployments()
-        # local sockets and keys of this deployment (mode 0700); under /tmp, since an ipc:// path may not exceed
-        # ~107 bytes
-        self.run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=RUN_DIR_PARENT)
-        self.janitor = start_janitor(self.run_dir, f"{SHM_PREFIX}-{self.shm_prefix}-*")
-        # every process's own CURVE keypair: only the deployment's members can connect to any of its internal
-        # sockets, and each message's sender is the authenticated process (bus/security.py)
-        self.keys_dir = f"{self.run_dir}/keys"
-        security.generate(self.keys_dir, self._process_names())
-        self.keys = security.load(self.keys_dir, SUPERVISOR)
-        self.auth = security.start_authenticator(self.ctx, self.keys)
-        self.sock = make_socket(self.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0", keys=self.keys)
+        self.run_dir = make_run_dir()
+        self.janitor = start_janitor(self.run_dir, f"dejavu-kv-d{os.getpid()}-*")
+        try:
+            self._make_keys()
+            self.auth = security.start_authenticator(self.ctx, self.keys)
+            self.sock = make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.agent_bind, keys=self.keys)
+        except (security.KeysError, zmq.ZMQError) as e:
+            self.fatal, self.fatal_config = f"cannot listen for agents at {self.cfg.agent_bind}: {e}", True
+            self._close()
+            raise DeploymentError(self.fatal, True) from None
         self.address = bound_address(self.sock)
         receiver = asyncio.ensure_future(self._receive())
         watchdog = asyncio.ensure_future(self._watchdog())
+        leases = asyncio.ensure_future(self._leases())
         try:
             await self._start()
-            self.on_ready(self.addresses["client"])
+            self.on_ready(self.addresses["client"], self.address)
             await self.stop.wait()
         except StartAborted:
             pass
         except DeadlineError as e:
-            self.fatal = str(e)
+            self.fatal = f"{e}{f' ({self.placement_note})' if self.placement_note else ''}"
         finally:
             await self._shutdown(self.fatal or "stopping")
-            receiver.cancel()
-            watchdog.cancel()
-            if self.auth is not None:
-                self.auth.stop()
-            self.ctx.destroy(linger=0)
-            self._sweep()
-            self.janitor.kill()  # swept: nothing is left for it (closing its pipe would make it sweep again)
-            self.janitor.wait()
+            for t in (receiver, watchdog, leases):
+                t.cancel()
+            self._close()
         if self.fatal:
             raise DeploymentError(self.fatal, self.fatal_config)
         return 0
 
-    def _process_names(self) -> list[str]:
-        names = [SUPERVISOR, CONTROLLER, *(f"stage-{i}" for i in range(self.cfg.num_stages))]
-        return [*names, STREAMER] if self.cfg.streamer else names
+    def _close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.destroy(linger=0)
+        sweep(self.run_dir, "")
+        self.janitor.kill()  # swept: nothing is left for it (closing its pipe would make it sweep again)
+        self.janitor.wait()
+
+    def _make_keys(self) -> None:
+        """The agents' keys: the user's (--keys DIR: `server` for this process, `agent` for every agent), else a
+        pair made here for the local agents. Every process's own keypair: made here, in the run directory."""
+        cfg = self.cfg
+        self.join_keys = cfg.keys_dir or f"{self.run_dir}/join"
+        if not cfg.keys_dir:
+            security.generate(self.join_keys, [SERVER_KEY, AGENT_KEY])
+        join_table = security.read_table(self.join_keys)
+        self.keys_dir = f"{self.run_dir}/keys"
+        # this process speaks as "supervisor" with the server key; agents as "agent" with the agent key
+        security.install(self.keys_dir, {SUPERVISOR: join_table[SERVER_KEY], AGENT_KEY: join_table[AGENT_KEY]},
+                         {SUPERVISOR: security.read_secret(self.join_keys, SERVER_KEY)})
+        names = [CONTROLLER, *(f"stage-{i}" for i in range(cfg.num_stages)),
+                 *(f"{role}-{k}" for k in range(MAX_HOSTS) for role in ("agent", "streamer"))]
+        security.generate(self.keys_dir, names)
+        self.keys = security.load(self.keys_dir, SUPERVISOR)
+        self.public = security.read_table(self.keys_dir)
 
     async def _start(self) -> None:
-        """Start every process at once: each spends seconds importing torch and loading, and none needs another
-        to be up first (sockets connect to addresses fixed here and ZeroMQ delivers once the peer binds). The
-        client address is the controller's to choose (--port 0), so the ready line waits for its Hello."""
+        """Start the controller and the local agents at once (each spends seconds importing torch and loading;
+        ZeroMQ delivers once the binder is up); place the stages once enough hosts joined; wait for the
+        controller's DeploymentReady."""
         cfg, pid = self.cfg, os.getpid()
-        spec = read_spec(Path(cfg.model_dir))
-        internal = f"ipc://{self.run_dir}/controller.internal"
+        self.spec = spec = read_spec(Path(cfg.model_dir))
+        internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
             model_dir=cfg.model_dir, vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids,
             num_stages=cfg.num_stages, microbatch_size=cfg.microbatch_size,
@@ -199,165 +197,179 @@ class SupervisorProcess:
             flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
-        streamer_address = ""
-        if cfg.streamer:
-            # a fixed local address (not an ephemeral port): stages connect before it is up, and a restarted
-            # streamer binds it again - and adopts the stage pools its predecessor recorded beside it (their
-            # shared memory outlives a streamer; the run directory and /dev/shm are swept at the end)
-            streamer_address = f"ipc://{self.run_dir}/{STREAMER}.control"
-            sc = StreamerConfig(
-                name=STREAMER, control_address=streamer_address, data_address=f"tcp://{cfg.host}:0",
-                keys_dir=self.keys_dir,
-                manifest=f"{self.run_dir}/streamer-0.pools.json",
-                swap_bytes=cfg.swap_bytes, replica_bytes=cfg.replica_bytes, receive_bytes=cfg.receive_bytes,
-                heartbeat_interval_s=cfg.heartbeat_interval, supervisor_address=self.address, supervisor_pid=pid,
-                log_level=cfg.log_level,
-            )
-            self._spawn(self._child(ChildSpec("streamer", 0, "streamer", sc)))
-        for i, layers in enumerate(split_layers(spec.num_layers, cfg.num_stages)):
-            device = cfg.device if cfg.device == "cpu" else f"cuda:{i}"
-            st = StageProcConfig(
-                index=i, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=layers,
-                num_slots=cfg.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address=self.address,
-                controller_address=internal, dtype=cfg.dtype, device=device,
-                heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
+        per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
+        for k in range(self.local_hosts):
+            devices = ("cpu",) if cfg.device == "cpu" else tuple(
+                f"cuda:{g}" for g in range(k * per_host, (k + 1) * per_host))
+            ac = AgentConfig(
+                join=self.address, host_id=f"host-{k}", keys_dir=self.join_keys, devices=devices,
+                advertise=local_address(k, self.local_hosts), log_dir=cfg.log_dir, log_level=cfg.log_level,
+                parent_pid=pid, local=True, spare=k >= cfg.hosts, slot=k,
                 threads=cfg.threads_per_stage() if cfg.device == "cpu" else 0,
-                microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
-                cudnn_attention=cfg.cudnn_attention,
-                streamer_address=streamer_address, shm_prefix=self.shm_prefix, keys_dir=self.keys_dir,
             )
-            self._spawn(self._child(ChildSpec("stage", i, "stages.proc", st)))
+            self.table.slot_for(ac.host_id, k)
+            self._spawn(self._child(ChildSpec("agent", k, "recovery.agent", ac), watched=False))
         await self._wait(self.controller_hello, "the controller's Hello")
-        if cfg.streamer:  # up before serving starts, so status() always lists it
-            await self._wait(self.streamer_hello, "the streamer's Hello")
-        await self._wait(self.ready, "DeploymentReady from the controller (all stages loaded and linked)")
+        await self._wait(self.ready, "DeploymentReady from the controller (all stages placed, loaded and linked)")
+        if cfg.streamer:  # up before serving starts, so status() always lists them
+            await self._wait(self.streamers_up, "the streamers' Hellos")
 
-    async def _wait(self, event: asyncio.Event, what: str) -> None:
-        stop = asyncio.ensure_future(self.stop.wait())
-        got = asyncio.ensure_future(event.wait())
-        try:
-            done, _ = await asyncio.wait({stop, got}, timeout=self.cfg.startup_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            got.cancel()
-        if not done:
-            raise DeadlineError(f"no {what} within {self.cfg.startup_timeout:.0f}s (setting: startup_timeout)")
-        if self.stop.is_set():
-            raise StartAborted
+    # ------------------------------------------------------------------ hosts
 
-    def _request_stop(self, reason: str) -> None:
-        log.info("[shutdown] %s", reason)
-        self.stop.set()
-
-    def _fail(self, message: str, config: bool = False) -> None:
-        if self.fatal is None:
-            self.fatal, self.fatal_config = message, config
-            # a setting to change is the command's one line of output (serve_cli); anything else is an error
-            log.log(logging.INFO if config else logging.ERROR, "[fatal] %s", message)
-        self.stop.set()
-
-    # ------------------------------------------------------------------ children
-
-    def _child(self, spec: ChildSpec) -> Child:
+    def _stage_config(self, index: int, layers: tuple[int, int], host: Host) -> str:
         cfg = self.cfg
-        return Child(spec, ChildState(spec.name), RestartIntensity(cfg.max_restarts, cfg.restart_window),
-                     Backoff(cfg.restart_backoff, cfg.restart_backoff_max, cfg.restart_backoff_reset))
+        st = StageProcConfig(
+            index=index, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=layers,
+            num_slots=cfg.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address="",
+            controller_address=self.addresses["internal"], dtype=cfg.dtype,
+            heartbeat_interval=cfg.heartbeat_interval, log_level=cfg.log_level,
+            threads=cfg.stage_threads if not host.local else (cfg.threads_per_stage() if cfg.device == "cpu" else 0),
+            microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
+            cudnn_attention=cfg.cudnn_attention,
+        )
+        return encode_config(st)
 
-    def _spawn(self, child: Child, incarnation: int = 0) -> None:
-        self.children[child.spec.name] = child
-        child.state.incarnation = incarnation
-        child.state.state = STARTING if incarnation == 0 else RESTARTING
-        child.said_hello = child.exited = False
-        child.route = None
-        child.state.last_beat = time.monotonic()
-        task = asyncio.ensure_future(self._run_child(child, incarnation))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    async def _send_assign(self, host: Host) -> None:
+        splits = split_layers(self.spec.num_layers, self.cfg.num_stages)
+        secrets = {i: security.read_secret(self.keys_dir, f"stage-{i}") for i in host.stages}
+        stages = [StageAssignment(i, self.table.incarnation(i), device, self._stage_config(i, splits[i], host),
+                                  secrets[i]) for i, device in sorted(host.stages.items())]
+        await send(self.sock, self.codec, Assign(host.host_id, host.boot, stages), route=[host.route])
 
-    async def _run_child(self, child: Child, incarnation: int) -> None:
-        if self.stop.is_set():  # stopping: nothing new starts
-            child.state.state = STOPPED
+    async def _place(self, orphans: dict[int, str] | None = None) -> None:
+        """Place what has no host yet (initially every stage, once enough hosts joined); send the hosts that got
+        stages their Assign; tell the controller."""
+        if "internal" not in self.addresses:
+            return  # the controller's internal address goes into every stage's configuration
+        if not self.table.placed_once:
+            got = self.table.place_initial(self.cfg.wanted_hosts)
+            if isinstance(got, str):
+                if got != self.placement_note:
+                    log.info("[hosts] %s", got)
+                self.placement_note = got
+                return
+            self.placement_note = ""
+            for host in got:
+                log.info("[hosts] %s (%s) runs stages %s", host.host_id, host.address,
+                         ", ".join(f"{i} on {d}" for i, d in sorted(host.stages.items())))
+                await self._send_assign(host)
+        elif orphans or self.table.unplaced:
+            for host_id, stages in self.table.place(orphans or {}).items():
+                host = self.table.hosts[host_id]
+                log.warning("[hosts] stages %s now run on %s (%s)", stages, host_id, host.address)
+                await self._send_assign(host)
+            if self.table.unplaced:
+                log.error("[hosts] degraded: no host can take stages %s; waiting for a host to join",
+                          self.table.unplaced)
+        await self._hosts_update()
+
+    async def _hosts_update(self) -> None:
+        await self._to_controller(HostsUpdate(self.table.infos(), list(self.table.unplaced)))
+        self._check_streamers()
+
+    def _check_streamers(self) -> None:
+        if self.table.placed_once and all(("streamer", h.slot) in self.forwarded for h in self.table.live()
+                                          if h.stages):
+            self.streamers_up.set()
+
+    async def _on_agent_hello(self, route: bytes, body: AgentHello) -> None:
+        t = self.table
+        if t.is_fenced(body.host_id, body.boot):
+            await send(self.sock, self.codec, Fenced(body.host_id, body.boot, "this boot was declared dead"),
+                       route=[route])
             return
-        argv = child.spec.argv(incarnation)
-        env = dict(os.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        out = None
-        if self.cfg.log_dir:  # one file per process, every incarnation appended
-            out = open(Path(self.cfg.log_dir) / f"{child.spec.name}.log", "ab")  # noqa: SIM115 - the child's
+        current = t.hosts.get(body.host_id)
+        if current is not None and current.state != DEAD:
+            if current.boot == body.boot:
+                return  # said twice before our welcome reached it: the welcome is on its way
+            await self._lose(current, f"a new agent process (boot {body.boot:x}) joined as {body.host_id}")
         try:
-            # a session of its own: a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the
-            # supervisor alone, which stops the children in order - the controller telling its clients first -
-            # instead of killing them all at once mid-sentence. They still die with the supervisor (PDEATHSIG).
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                        stderr=out, env=env, start_new_session=True)
-        finally:
-            if out is not None:
-                out.close()  # the child holds its own descriptor
-        child.proc, child.state.pid = proc, proc.pid
-        log.info("[spawn] %s incarnation %d pid %d", child.spec.name, incarnation, proc.pid)
-        if self.stopping:  # the stop began while it was being started: _shutdown's list missed it
-            proc.kill()
-        code = await proc.wait()
-        child.exited = True
-        child.state.exits.append(code)
-        if self.stopping or child.state.incarnation != incarnation:
-            child.state.state = STOPPED
+            slot = t.slot_for(body.host_id)
+        except ValueError as e:
+            noisy.warning("no-slot", body.host_id, "[hosts] refused %s: %s", body.host_id, e)
+            await send(self.sock, self.codec, Fenced(body.host_id, body.boot, str(e)), route=[route])
             return
-        await self._on_exit(child, incarnation, code)
+        host = Host(body.host_id, slot, body.boot, route, body.address, list(body.devices), body.pid,
+                    body.hostname, body.local, body.spare)
+        t.join(host)
+        secrets = {n: security.read_secret(self.keys_dir, n) for n in (f"agent-{slot}", f"streamer-{slot}")}
+        await send(self.sock, self.codec, HostWelcome(host.host_id, host.boot, slot, self.public, secrets,
+                                                      encode_config(self.policy)), route=[route])
+        log.info("[hosts] %s joined (slot %d, %s, %s, pid %d)", host.host_id, slot, host.address,
+                 ",".join(host.devices), host.pid)
+        self.boots[body.host_id] = self.boots.get(body.host_id, -1) + 1  # status(): this host id's agent processes
+        hello = Hello("agent", slot, body.pid, body.host_id, {"agent": body.address},
+                      incarnation=self.boots[body.host_id], started=time.time())
+        self.forwarded[("agent", slot)] = hello
+        await self._to_controller(hello)
+        await self._place()
 
-    async def _on_exit(self, child: Child, incarnation: int, code: int) -> None:
-        name = child.spec.name
-        if code == EXIT_CONFIG:  # it cannot start as configured: a new incarnation would fail the same way
-            if not child.cannot_start:  # its FatalError left before it exited; the socket may deliver it later
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.config_error.wait(), 2.0)
-            child.state.state = FAILED
-            self._fail(child.cannot_start or f"{name} could not start as configured (exit code {code}; see its log)",
-                       config=True)
+    async def _lose(self, host: Host, why: str) -> None:
+        """Declare `host` dead: fence its boot, tell the controller its processes are down, move its stages."""
+        if host.state == DEAD:
             return
-        reason = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-        now = time.monotonic()
-        allowed = child.budget.allow(now)
-        budget = (f"failed {plural(child.budget.failures, 'time')} within {self.cfg.restart_window:g}s, past its "
-                  f"budget of {plural(self.cfg.max_restarts, 'restart')} (settings: max_restarts / restart_window, "
-                  "per process)")
-        if child.spec.role == "controller":
-            if not allowed or "client" not in self.addresses:
-                child.state.state = FAILED
-                why = budget if not allowed else "it died before it said where it listens"
-                self._fail(f"{name} {reason}: {why}: the deployment stopped")
-                return
-        else:
-            await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, allowed))
-            if not allowed:
-                child.state.state = FAILED
-                self._fail(f"{name} {reason}: {budget}: the deployment stopped")
-                return
-        delay = child.backoff.next_delay(now)
-        child.state.state = RESTARTING
-        log.warning("[restart] %s incarnation %d %s: restart %d of %d within %gs, %s", name, incarnation, reason,
-                    child.budget.failures, self.cfg.max_restarts, self.cfg.restart_window,
-                    f"in {delay:g}s (back-off: restart_backoff / restart_backoff_max)" if delay else "now")
-        if not await self._hold_off(delay):
-            child.state.state = STOPPED
-            return
+        t = self.table
+        was = {i: t.last_incarnation(i) for i in host.stages}
+        orphans = t.lose(host)
+        log.error("[hosts] %s (%s) declared dead: %s; %s", host.host_id, host.address, why,
+                  f"its stages {sorted(orphans)} move" if orphans else "it held no stage")
+        await send(self.sock, self.codec, Fenced(host.host_id, host.boot, why), route=[host.route])
+        for role in ("agent", "streamer"):
+            if (role, host.slot) in self.forwarded:
+                del self.forwarded[(role, host.slot)]
+                await self._to_controller(ProcessDown(role, host.slot, 1 << 62, f"host {host.host_id} lost: {why}",
+                                                      False))
+        for i in sorted(orphans):
+            await self._to_controller(ProcessDown("stage", i, was[i], f"host {host.host_id} lost: {why}", True))
+        await self._place(orphans)
+
+    async def _leases(self) -> None:
+        """A host silent for heartbeat_timeout is dead (a real host cannot be killed from here: it is fenced)."""
+        p = self.policy
+        while True:
+            await asyncio.sleep(p.heartbeat_interval / 4)
+            now = time.monotonic()
+            for host in self.table.live():
+                silent = now - host.last_beat
+                if silent > p.heartbeat_timeout and not self.stopping:
+                    await self._lose(host, f"silent for {silent:.1f}s (> heartbeat_timeout {p.heartbeat_timeout:g}s)")
+
+    # ------------------------------------------------------------------ children (controller, local agents)
+
+    async def _report_down(self, child: Child, incarnation: int, reason: str, restarting: bool) -> bool:
+        if child.spec.role == "agent":
+            host = self.table.hosts.get(child.spec.config.host_id)  # type: ignore[attr-defined]
+            if host is not None and host.state != DEAD and host.pid == child.state.pid:
+                await self._lose(host, f"its agent process {reason}")
+            return True
+        if child.spec.role == "controller" and "client" not in self.addresses:
+            self._fail(f"{child.spec.name} {reason}: it died before it said where it listens: the deployment stopped")
+            return False
+        await self._to_controller(ProcessDown(child.spec.role, child.spec.index, incarnation, reason, restarting))
+        return True
+
+    def _respawn_spec(self, child: Child) -> ChildSpec:
         if child.spec.role == "controller":
             # The new incarnation binds where its predecessor did: clients and stages reconnect by themselves.
             # Clients resume their requests from the tokens they hold; stages say Hello again when it asks.
             cfg = replace(child.spec.config, client_bind=self.addresses["client"],  # type: ignore[type-var]
                           internal_bind=self.addresses["internal"])
-            child.spec = replace(child.spec, config=cfg)
-        child.state.restarts += 1
-        self._spawn(child, incarnation + 1)
+            return replace(child.spec, config=cfg)
+        return child.spec
 
-    async def _hold_off(self, delay: float) -> bool:
-        """Wait out a restart's back-off without holding anything else up (this is the dead child's own task);
-        False when the deployment stops meanwhile (or already has): then there is no restart."""
-        if delay > 0 and not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
-        return not (self.stop.is_set() or self.stopping)
+    def _silent(self, child: Child, silent_s: float) -> None:
+        """A local agent's silence is its host's: the lease (_leases) decides; it is never killed from here."""
+
+    async def _on_exit(self, child: Child, incarnation: int, code: int) -> None:
+        if child.spec.role == "agent" and code == EXIT_FENCED:
+            # a fenced simulated host (as systemd would restart a real one): a new boot, a fresh host; not a
+            # failure of the agent's own
+            await self._report_down(child, incarnation, "was fenced", True)
+            if not self.stopping and not self.stop.is_set():
+                child.state.restarts += 1
+                self._spawn(child, incarnation + 1)
+            return
+        await super()._on_exit(child, incarnation, code)
 
     async def _to_controller(self, body) -> None:  # type: ignore[no-untyped-def]
         ctl = self.children.get("controller-0")
@@ -376,13 +388,41 @@ class SupervisorProcess:
                               peer_of(frames), e)
                 continue
             try:
-                await self._on_message(route[0], msg)
+                if msg.env.sender == AGENT_KEY:
+                    await self._on_agent(route[0], msg)
+                else:
+                    await self._on_message(route[0], msg)
             except Exception:  # a failing handler must not end this loop: heartbeats would stop counting
                 log.exception("[supervisor] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
 
+    async def _on_agent(self, route: bytes, msg: Received) -> None:
+        body = msg.body
+        if isinstance(body, AgentHello):
+            await self._on_agent_hello(route, body)
+            return
+        host = self.table.by_route(route)
+        if host is None:  # a fenced boot (or one never welcomed) speaking: it must stop
+            host_id, boot = (body.host_id, body.boot) if isinstance(body, HostBeat) else ("?", msg.env.incarnation)
+            noisy.warning("fenced", route, "[hosts] %s (boot %x) is not a live host of this deployment: fencing it",
+                          host_id, boot)
+            await send(self.sock, self.codec, Fenced(host_id, boot, "not a live host of this deployment"),
+                       route=[route])
+            return
+        host.last_beat = time.monotonic()
+        if isinstance(body, HostBeat):
+            host.processes = list(body.processes)
+            await send(self.sock, self.codec, Heartbeat(body.seq), route=[route])
+        elif isinstance(body, ProcessDown):
+            await self._to_controller(body)
+        elif isinstance(body, Hello):  # its streamer's
+            self.forwarded[(body.role, body.index)] = body
+            await self._to_controller(body)
+            self._check_streamers()
+        elif isinstance(body, FatalError):
+            self._fail(f"host {host.host_id}: {body.message}", body.config)
+
     async def _on_message(self, route: bytes, msg: Received) -> None:
-        sender = msg.env.sender
-        child = self.children.get(sender) or self.children.get(f"{sender}-0")
+        child = self._child_of(msg.env.sender)
         if child is None or msg.env.incarnation != child.state.incarnation:
             return  # unknown sender or a stale incarnation
         body = msg.body
@@ -392,11 +432,6 @@ class SupervisorProcess:
         if isinstance(body, Hello):
             child.route, child.said_hello = route, True
             child.backoff.up(child.state.last_beat)
-            if child.spec.role == "streamer":
-                self.streamer_hello.set()
-                # for status(): the controller lists every process, with the incarnation the supervisor knows
-                self.forwarded[child.spec.name] = msgspec.structs.replace(body, incarnation=child.state.incarnation)
-                await self._to_controller(self.forwarded[child.spec.name])
             if child.spec.role == "controller":
                 self.addresses = dict(body.addresses)
                 child.state.state = SERVING
@@ -406,6 +441,7 @@ class SupervisorProcess:
                            route=[route])
                 for hello in self.forwarded.values():  # a restarted controller knows nothing yet
                     await send(self.sock, self.codec, hello, route=[route])
+                await self._place()  # also tells it the hosts
         elif isinstance(body, Heartbeat):
             child.state.state = body.state
             child.state.busy_s = body.busy_s
@@ -414,29 +450,6 @@ class SupervisorProcess:
         elif isinstance(body, FatalError):
             child.cannot_start = body.message
             self.config_error.set()
-
-    async def _watchdog(self) -> None:
-        interval = self.cfg.heartbeat_interval / 2
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for child in list(self.children.values()):
-                proc = child.proc
-                if proc is None or proc.returncode is not None or self.stopping:
-                    continue
-                if child.said_hello and child.state.busy_s > self.cfg.hang_timeout:
-                    log.error("[health] %s busy with one step for %.0fs (> hang_timeout): killing it",
-                              child.spec.name, child.state.busy_s)
-                    child.state.busy_s = 0.0
-                    proc.kill()
-                    continue
-                limit = self.cfg.heartbeat_timeout if child.said_hello else self.cfg.startup_timeout
-                if now - child.state.last_beat > limit:
-                    log.error("[health] %s silent for %.1fs (> %s %.1fs): killing it", child.spec.name,
-                              now - child.state.last_beat,
-                              "heartbeat_timeout" if child.said_hello else "startup_timeout", limit)
-                    child.state.last_beat = now
-                    proc.kill()
 
     # ------------------------------------------------------------------ stopping
 
@@ -449,16 +462,9 @@ class SupervisorProcess:
                 stand_in = asyncio.ensure_future(self._stand_in(self.addresses["client"], self.fatal))
             else:
                 await self._to_controller(FatalError(self.fatal))
-        alive = [c for c in self.children.values() if c.proc is not None and c.proc.returncode is None]
-        for c in alive:
-            if c.route is not None:
-                await send(self.sock, self.codec, Shutdown(reason), route=[c.route])
-            elif c.proc is not None:  # still starting (importing, loading): it cannot hear Shutdown yet
-                with contextlib.suppress(ProcessLookupError):
-                    c.proc.send_signal(signal.SIGTERM)
-        await self._reap(alive, self.cfg.shutdown_timeout, None)
-        await self._reap(alive, self.cfg.kill_timeout, signal.SIGTERM)
-        await self._reap(alive, self.cfg.kill_timeout, signal.SIGKILL)
+        for host in self.table.live():  # remote agents too: they stop their processes
+            await send(self.sock, self.codec, Shutdown(reason), route=[host.route])
+        await self._stop_children(list(self.children.values()), reason)
         if stand_in is not None:
             await stand_in
         for task in list(self.tasks):
@@ -498,63 +504,8 @@ class SupervisorProcess:
         log.info("[shutdown] stood in for the controller at %s for %.1fs: told %d client(s), %d confirmed", address,
                  self.cfg.stop_notice_timeout, len(told), len(confirmed))
 
-    def _sweep(self) -> None:
-        """After every child is gone: remove this deployment's local sockets and any shared-memory KV pool a
-        stage killed at the end left behind (the streamer unlinks the pools it still held when it stopped)."""
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        remove_pools(SHM_DIR.glob(f"{SHM_PREFIX}-{self.shm_prefix}-*"), "left behind by this deployment")
 
-    async def _reap(self, children: list[Child], timeout: float, sig: signal.Signals | None) -> None:
-        procs = [c.proc for c in children if c.proc is not None and c.proc.returncode is None]
-        if not procs:
-            return
-        if sig is not None:
-            log.warning("[shutdown] sending %s to %d process(es)", sig.name, len(procs))
-            for p in procs:
-                try:
-                    p.send_signal(sig)
-                except ProcessLookupError:
-                    pass
-        await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=timeout)
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def remove_pools(paths: Iterable[Path], why: str) -> None:
-    for path in paths:
-        try:
-            path.unlink()
-            log.info("[kv] removed shared-memory KV pool %s (%s)", path.name, why)
-        except OSError:
-            pass
-
-
-def start_janitor(run_dir: str, shm_glob: str) -> subprocess.Popen[bytes]:
-    """The process that sweeps this deployment's files if the supervisor dies unswept (recovery/janitor.py): its
-    stdin is a pipe only this process holds (children are started with close_fds), in a session of its own."""
-    return subprocess.Popen([sys.executable, "-m", "recovery.janitor", run_dir, shm_glob], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-
-
-def sweep_dead_deployments() -> None:
-    """Remove what deployments whose supervisor is gone left behind, where their janitor could not (it was
-    killed too): shared-memory KV pools dejavu-kv-d<supervisor pid>-* and run directories
-    /tmp/dejavu-<supervisor pid>-* whose pid no longer runs (a reused pid keeps its files: harmless)."""
-    def owner(path: Path) -> str:
-        return path.name[len(SHM_PREFIX) + 2:].split("-", 1)[0]
-
-    remove_pools((p for p in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*") if owner(p).isdigit() and not alive(int(owner(p)))),
-                 "its deployment is gone")
-    for d in Path(RUN_DIR_PARENT).glob(f"{RUN_DIR_PREFIX}*-*"):
-        pid = d.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
-        if d.is_dir() and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("[sweep] removed %s (its deployment is gone)", d)
-
-
-def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str], None] | None = None) -> int:
+def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str, str], None] | None = None) -> int:
     """Run a whole deployment on this host until SIGINT/SIGTERM. Raises DeploymentError on failure."""
     from bus.child import install_uvloop
 

@@ -1,4 +1,5 @@
-"""`dejavu-serve`: a whole deployment on one host (controller, one process per stage, the KV streamer, supervisor).
+"""`dejavu-serve`: a deployment's controller host (controller, cluster supervisor), with its own host agents
+(simulated hosts: `--hosts`) and those of other machines (`dejavu-agent --join`).
 
 Prints one line containing `ready` and the client address once it can serve, then serves until SIGINT or
 SIGTERM. Exit code 0 after a clean stop, 2 when it cannot start as asked (one line on stderr says what to
@@ -64,6 +65,16 @@ def parser() -> argparse.ArgumentParser:
                         "wherever SDPA picks it, for decode tokens only, or nowhere")
     p.add_argument("--transport", default="auto", choices=["auto", "zmq", "nccl"],
                    help="activation plane between stages (auto: NCCL on cuda, ZeroMQ on cpu)")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="host agents started here as simulated hosts, each with its own loopback address "
+                        "(127.0.0.2, 127.0.0.3, ...), KV streamer and shared memory; 0: only agents of other "
+                        "machines (dejavu-agent --join) run stages")
+    p.add_argument("--spare-hosts", type=int, default=0,
+                   help="more simulated hosts that hold no stage until a host is lost")
+    p.add_argument("--min-hosts", type=int, default=0,
+                   help="place the stages once this many hosts joined (0: the --hosts started here)")
+    p.add_argument("--agent-bind", default="tcp://127.0.0.1:0",
+                   help="where host agents join (tcp://ADDRESS:PORT); agents of other machines need --keys")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None,
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             startup_timeout=args.startup_timeout, client_timeout=args.client_timeout, queue_timeout=args.queue_timeout,
             stage_threads=args.stage_threads, log_level=args.log_level, cuda_graphs=not args.no_cuda_graphs,
             cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",
-            transport=args.transport, streamer=not args.no_streamer,
+            transport=args.transport, streamer=not args.no_streamer, hosts=args.hosts,
+            spare_hosts=args.spare_hosts, min_hosts=args.min_hosts, agent_bind=args.agent_bind,
         )
         checked = check_deployment(cfg)
     except (ValueError, UsageError) as e:
@@ -119,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     for warning in checked.warnings:
         print(f"dejavu-serve: warning: {warning}", file=sys.stderr)
 
-    def ready(address: str) -> None:
-        print(f"dejavu-serve: ready {address} (model {model_dir}, {cfg.num_stages} stage(s), {cfg.device})",
-              flush=True)
+    def ready(address: str, agents: str = "") -> None:
+        hosts = f"{cfg.hosts} host(s)" + (f" + {cfg.spare_hosts} spare" if cfg.spare_hosts else "")
+        print(f"dejavu-serve: ready {address} (model {model_dir}, {cfg.num_stages} stage(s), {cfg.device}, "
+              f"{hosts}; agents join {agents})", flush=True)
 
     from recovery.proc import DeploymentError, run_supervisor
 

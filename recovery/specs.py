@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from bus.child import encode_config
+
+MAX_HOSTS = 64  # host slots of one deployment (each has a key pair made at start)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class DeploymentConfig:
     receive_bytes: int = 64 << 20
     log_level: str = "INFO"
     log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
+    # Hosts (recovery/hosts.py): `hosts` local agents as simulated hosts (each its own loopback address,
+    # streamer and shared-memory namespace), `spare_hosts` more holding no stage until one is needed; remote
+    # agents join at `agent_bind`. Stages are placed once `min_hosts` hosts have joined (0: the local ones).
+    hosts: int = 1
+    spare_hosts: int = 0
+    min_hosts: int = 0
+    agent_bind: str = "tcp://127.0.0.1:0"
+    keys_dir: str = ""  # the user's keys (dejavu-keys generate): CURVE for clients and remote agents
+    insecure: bool = False  # allow a non-loopback bind without keys
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -70,6 +81,14 @@ class DeploymentConfig:
             raise ValueError("--max-seq-len must be >= 2")
         if not 0 <= self.port < 65536:
             raise ValueError("--port must be in [0, 65535]")
+        if self.hosts < 0 or self.spare_hosts < 0 or self.min_hosts < 0:
+            raise ValueError("--hosts, --spare-hosts and --min-hosts must be >= 0")
+        if self.hosts == 0 and self.spare_hosts:
+            raise ValueError("--spare-hosts needs --hosts 1 or more (local spares back local hosts)")
+        if self.hosts + self.spare_hosts > MAX_HOSTS:
+            raise ValueError(f"at most {MAX_HOSTS} hosts")
+        if not self.agent_bind.startswith("tcp://") or ":" not in self.agent_bind[6:]:
+            raise ValueError(f"--agent-bind {self.agent_bind}: give tcp://ADDRESS:PORT")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("--device must be cpu or cuda")
         if self.transport not in ("auto", "zmq", "nccl"):
@@ -83,9 +102,17 @@ class DeploymentConfig:
         if not 0 <= self.restart_backoff <= self.restart_backoff_max or self.restart_backoff_reset <= 0:
             raise ValueError("need 0 <= restart_backoff <= restart_backoff_max and restart_backoff_reset > 0")
 
+    def policy(self) -> HostPolicy:
+        return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
+
     @property
     def microbatches(self) -> int:
         return self.num_microbatches or self.num_stages
+
+    @property
+    def wanted_hosts(self) -> int:
+        """Hosts that must have joined before stages are placed."""
+        return self.min_hosts or max(1, self.hosts)
 
     @property
     def num_slots(self) -> int:
@@ -95,6 +122,30 @@ class DeploymentConfig:
         if self.stage_threads:
             return self.stage_threads
         return max(1, (os.cpu_count() or 1) // self.num_stages)
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """How a supervisor (dejavu-serve for the controller, each host agent for its stages and streamer) watches
+    and restarts its children, and the host streamer's pools. dejavu-serve's flags set it; an agent receives it
+    when it joins (HostWelcome), so one command line governs every host."""
+
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    hang_timeout: float = 300.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    restart_backoff: float = 0.5
+    restart_backoff_max: float = 10.0
+    restart_backoff_reset: float = 10.0
+    startup_timeout: float = 300.0
+    shutdown_timeout: float = 10.0
+    kill_timeout: float = 5.0
+    log_level: str = "INFO"
+    streamer: bool = True
+    swap_bytes: int = 256 << 20
+    replica_bytes: int = 256 << 20
+    receive_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)

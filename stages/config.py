@@ -42,6 +42,8 @@ class StageProcConfig:
     shm_prefix: str = ""  # names this deployment's shared-memory pools (the supervisor sweeps them at the end)
     streamer_name: str = "streamer-0"  # the host's streamer process (the server key its client names)
     keys_dir: str = ""  # the deployment's keys (bus/security.py); "" = plaintext sockets
+    supervisor_name: str = "supervisor"  # the process supervising it (its host agent, "agent-<slot>")
+    host_id: str = ""  # the host it runs on, as status() names it ("" = the machine's host name)
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_stages:

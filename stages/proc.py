@@ -110,7 +110,8 @@ class StageProcess:
         loop = self.loop = asyncio.get_running_loop()
         self.keys = maybe_load(cfg.keys_dir, self.name)
         self.auth = start_authenticator(self.ctx, self.keys)  # for the activation input it binds
-        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index, self.keys)
+        self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index, self.keys,
+                                 server=cfg.supervisor_name, host=cfg.host_id)
         await self.sup.hello()
         beats = asyncio.ensure_future(self.sup.run(cfg.heartbeat_interval, self._busy, lambda: self.state))
         try:
@@ -170,7 +171,7 @@ class StageProcess:
 
     async def _hello(self) -> None:
         cfg = self.cfg
-        await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), socket.gethostname(),
+        await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), cfg.host_id or socket.gethostname(),
                                                {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots,
                                                kv_intact=self.kv is not None and self.kv.intact))
 

@@ -95,6 +95,9 @@ class StreamerConfig:
     supervisor_address: str = ""  # "" = standalone (tests, benchmarks)
     supervisor_pid: int | None = None  # the child dies with this process (set by the supervisor)
     log_level: str = "INFO"  # when started by the supervisor (standalone: the command line's)
+    supervisor_name: str = "supervisor"  # the process supervising it (its host agent, "agent-<slot>")
+    index: int = 0  # its host's slot: status() lists it as streamer <index>
+    host_id: str = ""  # the host it serves, as status() names it ("" = the machine's host name)
     keys_dir: str = ""  # the deployment's keys (bus/security.py): CURVE on both sockets; "" = plaintext
     max_message_bytes: int = 1 << 30
 

@@ -201,7 +201,7 @@ async def _supervisor(ctx: zmq.asyncio.Context, config: StreamerConfig, addresse
     from bus.child import SupervisorLink
 
     link = SupervisorLink(ctx, config.supervisor_address, streamer_codec(config.name, config.incarnation),
-                          "streamer", 0, keys)
+                          "streamer", config.index, keys, server=config.supervisor_name, host=config.host_id)
     runner = None
     try:
         await link.hello({"control": addresses[0], "data": addresses[1]})
