@@ -194,7 +194,6 @@ class ChildSupervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.config_error.wait(), 2.0)
             child.state.state = FAILED
-            await self._report_down(child, incarnation, f"cannot start: {child.cannot_start or 'see its log'}", False)
             self._fail(child.cannot_start or f"{name} could not start as configured (exit code {code}; see its log)",
                        config=True)
             return

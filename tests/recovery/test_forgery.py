@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -89,8 +90,11 @@ def test_forged_messages_are_ignored_and_every_request_stays_exact(model_factory
             procs = {_name(p): p for p in st["processes"]}
             addr = {n: [a for a in p.get("detail", "").split() if a.startswith(("tcp://", "ipc://"))]
                     for n, p in procs.items()}
-            run_dir = addr["controller"][0].removeprefix("ipc://").rsplit("/", 1)[0]
-            insider = load_keys(f"{run_dir}/keys", "stage-0")  # a real member's key, speaking for another one
+            # the cluster supervisor's run directory holds every process's key; the host agent's, its local socket
+            (run_dir,) = Path("/tmp").glob(f"dejavu-{procs['supervisor']['pid']}-*")
+            insider = load_keys(f"{run_dir}/keys", "streamer-0")  # a real member's key, speaking for others
+            (agent_dir,) = Path("/tmp").glob(f"dejavu-{procs['agent-0']['pid']}-*")
+            addr["agent-0"] = [f"ipc://{agent_dir}/agent.sock"]
 
             def as_(sender: str, body, *buffers: bytes) -> list[bytes]:  # type: ignore[no-untyped-def]
                 return [Codec(sender, procs.get(sender, {}).get("incarnation", 0)).encode(body), *buffers]
@@ -104,7 +108,7 @@ def test_forged_messages_are_ignored_and_every_request_stays_exact(model_factory
                  [as_("stage-1", StepResult(epoch, mb, step, [7] * 4)) for mb, step in steps]),
                 ("StepFailed as stage-1", addr["controller"][0], "controller", zmq.DEALER,
                  [as_("stage-1", StepFailed(epoch, mb, step, ERR_SERVER, "forged")) for mb, step in steps]),
-                ("Heartbeat as stage-1", addr["supervisor"][0], "supervisor", zmq.DEALER,
+                ("Heartbeat as stage-1", addr["agent-0"][0], "agent-0", zmq.DEALER,
                  [as_("stage-1", Heartbeat(99, "serving", busy_s=1e9))]),  # would be killed as hung
                 ("steps into stage-1's activations", addr["stage-1"][0], "stage-1", zmq.PUSH,
                  [as_("stage-0", StepRequest(epoch, mb, step, [Chunk(0, 0, 1)], [5], [Sampling()],
@@ -138,7 +142,7 @@ def test_forged_messages_are_ignored_and_every_request_stays_exact(model_factory
         assert all(plain is False and insider is True for plain, insider in handshakes.values()), handshakes
         assert all(p["incarnation"] == 0 for p in after["processes"] if p["role"] != "supervisor"), after
         logs = dep.logs()
-        assert "came from 'stage-0': refused" in logs
+        assert "came from 'streamer-0': refused" in logs
     finally:
         assert dep.stop() == 0
 

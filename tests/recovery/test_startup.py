@@ -29,8 +29,14 @@ def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def leftovers(pid: int) -> list[str]:
-    """What a deployment whose supervisor had `pid` left: its run directory and shared-memory pools."""
-    return [str(p) for p in [*Path("/tmp").glob(f"dejavu-{pid}-*"), *SHM_DIR.glob(f"{SHM_PREFIX}-d{pid}-*")]]
+    """What a deployment whose supervisor had `pid` left: run directories and shared-memory pools of its own and of
+    any other process that is gone (its host agents: each has its own, named after its pid)."""
+    def gone(owner: str) -> bool:
+        return owner.isdigit() and (int(owner) == pid or not alive(int(owner)))
+
+    runs = [p for p in Path("/tmp").glob("dejavu-*-*") if p.is_dir() and gone(p.name.split("-")[1])]
+    pools = [p for p in SHM_DIR.glob(f"{SHM_PREFIX}-d*-*") if gone(p.name[len(SHM_PREFIX) + 2:].split("-", 1)[0])]
+    return [str(p) for p in [*runs, *pools]]
 
 
 def one_line(err: str) -> str:
@@ -132,7 +138,8 @@ def test_log_dir_gets_a_log_per_process_and_stderr_stays_quiet(default_model, tm
     assert proc.returncode == 0
     assert stderr == ""
     names = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert names == ["controller-0.log", "stage-0.log", "stage-1.log", "streamer-0.log", "supervisor.log"]
+    assert names == ["agent-0.log", "controller-0.log", "stage-0.log", "stage-1.log", "streamer-0.log",
+                     "supervisor.log"]
     assert "[handshake]" in (tmp_path / "logs" / "stage-1.log").read_text()
 
 
@@ -150,7 +157,8 @@ def test_at_the_default_level_a_clean_run_prints_only_the_ready_line(default_mod
             return await c.status()
 
     by_role = {(p["role"], p["index"]): p for p in asyncio.run(status())["processes"]}
-    assert set(by_role) == {("controller", 0), ("supervisor", 0), ("streamer", 0), ("stage", 0), ("stage", 1)}
+    assert set(by_role) == {("controller", 0), ("supervisor", 0), ("agent", 0), ("streamer", 0), ("stage", 0),
+                            ("stage", 1)}
     for (role, _), p in by_role.items():
         if role == "stage":
             assert "busy_s" in p and "steps" in p
