@@ -170,7 +170,13 @@ class HostAgent(ChildSupervisor):
             p = self.policy
             seq += 1
             await send(self.up, self.up_codec, HostBeat(cfg.host_id, self.boot, seq, self._processes()))
+            before = time.monotonic()
             await asyncio.sleep(p.heartbeat_interval)
+            if time.monotonic() - before > 2 * p.heartbeat_interval:
+                # this process's own loop stalled: the answers wait unread, the silence is ours - start over
+                log.warning("[agent] event loop stalled for %.1fs: the lease starts over", time.monotonic() - before)
+                self.heard = time.monotonic()
+                continue
             silent = time.monotonic() - self.heard
             if silent > p.heartbeat_timeout:
                 self._fence(f"no word from the cluster supervisor for {silent:.1f}s (> heartbeat_timeout "

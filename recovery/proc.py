@@ -326,9 +326,18 @@ class SupervisorProcess(ChildSupervisor):
     async def _leases(self) -> None:
         """A host silent for heartbeat_timeout is dead (a real host cannot be killed from here: it is fenced)."""
         p = self.policy
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(p.heartbeat_interval / 4)
-            now = time.monotonic()
+            now, last = time.monotonic(), tick
+            tick = now
+            if now - last > p.heartbeat_interval:
+                # this process's own loop stalled (a loaded machine): the hosts' beats wait unread in the socket,
+                # so their silence is ours; every lease starts over rather than a healthy host being fenced
+                log.warning("[hosts] the supervisor's event loop stalled for %.1fs: host leases start over", now - last)
+                for host in self.table.live():
+                    host.last_beat = now
+                continue
             for host in self.table.live():
                 silent = now - host.last_beat
                 if silent > p.heartbeat_timeout and not self.stopping:

@@ -18,7 +18,6 @@ import torch
 from bus.child import alive
 from bus.client import AsyncClient
 from bus.errors import DejaVuError
-from bus.security import SUPERVISOR
 from bus.security import load as load_keys
 from stages.generate import GenerationRequest, LocalPipeline, generate
 from stages.layers.sampling import SamplingParams
@@ -272,6 +271,12 @@ def test_restart_intensity_limit_shuts_down_with_a_clear_error(model_factory) ->
     assert "max_restarts" in dep.logs()
 
 
+async def _process(address: str, role: str, index: int) -> dict:  # type: ignore[type-arg]
+    async with AsyncClient(address, timeout=30) as c:
+        st = await c.status()
+    return next(p for p in st["processes"] if p["role"] == role and p["index"] == index)
+
+
 def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-untyped-def]
     from recovery.launch import descendants
     from streamer.config import SHM_DIR, SHM_PREFIX
@@ -284,7 +289,9 @@ def test_sigterm_stops_everything(model_factory) -> None:  # type: ignore[no-unt
     assert not orphan.exists(), "a new deployment sweeps the pools of deployments that are gone"
     tree = descendants(dep.proc.pid)
     assert len(tree) >= 3  # controller + 2 stages
-    pools = f"{SHM_PREFIX}-d{dep.proc.pid}-*"  # the stages' KV pools in shared memory (stages/kv_home.py)
+    # the stages' KV pools in shared memory (stages/kv_home.py), named after their host agent's pid
+    agent = asyncio.run(_process(dep.address, "agent", 0))["pid"]
+    pools = f"{SHM_PREFIX}-d{agent}-*"
     assert len(list(SHM_DIR.glob(pools))) == 2
     dep.proc.send_signal(signal.SIGTERM)
     assert dep.proc.wait(30) == 0
@@ -467,10 +474,10 @@ def test_a_stage_killed_across_a_streamer_restart_comes_back_with_its_kv(model_f
                     os.kill(stage, signal.SIGKILL)
                     return
                 await _exited(streamer["pid"], 10)
-                # the streamer admits the deployment's members only: the test speaks as the supervisor (which
-                # never talks to the streamer's control socket itself), with its key from the run directory
+                # the streamer admits the deployment's members only: the test speaks as the host agent (which
+                # never talks to the streamer's control socket itself), with its key from the agent's run directory
                 run_dir = control.removeprefix("ipc://").rsplit("/", 1)[0]
-                probe = StreamerClient(control, SUPERVISOR, keys=load_keys(f"{run_dir}/keys", SUPERVISOR),
+                probe = StreamerClient(control, "agent-0", keys=load_keys(f"{run_dir}/keys", "agent-0"),
                                        server=streamer["role"] + "-0")
                 try:
                     got = await probe.status(timeout=60)  # queued until the restarted streamer answers
