@@ -89,9 +89,6 @@ class DeploymentConfig:
             raise ValueError(f"at most {MAX_HOSTS} hosts")
         if not self.agent_bind.startswith("tcp://") or ":" not in self.agent_bind[6:]:
             raise ValueError(f"--agent-bind {self.agent_bind}: give tcp://ADDRESS:PORT")
-        if self.agent_bind[6:].rsplit(":", 1)[0] in ("0.0.0.0", "*", "[::]", "::"):
-            raise ValueError(f"--agent-bind {self.agent_bind}: give the address the agents reach (it is also where "
-                             "the stages reach the controller), not a wildcard")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("--device must be cpu or cuda")
         if self.transport not in ("auto", "zmq", "nccl"):
