@@ -246,10 +246,11 @@ def test_a_host_cut_off_its_network_is_declared_dead_its_stage_moves_and_it_fenc
     reqs = workload(211, n=16)
     seen: dict[str, Any] = {}
     with cluster(tmp_path, 3) as cl:
-        net = cl.net
+        net, t = cl.net, {"start": time.monotonic()}
         for k in (0, 1):  # they hold the stages (--min-hosts 2)
             cl.start_agent(k)
         dep = cl.serve(path, 2, net.controller, "--min-hosts", "2")
+        t["ready"] = time.monotonic()
         cl.start_agent(2)  # joins after the stages were placed: the spare
 
         async def scenario() -> list[list[int]]:
@@ -281,9 +282,11 @@ def test_a_host_cut_off_its_network_is_declared_dead_its_stage_moves_and_it_fenc
                         await asyncio.sleep(0.05)
                     seen["left"] = [p for p in tree if alive(p)]
 
+                t["spare"] = time.monotonic()
                 failer = asyncio.create_task(cut())
                 outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
                 await asyncio.wait_for(failer, 60)
+                t["streamed"] = time.monotonic()
                 seen["after"] = after = await c.status()
                 # the link is back: the host's agent starts again (a new boot, as systemd would) and rejoins as a spare
                 net.link(victim, "up")
@@ -292,6 +295,7 @@ def test_a_host_cut_off_its_network_is_declared_dead_its_stage_moves_and_it_fenc
                 seen["rejoined"] = await until(c, lambda s: hosts_of(s)[f"host-{victim}"]["state"] == "spare"
                                                and hosts_of(s)[f"host-{victim}"]["boot"] != boot, 30,
                                                f"host-{victim} back as a spare")
+                t["rejoined"] = time.monotonic()
                 return outs
 
         outs = asyncio.run(scenario())
@@ -300,6 +304,7 @@ def test_a_host_cut_off_its_network_is_declared_dead_its_stage_moves_and_it_fenc
         print(f"host-{victim}'s link cut -> declared dead in {seen['declared_dead_s']:.2f}s; its agent fenced itself "
               f"(exit {seen['agent_exit']}) {seen['fenced_s']:.2f}s after the cut (heartbeat timeout "
               f"{HEARTBEAT_TIMEOUT:g}s)")
+        print("seconds: " + ", ".join(f"{b} {t[b] - t[a]:.1f}" for a, b in zip(t, list(t)[1:])))
         assert outs == reference(path, reqs)  # every request finished, each token once, equal to the fault-free run
         hosts = hosts_of(seen["after"])
         assert hosts[f"host-{victim}"]["state"] == "dead"
