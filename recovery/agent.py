@@ -68,6 +68,21 @@ log = logging.getLogger(__name__)
 
 EXIT_FENCED = 3  # the agent was fenced (or fenced itself): restart it, and it joins as a new host
 AGENT_KEY, SERVER_KEY = "agent", "server"  # the user's keys directory (dejavu-keys generate)
+WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
+
+
+def as_reached(address: str, join: str) -> str:
+    """A socket of the controller host (tcp://HOST:PORT) as this host reaches it. Bound on a wildcard
+    (`dejavu-serve --agent-bind tcp://0.0.0.0:PORT`: the controller's internal socket binds where the agents'
+    does), it names no address a peer can connect to - another machine connecting to 0.0.0.0 reaches itself - so
+    the host this agent joined at stands in: it reaches the controller host, whose sockets listen on every
+    interface."""
+    if not address.startswith("tcp://"):
+        return address
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    if host not in WILDCARD_HOSTS:
+        return address
+    return f"tcp://{join.removeprefix('tcp://').rsplit(':', 1)[0]}:{port}"
 
 
 @dataclass(frozen=True)
@@ -268,6 +283,7 @@ class HostAgent(ChildSupervisor):
             st = replace(
                 base, incarnation=s.incarnation, device=s.device, supervisor_address=self.address,
                 supervisor_pid=os.getpid(), supervisor_name=self.name, host_id=cfg.host_id,
+                controller_address=as_reached(base.controller_address, cfg.join),
                 streamer_address=self.streamer_address, streamer_name=self.streamer_name, shm_prefix=self.shm_prefix,
                 keys_dir=self.keys_dir, bind_host=cfg.advertise, threads=base.threads or (threads if s.device == "cpu" else 0),
             )

@@ -75,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
                    help="place the stages once this many hosts joined (0: the --hosts started here)")
     p.add_argument("--agent-bind", default="tcp://127.0.0.1:0",
                    help="where host agents join (tcp://ADDRESS:PORT); agents of other machines need --keys")
+    p.add_argument("--keys", default=None,
+                   help="the deployment's keys directory (dejavu-keys generate): this host's `server` key and the "
+                        "`agent` public key that agents of other machines join with")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None,
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",
             transport=args.transport, streamer=not args.no_streamer, hosts=args.hosts,
             spare_hosts=args.spare_hosts, min_hosts=args.min_hosts, agent_bind=args.agent_bind,
+            keys_dir=str(Path(args.keys).resolve()) if args.keys else "",
         )
         checked = check_deployment(cfg)
     except (ValueError, UsageError) as e:
