@@ -11,6 +11,13 @@ deployment's public keys and tags every message of a connection with the peer's 
 local process without the keys cannot connect to any socket of the deployment, and a member cannot speak for
 another one. Encryption comes with CURVE.
 
+The client-facing socket is a different trust domain: its keys are the user's (`dejavu-keys generate DIR`
+writes `server`, `agent`, `client` and `admin` keypairs with the same format), and the controller's client
+socket is a CURVE server with the `server` key whose ZAP domain (CLIENT_DOMAIN) admits exactly the `client` and
+`admin` public keys, under those names as User-Id. The domains never mix: a client key opens no internal socket,
+and no member key is needed to be a client. Clients name themselves in their envelopes as they like, so there the
+User-Id tells who may see what (an administrator sees pids and addresses in status), not who sent a message.
+
 Without keys (standalone tools and tests of a single library piece) sockets are plaintext and nothing is
 checked: `Keyring` is None there.
 """
@@ -27,7 +34,11 @@ from zmq.auth.thread import ThreadAuthenticator
 
 PUBLIC_TABLE = "public.json"
 SUPERVISOR, CONTROLLER = "supervisor", "controller"  # process names (= their envelopes' sender)
-ZAP_DOMAIN = "dejavu"
+ZAP_DOMAIN = "dejavu"  # the deployment's members, on every internal socket
+CLIENT_DOMAIN = "clients"  # the users' client and admin keys, on the controller's client socket only
+SERVER, AGENT, CLIENT, ADMIN = "server", "agent", "client", "admin"
+USER_KEYS = (SERVER, AGENT, CLIENT, ADMIN)  # the keypairs `dejavu-keys generate` writes
+CLIENT_NAMES = (CLIENT, ADMIN)  # the keys the client socket admits (their User-Id)
 USER_ID = "User-Id"  # ZeroMQ's message property set from the ZAP handler's answer
 
 
@@ -127,14 +138,26 @@ def maybe_load(directory: str, name: str) -> Keyring | None:
     return load(directory, name) if directory else None
 
 
-def as_server(sock: zmq.Socket, keyring: Keyring | None) -> None:
-    """Make `sock` (before bind) a CURVE server with this process's key; members are admitted by the ZAP handler."""
+def load_client_side(directory: Path | str) -> Keyring:
+    """The client socket's keys from a user's `dejavu-keys` directory: the `server` keypair, and the `client` and
+    `admin` public keys it admits."""
+    keyring = load(directory, SERVER)
+    missing = [n for n in CLIENT_NAMES if n not in keyring.public]
+    if missing:
+        raise KeysError(f"{directory}: no public key for {', '.join(map(repr, missing))} (written by "
+                        "`dejavu-keys generate`)")
+    return keyring
+
+
+def as_server(sock: zmq.Socket, keyring: Keyring | None, domain: str = ZAP_DOMAIN) -> None:
+    """Make `sock` (before bind) a CURVE server with this process's key; the ZAP handler admits the client keys
+    of `domain` (the deployment's members, or CLIENT_DOMAIN: the users' client and admin keys)."""
     if keyring is None:
         return
     sock.curve_secretkey = keyring.secret
     sock.curve_publickey = keyring.own_public
     sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN.encode()
+    sock.zap_domain = domain.encode()
 
 
 def as_client(sock: zmq.Socket, keyring: Keyring | None, server: str) -> None:
@@ -146,36 +169,49 @@ def as_client(sock: zmq.Socket, keyring: Keyring | None, server: str) -> None:
     sock.curve_serverkey = keyring.server_key(server)
 
 
-class _Members:
-    """The ZAP handler's view: a client key is admitted when it is a member's; its User-Id is the member's name."""
+class _Admission:
+    """The ZAP handler's tables, one per domain: the client keys admitted there -> their names (the User-Id)."""
 
-    def __init__(self, keyring: Keyring) -> None:
-        self.by_key = {v: k for k, v in keyring.public.items()}
+    def __init__(self, domains: dict[str, dict[bytes, str]]) -> None:
+        self.domains = domains
+        self.admitted = ""  # the name of the key the last callback admitted (see _NamingAuthenticator)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.by_key
+        self.admitted = self.domains.get(domain, {}).get(key, "")
+        return bool(self.admitted)
 
 
 class _NamingAuthenticator(ThreadAuthenticator):
-    def __init__(self, context: zmq.Context, members: _Members) -> None:
+    """pyzmq asks for the User-Id (curve_user_id) without the domain, right after the callback admitted the key:
+    on the authenticator's one thread, with nothing in between (the callback is synchronous). So the name comes
+    from the table of the domain that admitted the key, even if a key were in two tables."""
+
+    def __init__(self, context: zmq.Context, admission: _Admission) -> None:
         super().__init__(context)
-        self.members = members
+        self.admission = admission
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        from zmq.utils import z85
-
-        return self.members.by_key.get(z85.encode(client_public_key), "?")
+        return self.admission.admitted or "?"
 
 
-def start_authenticator(ctx: zmq.Context, keyring: Keyring | None) -> ThreadAuthenticator | None:
-    """Run the ZAP handler for the sockets this process binds (call once per context, before binding). Returns it
-    (stop() it before destroying the context), or None without keys."""
-    if keyring is None:
+def start_authenticator(ctx: zmq.Context, keyring: Keyring | None,
+                        clients: Keyring | None = None) -> ThreadAuthenticator | None:
+    """Run the ZAP handler for the sockets this process binds (call once per context, before binding): the
+    deployment's members on ZAP_DOMAIN (with `keyring`), and the users' client and admin keys on CLIENT_DOMAIN
+    (with `clients`, from load_client_side). Returns it (stop() it before destroying the context), or None
+    without keys."""
+    domains: dict[str, dict[bytes, str]] = {}
+    if keyring is not None:
+        domains[ZAP_DOMAIN] = {v: k for k, v in keyring.public.items()}
+    if clients is not None:
+        domains[CLIENT_DOMAIN] = {clients.public[n]: n for n in CLIENT_NAMES}
+    if not domains:
         return None
-    members = _Members(keyring)
-    auth = _NamingAuthenticator(zmq.Context.shadow(ctx.underlying), members)
+    admission = _Admission(domains)
+    auth = _NamingAuthenticator(zmq.Context.shadow(ctx.underlying), admission)
     auth.start()
-    auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=members)
+    for domain in domains:
+        auth.configure_curve_callback(domain=domain, credentials_provider=admission)
     return auth
 
 

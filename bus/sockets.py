@@ -18,7 +18,7 @@ import zmq.asyncio
 from bus.codec import Codec, Received
 from bus.errors import DeadlineError
 from bus.messages import Msg
-from bus.security import Keyring, as_client, as_server, peer_of_frame
+from bus.security import ZAP_DOMAIN, Keyring, as_client, as_server, peer_of_frame
 
 DEFAULT_MAX_MESSAGE = 1 << 30  # activation frames can be large; control frames are checked by the codec
 DEFAULT_HWM = 10_000
@@ -39,12 +39,14 @@ def make_socket(
     hwm: int = DEFAULT_HWM,
     keys: Keyring | None = None,
     server: str = "",
+    domain: str = ZAP_DOMAIN,
 ) -> zmq.asyncio.Socket:
     """A configured socket, bound or connected. `bind` may end in ':0' / ':*' for an ephemeral port.
 
     keys: this process's deployment keys (bus/security.py): a bound socket becomes a CURVE server that admits the
     deployment's members only (the process runs the authenticator), a connecting one a CURVE client of process
-    `server`. None: plaintext (standalone tools, tests of one piece)."""
+    `server`. None: plaintext (standalone tools, tests of one piece). domain: the ZAP domain a bound socket
+    admits (security.CLIENT_DOMAIN: the controller's client socket)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message)
@@ -58,7 +60,7 @@ def make_socket(
         if server:
             as_client(sock, keys, server)
         else:
-            as_server(sock, keys)
+            as_server(sock, keys, domain)
     try:
         if bind is not None:
             if bind.endswith(":0"):
@@ -179,8 +181,12 @@ class Sender:
             await self.queue(frames)
 
 
-def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) -> tuple[list[bytes], Received]:
-    """Split off `route_frames` identity frames and decode the rest. Raises ProtocolError."""
+def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0,
+                  sender_is_peer: bool = True) -> tuple[list[bytes], Received]:
+    """Split off `route_frames` identity frames and decode the rest. Raises ProtocolError, also for a message
+    whose envelope names another sender than the authenticated peer - unless `sender_is_peer` is False: the
+    client socket, where a client names itself as it likes and the User-Id ("client", "admin") only says which
+    key it holds (security.peer_of_frame reads it)."""
     from bus.errors import ProtocolError
 
     if len(frames) <= route_frames:
@@ -190,6 +196,6 @@ def decode_frames(codec: Codec, frames: Sequence[Any], route_frames: int = 0) ->
     data = head.buffer if hasattr(head, "buffer") else head
     got = codec.decode(data, frames[route_frames + 1 :])
     peer = peer_of_frame(head)  # set on CURVE server sockets: the authenticated process
-    if peer is not None and got.env.sender != peer:
+    if sender_is_peer and peer is not None and got.env.sender != peer:
         raise ProtocolError(f"a message naming sender {got.env.sender!r} came from {peer!r}: refused", got.env.msg_id)
     return route, got
