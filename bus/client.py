@@ -26,6 +26,13 @@ itself is the process that failed for good, the supervisor stands in for it at t
 (recovery/proc.py): a client that reconnects to resume its requests is told the same way. Only a client that
 does not come back within that moment - or finds nobody there - learns it when `reconnect_timeout` passes.
 
+Keys: against a deployment started with `--keys DIR`, the client connects as a CurveZMQ client with DIR's
+`client` (or `admin`) key and the deployment's `server` public key (bus/security.py). ZeroMQ reports a refused
+handshake only to the socket monitor, and retries it forever: the monitor turns it into AuthenticationError for
+everything awaited and every later call, at once - a key the deployment does not admit, or plaintext on one side
+only - or after a few failures in a row where the deployment only drops the connection (a server key other than
+its own: it cannot even read the handshake).
+
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
 closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,
 or accept a chunk that leaves a gap or contradicts tokens already received (ServerError instead of silently
@@ -35,11 +42,13 @@ wrong tokens).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -50,6 +59,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from bus.codec import Codec
 from bus.errors import (
+    AuthenticationError,
     BadRequestError,
     CancelledError,
     DejaVuError,
@@ -75,6 +85,9 @@ from bus.messages import (
     StatusReply,
     TokenChunk,
 )
+from bus.security import CLIENT as CLIENT_KEY
+from bus.security import SERVER, Keyring
+from bus.security import load as load_keys
 from bus.sockets import decode_frames, make_socket, recv_frames
 from bus.stream import (
     GenerateResult,
@@ -90,6 +103,9 @@ __all__ = ["AsyncClient", "GenerateResult", "TokenEvent", "TokenStream", "build_
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+DROPPED_HANDSHAKES = 3  # handshakes the server drops without a word, in a row, before the client gives up
 
 
 class AsyncClient:
@@ -99,12 +115,14 @@ class AsyncClient:
     keepalive_interval: KeepAlive period while requests are in flight (keep it well under the server's
     client timeout, 10 s by default). connect_timeout: deadline for a StatusReply — the probe on entering
     (when `probe`) and `status()`. close_timeout: how long closing waits for the server to acknowledge the
-    cancellation of requests still in flight.
+    cancellation of requests still in flight. keys: the directory of the deployment's `dejavu-keys` files that
+    this client holds (`<key_name>.key_secret` and `public.json`); key_name "admin" also sees pids, addresses and
+    the model path in status(). A directory that lacks them raises KeysError (a ValueError) here.
     """
 
     def __init__(self, address: str, *, timeout: float = 600.0, keepalive_interval: float = 1.0,
                  connect_timeout: float = 10.0, close_timeout: float = 2.0, reconnect_timeout: float = 60.0,
-                 probe: bool = True) -> None:
+                 probe: bool = True, keys: str | Path | None = None, key_name: str = CLIENT_KEY) -> None:
         if "://" not in address:
             raise ValueError(f"address must look like tcp://host:port, got {address!r}")
         for name, v in (("timeout", timeout), ("keepalive_interval", keepalive_interval),
@@ -115,6 +133,15 @@ class AsyncClient:
         self.address, self.timeout, self.keepalive_interval = address, timeout, keepalive_interval
         self.connect_timeout, self.close_timeout, self.probe = connect_timeout, close_timeout, probe
         self.reconnect_timeout = reconnect_timeout
+        self._keys: Keyring | None = None
+        self._whose = "no keys"  # which key this client shows, for error messages
+        if keys is not None:
+            self._keys = load_keys(keys, key_name)
+            self._keys.server_key(SERVER)  # the deployment's public key must be there too
+            self._whose = f"the {key_name!r} key of {keys}"
+        self._denied = ""  # why the deployment refused this client's handshake ("" = it did not)
+        self._dropped = 0  # handshakes dropped without a word in a row
+        self._connected_once = False  # a handshake has succeeded once
         self._lost_at: float | None = None  # when the connection broke (None: up, or never was)
         self._give_up: asyncio.TimerHandle | None = None
         self.server_info: dict[str, Any] | None = None  # the probe's status(), when probed
@@ -137,9 +164,11 @@ class AsyncClient:
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._busy, self._drained = asyncio.Event(), asyncio.Event()
         self._ctx = zmq.asyncio.Context()
-        self._sock = make_socket(self._ctx, zmq.DEALER, identity=self._codec.sender.encode())
+        self._sock = make_socket(self._ctx, zmq.DEALER, identity=self._codec.sender.encode(), keys=self._keys,
+                                 server=SERVER)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # no frame is queued for a connection that is gone
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED)
         self._sock.connect(self.address)
         self._tasks = [asyncio.create_task(coro, name=f"dejavu-client-{name}") for name, coro in (
             ("recv", self._receive_loop()), ("send", self._send_loop()), ("keepalive", self._keepalive_loop()),
@@ -247,6 +276,8 @@ class AsyncClient:
     def _check_open(self) -> None:
         if self._state != "open":
             raise RuntimeError(f"the client is {self._state}: use it inside `async with AsyncClient(...)`")
+        if self._denied:
+            raise AuthenticationError(self._denied)
         if self._refusal:
             raise ServerError(f"the client takes no new requests: {self._refusal}")
         if self._stopped:
@@ -385,17 +416,27 @@ class AsyncClient:
         """The socket's connection events: a break starts the reconnect deadline; a new handshake after a
         break resumes every request in flight."""
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_DISCONNECTED and self._lost_at is None and not self._closing:
+            message = parse_monitor_message(await self._monitor.recv_multipart())
+            event = message["event"]
+            if self._denied:
+                continue
+            if event & HANDSHAKE_FAILED:
+                self._handshake_failed(event, int(message["value"]))
+            elif event == zmq.EVENT_DISCONNECTED and self._lost_at is None and not self._closing:
                 self._lost_at = time.perf_counter()
                 if self._stopped:
                     log.info("[client] the connection to %s closed: the deployment stopped", self.address)
+                elif not self._connected_once:  # never connected: nothing broke (a refused handshake says why above)
+                    log.debug("[client] a connection to %s closed before its handshake", self.address)
                 else:
-                        log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
+                    log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
                                 "back (within reconnect_timeout %.0fs)", self.address, len(self._requests),
                                 self.reconnect_timeout)
                 self._give_up = self._loop.call_later(self.reconnect_timeout, self._reconnect_failed)
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._lost_at is not None:
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected_once, self._dropped = True, 0
+                if self._lost_at is None:
+                    continue
                 log.info("[client] reconnected to %s after %.1fs; resuming %d request(s)", self.address,
                          time.perf_counter() - self._lost_at, len(self._requests))
                 self._lost_at = None
@@ -404,6 +445,21 @@ class AsyncClient:
                     self._give_up.cancel()
                     self._give_up = None
                 self._resume_all()
+
+    def _handshake_failed(self, event: int, value: int) -> None:
+        """The deployment refused a handshake (the socket monitor's report; ZeroMQ itself retries forever). A
+        refusal in words (ZAP's 400, a security mechanism other than ours) is final at once; a handshake dropped
+        without one - the server could not read ours: another server key - once it happened a few times in a row
+        (a controller dying mid-handshake drops one too, then refuses connections until its successor binds)."""
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._dropped += 1
+            if self._keys is None or self._dropped < DROPPED_HANDSHAKES:
+                return
+        self._denied = why_refused(event, value, self.address, self._whose, self._keys is not None)
+        log.info("[client] %s", self._denied)  # the error every call raises from now on says it
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disconnect(self.address)  # no more attempts: nothing would change
+        self._fail_all(AuthenticationError(self._denied))
 
     def _resume_all(self) -> None:
         for old, fut in list(self._status_waiters.items()):  # a query sent before the break may be lost
@@ -436,3 +492,22 @@ class AsyncClient:
             return
         log.warning("[client] controller error not tied to a pending request (reply_to=%d): %s [code %d]",
                     env.reply_to, body.message, body.code)
+
+
+def why_refused(event: int, value: int, address: str, whose: str, keyed: bool) -> str:
+    """What a failed handshake means for the user (ZeroMQ's socket-monitor event and value)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the deployment at {address} refused {whose} (ZAP status {value}): it admits only the client and "
+                "admin keys of its own `dejavu-keys` directory (setting: AsyncClient(keys=..., key_name=...))")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        if keyed:
+            return (f"the deployment at {address} serves plaintext clients and this client uses {whose}: leave "
+                    "keys out (setting: AsyncClient(keys=...))")
+        return (f"the deployment at {address} requires CurveZMQ keys and this client has none: "
+                "AsyncClient(address, keys=DIR) or dejavu-client --keys DIR, with the client (or admin) key from "
+                "the deployment's `dejavu-keys generate`")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return (f"the deployment at {address} dropped {DROPPED_HANDSHAKES} handshakes in a row from {whose}: its "
+                "server key is not the one in that directory's public.json (keys of another `dejavu-keys "
+                "generate`?)")
+    return f"the handshake with {address} failed (ZeroMQ protocol error {value:#x}): is a DéjàVu deployment there?"

@@ -44,12 +44,17 @@ def parser() -> argparse.ArgumentParser:
                    help="print the deployment's status as JSON (alone: only that; with a prompt: first)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds for the controller to answer")
+    p.add_argument("--keys", metavar="DIR", help="a deployment started with --keys: the directory holding this "
+                   "client's key and public.json (from dejavu-keys generate)")
+    p.add_argument("--key-name", default="client", help="which key of --keys: client, or admin (its status also "
+                   "shows pids, addresses and the model path)")
     p.add_argument("-v", "--verbose", action="store_true", help="client debug logs on stderr")
     return p
 
 
 async def run(args: argparse.Namespace, out: TextIO) -> int:
-    async with AsyncClient(args.address, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
+    async with AsyncClient(args.address, timeout=args.timeout, connect_timeout=args.connect_timeout, keys=args.keys,
+                           key_name=args.key_name) as client:
         if args.status:
             out.write(json.dumps(client.server_info or await client.status(), indent=2) + "\n")
             out.flush()
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(f"\ndejavu-client: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a malformed --address or timeout
+    except ValueError as e:  # a malformed --address or timeout, keys that cannot be read
         print(f"dejavu-client: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

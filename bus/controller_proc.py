@@ -22,6 +22,12 @@ controller waits - at most `flush_timeout` - until each client it told has confi
 only then closes the client socket (with a linger of the same bound). Closing at once lost these last messages:
 a client's socket (ZMQ_IMMEDIATE, bus/client.py) drops what it has received but not yet read when the
 connection closes, and the client then waited out its reconnect_timeout.
+
+Clients: with `client_keys_dir` (the users' `dejavu-keys` directory) the client socket is a CURVE server with the
+`server` key that admits the `client` and `admin` keys only (bus/security.py, a ZAP domain of its own); without,
+it is plaintext, and `dejavu-serve` binds it to the loopback only unless told `--insecure` (recovery/preflight.py).
+A client sees in status() what it needs (states, counts, health); pids, host names, internal addresses and the
+model path only an administrator (`redacted`, `_is_admin`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import msgspec
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from bus.child import (
     EXIT_CONFIG,
@@ -84,7 +91,19 @@ from bus.messages import (
     Welcome,
 )
 from bus.scheduler import Scheduler
-from bus.security import CONTROLLER, Keyring, maybe_load, start_authenticator
+from bus.security import (
+    ADMIN,
+    CLIENT_DOMAIN,
+    CONTROLLER,
+    ZAP_DOMAIN,
+    Keyring,
+    KeysError,
+    from_loopback,
+    load_client_side,
+    maybe_load,
+    peer_of_frame,
+    start_authenticator,
+)
 from bus.sockets import (
     DEFAULT_MAX_MESSAGE,
     bound_address,
@@ -128,6 +147,7 @@ class ControllerConfig:
     log_level: str = "INFO"
     flush_timeout: float = 2.0  # on exit, how long clients have to confirm the last messages (ServerStoppingAck)
     max_known_clients: int = 4096  # clients told when the deployment stops (the most recently heard from)
+    client_keys_dir: str = ""  # the users' keys (dejavu-keys generate); "" = a plaintext client socket
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
@@ -189,11 +209,20 @@ class ControllerProcess:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
         self.keys = maybe_load(cfg.keys_dir, CONTROLLER)
-        self.auth = start_authenticator(self.ctx, self.keys)  # before any bind: it admits the members only
+        self.auth: ThreadAuthenticator | None = None
+        self.client_keys: Keyring | None = None
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "controller", 0, self.keys)
         self.sup.on_message = self._on_supervisor
         try:
-            self.clients = self._bind(cfg.client_bind, "client", cfg.max_client_frame)
+            if cfg.client_keys_dir:
+                try:
+                    self.client_keys = load_client_side(cfg.client_keys_dir)
+                except KeysError as e:
+                    raise CannotStart(f"--keys: {e}") from None
+            # before any bind: it admits the members on the internal socket, the users' keys on the client one
+            self.auth = start_authenticator(self.ctx, self.keys, self.client_keys)
+            self.clients = self._bind(cfg.client_bind, "client", cfg.max_client_frame, self.client_keys,
+                                      CLIENT_DOMAIN)
             self.internal = self._bind(cfg.internal_bind, "internal", keys=self.keys)
         except CannotStart as e:
             log.info("[startup] %s", e)
@@ -233,9 +262,10 @@ class ControllerProcess:
         self.ctx.destroy(linger=0)
 
     def _bind(self, address: str, what: str, max_message: int = DEFAULT_MAX_MESSAGE,
-              keys: Keyring | None = None) -> zmq.asyncio.Socket:
+              keys: Keyring | None = None, domain: str = ZAP_DOMAIN) -> zmq.asyncio.Socket:
         try:
-            return make_socket(self.ctx, zmq.ROUTER, bind=address, max_message=max_message, keys=keys)
+            return make_socket(self.ctx, zmq.ROUTER, bind=address, max_message=max_message, keys=keys,
+                               domain=domain)
         except zmq.ZMQError as e:
             hint = " (choose another --port or --host)" if what == "client" else ""
             raise CannotStart(f"the controller cannot listen on {address} ({what} socket): {e.strerror}{hint}") from e
@@ -259,7 +289,7 @@ class ControllerProcess:
             frames = await recv_frames(self.clients)
             now = time.monotonic()
             try:
-                route, msg = decode_frames(self.client_codec, frames, route_frames=1)
+                route, msg = decode_frames(self.client_codec, frames, route_frames=1, sender_is_peer=False)
             except ProtocolError as e:
                 if len(frames) >= 2:  # [identity, ...]: answer that peer only
                     ident = bytes(frames[0].bytes)
@@ -268,7 +298,7 @@ class ControllerProcess:
                 continue
             self._heard_from(route[0])
             try:
-                await self._on_client(route[0], msg, now)
+                await self._on_client(route[0], msg, now, frames[1])
             except Exception as e:  # a handler that fails answers; it never takes the process down
                 log.exception("[client] handling %s failed", type(msg.body).__name__)
                 await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, f"internal error: {e}"),
@@ -277,7 +307,8 @@ class ControllerProcess:
                 await self._tell(route[0])
             await self._flush()
 
-    async def _on_client(self, client: bytes, msg: Received, now: float) -> None:
+    async def _on_client(self, client: bytes, msg: Received, now: float, head: object) -> None:
+        """`head`: the message's envelope frame as received (its properties say who sent it)."""
         body = msg.body
         if isinstance(body, GenerateRequest):
             if self.fatal or self.stopping:
@@ -310,7 +341,8 @@ class ControllerProcess:
         elif isinstance(body, KeepAlive):
             self.core.touch(client, now, [r for r in body.request_ids if (client, r) not in self.admitting])
         elif isinstance(body, StatusQuery):
-            await send(self.clients, self.client_codec, self._status(), route=[client], reply_to=msg.env.msg_id)
+            reply = self._status() if self._is_admin(head) else redacted(self._status())
+            await send(self.clients, self.client_codec, reply, route=[client], reply_to=msg.env.msg_id)
         else:
             await send(self.clients, self.client_codec,
                        ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
@@ -371,6 +403,16 @@ class ControllerProcess:
         if self.reg.unplaced:
             return "degraded"  # a stage has no host to run on: requests wait (queue_timeout) for a host to join
         return "serving" if self.core.ready else "starting"
+
+    def _is_admin(self, head: object) -> bool:
+        """Who sees the deployment's pids, host names, internal addresses and model path in status(). With client
+        keys: the holder of the `admin` key (the User-Id its connection was admitted under). Without: a peer on
+        this machine's loopback - a plaintext client socket binds the loopback only (dejavu-serve refuses
+        anything else without --insecure), and the machine's users see the pids with ps anyway; a peer from
+        elsewhere (an --insecure deployment) is a client."""
+        if self.client_keys is not None:
+            return peer_of_frame(head) == ADMIN
+        return from_loopback(head)
 
     def _heard_from(self, client: bytes) -> None:
         self.known_clients[client] = None
@@ -585,6 +627,15 @@ class ControllerProcess:
                           "retrying", sorted(self.pending_acks), self.epoch, self.cfg.topology_timeout)
                 await self._relink()
             await self._flush()
+
+
+def redacted(reply: StatusReply) -> StatusReply:
+    """status() as a client that is no administrator sees it: what it needs (every process's role, index,
+    incarnation and state, stages' busy time, steps and uptime, queue counts, slots), not where the deployment
+    runs or listens (pids, host names, internal addresses, the model path). Blanked rather than left out: the
+    message keeps its shape for every client."""
+    procs = [msgspec.structs.replace(p, pid=0, host="", detail="") for p in reply.processes]
+    return msgspec.structs.replace(reply, processes=procs, model="")
 
 
 def run_controller(cfg: ControllerConfig) -> int:

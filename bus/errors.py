@@ -39,6 +39,11 @@ class ServerError(DejaVuError):
     """The deployment failed to serve the request (or is shutting down)."""
 
 
+class AuthenticationError(DejaVuError):
+    """The deployment refused this client's connection: a key it does not admit, no key where it requires one (or
+    one where it serves plaintext), or a server key other than the deployment's. No request can get through."""
+
+
 class RequestTimeoutError(DejaVuError, TimeoutError):
     """No answer within the client's deadline."""
 

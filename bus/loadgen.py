@@ -357,6 +357,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, help="wall-clock seconds per rate; then the rest is cancelled "
                    "(default: last arrival + --timeout + 10)")
     p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--keys", metavar="DIR", help="a deployment started with --keys: the directory holding this "
+                   "client's key and public.json (from dejavu-keys generate)")
+    p.add_argument("--key-name", default="client", help="which key of --keys (client or admin)")
     p.add_argument("--out", type=Path, help=f"JSON path (default ./{RESULTS_DIR}/serve-<UTC time>.json, in the "
                    "current directory)")
     p.add_argument("--plot", type=Path, help="PNG path (default: the JSON path with .png)")
@@ -408,7 +411,8 @@ async def amain(argv: Sequence[str] | None = None) -> int:
                      "connect_timeout_s": args.connect_timeout},
         "rates": [],
     }
-    async with AsyncClient(args.address, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
+    async with AsyncClient(args.address, timeout=args.timeout, connect_timeout=args.connect_timeout, keys=args.keys,
+                           key_name=args.key_name) as client:
         report["server"] = client.server_info
         for k, rate in enumerate(args.rates):
             reqs = plan(rate, args)
@@ -435,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DejaVuError as e:
         print(f"dejavu-bench serve: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # a malformed --address
+    except ValueError as e:  # a malformed --address, keys that cannot be read
         print(f"dejavu-bench serve: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ checked: `Keyring` is None there.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ SERVER, AGENT, CLIENT, ADMIN = "server", "agent", "client", "admin"
 USER_KEYS = (SERVER, AGENT, CLIENT, ADMIN)  # the keypairs `dejavu-keys generate` writes
 CLIENT_NAMES = (CLIENT, ADMIN)  # the keys the client socket admits (their User-Id)
 USER_ID = "User-Id"  # ZeroMQ's message property set from the ZAP handler's answer
+PEER_ADDRESS = "Peer-Address"  # ZeroMQ's message property: the IP address of a TCP peer
 
 
 class KeysError(ValueError):
@@ -225,3 +227,30 @@ def peer_of_frame(frame: object) -> str | None:
     except zmq.ZMQError:
         return None
     return value or None
+
+
+def loopback_host(host: str) -> bool:
+    """Whether `host` (an interface to bind, or a peer's address) is this machine's loopback only: localhost,
+    127.0.0.0/8, ::1 (also as [::1] or IPv4-mapped). Names other than localhost are not resolved: not loopback."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def from_loopback(frame: object) -> bool:
+    """Whether a received frame came over a TCP connection from this machine's loopback (False when unknown)."""
+    get = getattr(frame, "get", None)
+    if get is None:
+        return False
+    try:
+        value = get(PEER_ADDRESS)
+    except zmq.ZMQError:
+        return False
+    return bool(value) and loopback_host(value)
