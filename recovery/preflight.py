@@ -1,6 +1,7 @@
-"""What `dejavu-serve` checks before it starts any process: the model directory, the layer split, the client
-port, the devices, the shared memory the KV pools need. Each refusal is one `UsageError` line that says what
-to change (the command exits with code 2); a shortage that only costs a feature is a warning line.
+"""What `dejavu-serve` checks before it starts any process: the model directory, the layer split, who can reach
+the client socket (keys, or the loopback only), the client port, the devices, the shared memory the KV pools
+need. Each refusal is one `UsageError` line that says what to change (the command exits with code 2); a shortage
+that only costs a feature is a warning line.
 
 Torch-free, like the rest of the supervisor: these checks take milliseconds, where one process importing
 torch takes seconds.
@@ -16,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from bus.security import KeysError, load_client_side, loopback_host
 from recovery.specs import DeploymentConfig
 from stages.errors import StageError
 from stages.models.spec import (
@@ -44,10 +46,10 @@ class Checked:
 def check_deployment(cfg: DeploymentConfig) -> Checked:
     spec = check_model(Path(cfg.model_dir))
     check_layout(cfg, spec)
+    warnings = check_exposure(cfg)
     check_port(cfg.host, cfg.port)
     if cfg.device == "cuda" and cfg.hosts:
         check_gpus(cfg)
-    warnings = []
     if cfg.device == "cpu" and cfg.streamer:
         warnings += shm_shortage(cfg, spec)
     return Checked(spec, tuple(warnings))
@@ -74,6 +76,27 @@ def check_layout(cfg: DeploymentConfig, spec: ModelSpec) -> None:
     if spec.max_positions and cfg.max_seq_len > spec.max_positions:
         raise UsageError(f"--max-seq-len {cfg.max_seq_len}: the model has {spec.max_positions} positions; "
                          f"choose at most {spec.max_positions}")
+
+
+def check_exposure(cfg: DeploymentConfig) -> list[str]:
+    """Who can talk to the client socket. With --keys: whoever holds the client or admin key (CURVE; the keys
+    must load now, not when the controller starts). Without, the socket is plaintext: anyone who reaches it can
+    send requests, read the outputs and see pids in status(), so it binds the loopback only - anything else is
+    refused unless --insecure says so (then a warning)."""
+    if cfg.keys_dir:
+        try:
+            load_client_side(cfg.keys_dir)
+        except KeysError as e:
+            raise UsageError(f"--keys: {e}; make the keys with `dejavu-keys generate DIR`") from None
+        return []
+    if loopback_host(cfg.host):
+        return []
+    if not cfg.insecure:
+        raise UsageError(f"--host {cfg.host}: a client socket beyond this machine's loopback needs keys: give "
+                         "--keys DIR (made by `dejavu-keys generate DIR`), or --insecure to serve it plaintext to "
+                         "anyone who can reach it")
+    return [f"--host {cfg.host} --insecure: the client socket is plaintext and unauthenticated; anyone who can "
+            "reach it can send requests and read every output (--keys DIR authenticates and encrypts)"]
 
 
 def check_port(host: str, port: int) -> None:

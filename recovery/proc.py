@@ -195,6 +195,7 @@ class SupervisorProcess(ChildSupervisor):
             queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
             flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
+            client_keys_dir=cfg.keys_dir,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages

@@ -28,6 +28,13 @@ def parser() -> argparse.ArgumentParser:
                    help="weights, activations and KV cache")
     p.add_argument("--host", default="127.0.0.1", help="interface for the client socket")
     p.add_argument("--port", type=int, default=0, help="client port (0: any free port; the ready line says which)")
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="the users' CurveZMQ keys (dejavu-keys generate DIR): clients must hold DIR's client or admin "
+                        "key, agents of other machines its agent key; without, the client socket is plaintext and "
+                        "--host must be a loopback address")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a plaintext client socket on a --host beyond the loopback (anyone who reaches it "
+                        "can use the deployment)")
     p.add_argument("--microbatch-size", type=int, default=8, help="KV slots (requests) per microbatch")
     p.add_argument("--microbatches", type=int, default=0, help="microbatches in flight (0: one per stage)")
     p.add_argument("--max-seq-len", type=int, default=2048,
@@ -75,9 +82,6 @@ def parser() -> argparse.ArgumentParser:
                    help="place the stages once this many hosts joined (0: the --hosts started here)")
     p.add_argument("--agent-bind", default="tcp://127.0.0.1:0",
                    help="where host agents join (tcp://ADDRESS:PORT); agents of other machines need --keys")
-    p.add_argument("--keys", default=None,
-                   help="the deployment's keys directory (dejavu-keys generate): this host's `server` key and the "
-                        "`agent` public key that agents of other machines join with")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None,
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             cudnn_attention=args.cudnn_attention, log_dir=str(Path(args.log_dir).resolve()) if args.log_dir else "",
             transport=args.transport, streamer=not args.no_streamer, hosts=args.hosts,
             spare_hosts=args.spare_hosts, min_hosts=args.min_hosts, agent_bind=args.agent_bind,
-            keys_dir=str(Path(args.keys).resolve()) if args.keys else "",
+            keys_dir=str(Path(args.keys).resolve()) if args.keys else "", insecure=args.insecure,
         )
         checked = check_deployment(cfg)
     except (ValueError, UsageError) as e:
