@@ -28,10 +28,10 @@ does not come back within that moment - or finds nobody there - learns it when `
 
 Keys: against a deployment started with `--keys DIR`, the client connects as a CurveZMQ client with DIR's
 `client` (or `admin`) key and the deployment's `server` public key (bus/security.py). ZeroMQ reports a refused
-handshake only to the socket monitor, and retries it forever: the monitor turns it into AuthenticationError for
-everything awaited and every later call, at once - a key the deployment does not admit, or plaintext on one side
-only - or after a few failures in a row where the deployment only drops the connection (a server key other than
-its own: it cannot even read the handshake).
+handshake only to the socket monitor, and retries it forever: before the first connection, the monitor turns it
+into AuthenticationError for everything awaited and every later call - at once for a key the deployment does not
+admit or plaintext on one side only, after a few failures in a row where the deployment only drops the
+connection (a server key other than its own: it cannot even read the handshake).
 
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
 closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,
@@ -447,15 +447,22 @@ class AsyncClient:
                 self._resume_all()
 
     def _handshake_failed(self, event: int, value: int) -> None:
-        """The deployment refused a handshake (the socket monitor's report; ZeroMQ itself retries forever). A
-        refusal in words (ZAP's 400, a security mechanism other than ours) is final at once; a handshake dropped
-        without one - the server could not read ours: another server key - once it happened a few times in a row
-        (a controller dying mid-handshake drops one too, then refuses connections until its successor binds)."""
+        """The deployment refused a handshake (the socket monitor's report; ZeroMQ itself retries forever). Before
+        the first connection this client's keys are wrong (or missing): a refusal in words (ZAP's 400, a security
+        mechanism other than ours) is final at once; a handshake dropped without one - the server could not read
+        ours (another server key), or another mechanism's side closed first - once it happened a few times in a
+        row (a controller dying mid-handshake drops one too, then refuses connections until its successor binds). After a connection the keys were right: a
+        refusal is a warning, and reconnect_timeout decides as for any break."""
+        why = why_refused(event, value, self.address, self._whose, self._keys is not None)
+        if self._connected_once:  # the keys were good: the deployment changed (restarted with others, a stand-in)
+            noisy.warning("refused", self.address, "[client] reconnecting: %s; requests in flight fail if no "
+                          "reconnection succeeds within reconnect_timeout (%.0fs)", why, self.reconnect_timeout)
+            return
         if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self._dropped += 1
-            if self._keys is None or self._dropped < DROPPED_HANDSHAKES:
+            if self._dropped < DROPPED_HANDSHAKES:
                 return
-        self._denied = why_refused(event, value, self.address, self._whose, self._keys is not None)
+        self._denied = why
         log.info("[client] %s", self._denied)  # the error every call raises from now on says it
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disconnect(self.address)  # no more attempts: nothing would change
@@ -499,6 +506,10 @@ def why_refused(event: int, value: int, address: str, whose: str, keyed: bool) -
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (f"the deployment at {address} refused {whose} (ZAP status {value}): it admits only the client and "
                 "admin keys of its own `dejavu-keys` directory (setting: AsyncClient(keys=..., key_name=...))")
+    # A security mechanism other than ours: ZeroMQ names it when this side sees the other's greeting first, and
+    # reports a handshake dropped without detail when the other side closes first (which one wins is a race).
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not keyed:
+        event, value = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         if keyed:
             return (f"the deployment at {address} serves plaintext clients and this client uses {whose}: leave "
@@ -509,5 +520,5 @@ def why_refused(event: int, value: int, address: str, whose: str, keyed: bool) -
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         return (f"the deployment at {address} dropped {DROPPED_HANDSHAKES} handshakes in a row from {whose}: its "
                 "server key is not the one in that directory's public.json (keys of another `dejavu-keys "
-                "generate`?)")
+                "generate`?), or it serves plaintext clients (then leave keys out)")
     return f"the handshake with {address} failed (ZeroMQ protocol error {value:#x}): is a DéjàVu deployment there?"

@@ -631,11 +631,14 @@ class ControllerProcess:
 
 def redacted(reply: StatusReply) -> StatusReply:
     """status() as a client that is no administrator sees it: what it needs (every process's role, index,
-    incarnation and state, stages' busy time, steps and uptime, queue counts, slots), not where the deployment
-    runs or listens (pids, host names, internal addresses, the model path). Blanked rather than left out: the
-    message keeps its shape for every client."""
+    incarnation and state, stages' busy time, steps and uptime, queue counts, slots, the deployment's state and
+    its hosts' states), not where the deployment
+    runs or listens (pids, hosts' names and addresses, internal addresses, the model path). Hosts keep their id,
+    state, devices and stages: which host is down is health. Blanked rather than left out: the message keeps its
+    shape for every client."""
     procs = [msgspec.structs.replace(p, pid=0, host="", detail="") for p in reply.processes]
-    return msgspec.structs.replace(reply, processes=procs, model="")
+    hosts = [msgspec.structs.replace(h, address="", pid=0, hostname="") for h in reply.hosts]
+    return msgspec.structs.replace(reply, processes=procs, hosts=hosts, model="")
 
 
 def run_controller(cfg: ControllerConfig) -> int:
