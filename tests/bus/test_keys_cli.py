@@ -92,3 +92,29 @@ def test_client_keys_and_member_keys_stay_in_their_domains(tmp_path: Path) -> No
     assert got == {("client", "internal"): None, ("client", "client"): "client",
                    ("admin", "internal"): None, ("admin", "client"): "admin",
                    ("stage-0", "internal"): "stage-0", ("stage-0", "client"): None}
+
+
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True), ("[::1]", True),
+    ("::ffff:127.0.0.1", True), ("0.0.0.0", False), ("*", False), ("10.0.0.1", False), ("::", False),
+    ("example.org", False), ("", False),
+])
+def test_loopback_host(host: str, loopback: bool) -> None:
+    assert security.loopback_host(host) is loopback
+
+
+def test_a_frame_from_the_loopback_says_so() -> None:
+    ctx = zmq.Context()
+    try:
+        r, d = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        r.linger = d.linger = 0
+        port = r.bind_to_random_port("tcp://127.0.0.1")
+        d.connect(f"tcp://127.0.0.1:{port}")
+        d.send(b"x")
+        assert r.poll(10_000)
+        frames = r.recv_multipart(copy=False)
+        assert security.from_loopback(frames[1])
+        assert security.peer_of_frame(frames[1]) is None  # plaintext: no User-Id
+        assert not security.from_loopback(b"bytes have no properties")
+    finally:
+        ctx.destroy(0)

@@ -21,6 +21,7 @@ from bus.child import alive
 from bus.client import AsyncClient
 from recovery.launch import ROOT, SERVE, descendants
 from streamer.config import SHM_DIR, SHM_PREFIX
+from tests.conftest import start_deployment
 
 
 def serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -60,6 +61,10 @@ def test_usage_mistakes_are_one_line_and_exit_code_2(default_model, busy_port, t
         ("--model", str(default_model), "--port", str(busy_port)): f"--port {busy_port}: already in use",
         ("--model", str(default_model), "--microbatch-size", "0"): "--microbatch-size must be >= 1",
         ("--model", str(default_model), "--device", "cuda", "--stages", "8"): "--device cuda",  # CPU torch, or < 8 GPUs
+        # a plaintext client socket beyond the loopback; keys that are not there
+        ("--model", str(default_model), "--host", "0.0.0.0"): "--host 0.0.0.0: a client socket beyond this "
+                                                                "machine's loopback needs keys: give --keys DIR",
+        ("--model", str(default_model), "--keys", str(tmp_path / "no-keys")): "--keys: ",
     }
     (tmp_path / "no-weights").mkdir()
     shutil.copy(default_model / "config.json", tmp_path / "no-weights")
@@ -141,6 +146,35 @@ def test_log_dir_gets_a_log_per_process_and_stderr_stays_quiet(default_model, tm
     assert names == ["agent-0.log", "controller-0.log", "stage-0.log", "stage-1.log", "streamer-0.log",
                      "supervisor.log"]
     assert "[handshake]" in (tmp_path / "logs" / "stage-1.log").read_text()
+
+
+def test_insecure_serves_plaintext_beyond_the_loopback_with_a_warning(default_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--host 0.0.0.0 --insecure starts (one warning line); a client on the loopback counts as an administrator
+    (pids in status); a client with keys hears that this deployment serves plaintext."""
+    from bus.errors import AuthenticationError
+    from bus.keys_cli import main as keys_main
+
+    assert keys_main(["generate", str(tmp_path / "keys")]) == 0
+    dep = start_deployment(default_model, 1, "--host", "0.0.0.0", "--insecure")
+    address = dep.address.replace("0.0.0.0", "127.0.0.1")
+
+    async def scenario() -> dict:  # type: ignore[type-arg]
+        with pytest.raises(AuthenticationError, match="serves plaintext clients"):
+            async with AsyncClient(address, keys=tmp_path / "keys"):
+                pass
+        async with AsyncClient(address, timeout=30) as c:
+            assert len((await c.generate(prompt_token_ids=[5, 6], max_new_tokens=3)).token_ids) == 3
+            return await c.status()
+
+    try:
+        assert dep.address.startswith("tcp://0.0.0.0:")
+        st = asyncio.run(scenario())
+        assert all(p["pid"] > 0 for p in st["processes"] if p["role"] in ("controller", "stage")), st
+        assert st["model"] == str(default_model)
+        warnings = [line for line in dep.logs().splitlines() if line.startswith("dejavu-serve: warning: ")]
+        assert len(warnings) == 1 and "--host 0.0.0.0 --insecure: the client socket is plaintext" in warnings[0]
+    finally:
+        assert dep.stop() == 0
 
 
 def test_at_the_default_level_a_clean_run_prints_only_the_ready_line(default_model) -> None:  # type: ignore[no-untyped-def]
