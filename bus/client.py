@@ -31,7 +31,7 @@ Keys: against a deployment started with `--keys DIR`, the client connects as a C
 handshake only to the socket monitor, and retries it forever: before the first connection, the monitor turns it
 into AuthenticationError for everything awaited and every later call - at once for a key the deployment does not
 admit or plaintext on one side only, after a few failures in a row where the deployment only drops the
-connection (a server key other than its own: it cannot even read the handshake).
+connection (a server key other than its own: it cannot even read the handshake). bus/handshake.py judges.
 
 It must never: wait without a deadline (requests: `timeout`; status and the connect probe: `connect_timeout`;
 closing: `close_timeout`; a broken connection: `reconnect_timeout`), send a request twice except as a resume,
@@ -67,6 +67,8 @@ from bus.errors import (
     RequestTimeoutError,
     ServerError,
 )
+from bus.handshake import FAILED as HANDSHAKE_FAILED
+from bus.handshake import Handshakes
 from bus.logs import Throttled
 from bus.messages import (
     CLIENT,
@@ -103,9 +105,6 @@ __all__ = ["AsyncClient", "GenerateResult", "TokenEvent", "TokenStream", "build_
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
-HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-DROPPED_HANDSHAKES = 3  # handshakes the server drops without a word, in a row, before the client gives up
 
 
 class AsyncClient:
@@ -134,14 +133,12 @@ class AsyncClient:
         self.connect_timeout, self.close_timeout, self.probe = connect_timeout, close_timeout, probe
         self.reconnect_timeout = reconnect_timeout
         self._keys: Keyring | None = None
-        self._whose = "no keys"  # which key this client shows, for error messages
         if keys is not None:
             self._keys = load_keys(keys, key_name)
             self._keys.server_key(SERVER)  # the deployment's public key must be there too
-            self._whose = f"the {key_name!r} key of {keys}"
+        self._handshakes = Handshakes(address, "no keys" if keys is None else f"the {key_name!r} key of {keys}",
+                                      keys is not None)
         self._denied = ""  # why the deployment refused this client's handshake ("" = it did not)
-        self._dropped = 0  # handshakes dropped without a word in a row
-        self._connected_once = False  # a handshake has succeeded once
         self._lost_at: float | None = None  # when the connection broke (None: up, or never was)
         self._give_up: asyncio.TimerHandle | None = None
         self.server_info: dict[str, Any] | None = None  # the probe's status(), when probed
@@ -426,7 +423,7 @@ class AsyncClient:
                 self._lost_at = time.perf_counter()
                 if self._stopped:
                     log.info("[client] the connection to %s closed: the deployment stopped", self.address)
-                elif not self._connected_once:  # never connected: nothing broke (a refused handshake says why above)
+                elif not self._handshakes.connected_once:  # nothing broke (a refused handshake says why above)
                     log.debug("[client] a connection to %s closed before its handshake", self.address)
                 else:
                     log.warning("[client] the connection to %s broke; %d request(s) in flight resume when it is "
@@ -434,7 +431,7 @@ class AsyncClient:
                                 self.reconnect_timeout)
                 self._give_up = self._loop.call_later(self.reconnect_timeout, self._reconnect_failed)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._connected_once, self._dropped = True, 0
+                self._handshakes.succeeded()
                 if self._lost_at is None:
                     continue
                 log.info("[client] reconnected to %s after %.1fs; resuming %d request(s)", self.address,
@@ -447,26 +444,20 @@ class AsyncClient:
                 self._resume_all()
 
     def _handshake_failed(self, event: int, value: int) -> None:
-        """The deployment refused a handshake (the socket monitor's report; ZeroMQ itself retries forever). Before
-        the first connection this client's keys are wrong (or missing): a refusal in words (ZAP's 400, a security
-        mechanism other than ours) is final at once; a handshake dropped without one - the server could not read
-        ours (another server key), or another mechanism's side closed first - once it happened a few times in a
-        row (a controller dying mid-handshake drops one too, then refuses connections until its successor binds). After a connection the keys were right: a
-        refusal is a warning, and reconnect_timeout decides as for any break."""
-        why = why_refused(event, value, self.address, self._whose, self._keys is not None)
-        if self._connected_once:  # the keys were good: the deployment changed (restarted with others, a stand-in)
-            noisy.warning("refused", self.address, "[client] reconnecting: %s; requests in flight fail if no "
-                          "reconnection succeeds within reconnect_timeout (%.0fs)", why, self.reconnect_timeout)
+        """The deployment refused a handshake: for good when this client's keys are wrong or missing (see
+        bus/handshake.py); after a connection, a warning, and reconnect_timeout decides as for any break."""
+        why = self._handshakes.final(event, value)
+        if why is None:
+            if self._handshakes.connected_once:  # the keys were good: a restart with other keys, a stand-in
+                noisy.warning("refused", self.address, "[client] reconnecting: %s; requests in flight fail if no "
+                              "reconnection succeeds within reconnect_timeout (%.0fs)",
+                              self._handshakes.why(event, value), self.reconnect_timeout)
             return
-        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-            self._dropped += 1
-            if self._dropped < DROPPED_HANDSHAKES:
-                return
         self._denied = why
-        log.info("[client] %s", self._denied)  # the error every call raises from now on says it
+        log.info("[client] %s", why)  # the error every call raises from now on says it
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disconnect(self.address)  # no more attempts: nothing would change
-        self._fail_all(AuthenticationError(self._denied))
+        self._fail_all(AuthenticationError(why))
 
     def _resume_all(self) -> None:
         for old, fut in list(self._status_waiters.items()):  # a query sent before the break may be lost
@@ -500,25 +491,3 @@ class AsyncClient:
         log.warning("[client] controller error not tied to a pending request (reply_to=%d): %s [code %d]",
                     env.reply_to, body.message, body.code)
 
-
-def why_refused(event: int, value: int, address: str, whose: str, keyed: bool) -> str:
-    """What a failed handshake means for the user (ZeroMQ's socket-monitor event and value)."""
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (f"the deployment at {address} refused {whose} (ZAP status {value}): it admits only the client and "
-                "admin keys of its own `dejavu-keys` directory (setting: AsyncClient(keys=..., key_name=...))")
-    # A security mechanism other than ours: ZeroMQ names it when this side sees the other's greeting first, and
-    # reports a handshake dropped without detail when the other side closes first (which one wins is a race).
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not keyed:
-        event, value = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        if keyed:
-            return (f"the deployment at {address} serves plaintext clients and this client uses {whose}: leave "
-                    "keys out (setting: AsyncClient(keys=...))")
-        return (f"the deployment at {address} requires CurveZMQ keys and this client has none: "
-                "AsyncClient(address, keys=DIR) or dejavu-client --keys DIR, with the client (or admin) key from "
-                "the deployment's `dejavu-keys generate`")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-        return (f"the deployment at {address} dropped {DROPPED_HANDSHAKES} handshakes in a row from {whose}: its "
-                "server key is not the one in that directory's public.json (keys of another `dejavu-keys "
-                "generate`?), or it serves plaintext clients (then leave keys out)")
-    return f"the handshake with {address} failed (ZeroMQ protocol error {value:#x}): is a DéjàVu deployment there?"
