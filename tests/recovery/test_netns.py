@@ -255,7 +255,8 @@ def test_a_host_cut_off_its_network_is_declared_dead_its_stage_moves_and_it_fenc
 
         async def scenario() -> list[list[int]]:
             progress = Progress()
-            async with AsyncClient(dep.address, timeout=180) as c:
+            # --keys governs the client socket too; the admin key sees the hosts' addresses
+            async with AsyncClient(dep.address, timeout=180, keys=cl.keys, key_name="admin") as c:
                 st = await until(c, lambda s: hosts_of(s).get("host-2", {}).get("state") == "spare", 30,
                                  "host-2 joined as a spare")
                 hosts = hosts_of(st)
@@ -341,7 +342,7 @@ def test_stages_on_other_machines_reach_a_controller_host_listening_on_every_int
 
         async def scenario() -> tuple[list[list[int]], dict[str, Any]]:
             progress = Progress()
-            async with AsyncClient(dep.address, timeout=60) as c:
+            async with AsyncClient(dep.address, timeout=60, keys=cl.keys, key_name="admin") as c:
                 outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
                 return outs, await c.status()
 
