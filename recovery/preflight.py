@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus.security import KeysError, load_client_side, loopback_host
+from bus.security import KeysError, load, load_client_side, loopback_host
 from recovery.specs import DeploymentConfig
 from stages.errors import StageError
 from stages.models.spec import (
@@ -86,9 +86,20 @@ def check_exposure(cfg: DeploymentConfig) -> list[str]:
     if cfg.keys_dir:
         try:
             load_client_side(cfg.keys_dir)
+            load(cfg.keys_dir, "agent")
         except KeysError as e:
             raise UsageError(f"--keys: {e}; make the keys with `dejavu-keys generate DIR`") from None
         return []
+    # agents of other machines authenticate with the users' `agent` key: without --keys only the local (simulated)
+    # hosts can join, which makes a deployment without local hosts, or listening for agents beyond the loopback,
+    # one that no agent can ever join
+    if cfg.hosts == 0:
+        raise UsageError("--hosts 0: stages run only on agents of other machines, which join with the keys of "
+                         "--keys DIR (made by `dejavu-keys generate DIR`); give --keys")
+    agent_host = cfg.agent_bind.removeprefix("tcp://").rsplit(":", 1)[0]
+    if not loopback_host(agent_host):
+        raise UsageError(f"--agent-bind {cfg.agent_bind}: agents of other machines join with the keys of --keys DIR "
+                         "(made by `dejavu-keys generate DIR`); give --keys, or bind the loopback")
     if loopback_host(cfg.host):
         return []
     if not cfg.insecure:

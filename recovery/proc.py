@@ -112,6 +112,7 @@ class SupervisorProcess(ChildSupervisor):
         self.boots: dict[str, int] = {}
         self.local_hosts = cfg.hosts + cfg.spare_hosts
         self.auth = None
+        self.client_keys: security.Keyring | None = None
 
     # ------------------------------------------------------------------ main
 
@@ -126,7 +127,10 @@ class SupervisorProcess(ChildSupervisor):
         self.janitor = start_janitor(self.run_dir, f"dejavu-kv-d{os.getpid()}-*")
         try:
             self._make_keys()
-            self.auth = security.start_authenticator(self.ctx, self.keys)
+            # the users' client keys too: when the controller is gone for good this process stands in for it at
+            # the client address (_stand_in), as a CURVE server like the controller's client socket
+            self.client_keys = security.load_client_side(self.cfg.keys_dir) if self.cfg.keys_dir else None
+            self.auth = security.start_authenticator(self.ctx, self.keys, self.client_keys)
             self.sock = make_socket(self.ctx, zmq.ROUTER, bind=self.cfg.agent_bind, keys=self.keys)
         except (security.KeysError, zmq.ZMQError) as e:
             self.fatal, self.fatal_config = f"cannot listen for agents at {self.cfg.agent_bind}: {e}", True
@@ -487,7 +491,8 @@ class SupervisorProcess(ChildSupervisor):
         query) with ServerStopping(message), so it fails its requests now rather than after its reconnect_timeout.
         Best effort: if the address cannot be bound, the clients find out when reconnect_timeout passes."""
         try:
-            sock = make_socket(self.ctx, zmq.ROUTER, bind=address)
+            sock = make_socket(self.ctx, zmq.ROUTER, bind=address, keys=self.client_keys,
+                               domain=security.CLIENT_DOMAIN)
         except zmq.ZMQError as e:
             log.warning("[shutdown] cannot stand in for the controller at %s (%s): its clients find out when their "
                         "reconnect_timeout passes", address, e.strerror)
@@ -501,7 +506,7 @@ class SupervisorProcess(ChildSupervisor):
                     break
                 frames = await recv_frames(sock)
                 try:
-                    route, msg = decode_frames(self.codec, frames, route_frames=1)
+                    route, msg = decode_frames(self.codec, frames, route_frames=1, sender_is_peer=False)
                 except ProtocolError:
                     continue
                 if isinstance(msg.body, ServerStoppingAck):

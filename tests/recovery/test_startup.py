@@ -60,6 +60,8 @@ def test_usage_mistakes_are_one_line_and_exit_code_2(default_model, busy_port, t
         ("--model", str(default_model), "--stages", "9"): "the model has 8 layers; choose 1 to 8 stages",
         ("--model", str(default_model), "--port", str(busy_port)): f"--port {busy_port}: already in use",
         ("--model", str(default_model), "--microbatch-size", "0"): "--microbatch-size must be >= 1",
+        ("--model", str(default_model), "--hosts", "0"): "--hosts 0: stages run only on agents of other machines",
+        ("--model", str(default_model), "--agent-bind", "tcp://0.0.0.0:7700"): "agents of other machines join with",
         ("--model", str(default_model), "--device", "cuda", "--stages", "8"): "--device cuda",  # CPU torch, or < 8 GPUs
         # a plaintext client socket beyond the loopback; keys that are not there
         ("--model", str(default_model), "--host", "0.0.0.0"): "--host 0.0.0.0: a client socket beyond this "
