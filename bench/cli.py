@@ -8,6 +8,8 @@
     soak      memory of every process over rounds of many clients (bench/soak_bench.py)
     startup   dejavu-serve --model default: launch to ready and SIGINT to exit vs the torch-import floor
               (bench/startup_bench.py)
+    curve     control-message rate and latency over tcp loopback, plaintext vs CurveZMQ (bench/curve_bench.py;
+              `pipeline --hosts` runs it too)
 
 Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
 path) and shows progress on stderr when it is a terminal (--quiet: never).
@@ -25,6 +27,7 @@ COMMANDS = {
     "pipeline": "bench.pipeline_bench",
     "soak": "bench.soak_bench",
     "startup": "bench.startup_bench",
+    "curve": "bench.curve_bench",
 }
 
 
