@@ -32,6 +32,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -189,6 +190,22 @@ def _run_loop(make: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[s
     return uvloop.run(make())
 
 
+def source_commit() -> str | None:
+    """The checkout's commit (short; `-dirty` with uncommitted changes to tracked files), for a result's record;
+    None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def lines(report: dict[str, Any]) -> list[str]:
     out = []
     for row in report["messages"].values():
@@ -268,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "curve (issue 17): control-message rate and latency, plaintext vs CurveZMQ",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["bin/dejavu-bench", "curve", *(sys.argv[2:] if argv is None else argv)]),
+        "commit": source_commit(),
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(load_start),
                     "load_average_at_end": list(os.getloadavg())},
         **report,

@@ -411,7 +411,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
         "shape": args.shape, "card": card, "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["bin/dejavu-bench", "pipeline", *(sys.argv[2:] if argv is None else argv)]),
-        "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
+        "commit": curve_bench.source_commit(), "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
         "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [],
     }
     def save(partial: bool) -> None:  # after every rate too, so a run cut short still leaves its figures

@@ -52,5 +52,6 @@ def test_the_sub_command_writes_its_json_and_plot(tmp_path) -> None:  # type: ig
     assert curve_bench.main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "curve_bench.json").read_text())
     assert result["command"].startswith("bin/dejavu-bench curve") and result["machine"]["cpus"] > 0
+    assert result["commit"] is None or len(result["commit"]) >= 7
     assert result["messages"]["heartbeat"]["stream"]["curve"]["messages_per_s"] > 0
     assert (tmp_path / "curve_bench.png").stat().st_size > 1000
