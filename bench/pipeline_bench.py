@@ -329,7 +329,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                    color=f"C{k}", label=f"{name}: stage {i}")
     a.set_xlabel("request rate (req/s)")
     a.set_ylabel("normalized latency (s/token)")
-    a.set_title(f"colocated pipeline, {result['shape']} ({result['card']})")
+    load = result.get("machine", {}).get("load_average_at_start", [None])[0]
+    a.set_title(f"colocated pipeline, {result['shape']} ({result['card']}"
+                + (f", load {load:.1f})" if load is not None and result["card"] == "cpu" else ")"))
     a.legend(fontsize=7)
     b.set_xlabel("request rate (req/s)")
     b.set_ylabel("idle fraction (bubbles)")
