@@ -57,6 +57,7 @@ MESSAGES: dict[str, Msg] = {
 PATTERNS = ("ping_pong", "stream")
 MODES = ("plaintext", "curve")
 STREAM_BURST = 64  # a one-way sender sends this many, then the receiver takes them (at most two bursts in flight)
+RUN_SLACK_S = 10.0  # a timed run that has not ended this long after its time is stuck (a lost message): raise
 
 
 class Pair:
@@ -75,18 +76,17 @@ class Pair:
 
     async def ping_pong(self, msg: Msg, seconds: float) -> dict[str, Any]:
         """Round trips for `seconds`: DEALER sends, ROUTER decodes and answers the same message, DEALER decodes."""
-        rtts = []
+        rtts: list[float] = []
         c0, t0 = time.process_time(), time.perf_counter()
         end = t0 + seconds
-        while True:
-            t = time.perf_counter()
-            if t >= end:
-                break
-            await send(self.dealer, self.client_codec, msg)
-            route, got = decode_frames(self.server_codec, await recv_frames(self.router), route_frames=1)
-            await send(self.router, self.server_codec, msg, route=route, reply_to=got.env.msg_id)
-            decode_frames(self.client_codec, await recv_frames(self.dealer))
-            rtts.append(time.perf_counter() - t)
+        async with asyncio.timeout(seconds + RUN_SLACK_S):  # one deadline for the run, none per message
+            while not rtts or time.perf_counter() < end:
+                t = time.perf_counter()
+                await send(self.dealer, self.client_codec, msg)
+                route, got = decode_frames(self.server_codec, await recv_frames(self.router), route_frames=1)
+                await send(self.router, self.server_codec, msg, route=route, reply_to=got.env.msg_id)
+                decode_frames(self.client_codec, await recv_frames(self.dealer))
+                rtts.append(time.perf_counter() - t)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"round_trips": len(rtts), "round_trips_per_s": len(rtts) / elapsed,
                 "latency_p50_us": statistics.median(rtts) * 1e6, "cpu_us_per_round_trip": cpu / len(rtts) * 1e6}
@@ -97,17 +97,17 @@ class Pair:
         sent = received = 0
         c0, t0 = time.process_time(), time.perf_counter()
         end = t0 + seconds
-        while True:
-            if time.perf_counter() < end and sent - received <= STREAM_BURST:
-                for _ in range(STREAM_BURST):
-                    await send(self.dealer, self.client_codec, msg)
-                sent += STREAM_BURST
-            elif received == sent:
-                break
-            for _ in range(min(STREAM_BURST, sent - received)):
-                frames = await asyncio.wait_for(recv_frames(self.router), 10)
-                decode_frames(self.server_codec, frames, route_frames=1)
-                received += 1
+        async with asyncio.timeout(seconds + RUN_SLACK_S):  # one deadline for the run, none per message
+            while True:
+                if sent == 0 or (time.perf_counter() < end and sent - received <= STREAM_BURST):
+                    for _ in range(STREAM_BURST):
+                        await send(self.dealer, self.client_codec, msg)
+                    sent += STREAM_BURST
+                elif received == sent:
+                    break
+                for _ in range(min(STREAM_BURST, sent - received)):
+                    decode_frames(self.server_codec, await recv_frames(self.router), route_frames=1)
+                    received += 1
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"messages": received, "messages_per_s": received / elapsed,
                 "cpu_us_per_message": cpu / received * 1e6}
@@ -128,8 +128,9 @@ async def _measure(keys_dir: str, seconds: float, rounds: int) -> dict[str, Any]
     for r in range(rounds):
         # fresh pairs each round: one pair's speed depends on where its threads landed (on this 2-core box pairs
         # differed by up to 1.6x, each steady over its life), so each round draws that anew for both modes
-        pairs = {"plaintext": Pair(None), "curve": Pair(keys_dir)}
+        pairs: dict[str, Pair] = {}
         try:
+            pairs["plaintext"], pairs["curve"] = Pair(None), Pair(keys_dir)
             for pair in pairs.values():  # connect, CURVE handshake and first messages outside the timed runs
                 for msg in MESSAGES.values():
                     await pair.ping_pong(msg, 0.01)

@@ -26,6 +26,9 @@ def test_both_modes_measure_positive_rates_and_latencies() -> None:
         ratios = [*row["ping_pong"]["curve_over_plaintext"].values(), *row["stream"]["curve_over_plaintext"].values()]
         assert len(ratios) == 5 and all(r > 0 for r in ratios)
     assert report["wall_s"] < 20
+    # no time at all still measures one round trip and one burst per figure (no division by zero)
+    zero = curve_bench.measure(seconds=0.0, rounds=1)["messages"]["heartbeat"]
+    assert zero["ping_pong"]["curve"]["round_trips_per_s"] > 0 and zero["stream"]["curve"]["messages_per_s"] > 0
 
 
 def test_the_curve_pair_is_authenticated_and_the_plaintext_pair_is_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
