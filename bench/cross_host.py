@@ -52,7 +52,8 @@ def cross_host(runs: list[dict[str, Any]], target: float = CROSS_HOST_TARGET) ->
     """Each depth's cross-host run against its one-host run, cross-host / one host. The figures of the target:
     the overhead run's TPOT (median over requests) and its throughput with every slot busy (output tokens/s).
     Also its stage decode step and, per rate of the sweep, tokens/s and TPOT p50 - context: below capacity a
-    rate's tokens/s is the offered load, and a short sweep's TPOT p50 rests on a few requests."""
+    rate's tokens/s is the offered load, and a short sweep's TPOT p50 rests on a few requests. `within_target`:
+    both target ratios within 1 +- target."""
     one_host = {r["stages"]: r for r in runs if r["hosts"] == 1}
     depths = []
     for cross in (r for r in runs if r["hosts"] > 1 and r["stages"] in one_host):
@@ -69,11 +70,13 @@ def cross_host(runs: list[dict[str, Any]], target: float = CROSS_HOST_TARGET) ->
                       for x, y in zip(one["rates"], cross["rates"])],
         }
         tpot, rate = row["tpot_median_s"]["ratio"], row["decode_tokens_per_s"]["ratio"]
-        row["within_target"] = (tpot is not None and rate is not None and tpot <= 1 + target
-                                and rate >= 1 - target)
+        # two-sided: a cross-host run far faster than one host is a measurement that cannot resolve the target
+        # (noise), not a pass
+        row["within_target"] = (tpot is not None and rate is not None and abs(tpot - 1) <= target
+                                and abs(rate - 1) <= target)
         depths.append(row)
     return {"ratio": "cross-host / one host", "target": target,
-            "target_means": f"overhead run: TPOT ratio <= {1 + target:g} and decode tokens/s ratio >= {1 - target:g}",
+            "target_means": f"overhead run: TPOT and decode tokens/s ratios both within {1 - target:g}-{1 + target:g}",
             "depths": depths}
 
 
