@@ -42,7 +42,7 @@ def test_pipeline_bench_quick(tmp_path, monkeypatch) -> None:  # type: ignore[no
     assert result["settings"]["cudnn_attention"] == "off"
 
 
-@pytest.mark.slow  # two deployments one after the other: ~35-50 s on 2 busy cores
+@pytest.mark.slow  # two deployments one after the other: 25 s on the quiet 2-core box, 56 s on the busy one
 def test_pipeline_bench_quick_on_one_host_and_on_two(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
     scratch = tmp_path / "tmp"
