@@ -3,11 +3,13 @@
     serve     load generator against a running deployment (bus/loadgen.py)
     streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (bench/streamer_bench.py)
     runtime   single-shard model runtime vs Hugging Face and the weight-read floor (bench/runtime_bench.py)
-    pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles
-              (bench/pipeline_bench.py)
+    pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles;
+              --hosts: the same with its stages on simulated hosts vs on one host (bench/pipeline_bench.py)
     soak      memory of every process over rounds of many clients (bench/soak_bench.py)
     startup   dejavu-serve --model default: launch to ready and SIGINT to exit vs the torch-import floor
               (bench/startup_bench.py)
+    curve     control-message rate and latency over tcp loopback, plaintext vs CurveZMQ (bench/curve_bench.py;
+              `pipeline --hosts` runs it too)
 
 Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
 path) and shows progress on stderr when it is a terminal (--quiet: never).
@@ -25,6 +27,7 @@ COMMANDS = {
     "pipeline": "bench.pipeline_bench",
     "soak": "bench.soak_bench",
     "startup": "bench.startup_bench",
+    "curve": "bench.curve_bench",
 }
 
 

@@ -6,10 +6,18 @@ For one model shape and each pipeline depth S given:
 2. a deployment (`dejavu-serve`, S stage processes, NCCL activations on CUDA);
 3. pipeline overhead: S x microbatch requests of `context`-token prompts decode together; the per-stage
    decode step (device time, from the stages' own event timers) and the time per output token are set
-   against the baseline step (ratio 1.0 = no overhead; TPOT ideal = S x baseline step);
+   against the baseline step (ratio 1.0 = no overhead; TPOT ideal = S x baseline step); their output tokens/s
+   together while every one decodes is the deployment's throughput with all slots busy;
 4. the paper's workload (Poisson arrivals, 1,000-token prompts, chat-like output lengths) at each rate:
    throughput, TTFT, TPOT, normalized latency p50/p95/p99, and each stage's idle fraction (bubbles):
    1 - (device-busy time / wall time) over the rate's run.
+With `--hosts H` (issue 17) each depth S runs twice in the same run, steps 2-4 each time: all stages on one
+host (`dejavu-serve --hosts 1`) and spread over simulated hosts (`--hosts S` for `each`, else `--hosts H`,
+stages in contiguous blocks; each its own loopback address, agent, KV streamer and shared memory). The JSON's
+run records carry `hosts`; `cross_host_vs_one_host` gives cross-host / one-host ratios of step 3's TPOT and
+throughput (the target: within 3%) and of each rate's tokens/s and TPOT p50 (bench/cross_host.py), and
+`control_messages` the control plane's message rate and latency, plaintext vs CurveZMQ (bench/curve_bench.py,
+measured first, in this process).
 Weights are random (config key `dejavu_random_weights`: each stage draws its own on its GPU, no disk).
 Writes <out>/pipeline_bench.json (card, date, command, every figure) and <out>/pipeline_bench.png (--out:
 default ./dejavu-bench-results/ in the current directory), with the deployment's log; a progress bar per rate
@@ -37,6 +45,8 @@ from typing import Any
 
 import torch
 
+from bench import curve_bench
+from bench.cross_host import cross_host, cross_host_lines, hosts_arg, hosts_error, hosts_for, plot_ratios
 from bus import loadgen
 from bus.client import AsyncClient
 from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, echo, progress
@@ -165,7 +175,18 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
     per_stage = {str(i): (after[i]["busy_s"] - before[i]["busy_s"]) / max(1, after[i]["steps"] - before[i]["steps"])
                  for i in after}
     return {"tpot_median_s": statistics.median(tpot), "stage_decode_step_s": per_stage,
-            "requests": len(prompts), "context": context, "new_tokens": new}
+            "decode_tokens_per_s": all_busy_rate(results), "requests": len(prompts), "context": context,
+            "new_tokens": new}
+
+
+def all_busy_rate(times: list[list[float]]) -> float | None:
+    """Output tokens per second of all requests together while every one of them decodes: from the latest
+    request's first quarter of tokens (as TPOT: past the prefill) to the earliest request's last token. These
+    requests fill every slot, so this is the deployment's decode throughput at full batch."""
+    start, end = max(t[len(t) // 4] for t in times), min(t[-1] for t in times)
+    if end <= start:
+        return None
+    return sum(1 for t in times for x in t if start < x <= end) / (end - start)
 
 
 def dump_stacks(processes: list[dict[str, Any]], out: Path | None = None, tag: str = "") -> None:
@@ -292,23 +313,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in result["runs"]:
+    cross = result.get("cross_host_vs_one_host")
+    fig, axes = plt.subplots(1, 3 if cross else 2, figsize=(18, 5.2) if cross else (11, 4),
+                             width_ratios=[1, 1, 1.5] if cross else None)
+    a, b = axes[0], axes[1]
+    for k, run in enumerate(result["runs"]):
         rates = [r["rate"] for r in run["rates"]]
-        a.plot(rates, [r["normalized_latency_s"]["p50"] for r in run["rates"]], "o-", label=f"{run['stages']} stages p50")
-        a.plot(rates, [r["normalized_latency_s"]["p95"] for r in run["rates"]], "x--", label=f"{run['stages']} stages p95")
+        name = f"{run['stages']} st" + (f", {run['hosts']} host{'s' if run['hosts'] > 1 else ''}" if cross else "")
+        a.plot(rates, [r["normalized_latency_s"]["p50"] for r in run["rates"]], "o-", color=f"C{k}",
+               label=f"{name} p50")
+        a.plot(rates, [r["normalized_latency_s"]["p95"] for r in run["rates"]], "x--", color=f"C{k}",
+               label=f"{name} p95")
         for i in range(run["stages"]):
-            b.plot(rates, [r["idle_fraction"][str(i)] for r in run["rates"]], "o-", label=f"{run['stages']}st stage {i}")
+            b.plot(rates, [r["idle_fraction"][str(i)] for r in run["rates"]], "o-" if i == 0 else "s:",
+                   color=f"C{k}", label=f"{name}: stage {i}")
     a.set_xlabel("request rate (req/s)")
     a.set_ylabel("normalized latency (s/token)")
-    a.set_title(f"colocated pipeline, {result['shape']} ({result['card']})")
-    a.legend()
+    load = result.get("machine", {}).get("load_average_at_start", [None])[0]
+    a.set_title(f"colocated pipeline, {result['shape']} ({result['card']}"
+                + (f", load {load:.1f})" if load is not None and result["card"] == "cpu" else ")"))
+    a.legend(fontsize=7)
     b.set_xlabel("request rate (req/s)")
     b.set_ylabel("idle fraction (bubbles)")
     b.set_ylim(0, 1)
     b.legend(fontsize=7)
+    if cross:
+        plot_ratios(axes[2], cross, result.get("control_messages"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -332,7 +365,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cudnn-attention", default="all", choices=CUDNN_ATTENTION_MODES,
                    help="where the stages' (and the baseline's) attention may use cuDNN's per-shape compiled kernels")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
-                   help=f"folder for pipeline_bench.json, pipeline_bench.png and deployment.log (default {OUT_DEFAULT})")
+                   help=f"folder for pipeline_bench.json, pipeline_bench.png and deployment logs (default {OUT_DEFAULT})")
+    p.add_argument("--hosts", type=hosts_arg, default=None, metavar="H|each",
+                   help="also run every depth S on simulated hosts and compare with the same deployment on one host "
+                        "(issue 17): `each` puts each stage on its own host (--hosts S for the deployment), a number "
+                        "H (2 <= H <= every S) spreads the stages over H hosts in contiguous blocks; each depth then "
+                        "runs twice, one host first. With --device cuda each simulated host takes its own GPUs "
+                        "(`each`: S GPUs, as one host uses). Adds cross_host_vs_one_host (ratios, target within 3%%) "
+                        "and control_messages (plaintext vs CURVE, bench/curve_bench.py) to the JSON. Without it: "
+                        "one run per depth, on one host")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (on stderr; shown only when stderr is a terminal)")
@@ -340,7 +381,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    wrong = hosts_error(args.hosts, [int(x) for x in args.stages.split(",")])
+    if wrong:
+        p.error(f"--hosts {args.hosts} --stages {args.stages}: {wrong}")
     # SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed
     signal.signal(signal.SIGTERM, _interrupt)
     if args.quick:
@@ -359,73 +404,94 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
-    from recovery.launch import Deployment
-
     model = write_model(args.shape, root)
     layers_total = SHAPES[args.shape]["num_hidden_layers"]
-    rates = [float(r) for r in args.rates.split(",")]
     card = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
     result: dict[str, Any] = {
-        "benchmark": "pipeline (issue 3): colocated pipeline vs single-GPU runtime; paper workload",
+        "benchmark": "pipeline (issue 3): colocated pipeline vs single-GPU runtime; paper workload"
+                     + ("; cross-host vs one host, control messages plaintext vs CURVE (issue 17)" if args.hosts else ""),
         "shape": args.shape, "card": card, "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["bin/dejavu-bench", "pipeline", *(sys.argv[2:] if argv is None else argv)]),
+        "commit": curve_bench.source_commit(), "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
         "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [],
     }
     def save(partial: bool) -> None:  # after every rate too, so a run cut short still leaves its figures
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pipeline_bench.json").write_text(json.dumps({**result, "partial": partial}, indent=1) + "\n")
 
+    if args.hosts is not None:  # first, while no deployment of this run loads the machine
+        result["control_messages"] = curve_bench.measure()  # ~3 s, also --quick: shorter reads only noise
+        for line in curve_bench.lines(result["control_messages"]):
+            print(f"[pipeline {time.strftime('%H:%M:%S')}] control messages: {line}", flush=True)
     for stages in [int(s) for s in args.stages.split(",")]:
         base_device = "cuda:0" if args.device == "cuda" else "cpu"
         base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
                              base_device, 20, cudnn_attention=args.cudnn_attention)
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
               f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
-        dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
-                               str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
-                               "--startup-timeout", "600", "--transport", args.transport,
-                               "--heartbeat-interval", "0.25", "--heartbeat-timeout",
-                               "10", "--hang-timeout", str(args.hang_timeout),
-                               "--cudnn-attention", args.cudnn_attention, timeout=900,
-                               log_level="INFO")
-
-        def save_log(dep: Deployment = dep) -> None:  # whole, with any stack dumps
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "deployment.log").write_text(dep.logs())
-
-        print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: deployment ready", flush=True)
-        try:
-            ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
-                                      args.decode_tokens, args.out))
-            step = statistics.mean(ov["stage_decode_step_s"].values())
-            ov["stage_step_over_runtime"] = step / base["median_s"]
-            ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
-            print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: stage decode step {step * 1e3:.2f} ms "
-                  f"({ov['stage_step_over_runtime']:.2f}x runtime), TPOT {ov['tpot_median_s'] * 1e3:.1f} ms "
-                  f"({ov['tpot_over_ideal']:.2f}x of {stages} x runtime step)", flush=True)
-            run_rec: dict[str, Any] = {"stages": stages, "baseline_step": base, "overhead": ov, "rates": []}
-            result["runs"].append(run_rec)
-            save(True)
-
-            def on_rate(done: list[dict[str, Any]], rec: dict[str, Any] = run_rec) -> None:
-                rec["rates"] = list(done)
-                save(True)
-
-            runs = asyncio.run(sweep(dep.address, rates, args, on_rate, save_log))
-        finally:
-            save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
-            try:  # restarts during the run would explain slow phases: say so
-                st = asyncio.run(_status(dep.address))
-                print("[pipeline] incarnations:", incarnations(st), flush=True)
-            except Exception as e:  # noqa: BLE001 - diagnostics only
-                print("[pipeline] status failed:", repr(e), flush=True)
-            save_log()
-            log_text = dep.logs()
-            print("[pipeline] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
-            dep.stop(timeout=120)
-        run_rec["rates"] = runs
+        for hosts in hosts_for(stages, args.hosts):
+            run_deployment(args, model, stages, hosts, base, result, save)
+        if args.hosts is not None:
+            result["cross_host_vs_one_host"] = cross_host(result["runs"])
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
     save(False)
     plot(result, args.out / "pipeline_bench.png")
+    for line in cross_host_lines(result.get("cross_host_vs_one_host")):
+        print(f"[pipeline] cross-host / one host: {line}", flush=True)
     print(f"[pipeline] wrote {args.out / 'pipeline_bench.json'}")
     return 0
+
+
+def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: int, base: dict[str, float],
+                   result: dict[str, Any], save: Callable[[bool], None]) -> None:
+    """One deployment of `stages` stages on `hosts` (simulated) hosts: the overhead run, then the rate sweep;
+    its run record is appended to result["runs"] (saved after each phase)."""
+    from recovery.launch import Deployment
+
+    where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}"
+    dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
+                           str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
+                           "--startup-timeout", "600", "--transport", args.transport,
+                           "--heartbeat-interval", "0.25", "--heartbeat-timeout",
+                           "10", "--hang-timeout", str(args.hang_timeout),
+                           "--cudnn-attention", args.cudnn_attention, "--hosts", str(hosts), timeout=900,
+                           log_level="INFO")
+    log_name = "deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log"
+
+    def save_log() -> None:  # whole, with any stack dumps
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / log_name).write_text(dep.logs())
+
+    print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready", flush=True)
+    try:
+        ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
+                                  args.decode_tokens, args.out))
+        step = statistics.mean(ov["stage_decode_step_s"].values())
+        ov["stage_step_over_runtime"] = step / base["median_s"]
+        ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: stage decode step {step * 1e3:.2f} ms "
+              f"({ov['stage_step_over_runtime']:.2f}x runtime), TPOT {ov['tpot_median_s'] * 1e3:.1f} ms "
+              f"({ov['tpot_over_ideal']:.2f}x of {stages} x runtime step)", flush=True)
+        run_rec: dict[str, Any] = {"stages": stages, "hosts": hosts, "baseline_step": base, "overhead": ov,
+                                   "rates": []}
+        result["runs"].append(run_rec)
+        save(True)
+
+        def on_rate(done: list[dict[str, Any]], rec: dict[str, Any] = run_rec) -> None:
+            rec["rates"] = list(done)
+            save(True)
+
+        runs = asyncio.run(sweep(dep.address, [float(r) for r in args.rates.split(",")], args, on_rate, save_log))
+    finally:
+        save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
+        try:  # restarts during the run would explain slow phases: say so
+            st = asyncio.run(_status(dep.address))
+            print("[pipeline] incarnations:", incarnations(st), flush=True)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            print("[pipeline] status failed:", repr(e), flush=True)
+        save_log()
+        log_text = dep.logs()
+        print("[pipeline] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
+        dep.stop(timeout=120)
+    run_rec["rates"] = runs
