@@ -305,20 +305,7 @@ class HostAgent(ChildSupervisor):
 
     # ------------------------------------------------------------------ this host's processes
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await recv_frames(self.sock)
-            try:
-                route, msg = decode_frames(self.codec, frames, route_frames=1)
-            except ProtocolError as e:
-                log.warning("[agent] dropped a bad frame from a local process: %s", e)
-                continue
-            try:
-                await self._on_message(route[0], msg)
-            except Exception:  # a failing handler must not end this loop: heartbeats would stop counting
-                log.exception("[agent] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
-
-    async def _on_message(self, route: bytes, msg: Received) -> None:
+    async def _dispatch(self, route: bytes, msg: Received) -> None:
         child = self._child_of(msg.env.sender)
         if child is None or msg.env.incarnation != child.state.incarnation:
             return  # unknown sender or a stale incarnation

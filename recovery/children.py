@@ -35,10 +35,11 @@ from pathlib import Path
 import zmq
 
 from bus.child import EXIT_CONFIG, alive
-from bus.codec import Codec
-from bus.logs import Throttled
+from bus.codec import Codec, Received
+from bus.errors import ProtocolError
+from bus.logs import Throttled, peer_of
 from bus.messages import Shutdown
-from bus.sockets import send
+from bus.sockets import decode_frames, recv_frames, send
 from recovery.specs import ChildSpec, HostPolicy
 from recovery.supervisor import FAILED, RESTARTING, STARTING, STOPPED, Backoff, ChildState, RestartIntensity
 from streamer.config import SHM_DIR, SHM_PREFIX
@@ -108,6 +109,26 @@ class ChildSupervisor:
 
     def _silent(self, child: Child, silent_s: float) -> None:
         """An unwatched child (`watched` False) was silent for longer than heartbeat_timeout."""
+
+    async def _dispatch(self, route: bytes, msg: Received) -> None:
+        """A message on the supervisor's socket (from a child, or a host agent)."""
+
+    # ------------------------------------------------------------------ the socket
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await recv_frames(self.sock)
+            try:
+                route, msg = decode_frames(self.codec, frames, route_frames=1)
+            except ProtocolError as e:
+                noisy.warning("bad-frame", peer_of(frames), "[%s] dropped a bad frame from %s: %s", self.codec.sender,
+                              peer_of(frames), e)
+                continue
+            try:
+                await self._dispatch(route[0], msg)
+            except Exception:  # a failing handler must not end this loop: heartbeats would stop counting
+                log.exception("[%s] handling %s from %s failed", self.codec.sender, type(msg.body).__name__,
+                              msg.env.sender)
 
     # ------------------------------------------------------------------ life
 

@@ -42,7 +42,7 @@ from bus.child import STARTED, encode_config
 from bus.codec import Codec, Received
 from bus.controller_proc import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
-from bus.logs import Throttled, peer_of
+from bus.logs import Throttled
 from bus.messages import (
     AgentHello,
     Assign,
@@ -392,22 +392,11 @@ class SupervisorProcess(ChildSupervisor):
 
     # ------------------------------------------------------------------ messages
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await recv_frames(self.sock)
-            try:
-                route, msg = decode_frames(self.codec, frames, route_frames=1)
-            except ProtocolError as e:
-                noisy.warning("bad-frame", peer_of(frames), "[supervisor] dropped a bad frame from %s: %s",
-                              peer_of(frames), e)
-                continue
-            try:
-                if msg.env.sender == AGENT_KEY:
-                    await self._on_agent(route[0], msg)
-                else:
-                    await self._on_message(route[0], msg)
-            except Exception:  # a failing handler must not end this loop: heartbeats would stop counting
-                log.exception("[supervisor] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
+    async def _dispatch(self, route: bytes, msg: Received) -> None:
+        if msg.env.sender == AGENT_KEY:
+            await self._on_agent(route, msg)
+        else:
+            await self._on_message(route, msg)
 
     async def _on_agent(self, route: bytes, msg: Received) -> None:
         body = msg.body
