@@ -43,8 +43,9 @@ def test_every_import_points_down_the_stack() -> None:
     assert not wrong, "imports against the layering " + " <- ".join(LAYERS) + ":\n" + "\n".join(wrong)
 
 
-def test_the_controller_and_the_supervisor_start_without_torch() -> None:
-    code = ("import sys, bus.controller_proc, recovery.proc, recovery.serve_cli; "
+def test_the_controller_the_supervisor_and_the_agents_start_without_torch() -> None:
+    code = ("import sys, bus.controller_proc, recovery.proc, recovery.serve_cli, recovery.agent, recovery.agent_cli, "
+            "bus.keys_cli; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
