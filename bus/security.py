@@ -217,16 +217,20 @@ def start_authenticator(ctx: zmq.Context, keyring: Keyring | None,
     return auth
 
 
-def peer_of_frame(frame: object) -> str | None:
-    """The authenticated process name of the connection a received frame came from, or None (plaintext)."""
+def _property(frame: object, name: str) -> str | None:
+    """A ZeroMQ message property of a received frame (None when absent or the frame is not a zmq.Frame)."""
     get = getattr(frame, "get", None)
     if get is None:
         return None
     try:
-        value = get(USER_ID)
+        return get(name) or None
     except zmq.ZMQError:
         return None
-    return value or None
+
+
+def peer_of_frame(frame: object) -> str | None:
+    """The authenticated process name of the connection a received frame came from, or None (plaintext)."""
+    return _property(frame, USER_ID)
 
 
 def loopback_host(host: str) -> bool:
@@ -246,11 +250,5 @@ def loopback_host(host: str) -> bool:
 
 def from_loopback(frame: object) -> bool:
     """Whether a received frame came over a TCP connection from this machine's loopback (False when unknown)."""
-    get = getattr(frame, "get", None)
-    if get is None:
-        return False
-    try:
-        value = get(PEER_ADDRESS)
-    except zmq.ZMQError:
-        return False
-    return bool(value) and loopback_host(value)
+    value = _property(frame, PEER_ADDRESS)
+    return value is not None and loopback_host(value)

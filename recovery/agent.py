@@ -43,7 +43,6 @@ from bus.messages import (
     Assign,
     FatalError,
     Fenced,
-    Heartbeat,
     Hello,
     HostBeat,
     HostProcess,
@@ -306,26 +305,11 @@ class HostAgent(ChildSupervisor):
     # ------------------------------------------------------------------ this host's processes
 
     async def _dispatch(self, route: bytes, msg: Received) -> None:
-        child = self._child_of(msg.env.sender)
-        if child is None or msg.env.incarnation != child.state.incarnation:
-            return  # unknown sender or a stale incarnation
-        body = msg.body
-        if child.exited and not isinstance(body, FatalError):
-            return
-        child.state.last_beat = time.monotonic()
-        if isinstance(body, Hello):
-            child.route, child.said_hello = route, True
-            child.backoff.up(child.state.last_beat)
-            child.state.state = "serving"
-            if child.spec.role == "streamer":  # for status(): the controller lists every process
-                fwd = msgspec.structs.replace(body, incarnation=child.state.incarnation, host=self.cfg.host_id)
-                await send(self.up, self.up_codec, fwd)
-        elif isinstance(body, Heartbeat):
-            child.state.state = body.state
-            child.state.busy_s = body.busy_s
-        elif isinstance(body, FatalError):
-            child.cannot_start = body.message
-            self.config_error.set()
+        child = self._from_child(route, msg)
+        if child is not None and child.spec.role == "streamer" and isinstance(msg.body, Hello):
+            # for status(): the controller lists every process
+            fwd = msgspec.structs.replace(msg.body, incarnation=child.state.incarnation, host=self.cfg.host_id)
+            await send(self.up, self.up_codec, fwd)
 
 
 def agent_config_json(cfg: AgentConfig) -> str:

@@ -38,10 +38,19 @@ from bus.child import EXIT_CONFIG, alive
 from bus.codec import Codec, Received
 from bus.errors import ProtocolError
 from bus.logs import Throttled, peer_of
-from bus.messages import Shutdown
+from bus.messages import FatalError, Heartbeat, Hello, Shutdown
 from bus.sockets import decode_frames, recv_frames, send
 from recovery.specs import ChildSpec, HostPolicy
-from recovery.supervisor import FAILED, RESTARTING, STARTING, STOPPED, Backoff, ChildState, RestartIntensity
+from recovery.supervisor import (
+    FAILED,
+    RESTARTING,
+    SERVING,
+    STARTING,
+    STOPPED,
+    Backoff,
+    ChildState,
+    RestartIntensity,
+)
 from streamer.config import SHM_DIR, SHM_PREFIX
 
 log = logging.getLogger(__name__)
@@ -253,6 +262,29 @@ class ChildSupervisor:
 
     def _child_of(self, sender: str) -> Child | None:
         return self.children.get(sender) or self.children.get(f"{sender}-0")
+
+    def _from_child(self, route: bytes, msg: Received) -> Child | None:
+        """What every child's message means to its supervisor (its Hello: where it is reached; Heartbeat: its
+        state; FatalError: why it cannot start): the child, or None for a message to drop (an unknown sender, a
+        stale incarnation, or one that is gone - only its FatalError still counts: it explains its exit code)."""
+        child = self._child_of(msg.env.sender)
+        if child is None or msg.env.incarnation != child.state.incarnation:
+            return None
+        body = msg.body
+        if child.exited and not isinstance(body, FatalError):
+            return None  # sent before it died, read after
+        child.state.last_beat = time.monotonic()
+        if isinstance(body, Hello):
+            child.route, child.said_hello = route, True
+            child.backoff.up(child.state.last_beat)
+            child.state.state = SERVING
+        elif isinstance(body, Heartbeat):
+            child.state.state = body.state
+            child.state.busy_s = body.busy_s
+        elif isinstance(body, FatalError):
+            child.cannot_start = body.message
+            self.config_error.set()
+        return child
 
     async def _watchdog(self) -> None:
         p = self.policy

@@ -75,7 +75,6 @@ from recovery.children import (
 )
 from recovery.hosts import DEAD, Host, HostTable
 from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig
-from recovery.supervisor import SERVING
 from stages.config import StageProcConfig
 from stages.models.spec import read_spec, split_layers
 
@@ -425,34 +424,20 @@ class SupervisorProcess(ChildSupervisor):
             self._fail(f"host {host.host_id}: {body.message}", body.config)
 
     async def _on_message(self, route: bytes, msg: Received) -> None:
-        child = self._child_of(msg.env.sender)
-        if child is None or msg.env.incarnation != child.state.incarnation:
-            return  # unknown sender or a stale incarnation
+        child = self._from_child(route, msg)
+        if child is None or child.spec.role != "controller":
+            return
         body = msg.body
-        if child.exited and not isinstance(body, FatalError):
-            return  # sent before it died, read after (its FatalError explains its exit code: _on_exit waits for it)
-        child.state.last_beat = time.monotonic()
         if isinstance(body, Hello):
-            child.route, child.said_hello = route, True
-            child.backoff.up(child.state.last_beat)
-            if child.spec.role == "controller":
-                self.addresses = dict(body.addresses)
-                child.state.state = SERVING
-                self.controller_hello.set()
-                await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname(),
-                                                        {"supervisor": self.address}, started=STARTED),
-                           route=[route])
-                for hello in self.forwarded.values():  # a restarted controller knows nothing yet
-                    await send(self.sock, self.codec, hello, route=[route])
-                await self._place()  # also tells it the hosts
-        elif isinstance(body, Heartbeat):
-            child.state.state = body.state
-            child.state.busy_s = body.busy_s
-        elif isinstance(body, DeploymentReady) and child.spec.role == "controller":
+            self.addresses = dict(body.addresses)
+            self.controller_hello.set()
+            await send(self.sock, self.codec, Hello("supervisor", 0, os.getpid(), socket.gethostname(),
+                                                    {"supervisor": self.address}, started=STARTED), route=[route])
+            for hello in self.forwarded.values():  # a restarted controller knows nothing yet
+                await send(self.sock, self.codec, hello, route=[route])
+            await self._place()  # also tells it the hosts
+        elif isinstance(body, DeploymentReady):
             self.ready.set()
-        elif isinstance(body, FatalError):
-            child.cannot_start = body.message
-            self.config_error.set()
 
     # ------------------------------------------------------------------ stopping
 
