@@ -35,7 +35,7 @@ import msgspec
 import zmq
 
 from bus import security
-from bus.child import decode_config, encode_config
+from bus.child import decode_config
 from bus.codec import Codec, Received
 from bus.errors import ProtocolError
 from bus.messages import (
@@ -310,10 +310,6 @@ class HostAgent(ChildSupervisor):
             # for status(): the controller lists every process
             fwd = msgspec.structs.replace(msg.body, incarnation=child.state.incarnation, host=self.cfg.host_id)
             await send(self.up, self.up_codec, fwd)
-
-
-def agent_config_json(cfg: AgentConfig) -> str:
-    return encode_config(cfg)
 
 
 def run_agent(cfg: AgentConfig) -> int:
