@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from bus.messages import (
     StepResult,
     TokenChunk,
 )
+from bus.replication import ReplicaBook
 from bus.requests import Request, admit
 from bus.scheduler import Scheduler
 from bus.stopping import CANCELLED, finish_reason
@@ -82,6 +84,7 @@ class Controller:
         self.clock = 0.0  # the latest `now` given: when a request ended (for `ended`)
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
+        self.book: ReplicaBook | None = None  # with replication: which positions each stage's replica holds
 
     # ------------------------------------------------------------------ clients
 
@@ -220,18 +223,26 @@ class Controller:
     def pipeline_down(self) -> None:
         self.ready = False
 
-    def pipeline_up(self, epoch: int, now: float, keep_cache: bool = False) -> None:
+    def pipeline_up(self, epoch: int, now: float, keep_cache: bool = False,
+                    valid: Callable[[Request], int] | None = None) -> None:
         """A new epoch serves. keep_cache: every stage still holds the KV of every position counted as cached
-        (a restarted stage took its pool over), so requests go on from there; else they are recomputed."""
+        (a restarted stage took its pool over), so requests go on from there; else they are recomputed.
+        valid: per request, the positions every stage holds (replicas restored): replay from there."""
         self.clock = now
-        self.sched.reset_epoch(epoch, keep_cache)
+        self.sched.reset_epoch(epoch, keep_cache, valid)
         self.ready = True
         self.schedule(now)
 
     def schedule(self, now: float) -> None:
         self.clock = now
         if self.ready:
-            self.outbox.steps.extend(self.sched.next_steps(now))
+            steps = self.sched.next_steps(now)
+            if self.book is not None:
+                for step in steps:
+                    inflight = self.sched.mbs[step.mb].inflight
+                    assert inflight is not None
+                    self.book.record(step, inflight.members)
+            self.outbox.steps.extend(steps)
 
     def on_result(self, result: StepResult, now: float) -> None:
         self.clock = now
@@ -240,6 +251,8 @@ class Controller:
         done = self.sched.complete(result.mb, result.step)
         if done is None:
             return
+        if self.book is not None:
+            self.book.complete(result.mb, result.step)
         if len(result.tokens) != len(done.members):
             self.fail_members(done.members, ERR_SERVER, "stage returned a wrong number of tokens")
         else:

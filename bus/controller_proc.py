@@ -39,7 +39,7 @@ import os
 import socket
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -78,7 +78,14 @@ from bus.messages import (
     KeepAlive,
     ProcessDown,
     ProcessInfo,
+    RecoveryInfo,
     Rehello,
+    ReplicaAck,
+    ReplicaInfo,
+    ReplicaSync,
+    ReplicaTarget,
+    Restore,
+    Restored,
     ServerStopping,
     ServerStoppingAck,
     StageStats,
@@ -90,6 +97,7 @@ from bus.messages import (
     TopologyAck,
     Welcome,
 )
+from bus.replication import ReplicaBook, Where, replica_holders
 from bus.scheduler import Scheduler
 from bus.security import (
     ADMIN,
@@ -148,6 +156,8 @@ class ControllerConfig:
     flush_timeout: float = 2.0  # on exit, how long clients have to confirm the last messages (ServerStoppingAck)
     max_known_clients: int = 4096  # clients told when the deployment stops (the most recently heard from)
     client_keys_dir: str = ""  # the users' keys (dejavu-keys generate); "" = a plaintext client socket
+    replicate: bool = False  # stream every stage's KV to a replica on another host (bus/replication.py)
+    restore_timeout: float = 90.0  # a stage restoring its KV from its replica answers within this
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
@@ -163,6 +173,8 @@ class StageEntry:
     state: str = "ready"
     stats: StageStats | None = None
     kv_intact: bool = False  # its KV pool holds every position this controller counts as cached
+    layers: list[int] = field(default_factory=list)
+    returned: bool = False  # came back after a failure (a recovery, reported once it serves)
 
 
 @dataclass
@@ -204,6 +216,19 @@ class ControllerProcess:
         self.told: set[bytes] = set()
         self.unconfirmed: set[bytes] = set()  # clients told that have not confirmed it yet (ServerStoppingAck)
         self.confirmed = asyncio.Event()
+        # KV replication (issue 18): where each stage's replica is, what it holds, the stages restoring from one
+        self.book = self.core.book = ReplicaBook(cfg.num_stages) if cfg.replicate else None
+        self.streamers: dict[str, tuple[str, str, int]] = {}  # host -> (streamer name, data address, pid)
+        self.targets: dict[int, ReplicaTarget] = {}  # this epoch's: where each stage streams its KV
+        self.where: dict[int, Where] = {}  # where the replica the book counts for each stage lives
+        self.fresh: set[int] = set()  # stages whose replica pool was allocated anew for this epoch
+        self.host_failed: dict[int, str] = {}  # stages whose replica pool could not be allocated, and why
+        self.restoring: dict[int, Restored | None] = {}  # stage -> its answer (None: still pulling)
+        self.restore_lengths: dict[int, list[int]] = {}
+        self.restore_deadline = 0.0
+        self.syncing: set[int] = set()  # stages re-replicating their whole KV to a new replica
+        self.down_at: dict[int, float] = {}  # stage -> when its failure was reported
+        self.recoveries: deque[RecoveryInfo] = deque(maxlen=64)
 
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
@@ -395,7 +420,25 @@ class ControllerProcess:
         waiting, running = self.core.counts()
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
                            self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
-                           self._deployment_state())
+                           self._deployment_state(), self._replica_status(), list(self.recoveries))
+
+    def _replica_status(self) -> list[ReplicaInfo]:
+        if self.book is None:
+            return []
+        out, running = [], list(self.core.sched.running())
+        for x in range(self.cfg.num_stages):
+            e, t = self.reg.stages.get(x), self.targets.get(x)
+            st = e.stats if e is not None else None
+            if e is None or t is None:
+                out.append(ReplicaInfo(x, "", "starting", False))
+                continue
+            error = self.host_failed.get(x, "") or (st.replica_error if st else "")
+            state = "broken" if error else "syncing" if x in self.syncing else "streaming"
+            lag_steps, lag_tokens = self.book.lag(x, running)
+            out.append(ReplicaInfo(x, t.host, state, t.host != e.host, lag_steps, lag_tokens,
+                                   st.replica_bytes if st else 0, st.replica_stalls if st else 0,
+                                   st.replica_stall_s if st else 0.0, st.replica_failures if st else 0, error))
+        return out
 
     def _deployment_state(self) -> str:
         if self.fatal or self.stopping:
@@ -507,7 +550,8 @@ class ControllerProcess:
             # started fresh and died before serving left a pool without the KV of the requests in flight.
             intact = body.kv_intact and (entry is None or entry.kv_intact)
             self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
-                                                kv_intact=intact)
+                                                kv_intact=intact, layers=list(body.layers),
+                                                returned=self.ever_ready)
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
@@ -525,10 +569,22 @@ class ControllerProcess:
         if isinstance(body, TopologyAck):
             if body.epoch == self.epoch and index in self.pending_acks:
                 self.pending_acks.discard(index)
+                self.fresh.update(body.fresh)
+                self.host_failed.update(body.failed)
                 if not self.pending_acks:
-                    await self._serving(now)
+                    await self._acked(now)
         elif isinstance(body, StepResult):
             self.core.on_result(body, now)
+        elif isinstance(body, ReplicaAck):
+            if self.book is not None:
+                self.book.ack(index, body.steps, body.sync)
+                if body.sync:
+                    self.syncing.discard(index)
+        elif isinstance(body, Restored):
+            if body.epoch == self.epoch and self.restoring.get(index, 0) is None:
+                self.restoring[index] = body
+                if all(r is not None for r in self.restoring.values()):
+                    await self._serving(now)
         elif isinstance(body, StageStats):
             entry.stats = body
         elif isinstance(body, StepFailed):
@@ -543,26 +599,141 @@ class ControllerProcess:
         self.epoch += 1
         self.pending_acks = set(range(self.cfg.num_stages))
         self.linking_since = time.monotonic()
+        self.fresh, self.host_failed, self.restoring = set(), {}, {}
+        hosted = self._place_replicas()
+        peers = {name: data for name, data, _ in self.streamers.values()}
         for i in range(self.cfg.num_stages):
             down = self.reg.stages[i + 1].data if i + 1 < self.cfg.num_stages else ""
-            await send(self.internal, self.codec, Topology(self.epoch, down), route=[f"stage-{i}".encode()])
+            topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers)
+            await send(self.internal, self.codec, topo, route=[f"stage-{i}".encode()])
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
+
+    def _place_replicas(self) -> dict[int, list[ReplicaTarget]]:
+        """This epoch's replica of every stage: on the streamer of the next host around the ring (a stage whose
+        host's streamer is not known yet goes without one this epoch). Returns what each stage hosts."""
+        self.targets = {}
+        if self.book is None:
+            return {}
+        n = self.cfg.num_stages
+        hosts = [self.reg.stages[i].host for i in range(n)]
+        hosted: dict[int, list[ReplicaTarget]] = {}
+        for x, j in enumerate(replica_holders(hosts)):
+            s = self.streamers.get(hosts[j])
+            if s is None:
+                log.warning("[replica] no streamer known on host %s: stage %d has no replica this epoch", hosts[j], x)
+                continue
+            t = ReplicaTarget(x, f"replica-stage-{x}", s[0], s[1], hosts[j], list(self.reg.stages[x].layers))
+            self.targets[x] = t
+            hosted.setdefault(j, []).append(t)
+        return hosted
+
+    def _replica_alive(self, w: Where) -> bool:
+        """The replica counted for a stage is still where it was filled (that host up, the same streamer process:
+        a restarted streamer has lost its pools)."""
+        s = self.streamers.get(w.host)
+        dead = any(h.host_id == w.host and h.state == "dead" for h in self.reg.hosts)
+        return s is not None and s[2] == w.pid and not dead
+
+    async def _acked(self, now: float) -> None:
+        """Every stage acknowledged the epoch. A stage that came back without its KV restores it from its replica
+        first (pulling what this controller counts as replicated), when that replica is still there; then serve."""
+        self.restoring, self.restore_lengths = {}, {}
+        if self.book is not None and self.ever_ready:
+            running = list(self.core.sched.running())
+            for x, e in self.reg.stages.items():
+                w = self.where.get(x)
+                t = self.targets.get(x)
+                if e.kv_intact or w is None or not self._replica_alive(w):
+                    continue
+                if x in self.fresh and t is not None and (t.host, t.pool) == (w.host, w.pool):
+                    continue  # allocated anew where it was: what it held is gone
+                lengths = [0] * self.core.sched.num_slots
+                for req in running:
+                    if req.slot is not None:
+                        lengths[req.slot] = min(req.cached, self.book.valid(x, req))
+                if not any(lengths):
+                    continue
+                s = self.streamers[w.host]
+                src = ReplicaTarget(x, w.pool, w.streamer, s[1], w.host, list(e.layers))
+                self.restoring[x], self.restore_lengths[x] = None, lengths
+                await send(self.internal, self.codec, Restore(self.epoch, src, lengths), route=[f"stage-{x}".encode()])
+            if self.restoring:
+                self.restore_deadline = now + self.cfg.restore_timeout
+                log.info("[recovery] epoch %d: stage(s) %s restore their KV from their replicas", self.epoch,
+                         sorted(self.restoring))
+                return
+        await self._serving(now)
 
     async def _serving(self, now: float) -> None:
         # Every stage kept its KV (survivors, and restarted CPU stages that took their pool over): requests go
-        # on where they were. Otherwise they are recomputed from prompt + committed tokens.
+        # on where they were. A stage that restored from its replica holds each request's replicated prefix:
+        # every request goes back to what all stages hold, and the committed tokens after it are fed again.
+        # Otherwise they are recomputed from prompt + committed tokens.
         keep = all(e.kv_intact for e in self.reg.stages.values())
+        restored = {x: r for x, r in self.restoring.items() if r is not None and r.ok}
+        lost = [x for x, e in self.reg.stages.items() if not e.kv_intact]
+
+        def valid(req):  # type: ignore[no-untyped-def]
+            n = req.cached
+            for x in lost:
+                n = min(n, self.restore_lengths[x][req.slot] if x in restored and req.slot is not None else 0)
+            return n
+
+        running = list(self.core.sched.running())
+        before = {id(r): r.cached for r in running}
+        self.core.pipeline_up(self.epoch, now, keep_cache=keep, valid=valid if self.book is not None and not keep
+                              else None)
+        replayed = sum(before[id(r)] - r.cached for r in running)
+        if self.ever_ready:
+            for x, e in sorted(self.reg.stages.items()):
+                if not e.returned:
+                    continue
+                r = restored.get(x)
+                source = "kept" if e.kv_intact else "replica" if r is not None else "recompute"
+                rec = RecoveryInfo(x, e.host, source, now - self.down_at.pop(x, now), replayed,
+                                   sum(before.values()), r.seconds if r else 0.0, r.nbytes if r else 0, self.epoch)
+                self.recoveries.append(rec)
+                log.info("[recovery] stage %d back on %s from %s in %.2fs: %d cached token(s) replayed (a recompute: "
+                         "%d)%s", x, e.host, source, rec.seconds, replayed, rec.tokens_recompute,
+                         f"; restore {r.nbytes} bytes in {r.seconds:.3f}s" if r else "")
         for e in self.reg.stages.values():
             e.state = "serving"
             e.kv_intact = True  # from now on its pool is what this controller counts
-        self.core.pipeline_up(self.epoch, now, keep_cache=keep)
+            e.returned = False
+        self.restoring = {}
+        await self._renew_replicas()
         log.info("[topology] epoch %d: serving (%s)", self.epoch,
                  "resuming from the KV the stages kept" if keep and self.ever_ready else
+                 f"{replayed} cached token(s) replayed" if restored else
                  "every request in flight is recomputed" if self.ever_ready else "first epoch")
         if not self.ever_ready:
             self.ever_ready = True
             await self.tokenizer
             await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))
+
+    async def _renew_replicas(self) -> None:
+        """A replica in a new place (its host changed, or its pool is new) counts nothing yet: the stage copies its
+        whole KV there in the background (ReplicaSync), then per-step deltas go on."""
+        if self.book is None:
+            return
+        for x in range(self.cfg.num_stages):
+            t = self.targets.get(x)
+            if t is None or x in self.host_failed:
+                if x in self.host_failed:
+                    log.warning("[replica] stage %d has no replica: %s", x, self.host_failed[x])
+                self.book.reset(x)
+                self.where.pop(x, None)
+                continue
+            s = self.streamers.get(t.host)
+            w = Where(t.host, t.streamer, s[2] if s else 0, t.pool)
+            if self.where.get(x) != w or x in self.fresh:
+                self.book.reset(x)
+                self.where[x] = w
+                self.syncing.add(x)
+                await send(self.internal, self.codec, ReplicaSync(self.epoch), route=[f"stage-{x}".encode()])
+                log.info("[replica] stage %d replicates to %s (%s)", x, t.host,
+                         "the same host: it does not survive that host's loss"
+                         if t.host == self.reg.stages[x].host else "another host")
 
     # ------------------------------------------------------------------ supervisor
 
@@ -577,8 +748,10 @@ class ControllerProcess:
                             body.reason, "restarting" if body.restarting else "not restarting")
                 if entry is not None:
                     entry.state = "restarting" if body.restarting else "failed"
+                self.down_at.setdefault(body.index, time.monotonic())
                 self.core.pipeline_down()
                 self.pending_acks = set()
+                self.restoring = {}
                 # the survivors abort this epoch's links now, not when the next epoch's links replace them
                 for i, e in self.reg.stages.items():
                     if i != body.index and e.state not in ("restarting", "failed"):
@@ -590,6 +763,8 @@ class ControllerProcess:
                     self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation,
                                                        "restarting" if body.restarting else "dead", old.host,
                                                        body.reason)
+                if body.role == "streamer" and old.host in self.streamers:
+                    del self.streamers[old.host]  # its replica pools are gone with it
         elif isinstance(body, FatalError):
             self.fatal = body.message
             log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)
@@ -605,6 +780,8 @@ class ControllerProcess:
             self.reg.others[(body.role, body.index)] = ProcessInfo(
                 body.role, body.index, body.pid, incarnation, "serving", body.host,
                 " ".join(body.addresses.values()))
+            if body.role == "streamer" and body.addresses.get("data"):
+                self.streamers[body.host] = (f"streamer-{body.index}", body.addresses["data"], body.pid)
             self.reg.started[(body.role, body.index)] = body.started
 
     async def _timer(self) -> None:
@@ -622,6 +799,13 @@ class ControllerProcess:
                 # this call (bench/soak_bench.py). Idle, so its milliseconds cost no one anything.
                 release_free_memory()
                 trimmed = True
+            if self.restoring and now > self.restore_deadline:
+                log.error("[recovery] stage(s) %s did not restore their KV within restore_timeout (%.0fs); a new "
+                          "epoch", sorted(x for x, r in self.restoring.items() if r is None), self.cfg.restore_timeout)
+                for x in self.restoring:
+                    self.where.pop(x, None)  # that replica is not to be trusted to answer: recompute
+                self.restoring = {}
+                await self._relink()
             if self.pending_acks and now - self.linking_since > self.cfg.topology_timeout:
                 log.error("[topology] stages %s did not acknowledge epoch %d within topology_timeout (%.0fs); "
                           "retrying", sorted(self.pending_acks), self.epoch, self.cfg.topology_timeout)

@@ -83,6 +83,38 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     uptime_s: float = 0.0  # seconds since the process started; stages: since the stage began serving
 
 
+class ReplicaInfo(msgspec.Struct, frozen=True, array_like=True):
+    """Stage `stage`'s KV replica as status() reports it."""
+
+    stage: int
+    host: str  # where the replica lives
+    state: str  # "streaming" | "syncing" (a new replica being filled) | "broken" (no replica now) | "starting"
+    survives_host_loss: bool  # False when it lives on the stage's own host (one host: it dies with it)
+    lag_steps: int = 0  # the most steps of any microbatch computed but not yet committed in the replica
+    lag_tokens: int = 0  # positions of the requests running now cached by the stage but not in its replica
+    bytes: int = 0  # KV bytes the stage streamed to its replicas since it started
+    stalls: int = 0  # steps that waited because replication was more than --replica-lag steps behind
+    stall_s: float = 0.0
+    failures: int = 0
+    error: str = ""
+
+
+class RecoveryInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A stage that came back (a restart in place or on another host): where its KV came from and what it cost.
+    seconds: from the failure being reported to the pipeline serving again; tokens_replayed: cached positions fed
+    again because the KV was not there (tokens_recompute: what a recompute of every request would have fed)."""
+
+    stage: int
+    host: str
+    source: str  # "replica" | "recompute" | "kept" (a CPU stage took its own pool over)
+    seconds: float
+    tokens_replayed: int
+    tokens_recompute: int = 0
+    restore_s: float = 0.0
+    restored_bytes: int = 0
+    epoch: int = 0
+
+
 # ---------------------------------------------------------------- 1-19: common -----------------------
 
 
@@ -193,6 +225,8 @@ class StatusReply(Msg, tag=26):
     slots: int = 0  # requests the deployment runs at once (microbatches x microbatch size)
     hosts: list[HostInfo] = []  # every host agent the deployment knows, with its state
     state: str = ""  # "starting" | "serving" | "degraded" (a stage has no host to run on) | "stopping"
+    replicas: list[ReplicaInfo] = []  # one per stage while replication is on
+    recoveries: list[RecoveryInfo] = []  # every stage that came back, most recent last (bounded)
 
 
 class KeepAlive(Msg, tag=27):
@@ -252,15 +286,34 @@ class StepFailed(Msg, tag=42):
     message: str
 
 
+class ReplicaTarget(msgspec.Struct, frozen=True, array_like=True):
+    """Where stage `stage`'s KV replica lives: pool `pool` on streamer `streamer` (host `host`), whose data
+    socket is `data` (its peers push there). The same streamer as the stage's own when they share a host."""
+
+    stage: int
+    pool: str
+    streamer: str
+    data: str
+    host: str
+    layers: list[int] = []  # [a, b): the replicated stage's layers (the hosting stage allocates the pool)
+
+
 class Topology(Msg, tag=43):
-    """Controller -> stage: the epoch to serve and where to send activations ("" for the last stage)."""
+    """Controller -> stage: the epoch to serve and where to send activations ("" for the last stage).
+    replica: where this stage streams every step's KV (None: no replication); hosted: the replica pools this
+    stage allocates on its own host's streamer for other stages (kept across epochs and restarts of this stage)."""
 
     epoch: int
     downstream: str
+    replica: ReplicaTarget | None = None
+    hosted: list[ReplicaTarget] = []
+    peers: dict[str, str] = {}  # every host's streamer -> its data address (the stage tells its own streamer)
 
 
 class TopologyAck(Msg, tag=44):
     epoch: int
+    fresh: list[int] = []  # stages whose hosted replica pool this stage had to allocate anew: it holds nothing
+    failed: dict[int, str] = {}  # stages whose replica pool could not be allocated here, and why
 
 
 class LinkInit(Msg, tag=46):
@@ -285,12 +338,52 @@ class EpochOver(Msg, tag=48):
 
 
 class StageStats(Msg, tag=45):
-    """Stage -> controller, every heartbeat interval: how busy it has been (idle fraction = bubbles)."""
+    """Stage -> controller, every heartbeat interval: how busy it has been (idle fraction = bubbles), and how its
+    replication goes (bytes of KV streamed to its replica, steps that waited for it: --replica-lag)."""
 
     busy_s: float
     steps: int
     uptime_s: float
     tokens: int = 0
+    replica_bytes: int = 0
+    replica_stalls: int = 0
+    replica_stall_s: float = 0.0
+    replica_failures: int = 0
+    replica_error: str = ""  # the latest replication failure
+
+
+class ReplicaAck(Msg, tag=49):
+    """Stage -> controller: the KV written by these steps ([mb, step] pairs) is committed in its replica.
+    sync=False: each step's own rows (a per-step delta); sync=True: everything the stage held after each step
+    (a whole-pool re-replication to a new replica), so positions [0, end) of every member of that step."""
+
+    steps: list[list[int]]
+    sync: bool = False
+    nbytes: int = 0
+
+
+class ReplicaSync(Msg, tag=50):
+    """Controller -> stage: your replica is new (its host was lost, or its pool is fresh): copy your whole KV there
+    in the background, then go on with per-step deltas."""
+
+    epoch: int
+
+
+class Restore(Msg, tag=51):
+    """Controller -> a stage that came back without its KV: pull tokens [0, lengths[slot]) of every slot from
+    `source` (its replica) into your pool, then answer Restored. Sent after every stage acknowledged `epoch`."""
+
+    epoch: int
+    source: ReplicaTarget
+    lengths: list[int]
+
+
+class Restored(Msg, tag=52):
+    epoch: int
+    ok: bool
+    seconds: float = 0.0
+    nbytes: int = 0
+    message: str = ""
 
 
 # ---------------------------------------------------------------- 70-89: supervisor ------------------
@@ -813,6 +906,7 @@ STREAMER_MESSAGES: tuple[type[Msg], ...] = CONTROL + DATA
 COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive,
           ServerStopping, ServerStoppingAck)
-STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver)
+STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver,
+         ReplicaAck, ReplicaSync, Restore, Restored)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError, AgentHello, HostWelcome, Assign, HostBeat, Fenced, HostsUpdate)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

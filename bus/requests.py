@@ -48,6 +48,7 @@ class Request:
     cancelled: bool = False
     cancel_reason: str = ""  # set when the server cancels it (the client is told why)
     done: bool = False
+    replicated: dict[int, Any] = field(default_factory=dict)  # stage -> bus/replication.Held
 
     @property
     def key(self) -> tuple[bytes, str]:

@@ -14,7 +14,7 @@ Pure: no sockets, no clocks except the `now` passed in.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from bus.messages import Chunk, StepRequest
@@ -69,14 +69,19 @@ class Scheduler:
             self.mbs[req.mb].members.pop(req.slot, None)
         req.mb = req.slot = None
 
-    def reset_epoch(self, epoch: int, keep_cache: bool = False) -> None:
+    def reset_epoch(self, epoch: int, keep_cache: bool = False,
+                    valid: Callable[[Request], int] | None = None) -> None:
         """The pipeline was rebuilt: in-flight steps are void (sent again: they rewrite the same positions).
-        Unless every stage kept its KV, every cache is gone too — recompute all."""
+        valid: how many positions of a request every stage holds now (some came back from replicas): each request
+        goes back to there and the positions after it are fed again. Else, unless every stage kept its KV, every
+        cache is gone too — recompute all."""
         self.epoch = epoch
         for mb in self.mbs:
             mb.inflight = None
-            if not keep_cache:
-                for req in mb.members.values():
+            for req in mb.members.values():
+                if valid is not None:
+                    req.cached = max(0, min(req.cached, valid(req)))
+                elif not keep_cache:
                     req.cached = 0
 
     def next_steps(self, now: float) -> list[StepRequest]:

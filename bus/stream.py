@@ -161,6 +161,8 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
         "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
         "waiting": reply.waiting, "running": reply.running, "slots": reply.slots,
         "state": reply.state, "hosts": [msgspec.structs.asdict(h) for h in reply.hosts],
+        "replicas": [msgspec.structs.asdict(r) for r in reply.replicas],
+        "recoveries": [msgspec.structs.asdict(r) for r in reply.recoveries],
     }
 
 

@@ -79,7 +79,8 @@ from stages.config import StageProcConfig
 from stages.models.spec import read_spec, split_layers
 
 log = logging.getLogger(__name__)
-noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
+noisy = Throttled(log)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # warnings about what peers send: rate-limited per (kind, peer)
 
 __all__ = ["DeploymentError", "SupervisorProcess", "run_supervisor"]
 
@@ -188,6 +189,12 @@ class SupervisorProcess(ChildSupervisor):
         controller's DeploymentReady."""
         cfg, pid = self.cfg, os.getpid()
         self.spec = spec = read_spec(Path(cfg.model_dir))
+        if cfg.replicating:
+            # a host may keep the replica of every stage (a lost host's replicas move; one that moved away stays
+            # until the end, so a stage may still restore from it): room for all of them, pages touched lazily
+            kv = spec.num_layers * 2 * cfg.num_slots * cfg.max_seq_len * spec.num_kv_heads * spec.head_dim
+            need = kv * DTYPE_BYTES[cfg.dtype] + cfg.num_stages * (1 << 20)
+            self.policy = replace(self.policy, replica_bytes=max(self.policy.replica_bytes, need))
         internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
             model_dir=cfg.model_dir, vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids,
@@ -198,7 +205,7 @@ class SupervisorProcess(ChildSupervisor):
             queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
             flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
-            client_keys_dir=cfg.keys_dir,
+            client_keys_dir=cfg.keys_dir, replicate=cfg.replicating,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
@@ -229,7 +236,8 @@ class SupervisorProcess(ChildSupervisor):
             heartbeat_interval=cfg.heartbeat_interval, log_level=cfg.log_level,
             threads=cfg.stage_threads if not host.local else (cfg.threads_per_stage() if cfg.device == "cpu" else 0),
             microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
-            cudnn_attention=cfg.cudnn_attention,
+            cudnn_attention=cfg.cudnn_attention, replicate=cfg.replicating, replica_lag=cfg.replica_lag,
+            kv_takeover=cfg.kv_takeover,
         )
         return encode_config(st)
 

@@ -82,6 +82,16 @@ def parser() -> argparse.ArgumentParser:
                    help="place the stages once this many hosts joined (0: the --hosts started here)")
     p.add_argument("--agent-bind", default="tcp://127.0.0.1:0",
                    help="where host agents join (tcp://ADDRESS:PORT); agents of other machines need --keys")
+    p.add_argument("--replicate", default="auto", choices=["auto", "on", "off"],
+                   help="stream every stage's KV after each step to a replica on the next host, and restore a "
+                        "stage that comes back without its KV from there (auto: on with 2 or more hosts; with one "
+                        "host the replica does not survive that host's loss)")
+    p.add_argument("--replica-lag", type=int, default=2,
+                   help="steps a microbatch's replication may fall behind before its next step waits (counted "
+                        "in status as stalls)")
+    p.add_argument("--kv-takeover", default="on", choices=["on", "off"],
+                   help="a restarted CPU stage takes its predecessor's shared-memory KV over (off: it comes back "
+                        "empty, as a GPU stage does, and restores from its replica)")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None,
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             transport=args.transport, streamer=not args.no_streamer, hosts=args.hosts,
             spare_hosts=args.spare_hosts, min_hosts=args.min_hosts, agent_bind=args.agent_bind,
             keys_dir=str(Path(args.keys).resolve()) if args.keys else "", insecure=args.insecure,
+            replicate=args.replicate, replica_lag=args.replica_lag, kv_takeover=args.kv_takeover == "on",
         )
         checked = check_deployment(cfg)
     except (ValueError, UsageError) as e:

@@ -69,6 +69,11 @@ class DeploymentConfig:
     agent_bind: str = "tcp://127.0.0.1:0"
     keys_dir: str = ""  # the user's keys (dejavu-keys generate): CURVE for clients and remote agents
     insecure: bool = False  # allow a non-loopback bind without keys
+    # KV replication (issue 18): "auto" = on with 2 or more hosts; every step's KV goes to a replica on the next
+    # host, and a stage that comes back without its KV restores it from there
+    replicate: str = "auto"
+    replica_lag: int = 2  # steps a microbatch's replication may fall behind before its next step waits
+    kv_takeover: bool = True  # a restarted CPU stage takes its predecessor's shared-memory pool (its KV) over
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -89,6 +94,12 @@ class DeploymentConfig:
             raise ValueError(f"at most {MAX_HOSTS} hosts")
         if not self.agent_bind.startswith("tcp://") or ":" not in self.agent_bind[6:]:
             raise ValueError(f"--agent-bind {self.agent_bind}: give tcp://ADDRESS:PORT")
+        if self.replicate not in ("auto", "on", "off"):
+            raise ValueError(f"--replicate must be auto, on or off, got {self.replicate!r}")
+        if self.replica_lag < 0:
+            raise ValueError("--replica-lag must be >= 0")
+        if self.replicating and not self.streamer:
+            raise ValueError("--replicate on needs the KV streamer (drop --no-streamer)")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("--device must be cpu or cuda")
         if self.transport not in ("auto", "zmq", "nccl"):
@@ -108,6 +119,13 @@ class DeploymentConfig:
     @property
     def microbatches(self) -> int:
         return self.num_microbatches or self.num_stages
+
+    @property
+    def replicating(self) -> bool:
+        """Replication on: asked for, or by default with 2 or more hosts (one host: the replica would die with it)."""
+        if self.replicate == "auto":
+            return self.streamer and max(self.hosts + self.spare_hosts, self.min_hosts) >= 2
+        return self.replicate == "on"
 
     @property
     def wanted_hosts(self) -> int:

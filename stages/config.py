@@ -44,6 +44,10 @@ class StageProcConfig:
     keys_dir: str = ""  # the deployment's keys (bus/security.py); "" = plaintext sockets
     supervisor_name: str = "supervisor"  # the process supervising it (its host agent, "agent-<slot>")
     host_id: str = ""  # the host it runs on, as status() names it ("" = the machine's host name)
+    # KV replication (stages/replica.py): a GPU stage then registers its pool with the streamer too
+    replicate: bool = False
+    replica_lag: int = 2  # a microbatch's next step waits while more than this many of its transfers run
+    kv_takeover: bool = True  # a restarted CPU stage takes its predecessor's shared-memory pool over (its KV)
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_stages:
@@ -52,6 +56,8 @@ class StageProcConfig:
             raise ValueError("heartbeat_interval and handshake_timeout must be > 0")
         if self.transport not in ("auto", "zmq", "nccl"):
             raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
+        if self.replica_lag < 0:
+            raise ValueError(f"replica_lag must be >= 0, got {self.replica_lag}")
 
     @property
     def uses_nccl(self) -> bool:

@@ -31,6 +31,7 @@ from streamer.layout import PoolLayout
 if TYPE_CHECKING:
     from bus.security import Keyring
     from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
     from streamer.memory import SharedPoolMemory
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class KVHome:
     name: str
-    memory: SharedPoolMemory | None  # None = private memory
+    memory: SharedPoolMemory | GpuPoolMemory | None  # None = private memory
     client: StreamerClient | None
     intact: bool  # the memory holds the KV of this stage's previous incarnation
     streamer_pid: int = 0  # the streamer process that has the pool registered
@@ -76,7 +77,7 @@ class KVHome:
             await self.client.register_pool(self.name, self.memory, replace=info is not None)
             self.streamer_pid = st.pid
             log.info("[kv] pool %s registered again with the restarted streamer%s", self.name,
-                     " (it had adopted the pool)" if info is not None and info.path == str(self.memory.path) else "")
+                     " (it had adopted the pool)" if info is not None and info.path == str(getattr(self.memory, "path", "")) else "")
         except Exception as e:  # noqa: BLE001 - a restart of this stage then recomputes, nothing worse
             log.warning("[kv] pool %s not registered again (%s): a restart of this stage will recompute",
                         self.name, e)
@@ -88,8 +89,9 @@ class KVHome:
         try:
             await asyncio.wait_for(self.client.unregister_pool(self.name), timeout)
         except Exception as e:  # noqa: BLE001 - the streamer may have stopped first
-            log.info("[kv] pool %s not unregistered (%s): unlinking it here", self.name, e)
-            self.memory.unlink()
+            if hasattr(self.memory, "unlink"):
+                log.info("[kv] pool %s not unregistered (%s): unlinking it here", self.name, e)
+                self.memory.unlink()
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -98,11 +100,12 @@ class KVHome:
 
 async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarnation: int, prefix: str,
                     timeout: float, wait: float | None = None, client_name: str = "", keys: Keyring | None = None,
-                    streamer: str = "") -> KVHome:
+                    streamer: str = "", takeover: bool = True) -> KVHome:
     """Map this stage's pool: its predecessor's if the streamer kept it, else a new one; register it. `wait`:
     how long to wait for the streamer's first answer (default `timeout`, the deadline of every later one).
     client_name: who the streamer knows as the pool's owner (the stage's process name; default the pool's name);
-    keys / streamer: this process's deployment keys and the streamer's process name (plaintext without keys)."""
+    keys / streamer: this process's deployment keys and the streamer's process name (plaintext without keys).
+    takeover=False: always a fresh pool (the stage comes back without its KV, as a GPU stage does)."""
     from streamer.client import StreamerClient
     from streamer.config import SHM_PREFIX
     from streamer.errors import StreamerError
@@ -123,7 +126,7 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
             kept = True
         except StreamerError:
             info = None  # no such pool: a first start
-        if info is not None and info.path and info.layout == layout_to_spec(layout):
+        if info is not None and info.path and info.layout == layout_to_spec(layout) and takeover:
             if info.owner_incarnation != incarnation - 1:
                 log.warning("[kv] the kept pool %s was last owned by incarnation %d, not %d (the one before this): "
                             "its KV is stale, starting a fresh one", name, info.owner_incarnation, incarnation - 1)
@@ -144,3 +147,36 @@ async def open_home(name: str, layout: PoolLayout, streamer_address: str, incarn
         return KVHome(name, None, None, False)
     log.info("[kv] pool %s %s (%s)", name, "taken over with its KV" if intact else "created", memory.path)
     return KVHome(name, memory, client, intact, st.pid)
+
+
+async def open_gpu_home(name: str, layout: PoolLayout, device: int, streamer_address: str, incarnation: int,
+                        timeout: float, wait: float | None = None, client_name: str = "",
+                        keys: Keyring | None = None, streamer: str = "") -> KVHome:
+    """A GPU stage's pool in its own device allocation, registered with the host's streamer (CUDA IPC), so the
+    streamer can replicate and restore it. It dies with the process: a restart starts empty (its KV then comes
+    from the replica). No streamer (or one without CUDA): private memory, as without replication."""
+    from streamer.client import StreamerClient
+    from streamer.cuda import GpuPoolMemory
+    from streamer.errors import StreamerError
+
+    try:
+        client = StreamerClient(streamer_address, client_name or name, incarnation, request_timeout_s=timeout,
+                                keys=keys, server=streamer)
+    except zmq.ZMQError as e:
+        log.warning("[kv] pool %s stays private (streamer address %s: %s)", name, streamer_address, e)
+        return KVHome(name, None, None, False)
+    try:
+        st = await client.status(timeout=timeout if wait is None else wait)
+        try:
+            await client.pool_info(name)
+            kept = True  # a dead predecessor's entry (the streamer drops those; a race may leave it)
+        except StreamerError:
+            kept = False
+        memory = GpuPoolMemory(layout, device)
+        await client.register_pool(name, memory, replace=kept)
+    except (OSError, StreamerError, TimeoutError, RuntimeError) as e:
+        log.warning("[kv] GPU pool %s not registered with the streamer (%s): no replication for this stage", name, e)
+        await client.close()
+        return KVHome(name, None, None, False)
+    log.info("[kv] GPU pool %s registered with the streamer (%d bytes, CUDA IPC)", name, layout.nbytes)
+    return KVHome(name, memory, client, False, st.pid)

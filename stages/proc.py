@@ -38,6 +38,9 @@ from bus.messages import (
     Hello,
     LinkInit,
     Rehello,
+    ReplicaSync,
+    Restore,
+    Restored,
     Shutdown,
     StageStats,
     StepFailed,
@@ -53,10 +56,12 @@ from bus.sockets import context, decode_frames, make_socket, recv_frames, recv_w
 from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
 from stages.errors import InvalidRequestError, StageError
-from stages.kv_home import KVHome, open_home
+from stages.kv_home import KVHome, open_gpu_home, open_home
 from stages.nccl_activation import LinkClosed, NcclActivations
+from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
+from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class StageProcess:
         self.is_last = cfg.index == cfg.num_stages - 1
         self.nccl: NcclActivations | None = None
         self.kv: KVHome | None = None
+        self.replica: Replicator | None = None  # KV replication (stages/replica.py), with --replicate
         self.inc_ready = asyncio.Event()
         if cfg.uses_nccl:
             self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
@@ -121,6 +127,9 @@ class StageProcess:
                                 cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size,
                                 cudnn_attention=cfg.cudnn_attention)
             self.kv = await self._kv_home(shard)
+            if cfg.replicate and self.kv.client is not None and self.kv.memory is not None:
+                self.replica = Replicator(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
+                                          cfg.streamer_name, cfg.replica_lag, self._to_controller)
             self.busy_since = time.monotonic()
             try:
                 self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
@@ -152,6 +161,8 @@ class StageProcess:
         finally:
             beats.cancel()
             self.compute.shutdown(wait=False, cancel_futures=True)
+            if self.replica is not None:
+                await self.replica.close()
             if self.kv is not None:
                 await self.kv.close(self.cfg.streamer_timeout)
             if self.auth is not None:
@@ -159,15 +170,28 @@ class StageProcess:
             self.ctx.destroy(linger=0)
 
     async def _kv_home(self, shard: ShardConfig) -> KVHome:
-        """A CPU stage computes in shared memory its streamer keeps (a restart finds its KV there); a GPU stage
-        in its own allocation (it dies with the process: a restart recomputes)."""
+        """A CPU stage computes in shared memory its streamer keeps (a restart finds its KV there, unless
+        kv_takeover is off); a GPU stage in its own allocation, registered with the streamer (CUDA IPC) when it
+        replicates, else private (either way it dies with the process: the replica, else a recompute, brings
+        it back)."""
         cfg = self.cfg
-        if cfg.device != "cpu" or not cfg.streamer_address:
-            return KVHome(f"kv-stage-{cfg.index}", None, None, False)
-        return await open_home(f"kv-stage-{cfg.index}", pool_layout(shard), cfg.streamer_address, cfg.incarnation,
+        name = f"kv-stage-{cfg.index}"
+        if not cfg.streamer_address:
+            return KVHome(name, None, None, False)
+        if cfg.device != "cpu":
+            if not cfg.replicate:
+                return KVHome(name, None, None, False)
+            device = torch.device(cfg.device)
+            return await open_gpu_home(name, pool_layout(shard), device.index or 0, cfg.streamer_address,
+                                       cfg.incarnation, cfg.streamer_timeout, wait=cfg.streamer_wait,
+                                       client_name=self.name, keys=self.keys, streamer=cfg.streamer_name)
+        return await open_home(name, pool_layout(shard), cfg.streamer_address, cfg.incarnation,
                                f"{cfg.shm_prefix}-stage{cfg.index}" if cfg.shm_prefix else f"stage{cfg.index}",
                                cfg.streamer_timeout, wait=cfg.streamer_wait, client_name=self.name, keys=self.keys,
-                               streamer=cfg.streamer_name)
+                               streamer=cfg.streamer_name, takeover=cfg.kv_takeover)
+
+    async def _to_controller(self, body) -> None:  # type: ignore[no-untyped-def]
+        await send(self.ctl, self.codec, body)
 
     async def _hello(self) -> None:
         cfg = self.cfg
@@ -183,7 +207,10 @@ class StageProcess:
             up = time.monotonic() - self.serving_since if self.serving_since else 0.0
             busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
                 else self.busy_total + self._busy()
-            await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens))
+            r = self.replica
+            await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens) if r is None else
+                       StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
+                                  r.broken[:500]))
 
     def _busy(self) -> float:
         return time.monotonic() - self.busy_since if self.busy_since else 0.0
@@ -212,6 +239,11 @@ class StageProcess:
                 await self._hello()
             elif isinstance(body, EpochOver):
                 await self._epoch_over(body.epoch)
+            elif isinstance(body, ReplicaSync):
+                if self.replica is not None and body.epoch == self.epoch:
+                    self.replica.start_sync()
+            elif isinstance(body, Restore):
+                self.tg.create_task(self._restore(body, msg.env.msg_id))
             elif isinstance(body, Welcome):
                 pass  # the answer to a Hello sent again (Rehello)
             elif isinstance(body, Shutdown):
@@ -235,7 +267,20 @@ class StageProcess:
         self.link_failures = 0
         if topo.epoch <= self.over:
             return
-        await send(self.ctl, self.codec, TopologyAck(topo.epoch), reply_to=msg_id)
+        fresh: list[int] = []
+        failed = {h.stage: "this stage keeps no KV with a streamer" for h in topo.hosted}
+        if self.replica is not None:
+            fresh, failed = await self.replica.configure(topo)
+        await send(self.ctl, self.codec, TopologyAck(topo.epoch, fresh, failed), reply_to=msg_id)
+
+    async def _restore(self, msg: Restore, msg_id: int) -> None:
+        """Pull this stage's KV back from its replica (before the epoch serves), and say how it went."""
+        if self.replica is None or msg.epoch != self.epoch:
+            await send(self.ctl, self.codec, Restored(msg.epoch, False, message="no replication here"),
+                       reply_to=msg_id)
+            return
+        done = await self.replica.restore(msg)
+        await send(self.ctl, self.codec, done, reply_to=msg_id)
 
     async def _set_topology(self, topo: Topology) -> None:
         """Serve epoch `topo.epoch`: rebuild the link downstream (ZeroMQ, plus NCCL on CUDA). Acked by the
@@ -319,15 +364,28 @@ class StageProcess:
                     continue
                 if self._stale(step):
                     continue
+            rep, layered, signal = self.replica, None, None
+            if rep is not None and rep.active:
+                await rep.before_step(step.mb)  # --replica-lag: replication is too far behind (counted)
+                if self._stale(step):
+                    continue
+                if rep.is_prompt(step):  # streamed layer by layer while the pass runs
+                    opened = await rep.open_layered(step)
+                    if opened is not None:
+                        layered, signal = opened
             self.busy_since = started = time.monotonic()
             try:
-                out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl)
+                out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl, signal)
                 self.steps += 1
                 self.tokens += len(step.token_ids)
             except LinkClosed as e:  # a new epoch aborted the NCCL link this step used: the step is stale
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
+                if rep is not None:
+                    rep.after_step(step, layered, False)
                 continue
             except Exception as e:
+                if rep is not None:
+                    rep.after_step(step, layered, False)
                 if self._stale(step):
                     # its pipeline was rebuilt under it (an aborted link can leave garbage in its input, which
                     # sampling may refuse): nobody waits for this step any more
@@ -343,6 +401,8 @@ class StageProcess:
             finally:
                 self.busy_since = 0.0
                 self.busy_total += time.monotonic() - started
+            if rep is not None:  # its KV goes to the replica only if it belongs to the pipeline still serving
+                rep.after_step(step, layered, not self._stale(step))
             if self._stale(step):
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
@@ -352,9 +412,12 @@ class StageProcess:
             elif self.out is not None and out.hidden is not None:
                 await self.out.send(step, out.hidden)
 
-    def _compute(self, step: StepRequest, hidden: torch.Tensor | None, via_nccl: bool) -> StepOutput:
+    def _compute(self, step: StepRequest, hidden: torch.Tensor | None, via_nccl: bool,
+                 signal: LayerSignal | None = None) -> StepOutput:
         """Compute thread: fetch the input over NCCL if it came that way, run the step, and enqueue the
-        output's NCCL send (so the header can follow it)."""
+        output's NCCL send (so the header can follow it). signal: a prompt pass streamed to the replica layer by
+        layer (each layer's KV is signalled as soon as it is written); a GPU pool's last-layer event is recorded
+        after every step when replicating (the streamer waits on it before reading the step's rows)."""
         cuda = self.cfg.device.startswith("cuda")
         if via_nccl:
             assert self.nccl is not None and step.hidden is not None
@@ -362,7 +425,17 @@ class StageProcess:
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()  # after the receive was enqueued: device time of this step's compute only
-        out = self.core.run(step, hidden)
+        if signal is not None:
+            hooks = attach_kv_hooks(self.core.runtime.shard, signal)
+            try:
+                out = self.core.run(step, hidden)
+            finally:
+                for h in hooks:
+                    h.remove()
+        else:
+            out = self.core.run(step, hidden)
+        if cuda and self.replica is not None and hasattr(self.kv.memory, "record"):
+            self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
         if cuda:
             end.record()
             self.gpu_events.append((start, end))

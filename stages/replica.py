@@ -1,0 +1,292 @@
+"""A stage's side of KV replication (the paper's section 5): every step's KV goes to a replica on another host,
+and a stage that came back without its KV pulls it from there. All of it through the host's streamer
+(streamer/api.py); this module only says what moves where, and tells the controller what landed.
+
+Runs in the stage process, on its event loop (the compute thread only signals layers of a prompt pass).
+
+- After each step the stage computed (for a pipeline still current), the rows that step wrote - its members'
+  token ranges, every local layer - go to the replica pool as one transfer (`buffered`: many short rows). A
+  prompt pass (a member with more than one token) is submitted *before* it runs, `layered`, and each layer
+  moves as soon as the pass wrote it (KV hooks). When the streamer reports the transfer committed, the stage
+  sends ReplicaAck(mb, step) to the controller, which keeps each request's replicated prefix per stage.
+- `--replica-lag`: before a microbatch's next step, the stage waits until at most `lag` of that microbatch's
+  transfers are still running (the wait is counted: stalls, stall_s). Replication never waits otherwise.
+- A failed transfer (the replica's host lost, a full replica) marks replication broken: no more deltas (the
+  replica misses rows from then on) until the next topology, which starts a whole-pool re-sync.
+- ReplicaSync (a new replica: fresh pool, or on a new host): the whole KV the stage holds goes over once, in the
+  background, acknowledged as `sync` with the last step of every microbatch it covers; deltas go on meanwhile.
+- Restore: pull tokens [0, n) of each slot from the replica into the stage's own pool (the controller says how
+  many: what it counts as replicated), before the epoch serves.
+- Hosting: the stage allocates, on its own streamer, the replica pools of the stages the controller names
+  (`exist_ok`: a restart of this stage keeps them; a new pool is reported `fresh`, i.e. empty). They are
+  streamer pools: they outlive this stage, and are given back when the deployment stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from bus.logs import Throttled
+from bus.messages import Msg, ReplicaAck, ReplicaTarget, Restore, Restored, StepRequest, Topology
+from streamer.client import LayerSignal, StreamerClient, TransferHandle
+from streamer.errors import StreamerError
+from streamer.layout import PoolLayout, Region
+from streamer.wire import POOL_REPLICA, PoolRef
+
+log = logging.getLogger(__name__)
+noisy = Throttled(log)
+
+RESTORE_DEADLINE_S = 60.0  # a restore pull of a whole stage's KV
+
+
+@dataclass
+class _Pending:
+    mb: int
+    step: int
+    target: ReplicaTarget | None
+    handle: TransferHandle | None = None
+    task: asyncio.Task[None] | None = None
+    valid: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Replicator:
+    def __init__(self, client: StreamerClient, pool: str, memory: Any, layout: PoolLayout, streamer: str, lag: int,
+                 send: Callable[[Msg], Awaitable[None]]) -> None:
+        self.client, self.pool, self.memory, self.layout = client, pool, memory, layout
+        self.streamer, self.lag, self.send = streamer, lag, send
+        self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
+        self.target: ReplicaTarget | None = None
+        self.pending: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
+        self.written = [0] * layout.num_slots  # per slot: tokens [0, n) this stage's pool holds
+        self.last_step: dict[int, int] = {}  # mb -> the latest step computed
+        self.peers: dict[str, str] = {}
+        # replica pools hosted for others (never freed while the deployment runs: a replica that moved away may
+        # still be restored from; the streamer's replica capacity holds every stage's, recovery/proc.py)
+        self.hosting: set[str] = set()
+        self.broken = ""  # why deltas stopped (the replica misses rows until a re-sync)
+        self.syncing: asyncio.Task[None] | None = None
+        self.restoring: TransferHandle | None = None
+        self.bytes = self.stalls = self.failures = 0
+        self.stall_s = 0.0
+        self.error = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ topology
+
+    async def configure(self, topo: Topology) -> tuple[list[int], dict[int, str]]:
+        """A new epoch: learn the peers, allocate the hosted replica pools, take the new target. Returns
+        (stages whose hosted pool is fresh, stages whose pool could not be allocated: why)."""
+        if self.restoring is not None:  # an older epoch's restore: its pipeline is gone
+            await self._cancel(self.restoring, "a new epoch began")
+            self.restoring = None
+        for name, address in topo.peers.items():
+            if name != self.streamer and self.peers.get(name) != address:
+                try:
+                    await self.client.set_peer(name, address)
+                    self.peers[name] = address
+                except StreamerError as e:  # the streamer is restarting: replication fails, and says so
+                    log.warning("[replica] could not tell the streamer where %s is: %s", name, e)
+        fresh, failed = [], {}
+        for h in topo.hosted:
+            a, b = h.layers
+            layout = replace(self.layout, first_layer=a, num_layers=b - a)
+            try:
+                got = await self.client.alloc_pool(h.pool, POOL_REPLICA, layout, exist_ok=True)
+            except StreamerError as e:
+                failed[h.stage] = str(e)
+                log.warning("[replica] cannot host stage %d's replica: %s", h.stage, e)
+                continue
+            self.hosting.add(h.pool)
+            if not got.existed:
+                fresh.append(h.stage)
+                log.info("[replica] hosting stage %d's replica (%s, %d bytes)", h.stage, h.pool, got.nbytes)
+        old, self.target = self.target, topo.replica
+        if self.target != old:  # transfers to the old replica (perhaps on a host that is gone) hold nothing up
+            self._drop_pending("the replica moved")
+        if self.broken and self.target is not None and old == self.target:
+            log.info("[replica] re-syncing the replica after: %s", self.broken)
+            self.broken = ""
+            self.start_sync()
+        elif self.target != old:
+            self.broken = ""  # a new replica: the controller asks for a sync once it serves
+        return fresh, failed
+
+    def _ref(self) -> PoolRef:
+        assert self.target is not None
+        return PoolRef(self.target.pool, self.target.streamer)
+
+    # ------------------------------------------------------------------ per-step deltas
+
+    @property
+    def active(self) -> bool:
+        return self.target is not None and not self.broken
+
+    async def before_step(self, mb: int) -> None:
+        """Wait while more than `lag` of this microbatch's transfers are still running (counted)."""
+        q = self.pending.get(mb)
+        if not q or len(q) <= self.lag:
+            return
+        t0 = time.monotonic()
+        self.stalls += 1
+        while q and len(q) > self.lag:
+            head = q[0]
+            assert head.task is not None
+            await asyncio.wait({head.task})
+        self.stall_s += time.monotonic() - t0
+
+    def is_prompt(self, step: StepRequest) -> bool:
+        return any(c.length > 1 for c in step.chunks)
+
+    def _region(self, step: StepRequest) -> Region:
+        return Region(tuple(c.slot for c in step.chunks), self.layers,
+                      tuple((c.start, c.start + c.length) for c in step.chunks))
+
+    def _track(self, step: StepRequest, submit: Callable[[], Awaitable[TransferHandle]]) -> _Pending:
+        p = _Pending(step.mb, step.step, self.target)
+        p.task = asyncio.ensure_future(self._run(p, submit))
+        self.pending[step.mb].append(p)
+        return p
+
+    async def open_layered(self, step: StepRequest) -> tuple[_Pending, LayerSignal] | None:
+        """A prompt pass: submit its transfer before it runs; the compute thread signals each layer."""
+        if not self.active:
+            return None
+        region = self._region(step)
+        handle = await self.client.stream(self.pool, region, dst=self._ref(), dst_region=region, layered=True,
+                                          tag=f"{step.mb}/{step.step}")
+        p = self._track(step, lambda: _ready(handle))
+        # through the client's own socket (not the compute thread's): behind the StreamRequest on one connection,
+        # so the streamer never sees a layer signalled before the transfer it belongs to
+        return p, LayerSignal(self.client, self.memory, [handle.xfer], direct=False)
+
+    def after_step(self, step: StepRequest, layered: _Pending | None, ok: bool) -> None:
+        """The step ran (ok: for a pipeline still current, so its KV is what the controller counts)."""
+        if ok:
+            for c in step.chunks:
+                self.written[c.slot] = c.start + c.length
+            self.last_step[step.mb] = step.step
+        if layered is not None:
+            layered.valid.set_result(ok)
+            return
+        if ok and self.active:
+            region = self._region(step)
+            p = self._track(step, lambda: self.client.stream(self.pool, region, dst=self._ref(), dst_region=region,
+                                                             buffered=True, tag=f"{step.mb}/{step.step}"))
+            p.valid.set_result(True)
+
+    async def _run(self, p: _Pending, submit: Callable[[], Awaitable[TransferHandle]]) -> None:
+        try:
+            p.handle = await submit()
+            if not await p.valid:  # a prompt pass whose pipeline went away under it: not the KV counted
+                await self._cancel(p.handle, "the step's pipeline is gone")
+                return
+            done = await p.handle.wait()
+            self.bytes += done.nbytes
+            await self.send(ReplicaAck([[p.mb, p.step]], False, done.nbytes))
+        except StreamerError as e:
+            self._failed(e, p.target)
+        finally:
+            q = self.pending.get(p.mb)
+            if q and p in q:
+                q.remove(p)
+
+    def _drop_pending(self, why: str) -> None:
+        for q in self.pending.values():
+            for p in q:
+                if p.handle is not None and not p.handle.done.done():
+                    asyncio.ensure_future(self._cancel(p.handle, why))
+                if p.task is not None:
+                    p.task.cancel()
+            q.clear()
+
+    def _failed(self, e: Exception, target: ReplicaTarget | None) -> None:
+        self.failures += 1
+        self.error = str(e)
+        if target != self.target:
+            return  # a transfer to a replica given up already
+        if not self.broken:
+            self.broken = str(e)
+            log.warning("[replica] replication to %s stopped: %s (re-synced at the next epoch)",
+                        self.target.host if self.target else "?", e)
+
+    async def _cancel(self, h: TransferHandle, why: str) -> None:
+        try:
+            await h.cancel(why)
+        except StreamerError:
+            pass
+
+    # ------------------------------------------------------------------ whole-pool sync
+
+    def start_sync(self) -> None:
+        if self.target is None:
+            return
+        if self.syncing is not None and not self.syncing.done():
+            self.syncing.cancel()
+        self.syncing = asyncio.ensure_future(self._sync(self.target))
+
+    async def _sync(self, target: ReplicaTarget) -> None:
+        marks = [[mb, step] for mb, step in sorted(self.last_step.items())]
+        slots = [(s, n) for s, n in enumerate(self.written) if n > 0]
+        t0 = time.monotonic()
+        nbytes = 0
+        try:
+            if slots:
+                region = Region(tuple(s for s, _ in slots), self.layers, tuple((0, n) for _, n in slots))
+                h = await self.client.stream(self.pool, region, dst=PoolRef(target.pool, target.streamer),
+                                             dst_region=region, tag="sync")
+                done = await h.wait()
+                nbytes = done.nbytes
+                self.bytes += nbytes
+            await self.send(ReplicaAck(marks, True, nbytes))
+            log.info("[replica] re-synced %d bytes to %s in %.2fs", nbytes, target.host, time.monotonic() - t0)
+        except StreamerError as e:
+            self._failed(e, target)
+
+    # ------------------------------------------------------------------ restore
+
+    async def restore(self, msg: Restore) -> Restored:
+        """Pull tokens [0, lengths[slot]) of every slot from the replica into this stage's pool."""
+        slots = [(s, n) for s, n in enumerate(msg.lengths) if n > 0 and s < self.layout.num_slots]
+        if not slots:
+            return Restored(msg.epoch, True)
+        src = msg.source
+        if src.streamer != self.streamer and src.data and self.peers.get(src.streamer) != src.data:
+            await self.client.set_peer(src.streamer, src.data)
+            self.peers[src.streamer] = src.data
+        region = Region(tuple(s for s, _ in slots), self.layers, tuple((0, n) for _, n in slots))
+        t0 = time.monotonic()
+        try:
+            h = await self.client.stream(PoolRef(src.pool, src.streamer), region, dst=self.pool, dst_region=region,
+                                         deadline_s=RESTORE_DEADLINE_S, tag="restore")
+            self.restoring = h
+            done = await h.wait()
+        except StreamerError as e:
+            log.warning("[replica] restore from %s failed: %s", src.host, e)
+            return Restored(msg.epoch, False, time.monotonic() - t0, 0, str(e))
+        finally:
+            self.restoring = None
+        for s, n in slots:
+            self.written[s] = n
+        seconds = time.monotonic() - t0
+        log.info("[replica] restored %d bytes (%d slots) from %s in %.3fs", done.nbytes, len(slots), src.host,
+                 seconds)
+        return Restored(msg.epoch, True, seconds, done.nbytes)
+
+    async def close(self) -> None:
+        for q in self.pending.values():
+            for p in q:
+                if p.task is not None:
+                    p.task.cancel()
+            q.clear()
+        if self.syncing is not None:
+            self.syncing.cancel()
+
+
+async def _ready(handle: TransferHandle) -> TransferHandle:
+    return handle
