@@ -10,6 +10,8 @@
               (bench/startup_bench.py)
     curve     control-message rate and latency over tcp loopback, plaintext vs CurveZMQ (bench/curve_bench.py;
               `pipeline --hosts` runs it too)
+    failure   a stage killed mid-run, replica vs recompute: replication's fault-free cost, kill to first token,
+              latency inflation, tokens/s around the kill (bench/failure_bench.py)
 
 Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
 path) and shows progress on stderr when it is a terminal (--quiet: never).
@@ -28,6 +30,7 @@ COMMANDS = {
     "soak": "bench.soak_bench",
     "startup": "bench.startup_bench",
     "curve": "bench.curve_bench",
+    "failure": "bench.failure_bench",
 }
 
 

@@ -175,6 +175,7 @@ class StageEntry:
     kv_intact: bool = False  # its KV pool holds every position this controller counts as cached
     layers: list[int] = field(default_factory=list)
     returned: bool = False  # came back after a failure (a recovery, reported once it serves)
+    hello_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -690,8 +691,11 @@ class ControllerProcess:
                     continue
                 r = restored.get(x)
                 source = "kept" if e.kv_intact else "replica" if r is not None else "recompute"
-                rec = RecoveryInfo(x, e.host, source, now - self.down_at.pop(x, now), replayed,
-                                   sum(before.values()), r.seconds if r else 0.0, r.nbytes if r else 0, self.epoch)
+                down = self.down_at.pop(x, now)
+                wall = time.time()
+                rec = RecoveryInfo(x, e.host, source, now - down, replayed, sum(before.values()),
+                                   r.seconds if r else 0.0, r.nbytes if r else 0, self.epoch, wall - (now - down),
+                                   max(0.0, e.hello_at - down), wall)
                 self.recoveries.append(rec)
                 log.info("[recovery] stage %d back on %s from %s in %.2fs: %d cached token(s) replayed (a recompute: "
                          "%d)%s", x, e.host, source, rec.seconds, replayed, rec.tokens_recompute,

@@ -113,6 +113,9 @@ class RecoveryInfo(msgspec.Struct, frozen=True, array_like=True):
     restore_s: float = 0.0
     restored_bytes: int = 0
     epoch: int = 0
+    detected_at: float = 0.0  # wall clock (time.time()) when the failure was reported
+    load_s: float = 0.0  # from then until the new stage said Hello (restart, imports, weights)
+    serving_at: float = 0.0  # wall clock when the pipeline served again
 
 
 # ---------------------------------------------------------------- 1-19: common -----------------------
@@ -353,7 +356,7 @@ class StageStats(Msg, tag=45):
 
 
 class ReplicaAck(Msg, tag=49):
-    """Stage -> controller: the KV written by these steps ([mb, step] pairs) is committed in its replica.
+    """Stage -> controller: the KV written by these steps ([epoch, mb, step]) is committed in its replica.
     sync=False: each step's own rows (a per-step delta); sync=True: everything the stage held after each step
     (a whole-pool re-replication to a new replica), so positions [0, end) of every member of that step."""
 

@@ -48,14 +48,16 @@ class ReplicaBook:
     def __init__(self, num_stages: int, keep_steps: int = 256) -> None:
         self.num_stages, self.keep_steps = num_stages, keep_steps
         self.gen = [0] * num_stages
-        self.history: dict[int, OrderedDict[int, list[tuple[Request, int, int]]]] = {}
+        # mb -> step -> (its epoch, members' (request, start, end)); epochs are unique across controller restarts,
+        # step numbers are not: an acknowledgement names both
+        self.history: dict[int, OrderedDict[int, tuple[int, list[tuple[Request, int, int]]]]] = {}
         self.acked: list[dict[int, int]] = [{} for _ in range(num_stages)]  # stage -> mb -> latest step acked
         self.completed: dict[int, int] = {}  # mb -> latest step whose result came back
 
     def record(self, step: StepRequest, members: Iterable[tuple[Request, int, bool]]) -> None:
         """A step sent: which request feeds which positions (members in chunk order, as the scheduler built it)."""
         h = self.history.setdefault(step.mb, OrderedDict())
-        h[step.step] = [(req, c.start, c.start + c.length) for (req, _, _), c in zip(members, step.chunks)]
+        h[step.step] = (step.epoch, [(req, c.start, c.start + c.length) for (req, _, _), c in zip(members, step.chunks)])
         while len(h) > self.keep_steps:
             h.popitem(last=False)
 
@@ -65,15 +67,15 @@ class ReplicaBook:
     def ack(self, stage: int, steps: Iterable[list[int]], sync: bool) -> None:
         if not 0 <= stage < self.num_stages:
             return
-        for pair in steps:
-            if len(pair) != 2:
+        for triple in steps:
+            if len(triple) != 3:
                 continue
-            mb, step = pair
-            entries = self.history.get(mb, {}).get(step)
-            if entries is None:  # older than the history (or never sent): it only makes the prefix shorter
-                continue
+            epoch, mb, step = triple
+            got = self.history.get(mb, {}).get(step)
+            if got is None or got[0] != epoch:  # older than the history, or another controller's: only makes the
+                continue  # prefix shorter
             self.acked[stage][mb] = max(self.acked[stage].get(mb, -1), step)
-            for req, start, end in entries:
+            for req, start, end in got[1]:
                 if not req.done:
                     self._held(stage, req).add(0 if sync else start, end)
 

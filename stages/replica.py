@@ -47,6 +47,7 @@ RESTORE_DEADLINE_S = 60.0  # a restore pull of a whole stage's KV
 
 @dataclass
 class _Pending:
+    epoch: int
     mb: int
     step: int
     target: ReplicaTarget | None
@@ -64,7 +65,7 @@ class Replicator:
         self.target: ReplicaTarget | None = None
         self.pending: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
         self.written = [0] * layout.num_slots  # per slot: tokens [0, n) this stage's pool holds
-        self.last_step: dict[int, int] = {}  # mb -> the latest step computed
+        self.last_step: dict[int, tuple[int, int]] = {}  # mb -> (epoch, step) of the latest step computed
         self.peers: dict[str, str] = {}
         # replica pools hosted for others (never freed while the deployment runs: a replica that moved away may
         # still be restored from; the streamer's replica capacity holds every stage's, recovery/proc.py)
@@ -148,7 +149,7 @@ class Replicator:
                       tuple((c.start, c.start + c.length) for c in step.chunks))
 
     def _track(self, step: StepRequest, submit: Callable[[], Awaitable[TransferHandle]]) -> _Pending:
-        p = _Pending(step.mb, step.step, self.target)
+        p = _Pending(step.epoch, step.mb, step.step, self.target)
         p.task = asyncio.ensure_future(self._run(p, submit))
         self.pending[step.mb].append(p)
         return p
@@ -170,7 +171,7 @@ class Replicator:
         if ok:
             for c in step.chunks:
                 self.written[c.slot] = c.start + c.length
-            self.last_step[step.mb] = step.step
+            self.last_step[step.mb] = (step.epoch, step.step)
         if layered is not None:
             layered.valid.set_result(ok)
             return
@@ -188,7 +189,7 @@ class Replicator:
                 return
             done = await p.handle.wait()
             self.bytes += done.nbytes
-            await self.send(ReplicaAck([[p.mb, p.step]], False, done.nbytes))
+            await self.send(ReplicaAck([[p.epoch, p.mb, p.step]], False, done.nbytes))
         except StreamerError as e:
             self._failed(e, p.target)
         finally:
@@ -231,7 +232,7 @@ class Replicator:
         self.syncing = asyncio.ensure_future(self._sync(self.target))
 
     async def _sync(self, target: ReplicaTarget) -> None:
-        marks = [[mb, step] for mb, step in sorted(self.last_step.items())]
+        marks = [[epoch, mb, step] for mb, (epoch, step) in sorted(self.last_step.items())]
         slots = [(s, n) for s, n in enumerate(self.written) if n > 0]
         t0 = time.monotonic()
         nbytes = 0
