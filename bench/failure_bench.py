@@ -105,13 +105,15 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
 
 def failure_figures(clean: dict[str, Any], fail: dict[str, Any]) -> dict[str, Any]:
     kill = fail["kill_wall"]
-    after = [t for r in fail["records"] for t in r["times"] if t > kill]
-    first_after = min(after) if after else None
     rec = fail["recoveries"][-1] if fail["recoveries"] else None
+    # the first token the rebuilt pipeline produced (results already on their way at the kill do not count)
+    back = rec["serving_at"] if rec is not None else kill
+    after = [t for r in fail["records"] for t in r["times"] if t > back]
+    first_after = min(after) if after else None
     split: dict[str, float | None] = {"kill_to_first_token_s": first_after - kill if first_after else None}
     if rec is not None:
-        detection = rec["detected_at"] - kill
-        split.update(detection_s=detection, restart_and_load_s=rec["load_s"], restore_s=rec["restore_s"],
+        split.update(detection_s=rec["detected_at"] - kill, restart_and_load_s=rec["load_s"],
+                     restore_s=rec["restore_s"],
                      relink_s=rec["serving_at"] - rec["detected_at"] - rec["load_s"] - rec["restore_s"],
                      replay_s=(first_after - rec["serving_at"]) if first_after else None)
     # requests in flight at the kill: sent before it, not finished by it
@@ -122,7 +124,7 @@ def failure_figures(clean: dict[str, Any], fail: dict[str, Any]) -> dict[str, An
         if r["times"] and r["sent"] < kill < r["times"][-1] and c and c.get("latency_s"):
             inflation.append(r["latency_s"] / c["latency_s"])
     lo = min(kill - 10, min(r["sent"] for r in fail["records"]))
-    hi = max(t for r in fail["records"] for t in r["times"]) if after else kill + 10
+    hi = max((t for r in fail["records"] for t in r["times"]), default=kill + 10)
     bins = [0] * (int((hi - lo) / BIN_S) + 1)
     for r in fail["records"]:
         for t in r["times"]:
@@ -131,8 +133,8 @@ def failure_figures(clean: dict[str, Any], fail: dict[str, Any]) -> dict[str, An
         "recovery": rec, "split": split,
         "in_flight_at_kill": len(inflation),
         "latency_inflation": {"median": statistics.median(inflation) if inflation else None,
-                              "p90": percentiles(inflation).get("p90") if inflation else None,
-                              "max": max(inflation) if inflation else None},
+                              "p95": percentiles(inflation)["p95"], "max": max(inflation) if inflation else None,
+                              "each": sorted(inflation)},
         "tokens_per_s_over_time": {"bin_s": BIN_S, "start_s": lo - kill, "counts": bins},
         "lost": sum(1 for r in fail["records"] if r["error"]),
     }
