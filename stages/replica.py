@@ -45,12 +45,16 @@ noisy = Throttled(log)
 RESTORE_DEADLINE_S = 60.0  # a restore pull of a whole stage's KV
 
 
-@dataclass
+MAX_IN_FLIGHT = 1  # per-step delta transfers a stage keeps running; later steps' rows wait and go together
+
+
+@dataclass(eq=False)
 class _Pending:
-    epoch: int
-    mb: int
-    step: int
+    """One transfer to the replica: a prompt pass's (layered, one step) or a batch of steps' deltas."""
+
+    steps: list[StepRequest]
     target: ReplicaTarget | None
+    delta: bool  # a batch of per-step deltas (else a prompt pass streamed layer by layer)
     handle: TransferHandle | None = None
     task: asyncio.Task[None] | None = None
     valid: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -63,7 +67,10 @@ class Replicator:
         self.streamer, self.lag, self.send = streamer, lag, send
         self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
         self.target: ReplicaTarget | None = None
-        self.pending: dict[int, collections.deque[_Pending]] = collections.defaultdict(collections.deque)
+        self.queue: list[StepRequest] = []  # steps whose rows wait for a delta transfer (merged when they can)
+        self.running: set[_Pending] = set()  # transfers in flight (layered prompt passes and delta batches)
+        self.unacked: collections.Counter[int] = collections.Counter()  # mb -> its steps not replicated yet
+        self.moved = asyncio.Event()  # a transfer finished (before_step waits on it)
         self.written = [0] * layout.num_slots  # per slot: tokens [0, n) this stage's pool holds
         self.last_step: dict[int, tuple[int, int]] = {}  # mb -> (epoch, step) of the latest step computed
         self.peers: dict[str, str] = {}
@@ -129,16 +136,15 @@ class Replicator:
         return self.target is not None and not self.broken
 
     async def before_step(self, mb: int) -> None:
-        """Wait while more than `lag` of this microbatch's transfers are still running (counted)."""
-        q = self.pending.get(mb)
-        if not q or len(q) <= self.lag:
+        """Wait while more than `lag` of this microbatch's steps are not replicated yet (counted). Every transfer
+        ends within its deadline (done, failed, or cancelled), so this wait ends too."""
+        if self.unacked[mb] <= self.lag:
             return
         t0 = time.monotonic()
         self.stalls += 1
-        while q and len(q) > self.lag:
-            head = q[0]
-            assert head.task is not None
-            await asyncio.wait({head.task})
+        while self.unacked[mb] > self.lag:
+            self.moved.clear()
+            await self.moved.wait()
         self.stall_s += time.monotonic() - t0
 
     def is_prompt(self, step: StepRequest) -> bool:
@@ -148,10 +154,11 @@ class Replicator:
         return Region(tuple(c.slot for c in step.chunks), self.layers,
                       tuple((c.start, c.start + c.length) for c in step.chunks))
 
-    def _track(self, step: StepRequest, submit: Callable[[], Awaitable[TransferHandle]]) -> _Pending:
-        p = _Pending(step.epoch, step.mb, step.step, self.target)
+    def _track(self, steps: list[StepRequest], submit: Callable[[], Awaitable[TransferHandle]],
+               delta: bool) -> _Pending:
+        p = _Pending(steps, self.target, delta)
+        self.running.add(p)
         p.task = asyncio.ensure_future(self._run(p, submit))
-        self.pending[step.mb].append(p)
         return p
 
     async def open_layered(self, step: StepRequest) -> tuple[_Pending, LayerSignal] | None:
@@ -161,7 +168,8 @@ class Replicator:
         region = self._region(step)
         handle = await self.client.stream(self.pool, region, dst=self._ref(), dst_region=region, layered=True,
                                           tag=f"{step.mb}/{step.step}")
-        p = self._track(step, lambda: _ready(handle))
+        self.unacked[step.mb] += 1
+        p = self._track([step], lambda: _ready(handle), delta=False)
         # through the client's own socket (not the compute thread's): behind the StreamRequest on one connection,
         # so the streamer never sees a layer signalled before the transfer it belongs to
         return p, LayerSignal(self.client, self.memory, [handle.xfer], direct=False)
@@ -176,9 +184,29 @@ class Replicator:
             layered.valid.set_result(ok)
             return
         if ok and self.active:
-            region = self._region(step)
-            p = self._track(step, lambda: self.client.stream(self.pool, region, dst=self._ref(), dst_region=region,
-                                                             buffered=True, tag=f"{step.mb}/{step.step}"))
+            self.queue.append(step)
+            self.unacked[step.mb] += 1
+            self._kick()
+
+    def _kick(self) -> None:
+        """Send what waits, as few transfers as the rows allow: consecutive steps merge while each slot's rows
+        stay one contiguous range (microbatches own disjoint slots; a decode step extends the previous one's
+        range). Under load a transfer thus carries several steps: fewer, larger copies for the same bytes."""
+        while self.queue and sum(p.delta for p in self.running) < MAX_IN_FLIGHT:
+            ranges: dict[int, tuple[int, int]] = {}
+            taken = 0
+            for step in self.queue:
+                if any(c.slot in ranges and ranges[c.slot][1] != c.start for c in step.chunks):
+                    break
+                for c in step.chunks:
+                    ranges[c.slot] = (ranges[c.slot][0] if c.slot in ranges else c.start, c.start + c.length)
+                taken += 1
+            steps, self.queue = self.queue[:taken], self.queue[taken:]
+            slots = sorted(ranges)
+            region = Region(tuple(slots), self.layers, tuple(ranges[s] for s in slots))
+            tag = f"{steps[0].mb}/{steps[0].step}+{len(steps) - 1}"
+            p = self._track(steps, lambda r=region, t=tag: self.client.stream(
+                self.pool, r, dst=self._ref(), dst_region=r, buffered=True, tag=t), delta=True)
             p.valid.set_result(True)
 
     async def _run(self, p: _Pending, submit: Callable[[], Awaitable[TransferHandle]]) -> None:
@@ -189,22 +217,32 @@ class Replicator:
                 return
             done = await p.handle.wait()
             self.bytes += done.nbytes
-            await self.send(ReplicaAck([[p.epoch, p.mb, p.step]], False, done.nbytes))
+            await self.send(ReplicaAck([[s.epoch, s.mb, s.step] for s in p.steps], False, done.nbytes))
         except StreamerError as e:
             self._failed(e, p.target)
         finally:
-            q = self.pending.get(p.mb)
-            if q and p in q:
-                q.remove(p)
+            self._settle(p)
+
+    def _settle(self, p: _Pending) -> None:
+        if p in self.running:
+            self.running.discard(p)
+            for s in p.steps:
+                self.unacked[s.mb] -= 1
+            self.moved.set()
+            if self.active:
+                self._kick()
 
     def _drop_pending(self, why: str) -> None:
-        for q in self.pending.values():
-            for p in q:
-                if p.handle is not None and not p.handle.done.done():
-                    asyncio.ensure_future(self._cancel(p.handle, why))
-                if p.task is not None:
-                    p.task.cancel()
-            q.clear()
+        for p in list(self.running):
+            if p.handle is not None and not p.handle.done.done():
+                asyncio.ensure_future(self._cancel(p.handle, why))
+            if p.task is not None:
+                p.task.cancel()
+            self._settle(p)
+        for s in self.queue:
+            self.unacked[s.mb] -= 1
+        self.queue.clear()
+        self.moved.set()
 
     def _failed(self, e: Exception, target: ReplicaTarget | None) -> None:
         self.failures += 1
@@ -213,6 +251,7 @@ class Replicator:
             return  # a transfer to a replica given up already
         if not self.broken:
             self.broken = str(e)
+            self._drop_pending("replication stopped")
             log.warning("[replica] replication to %s stopped: %s (re-synced at the next epoch)",
                         self.target.host if self.target else "?", e)
 
@@ -280,11 +319,9 @@ class Replicator:
         return Restored(msg.epoch, True, seconds, done.nbytes)
 
     async def close(self) -> None:
-        for q in self.pending.values():
-            for p in q:
-                if p.task is not None:
-                    p.task.cancel()
-            q.clear()
+        for p in self.running:
+            if p.task is not None:
+                p.task.cancel()
         if self.syncing is not None:
             self.syncing.cancel()
 
