@@ -352,7 +352,7 @@ class StageStats(Msg, tag=45):
     replica_stalls: int = 0
     replica_stall_s: float = 0.0
     replica_failures: int = 0
-    replica_error: str = ""  # the latest replication failure
+    replica_error: str = ""  # why replication is stopped now ("": it streams)
 
 
 class ReplicaAck(Msg, tag=49):
