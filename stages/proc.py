@@ -208,9 +208,15 @@ class StageProcess:
             busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
                 else self.busy_total + self._busy()
             r = self.replica
-            await send(self.ctl, self.codec, StageStats(busy, self.steps, up, self.tokens) if r is None else
-                       StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
-                                  r.broken[:500]))
+            if r is not None:
+                stats = StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
+                                   r.broken[:500])
+            elif self.cfg.replicate:  # asked to, but its KV is not with a streamer (its log says why)
+                stats = StageStats(busy, self.steps, up, self.tokens,
+                                   replica_error="this stage's KV pool is not registered with its host's streamer")
+            else:
+                stats = StageStats(busy, self.steps, up, self.tokens)
+            await send(self.ctl, self.codec, stats)
 
     def _busy(self) -> float:
         return time.monotonic() - self.busy_since if self.busy_since else 0.0
