@@ -37,7 +37,7 @@ from bench import curve_bench
 from bench.pipeline_bench import SHAPES, write_model
 from bus import loadgen
 from bus.client import AsyncClient
-from bus.loadgen import RESULTS_DIR, percentiles
+from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, percentiles, progress
 
 BIN_S = 0.25  # tokens/s over time: bin width
 
@@ -66,12 +66,15 @@ async def _one(c: AsyncClient, i: int, req: loadgen.Planned, t0: float, timeout:
 
 
 async def run_workload(address: str, reqs: list[loadgen.Planned], timeout: float, kill: tuple[float, int] | None,
-                       ) -> dict[str, Any]:
+                       label: str, quiet: bool) -> dict[str, Any]:
     """Send `reqs` at their arrival times; with `kill` = (seconds, stage), SIGKILL that stage then."""
     out: dict[str, Any] = {}
+    bar = progress(len(reqs), label, quiet, "req")
     async with AsyncClient(address, timeout=timeout) as c:
         t0 = time.time() + 0.5
         tasks = [asyncio.create_task(_one(c, i, r, t0, timeout)) for i, r in enumerate(reqs)]
+        for t in tasks:
+            t.add_done_callback(lambda _: bar.update(1))
         if kill is not None:
             await asyncio.sleep(max(0.0, t0 + kill[0] - time.time()))
             st = await c.status()
@@ -79,6 +82,7 @@ async def run_workload(address: str, reqs: list[loadgen.Planned], timeout: float
             out["kill_wall"] = time.time()
             os.kill(pid, 9)
         out["records"] = await asyncio.gather(*tasks)
+        bar.close()
         out["t0"] = t0
         # the recovery as status reports it (once the stage serves again)
         deadline = time.time() + 120
@@ -140,8 +144,18 @@ def failure_figures(clean: dict[str, Any], fail: dict[str, Any]) -> dict[str, An
     }
 
 
+class _NoHyphenBreaks(argparse.HelpFormatter):
+    """Help lines wrapped at spaces only: a path such as ./dejavu-bench-results/ stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dejavu-bench failure", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dejavu-bench failure", description=__doc__.split("\n\n")[0],
+                                formatter_class=_NoHyphenBreaks)
     p.add_argument("--shape", default="opt-13b", choices=sorted(SHAPES))
     p.add_argument("--stages", type=int, default=1, help="pipeline depth (GPU stages: one per GPU)")
     p.add_argument("--hosts", type=int, default=1, help="simulated hosts the stages spread over")
@@ -157,8 +171,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--victim", type=int, default=-1, help="stage to kill (-1: the last)")
     p.add_argument("--settings", default="off,on", help="--replicate values to run, in this order")
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where JSON + PNG go")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for failure_bench.json, failure_bench.png and the deployments' logs (default "
+                        f"{OUT_DEFAULT})")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, 2 stages on 2 simulated hosts")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (on stderr; shown only when stderr is a terminal)")
     return p
 
 
@@ -208,9 +226,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path, vocab: in
                                timeout=900, log_level="INFO")
         print(f"[failure {time.strftime('%H:%M:%S')}] --replicate {setting}: deployment ready", flush=True)
         try:
-            clean = asyncio.run(run_workload(dep.address, reqs, args.timeout, None))
+            clean = asyncio.run(run_workload(dep.address, reqs, args.timeout, None, f"{setting}: fault-free",
+                                             args.quiet))
             print(f"[failure] {setting}: fault-free {summarize(clean)['tokens_per_s']:.1f} tokens/s", flush=True)
-            fail = asyncio.run(run_workload(dep.address, reqs, args.timeout, (kill_at, args.victim)))
+            fail = asyncio.run(run_workload(dep.address, reqs, args.timeout, (kill_at, args.victim),
+                                            f"{setting}: a stage killed at {kill_at:.1f}s", args.quiet))
             figs = failure_figures(clean, fail)
             result["runs"][setting] = {"fault_free": summarize(clean), "with_failure": summarize(fail), **figs}
             print(f"[failure] {setting}: {json.dumps(figs['split'])} inflation {figs['latency_inflation']}",
