@@ -123,6 +123,7 @@ from bus.sockets import (
 )
 
 log = logging.getLogger(__name__)
+REPLICA_HEAL_S = 5.0  # a replica broken this long while serving (a streamer restarted, a transfer failed): new epoch
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
@@ -230,6 +231,7 @@ class ControllerProcess:
         self.syncing: set[int] = set()  # stages re-replicating their whole KV to a new replica
         self.down_at: dict[int, float] = {}  # stage -> when its failure was reported
         self.recoveries: deque[RecoveryInfo] = deque(maxlen=64)
+        self.broken_since: float | None = None  # since when some replica is broken while serving
 
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
@@ -715,6 +717,28 @@ class ControllerProcess:
             await self.tokenizer
             await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))
 
+    async def _heal_replicas(self, now: float) -> None:
+        """A replica that stays broken while the pipeline serves (a streamer restarted and lost its pools and
+        peers, a transfer failed) is set up again by a new epoch: the stages tell their streamers the peers again,
+        the hosting stages allocate the pools again (fresh: counted from nothing), and the stages re-sync."""
+        broken = sorted(x for x, e in self.reg.stages.items()
+                        if x in self.host_failed or (e.stats is not None and e.stats.replica_error))
+        if self.book is None or not broken or not self.core.ready or self.pending_acks or self.restoring:
+            self.broken_since = None
+            return
+        if self.broken_since is None:
+            self.broken_since = now
+        elif now - self.broken_since > REPLICA_HEAL_S:
+            log.warning("[replica] stage(s) %s have not replicated for %.0fs (%s): a new epoch sets their replicas up "
+                        "again", broken, now - self.broken_since, self.host_failed.get(broken[0]) or
+                        self.reg.stages[broken[0]].stats.replica_error)  # type: ignore[union-attr]
+            self.broken_since = None
+            for e in self.reg.stages.values():  # their next stats say how it went
+                if e.stats is not None:
+                    e.stats = msgspec.structs.replace(e.stats, replica_error="")
+            self.core.pipeline_down()
+            await self._relink()
+
     async def _renew_replicas(self) -> None:
         """A replica in a new place (its host changed, or its pool is new) counts nothing yet: the stage copies its
         whole KV there in the background (ReplicaSync), then per-step deltas go on."""
@@ -803,6 +827,7 @@ class ControllerProcess:
                 # this call (bench/soak_bench.py). Idle, so its milliseconds cost no one anything.
                 release_free_memory()
                 trimmed = True
+            await self._heal_replicas(now)
             if self.restoring and now > self.restore_deadline:
                 log.error("[recovery] stage(s) %s did not restore their KV within restore_timeout (%.0fs); a new "
                           "epoch", sorted(x for x, r in self.restoring.items() if r is None), self.cfg.restore_timeout)

@@ -84,6 +84,13 @@ class Replicator:
         self.stall_s = 0.0
         self.error = ""
         self._tasks: set[asyncio.Task[Any]] = set()
+        client.on_reconnect.append(self._streamer_back)
+
+    def _streamer_back(self) -> None:
+        """This host's streamer was restarted: it knows no peers, and the replica pools it kept are gone. The
+        next epoch tells it again (the controller starts one while a replica is broken)."""
+        self.peers.clear()
+        self.hosting.clear()
 
     # ------------------------------------------------------------------ topology
 

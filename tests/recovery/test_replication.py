@@ -220,3 +220,23 @@ def test_a_killed_gpu_stage_restores_its_kv_from_the_replica(model_factory, stag
     outs, _, st, _, _ = serve_through(path, args, [(150, kill_stage(stages - 1))], stages=stages)
     assert outs == clean
     check_replica(st["recoveries"][0])
+
+
+def test_replication_comes_back_after_streamers_and_the_controller_are_killed(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """A restarted streamer has lost the replica pools it kept and the peers it knew; a restarted controller knows
+    no watermark. Replication is set up again (a new epoch once a replica stays broken) and every output is exact."""
+    async def kill(c: AsyncClient, role: str, index: int) -> str:
+        os.kill(pid_of(await c.status(), role, index), signal.SIGKILL)
+        await until(c, lambda s: next(p for p in s["processes"] if p["role"] == role and p["index"] == index)["state"]
+                    == "serving", 60, f"{role} {index} back")
+        return f"{role}-{index}"
+
+    async def streamers_then_controller(c: AsyncClient) -> str:
+        done = [await kill(c, "streamer", 1), await kill(c, "streamer", 0), await kill(c, "controller", 0)]
+        return "+".join(done)
+
+    outs, refs, st, _, logs = serve_through(model_factory("llama"), ("--hosts", "2",), [(100, streamers_then_controller)],
+                                            n=20, recoveries=0)
+    assert outs == refs
+    assert [(r["state"], r["error"]) for r in st["replicas"]] == [("streaming", "")] * 2, st["replicas"]
+    assert "a new epoch sets their replicas up again" in logs
