@@ -719,10 +719,11 @@ class ControllerProcess:
 
     async def _heal_replicas(self, now: float) -> None:
         """A replica that stays broken while the pipeline serves (a streamer restarted and lost its pools and
-        peers, a transfer failed) is set up again by a new epoch: the stages tell their streamers the peers again,
-        the hosting stages allocate the pools again (fresh: counted from nothing), and the stages re-sync."""
-        broken = sorted(x for x, e in self.reg.stages.items()
-                        if x in self.host_failed or (e.stats is not None and e.stats.replica_error))
+        peers, a transfer failed), or a stage left without one (its replica's streamer was down when the epoch
+        began), is set up again by a new epoch: the stages tell their streamers the peers again, the hosting
+        stages allocate the pools again (fresh: counted from nothing), and the stages re-sync."""
+        broken = sorted(x for x, e in self.reg.stages.items() if x in self.host_failed or x not in self.targets
+                        or (e.stats is not None and e.stats.replica_error))
         if self.book is None or not broken or not self.core.ready or self.pending_acks or self.restoring:
             self.broken_since = None
             return
@@ -733,15 +734,14 @@ class ControllerProcess:
                         "again", broken, now - self.broken_since, self.host_failed.get(broken[0]) or
                         self.reg.stages[broken[0]].stats.replica_error)  # type: ignore[union-attr]
             self.broken_since = None
-            for e in self.reg.stages.values():  # their next stats say how it went
-                if e.stats is not None:
-                    e.stats = msgspec.structs.replace(e.stats, replica_error="")
             self.core.pipeline_down()
             await self._relink()
 
     async def _renew_replicas(self) -> None:
         """A replica in a new place (its host changed, or its pool is new) counts nothing yet: the stage copies its
-        whole KV there in the background (ReplicaSync), then per-step deltas go on."""
+        whole KV there in the background (ReplicaSync), per-step deltas going on meanwhile. So does a replica that
+        missed rows (its stage's replication was broken) or whose last sync did not finish: what it was
+        acknowledged still counts, the sync fills the rest."""
         if self.book is None:
             return
         for x in range(self.cfg.num_stages):
@@ -754,13 +754,16 @@ class ControllerProcess:
                 continue
             s = self.streamers.get(t.host)
             w = Where(t.host, t.streamer, s[2] if s else 0, t.pool)
-            if self.where.get(x) != w or x in self.fresh:
-                self.book.reset(x)
-                self.where[x] = w
+            st = self.reg.stages[x].stats
+            moved = self.where.get(x) != w or x in self.fresh
+            if moved or x in self.syncing or (st is not None and st.replica_error):
+                if moved:
+                    self.book.reset(x)
+                    self.where[x] = w
                 self.syncing.add(x)
                 await send(self.internal, self.codec, ReplicaSync(self.epoch), route=[f"stage-{x}".encode()])
-                log.info("[replica] stage %d replicates to %s (%s)", x, t.host,
-                         "the same host: it does not survive that host's loss"
+                log.info("[replica] stage %d %s %s (%s)", x, "replicates to" if moved else "re-syncs its replica on",
+                         t.host, "the same host: it does not survive that host's loss"
                          if t.host == self.reg.stages[x].host else "another host")
 
     # ------------------------------------------------------------------ supervisor

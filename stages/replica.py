@@ -73,24 +73,18 @@ class Replicator:
         self.moved = asyncio.Event()  # a transfer finished (before_step waits on it)
         self.written = [0] * layout.num_slots  # per slot: tokens [0, n) this stage's pool holds
         self.last_step: dict[int, tuple[int, int]] = {}  # mb -> (epoch, step) of the latest step computed
-        self.peers: dict[str, str] = {}
-        # replica pools hosted for others (never freed while the deployment runs: a replica that moved away may
-        # still be restored from; the streamer's replica capacity holds every stage's, recovery/proc.py)
-        self.hosting: set[str] = set()
+        self.peers: dict[str, str] = {}  # what this host's streamer has been told
         self.broken = ""  # why deltas stopped (the replica misses rows until a re-sync)
         self.syncing: asyncio.Task[None] | None = None
         self.restoring: TransferHandle | None = None
         self.bytes = self.stalls = self.failures = 0
         self.stall_s = 0.0
-        self.error = ""
-        self._tasks: set[asyncio.Task[Any]] = set()
         client.on_reconnect.append(self._streamer_back)
 
     def _streamer_back(self) -> None:
-        """This host's streamer was restarted: it knows no peers, and the replica pools it kept are gone. The
-        next epoch tells it again (the controller starts one while a replica is broken)."""
+        """This host's streamer was restarted: it knows no peers (and the replica pools it kept for others are
+        gone). The next epoch tells it again: the controller starts one while a replica stays broken."""
         self.peers.clear()
-        self.hosting.clear()
 
     # ------------------------------------------------------------------ topology
 
@@ -117,19 +111,15 @@ class Replicator:
                 failed[h.stage] = str(e)
                 log.warning("[replica] cannot host stage %d's replica: %s", h.stage, e)
                 continue
-            self.hosting.add(h.pool)
             if not got.existed:
                 fresh.append(h.stage)
                 log.info("[replica] hosting stage %d's replica (%s, %d bytes)", h.stage, h.pool, got.nbytes)
         old, self.target = self.target, topo.replica
         if self.target != old:  # transfers to the old replica (perhaps on a host that is gone) hold nothing up
             self._drop_pending("the replica moved")
-        if self.broken and self.target is not None and old == self.target:
-            log.info("[replica] re-syncing the replica after: %s", self.broken)
-            self.broken = ""
-            self.start_sync()
-        elif self.target != old:
-            self.broken = ""  # a new replica: the controller asks for a sync once it serves
+        # deltas go on; the replica misses the rows of a broken spell (or is new): the controller, which saw
+        # this in the stats, asks for a whole re-sync once the epoch serves (ReplicaSync)
+        self.broken = ""
         return fresh, failed
 
     def _ref(self) -> PoolRef:
@@ -253,7 +243,6 @@ class Replicator:
 
     def _failed(self, e: Exception, target: ReplicaTarget | None) -> None:
         self.failures += 1
-        self.error = str(e)
         if target != self.target:
             return  # a transfer to a replica given up already
         if not self.broken:
