@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from bench.pipeline_bench import write_model
 from bus.loadgen import PAPER_OUTPUT, PAPER_PROMPT, LengthDist
+from recovery.plan_cli import main as plan_main
 from recovery.planner import (
     Lengths,
     Memory,
@@ -26,6 +28,7 @@ from recovery.planner import (
     largest,
     layer_params,
     paper_minimums,
+    serve_command,
     token_stages_formula,
 )
 from recovery.simulator import Failure, LayerTimes, Request, SimConfig, poisson_workload, simulate
@@ -118,10 +121,126 @@ def test_parameter_counts_match_the_runtimes_modules(name: str, tmp_path: Path) 
 
 def test_planning_and_simulating_import_no_torch() -> None:
     """recovery/ modules start without torch (tests/test_layering.py); only profiling imports it, when it runs."""
-    code = ("import sys, recovery.planner, recovery.simulator, recovery.profiler; "
+    code = ("import sys, recovery.plan_cli, recovery.planner, recovery.simulator, recovery.profiler; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------ dejavu-plan end to end on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """`bin/dejavu-plan` as a user runs it: profiles the tiny OPT shape on this CPU and plans 4 GPUs."""
+    root = tmp_path_factory.mktemp("plan")
+    model = write_model("tiny", root)
+    out = subprocess.run([sys.executable, str(ROOT / "bin" / "dejavu-plan"), "--model", str(model), "--gpus", "4",
+                          "--prompt-len", "48", "--output-len", "8:24", "--memory-gib", "0.01", "--repeats", "3"],
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("dejavu-plan: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    (root / "plan.json").write_text(out.stdout)
+    return model, root / "plan.json", json.loads(out.stdout)
+
+
+def test_the_planner_profiles_the_tiny_model_and_prints_a_valid_plan(tiny_plan: tuple[Path, Path, dict]) -> None:
+    model, _, out = tiny_plan
+    prof = out["profile"]
+    assert prof["device"] == "cpu" and prof["layers_timed"] == 2 and prof["source"] == "measured"
+    assert all(v >= 0 for v in prof["layer_times"].values())
+    assert prof["layer_bytes_measured"] == out["model"]["layer_bytes"]  # the spec's count is the runtime's
+    plan = out["plan"]
+    if plan["mode"] == "disaggregated":
+        assert plan["prompt_stages"] >= 1 and plan["token_stages"] >= 1
+        assert plan["prompt_stages"] + plan["token_stages"] == 4
+    else:
+        assert plan["stages"] == 4 and plan["prompt_stages"] == plan["token_stages"] == 0
+    assert 1 <= plan["microbatch_size"] <= 64 and plan["max_seq_len"] == 48 + 24
+    assert plan["predicted_tokens_per_s"] > 0 and plan["model_tokens_per_s"] > 0
+    cmd = plan["serve_command"]
+    assert cmd[:3] == ["dejavu-serve", "--model", str(model)] and len(cmd) % 2 == 1
+    flags = dict(zip(cmd[1::2], cmd[2::2]))
+    assert flags["--microbatch-size"] == str(plan["microbatch_size"]) and flags["--device"] == "cpu"
+    assert all(v.isdigit() and int(v) >= 1 for k, v in flags.items() if k.endswith(("stages", "size", "len")))
+    # every option considered carries both predictions; the plan is the best simulated one
+    usable = [o for o in out["options"] if "infeasible" not in o]
+    assert {o["mode"] for o in out["options"]} == {"colocated", "disaggregated"}
+    assert all(o["model_tokens_per_s"] > 0 and o["simulated_tokens_per_s"] > 0 for o in usable)
+    assert plan["predicted_tokens_per_s"] == max(o["simulated_tokens_per_s"] for o in usable)
+    f = out["formula"]
+    assert 0 < f["token_stages_real"] < 4 and f["prompt_pass_s"] > 0 and f["decode_step_s"] > 0
+    assert isinstance(f["condition"]["pays"], bool)
+    splits = [o["token_stages"] for o in usable if o["mode"] == "disaggregated"]
+    assert splits and all(abs(dt - f["token_stages_real"]) < 3 for dt in splits)
+
+
+def test_a_colocated_plans_command_is_one_dejavu_serve_accepts(tiny_plan: tuple[Path, Path, dict]) -> None:
+    from recovery.serve_cli import parser
+
+    plan = {"mode": "colocated", "stages": 3, "prompt_stages": 0, "token_stages": 0, "microbatch_size": 12,
+            "max_seq_len": 1100}
+    args = parser().parse_args(serve_command(plan, str(tiny_plan[0]), "cuda:0", "bfloat16")[1:])
+    assert (args.stages, args.microbatch_size, args.max_seq_len, args.device, args.dtype) == (
+        3, 12, 1100, "cuda", "bfloat16")
+    disagg = serve_command({**plan, "mode": "disaggregated", "prompt_stages": 1, "token_stages": 2}, "M", "cpu",
+                           "float32")
+    assert disagg[3:7] == ["--prompt-stages", "1", "--token-stages", "2"]
+
+
+def run_plan(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = plan_main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_impossible_settings_are_refused_in_one_line(tiny_plan: tuple[Path, Path, dict],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    model, saved, _ = tiny_plan
+    base = ["--model", str(model), "--profile", str(saved)]
+    for argv, words in [(["--gpus", "0"], "--gpus"),
+                        (["--gpus", "2", "--prompt-len", "2000", "--output-len", "100"], "positions"),
+                        (["--gpus", "2", "--memory-gib", "0.00001"], "does not fit"),
+                        (["--gpus", "2", "--output-len", "5:3"], "bad length"),
+                        (["--gpus", "2", "--profile", str(model / "config.json")], "layer_times")]:
+        rc, out, err = run_plan(capsys, *base, *argv)
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and words in err, (argv, err)
+        assert err.startswith("dejavu-plan: error: ")
+    rc, out, err = run_plan(capsys, "--model", str(model / "missing"), "--gpus", "2", "--profile", str(saved))
+    assert rc == 2 and "config.json" in err
+
+
+def test_one_gpu_falls_back_to_colocated_and_says_why(tiny_plan: tuple[Path, Path, dict],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model, saved, _ = tiny_plan
+    rc, out, err = run_plan(capsys, "--model", str(model), "--profile", str(saved), "--gpus", "1", "--memory-gib",
+                            "0.01")
+    assert rc == 0, err
+    plan = json.loads(out)["plan"]
+    assert plan["mode"] == "colocated" and plan["stages"] == 1
+    assert any("at least 2 GPUs" in n for n in plan["notes"])
+
+
+def test_simulate_takes_the_printed_plan(tiny_plan: tuple[Path, Path, dict], capsys: pytest.CaptureFixture[str],
+                                         tmp_path: Path) -> None:
+    model, saved, out = tiny_plan
+    rc, stdout, err = run_plan(capsys, "simulate", "--profile", str(saved), "--gpus", "8", "--rate", "400",
+                               "--num-requests", "300", "--failure-at", "0.2", "--recovery", "recompute")
+    assert rc == 0, err
+    r = json.loads(stdout)
+    per = out["plan"]["stages"]
+    assert r["mode"] == out["plan"]["mode"] and r["replicas"] == 8 // per and r["completed"] == 300
+    assert r["tokens_per_s"] > 0 and r["failures"][0]["recovery"] == "recompute"
+    assert err.startswith("dejavu-plan simulate: ") and "tok/s" in err
+    # a bare profile (no plan in it) with the model: the shape must be given
+    (tmp_path / "profile.json").write_text(json.dumps(out["profile"]))
+    bare = ["simulate", "--profile", str(tmp_path / "profile.json"), "--model", str(model), "--num-requests", "50"]
+    rc, _, err = run_plan(capsys, *bare, "--mode", "disaggregated")
+    assert rc == 2 and "--prompt-stages" in err
+    rc, stdout, err = run_plan(capsys, *bare, "--mode", "disaggregated", "--prompt-stages", "1", "--token-stages", "2",
+                               "--gpus", "7")
+    r = json.loads(stdout)
+    assert rc == 0 and (r["replicas"], r["unused_gpus"], r["completed"]) == (2, 1, 50)
 
 
 # ------------------------------------------------------------------ the simulator
