@@ -111,21 +111,25 @@ def measure(model_dir: Path, device: str, dtype: str, prompt_len: int, context: 
         gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    if len(decode) == 1:  # batch 1: no slope to fit, the whole step is fixed
-        decode = [(0, 0.0), decode[0]]
-    pf, pt = _fit(*prompt[0], *prompt[1])
-    df, ds = _fit(*decode[0], *decode[1])
-    times = LayerTimes(pf, pt, df, ds, head_s=head_s)
+    times = fit(prompt, decode, head_s)
     return {
         "device": dev, "card": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": dtype,
         "layers_timed": k, "prompt_len": prompt_len, "context": context, "batch": batch,
         "warmup": warmup, "repeats": repeats, "seconds": time.perf_counter() - t0,
         "prompt_points_s_per_layer": [{"tokens": n, "s": s} for n, s in prompt],
-        "decode_points_s_per_layer": [{"batch": b, "s": s} for b, s in decode if b > 0],
+        "decode_points_s_per_layer": [{"batch": b, "s": s} for b, s in decode],
         "layer_bytes_measured": layer_bytes,
         "layer_times": layer_times_json(times),
     }
+
+
+def fit(prompt: list[tuple[int, float]], decode: list[tuple[int, float]], head_s: float) -> LayerTimes:
+    """LayerTimes through two prompt points (tokens, s per layer) and one or two decode points (batch, s per
+    layer); with one decode point (batch 1) the whole step is fixed."""
+    pf, pt = _fit(*prompt[0], *prompt[1])
+    df, ds = _fit(*decode[0], *decode[1]) if len(decode) > 1 else (decode[0][1], 0.0)
+    return LayerTimes(pf, pt, df, ds, head_s=max(0.0, head_s))
 
 
 def layer_times_json(t: LayerTimes) -> dict[str, float]:

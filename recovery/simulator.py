@@ -594,6 +594,7 @@ def simulate(cfg: SimConfig, requests: Sequence[Request], failures: Sequence[Fai
         "requests_per_s": len(done) / makespan if makespan > 0 else None,
         "normalized_latency_s": percentiles([(r.end - r.arrival) / r.output for r in done]),
         "ttft_s": percentiles([r.first - r.arrival for r in done]),
+        "tpot_s": percentiles([(r.end - r.first) / (r.output - 1) for r in done if r.output > 1]),
         "idle_fraction": idle_fractions(sim, makespan),
         "events": events, "wall_s": time.perf_counter() - t0,
     }
