@@ -57,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-slowdown", type=float, default=1.02,
                    help="m: a prompt pass streaming its KV over one that does not")
     p.add_argument("--link-gbps", type=float, default=40.0,
-                   help="Gbit/s from a prompt stage to the token side (0: free); also the replica restore's")
+                   help="Gbit/s from a prompt stage to the token side (0: transfers take no time)")
     p.add_argument("--overlap", type=float, default=1.0,
                    help="share of a prompt stage's KV transfer that runs under its pass (1: layer by layer)")
     p.add_argument("--recv-slots", type=int, default=0,
@@ -105,6 +105,7 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-s", type=float, default=3.0, help="failure detection (heartbeat timeout)")
     p.add_argument("--restart-s", type=float, default=10.0, help="a stage's restart: process start and weight load")
     p.add_argument("--recovery", choices=["replica", "recompute"], default="replica")
+    p.add_argument("--restore-gbps", type=float, default=40.0, help="Gbit/s of a replica restore to the new stage")
     return p
 
 
@@ -127,12 +128,11 @@ def load_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def facts_and_profile(args: argparse.Namespace, lengths: tuple[Any, Any]) -> tuple[ModelFacts, dict[str, Any],
-                                                                                     dict[str, Any]]:
-    """(model facts, profile, the --profile file's JSON or {}): from the file, else measured now on --device."""
+def facts_and_profile(args: argparse.Namespace, lengths: tuple[Any, Any], saved: dict[str, Any]
+                      ) -> tuple[ModelFacts, dict[str, Any]]:
+    """(model facts, profile): from `saved` (the --profile file's JSON), else measured now on --device."""
     from stages.errors import ModelLoadError
 
-    saved = load_json(args.profile) if args.profile else {}
     profile = dict(saved.get("profile", saved))
     dtype = profile.get("dtype", resolve_dtype(args))  # a saved profile was timed in its own dtype
     if args.model is None and "model" not in saved:
@@ -145,7 +145,7 @@ def facts_and_profile(args: argparse.Namespace, lengths: tuple[Any, Any]) -> tup
         else:
             facts = ModelFacts.from_json(saved["model"])
         if saved:
-            return facts, profile, saved
+            return facts, profile
         ln = lengths_of(*lengths, facts.max_positions)
         context = round(ln.prompt_mean + ln.output_mean / 2)
         if facts.max_positions:
@@ -156,7 +156,7 @@ def facts_and_profile(args: argparse.Namespace, lengths: tuple[Any, Any]) -> tup
                        args.profile_layers, args.repeats)
     except ModelLoadError as e:
         raise PlanError(str(e)) from None
-    return facts, prof, {}
+    return facts, prof
 
 
 def workload_args(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[Any, Any, str, str]:
@@ -173,9 +173,9 @@ def run_plan(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {args.gpus}")
-    saved_peek = load_json(args.profile) if args.profile else {}
-    prompt, output, ps, os_ = workload_args(args, saved_peek)
-    facts, prof, _ = facts_and_profile(args, (prompt, output))
+    saved = load_json(args.profile) if args.profile else {}
+    prompt, output, ps, os_ = workload_args(args, saved)
+    facts, prof = facts_and_profile(args, (prompt, output), saved)
     lengths: Lengths = lengths_of(prompt, output, facts.max_positions)
     if args.memory_gib is not None:
         memory, source = int(args.memory_gib * 2**30), "--memory-gib"
@@ -185,7 +185,7 @@ def run_plan(args: argparse.Namespace, argv: list[str]) -> int:
                             args.overlap, args.recv_slots, args.sim_requests, args.seed)
     times = layer_times_from(prof, None if args.step_overhead_ms is None else args.step_overhead_ms / 1e3)
     result = make_plan(facts, times, lengths, settings, prompt, output)
-    model = str(args.model) if args.model is not None else saved_peek.get("model_dir", "MODEL")
+    model = str(args.model) if args.model is not None else saved.get("model_dir", "MODEL")
     result["plan"]["serve_command"] = serve_command(result["plan"], model, args.device, facts.dtype)
     result["memory"]["source"] = source
     out = {"command": shlex.join([PROG, *argv]), "model_dir": model, "model": facts.to_json(),
@@ -212,9 +212,9 @@ def plan_line(out: dict[str, Any]) -> str:
 def run_simulate(args: argparse.Namespace, argv: list[str]) -> int:
     from recovery.profiler import layer_times_from
 
-    saved_peek = load_json(args.profile) if args.profile else {}
-    prompt, output, ps, os_ = workload_args(args, saved_peek)
-    facts, prof, saved = facts_and_profile(args, (prompt, output))
+    saved = load_json(args.profile) if args.profile else {}
+    prompt, output, ps, os_ = workload_args(args, saved)
+    facts, prof = facts_and_profile(args, (prompt, output), saved)
     plan = saved.get("plan", {})
     mode = args.mode or plan.get("mode", "colocated")
     same = plan.get("mode") == mode
@@ -238,7 +238,7 @@ def run_simulate(args: argparse.Namespace, argv: list[str]) -> int:
                         stream_slowdown=args.stream_slowdown, kv_bytes_per_token_layer=facts.kv_bytes_per_token_layer,
                         link_gbps=args.link_gbps, overlap=args.overlap, recv_slots=args.recv_slots)
         failures = [Failure(t, args.failure_stage, args.failure_pipeline, args.failure_replica, args.detect_s,
-                            args.restart_s, args.recovery, args.link_gbps or 40.0) for t in args.failure_at]
+                            args.restart_s, args.recovery, args.restore_gbps) for t in args.failure_at]
     except ValueError as e:
         raise PlanError(str(e)) from None
     if args.num_requests < 1 or args.rate < 0:

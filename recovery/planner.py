@@ -335,10 +335,12 @@ class Planner:
         return cands, formula
 
     def simulate_option(self, cfg: SimConfig) -> dict[str, Any]:
+        """The option saturated: 6 requests per token slot (at least 64, at most 20,000) waiting at time 0."""
         slots = cfg.microbatch_size * (cfg.microbatches or (cfg.stages or cfg.token_stages))
-        n = self.s.sim_requests or max(64, 6 * slots)
-        reqs = poisson_workload(n, 0, self.prompt_dist, self.output_dist, self.s.seed)
-        return simulate(cfg, reqs)
+        n = self.s.sim_requests or min(20000, max(64, 6 * slots))
+        r = simulate(cfg, poisson_workload(n, 0, self.prompt_dist, self.output_dist, self.s.seed))
+        r["steady_tokens_per_s"] = r["steady_tokens_per_s"] or r["tokens_per_s"]  # too few steps for a window
+        return r
 
     def options(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         f, D = self.facts, self.s.gpus
@@ -360,6 +362,10 @@ class Planner:
         if D < 2:
             out.append({"mode": "disaggregated", "infeasible": "disaggregation needs at least 2 GPUs "
                         "(a prompt and a token stage): falling back to colocated"})
+            return out, formula
+        if D > 2 * f.layers:
+            out.append({"mode": "disaggregated", "infeasible": f"{D} GPUs: a prompt and a token pipeline hold at most "
+                        f"one layer per stage each ({2 * f.layers} GPUs); plan one deployment per {2 * f.layers} GPUs"})
             return out, formula
         cands, formula = self.split_candidates()
         if not cands:

@@ -219,6 +219,12 @@ def test_one_gpu_falls_back_to_colocated_and_says_why(tiny_plan: tuple[Path, Pat
     plan = json.loads(out)["plan"]
     assert plan["mode"] == "colocated" and plan["stages"] == 1
     assert any("at least 2 GPUs" in n for n in plan["notes"])
+    # more GPUs than a deployment of 4 layers can use: the colocated pipeline takes 4, and says so
+    rc, out, err = run_plan(capsys, "--model", str(model), "--profile", str(saved), "--gpus", "9", "--memory-gib",
+                            "0.01")
+    result = json.loads(out)
+    assert rc == 0 and result["plan"]["mode"] == "colocated" and result["plan"]["stages"] == 4
+    assert "5 GPU(s) left unused" in result["options"][0]["note"] and "8 GPUs" in result["plan"]["notes"][0]
 
 
 def test_simulate_takes_the_printed_plan(tiny_plan: tuple[Path, Path, dict], capsys: pytest.CaptureFixture[str],
