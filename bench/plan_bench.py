@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": curve_bench.source_commit(), "profile_file": str(args.profile), "target": TARGET, "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="dejavu-plan-bench-") as root:
-        for path in args.measured:
-            measured = json.loads(path.read_text())
+        for path, arm, measured in measured_results(args.measured):
             shape = measured["shape"]
             if shape not in SHAPES:
                 raise SystemExit(f"dejavu-bench plan: {path}: unknown shape {shape!r}")
@@ -129,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             facts = model_facts(spec, settings.get("dtype", "bfloat16"))
             for run in measured["runs"]:
                 v = validate_run(run, settings, shape, times, facts.layers)
-                v.update(measured_file=str(path), shape=shape, card=measured.get("card"),
+                v.update(measured_file=str(path), arm=arm, shape=shape, card=measured.get("card"),
                          profile_card=prof.get("card"), layer_times=vars(times))
                 result["runs"].append(v)
                 for row in v["rates"]:
                     c = row["calibrated"]
-                    print(f"[plan] {shape} {v['stages']} stages, rate {row['rate']:g}: tokens/s measured "
+                    print(f"[plan] {shape} {v['stages']} stages{f' ({arm})' if arm else ''}, rate {row['rate']:g}: "
+                          f"tokens/s measured "
                           f"{c['tokens_per_s']['measured']:.4g} simulated {c['tokens_per_s']['simulated']:.4g} "
                           f"(x{c['tokens_per_s']['ratio']:.3f}); normalized latency p50 measured "
                           f"{c['normalized_latency_p50_s']['measured']:.4g} simulated "
@@ -148,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, args.out / "plan_bench.png")
     print(f"[plan] wrote {args.out / 'plan_bench.json'}")
     return 0
+
+
+def measured_results(paths: list[Path]) -> list[tuple[Path, str | None, dict[str, Any]]]:
+    """(file, arm, pipeline result) for every result in the files: a file is one result, or an A/B record whose
+    `runs` maps each arm's name to a whole result (as pipeline-opt66b-4xh200-cudnn-ab-2026-11-27.json)."""
+    out: list[tuple[Path, str | None, dict[str, Any]]] = []
+    for path in paths:
+        d = json.loads(path.read_text())
+        if isinstance(d.get("runs"), dict):
+            out += [(path, arm, r) for arm, r in d["runs"].items()]
+        else:
+            out.append((path, None, d))
+    return out
 
 
 def settings_from_command(command: str) -> dict[str, str]:
@@ -167,7 +180,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for k, run in enumerate(result["runs"]):
         rates = [r["rate"] for r in run["rates"]]
-        name = f"{run['shape']}, {run['stages']} st"
+        name = f"{run['shape']}, {run['stages']} st" + (f" {run['arm']}" if run.get("arm") else "")
         for ax, key in ((a, "tokens_per_s"), (b, "normalized_latency_p50_s")):
             ax.plot(rates, [r["calibrated"][key]["measured"] for r in run["rates"]], "o-", color=f"C{k}",
                     label=f"{name} measured")

@@ -45,9 +45,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where to profile: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="float32, float16 or bfloat16 (auto: bfloat16 on cuda, "
                    "float32 on cpu)")
-    p.add_argument("--prompt-len", default=None, help="paper (1000) | N | A:B | lognormal:MEDIAN:SIGMA[:LO:HI]")
+    p.add_argument("--prompt-len", default=None, help="paper (1000) | N | A:B | lognormal:MEDIAN:SIGMA[:LO:HI] "
+                   "(None: a saved plan's, else paper)")
     p.add_argument("--output-len", default=None, help="paper (lognormal, median 200, in [2, 950]) | N | A:B | "
-                   "lognormal:MEDIAN:SIGMA[:LO:HI]")
+                   "lognormal:MEDIAN:SIGMA[:LO:HI] (None: a saved plan's, else paper)")
     p.add_argument("--profile-batch", type=int, default=8, help="microbatch size the profile times (and 1)")
     p.add_argument("--profile-layers", type=int, default=2, help="layers in the timed slice")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median), after 2 warm-ups")
