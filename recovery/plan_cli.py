@@ -52,6 +52,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-batch", type=int, default=8, help="microbatch size the profile times (and 1)")
     p.add_argument("--profile-layers", type=int, default=2, help="layers in the timed slice")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (median), after 2 warm-ups")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads while profiling on cpu (0: torch's default; a CPU stage of dejavu-serve gets "
+                        "cores / stages)")
     p.add_argument("--step-overhead-ms", type=float, default=None,
                    help="per stage and step on top of compute (activation hand-off, scheduling; default: the "
                         "profile's, 0 for a new one)")
@@ -154,7 +157,7 @@ def facts_and_profile(args: argparse.Namespace, lengths: tuple[Any, Any], saved:
         from recovery.profiler import measure
 
         prof = measure(args.model, args.device, dtype, max(1, round(ln.prompt_mean)), context, args.profile_batch,
-                       args.profile_layers, args.repeats)
+                       args.profile_layers, args.repeats, threads=args.threads)
     except ModelLoadError as e:
         raise PlanError(str(e)) from None
     return facts, prof

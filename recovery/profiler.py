@@ -55,9 +55,13 @@ def _fit(x0: float, y0: float, x1: float, y1: float) -> tuple[float, float]:
 
 
 def measure(model_dir: Path, device: str, dtype: str, prompt_len: int, context: int, batch: int, layers: int = 2,
-            repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Time the model on `device`; the result holds the raw medians and the fitted `layer_times`."""
+            repeats: int = 5, warmup: int = 2, threads: int = 0) -> dict[str, Any]:
+    """Time the model on `device`; the result holds the raw medians and the fitted `layer_times`. `threads`:
+    torch's CPU threads meanwhile (0: as they are)."""
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from stages.batch import SeqChunk
     from stages.models.spec import read_spec
