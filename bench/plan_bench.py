@@ -36,14 +36,21 @@ from stages.models.spec import read_spec
 TARGET = 0.15
 
 
-def profile_times(profile: dict[str, Any], shape: str) -> tuple[LayerTimes, dict[str, Any]]:
-    """LayerTimes for `shape` from a dejavu-plan JSON / profile, or from raw points keyed by shape."""
-    if shape in profile:
-        p = profile[shape]
-        return fit([tuple(x) for x in p["prompt"]], [tuple(x) for x in p["decode"]], p["head_s"]), p
-    if "layer_times" in profile.get("profile", profile):
-        return layer_times_from(profile.get("profile", profile)), profile.get("profile", profile)
-    raise ValueError(f"the profile has no entry for shape {shape!r}")
+def profile_times(profiles: list[dict[str, Any]], shape: str) -> tuple[LayerTimes, dict[str, Any]]:
+    """LayerTimes for `shape`: from raw points keyed by shape, or from the dejavu-plan JSON whose model has the
+    shape's layers and width (or a bare profile, when it is the only one given)."""
+    want = SHAPES[shape]
+    for profile in profiles:
+        if shape in profile:
+            p = profile[shape]
+            return fit([tuple(x) for x in p["prompt"]], [tuple(x) for x in p["decode"]], p["head_s"]), p
+        model = profile.get("model")
+        if ("layer_times" in profile.get("profile", {}) and model is not None
+                and (model["layers"], model["hidden"]) == (want["num_hidden_layers"], want["hidden_size"])):
+            return layer_times_from(profile["profile"]), profile["profile"]
+    if len(profiles) == 1 and "layer_times" in profiles[0]:
+        return layer_times_from(profiles[0]), profiles[0]
+    raise ValueError(f"no profile of shape {shape!r} among the --profile files")
 
 
 def figures(r: dict[str, Any]) -> dict[str, float | None]:
@@ -102,20 +109,21 @@ def validate_run(run: dict[str, Any], settings: dict[str, str], shape: str, time
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-bench plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--measured", type=Path, nargs="+", required=True, help="dejavu-bench pipeline JSON results")
-    p.add_argument("--profile", type=Path, required=True,
-                   help="a dejavu-plan JSON of the shape, or per-layer points keyed by shape")
+    p.add_argument("--profile", type=Path, nargs="+", required=True,
+                   help="dejavu-plan JSONs (matched to each measured run's shape), or per-layer points keyed by shape")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for plan_bench.json and plan_bench.png")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    profile = json.loads(args.profile.read_text())
+    profiles = [json.loads(p.read_text()) for p in args.profile]
     result: dict[str, Any] = {
         "benchmark": "plan (issue 19): simulator vs measured colocated pipeline runs, side by side",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["bin/dejavu-bench", "plan", *(sys.argv[2:] if argv is None else argv)]),
-        "commit": curve_bench.source_commit(), "profile_file": str(args.profile), "target": TARGET, "runs": [],
+        "commit": curve_bench.source_commit(), "profile_files": [str(p) for p in args.profile], "target": TARGET,
+        "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="dejavu-plan-bench-") as root:
         for path, arm, measured in measured_results(args.measured):
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             if shape not in SHAPES:
                 raise SystemExit(f"dejavu-bench plan: {path}: unknown shape {shape!r}")
             settings = measured.get("settings") or settings_from_command(measured["command"])
-            times, prof = profile_times(profile, shape)
+            times, prof = profile_times(profiles, shape)
             spec = read_spec(write_model(shape, Path(root)))
             facts = model_facts(spec, settings.get("dtype", "bfloat16"))
             for run in measured["runs"]:
