@@ -12,6 +12,8 @@
               `pipeline --hosts` runs it too)
     failure   a stage killed mid-run, replica vs recompute: replication's fault-free cost, kill to first token,
               latency inflation, tokens/s around the kill (bench/failure_bench.py)
+    plan      the simulator (dejavu-plan simulate) against measured `pipeline` results, side by side
+              (bench/plan_bench.py)
 
 Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
 path) and shows progress on stderr when it is a terminal (--quiet: never).
@@ -31,6 +33,7 @@ COMMANDS = {
     "startup": "bench.startup_bench",
     "curve": "bench.curve_bench",
     "failure": "bench.failure_bench",
+    "plan": "bench.plan_bench",
 }
 
 

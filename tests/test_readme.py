@@ -22,7 +22,8 @@ def test_two_commands_and_ci_runs_the_test_one() -> None:
 
 
 def test_bin_scripts_are_executable() -> None:
-    for name in ("dejavu-generate", "dejavu-serve", "dejavu-client", "dejavu-demo", "dejavu-bench", "dejavu-keys"):
+    for name in ("dejavu-generate", "dejavu-serve", "dejavu-client", "dejavu-demo", "dejavu-bench", "dejavu-keys",
+                 "dejavu-plan"):
         path = ROOT / "bin" / name
         assert path.is_file() and os.access(path, os.X_OK), name
 
