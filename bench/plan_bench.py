@@ -27,7 +27,7 @@ from typing import Any
 
 from bench import curve_bench
 from bench.pipeline_bench import SHAPES, write_model
-from bus.loadgen import PAPER_OUTPUT, PAPER_PROMPT, RESULTS_DIR, parse_length
+from bus.loadgen import OUT_DEFAULT, PAPER_OUTPUT, PAPER_PROMPT, RESULTS_DIR, parse_length
 from recovery.planner import model_facts
 from recovery.profiler import fit, layer_times_from
 from recovery.simulator import LayerTimes, SimConfig, layer_split, loadgen_workload, simulate
@@ -108,15 +108,21 @@ def validate_run(run: dict[str, Any], settings: dict[str, str], shape: str, time
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-bench plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--measured", type=Path, nargs="+", required=True, help="dejavu-bench pipeline JSON results")
-    p.add_argument("--profile", type=Path, nargs="+", required=True,
-                   help="dejavu-plan JSONs (matched to each measured run's shape), or per-layer points keyed by shape")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for plan_bench.json and plan_bench.png")
+    p.add_argument("--measured", type=Path, nargs="+", default=[], help="dejavu-bench pipeline JSON results (needed)")
+    p.add_argument("--profile", type=Path, nargs="+", default=[],
+                   help="dejavu-plan JSONs (matched to each measured run's shape), or per-layer points keyed by shape "
+                        "(needed)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for plan_bench.json and plan_bench.png (default {OUT_DEFAULT})")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors (it shows no progress bars)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.measured or not args.profile:
+        p.error("give --measured and --profile")
     profiles = [json.loads(p.read_text()) for p in args.profile]
     result: dict[str, Any] = {
         "benchmark": "plan (issue 19): simulator vs measured colocated pipeline runs, side by side",
@@ -141,20 +147,22 @@ def main(argv: list[str] | None = None) -> int:
                 result["runs"].append(v)
                 for row in v["rates"]:
                     c = row["calibrated"]
-                    print(f"[plan] {shape} {v['stages']} stages{f' ({arm})' if arm else ''}, rate {row['rate']:g}: "
-                          f"tokens/s measured "
-                          f"{c['tokens_per_s']['measured']:.4g} simulated {c['tokens_per_s']['simulated']:.4g} "
-                          f"(x{c['tokens_per_s']['ratio']:.3f}); normalized latency p50 measured "
-                          f"{c['normalized_latency_p50_s']['measured']:.4g} simulated "
-                          f"{c['normalized_latency_p50_s']['simulated']:.4g} "
-                          f"(x{c['normalized_latency_p50_s']['ratio']:.3f}); within 15%: {c['within_15pct']}",
-                          flush=True)
+                    if not args.quiet:
+                        print(f"[plan] {shape} {v['stages']} stages{f' ({arm})' if arm else ''}, rate {row['rate']:g}: "
+                              f"tokens/s measured "
+                              f"{c['tokens_per_s']['measured']:.4g} simulated {c['tokens_per_s']['simulated']:.4g} "
+                              f"(x{c['tokens_per_s']['ratio']:.3f}); normalized latency p50 measured "
+                              f"{c['normalized_latency_p50_s']['measured']:.4g} simulated "
+                              f"{c['normalized_latency_p50_s']['simulated']:.4g} "
+                              f"(x{c['normalized_latency_p50_s']['ratio']:.3f}); within 15%: {c['within_15pct']}",
+                              flush=True)
     result["all_within_15pct"] = {k: all(r[k]["within_15pct"] for run in result["runs"] for r in run["rates"])
                                   for k in ("calibrated", "uncalibrated")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "plan_bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "plan_bench.png")
-    print(f"[plan] wrote {args.out / 'plan_bench.json'}")
+    if not args.quiet:
+        print(f"[plan] wrote {args.out / 'plan_bench.json'}")
     return 0
 
 
