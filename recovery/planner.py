@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from recovery.preflight import DTYPE_BYTES
 from recovery.simulator import LayerTimes, SimConfig, layer_split, poisson_workload, simulate
 from stages.models.spec import ModelSpec
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class PlanError(ValueError):

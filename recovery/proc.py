@@ -74,13 +74,13 @@ from recovery.children import (
     sweep_dead_deployments,
 )
 from recovery.hosts import DEAD, Host, HostTable
+from recovery.preflight import pool_bytes
 from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig
 from stages.config import StageProcConfig
 from stages.models.spec import read_spec, split_layers
 
 log = logging.getLogger(__name__)
-noisy = Throttled(log)
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # warnings about what peers send: rate-limited per (kind, peer)
+noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 __all__ = ["DeploymentError", "SupervisorProcess", "run_supervisor"]
 
@@ -192,8 +192,7 @@ class SupervisorProcess(ChildSupervisor):
         if cfg.replicating:
             # a host may keep the replica of every stage (a lost host's replicas move; one that moved away stays
             # until the end, so a stage may still restore from it): room for all of them, pages touched lazily
-            kv = spec.num_layers * 2 * cfg.num_slots * cfg.max_seq_len * spec.num_kv_heads * spec.head_dim
-            need = kv * DTYPE_BYTES[cfg.dtype] + cfg.num_stages * (1 << 20)
+            need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, replica_bytes=max(self.policy.replica_bytes, need))
         internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
