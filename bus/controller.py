@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus.disagg import DisaggScheduler
 from bus.errors import InvalidRequestError
 from bus.messages import (
     ERR_BAD_REQUEST,
@@ -25,6 +26,7 @@ from bus.messages import (
     ERR_SERVER,
     ERR_TIMEOUT,
     GenerateRequest,
+    KvSent,
     Msg,
     RequestDone,
     RequestFailed,
@@ -237,6 +239,7 @@ class Controller:
         self.clock = now
         if self.ready:
             steps = self.sched.next_steps(now)
+            self._give_up()
             if self.book is not None:
                 for step in steps:
                     inflight = self.sched.mbs[step.mb].inflight
@@ -263,6 +266,22 @@ class Controller:
                 elif samples:
                     self._commit(req, token)
         self.schedule(now)
+
+    def on_kv_sent(self, stage: int, sent: KvSent, now: float) -> None:
+        """Prompt stage `stage` (0-based in the prompt pipeline) says where its KV of a prompt pass is."""
+        self.clock = now
+        if sent.epoch != self.sched.epoch or not isinstance(self.sched, DisaggScheduler):
+            return
+        self.sched.kv_sent(stage, sent.mb, sent.step, sent.ok, sent.nbytes, sent.message)
+        if not sent.ok:
+            log.warning("[prompt] prompt stage %d: pass %d/%d's KV did not land: %s", stage, sent.mb, sent.step,
+                        sent.message)
+        self.schedule(now)
+
+    def _give_up(self) -> None:
+        failed, self.sched.failed = self.sched.failed, []
+        for req, why in failed:
+            self._fail(req, ERR_SERVER, why)
 
     def fail_microbatch(self, mb_index: int, step: int, code: int, message: str) -> None:
         done = self.sched.complete(mb_index, step)

@@ -60,6 +60,7 @@ from bus.child import (
 )
 from bus.codec import Codec, Received
 from bus.controller import Controller, ModelInfo
+from bus.disagg import DisaggScheduler
 from bus.errors import ProtocolError
 from bus.logs import Throttled, peer_of
 from bus.messages import (
@@ -76,6 +77,7 @@ from bus.messages import (
     HostInfo,
     HostsUpdate,
     KeepAlive,
+    KvSent,
     ProcessDown,
     ProcessInfo,
     RecoveryInfo,
@@ -159,10 +161,25 @@ class ControllerConfig:
     client_keys_dir: str = ""  # the users' keys (dejavu-keys generate); "" = a plaintext client socket
     replicate: bool = False  # stream every stage's KV to a replica on another host (bus/replication.py)
     restore_timeout: float = 90.0  # a stage restoring its KV from its replica answers within this
+    # disaggregation (bus/disagg.py): stages [0, prompt_stages) run prompt passes, the others decode steps
+    prompt_stages: int = 0
+    prompt_microbatches: int = 0
+    prompt_microbatch_size: int = 0
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
             raise ValueError("num_stages, microbatch_size and num_microbatches must be >= 1")
+        if self.prompt_stages and not (0 < self.prompt_stages < self.num_stages and self.prompt_microbatches >= 1
+                                       and self.prompt_microbatch_size >= 1):
+            raise ValueError("a disaggregated deployment needs prompt and token stages and prompt microbatches")
+
+    def pipeline(self, stage: int) -> str:
+        if not self.prompt_stages:
+            return "colocated"
+        return "prompt" if stage < self.prompt_stages else "token"
+
+    def last_of_pipeline(self, stage: int) -> bool:
+        return stage == self.num_stages - 1 or stage == self.prompt_stages - 1
 
 
 @dataclass
@@ -192,7 +209,10 @@ class ControllerProcess:
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
         info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
-        sched = Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
+        sched = DisaggScheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prompt_stages, cfg.prompt_microbatches,
+                                cfg.prompt_microbatch_size) if cfg.prompt_stages else \
+            Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
+        self.disagg = sched if isinstance(sched, DisaggScheduler) else None
         self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
                                step_timeout=cfg.step_timeout, queue_timeout=cfg.queue_timeout,
                                unknown_grace=cfg.unknown_request_grace)
@@ -412,18 +432,24 @@ class ControllerProcess:
                              bound_address(self.internal), uptime_s=now - STARTED)]
         for i in range(self.cfg.num_stages):
             e = self.reg.stages.get(i)
+            pipeline = self.cfg.pipeline(i)
             if e is None:
-                procs.append(ProcessInfo("stage", i, 0, -1, "starting"))
+                procs.append(ProcessInfo("stage", i, 0, -1, "starting", pipeline=pipeline))
             else:
                 st = e.stats or StageStats(0.0, 0, 0.0)
+                idle = max(0.0, 1.0 - st.busy_s / st.uptime_s) if st.uptime_s > 0 else None
                 procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data, st.busy_s,
-                                         st.steps, st.uptime_s))
+                                         st.steps, st.uptime_s, pipeline, idle,
+                                         st.kv_bytes if pipeline == "prompt" else None))
         procs.extend(msgspec.structs.replace(info, uptime_s=max(0.0, now - self.reg.started.get(key, now)))
                      for key, info in self.reg.others.items())
         waiting, running = self.core.counts()
+        d = self.disagg
         return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
                            self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
-                           self._deployment_state(), self._replica_status(), list(self.recoveries))
+                           self._deployment_state(), self._replica_status(), list(self.recoveries),
+                           self.cfg.prompt_stages, d.receive_waiting if d else 0, d.receive_waits if d else 0,
+                           d.landed_bytes if d else 0)
 
     def _replica_status(self) -> list[ReplicaInfo]:
         if self.book is None:
@@ -503,8 +529,10 @@ class ControllerProcess:
 
     async def _flush(self) -> None:
         steps, out = self.core.outbox.drain()
+        first_token = f"stage-{self.cfg.prompt_stages}".encode()  # the token pipeline's first stage
         for step in steps:
-            await send(self.internal, self.codec, step, route=[b"stage-0"])
+            to = first_token if self.disagg is not None and not self.disagg.is_prompt(step.mb) else b"stage-0"
+            await send(self.internal, self.codec, step, route=[to])
         for client, body in out:
             await send(self.clients, self.client_codec, body, route=[client])
 
@@ -590,14 +618,22 @@ class ControllerProcess:
                     await self._serving(now)
         elif isinstance(body, StageStats):
             entry.stats = body
+        elif isinstance(body, KvSent):
+            if 0 <= index < self.cfg.prompt_stages:
+                self.core.on_kv_sent(index, body, now)
         elif isinstance(body, StepFailed):
             if body.epoch == self.core.sched.epoch:
+                if self.disagg is not None and self.disagg.is_prompt(body.mb):
+                    self.disagg.prompt_failed(body.mb, body.step, index)
                 self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")
                 self.core.schedule(now)
 
     async def _relink(self) -> None:
         """If every stage is up, start a new epoch: send each its downstream address."""
         if len(self.reg.stages) < self.cfg.num_stages or any(e.state in ("restarting", "failed") for e in self.reg.stages.values()):
+            return
+        kv_dest = self._kv_destinations()
+        if kv_dest is None:
             return
         self.epoch += 1
         self.pending_acks = set(range(self.cfg.num_stages))
@@ -606,10 +642,26 @@ class ControllerProcess:
         hosted = self._place_replicas()
         peers = {name: data for name, data, _ in self.streamers.values()}
         for i in range(self.cfg.num_stages):
-            down = self.reg.stages[i + 1].data if i + 1 < self.cfg.num_stages else ""
-            topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers)
+            down = "" if self.cfg.last_of_pipeline(i) else self.reg.stages[i + 1].data
+            topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers,
+                            kv_dest if self.cfg.pipeline(i) == "prompt" else [])
             await send(self.internal, self.codec, topo, route=[f"stage-{i}".encode()])
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
+
+    def _kv_destinations(self) -> list[ReplicaTarget] | None:
+        """Disaggregated: every token stage's pool, where the prompt stages stream their KV - None while a token
+        stage's host has no streamer known (its Hello relinks). Colocated: nothing."""
+        if self.disagg is None:
+            return []
+        out = []
+        for x in range(self.cfg.prompt_stages, self.cfg.num_stages):
+            e = self.reg.stages[x]
+            s = self.streamers.get(e.host)
+            if s is None:
+                log.info("[topology] waiting for the streamer of %s (token stage %d's KV pool is with it)", e.host, x)
+                return None
+            out.append(ReplicaTarget(x, f"kv-stage-{x}", s[0], s[1], e.host, list(e.layers)))
+        return out
 
     def _place_replicas(self) -> dict[int, list[ReplicaTarget]]:
         """This epoch's replica of every stage: on the streamer of the next host around the ring (a stage whose
@@ -672,9 +724,10 @@ class ControllerProcess:
         # on where they were. A stage that restored from its replica holds each request's replicated prefix:
         # every request goes back to what all stages hold, and the committed tokens after it are fed again.
         # Otherwise they are recomputed from prompt + committed tokens.
-        keep = all(e.kv_intact for e in self.reg.stages.values())
+        # (a prompt stage's KV lives for one pass: prompts in flight run again whatever it kept)
+        keep = all(e.kv_intact for x, e in self.reg.stages.items() if self.cfg.pipeline(x) != "prompt")
         restored = {x: r for x, r in self.restoring.items() if r is not None and r.ok}
-        lost = [x for x, e in self.reg.stages.items() if not e.kv_intact]
+        lost = [x for x, e in self.reg.stages.items() if not e.kv_intact and self.cfg.pipeline(x) != "prompt"]
 
         def valid(req):  # type: ignore[no-untyped-def]
             n = req.cached
@@ -812,7 +865,12 @@ class ControllerProcess:
                 body.role, body.index, body.pid, incarnation, "serving", body.host,
                 " ".join(body.addresses.values()))
             if body.role == "streamer" and body.addresses.get("data"):
+                old_streamer = self.streamers.get(body.host)
                 self.streamers[body.host] = (f"streamer-{body.index}", body.addresses["data"], body.pid)
+                if self.disagg is not None and old_streamer != self.streamers[body.host] and not self.pending_acks:
+                    # the prompt stages must learn where this streamer is now (or it is the one a relink waited for)
+                    self.core.pipeline_down()
+                    await self._relink()
             self.reg.started[(body.role, body.index)] = body.started
 
     async def _timer(self) -> None:

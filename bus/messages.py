@@ -81,6 +81,9 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     busy_s: float | None = None  # stages: seconds spent computing steps since the process started (else None)
     steps: int | None = None  # stages: steps computed (else None)
     uptime_s: float = 0.0  # seconds since the process started; stages: since the stage began serving
+    pipeline: str | None = None  # stages: "colocated" | "prompt" | "token" (disaggregation, issue 19)
+    idle_fraction: float | None = None  # stages: 1 - busy_s / uptime_s (the pipeline's bubbles)
+    kv_bytes: int | None = None  # prompt stages: KV bytes streamed to the token pipeline since they started
 
 
 class ReplicaInfo(msgspec.Struct, frozen=True, array_like=True):
@@ -230,6 +233,11 @@ class StatusReply(Msg, tag=26):
     state: str = ""  # "starting" | "serving" | "degraded" (a stage has no host to run on) | "stopping"
     replicas: list[ReplicaInfo] = []  # one per stage while replication is on
     recoveries: list[RecoveryInfo] = []  # every stage that came back, most recent last (bounded)
+    # disaggregation (issue 19): stages 0..prompt_stages-1 form the prompt pipeline, the rest the token pipeline
+    prompt_stages: int = 0
+    receive_waiting: int = 0  # requests whose prompt waits now for a free slot in the token pipeline
+    receive_waits: int = 0  # requests that ever had to wait for one (back-pressure), since the controller started
+    kv_streamed_bytes: int = 0  # prompt -> token KV bytes landed, since the controller started
 
 
 class KeepAlive(Msg, tag=27):
@@ -261,7 +269,9 @@ class ServerStoppingAck(Msg, tag=29):
 
 
 class StepRequest(Msg, tag=40):
-    """One microbatch step. Controller -> stage 0 with token ids; stage i -> i+1 with a hidden-state frame."""
+    """One microbatch step. Controller -> a pipeline's first stage with token ids; stage i -> i+1 with a
+    hidden-state frame. kv_to: a prompt pass of a disaggregated deployment - chunk k's KV goes, layer by layer as
+    it is written, to slot kv_to[k] of the token stages (each stage streams its own layers: Topology.kv_dest)."""
 
     epoch: int
     mb: int
@@ -270,6 +280,7 @@ class StepRequest(Msg, tag=40):
     token_ids: list[int]
     sampling: list[Sampling]
     hidden: TensorMeta | None = None
+    kv_to: list[int] | None = None
 
 
 class StepResult(Msg, tag=41):
@@ -311,6 +322,7 @@ class Topology(Msg, tag=43):
     replica: ReplicaTarget | None = None
     hosted: list[ReplicaTarget] = []
     peers: dict[str, str] = {}  # every host's streamer -> its data address (the stage tells its own streamer)
+    kv_dest: list[ReplicaTarget] = []  # a prompt stage's: every token stage's pool, streamer and layers
 
 
 class TopologyAck(Msg, tag=44):
@@ -353,6 +365,8 @@ class StageStats(Msg, tag=45):
     replica_stall_s: float = 0.0
     replica_failures: int = 0
     replica_error: str = ""  # why replication is stopped now ("": it streams)
+    kv_bytes: int = 0  # a prompt stage: KV bytes streamed to the token stages
+    kv_failures: int = 0  # a prompt stage: prompt passes whose KV could not be streamed
 
 
 class ReplicaAck(Msg, tag=49):
@@ -385,6 +399,19 @@ class Restored(Msg, tag=52):
     epoch: int
     ok: bool
     seconds: float = 0.0
+    nbytes: int = 0
+    message: str = ""
+
+
+class KvSent(Msg, tag=53):
+    """Prompt stage -> controller: the KV this stage wrote in prompt pass (epoch, mb, step) landed in the token
+    stages' slots (ok), or did not (the transfer failed or was cancelled: `message`). Sent for every prompt pass
+    the stage ran, so the controller knows when no transfer of it can still write into a token slot."""
+
+    epoch: int
+    mb: int
+    step: int
+    ok: bool
     nbytes: int = 0
     message: str = ""
 
@@ -910,6 +937,6 @@ COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive,
           ServerStopping, ServerStoppingAck)
 STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver,
-         ReplicaAck, ReplicaSync, Restore, Restored)
+         ReplicaAck, ReplicaSync, Restore, Restored, KvSent)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError, AgentHello, HostWelcome, Assign, HostBeat, Fenced, HostsUpdate)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

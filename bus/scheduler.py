@@ -51,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefill_chunk = prefill_chunk
         self.epoch = 0
+        self.failed: list[tuple[Request, str]] = []  # requests the scheduler gave up on (released): the controller fails them
 
     @property
     def num_slots(self) -> int:

@@ -163,6 +163,8 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
         "state": reply.state, "hosts": [msgspec.structs.asdict(h) for h in reply.hosts],
         "replicas": [msgspec.structs.asdict(r) for r in reply.replicas],
         "recoveries": [msgspec.structs.asdict(r) for r in reply.recoveries],
+        "prompt_stages": reply.prompt_stages, "receive_waiting": reply.receive_waiting,
+        "receive_waits": reply.receive_waits, "kv_streamed_bytes": reply.kv_streamed_bytes,
     }
 
 

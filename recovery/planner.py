@@ -28,7 +28,6 @@ from recovery.simulator import LayerTimes, SimConfig, layer_split, poisson_workl
 from stages.models.spec import ModelSpec
 
 
-
 class PlanError(ValueError):
     """A setting the planner cannot plan for; its message is one line that says what to change."""
 

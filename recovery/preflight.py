@@ -25,7 +25,6 @@ from stages.models.spec import (
     ModelSpec,
     read_config,
     read_spec,
-    split_layers,
     weight_files,
 )
 from streamer.config import SHM_DIR
@@ -69,10 +68,15 @@ def check_model(model_dir: Path) -> ModelSpec:
 
 
 def check_layout(cfg: DeploymentConfig, spec: ModelSpec) -> None:
-    if cfg.num_stages > spec.num_layers:
+    if cfg.disaggregated:
+        for flag, n in (("--prompt-stages", cfg.prompt_stages), ("--token-stages", cfg.token_stages)):
+            if n > spec.num_layers:
+                raise UsageError(f"{flag} {n}: the model has {spec.num_layers} layers; choose 1 to "
+                                 f"{spec.num_layers} stages")
+    elif cfg.num_stages > spec.num_layers:
         raise UsageError(f"--stages {cfg.num_stages}: the model has {spec.num_layers} layers; "
                          f"choose 1 to {spec.num_layers} stages")
-    split_layers(spec.num_layers, cfg.num_stages)
+    cfg.stage_plan(spec.num_layers)
     if spec.max_positions and cfg.max_seq_len > spec.max_positions:
         raise UsageError(f"--max-seq-len {cfg.max_seq_len}: the model has {spec.max_positions} positions; "
                          f"choose at most {spec.max_positions}")
@@ -170,7 +174,8 @@ def check_gpus(cfg: DeploymentConfig) -> None:
 def pool_bytes(cfg: DeploymentConfig, spec: ModelSpec) -> int:
     """Bytes of every stage's KV pool together."""
     per_token_layer = 2 * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[cfg.dtype]
-    return spec.num_layers * cfg.num_slots * cfg.max_seq_len * per_token_layer
+    slot_layers = sum((p.layers[1] - p.layers[0]) * p.num_slots for p in cfg.stage_plan(spec.num_layers))
+    return slot_layers * cfg.max_seq_len * per_token_layer
 
 
 def shm_shortage(cfg: DeploymentConfig, spec: ModelSpec) -> list[str]:

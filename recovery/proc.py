@@ -75,9 +75,9 @@ from recovery.children import (
 )
 from recovery.hosts import DEAD, Host, HostTable
 from recovery.preflight import pool_bytes
-from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig
+from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig, StagePlan
 from stages.config import StageProcConfig
-from stages.models.spec import read_spec, split_layers
+from stages.models.spec import read_spec
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
@@ -204,7 +204,8 @@ class SupervisorProcess(ChildSupervisor):
             queue_timeout=cfg.queue_timeout,
             heartbeat_interval=cfg.heartbeat_interval, supervisor_pid=pid, log_level=cfg.log_level,
             flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
-            client_keys_dir=cfg.keys_dir, replicate=cfg.replicating,
+            client_keys_dir=cfg.keys_dir, replicate=cfg.replicating, prompt_stages=cfg.prompt_stages,
+            prompt_microbatches=cfg.prompt_microbatches, prompt_microbatch_size=cfg.prompt_batch,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
@@ -226,22 +227,23 @@ class SupervisorProcess(ChildSupervisor):
 
     # ------------------------------------------------------------------ hosts
 
-    def _stage_config(self, index: int, layers: tuple[int, int], host: Host) -> str:
+    def _stage_config(self, index: int, plan: StagePlan, host: Host) -> str:
         cfg = self.cfg
         st = StageProcConfig(
-            index=index, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=layers,
-            num_slots=cfg.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address="",
+            index=index, num_stages=cfg.num_stages, incarnation=0, model_dir=cfg.model_dir, layers=plan.layers,
+            num_slots=plan.num_slots, max_seq_len=cfg.max_seq_len, supervisor_address="",
             controller_address=self.addresses["internal"], dtype=cfg.dtype,
             heartbeat_interval=cfg.heartbeat_interval, log_level=cfg.log_level,
             threads=cfg.stage_threads if not host.local else (cfg.threads_per_stage() if cfg.device == "cpu" else 0),
-            microbatch_size=cfg.microbatch_size, cuda_graphs=cfg.cuda_graphs, transport=cfg.transport,
+            microbatch_size=plan.microbatch_size, transport=cfg.transport,
+            cuda_graphs=cfg.cuda_graphs and plan.pipeline != "prompt",  # graphs are for decode steps
             cudnn_attention=cfg.cudnn_attention, replicate=cfg.replicating, replica_lag=cfg.replica_lag,
-            kv_takeover=cfg.kv_takeover,
+            kv_takeover=cfg.kv_takeover, pipeline=plan.pipeline, first_index=plan.first, last_index=plan.last,
         )
         return encode_config(st)
 
     async def _send_assign(self, host: Host) -> None:
-        splits = split_layers(self.spec.num_layers, self.cfg.num_stages)
+        splits = self.cfg.stage_plan(self.spec.num_layers)
         secrets = {i: security.read_secret(self.keys_dir, f"stage-{i}") for i in host.stages}
         stages = [StageAssignment(i, self.table.incarnation(i), device, self._stage_config(i, splits[i], host),
                                   secrets[i]) for i, device in sorted(host.stages.items())]

@@ -22,7 +22,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default",
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer files), or 'default' "
                         "for the embedded tiny model (random weights: its text is gibberish)")
-    p.add_argument("--stages", type=int, default=1, help="pipeline stages, one process (and GPU) each")
+    p.add_argument("--stages", type=int, default=None,
+                   help="pipeline stages, one process (and GPU) each (default 1; with --prompt-stages and "
+                        "--token-stages, their sum)")
+    p.add_argument("--prompt-stages", type=int, default=0,
+                   help="disaggregation: stages of the prompt pipeline, which runs prompt passes and streams their "
+                        "KV layer by layer into the token pipeline (needs --token-stages; dejavu-plan suggests a split)")
+    p.add_argument("--token-stages", type=int, default=0,
+                   help="disaggregation: stages of the token pipeline, which runs decode steps")
+    p.add_argument("--prompt-microbatch-size", type=int, default=0,
+                   help="prompts per prompt pass with disaggregation (0: --microbatch-size)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: stage i on GPU i")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weights, activations and KV cache")
@@ -126,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = resolve_model(args.model, args.cache_dir)
         cfg = DeploymentConfig(
-            model_dir=str(model_dir), num_stages=args.stages, device=args.device, dtype=args.dtype, host=args.host,
+            model_dir=str(model_dir), device=args.device,
+            num_stages=args.stages if args.stages is not None else (args.prompt_stages + args.token_stages or 1),
+            prompt_stages=args.prompt_stages, token_stages=args.token_stages,
+            prompt_microbatch_size=args.prompt_microbatch_size, dtype=args.dtype, host=args.host,
             port=args.port, microbatch_size=args.microbatch_size, num_microbatches=args.microbatches,
             max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
@@ -152,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready(address: str, agents: str = "") -> None:
         hosts = f"{cfg.hosts} host(s)" + (f" + {cfg.spare_hosts} spare" if cfg.spare_hosts else "")
-        print(f"dejavu-serve: ready {address} (model {model_dir}, {cfg.num_stages} stage(s), {cfg.device}, "
+        stages = (f"{cfg.prompt_stages} prompt + {cfg.token_stages} token stage(s)" if cfg.disaggregated
+                  else f"{cfg.num_stages} stage(s)")
+        print(f"dejavu-serve: ready {address} (model {model_dir}, {stages}, {cfg.device}, "
               f"{hosts}; agents join {agents})", flush=True)
 
     from recovery.proc import DeploymentError, run_supervisor

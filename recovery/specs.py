@@ -74,10 +74,26 @@ class DeploymentConfig:
     replicate: str = "auto"
     replica_lag: int = 2  # steps a microbatch's replication may fall behind before its next step waits
     kv_takeover: bool = True  # a restarted CPU stage takes its predecessor's shared-memory pool (its KV) over
+    # Prompt-token disaggregation (issue 19, bus/disagg.py): stages [0, prompt_stages) run prompt passes and
+    # stream their KV to the token stages, which run decode steps; prompt_stages + token_stages = num_stages.
+    # 0 and 0: one colocated pipeline.
+    prompt_stages: int = 0
+    token_stages: int = 0
+    prompt_microbatch_size: int = 0  # prompts per prompt pass (0: --microbatch-size)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
             raise ValueError("--stages must be >= 1")
+        if self.prompt_stages < 0 or self.token_stages < 0 or self.prompt_microbatch_size < 0:
+            raise ValueError("--prompt-stages, --token-stages and --prompt-microbatch-size must be >= 0")
+        if (self.prompt_stages == 0) != (self.token_stages == 0):
+            raise ValueError("give both --prompt-stages and --token-stages (1 or more each), or neither")
+        if self.disaggregated and self.num_stages != self.prompt_stages + self.token_stages:
+            raise ValueError(f"--stages {self.num_stages} contradicts --prompt-stages {self.prompt_stages} "
+                             f"--token-stages {self.token_stages} (leave --stages out: it is their sum)")
+        if self.disaggregated and self.replicate == "on":
+            raise ValueError("--replicate on is not supported with --prompt-stages/--token-stages yet (a token "
+                             "stage that loses its KV recomputes its requests, exactly)")
         if self.microbatch_size < 1:
             raise ValueError("--microbatch-size must be >= 1")
         if self.num_microbatches < 0:
@@ -117,12 +133,44 @@ class DeploymentConfig:
         return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
 
     @property
+    def disaggregated(self) -> bool:
+        return self.prompt_stages > 0
+
+    @property
     def microbatches(self) -> int:
-        return self.num_microbatches or self.num_stages
+        """Microbatches of the (token) pipeline: given, or one per stage of it."""
+        return self.num_microbatches or (self.token_stages if self.disaggregated else self.num_stages)
+
+    @property
+    def prompt_microbatches(self) -> int:
+        """Prompt passes in flight: one per prompt stage, and one more whose KV may still be landing while the
+        others compute (its receive slots free when every prompt stage reported its KV)."""
+        return self.prompt_stages + 1 if self.disaggregated else 0
+
+    @property
+    def prompt_batch(self) -> int:
+        return self.prompt_microbatch_size or self.microbatch_size
+
+    def stage_plan(self, num_layers: int) -> list[StagePlan]:
+        """Every stage's pipeline, layers and KV slots (a prompt stage's pool holds only the passes in flight)."""
+        from stages.models.spec import split_layers
+
+        if not self.disaggregated:
+            return [StagePlan("colocated", r, self.num_slots, self.microbatch_size, 0, self.num_stages - 1)
+                    for r in split_layers(num_layers, self.num_stages)]
+        dp = self.prompt_stages
+        prompt = [StagePlan("prompt", r, self.prompt_microbatches * self.prompt_batch, self.prompt_batch, 0, dp - 1)
+                  for r in split_layers(num_layers, dp)]
+        token = [StagePlan("token", r, self.num_slots, self.microbatch_size, dp, self.num_stages - 1)
+                 for r in split_layers(num_layers, self.token_stages)]
+        return prompt + token
 
     @property
     def replicating(self) -> bool:
-        """Replication on: asked for, or by default with 2 or more hosts (one host: the replica would die with it)."""
+        """Replication on: asked for, or by default with 2 or more hosts (one host: the replica would die with it).
+        Not yet with disaggregation."""
+        if self.disaggregated:
+            return False
         if self.replicate == "auto":
             return self.streamer and max(self.hosts + self.spare_hosts, self.min_hosts) >= 2
         return self.replicate == "on"
@@ -140,6 +188,16 @@ class DeploymentConfig:
         if self.stage_threads:
             return self.stage_threads
         return max(1, (os.cpu_count() or 1) // self.num_stages)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    pipeline: str  # "colocated" | "prompt" | "token"
+    layers: tuple[int, int]
+    num_slots: int
+    microbatch_size: int  # slots per microbatch range (CUDA graphs per range)
+    first: int  # its pipeline's first and last stage index
+    last: int
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import torch
 import zmq
 import zmq.asyncio
@@ -56,14 +57,13 @@ class ActivationOut:
 
     async def send(self, step: StepRequest, hidden: torch.Tensor) -> None:
         meta, buf = tensor_frame(hidden)
-        header = StepRequest(step.epoch, step.mb, step.step, step.chunks, step.token_ids, step.sampling, meta)
+        header = msgspec.structs.replace(step, hidden=meta)  # everything else as the step came (kv_to too)
         buffers: list[Any] = [buf]
         await send(self.sock, self.codec, header, buffers=buffers)
 
     async def send_header(self, step: StepRequest, meta: TensorMeta) -> None:
         """The header of a step whose tensor went over NCCL (no frame)."""
-        await send(self.sock, self.codec,
-                   StepRequest(step.epoch, step.mb, step.step, step.chunks, step.token_ids, step.sampling, meta))
+        await send(self.sock, self.codec, msgspec.structs.replace(step, hidden=meta))
 
     async def send_msg(self, body: Msg) -> None:
         await send(self.sock, self.codec, body)

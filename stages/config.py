@@ -48,8 +48,18 @@ class StageProcConfig:
     replicate: bool = False
     replica_lag: int = 2  # a microbatch's next step waits while more than this many of its transfers run
     kv_takeover: bool = True  # a restarted CPU stage takes its predecessor's shared-memory pool over (its KV)
+    # Disaggregation (issue 19): which pipeline the stage belongs to, and that pipeline's first and last stage
+    # indices (a colocated deployment: all of them). A prompt stage streams each prompt pass's KV to the token
+    # stages (stages/kv_push.py); a token stage's pool receives it.
+    pipeline: str = "colocated"  # "colocated" | "prompt" | "token"
+    first_index: int = 0
+    last_index: int = -1  # -1: num_stages - 1
 
     def __post_init__(self) -> None:
+        if self.pipeline not in ("colocated", "prompt", "token"):
+            raise ValueError(f"pipeline must be colocated, prompt or token, got {self.pipeline!r}")
+        if not 0 <= self.first_index <= self.index <= self.last_stage < self.num_stages:
+            raise ValueError(f"stage {self.index} outside its pipeline's stages [{self.first_index}, {self.last_stage}]")
         if not 0 <= self.index < self.num_stages:
             raise ValueError(f"stage index {self.index} outside [0, {self.num_stages})")
         if self.heartbeat_interval <= 0 or self.handshake_timeout <= 0:
@@ -58,6 +68,16 @@ class StageProcConfig:
             raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
         if self.replica_lag < 0:
             raise ValueError(f"replica_lag must be >= 0, got {self.replica_lag}")
+
+    @property
+    def last_stage(self) -> int:
+        return self.num_stages - 1 if self.last_index < 0 else self.last_index
+
+    @property
+    def shares_kv(self) -> bool:
+        """Its pool must be registered with the streamer even on a GPU: replication, or either side of
+        disaggregation (the streamer reads a prompt stage's pool and writes a token stage's)."""
+        return self.replicate or self.pipeline != "colocated"
 
     @property
     def uses_nccl(self) -> bool:

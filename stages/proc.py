@@ -36,6 +36,7 @@ from bus.messages import (
     ERR_BAD_REQUEST,
     EpochOver,
     Hello,
+    KvSent,
     LinkInit,
     Rehello,
     ReplicaSync,
@@ -57,11 +58,12 @@ from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
 from stages.errors import InvalidRequestError, StageError
 from stages.kv_home import KVHome, open_gpu_home, open_home
+from stages.kv_push import KvPusher
 from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
-from streamer.client import LayerSignal, attach_kv_hooks
+from streamer.client import LayerSignal, TransferHandle, attach_kv_hooks
 from streamer.errors import PeerDeadError
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,8 @@ class StageProcess:
     def __init__(self, cfg: StageProcConfig) -> None:
         self.cfg = cfg
         self.name = f"stage-{cfg.index}"  # its process name: its envelopes' sender and its key's name
-        self.upstream = f"stage-{cfg.index - 1}"  # the only sender its activation input takes
+        # the only sender its activation input takes (the first stage of a pipeline takes steps from the controller)
+        self.upstream = f"stage-{cfg.index - 1}" if cfg.index > cfg.first_index else ""
         self.codec = Codec(self.name, cfg.incarnation)
         self.ctx = context()
         # The compute thread makes the stage's GPU current once: CUDA's current device is per thread, and
@@ -98,10 +101,11 @@ class StageProcess:
         self.state = "starting"
         self.queue: asyncio.Queue[tuple[StepRequest, torch.Tensor | None]] = asyncio.Queue()
         self.out: ActivationOut | None = None
-        self.is_last = cfg.index == cfg.num_stages - 1
+        self.is_last = cfg.index == cfg.last_stage  # of its pipeline: it samples
         self.nccl: NcclActivations | None = None
         self.kv: KVHome | None = None
         self.replica: Replicator | None = None  # KV replication (stages/replica.py), with --replicate
+        self.push: KvPusher | None = None  # a prompt stage's KV streaming to the token stages (stages/kv_push.py)
         self.inc_ready = asyncio.Event()
         if cfg.uses_nccl:
             self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
@@ -130,6 +134,12 @@ class StageProcess:
             if cfg.replicate and self.kv.client is not None and self.kv.memory is not None:
                 self.replica = Replicator(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
                                           cfg.streamer_name, cfg.replica_lag, self._to_controller)
+            if cfg.pipeline == "prompt" and self.kv.client is not None and self.kv.memory is not None:
+                self.push = KvPusher(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
+                                     cfg.streamer_name, self._to_controller)
+            elif cfg.pipeline != "colocated" and self.kv.client is None:
+                log.error("[startup] stage %d: a %s stage needs its KV pool with its host's streamer; it has none "
+                          "(every prompt pass it takes part in fails)", cfg.index, cfg.pipeline)
             self.busy_since = time.monotonic()
             try:
                 self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
@@ -163,6 +173,8 @@ class StageProcess:
             self.compute.shutdown(wait=False, cancel_futures=True)
             if self.replica is not None:
                 await self.replica.close()
+            if self.push is not None:
+                await self.push.close()
             if self.kv is not None:
                 await self.kv.close(self.cfg.streamer_timeout)
             if self.auth is not None:
@@ -179,7 +191,7 @@ class StageProcess:
         if not cfg.streamer_address:
             return KVHome(name, None, None, False)
         if cfg.device != "cpu":
-            if not cfg.replicate:
+            if not cfg.shares_kv:
                 return KVHome(name, None, None, False)
             device = torch.device(cfg.device)
             return await open_gpu_home(name, pool_layout(shard), device.index or 0, cfg.streamer_address,
@@ -208,7 +220,10 @@ class StageProcess:
             busy = self.gpu_busy if self.nccl is not None or self.cfg.device.startswith("cuda") \
                 else self.busy_total + self._busy()
             r = self.replica
-            if r is not None:
+            push = self.push
+            if push is not None:
+                stats = StageStats(busy, self.steps, up, self.tokens, kv_bytes=push.bytes, kv_failures=push.failures)
+            elif r is not None:
                 stats = StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
                                    r.broken[:500])
             elif self.cfg.replicate:  # asked to, but its KV is not with a streamer (its log says why)
@@ -277,6 +292,8 @@ class StageProcess:
         failed = {h.stage: "this stage keeps no KV with a streamer" for h in topo.hosted}
         if self.replica is not None:
             fresh, failed = await self.replica.configure(topo)
+        if self.push is not None:
+            await self.push.configure(topo)
         await send(self.ctl, self.codec, TopologyAck(topo.epoch, fresh, failed), reply_to=msg_id)
 
     async def _restore(self, msg: Restore, msg_id: int) -> None:
@@ -371,7 +388,16 @@ class StageProcess:
                 if self._stale(step):
                     continue
             rep, layered, signal = self.replica, None, None
-            if rep is not None and rep.active:
+            push, pushing, why = self.push, None, ""
+            if step.kv_to is not None:  # a prompt pass: its KV streams to the token stages as it is written
+                if push is None:
+                    why = "this stage cannot stream KV (its pool is not with a streamer)"
+                else:
+                    pushing, signal, why = await push.open(step)
+                if self._stale(step):
+                    await self._pushed(step, pushing, False, "the step's pipeline is gone")
+                    continue
+            elif rep is not None and rep.active:
                 await rep.before_step(step.mb)  # --replica-lag: replication is too far behind (counted)
                 if self._stale(step):
                     continue
@@ -388,10 +414,14 @@ class StageProcess:
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
                 if rep is not None:
                     rep.after_step(step, layered, False)
+                if step.kv_to is not None:
+                    await self._pushed(step, pushing, False, str(e))
                 continue
             except Exception as e:
                 if rep is not None:
                     rep.after_step(step, layered, False)
+                if step.kv_to is not None:
+                    await self._pushed(step, pushing, False, f"the prompt pass failed: {e}")
                 if self._stale(step):
                     # its pipeline was rebuilt under it (an aborted link can leave garbage in its input, which
                     # sampling may refuse): nobody waits for this step any more
@@ -407,8 +437,10 @@ class StageProcess:
             finally:
                 self.busy_since = 0.0
                 self.busy_total += time.monotonic() - started
-            if rep is not None:  # its KV goes to the replica only if it belongs to the pipeline still serving
+            if rep is not None and step.kv_to is None:  # to the replica only if its pipeline still serves
                 rep.after_step(step, layered, not self._stale(step))
+            if step.kv_to is not None:
+                await self._pushed(step, pushing, not self._stale(step), why)
             if self._stale(step):
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
@@ -417,6 +449,18 @@ class StageProcess:
                 pass  # the header went out (announce) before the NCCL send was enqueued
             elif self.out is not None and out.hidden is not None:
                 await self.out.send(step, out.hidden)
+
+    async def _pushed(self, step: StepRequest, pushing: TransferHandle | None, ran: bool, why: str) -> None:
+        """A prompt pass is over (ran: for a pipeline still current): the controller learns where its KV is once
+        its transfer ends - or at once when it has none (KvSent ok=False: the requests run their prompt again)."""
+        if self.push is not None and pushing is not None:
+            self.push.after(step, pushing, ran, why)
+            return
+        if ran:
+            log.warning("[prompt] pass %d/%d: its KV cannot go to the token stages: %s", step.mb, step.step, why)
+        if self.push is not None:
+            self.push.failures += 1
+        await send(self.ctl, self.codec, KvSent(step.epoch, step.mb, step.step, False, 0, why or "no transfer"))
 
     def _compute(self, step: StepRequest, hidden: torch.Tensor | None, via_nccl: bool,
                  signal: LayerSignal | None = None) -> StepOutput:

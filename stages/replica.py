@@ -34,6 +34,7 @@ from typing import Any
 
 from bus.logs import Throttled
 from bus.messages import Msg, ReplicaAck, ReplicaTarget, Restore, Restored, StepRequest, Topology
+from stages.peers import tell_peers
 from streamer.client import LayerSignal, StreamerClient, TransferHandle
 from streamer.errors import StreamerError
 from streamer.layout import PoolLayout, Region
@@ -94,13 +95,7 @@ class Replicator:
         if self.restoring is not None:  # an older epoch's restore: its pipeline is gone
             await self._cancel(self.restoring, "a new epoch began")
             self.restoring = None
-        for name, address in topo.peers.items():
-            if name != self.streamer and self.peers.get(name) != address:
-                try:
-                    await self.client.set_peer(name, address)
-                    self.peers[name] = address
-                except StreamerError as e:  # the streamer is restarting: replication fails, and says so
-                    log.warning("[replica] could not tell the streamer where %s is: %s", name, e)
+        await tell_peers(self.client, self.streamer, topo.peers, self.peers)
         fresh, failed = [], {}
         for h in topo.hosted:
             a, b = h.layers

@@ -1,0 +1,158 @@
+"""The disaggregated scheduler in the controller's core: prompt passes with receive slots, KV landing, joining the
+token pipeline, back-pressure, quarantine of slots a late transfer could still write, failures, epochs."""
+
+from __future__ import annotations
+
+from bus.controller import Controller, ModelInfo
+from bus.disagg import MAX_PROMPT_TRIES, DisaggScheduler
+from bus.messages import (
+    ERR_BAD_REQUEST,
+    ERR_SERVER,
+    GenerateRequest,
+    KvSent,
+    RequestDone,
+    RequestFailed,
+    StepResult,
+    TokenChunk,
+)
+
+EOS = 2
+DP = 2  # prompt stages
+
+
+def make(mbs: int = 2, size: int = 2, pmbs: int = 2, psize: int = 2) -> Controller:
+    core = Controller(ModelInfo(100, (EOS,), 64), DisaggScheduler(mbs, size, DP, pmbs, psize))
+    core.pipeline_up(1, 0.0)
+    return core
+
+
+def req(rid: str, ids: list[int], n: int = 3) -> GenerateRequest:
+    return GenerateRequest(rid, prompt_token_ids=ids, max_new_tokens=n)
+
+
+def answer(core: Controller, step, tokens: list[int]) -> None:  # type: ignore[no-untyped-def]
+    core.on_result(StepResult(step.epoch, step.mb, step.step, tokens), 1.0)
+
+
+def landed(core: Controller, step, ok: bool = True, stages=range(DP)) -> None:  # type: ignore[no-untyped-def]
+    for x in stages:
+        core.on_kv_sent(x, KvSent(step.epoch, step.mb, step.step, ok, 100, "" if ok else "lost"), 1.0)
+
+
+def test_a_prompt_pass_reserves_receive_slots_and_the_request_joins_once_its_kv_landed() -> None:
+    core = make()
+    core.submit(b"c", req("a", [5, 6, 7]), 0.0)
+    (p,), _ = core.outbox.drain()
+    assert p.mb == 2 and [(c.slot, c.start, c.length) for c in p.chunks] == [(0, 0, 3)] and p.kv_to == [0]
+    assert p.token_ids == [5, 6, 7]
+    answer(core, p, [11])  # the first token reaches the client at once...
+    steps, out = core.outbox.drain()
+    assert out == [(b"c", TokenChunk("a", 0, [11], None))] and steps == []  # ...but the KV has not landed
+    landed(core, p, stages=[0])
+    assert core.outbox.drain() == ([], [])
+    landed(core, p, stages=[1])
+    (s,), _ = core.outbox.drain()  # joined: its first decode step feeds the sampled token at position 3
+    assert s.mb == 0 and s.kv_to is None and [(c.slot, c.start, c.length) for c in s.chunks] == [(0, 3, 1)]
+    assert s.token_ids == [11]
+    assert core.sched.landed_bytes == 200  # type: ignore[attr-defined]
+
+
+def test_kv_reports_may_come_before_the_first_token() -> None:
+    core = make()
+    core.submit(b"c", req("a", [5, 6]), 0.0)
+    (p,), _ = core.outbox.drain()
+    landed(core, p)
+    assert core.outbox.drain() == ([], [])
+    answer(core, p, [11])
+    (s,), _ = core.outbox.drain()
+    assert [(c.slot, c.start, c.length) for c in s.chunks] == [(0, 2, 1)]
+
+
+def test_receive_slots_spread_over_token_microbatches_and_back_pressure_is_counted() -> None:
+    core = make(mbs=2, size=1, pmbs=2, psize=2)  # 2 receive slots in all
+    for i in range(4):
+        core.submit(b"c", req(f"r{i}", [5 + i]), 0.0)
+    steps, _ = core.outbox.drain()
+    assert [(s.mb, s.kv_to) for s in steps] == [(2, [0]), (3, [1])]  # a slot in each token microbatch
+    sched = core.sched
+    assert sched.receive_waiting == 2 and sched.receive_waits == 2  # type: ignore[attr-defined]
+    p = steps[0]
+    answer(core, p, [EOS])  # r0 ends at once (EOS): its slot is quarantined until its KV is reported
+    _, out = core.outbox.drain()
+    assert (b"c", RequestDone("r0", "stop", 1, 1)) in out
+    assert core.outbox.drain() == ([], [])  # slot 0 is not free yet: a late transfer could still write it
+    landed(core, p)
+    (s,), _ = core.outbox.drain()
+    assert (s.mb, s.kv_to, s.token_ids) == (2, [0], [7])  # r2's prompt gets the slot
+    assert sched.receive_waits == 2 and sched.receive_waiting == 1  # type: ignore[attr-defined]
+
+
+def test_kv_that_did_not_land_runs_the_prompt_again_then_fails_the_request() -> None:
+    core = make(mbs=1, size=1, pmbs=1, psize=1)
+    core.submit(b"c", req("a", [5, 6], n=9), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p, ok=False)
+    (p2,), out = core.outbox.drain()  # the first token is committed; the pass runs again over prompt + it
+    assert p2.token_ids == [5, 6, 11] and p2.kv_to == [0]
+    for _ in range(MAX_PROMPT_TRIES - 1):
+        answer(core, p2, [12])
+        landed(core, p2, ok=False)
+        steps, out = core.outbox.drain()
+        if steps:
+            p2 = steps[0]
+    assert any(isinstance(m, RequestFailed) and m.code == ERR_SERVER and "did not reach" in m.message
+               for _, m in out)
+    assert core.requests == {}
+
+
+def test_a_pass_a_stage_refused_frees_its_slots_once_the_stages_before_it_reported() -> None:
+    core = make(mbs=1, size=1, pmbs=1, psize=1)
+    core.submit(b"c", req("a", [5]), 0.0)
+    core.submit(b"c", req("b", [6]), 0.0)
+    (p,), _ = core.outbox.drain()
+    core.sched.prompt_failed(p.mb, p.step, 0)  # type: ignore[attr-defined]
+    core.fail_microbatch(p.mb, p.step, ERR_BAD_REQUEST, "stage 0: bad")
+    core.schedule(1.0)
+    steps, out = core.outbox.drain()
+    assert steps == [] and [type(m) for _, m in out] == [RequestFailed]
+    landed(core, p, ok=False, stages=[0])  # stage 0 ran it (and cancelled its transfer); stage 1 never got it
+    (p2,), _ = core.outbox.drain()
+    assert p2.token_ids == [6] and p2.kv_to == [0]
+
+
+def test_a_new_epoch_sends_prompts_in_flight_again_and_keeps_the_token_pipeline() -> None:
+    core = make(mbs=1, size=2, pmbs=1, psize=1)
+    core.submit(b"c", req("a", [5, 6], n=9), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p)
+    (s,), _ = core.outbox.drain()
+    core.submit(b"c", req("b", [7]), 0.0)
+    (pb,), _ = core.outbox.drain()
+    core.pipeline_down()
+    core.pipeline_up(2, 2.0, keep_cache=True)
+    steps, _ = core.outbox.drain()
+    by_mb = {st.mb: st for st in steps}
+    assert [(c.slot, c.start, c.length) for c in by_mb[0].chunks] == [(0, 2, 1)]  # a goes on where it was
+    assert by_mb[1].token_ids == [7] and by_mb[1].epoch == 2  # b's prompt runs again
+    core.pipeline_down()
+    core.pipeline_up(3, 3.0, keep_cache=False)  # the token pipeline lost its KV: recomputed there
+    steps, _ = core.outbox.drain()
+    by_mb = {st.mb: st for st in steps}
+    assert [(c.slot, c.start, c.length) for c in by_mb[0].chunks] == [(0, 0, 3)] and by_mb[0].token_ids == [5, 6, 11]
+
+
+def test_a_cancelled_landing_request_keeps_its_slot_quarantined_until_its_kv_is_reported() -> None:
+    core = make(mbs=1, size=1, pmbs=2, psize=1)
+    core.submit(b"c", req("a", [5]), 0.0)
+    (p,), _ = core.outbox.drain()
+    core.cancel(b"c", "a", 0.5)
+    _, out = core.outbox.drain()
+    assert out == [(b"c", RequestDone("a", "cancelled", 1, 0))]
+    core.submit(b"c", req("b", [6]), 0.6)
+    assert core.outbox.drain() == ([], [])  # the only receive slot is quarantined
+    answer(core, p, [11])  # a's token is not committed: it was cancelled
+    landed(core, p)
+    (p2,), out = core.outbox.drain()
+    assert p2.token_ids == [6] and p2.kv_to == [0] and out == []
