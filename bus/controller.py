@@ -40,6 +40,7 @@ from bus.scheduler import Scheduler
 from bus.stopping import CANCELLED, finish_reason
 
 log = logging.getLogger(__name__)
+MAX_REPLICA_REPORTS = 1024  # prompt passes waiting for the rest of their replica reports
 MAX_KEEPALIVE_IDS = 4096  # request ids of one KeepAlive that are looked at (bounds what a client can make us hold)
 
 
@@ -87,6 +88,8 @@ class Controller:
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
         self.book: ReplicaBook | None = None  # with replication: which positions each stage's replica holds
+        self.kv_replicas: set[int] = set()  # disaggregated: token stages whose replica every prompt pass also fills
+        self.replica_reports: dict[tuple[int, int, int], set[int]] = {}  # pass -> prompt stages it replicated from
 
     # ------------------------------------------------------------------ clients
 
@@ -242,7 +245,7 @@ class Controller:
             self._give_up()
             if self.book is not None:
                 for step in steps:
-                    inflight = self.sched.mbs[step.mb].inflight
+                    inflight = self.sched.inflight_of(step.mb)
                     assert inflight is not None
                     self.book.record(step, inflight.members)
             self.outbox.steps.extend(steps)
@@ -272,6 +275,17 @@ class Controller:
         self.clock = now
         if sent.epoch != self.sched.epoch or not isinstance(self.sched, DisaggScheduler):
             return
+        if sent.replicated and self.book is not None:
+            # the pass's KV is in the token stages' replicas once every prompt stage (each its own layers) says so
+            key = (sent.epoch, sent.mb, sent.step)
+            got = self.replica_reports.setdefault(key, set())
+            got.add(stage)
+            if len(got) == self.sched.prompt_stages:
+                del self.replica_reports[key]
+                for x in self.kv_replicas:
+                    self.book.ack(x, [list(key)], False)
+            while len(self.replica_reports) > MAX_REPLICA_REPORTS:  # passes some stage never confirmed
+                self.replica_reports.pop(next(iter(self.replica_reports)))
         self.sched.kv_sent(stage, sent.mb, sent.step, sent.ok, sent.nbytes, sent.message)
         if not sent.ok:
             log.warning("[prompt] prompt stage %d: pass %d/%d's KV did not land: %s", stage, sent.mb, sent.step,
@@ -282,6 +296,7 @@ class Controller:
         failed, self.sched.failed = self.sched.failed, []
         for req, why in failed:
             self._fail(req, ERR_SERVER, why)
+
 
     def fail_microbatch(self, mb_index: int, step: int, code: int, message: str) -> None:
         done = self.sched.complete(mb_index, step)

@@ -455,7 +455,7 @@ class ControllerProcess:
         if self.book is None:
             return []
         out, running = [], list(self.core.sched.running())
-        for x in range(self.cfg.num_stages):
+        for x in self._replicated():
             e, t = self.reg.stages.get(x), self.targets.get(x)
             st = e.stats if e is not None else None
             if e is None or t is None:
@@ -632,19 +632,23 @@ class ControllerProcess:
         """If every stage is up, start a new epoch: send each its downstream address."""
         if len(self.reg.stages) < self.cfg.num_stages or any(e.state in ("restarting", "failed") for e in self.reg.stages.values()):
             return
-        kv_dest = self._kv_destinations()
-        if kv_dest is None:
+        if self._kv_destinations() is None:
             return
         self.epoch += 1
         self.pending_acks = set(range(self.cfg.num_stages))
         self.linking_since = time.monotonic()
         self.fresh, self.host_failed, self.restoring = set(), {}, {}
         hosted = self._place_replicas()
+        kv_dest = self._kv_destinations() or []
+        # every prompt pass fills the token stages' replicas too: counted once it landed in all of them
+        kv_replicas = [self.targets[x] for x in self._replicated() if x in self.targets] if self.disagg else []
+        self.core.kv_replicas = {t.stage for t in kv_replicas}
         peers = {name: data for name, data, _ in self.streamers.values()}
         for i in range(self.cfg.num_stages):
             down = "" if self.cfg.last_of_pipeline(i) else self.reg.stages[i + 1].data
+            prompt = self.cfg.pipeline(i) == "prompt"
             topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers,
-                            kv_dest if self.cfg.pipeline(i) == "prompt" else [])
+                            kv_dest if prompt else [], kv_replicas if prompt else [])
             await send(self.internal, self.codec, topo, route=[f"stage-{i}".encode()])
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
 
@@ -663,6 +667,11 @@ class ControllerProcess:
             out.append(ReplicaTarget(x, f"kv-stage-{x}", s[0], s[1], e.host, list(e.layers)))
         return out
 
+    def _replicated(self) -> range:
+        """The stages that have replicas: all, or a disaggregated deployment's token stages (a prompt stage's KV
+        lives for one pass)."""
+        return range(self.cfg.prompt_stages, self.cfg.num_stages)
+
     def _place_replicas(self) -> dict[int, list[ReplicaTarget]]:
         """This epoch's replica of every stage: on the streamer of the next host around the ring (a stage whose
         host's streamer is not known yet goes without one this epoch). Returns what each stage hosts."""
@@ -673,6 +682,8 @@ class ControllerProcess:
         hosts = [self.reg.stages[i].host for i in range(n)]
         hosted: dict[int, list[ReplicaTarget]] = {}
         for x, j in enumerate(replica_holders(hosts)):
+            if x not in self._replicated():
+                continue
             s = self.streamers.get(hosts[j])
             if s is None:
                 log.warning("[replica] no streamer known on host %s: stage %d has no replica this epoch", hosts[j], x)
@@ -775,8 +786,8 @@ class ControllerProcess:
         peers, a transfer failed), or a stage left without one (its replica's streamer was down when the epoch
         began), is set up again by a new epoch: the stages tell their streamers the peers again, the hosting
         stages allocate the pools again (fresh: counted from nothing), and the stages re-sync."""
-        broken = sorted(x for x, e in self.reg.stages.items() if x in self.host_failed or x not in self.targets
-                        or (e.stats is not None and e.stats.replica_error))
+        broken = sorted(x for x, e in self.reg.stages.items() if self.cfg.pipeline(x) != "prompt" and (
+            x in self.host_failed or x not in self.targets or (e.stats is not None and e.stats.replica_error)))
         if self.book is None or not broken or not self.core.ready or self.pending_acks or self.restoring:
             self.broken_since = None
             return
@@ -797,7 +808,7 @@ class ControllerProcess:
         acknowledged still counts, the sync fills the rest."""
         if self.book is None:
             return
-        for x in range(self.cfg.num_stages):
+        for x in self._replicated():
             t = self.targets.get(x)
             if t is None or x in self.host_failed:
                 if x in self.host_failed:

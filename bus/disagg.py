@@ -75,6 +75,10 @@ class DisaggScheduler(Scheduler):
     def is_prompt(self, mb_index: int) -> bool:
         return mb_index >= len(self.mbs)
 
+    def inflight_of(self, mb_index: int) -> InFlight | None:
+        p = self._pmb(mb_index)
+        return p.inflight if p is not None else super().inflight_of(mb_index)
+
     def _pmb(self, mb_index: int) -> PromptBatch | None:
         p = mb_index - len(self.mbs)
         return self.pmbs[p] if 0 <= p < len(self.pmbs) else None
@@ -213,7 +217,7 @@ class DisaggScheduler(Scheduler):
             p.ok, p.failed, p.why = False, True, p.why or f"prompt stage {stage} failed the pass"
 
     def kv_sent(self, stage: int, mb_index: int, step: int, ok: bool, nbytes: int = 0, why: str = "") -> None:
-        """Prompt stage `stage` reports its KV of pass (mb_index, step)."""
+        """Prompt stage `stage` reports its KV of pass (mb_index, step) (its first report counts)."""
         p = self._pmb(mb_index)
         if p is None or p.inflight is None or p.inflight.step != step or stage in p.acked:
             return

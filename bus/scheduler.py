@@ -61,6 +61,9 @@ class Scheduler:
         for mb in self.mbs:
             yield from mb.members.values()
 
+    def inflight_of(self, mb_index: int) -> InFlight | None:
+        return self.mbs[mb_index].inflight
+
     def enqueue(self, req: Request) -> None:
         self.waiting.append(req)
 

@@ -91,9 +91,7 @@ class DeploymentConfig:
         if self.disaggregated and self.num_stages != self.prompt_stages + self.token_stages:
             raise ValueError(f"--stages {self.num_stages} contradicts --prompt-stages {self.prompt_stages} "
                              f"--token-stages {self.token_stages} (leave --stages out: it is their sum)")
-        if self.disaggregated and self.replicate == "on":
-            raise ValueError("--replicate on is not supported with --prompt-stages/--token-stages yet (a token "
-                             "stage that loses its KV recomputes its requests, exactly)")
+
         if self.microbatch_size < 1:
             raise ValueError("--microbatch-size must be >= 1")
         if self.num_microbatches < 0:
@@ -168,9 +166,7 @@ class DeploymentConfig:
     @property
     def replicating(self) -> bool:
         """Replication on: asked for, or by default with 2 or more hosts (one host: the replica would die with it).
-        Not yet with disaggregation."""
-        if self.disaggregated:
-            return False
+        Disaggregated: the token stages' KV is replicated (prompt passes fill the replicas as they fill the pools)."""
         if self.replicate == "auto":
             return self.streamer and max(self.hosts + self.spare_hosts, self.min_hosts) >= 2
         return self.replicate == "on"

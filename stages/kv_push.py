@@ -10,6 +10,9 @@ landing in that stage's pool at the receive slots. It is submitted *before* the 
 compute thread signals each layer as soon as it is written (KV hooks), so the copy overlaps the rest of the
 pass and the last layer's copy is mostly done when the pass ends.
 
+With replication, the pass's KV also goes to the token stages' replicas (Topology.kv_replicas): a second layered
+transfer, signalled with the first, so a replica that fails never holds the pass up (it is reported apart).
+
 Every pass this stage ran is reported to the controller (KvSent): landed, or not (failed, cancelled, or the
 pass itself failed), so the controller knows when no transfer can still write a receive slot. A new epoch
 cancels the transfers of the old one before the stage acknowledges it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from bus.messages import KvSent, Msg, ReplicaTarget, StepRequest, Topology
@@ -48,61 +52,81 @@ def routes_for(step: StepRequest, layers: tuple[int, int], dests: list[ReplicaTa
     return region, routes
 
 
+@dataclass(frozen=True)
+class Pushing:
+    """A pass's transfers: into the token stages' pools, and into their replicas (None: no replicas)."""
+
+    main: TransferHandle
+    replica: TransferHandle | None = None
+
+
 class KvPusher:
     def __init__(self, client: StreamerClient, pool: str, memory: Any, layout: PoolLayout, streamer: str,
                  send: Callable[[Msg], Awaitable[None]]) -> None:
         self.client, self.pool, self.memory, self.streamer, self.send = client, pool, memory, streamer, send
         self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
         self.dests: list[ReplicaTarget] = []
+        self.replicas: list[ReplicaTarget] = []
         self.peers: dict[str, str] = {}
-        self.running: dict[asyncio.Task[None], TransferHandle | None] = {}
-        self.bytes = self.failures = 0
+        self.running: dict[asyncio.Task[None], Pushing | None] = {}
+        self.bytes = self.failures = self.replica_bytes = 0
         client.on_reconnect.append(self.peers.clear)  # a restarted streamer knows no peers: the next epoch says
 
     async def configure(self, topo: Topology) -> None:
         """A new epoch: the old epoch's transfers end first (cancelled: nobody counts their KV any more), then the
         token stages' pools and their streamers are learnt."""
-        for task, handle in list(self.running.items()):
-            if handle is not None:
-                await self._cancel(handle, "a new epoch began")
+        for task, pushing in list(self.running.items()):
+            if pushing is not None:
+                await self._cancel(pushing, "a new epoch began")
             task.cancel()
         if self.running:
             await asyncio.wait(list(self.running), timeout=5.0)
         await tell_peers(self.client, self.streamer, topo.peers, self.peers)
-        self.dests = list(topo.kv_dest)
+        self.dests, self.replicas = list(topo.kv_dest), list(topo.kv_replicas)
 
-    async def open(self, step: StepRequest) -> tuple[TransferHandle | None, LayerSignal | None, str]:
-        """Submit the pass's transfer before it runs: (its handle, the layer signal for the compute thread, "") or
-        (None, None, why it cannot go)."""
+    async def open(self, step: StepRequest) -> tuple[Pushing | None, LayerSignal | None, str]:
+        """Submit the pass's transfers before it runs: (their handles, the layer signal for the compute thread, "")
+        or (None, None, why it cannot go)."""
         if not self.dests:
             return None, None, "this prompt stage was given no token stages to stream to"
         region, routes = routes_for(step, self.layers, self.dests)
+        tag = f"prompt {step.mb}/{step.step}"
         try:
-            h = await self.client.stream(self.pool, region, routes, layered=True, tag=f"prompt {step.mb}/{step.step}")
+            h = await self.client.stream(self.pool, region, routes, layered=True, tag=tag)
         except StreamerError as e:
             return None, None, str(e)
-        # through the client's own socket, behind the StreamRequest: the streamer never sees a layer signalled
+        r = None
+        _, to_replicas = routes_for(step, self.layers, self.replicas)
+        if to_replicas:
+            try:
+                r = await self.client.stream(self.pool, region, to_replicas, layered=True, tag=f"{tag} replica")
+            except StreamerError as e:  # the pass goes on; its replicas miss it (the controller counts that)
+                log.warning("[prompt] pass %d/%d: not replicated: %s", step.mb, step.step, e)
+        xfers = [h.xfer] + ([r.xfer] if r is not None else [])
+        # through the client's own socket, behind the StreamRequests: the streamer never sees a layer signalled
         # before the transfer it belongs to
-        return h, LayerSignal(self.client, self.memory, [h.xfer], direct=False), ""
+        return Pushing(h, r), LayerSignal(self.client, self.memory, xfers, direct=False), ""
 
-    def after(self, step: StepRequest, handle: TransferHandle | None, ran: bool, why: str = "") -> None:
-        """The pass ran (`ran`: its KV is written) or did not: report the transfer's outcome once it is over."""
-        task = asyncio.ensure_future(self._report(step, handle, ran, why))
-        self.running[task] = handle
+    def after(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str = "") -> None:
+        """The pass ran (`ran`: its KV is written) or did not: report the transfers' outcome once they are over."""
+        task = asyncio.ensure_future(self._report(step, pushing, ran, why))
+        self.running[task] = pushing
         task.add_done_callback(lambda t: self.running.pop(t, None))
 
-    async def _report(self, step: StepRequest, handle: TransferHandle | None, ran: bool, why: str) -> None:
-        ok, nbytes = False, 0
+    async def _report(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str) -> None:
+        ok, replicated, nbytes = False, False, 0
         try:
-            if handle is None:
+            if pushing is None:
                 pass
             elif not ran:
-                await self._cancel(handle, why or "the prompt pass did not run")
                 why = why or "the prompt pass did not run"
+                await self._cancel(pushing, why)
             else:
-                done = await handle.wait()
+                done = await pushing.main.wait()
                 ok, nbytes = True, done.nbytes
                 self.bytes += nbytes
+                r = pushing.replica
+                replicated = r is not None and r.done.done() and await self._replicated(r)
         except StreamerError as e:
             why = str(e)
         except asyncio.CancelledError:
@@ -111,16 +135,31 @@ class KvPusher:
             self.failures += 1
             log.warning("[prompt] pass %d/%d: KV not streamed to the token stages: %s", step.mb, step.step, why)
         try:
-            await self.send(KvSent(step.epoch, step.mb, step.step, ok, nbytes, why))
+            await self.send(KvSent(step.epoch, step.mb, step.step, ok, nbytes, why, ok and replicated))
+            if ok and not replicated and pushing is not None and pushing.replica is not None \
+                    and await self._replicated(pushing.replica):  # later: the join did not wait for it
+                await self.send(KvSent(step.epoch, step.mb, step.step, True, 0, "", True))
         except Exception as e:  # the controller socket is closing (shutdown): nothing waits for this report
             log.debug("[prompt] KvSent not sent: %s", e)
 
-    async def _cancel(self, h: TransferHandle, why: str) -> None:
+    async def _replicated(self, h: TransferHandle) -> bool:
         try:
-            await h.cancel(why)
-            await h.wait(timeout=5.0)
-        except StreamerError:
-            pass
+            done = await h.wait()
+        except StreamerError as e:
+            log.warning("[prompt] a pass's KV did not reach the token stages' replicas: %s", e)
+            return False
+        self.replica_bytes += done.nbytes
+        return True
+
+    async def _cancel(self, pushing: Pushing, why: str) -> None:
+        for h in (pushing.main, pushing.replica):
+            if h is None:
+                continue
+            try:
+                await h.cancel(why)
+                await h.wait(timeout=5.0)
+            except StreamerError:
+                pass
 
     async def close(self) -> None:
         for task in list(self.running):

@@ -58,12 +58,12 @@ from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
 from stages.errors import InvalidRequestError, StageError
 from stages.kv_home import KVHome, open_gpu_home, open_home
-from stages.kv_push import KvPusher
+from stages.kv_push import KvPusher, Pushing
 from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
-from streamer.client import LayerSignal, TransferHandle, attach_kv_hooks
+from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,8 @@ class StageProcess:
             r = self.replica
             push = self.push
             if push is not None:
-                stats = StageStats(busy, self.steps, up, self.tokens, kv_bytes=push.bytes, kv_failures=push.failures)
+                stats = StageStats(busy, self.steps, up, self.tokens, replica_bytes=push.replica_bytes,
+                                   kv_bytes=push.bytes, kv_failures=push.failures)
             elif r is not None:
                 stats = StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
                                    r.broken[:500])
@@ -450,7 +451,7 @@ class StageProcess:
             elif self.out is not None and out.hidden is not None:
                 await self.out.send(step, out.hidden)
 
-    async def _pushed(self, step: StepRequest, pushing: TransferHandle | None, ran: bool, why: str) -> None:
+    async def _pushed(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str) -> None:
         """A prompt pass is over (ran: for a pipeline still current): the controller learns where its KV is once
         its transfer ends - or at once when it has none (KvSent ok=False: the requests run their prompt again)."""
         if self.push is not None and pushing is not None:
