@@ -286,7 +286,7 @@ class Controller:
                     self.book.ack(x, [list(key)], False)
             while len(self.replica_reports) > MAX_REPLICA_REPORTS:  # passes some stage never confirmed
                 self.replica_reports.pop(next(iter(self.replica_reports)))
-        self.sched.kv_sent(stage, sent.mb, sent.step, sent.ok, sent.nbytes, sent.message)
+        self.sched.kv_sent(stage, sent.mb, sent.step, sent.ok, sent.nbytes, sent.message, now)
         if not sent.ok:
             log.warning("[prompt] prompt stage %d: pass %d/%d's KV did not land: %s", stage, sent.mb, sent.step,
                         sent.message)

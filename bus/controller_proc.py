@@ -858,8 +858,16 @@ class ControllerProcess:
                     self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation,
                                                        "restarting" if body.restarting else "dead", old.host,
                                                        body.reason)
-                if body.role == "streamer" and old.host in self.streamers:
-                    del self.streamers[old.host]  # its replica pools are gone with it
+                known = self.reg.others.get(key)
+                if body.role == "streamer" and known is not None and known.host in self.streamers:
+                    del self.streamers[known.host]  # its replica pools are gone with it
+                    if self.disagg is not None:
+                        # no prompt's KV can move through that host until its streamer is back (its Hello relinks):
+                        # pause rather than let passes fail their tries meanwhile
+                        log.warning("[topology] the streamer of %s is down: serving pauses until it is back",
+                                    known.host)
+                        self.core.pipeline_down()
+                        self.pending_acks = set()
         elif isinstance(body, FatalError):
             self.fatal = body.message
             log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)

@@ -32,7 +32,9 @@ from bus.messages import Chunk, StepRequest
 from bus.requests import Request
 from bus.scheduler import InFlight, Microbatch, Scheduler
 
-MAX_PROMPT_TRIES = 3  # prompt passes a request may have whose KV failed to land before it fails
+MAX_PROMPT_TRIES = 3  # prompt passes of one epoch a request may have whose KV failed to land before it fails
+RETRY_PAUSE_S = 1.0  # after a pass whose KV did not land, no new pass for this long (doubling, at most 8 s):
+# a streamer that died fails every transfer at once, and the controller learns of it only a moment later
 
 
 @dataclass
@@ -67,8 +69,11 @@ class DisaggScheduler(Scheduler):
         self.quarantine: dict[int, int] = {}  # receive slot -> prompt microbatch whose transfers may still write it
         self.receive_waits = 0  # requests that found no receive slot free when their prompt could have run
         self._held: set[int] = set()  # ids of the requests counted there (once each)
-        self.tries: dict[int, int] = {}  # id(request) -> prompt passes whose KV failed to land
+        self.tries: dict[int, int] = {}  # id(request) -> prompt passes whose KV failed to land (this epoch)
+        self.paused_until = 0.0  # no new prompt pass before (after a pass whose KV did not land)
+        self.pause = 0.0
         self.landed_bytes = 0
+        self.now = 0.0  # the latest time given (next_steps, kv_sent)
 
     # ------------------------------------------------------------------ which pipeline
 
@@ -133,6 +138,8 @@ class DisaggScheduler(Scheduler):
             req.cached = 0
         self.landing.clear()
         self.quarantine.clear()
+        self.tries.clear()  # a new epoch: what failed (a streamer, a stage) was rebuilt
+        self.paused_until = self.pause = 0.0
         super().reset_epoch(epoch, keep_cache, valid)
         self.waiting.extendleft(reversed(again))
 
@@ -149,6 +156,7 @@ class DisaggScheduler(Scheduler):
             mb.members.update(landing)
 
     def next_steps(self, now: float) -> list[StepRequest]:
+        self.now = now
         for p in self.pmbs:  # passes whose tokens came back (the controller committed them) and KV all reported
             self._maybe_settle(p)
         out = []
@@ -156,7 +164,7 @@ class DisaggScheduler(Scheduler):
             if mb.inflight is None and any(s not in self.landing for s in mb.members):
                 out.append(self._step(mb, now))
         for p in self.pmbs:
-            if p.inflight is None:
+            if p.inflight is None and now >= self.paused_until:
                 step = self._prompt_step(p, now)
                 if step is not None:
                     out.append(step)
@@ -216,8 +224,10 @@ class DisaggScheduler(Scheduler):
             p.expected = min(p.expected, stage + 1)
             p.ok, p.failed, p.why = False, True, p.why or f"prompt stage {stage} failed the pass"
 
-    def kv_sent(self, stage: int, mb_index: int, step: int, ok: bool, nbytes: int = 0, why: str = "") -> None:
+    def kv_sent(self, stage: int, mb_index: int, step: int, ok: bool, nbytes: int = 0, why: str = "",
+                now: float = 0.0) -> None:
         """Prompt stage `stage` reports its KV of pass (mb_index, step) (its first report counts)."""
+        self.now = max(self.now, now)
         p = self._pmb(mb_index)
         if p is None or p.inflight is None or p.inflight.step != step or stage in p.acked:
             return
@@ -250,6 +260,11 @@ class DisaggScheduler(Scheduler):
                 again.append(req)
         p.inflight = None
         p.result = p.failed = False
+        if again:  # the KV did not land: give whatever failed a moment before the next pass
+            self.pause = min(8.0, self.pause * 2 or RETRY_PAUSE_S)
+            self.paused_until = self.now + self.pause
+        elif p.ok:
+            self.pause = 0.0
         for req in again:
             tries = self.tries.get(id(req), 0) + 1
             super().release(req)

@@ -88,6 +88,9 @@ class DeploymentConfig:
             raise ValueError("--prompt-stages, --token-stages and --prompt-microbatch-size must be >= 0")
         if (self.prompt_stages == 0) != (self.token_stages == 0):
             raise ValueError("give both --prompt-stages and --token-stages (1 or more each), or neither")
+        if self.disaggregated and not self.streamer:
+            raise ValueError("--prompt-stages/--token-stages need the KV streamer (drop --no-streamer): it moves "
+                             "the prompts' KV to the token stages")
         if self.disaggregated and self.num_stages != self.prompt_stages + self.token_stages:
             raise ValueError(f"--stages {self.num_stages} contradicts --prompt-stages {self.prompt_stages} "
                              f"--token-stages {self.token_stages} (leave --stages out: it is their sum)")

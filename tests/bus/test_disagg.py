@@ -87,17 +87,24 @@ def test_receive_slots_spread_over_token_microbatches_and_back_pressure_is_count
     assert sched.receive_waits == 2 and sched.receive_waiting == 1  # type: ignore[attr-defined]
 
 
-def test_kv_that_did_not_land_runs_the_prompt_again_then_fails_the_request() -> None:
+def test_kv_that_did_not_land_runs_the_prompt_again_after_a_pause_then_fails_the_request() -> None:
     core = make(mbs=1, size=1, pmbs=1, psize=1)
     core.submit(b"c", req("a", [5, 6], n=9), 0.0)
     (p,), _ = core.outbox.drain()
     answer(core, p, [11])
-    landed(core, p, ok=False)
+    landed(core, p, ok=False)  # at t=1
+    assert core.outbox.drain()[0] == []  # a pause first: what failed (a streamer) may be on its way down
+    core.schedule(1.5)
+    assert core.outbox.drain()[0] == []
+    core.schedule(2.0)
     (p2,), out = core.outbox.drain()  # the first token is committed; the pass runs again over prompt + it
     assert p2.token_ids == [5, 6, 11] and p2.kv_to == [0]
+    now = 2.0
     for _ in range(MAX_PROMPT_TRIES - 1):
         answer(core, p2, [12])
         landed(core, p2, ok=False)
+        now += 10.0
+        core.schedule(now)
         steps, out = core.outbox.drain()
         if steps:
             p2 = steps[0]

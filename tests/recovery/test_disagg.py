@@ -8,6 +8,8 @@ computes for the same prompt, byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from streamer.client import LayerSignal, attach_kv_hooks
 from tests.bus.test_serving import hf_greedy, run_all, workload
 from tests.conftest import start_deployment
 from tests.recovery.test_hosts import until
-from tests.recovery.test_replication import kill_stage, serve_through
+from tests.recovery.test_replication import kill_stage, pid_of, serve_through
 from tests.streamer.helpers import StreamerProc, connect, run
 
 N = 24
@@ -80,14 +82,24 @@ def test_disaggregated_outputs_equal_hf_greedy(served, dp: int, dt: int, extra: 
 def test_killed_prompt_and_token_stages_leave_every_output_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the prompt stage while prompts still wait for receive slots (its passes in flight run again),
     then of a token stage whose KV dies with it (--kv-takeover off, a GPU stage's case: recomputed on the token
-    pipeline). Greedy and seeded sampling; every token arrives once."""
-    outs, refs, st, done, _ = serve_through(
+    pipeline), then of the streamer that moves the prompts' KV (serving pauses until it is back). Greedy and
+    seeded sampling; every token arrives once."""
+    outs, refs, st, done, logs = serve_through(
         model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "2", "--kv-takeover", "off"),
-        [(40, kill_stage(0)), (500, kill_stage(2))], n=16, stages=3)
-    assert done == ["stage-0", "stage-2"]
+        [(40, kill_stage(0)), (300, kill_stage(2)), (600, kill_process("streamer", 0))], n=16, stages=3,
+        recoveries=2)
+    assert done == ["stage-0", "stage-2", "streamer-0"]
     assert outs == refs
     assert [r["stage"] for r in st["recoveries"]] == [0, 2]
     assert st["recoveries"][1]["source"] == "recompute"
+    assert "the streamer of host-0 is down: serving pauses until it is back" in logs
+
+
+def kill_process(role: str, index: int):  # type: ignore[no-untyped-def]
+    async def act(c: AsyncClient) -> str:
+        os.kill(pid_of(await c.status(), role, index), signal.SIGKILL)
+        return f"{role}-{index}"
+    return act
 
 
 def test_token_stages_receive_the_kv_a_colocated_stage_computes(model_factory) -> None:
