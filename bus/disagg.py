@@ -131,7 +131,7 @@ class DisaggScheduler(Scheduler):
                 for (req, _, _), slot in zip(p.inflight.members, p.dest):
                     if req.slot == slot and slot in self.landing and not req.done:
                         again.append(req)
-            self._settle(p)
+            p.inflight, p.result, p.failed = None, False, False
         for req in again:
             self.landing.discard(req.slot)  # type: ignore[arg-type]
             super().release(req)

@@ -163,3 +163,15 @@ def test_a_cancelled_landing_request_keeps_its_slot_quarantined_until_its_kv_is_
     landed(core, p)
     (p2,), out = core.outbox.drain()
     assert p2.token_ids == [6] and p2.kv_to == [0] and out == []
+
+
+def test_a_new_epoch_after_a_failed_report_queues_the_prompt_once() -> None:
+    core = make(mbs=1, size=2, pmbs=1, psize=1)
+    core.submit(b"c", req("a", [5, 6], n=9), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p, ok=False, stages=[0])  # stage 1 has not reported when the epoch ends
+    core.pipeline_down()
+    core.pipeline_up(2, 5.0, keep_cache=True)
+    (p2,), _ = core.outbox.drain()
+    assert p2.token_ids == [5, 6, 11] and list(core.sched.waiting) == []
