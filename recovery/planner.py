@@ -436,7 +436,7 @@ def make_plan(facts: ModelFacts, times: LayerTimes, lengths: Lengths, settings: 
 
 
 def serve_command(plan: dict[str, Any], model: str, device: str, dtype: str) -> list[str]:
-    """The dejavu-serve command line for a plan (--prompt-stages / --token-stages: issue 19's serving side)."""
+    """The dejavu-serve command line for a plan (colocated: --stages; disaggregated: --prompt-stages / --token-stages)."""
     shape = (["--stages", str(plan["stages"])] if plan["mode"] == "colocated" else
              ["--prompt-stages", str(plan["prompt_stages"]), "--token-stages", str(plan["token_stages"])])
     return ["dejavu-serve", "--model", model, *shape, "--microbatch-size", str(plan["microbatch_size"]),
