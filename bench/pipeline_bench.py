@@ -312,6 +312,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def unwind_on_sigterm() -> None:
+    """SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 async def _status(address: str) -> dict[str, Any]:
     async with AsyncClient(address, timeout=30) as c:
         return await c.status()
@@ -402,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     wrong = hosts_error(args.hosts, [int(x) for x in args.stages.split(",")])
     if wrong:
         p.error(f"--hosts {args.hosts} --stages {args.stages}: {wrong}")
-    # SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed
-    signal.signal(signal.SIGTERM, _interrupt)
+    unwind_on_sigterm()
     if args.quick:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
@@ -474,6 +478,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
     return 0
 
 
+class DeploymentStartError(RuntimeError):
+    """dejavu-serve did not become ready (a stage that does not fit its device, say); the message ends with its log."""
+
+
 @contextlib.contextmanager
 def deployment(args: argparse.Namespace, model: Path, stages: int, *serve_args: str, hosts: int = 1,
                log_name: str = "deployment.log", tag: str = "pipeline") -> Iterator[tuple[Any, Callable[[], None]]]:
@@ -482,13 +490,16 @@ def deployment(args: argparse.Namespace, model: Path, stages: int, *serve_args: 
     on error and on Ctrl-C: the log saved, the processes' incarnations and the log's tail printed, stopped."""
     from recovery.launch import Deployment
 
-    dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
-                           str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
-                           "--startup-timeout", "600", "--transport", args.transport,
-                           "--heartbeat-interval", "0.25", "--heartbeat-timeout",
-                           "10", "--hang-timeout", str(args.hang_timeout),
-                           "--cudnn-attention", args.cudnn_attention, "--hosts", str(hosts), *serve_args, timeout=900,
-                           log_level="INFO")
+    try:
+        dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
+                               str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
+                               "--startup-timeout", "600", "--transport", args.transport,
+                               "--heartbeat-interval", "0.25", "--heartbeat-timeout",
+                               "10", "--hang-timeout", str(args.hang_timeout),
+                               "--cudnn-attention", args.cudnn_attention, "--hosts", str(hosts), *serve_args,
+                               timeout=900, log_level="INFO")
+    except RuntimeError as e:  # its message ends with the deployment's log tail
+        raise DeploymentStartError(str(e)) from None
 
     def save_log() -> None:  # whole, with any stack dumps
         args.out.mkdir(parents=True, exist_ok=True)
