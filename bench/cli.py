@@ -14,6 +14,8 @@
               latency inflation, tokens/s around the kill (bench/failure_bench.py)
     plan      the simulator (dejavu-plan simulate) against measured `pipeline` results, side by side
               (bench/plan_bench.py)
+    disagg    prompt-token disaggregation vs the colocated pipeline on the same devices: every prompt/token
+              split and the planner's pick, paper workload, the simulator beside each (bench/disagg_bench.py)
 
 Each writes JSON + PNG into --out (default ./dejavu-bench-results/ in the current directory; serve: a JSON
 path) and shows progress on stderr when it is a terminal (--quiet: never).
@@ -34,6 +36,7 @@ COMMANDS = {
     "curve": "bench.curve_bench",
     "failure": "bench.failure_bench",
     "plan": "bench.plan_bench",
+    "disagg": "bench.disagg_bench",
 }
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -39,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +257,16 @@ async def watch_progress(c: AsyncClient, done: asyncio.Event, label: str, out: P
     return stalls
 
 
+Annotate = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
+
+
 async def sweep(address: str, rates: list[float], args: argparse.Namespace,
                 on_rate: Callable[[list[dict[str, Any]]], None] | None = None,
-                save_log: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                save_log: Callable[[], None] | None = None, annotate: Annotate | None = None,
+                tag: str = "pipeline") -> list[dict[str, Any]]:
+    """The paper's workload at each rate against a running deployment; one loadgen summary per rate, with each
+    stage's idle fraction over the rate, stalls and restarts. `annotate(status before, status after, summary)`
+    adds figures of its own (status after: taken once every stage reported past the rate's end)."""
     largs = loadgen.parse_args(["--address", address, "--num-requests", str(args.num_requests),
                                 "--prompt-len", args.prompt_len, "--output-len", args.output_len,
                                 "--vocab-size", str(args.vocab), "--timeout", str(args.timeout), "--no-plot"])
@@ -279,14 +287,16 @@ async def sweep(address: str, rates: list[float], args: argparse.Namespace,
                 bar.close()
                 done.set()
                 stalls = await watcher
-            st = await c.status()
+            st_before, st = st, await c.status()
             after = await fresh_stats(c, stage_stats(st))
             summary.pop("records", None)
             summary["idle_fraction"] = idle(before, after)
             summary["stalls"] = stalls
             summary["restarts"] = {k: v - inc_before.get(k, 0) for k, v in incarnations(st).items()
                                    if v != inc_before.get(k, 0)}
-            print(f"[pipeline {time.strftime('%H:%M:%S')}]", loadgen.line(summary), "idle:", summary["idle_fraction"],
+            if annotate is not None:
+                annotate(st_before, await c.status(), summary)
+            print(f"[{tag} {time.strftime('%H:%M:%S')}]", loadgen.line(summary), "idle:", summary["idle_fraction"],
                   "restarts:", summary["restarts"], "stalls:", len(stalls), flush=True)
             out.append(summary)
             if on_rate is not None:
@@ -300,6 +310,11 @@ def incarnations(status: dict[str, Any]) -> dict[str, int]:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwind_on_sigterm() -> None:
+    """SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 async def _status(address: str) -> dict[str, Any]:
@@ -344,10 +359,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dejavu-bench pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="opt-30b", choices=sorted(SHAPES))
-    p.add_argument("--stages", default="2", help="comma-separated pipeline depths")
+def add_deployment_args(p: argparse.ArgumentParser, shape: str = "opt-30b") -> None:
+    """The options of a benchmark that starts deployments of a model shape and sweeps the paper's workload over
+    them (this one, bench/disagg_bench.py)."""
+    p.add_argument("--shape", default=shape, choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--microbatch-size", type=int, default=8)
@@ -364,6 +379,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=256, help="tokens per request in the overhead run")
     p.add_argument("--cudnn-attention", default="all", choices=CUDNN_ATTENTION_MODES,
                    help="where the stages' (and the baseline's) attention may use cuDNN's per-shape compiled kernels")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (on stderr; shown only when stderr is a terminal)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dejavu-bench pipeline", description=__doc__.split("\n\n")[0])
+    add_deployment_args(p)
+    p.add_argument("--stages", default="2", help="comma-separated pipeline depths")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"folder for pipeline_bench.json, pipeline_bench.png and deployment logs (default {OUT_DEFAULT})")
     p.add_argument("--hosts", type=hosts_arg, default=None, metavar="H|each",
@@ -375,8 +398,6 @@ def parser() -> argparse.ArgumentParser:
                         "and control_messages (plaintext vs CURVE, bench/curve_bench.py) to the JSON. Without it: "
                         "one run per depth, on one host")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars (on stderr; shown only when stderr is a terminal)")
     return p
 
 
@@ -386,36 +407,50 @@ def main(argv: list[str] | None = None) -> int:
     wrong = hosts_error(args.hosts, [int(x) for x in args.stages.split(",")])
     if wrong:
         p.error(f"--hosts {args.hosts} --stages {args.stages}: {wrong}")
-    # SIGTERM (a `timeout` wrapper) unwinds like Ctrl-C, so the deployment's log tail is still printed
-    signal.signal(signal.SIGTERM, _interrupt)
+    unwind_on_sigterm()
     if args.quick:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
         args.max_seq_len, args.microbatch_size, args.decode_tokens = 128, 2, 96
     args.vocab = 256 if args.shape == "tiny" else 50272
-    # the model's config and the deployments' logs (recovery.launch writes those to the temp dir) go to a folder
-    # of this run's own, removed at the end, on error and on Ctrl-C too
-    with tempfile.TemporaryDirectory(prefix="dejavu-pipeline-") as root:
+    with scratch("dejavu-pipeline-") as root:
+        return _run(args, argv, root)
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A temporary folder of this run's own that is also the temp dir meanwhile: the model's config and the
+    deployments' logs (recovery.launch writes those to the temp dir) go there, and it is removed at the end, on
+    error and on Ctrl-C too."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as root:
         saved, tempfile.tempdir = tempfile.tempdir, root
         try:
-            return _run(args, argv, Path(root))
+            yield Path(root)
         finally:
             tempfile.tempdir = saved
+
+
+def header(name: str, benchmark: str, args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """A result's provenance: what ran, on which card, when, the exact command, the commit, the machine's load."""
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    return {
+        "benchmark": benchmark, "shape": args.shape, "card": card,
+        "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["bin/dejavu-bench", name, *(sys.argv[2:] if argv is None else argv)]),
+        "commit": curve_bench.source_commit(),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
     model = write_model(args.shape, root)
     layers_total = SHAPES[args.shape]["num_hidden_layers"]
-    card = torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    result: dict[str, Any] = {
-        "benchmark": "pipeline (issue 3): colocated pipeline vs single-GPU runtime; paper workload"
-                     + ("; cross-host vs one host, control messages plaintext vs CURVE (issue 17)" if args.hosts else ""),
-        "shape": args.shape, "card": card, "gpus": torch.cuda.device_count() if args.device == "cuda" else 0,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["bin/dejavu-bench", "pipeline", *(sys.argv[2:] if argv is None else argv)]),
-        "commit": curve_bench.source_commit(), "machine": {"cpus": os.cpu_count(), "load_average_at_start": list(os.getloadavg())},
-        "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [],
-    }
+    result = header("pipeline", "pipeline (issue 3): colocated pipeline vs single-GPU runtime; paper workload"
+                    + ("; cross-host vs one host, control messages plaintext vs CURVE (issue 17)" if args.hosts else ""),
+                    args, argv)
+    result["runs"] = []
     def save(partial: bool) -> None:  # after every rate too, so a run cut short still leaves its figures
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "pipeline_bench.json").write_text(json.dumps({**result, "partial": partial}, indent=1) + "\n")
@@ -443,28 +478,56 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
     return 0
 
 
-def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: int, base: dict[str, float],
-                   result: dict[str, Any], save: Callable[[bool], None]) -> None:
-    """One deployment of `stages` stages on `hosts` (simulated) hosts: the overhead run, then the rate sweep;
-    its run record is appended to result["runs"] (saved after each phase)."""
+class DeploymentStartError(RuntimeError):
+    """dejavu-serve did not become ready (a stage that does not fit its device, say); the message ends with its log."""
+
+
+@contextlib.contextmanager
+def deployment(args: argparse.Namespace, model: Path, stages: int, *serve_args: str, hosts: int = 1,
+               log_name: str = "deployment.log", tag: str = "pipeline") -> Iterator[tuple[Any, Callable[[], None]]]:
+    """A deployment of `stages` stages with the benchmark's settings (and `serve_args` more dejavu-serve options):
+    yields it with a function that saves its whole log (stack dumps included) to <out>/<log_name>. At the end,
+    on error and on Ctrl-C: the log saved, the processes' incarnations and the log's tail printed, stopped."""
     from recovery.launch import Deployment
 
-    where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}"
-    dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
-                           str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
-                           "--startup-timeout", "600", "--transport", args.transport,
-                           "--heartbeat-interval", "0.25", "--heartbeat-timeout",
-                           "10", "--hang-timeout", str(args.hang_timeout),
-                           "--cudnn-attention", args.cudnn_attention, "--hosts", str(hosts), timeout=900,
-                           log_level="INFO")
-    log_name = "deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log"
+    try:
+        dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
+                               str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
+                               "--startup-timeout", "600", "--transport", args.transport,
+                               "--heartbeat-interval", "0.25", "--heartbeat-timeout",
+                               "10", "--hang-timeout", str(args.hang_timeout),
+                               "--cudnn-attention", args.cudnn_attention, "--hosts", str(hosts), *serve_args,
+                               timeout=900, log_level="INFO")
+    except RuntimeError as e:  # its message ends with the deployment's log tail
+        raise DeploymentStartError(str(e)) from None
 
     def save_log() -> None:  # whole, with any stack dumps
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / log_name).write_text(dep.logs())
 
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready", flush=True)
     try:
+        yield dep, save_log
+    finally:
+        save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
+        try:  # restarts during the run would explain slow phases: say so
+            st = asyncio.run(_status(dep.address))
+            print(f"[{tag}] incarnations:", incarnations(st), flush=True)
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            print(f"[{tag}] status failed:", repr(e), flush=True)
+        save_log()
+        log_text = dep.logs()
+        print(f"[{tag}] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
+        dep.stop(timeout=120)
+
+
+def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: int, base: dict[str, float],
+                   result: dict[str, Any], save: Callable[[bool], None]) -> None:
+    """One deployment of `stages` stages on `hosts` (simulated) hosts: the overhead run, then the rate sweep;
+    its run record is appended to result["runs"] (saved after each phase)."""
+    where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}"
+    log_name = "deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log"
+    with deployment(args, model, stages, hosts=hosts, log_name=log_name) as (dep, save_log):
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready", flush=True)
         ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
                                   args.decode_tokens, args.out))
         step = statistics.mean(ov["stage_decode_step_s"].values())
@@ -482,16 +545,5 @@ def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: in
             rec["rates"] = list(done)
             save(True)
 
-        runs = asyncio.run(sweep(dep.address, [float(r) for r in args.rates.split(",")], args, on_rate, save_log))
-    finally:
-        save_log()  # first: a `timeout` wrapper stops the deployment's processes too (one process group)
-        try:  # restarts during the run would explain slow phases: say so
-            st = asyncio.run(_status(dep.address))
-            print("[pipeline] incarnations:", incarnations(st), flush=True)
-        except Exception as e:  # noqa: BLE001 - diagnostics only
-            print("[pipeline] status failed:", repr(e), flush=True)
-        save_log()
-        log_text = dep.logs()
-        print("[pipeline] deployment log (tail):\n" + "\n".join(log_text.splitlines()[-60:]), flush=True)
-        dep.stop(timeout=120)
-    run_rec["rates"] = runs
+        run_rec["rates"] = asyncio.run(sweep(dep.address, [float(r) for r in args.rates.split(",")], args, on_rate,
+                                             save_log))

@@ -73,16 +73,22 @@ def side_by_side(measured: dict[str, Any], simulated: dict[str, Any]) -> dict[st
     return out
 
 
+def step_overhead(times: LayerTimes, layers: int, stages: int, batch: int, tpot: float) -> tuple[float, list[float]]:
+    """(per-stage step overhead, the profile's compute per stage): a decode-only phase with every slot busy makes
+    a token per trip through the `stages` stages of the (token) pipeline, so TPOT / stages is a stage's step;
+    what the profile's compute (a full microbatch's decode step) does not explain is the overhead (>= 0)."""
+    compute = times.stage_steps(layer_split(layers, stages), 0, batch)
+    return max(0.0, tpot / stages - statistics.mean(compute)), compute
+
+
 def validate_run(run: dict[str, Any], settings: dict[str, str], shape: str, times: LayerTimes,
                  layers: int) -> dict[str, Any]:
     S, B = run["stages"], int(settings["microbatch_size"])
     prompt = parse_length(settings.get("prompt_len", "paper"), PAPER_PROMPT)
     output = parse_length(settings.get("output_len", "paper"), PAPER_OUTPUT)
     vocab = int(settings.get("vocab", 256 if shape == "tiny" else 50272))
-    split = layer_split(layers, S)
-    compute = times.stage_steps(split, 0, B)  # a full microbatch's decode step on each stage
     tpot = run["overhead"]["tpot_median_s"]
-    overhead = max(0.0, tpot / S - statistics.mean(compute))
+    overhead, compute = step_overhead(times, layers, S, B, tpot)
     out: dict[str, Any] = {
         "stages": S, "microbatch_size": B, "hosts": run.get("hosts", 1),
         "profile_vs_measured_runtime": {

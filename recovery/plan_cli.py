@@ -173,6 +173,15 @@ def workload_args(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[Any,
 
 
 def run_plan(args: argparse.Namespace, argv: list[str]) -> int:
+    out = build_plan(args, argv)
+    print(json.dumps(out, indent=1))
+    print(f"{PROG}: {plan_line(out)}", file=sys.stderr)
+    return 0
+
+
+def build_plan(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """What `dejavu-plan` prints, as a dict (bench/disagg_bench.py plans in its own process with it); PlanError
+    when nothing fits."""
     from recovery.profiler import device_memory, layer_times_from
 
     if args.gpus < 1:
@@ -195,9 +204,7 @@ def run_plan(args: argparse.Namespace, argv: list[str]) -> int:
     out = {"command": shlex.join([PROG, *argv]), "model_dir": model, "model": facts.to_json(),
            "profile": {**prof, "source": str(args.profile) if args.profile else "measured"},
            "workload": {"prompt_len": ps, "output_len": os_, **result.pop("workload")}, **result}
-    print(json.dumps(out, indent=1))
-    print(f"{PROG}: {plan_line(out)}", file=sys.stderr)
-    return 0
+    return out
 
 
 def plan_line(out: dict[str, Any]) -> str:
