@@ -196,13 +196,18 @@ class Memory:
             b * self.lengths.prompt_max)
 
     def prompt_stage(self, stages: int, b: int) -> float:
+        """As dejavu-serve reserves it: stages + 1 prompt microbatches of b slots, each slot sized for the longest
+        sequence (--max-seq-len)."""
         n = max(layer_split(self.facts.layers, stages))
-        return n * (self.facts.layer_bytes + self.c0(b)) + self.activations(b * self.lengths.prompt_max)
+        return (n * self.facts.layer_bytes + n * (stages + 1) * (self.c0(b) + self.k0(b))
+                + self.activations(b * self.lengths.prompt_max))
 
-    def token_stage(self, stages: int, b: int, recv_slots: int) -> float:
+    def token_stage(self, stages: int, b: int, recv_slots: int = 0) -> float:
+        """As dejavu-serve reserves it: a microbatch of b slots per token stage; a prompt's receive slot is one of
+        those slots (reserved before the pass), so receiving needs no memory of its own (recv_slots: kept for the
+        simulator's model, which counts prompts in flight apart)."""
         n = max(layer_split(self.facts.layers, stages))
-        return (n * self.facts.layer_bytes + n * stages * (self.c0(b) + self.k0(b)) + n * recv_slots * self.c0(b)
-                + self.activations(b))
+        return n * self.facts.layer_bytes + n * stages * (self.c0(b) + self.k0(b)) + self.activations(b)
 
 
 def largest(fits: Callable[[int], bool], cap: int) -> int:
