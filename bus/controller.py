@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from bus.disagg import DisaggScheduler
 from bus.errors import InvalidRequestError
 from bus.messages import (
@@ -26,6 +28,7 @@ from bus.messages import (
     ERR_SERVER,
     ERR_TIMEOUT,
     GenerateRequest,
+    KvMove,
     KvSent,
     Msg,
     RequestDone,
@@ -61,6 +64,7 @@ class ModelInfo:
 class Outbox:
     steps: list[StepRequest] = field(default_factory=list)
     clients: list[tuple[bytes, Msg]] = field(default_factory=list)
+    moves: list[KvMove] = field(default_factory=list)  # disaggregated: to every prompt stage
 
     def drain(self) -> tuple[list[StepRequest], list[tuple[bytes, Msg]]]:
         steps, clients = self.steps, self.clients
@@ -243,12 +247,26 @@ class Controller:
         if self.ready:
             steps = self.sched.next_steps(now)
             self._give_up()
+            moves: list[KvMove] = []
+            if isinstance(self.sched, DisaggScheduler):
+                moves, self.sched.move_out = self.sched.move_out, []
             if self.book is not None:
                 for step in steps:
                     inflight = self.sched.inflight_of(step.mb)
                     assert inflight is not None
-                    self.book.record(step, inflight.members)
+                    members = inflight.members
+                    if step.kv_to is not None:  # a pass fills the replicas of the requests with a receive slot only
+                        kept = [k for k, slot in enumerate(step.kv_to) if slot >= 0]
+                        step = msgspec.structs.replace(step, chunks=[step.chunks[k] for k in kept])
+                        members = [members[k] for k in kept]
+                    self.book.record(step, members)
+                assert isinstance(self.sched, DisaggScheduler) or not moves
+                for mv in moves:  # (a move is "step" mv.move of microbatch -1 for the book)
+                    got = self.sched.moved(mv.move)  # type: ignore[attr-defined]
+                    self.book.record(StepRequest(mv.epoch, -1, mv.move, mv.chunks, [], []),
+                                     [(req, n, False) for req, n in got])
             self.outbox.steps.extend(steps)
+            self.outbox.moves.extend(moves)
 
     def on_result(self, result: StepResult, now: float) -> None:
         self.clock = now

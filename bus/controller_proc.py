@@ -533,6 +533,10 @@ class ControllerProcess:
         for step in steps:
             to = first_token if self.disagg is not None and not self.disagg.is_prompt(step.mb) else b"stage-0"
             await send(self.internal, self.codec, step, route=[to])
+        moves, self.core.outbox.moves = self.core.outbox.moves, []
+        for mv in moves:  # every prompt stage moves its own layers of the parked prompts' KV
+            for i in range(self.cfg.prompt_stages):
+                await send(self.internal, self.codec, mv, route=[f"stage-{i}".encode()])
         for client, body in out:
             await send(self.clients, self.client_codec, body, route=[client])
 

@@ -418,6 +418,17 @@ class KvSent(Msg, tag=53):
     replicated: bool = False  # its KV landed in the token stages' replicas too (Topology.kv_replicas)
 
 
+class KvMove(Msg, tag=54):
+    """Controller -> every prompt stage: the KV of these parked prompts (chunk k: prompt slot, tokens [start,
+    start + length)) goes now into receive slots kv_to[k] of the token stages, which had none free when the pass
+    ran. Answered by KvSent(epoch, mb=-1, step=move)."""
+
+    epoch: int
+    move: int
+    chunks: list[Chunk]
+    kv_to: list[int]
+
+
 # ---------------------------------------------------------------- 70-89: supervisor ------------------
 # The cluster supervisor (dejavu-serve) and the host agents (dejavu-agent, one per machine or simulated host):
 # an agent says AgentHello until it is welcomed (HostWelcome: its slot, its processes' keys, the supervision
@@ -939,6 +950,6 @@ COMMON = (Hello, Welcome, Heartbeat, Shutdown, ErrorReply)
 CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed, StatusQuery, StatusReply, KeepAlive,
           ServerStopping, ServerStoppingAck)
 STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver,
-         ReplicaAck, ReplicaSync, Restore, Restored, KvSent)
+         ReplicaAck, ReplicaSync, Restore, Restored, KvSent, KvMove)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError, AgentHello, HostWelcome, Assign, HostBeat, Fenced, HostsUpdate)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bus.messages import KvSent, Msg, ReplicaTarget, StepRequest, Topology
+from bus.messages import KvMove, KvSent, Msg, ReplicaTarget, StepRequest, Topology
 from stages.peers import tell_peers
 from streamer.client import LayerSignal, StreamerClient, TransferHandle
 from streamer.errors import StreamerError
@@ -38,16 +38,18 @@ log = logging.getLogger(__name__)
 
 
 def routes_for(step: StepRequest, layers: tuple[int, int], dests: list[ReplicaTarget]) -> tuple[Region, list[Route]]:
-    """The pass's region in this stage's pool (prompt slots x its layers x each chunk's tokens) and one route per
-    token stage that owns some of those layers, into the receive slots (same tokens)."""
+    """The region in this stage's pool of the pass's (or move's) chunks that have a receive slot (prompt slots x
+    its layers x each chunk's tokens), and one route per token stage that owns some of those layers, into the
+    receive slots (same tokens). No routes when no chunk has one (every request parked)."""
     assert step.kv_to is not None
-    tokens = tuple((c.start, c.start + c.length) for c in step.chunks)
-    region = Region(tuple(c.slot for c in step.chunks), layers, tokens)
+    go = [(c, slot) for c, slot in zip(step.chunks, step.kv_to) if slot >= 0]
+    tokens = tuple((c.start, c.start + c.length) for c, _ in go)
+    region = Region(tuple(c.slot for c, _ in go), layers, tokens)
     routes = []
-    for t in dests:
+    for t in dests if go else ():
         a, b = max(layers[0], t.layers[0]), min(layers[1], t.layers[1])
         if a < b:
-            dst = Region(tuple(step.kv_to), (a, b), tokens)
+            dst = Region(tuple(slot for _, slot in go), (a, b), tokens)
             routes.append(Route([a, b], PoolRef(t.pool, t.streamer), region_to_spec(dst)))
     return region, routes
 
@@ -84,28 +86,37 @@ class KvPusher:
         await tell_peers(self.client, self.streamer, topo.peers, self.peers)
         self.dests, self.replicas = list(topo.kv_dest), list(topo.kv_replicas)
 
-    async def open(self, step: StepRequest) -> tuple[Pushing | None, LayerSignal | None, str]:
+    async def open(self, step: StepRequest, layered: bool = True) -> tuple[Pushing | None, LayerSignal | None, str]:
         """Submit the pass's transfers before it runs: (their handles, the layer signal for the compute thread, "")
-        or (None, None, why it cannot go)."""
+        or (None, None, why it cannot go: "" when there is nothing to send, every request parked). layered=False:
+        a move of KV written before (KvMove)."""
         if not self.dests:
             return None, None, "this prompt stage was given no token stages to stream to"
         region, routes = routes_for(step, self.layers, self.dests)
+        if not routes:
+            return None, None, ""
         tag = f"prompt {step.mb}/{step.step}"
         try:
-            h = await self.client.stream(self.pool, region, routes, layered=True, tag=tag)
+            h = await self.client.stream(self.pool, region, routes, layered=layered, tag=tag)
         except StreamerError as e:
             return None, None, str(e)
         r = None
         _, to_replicas = routes_for(step, self.layers, self.replicas)
         if to_replicas:
             try:
-                r = await self.client.stream(self.pool, region, to_replicas, layered=True, tag=f"{tag} replica")
+                r = await self.client.stream(self.pool, region, to_replicas, layered=layered, tag=f"{tag} replica")
             except StreamerError as e:  # the pass goes on; its replicas miss it (the controller counts that)
                 log.warning("[prompt] pass %d/%d: not replicated: %s", step.mb, step.step, e)
         xfers = [h.xfer] + ([r.xfer] if r is not None else [])
         # through the client's own socket, behind the StreamRequests: the streamer never sees a layer signalled
         # before the transfer it belongs to
         return Pushing(h, r), LayerSignal(self.client, self.memory, xfers, direct=False), ""
+
+    async def move(self, msg: KvMove) -> None:
+        """Parked prompts' KV (written by passes that ran before) into the receive slots now reserved for them."""
+        step = StepRequest(msg.epoch, -1, msg.move, msg.chunks, [], [], kv_to=msg.kv_to)
+        pushing, _, why = await self.open(step, layered=False)
+        self.after(step, pushing, pushing is not None, why)
 
     def after(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str = "") -> None:
         """The pass ran (`ran`: its KV is written) or did not: report the transfers' outcome once they are over."""
@@ -133,7 +144,8 @@ class KvPusher:
             why = "a new epoch began"
         if not ok:
             self.failures += 1
-            log.warning("[prompt] pass %d/%d: KV not streamed to the token stages: %s", step.mb, step.step, why)
+            what = f"move {step.step}" if step.mb < 0 else f"pass {step.mb}/{step.step}"
+            log.warning("[prompt] %s: KV not streamed to the token stages: %s", what, why or "no transfer")
         try:
             await self.send(KvSent(step.epoch, step.mb, step.step, ok, nbytes, why, ok and replicated))
             if ok and not replicated and pushing is not None and pushing.replica is not None \

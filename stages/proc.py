@@ -36,6 +36,7 @@ from bus.messages import (
     ERR_BAD_REQUEST,
     EpochOver,
     Hello,
+    KvMove,
     KvSent,
     LinkInit,
     Rehello,
@@ -266,6 +267,12 @@ class StageProcess:
                     self.replica.start_sync()
             elif isinstance(body, Restore):
                 self.tg.create_task(self._restore(body, msg.env.msg_id))
+            elif isinstance(body, KvMove):
+                if self.push is not None and body.epoch == self.epoch and body.epoch > self.over:
+                    self.tg.create_task(self.push.move(body))
+                else:  # not this stage's epoch, or it cannot stream: the controller learns it at once
+                    await send(self.ctl, self.codec, KvSent(body.epoch, -1, body.move, False, 0,
+                                                            "this stage cannot move KV now"))
             elif isinstance(body, Welcome):
                 pass  # the answer to a Hello sent again (Rehello)
             elif isinstance(body, Shutdown):
@@ -456,6 +463,10 @@ class StageProcess:
         its transfer ends - or at once when it has none (KvSent ok=False: the requests run their prompt again)."""
         if self.push is not None and pushing is not None:
             self.push.after(step, pushing, ran, why)
+            return
+        if step.kv_to is not None and all(s < 0 for s in step.kv_to) and not why:  # every request parked
+            await send(self.ctl, self.codec, KvSent(step.epoch, step.mb, step.step, ran, 0,
+                                                    "" if ran else "the prompt pass did not run"))
             return
         if ran:
             log.warning("[prompt] pass %d/%d: its KV cannot go to the token stages: %s", step.mb, step.step, why)

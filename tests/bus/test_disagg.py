@@ -12,6 +12,7 @@ from bus.messages import (
     KvSent,
     RequestDone,
     RequestFailed,
+    StepRequest,
     StepResult,
     TokenChunk,
 )
@@ -35,8 +36,10 @@ def answer(core: Controller, step, tokens: list[int]) -> None:  # type: ignore[n
 
 
 def landed(core: Controller, step, ok: bool = True, stages=range(DP)) -> None:  # type: ignore[no-untyped-def]
+    """Every prompt stage reports the pass (a StepRequest) or the move (a KvMove: mb -1, step = move id)."""
+    mb, number = (step.mb, step.step) if isinstance(step, StepRequest) else (-1, step.move)
     for x in stages:
-        core.on_kv_sent(x, KvSent(step.epoch, step.mb, step.step, ok, 100, "" if ok else "lost"), 1.0)
+        core.on_kv_sent(x, KvSent(step.epoch, mb, number, ok, 100, "" if ok else "lost"), 1.0)
 
 
 def test_a_prompt_pass_reserves_receive_slots_and_the_request_joins_once_its_kv_landed() -> None:
@@ -68,23 +71,39 @@ def test_kv_reports_may_come_before_the_first_token() -> None:
     assert [(c.slot, c.start, c.length) for c in s.chunks] == [(0, 2, 1)]
 
 
-def test_receive_slots_spread_over_token_microbatches_and_back_pressure_is_counted() -> None:
-    core = make(mbs=2, size=1, pmbs=2, psize=2)  # 2 receive slots in all
-    for i in range(4):
-        core.submit(b"c", req(f"r{i}", [5 + i]), 0.0)
+def test_a_full_token_pipeline_parks_prompts_and_moves_their_kv_when_a_slot_frees() -> None:
+    """2 receive slots, 4 requests: the first two stream as their passes run, the others' passes still run (the
+    prompt side runs ahead) and their KV waits in the prompt slots (parked) until decodes free receive slots; then
+    one KvMove per batch of parked prompts. Prompt slots bound how far it runs ahead."""
+    core = make(mbs=2, size=1, pmbs=2, psize=2)  # 2 receive slots, 4 prompt slots
+    for i in range(5):
+        core.submit(b"c", req(f"r{i}", [5 + i], n=2), 0.0)
     steps, _ = core.outbox.drain()
-    assert [(s.mb, s.kv_to) for s in steps] == [(2, [0]), (3, [1])]  # a slot in each token microbatch
+    assert [(s.mb, s.kv_to) for s in steps] == [(2, [0]), (3, [1])]  # each pass took one request as it came
     sched = core.sched
-    assert sched.receive_waiting == 2 and sched.receive_waits == 2  # type: ignore[attr-defined]
-    p = steps[0]
-    answer(core, p, [EOS])  # r0 ends at once (EOS): its slot is quarantined until its KV is reported
-    _, out = core.outbox.drain()
-    assert (b"c", RequestDone("r0", "stop", 1, 1)) in out
-    assert core.outbox.drain() == ([], [])  # slot 0 is not free yet: a late transfer could still write it
-    landed(core, p)
-    (s,), _ = core.outbox.drain()
-    assert (s.mb, s.kv_to, s.token_ids) == (2, [0], [7])  # r2's prompt gets the slot
-    assert sched.receive_waits == 2 and sched.receive_waiting == 1  # type: ignore[attr-defined]
+    p0, p1 = steps
+    answer(core, p0, [20])
+    landed(core, p0)
+    steps, _ = core.outbox.drain()  # r0 decodes; the free prompt microbatch runs r2 and r3 without receive slots
+    assert sorted((s.mb, tuple(s.kv_to or ())) for s in steps) == [(0, ()), (2, (-1, -1))]
+    p2 = next(s for s in steps if s.mb == 2)
+    assert [c.slot for c in p2.chunks] == [2, 3] and sched.receive_waits == 2  # type: ignore[attr-defined]
+    answer(core, p2, [21, 22])  # their first tokens reach the clients at once
+    landed(core, p2)  # (nothing moved: the prompt stages report at once)
+    assert sched.receive_waiting == 2 and [m.move for m in core.outbox.moves] == []  # type: ignore[attr-defined]
+    s0 = next(s for s in steps if s.mb == 0)
+    answer(core, s0, [EOS])  # r0 ends: its receive slot frees, r2's parked KV moves there
+    steps, out = core.outbox.drain()
+    (mv,) = core.outbox.moves
+    core.outbox.moves.clear()
+    assert (mv.move, [(c.slot, c.start, c.length) for c in mv.chunks], mv.kv_to) == (1, [(2, 0, 1)], [0])
+    assert sched.receive_waiting == 1  # type: ignore[attr-defined]
+    # r4 found the prompt pool with 1 free slot (r3 holds one, r2 one until its move is reported): the pass runs
+    assert [(s.mb, s.kv_to) for s in steps] == [(2, [-1])] and steps[0].token_ids == [9]
+    landed(core, mv)  # the move is reported (KvSent mb=-1, step=move id): r2 joins and decodes its first token
+    steps, _ = core.outbox.drain()
+    assert [(s.mb, [(c.slot, c.start, c.length) for c in s.chunks], s.token_ids) for s in steps] == \
+        [(0, [(0, 1, 1)], [21])]
 
 
 def test_kv_that_did_not_land_runs_the_prompt_again_after_a_pause_then_fails_the_request() -> None:
@@ -158,11 +177,16 @@ def test_a_cancelled_landing_request_keeps_its_slot_quarantined_until_its_kv_is_
     _, out = core.outbox.drain()
     assert out == [(b"c", RequestDone("a", "cancelled", 1, 0))]
     core.submit(b"c", req("b", [6]), 0.6)
-    assert core.outbox.drain() == ([], [])  # the only receive slot is quarantined
+    (pb,), _ = core.outbox.drain()
+    assert pb.kv_to == [-1]  # the only receive slot is quarantined: b's pass runs, its KV parked
     answer(core, p, [11])  # a's token is not committed: it was cancelled
-    landed(core, p)
-    (p2,), out = core.outbox.drain()
-    assert p2.token_ids == [6] and p2.kv_to == [0] and out == []
+    answer(core, pb, [12])
+    landed(core, pb)
+    assert core.outbox.moves == []
+    landed(core, p)  # a's transfer is over: the slot is free, b's KV moves there
+    core.outbox.drain()
+    (mv,) = core.outbox.moves
+    assert mv.kv_to == [0] and [c.slot for c in mv.chunks] == [1]
 
 
 def test_a_new_epoch_after_a_failed_report_queues_the_prompt_once() -> None:

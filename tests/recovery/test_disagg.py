@@ -58,8 +58,9 @@ def test_disaggregated_outputs_equal_hf_greedy(served, dp: int, dt: int, extra: 
         results = await run_all(dep.address, work)
         async with AsyncClient(dep.address) as c:  # prompt stages report their bytes with their next heartbeat
             st = await until(c, lambda s: s["kv_streamed_bytes"] == sum(
-                p.get("kv_bytes", 0) for p in s["processes"] if p.get("pipeline") == "prompt"), 10,
-                "the prompt stages' KV bytes reported")
+                p.get("kv_bytes", 0) for p in s["processes"] if p.get("pipeline") == "prompt") and all(
+                "idle_fraction" in p for p in s["processes"] if p["role"] == "stage"), 10,
+                "every stage's statistics reported")
         return results, st
 
     try:
@@ -72,8 +73,8 @@ def test_disaggregated_outputs_equal_hf_greedy(served, dp: int, dt: int, extra: 
     assert all(0.0 <= p["idle_fraction"] <= 1.0 for p in stages)
     assert st["prompt_stages"] == dp and st["kv_streamed_bytes"] > 0 and st["receive_waiting"] == 0
     assert all(p["kv_bytes"] > 0 for p in stages if p["pipeline"] == "prompt")
-    if "--microbatches" in extra:
-        assert st["receive_waits"] >= N - 2
+    if "--microbatches" in extra:  # prompts ran ahead of the 2 receive slots: parked, then moved (KvMove)
+        assert st["receive_waits"] > 0
     if "--hosts" in extra:
         assert {p["host"] for p in stages if p["pipeline"] == "prompt"} != {p["host"] for p in stages
                                                                               if p["pipeline"] == "token"}
