@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from bus.disagg import DisaggScheduler
 from bus.errors import InvalidRequestError
 from bus.messages import (
@@ -43,7 +41,6 @@ from bus.scheduler import Scheduler
 from bus.stopping import CANCELLED, finish_reason
 
 log = logging.getLogger(__name__)
-MAX_REPLICA_REPORTS = 1024  # prompt passes waiting for the rest of their replica reports
 MAX_KEEPALIVE_IDS = 4096  # request ids of one KeepAlive that are looked at (bounds what a client can make us hold)
 
 
@@ -92,8 +89,6 @@ class Controller:
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
         self.book: ReplicaBook | None = None  # with replication: which positions each stage's replica holds
-        self.kv_replicas: set[int] = set()  # disaggregated: token stages whose replica every prompt pass also fills
-        self.replica_reports: dict[tuple[int, int, int], set[int]] = {}  # pass -> prompt stages it replicated from
 
     # ------------------------------------------------------------------ clients
 
@@ -254,17 +249,7 @@ class Controller:
                 for step in steps:
                     inflight = self.sched.inflight_of(step.mb)
                     assert inflight is not None
-                    members = inflight.members
-                    if step.kv_to is not None:  # a pass fills the replicas of the requests with a receive slot only
-                        kept = [k for k, slot in enumerate(step.kv_to) if slot >= 0]
-                        step = msgspec.structs.replace(step, chunks=[step.chunks[k] for k in kept])
-                        members = [members[k] for k in kept]
-                    self.book.record(step, members)
-                assert isinstance(self.sched, DisaggScheduler) or not moves
-                for mv in moves:  # (a move is "step" mv.move of microbatch -1 for the book)
-                    got = self.sched.moved(mv.move)  # type: ignore[attr-defined]
-                    self.book.record(StepRequest(mv.epoch, -1, mv.move, mv.chunks, [], []),
-                                     [(req, n, False) for req, n in got])
+                    self.book.record(step, inflight.members)
             self.outbox.steps.extend(steps)
             self.outbox.moves.extend(moves)
 
@@ -293,17 +278,6 @@ class Controller:
         self.clock = now
         if sent.epoch != self.sched.epoch or not isinstance(self.sched, DisaggScheduler):
             return
-        if sent.replicated and self.book is not None:
-            # the pass's KV is in the token stages' replicas once every prompt stage (each its own layers) says so
-            key = (sent.epoch, sent.mb, sent.step)
-            got = self.replica_reports.setdefault(key, set())
-            got.add(stage)
-            if len(got) == self.sched.prompt_stages:
-                del self.replica_reports[key]
-                for x in self.kv_replicas:
-                    self.book.ack(x, [list(key)], False)
-            while len(self.replica_reports) > MAX_REPLICA_REPORTS:  # passes some stage never confirmed
-                self.replica_reports.pop(next(iter(self.replica_reports)))
         self.sched.kv_sent(stage, sent.mb, sent.step, sent.ok, sent.nbytes, sent.message, now)
         if not sent.ok:
             log.warning("[prompt] prompt stage %d: pass %d/%d's KV did not land: %s", stage, sent.mb, sent.step,

@@ -623,15 +623,12 @@ class ControllerProcess(ReplicaOrchestration):
         self.fresh, self.host_failed, self.restoring = set(), {}, {}
         hosted = self._place_replicas()
         kv_dest = self._kv_destinations() or []
-        # every prompt pass fills the token stages' replicas too: counted once it landed in all of them
-        kv_replicas = [self.targets[x] for x in self._replicated() if x in self.targets] if self.disagg else []
-        self.core.kv_replicas = {t.stage for t in kv_replicas}
         peers = {name: data for name, data, _ in self.streamers.values()}
         for i in range(self.cfg.num_stages):
             down = "" if self.cfg.last_of_pipeline(i) else self.reg.stages[i + 1].data
             prompt = self.cfg.pipeline(i) == "prompt"
             topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers,
-                            kv_dest if prompt else [], kv_replicas if prompt else [])
+                            kv_dest if prompt else [])
             await send(self.internal, self.codec, topo, route=[f"stage-{i}".encode()])
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
 

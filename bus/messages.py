@@ -323,7 +323,6 @@ class Topology(Msg, tag=43):
     hosted: list[ReplicaTarget] = []
     peers: dict[str, str] = {}  # every host's streamer -> its data address (the stage tells its own streamer)
     kv_dest: list[ReplicaTarget] = []  # a prompt stage's: every token stage's pool, streamer and layers
-    kv_replicas: list[ReplicaTarget] = []  # ... and their replicas' (filled by each pass too, in a transfer apart)
 
 
 class TopologyAck(Msg, tag=44):
@@ -415,7 +414,6 @@ class KvSent(Msg, tag=53):
     ok: bool
     nbytes: int = 0
     message: str = ""
-    replicated: bool = False  # its KV landed in the token stages' replicas too (Topology.kv_replicas)
 
 
 class KvMove(Msg, tag=54):

@@ -10,9 +10,6 @@ landing in that stage's pool at the receive slots. It is submitted *before* the 
 compute thread signals each layer as soon as it is written (KV hooks), so the copy overlaps the rest of the
 pass and the last layer's copy is mostly done when the pass ends.
 
-With replication, the pass's KV also goes to the token stages' replicas (Topology.kv_replicas): a second layered
-transfer, signalled with the first, so a replica that fails never holds the pass up (it is reported apart).
-
 Every pass this stage ran is reported to the controller (KvSent): landed, or not (failed, cancelled, or the
 pass itself failed), so the controller knows when no transfer can still write a receive slot. A new epoch
 cancels the transfers of the old one before the stage acknowledges it.
@@ -56,10 +53,9 @@ def routes_for(step: StepRequest, layers: tuple[int, int], dests: list[ReplicaTa
 
 @dataclass(frozen=True)
 class Pushing:
-    """A pass's transfers: into the token stages' pools, and into their replicas (None: no replicas)."""
+    """A pass's (or move's) transfer into the token stages' pools."""
 
     main: TransferHandle
-    replica: TransferHandle | None = None
 
 
 class KvPusher:
@@ -68,10 +64,9 @@ class KvPusher:
         self.client, self.pool, self.memory, self.streamer, self.send = client, pool, memory, streamer, send
         self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
         self.dests: list[ReplicaTarget] = []
-        self.replicas: list[ReplicaTarget] = []
         self.peers: dict[str, str] = {}
         self.running: dict[asyncio.Task[None], Pushing | None] = {}
-        self.bytes = self.failures = self.replica_bytes = 0
+        self.bytes = self.failures = 0
         client.on_reconnect.append(self.peers.clear)  # a restarted streamer knows no peers: the next epoch says
 
     async def configure(self, topo: Topology) -> None:
@@ -84,7 +79,7 @@ class KvPusher:
         if self.running:
             await asyncio.wait(list(self.running), timeout=5.0)
         await tell_peers(self.client, self.streamer, topo.peers, self.peers)
-        self.dests, self.replicas = list(topo.kv_dest), list(topo.kv_replicas)
+        self.dests = list(topo.kv_dest)
 
     async def open(self, step: StepRequest, layered: bool = True) -> tuple[Pushing | None, LayerSignal | None, str]:
         """Submit the pass's transfers before it runs: (their handles, the layer signal for the compute thread, "")
@@ -100,17 +95,9 @@ class KvPusher:
             h = await self.client.stream(self.pool, region, routes, layered=layered, tag=tag)
         except StreamerError as e:
             return None, None, str(e)
-        r = None
-        _, to_replicas = routes_for(step, self.layers, self.replicas)
-        if to_replicas:
-            try:
-                r = await self.client.stream(self.pool, region, to_replicas, layered=layered, tag=f"{tag} replica")
-            except StreamerError as e:  # the pass goes on; its replicas miss it (the controller counts that)
-                log.warning("[prompt] pass %d/%d: not replicated: %s", step.mb, step.step, e)
-        xfers = [h.xfer] + ([r.xfer] if r is not None else [])
-        # through the client's own socket, behind the StreamRequests: the streamer never sees a layer signalled
+        # through the client's own socket, behind the StreamRequest: the streamer never sees a layer signalled
         # before the transfer it belongs to
-        return Pushing(h, r), LayerSignal(self.client, self.memory, xfers, direct=False), ""
+        return Pushing(h), LayerSignal(self.client, self.memory, [h.xfer], direct=False), ""
 
     async def move(self, msg: KvMove) -> None:
         """Parked prompts' KV (written by passes that ran before) into the receive slots now reserved for them."""
@@ -125,7 +112,7 @@ class KvPusher:
         task.add_done_callback(lambda t: self.running.pop(t, None))
 
     async def _report(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str) -> None:
-        ok, replicated, nbytes = False, False, 0
+        ok, nbytes = False, 0
         try:
             if pushing is None:
                 pass
@@ -136,8 +123,6 @@ class KvPusher:
                 done = await pushing.main.wait()
                 ok, nbytes = True, done.nbytes
                 self.bytes += nbytes
-                r = pushing.replica
-                replicated = r is not None and r.done.done() and await self._replicated(r)
         except StreamerError as e:
             why = str(e)
         except asyncio.CancelledError:
@@ -147,31 +132,16 @@ class KvPusher:
             what = f"move {step.step}" if step.mb < 0 else f"pass {step.mb}/{step.step}"
             log.warning("[prompt] %s: KV not streamed to the token stages: %s", what, why or "no transfer")
         try:
-            await self.send(KvSent(step.epoch, step.mb, step.step, ok, nbytes, why, ok and replicated))
-            if ok and not replicated and pushing is not None and pushing.replica is not None \
-                    and await self._replicated(pushing.replica):  # later: the join did not wait for it
-                await self.send(KvSent(step.epoch, step.mb, step.step, True, 0, "", True))
+            await self.send(KvSent(step.epoch, step.mb, step.step, ok, nbytes, why))
         except Exception as e:  # the controller socket is closing (shutdown): nothing waits for this report
             log.debug("[prompt] KvSent not sent: %s", e)
 
-    async def _replicated(self, h: TransferHandle) -> bool:
-        try:
-            done = await h.wait()
-        except StreamerError as e:
-            log.warning("[prompt] a pass's KV did not reach the token stages' replicas: %s", e)
-            return False
-        self.replica_bytes += done.nbytes
-        return True
-
     async def _cancel(self, pushing: Pushing, why: str) -> None:
-        for h in (pushing.main, pushing.replica):
-            if h is None:
-                continue
-            try:
-                await h.cancel(why)
-                await h.wait(timeout=5.0)
-            except StreamerError:
-                pass
+        try:
+            await pushing.main.cancel(why)
+            await pushing.main.wait(timeout=5.0)
+        except StreamerError:
+            pass
 
     async def close(self) -> None:
         for task in list(self.running):

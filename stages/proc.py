@@ -223,8 +223,7 @@ class StageProcess:
             r = self.replica
             push = self.push
             if push is not None:
-                stats = StageStats(busy, self.steps, up, self.tokens, replica_bytes=push.replica_bytes,
-                                   kv_bytes=push.bytes, kv_failures=push.failures)
+                stats = StageStats(busy, self.steps, up, self.tokens, kv_bytes=push.bytes, kv_failures=push.failures)
             elif r is not None:
                 stats = StageStats(busy, self.steps, up, self.tokens, r.bytes, r.stalls, r.stall_s, r.failures,
                                    r.broken[:500])
