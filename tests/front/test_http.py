@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import selectors
 import shutil
@@ -357,13 +358,36 @@ async def _draining(s: aiohttp.ClientSession, base: str) -> bool:
     return (await get_json(s, f"{base}/health"))["status"] == "draining"
 
 
+def test_a_killed_front_is_restarted_on_its_port(dep) -> None:  # type: ignore[no-untyped-def]
+    """The front is supervised like the controller: killed, it comes back at the same address, and /metrics counts
+    its restart."""
+    async def main() -> None:
+        async with AsyncClient(dep.address) as z:
+            front = next(p for p in (await z.status())["processes"] if p["role"] == "front")
+            os.kill(front["pid"], signal.SIGKILL)
+        async with api(dep.http) as c, aiohttp.ClientSession() as s:
+            await until(lambda: _restarts_counted(s, dep.http), "the front restarted and counted", 60)
+            r = await c.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, **GREEDY)
+            assert r.choices[0].finish_reason == "length"
+
+    asyncio.run(main())
+
+
+async def _restarts_counted(s: aiohttp.ClientSession, base: str) -> bool:
+    try:
+        metrics = await scrape(s, base)
+    except aiohttp.ClientError:  # not listening yet
+        return False
+    return metrics.get(("dejavu_process_restarts_total", (("index", "0"), ("role", "front")))) == 1
+
+
 def test_stopping_drains_the_front_first_and_loses_nothing(dep) -> None:  # type: ignore[no-untyped-def]
     """Last: SIGINT to dejavu-serve while 6 streams run (2 of them still queued). The front stops admitting (503)
     and every request in flight finishes whole - the controller and the stage stop only after - then exit 0."""
     async def main():  # type: ignore[no-untyped-def]
         async with api(dep.http) as c, aiohttp.ClientSession() as s:
             held = [asyncio.ensure_future(c.completions.create(
-                model=NAME, prompt=PROMPT, max_tokens=120, stream=True, stream_options={"include_usage": True},
+                model=NAME, prompt=PROMPT, max_tokens=80, stream=True, stream_options={"include_usage": True},
                 **GREEDY, **IGNORE_EOS)) for _ in range(SLOTS + MAX_QUEUE)]
             await until(lambda: _in_flight(s, dep.http, SLOTS + MAX_QUEUE), "6 requests in flight")
             dep.proc.send_signal(signal.SIGINT)
@@ -375,7 +399,7 @@ def test_stopping_drains_the_front_first_and_loses_nothing(dep) -> None:  # type
 
     refused, outs = asyncio.run(main())
     assert refused.status_code == 503 and refused.code == "draining"
-    assert [(len(text), finish, use.completion_tokens) for text, finish, use in outs] == [(120, "length", 120)] * 6
+    assert [(len(text), finish, use.completion_tokens) for text, finish, use in outs] == [(80, "length", 80)] * 6
     assert dep.proc.wait(60) == 0
     logs = dep.logs()
     assert logs.index("[drain] every request finished") < logs.index("[shutdown] controller")
