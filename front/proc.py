@@ -186,9 +186,21 @@ class FrontProcess:
                 log.error("[drain] %d request(s) did not end after being cut", a.in_flight)
 
 
+def raise_open_files(want: int) -> None:
+    """Every HTTP connection is a file descriptor: raise the soft limit (often 1,024) toward `want`, within the
+    hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run_front(cfg: FrontConfig) -> int:
     setup_child("dejavu: front", cfg.log_level, cfg.supervisor_pid)
     install_uvloop()
+    raise_open_files(2 * (cfg.max_queue + 4096))
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()  # no *_created series: this process's registry is /metrics
