@@ -4,10 +4,11 @@ Measured here, per request: dejavu_requests_total{endpoint, outcome} (front/erro
 token, time per output token and end-to-end latency histograms, prompt and generated token counters, requests in
 flight. From the controller's status, polled every status_interval (`StatusCollector`, rendered at scrape time
 from the latest answer): queue length, running requests (busy slots) and slots, per-stage busy seconds, steps,
-step time and idle fraction (over the last poll interval), KV bytes streamed by kind, replica lag, process
-restarts and stage recoveries by source, hosts by state, the deployment's state. Nothing is invented: a KV kind
-the deployment does not report yet (prompt->token, swap) reads 0, and every gauge of a status the controller
-did not answer is absent (dejavu_status_up says so)."""
+step time and idle fraction (over the last poll interval; each stage labelled with its pipeline: colocated, or
+prompt and token when disaggregated), KV bytes streamed by kind, prompts waiting for a receive slot, replica
+lag, process restarts and stage recoveries by source, hosts by state, the deployment's state. Nothing is
+invented: a KV kind the deployment does not report yet (swap) reads 0, and every gauge of a status the
+controller did not answer is absent (dejavu_status_up says so)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENDPOINTS = ("completions", "chat")
 KV_KINDS = ("prompt_to_token", "swap", "replica")  # what the streamer moves (DESIGN.md section 1)
 GENERATION_SHIFT = 16  # a stage's incarnation = placement << 16 | restarts in place (recovery/hosts.py)
+STAGE_LABELS = ["stage", "pipeline"]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
@@ -87,10 +89,16 @@ class StatusCollector(Collector):
         yield state
         for name, key, text in (("dejavu_queue_length", "waiting", "requests waiting for a slot"),
                                 ("dejavu_running_requests", "running", "requests holding a slot (busy slots)"),
-                                ("dejavu_slots", "slots", "requests the deployment runs at once")):
+                                ("dejavu_slots", "slots", "requests the deployment runs at once"),
+                                ("dejavu_receive_waiting", "receive_waiting", "prompts done, waiting for a receive "
+                                 "slot in the token pipeline (disaggregated)")):
             g = GaugeMetricFamily(name, text)
             g.add_metric([], float(st.get(key, 0)))
             yield g
+        waits = CounterMetricFamily("dejavu_receive_waits", "requests that had to wait for a receive slot "
+                                    "(back-pressure of the token pipeline; since the controller started)")
+        waits.add_metric([], float(st.get("receive_waits", 0)))
+        yield waits
         hosts = GaugeMetricFamily("dejavu_hosts", "host agents by state", labels=["state"])
         for state_, n in sorted(Tally(h.get("state", "?") for h in st.get("hosts", [])).items()):
             hosts.add_metric([state_], float(n))
@@ -98,15 +106,15 @@ class StatusCollector(Collector):
 
     def _stage_metrics(self, st: dict[str, Any]) -> Iterator[Metric]:
         busy = CounterMetricFamily("dejavu_stage_busy_seconds", "seconds each stage spent computing steps (since "
-                                   "its process started)", labels=["stage"])
+                                   "its process started)", labels=STAGE_LABELS)
         steps = CounterMetricFamily("dejavu_stage_steps", "steps each stage computed (since its process started)",
-                                    labels=["stage"])
+                                    labels=STAGE_LABELS)
         step_s = GaugeMetricFamily("dejavu_stage_step_seconds", "mean seconds per step over the last status "
-                                   "interval in which the stage computed", labels=["stage"])
+                                   "interval in which the stage computed", labels=STAGE_LABELS)
         idle = GaugeMetricFamily("dejavu_stage_idle_fraction", "fraction of the last status interval a stage did "
-                                 "not compute", labels=["stage"])
+                                 "not compute", labels=STAGE_LABELS)
         for p in _stages(st):
-            label = [str(p["index"])]
+            label = [str(p["index"]), p.get("pipeline") or "colocated"]
             busy.add_metric(label, float(p.get("busy_s", 0.0)))
             steps.add_metric(label, float(p.get("steps", 0)))
             window = self.windows.get(p["index"], (None, None))
@@ -118,9 +126,11 @@ class StatusCollector(Collector):
 
     def _kv(self, st: dict[str, Any]) -> Iterator[Metric]:
         replicas = st.get("replicas", [])
-        kv = CounterMetricFamily("dejavu_kv_streamed_bytes", "KV-cache bytes streamed, by kind (prompt_to_token "
-                                 "and swap read 0 until the deployment reports them)", labels=["kind"])
-        totals = {"prompt_to_token": 0, "swap": 0, "replica": sum(int(r.get("bytes", 0)) for r in replicas)}
+        kv = CounterMetricFamily("dejavu_kv_streamed_bytes", "KV-cache bytes streamed, by kind: prompt_to_token "
+                                 "(landed in the token pipeline, since the controller started), replica (since each "
+                                 "stage started), swap (0: not reported by the deployment yet)", labels=["kind"])
+        totals = {"prompt_to_token": int(st.get("kv_streamed_bytes", 0)), "swap": 0,
+                  "replica": sum(int(r.get("bytes", 0)) for r in replicas)}
         for kind in KV_KINDS:
             kv.add_metric([kind], float(totals[kind]))
         yield kv

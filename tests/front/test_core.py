@@ -108,10 +108,10 @@ def test_client_errors_map_to_openai_statuses() -> None:
 
 
 def status(busy: float, steps: int, uptime: float, recoveries: list[dict[str, object]]) -> dict[str, object]:
-    return {"state": "serving", "waiting": 3, "running": 4, "slots": 8,
+    return {"state": "serving", "waiting": 3, "running": 4, "slots": 8, "kv_streamed_bytes": 2048, "receive_waits": 2,
             "processes": [{"role": "controller", "index": 0, "incarnation": 1},
                           {"role": "stage", "index": 0, "incarnation": (1 << 16) | 2, "busy_s": busy, "steps": steps,
-                           "uptime_s": uptime}],
+                           "uptime_s": uptime, "pipeline": "token"}],
             "hosts": [{"state": "up"}, {"state": "spare"}],
             "replicas": [{"stage": 0, "bytes": 1000, "lag_steps": 1, "lag_tokens": 5}], "recoveries": recoveries}
 
@@ -127,10 +127,13 @@ def test_metrics_from_status() -> None:
                for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
     assert samples[("dejavu_requests_total", (("endpoint", "chat"), ("outcome", "success")))] == 1
     assert samples[("dejavu_queue_length", ())] == 3 and samples[("dejavu_running_requests", ())] == 4
-    assert samples[("dejavu_stage_step_seconds", (("stage", "0"),))] == pytest.approx(0.01)  # 0.5 s / 50 steps
-    assert samples[("dejavu_stage_idle_fraction", (("stage", "0"),))] == 1.0  # nothing computed in the last second
+    stage = (("pipeline", "token"), ("stage", "0"))
+    assert samples[("dejavu_stage_step_seconds", stage)] == pytest.approx(0.01)  # 0.5 s / 50 steps
+    assert samples[("dejavu_stage_idle_fraction", stage)] == 1.0  # nothing computed in the last second
     assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "replica"),))] == 1000
+    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "prompt_to_token"),))] == 2048
     assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "swap"),))] == 0
+    assert samples[("dejavu_receive_waits_total", ())] == 2
     assert samples[("dejavu_recoveries_total", (("source", "replica"),))] == 1
     assert samples[("dejavu_process_restarts_total", (("index", "0"), ("role", "stage")))] == 3
     assert samples[("dejavu_hosts", (("state", "spare"),))] == 1

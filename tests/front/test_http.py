@@ -292,10 +292,10 @@ def test_metrics_count_the_requests_sent(dep) -> None:  # type: ignore[no-untype
     assert delta("dejavu_prompt_tokens_total") == sum(u.prompt_tokens for u in uses)
     assert after[("dejavu_slots", ())] == SLOTS and after[("dejavu_status_up", ())] == 1
     assert after[("dejavu_deployment_state", (("state", "serving"),))] == 1
-    assert 0 <= after[("dejavu_stage_idle_fraction", (("stage", "0"),))] <= 1
-    assert after[("dejavu_stage_step_seconds", (("stage", "0"),))] > 0
+    stage = (("pipeline", "colocated"), ("stage", "0"))
+    assert 0 <= after[("dejavu_stage_idle_fraction", stage)] <= 1 and after[("dejavu_stage_step_seconds", stage)] > 0
     for kind in ("prompt_to_token", "swap", "replica"):
-        assert after[("dejavu_kv_streamed_bytes_total", (("kind", kind),))] == 0  # one host: no replica
+        assert after[("dejavu_kv_streamed_bytes_total", (("kind", kind),))] == 0  # colocated, one host: none
     assert after[("dejavu_process_restarts_total", (("index", "0"), ("role", "front")))] == 0
     assert ("dejavu_queue_length", ()) in after and ("dejavu_running_requests", ()) in after
 
