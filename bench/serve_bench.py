@@ -7,9 +7,12 @@ requests at once through one ZeroMQ client (bus/client.py) straight to the contr
 /health names it; or --address). Rounds alternate, ZeroMQ first (--repeats of each), in one run on one
 deployment. Per round: completed and lost (an error, or not exactly --output-len tokens), TTFT and end-to-end
 latency p50/p99, tokens/s; then HTTP / ZeroMQ ratios of the medians over rounds (the front's added latency at
-that load: the target is 1.05 or less). Then --solo requests one at a time on each path: the front's own cost
-per request with no queue, in milliseconds. Both sides' clients run in this process (one uvloop loop), so the
-HTTP side's figures include an HTTP client's parsing too. JSON + PNG (TTFT and latency distributions).
+that load: the target is 1.05 or less), and each process's CPU time per 1,000 output tokens (front, controller,
+stages, and this process's clients; read from /proc where the deployment runs on this machine). Then --solo
+requests one at a time on each path: the front's own cost per request with no queue, in milliseconds. Both
+sides' clients run in this process (one uvloop loop), so the HTTP side's figures include an HTTP client's work
+too: on a machine whose cores the stages need (a CPU deployment) that work slows them as much as the front's.
+JSON + PNG (TTFT and latency distributions).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import sys
@@ -27,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.curve_bench import source_commit
 from bus import loadgen
 from bus.client import AsyncClient
 from bus.client_cli import run_loop
@@ -96,6 +101,8 @@ async def one_http(session: Any, url: str, model: str, prompt: list[int], n: int
                     break
                 if rec["ttft_s"] is None:
                     rec["ttft_s"] = time.perf_counter() - t0  # completions' first event carries the first token
+                if b'"finish_reason":null' in data:
+                    continue  # a token's text: read like a client that only shows it (no JSON decoding)
                 chunk = json.loads(data)
                 if "error" in chunk:
                     return {**rec, "error": "stream error", "message": chunk["error"].get("message", "")[:300]}
@@ -138,8 +145,26 @@ def summarize(path: str, records: list[Record], wanted: list[int], wall: float) 
             "ttfts": sorted(r["ttft_s"] for r in ok), "latencies": sorted(r["latency_s"] for r in ok)}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process on this machine (None: not here, or gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes(status: dict[str, Any] | None) -> dict[str, int]:
+    """name -> pid of the deployment's processes on this machine (status as an administrator sees it), and this
+    process (the clients of both paths)."""
+    out = {f"{p['role']}-{p['index']}": p["pid"] for p in (status or {}).get("processes", [])
+           if p.get("pid") and p["role"] in ("front", "controller", "stage")}
+    return {**out, "bench-clients": os.getpid()}
+
+
 async def burst(path: str, one: Callable[[list[int], int], Awaitable[Record]], work: list[tuple[list[int], int]],
-                quiet: bool) -> dict[str, Any]:
+                quiet: bool, pids: dict[str, int] | None = None) -> dict[str, Any]:
+    before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
     t0 = time.perf_counter()
     with loadgen.progress(len(work), f"{path}: {len(work)} at once", quiet, "req") as bar:
         async def counted(p: list[int], n: int) -> Record:
@@ -147,7 +172,12 @@ async def burst(path: str, one: Callable[[list[int], int], Awaitable[Record]], w
             bar.update(1)
             return rec
         records = await asyncio.gather(*(counted(p, n) for p, n in work))
-    return summarize(path, list(records), [n for _, n in work], time.perf_counter() - t0)
+    out = summarize(path, list(records), [n for _, n in work], time.perf_counter() - t0)
+    tokens = sum(r["tokens"] for r in records) or 1
+    # CPU milliseconds per 1,000 output tokens, per process: where each path spends the machine
+    out["cpu_ms_per_1k_tokens"] = {name: (after - b) * 1e6 / tokens for name, pid in (pids or {}).items()
+                                   if (b := before[name]) is not None and (after := cpu_seconds(pid)) is not None}
+    return out
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -167,6 +197,9 @@ def compare(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{key}_{stat}"] = {**values, "ratio": ratio(values["http"], values["zmq"])}
     tput = {path: median([r["tokens_per_s"] for r in rounds if r["path"] == path]) for path in ("http", "zmq")}
     out["tokens_per_s"] = {**tput, "ratio": ratio(tput["http"], tput["zmq"])}
+    names = sorted({n for r in rounds for n in r.get("cpu_ms_per_1k_tokens", {})})
+    out["cpu_ms_per_1k_tokens"] = {path: {n: median([r["cpu_ms_per_1k_tokens"].get(n) for r in rounds
+                                                     if r["path"] == path]) for n in names} for path in ("http", "zmq")}
     return out
 
 
@@ -213,10 +246,11 @@ async def http_main(args: argparse.Namespace) -> int:
             for p, n in work[:4]:  # warm-up: connections, first steps
                 await zmq(p, n)
                 await http(p, n)
+            pids = processes(await client.status())
             rounds = []
             for k in range(args.repeats):
                 for path, one in (("zmq", zmq), ("http", http)):
-                    s = await burst(path, one, work, args.quiet)
+                    s = await burst(path, one, work, args.quiet, pids)
                     rounds.append({**s, "round": k})
                     loadgen.echo(line(s))
             alone = await solo(args, http, zmq, work) if args.solo else None
@@ -225,6 +259,7 @@ async def http_main(args: argparse.Namespace) -> int:
         "benchmark": "serve-http", "label": args.label,
         "command": shlex.join(["dejavu-bench", "serve", *args.argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "host": platform.node(),
+        "commit": source_commit(), "cpus": os.cpu_count(),
         "http": args.http, "address": address, "model": model, "server": server, "front": health,
         "workload": {"clients": args.clients, "prompt_len": args.prompt_len.describe(),
                      "output_len": args.output_len.describe(), "vocab_size": args.vocab_size, "seed": args.seed,
@@ -255,9 +290,11 @@ def fmt(x: float | None) -> str:
 
 
 def line(s: dict[str, Any]) -> str:
+    cpu = ", ".join(f"{name} {v:.0f}" for name, v in s.get("cpu_ms_per_1k_tokens", {}).items())
     return (f"{s['path']:>4}: {s['completed']}/{s['requests']} complete ({s['lost']} lost) in {s['wall_s']:.1f}s, "
             f"{fmt(s['tokens_per_s'])} tok/s; TTFT p50 {fmt(s['ttft_s']['p50'])}s p99 {fmt(s['ttft_s']['p99'])}s; "
-            f"latency p50 {fmt(s['latency_s']['p50'])}s p99 {fmt(s['latency_s']['p99'])}s")
+            f"latency p50 {fmt(s['latency_s']['p50'])}s p99 {fmt(s['latency_s']['p99'])}s"
+            + (f"; CPU ms per 1k tokens: {cpu}" if cpu else ""))
 
 
 def plot(report: dict[str, Any], rounds: list[dict[str, Any]], path: Path) -> None:
