@@ -232,6 +232,14 @@ class Answer:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
+    def token_event_parts(self, encode: Any) -> tuple[bytes, bytes]:
+        """The SSE event of a token's text as (before, after) the JSON string of the text: every token's event is
+        then one concatenation (the same bytes as encoding `chunk(text)`, at a fraction of the cost)."""
+        marker = "\u0000dejavu\u0000"
+        event = b"data: " + encode(self.chunk(marker)) + b"\n\n"
+        before, after = event.split(encode(marker))
+        return before, after
+
     def usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": use}
 

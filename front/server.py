@@ -290,13 +290,14 @@ class Front:
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
             answer, error = run.answer, None
+            before, after = answer.token_event_parts(encode)
             try:
                 if answer.chat:
                     await resp.write(sse(answer.chunk("", role=True)))
                 while ev is not None:
                     text = run.take(ev)
                     if text:
-                        await resp.write(sse(answer.chunk(text)))
+                        await resp.write(before + encode(text) + after)
                     if run.finish is not None:
                         break
                     ev = await anext(events, None)
