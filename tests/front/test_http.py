@@ -358,6 +358,20 @@ async def _draining(s: aiohttp.ClientSession, base: str) -> bool:
     return (await get_json(s, f"{base}/health"))["status"] == "draining"
 
 
+def test_the_http_benchmark_runs_both_paths_and_loses_nothing(dep, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`dejavu-bench serve --http` in small: as many clients as the front admits at once, both paths, a plot."""
+    from bench import serve_bench
+
+    out = tmp_path / "serve-http.json"
+    assert serve_bench.main(["--http", f"{dep.http}/v1", "--clients", str(SLOTS + MAX_QUEUE), "--repeats", "1",
+                             "--solo", "1", "--prompt-len", "4", "--output-len", "4", "--out", str(out),
+                             "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["path"], r["completed"], r["lost"]) for r in report["rounds"]] == [("zmq", 6, 0), ("http", 6, 0)]
+    assert report["address"] == dep.address and report["http_vs_zmq"]["latency_p50"]["ratio"] > 0
+    assert report["rounds"][1]["cpu_ms_per_1k_tokens"]["front-0"] >= 0 and out.with_suffix(".png").is_file()
+
+
 def test_a_killed_front_is_restarted_on_its_port(dep) -> None:  # type: ignore[no-untyped-def]
     """The front is supervised like the controller: killed, it comes back at the same address, and /metrics counts
     its restart."""
