@@ -1,6 +1,7 @@
 """`dejavu-bench <what> ...`: one entry point for the project's benchmarks.
 
-    serve     load generator against a running deployment (bus/loadgen.py)
+    serve     load generator against a running deployment (bus/loadgen.py); --http URL: the HTTP front
+              against the ZeroMQ client at the same load (bench/serve_bench.py)
     streamer  KV streaming library: ceilings, naive vs buffered, layer-by-layer overhead (bench/streamer_bench.py)
     runtime   single-shard model runtime vs Hugging Face and the weight-read floor (bench/runtime_bench.py)
     pipeline  colocated pipeline on real processes vs its single-GPU runtime; paper workload; bubbles;
@@ -27,7 +28,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "serve": "bus.loadgen",
+    "serve": "bench.serve_bench",
     "streamer": "bench.streamer_bench",
     "runtime": "bench.runtime_bench",
     "pipeline": "bench.pipeline_bench",

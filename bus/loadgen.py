@@ -341,9 +341,10 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(address_required: bool = True) -> argparse.ArgumentParser:
+    """address_required False: for `dejavu-bench serve --http` (bench/serve_bench.py), which finds it itself."""
     p = argparse.ArgumentParser(prog="dejavu-bench serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--address", required=True, help="the controller's client address, tcp://host:port")
+    p.add_argument("--address", required=address_required, help="the controller's client address, tcp://host:port")
     p.add_argument("--rates", type=_rates, help="comma-separated request rates, requests/s (default 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per rate (default 60)")

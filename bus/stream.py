@@ -253,11 +253,15 @@ class TokenStream:
 
     async def _next(self) -> tuple[float, Msg | DejaVuError]:
         assert self._pending is not None
+        queue = self._pending.queue
         remaining = self._deadline - time.perf_counter()
         try:
             if remaining <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self._pending.queue.get(), remaining)
+            if not queue.empty():  # no waiting, so no timer: the common case of a busy stream
+                return queue.get_nowait()
+            async with asyncio.timeout(remaining):  # (wait_for would start a task per token)
+                return await queue.get()
         except TimeoutError:
             raise RequestTimeoutError(
                 f"request {self.request_id}: not finished within {self._timeout:.1f}s after sending "

@@ -51,28 +51,63 @@ def longest_token_bytes(tokenizer: Any) -> int:
 
 
 class IncrementalDetokenizer:
-    """Feed token ids one step at a time; get back only the newly completed text."""
+    """Feed token ids one step at a time; get back only the newly completed text, in amortized constant time per
+    token (the controller runs one per request, on its loop).
+
+    A window of ids [prefix, len) is decoded at each push, never the whole output: `prefix .. read` is context
+    already handed out (so tokenizers that space or merge by their neighbours decode the new tokens as a full
+    decode would), `read .. len` the tokens not yet handed out. Text that ends in U+FFFD (an incomplete UTF-8
+    character: a byte-level token can end in the middle of one) is held back until the character completes;
+    then the window moves on (vLLM's and TGI's prefix/read offsets). A held tail that keeps ending in U+FFFD
+    (invalid bytes, which only random models emit) is split once a split point is final - at most 3 bytes, so 3
+    tokens, can complete a character - so the window stays bounded there too. What it hands out, joined, equals
+    the full decode of the output in the context of the prompt's last tokens (tests/bus/test_text.py)."""
+
+    CONTEXT = 4  # prompt tokens decoded with the first output tokens
+    HOLD = 4  # held tokens past which a split is tried
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the full decode already handed out
+        self.prefix = 0  # window start: context for the tokens after `read`
+        self.read = 0  # tokens before this have been handed out (or are the prompt's context)
 
     def prime(self, prompt_ids: list[int]) -> None:
         """Decode outputs in the context of the prompt's last tokens (so word-joining tokenizers space
         correctly); only text after the prompt is ever returned."""
-        self.ids = list(prompt_ids[-4:])
-        self.emitted = len(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix, self.read = 0, len(self.ids)
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # incomplete character: wait for the rest of its bytes
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        new, self.emitted = text[self.emitted :], len(text)
-        return new
+        """Whatever is held (an incomplete character decodes as U+FFFD, as a full decode would have it)."""
+        return self._advance(final=True)
+
+    def _decode(self, a: int, b: int) -> str:
+        return self.tokenizer.decode(self.ids[a:b], skip_special_tokens=True)
+
+    def _advance(self, final: bool) -> str:
+        n = len(self.ids)
+        if n == self.read:
+            return ""
+        seen = self._decode(self.prefix, self.read)
+        text = self._decode(self.prefix, n)
+        if final or (len(text) > len(seen) and not text.endswith("\ufffd")):
+            self.prefix, self.read = self.read, n
+            return text[len(seen):]
+        if n - self.read > self.HOLD:
+            return self._split(seen, text, n - 3)
+        return ""
+
+    def _split(self, seen: str, text: str, j: int) -> str:
+        """Hand out the text of the tokens before `j` if decoding them apart from the rest gives the window's text:
+        with 3 tokens after `j`, no character spanning `j` can still change."""
+        head = self._decode(self.prefix, j)
+        tail = self._decode(j - 1, len(self.ids))[len(self._decode(j - 1, j)):]
+        if head + tail != text or not head.startswith(seen):
+            return ""
+        self.prefix, self.read = j - 1, j
+        return head[len(seen):]

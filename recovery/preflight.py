@@ -47,6 +47,8 @@ def check_deployment(cfg: DeploymentConfig) -> Checked:
     check_layout(cfg, spec)
     warnings = check_exposure(cfg)
     check_port(cfg.host, cfg.port)
+    if cfg.http_port is not None:
+        warnings += check_http(cfg)
     if cfg.device == "cuda" and cfg.hosts:
         check_gpus(cfg)
     if cfg.device == "cpu" and cfg.streamer:
@@ -131,6 +133,32 @@ def check_port(host: str, port: int) -> None:
                 raise UsageError(f"--port {port}: already in use on {host}; stop what listens there or choose "
                                  "another port (--port 0 picks a free one)") from None
             raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+
+
+def check_http(cfg: DeploymentConfig) -> list[str]:
+    """The HTTP front: its settings, its port, the key it connects to the controller with (--keys), the tokenizer
+    it needs, and who can reach it - HTTP has no keys, so beyond the loopback only with --insecure."""
+    from bus.text import has_tokenizer
+    from recovery.front_child import front_config
+
+    try:
+        front_config(cfg, "tcp://127.0.0.1:1")
+    except KeysError as e:
+        raise UsageError(f"--http-port with --keys: {e}") from None
+    if not has_tokenizer(Path(cfg.model_dir)):
+        raise UsageError(f"--http-port: the HTTP front serves text, and --model {cfg.model_dir} has no tokenizer files")
+    if cfg.http_port:
+        try:
+            check_port(cfg.http_host, cfg.http_port)
+        except UsageError as e:
+            raise UsageError(str(e).replace("--port", "--http-port").replace("--host", "--http-host")) from None
+    if loopback_host(cfg.http_host):
+        return []
+    if not cfg.insecure:
+        raise UsageError(f"--http-host {cfg.http_host}: the HTTP front has no authentication; beyond this machine's "
+                         "loopback give --insecure (or put an authenticating proxy in front of a loopback one)")
+    return [f"--http-host {cfg.http_host} --insecure: the HTTP API is plaintext and unauthenticated; anyone who can "
+            "reach it can send requests"]
 
 
 def visible_gpus() -> int:

@@ -27,14 +27,17 @@ ServerStopping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from bus import security
@@ -73,6 +76,7 @@ from recovery.children import (
     sweep,
     sweep_dead_deployments,
 )
+from recovery.front_child import front_spec
 from recovery.hosts import DEAD, Host, HostTable
 from recovery.preflight import pool_bytes
 from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig, StagePlan
@@ -96,10 +100,10 @@ def tcp_host(address: str) -> str:
 
 
 class SupervisorProcess(ChildSupervisor):
-    def __init__(self, cfg: DeploymentConfig, on_ready: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, cfg: DeploymentConfig, on_ready: Callable[[str, str, str], None] | None = None) -> None:
         super().__init__(cfg.policy(), cfg.log_dir)
         self.cfg = cfg
-        self.on_ready = on_ready or (lambda client, agents: None)
+        self.on_ready = on_ready or (lambda client, agents, http: None)
         self.codec = Codec(SUPERVISOR, 0)
         self.ctx = context()
         self.ready = asyncio.Event()
@@ -113,6 +117,8 @@ class SupervisorProcess(ChildSupervisor):
         self.local_hosts = cfg.hosts + cfg.spare_hosts
         self.auth = None
         self.client_keys: security.Keyring | None = None
+        self.front_hello = asyncio.Event()  # the HTTP front (--http-port) listens
+        self.http_address = ""
 
     # ------------------------------------------------------------------ main
 
@@ -142,7 +148,7 @@ class SupervisorProcess(ChildSupervisor):
         leases = asyncio.ensure_future(self._leases())
         try:
             await self._start()
-            self.on_ready(self.addresses["client"], self.address)
+            self.on_ready(self.addresses["client"], self.address, self.http_address)
             await self.stop.wait()
         except StartAborted:
             pass
@@ -178,7 +184,7 @@ class SupervisorProcess(ChildSupervisor):
         security.install(self.keys_dir, {SUPERVISOR: join_table[SERVER_KEY], AGENT_KEY: join_table[AGENT_KEY]},
                          {SUPERVISOR: security.read_secret(self.join_keys, SERVER_KEY)})
         names = [CONTROLLER, *(f"stage-{i}" for i in range(cfg.num_stages)),
-                 *(f"{role}-{k}" for k in range(MAX_HOSTS) for role in ("agent", "streamer"))]
+                 *(f"{role}-{k}" for k in range(MAX_HOSTS) for role in ("agent", "streamer")), "front"]
         security.generate(self.keys_dir, names)
         self.keys = security.load(self.keys_dir, SUPERVISOR)
         self.public = security.read_table(self.keys_dir)
@@ -221,9 +227,13 @@ class SupervisorProcess(ChildSupervisor):
             self.table.slot_for(ac.host_id, k)
             self._spawn(self._child(ChildSpec("agent", k, "recovery.agent", ac), watched=False))
         await self._wait(self.controller_hello, "the controller's Hello")
+        if cfg.http_port is not None:  # a client of the controller: started once it listens
+            self._spawn(self._child(front_spec(cfg, self.addresses["client"], self.address, self.keys_dir, pid)))
         await self._wait(self.ready, "DeploymentReady from the controller (all stages placed, loaded and linked)")
         if cfg.streamer:  # up before serving starts, so status() always lists them
             await self._wait(self.streamers_up, "the streamers' Hellos")
+        if cfg.http_port is not None:
+            await self._wait(self.front_hello, "the HTTP front's Hello")
 
     # ------------------------------------------------------------------ hosts
 
@@ -377,6 +387,9 @@ class SupervisorProcess(ChildSupervisor):
             cfg = replace(child.spec.config, client_bind=self.addresses["client"],  # type: ignore[type-var]
                           internal_bind=self.addresses["internal"])
             return replace(child.spec, config=cfg)
+        if child.spec.role == "front" and self.http_address:  # the port it had: HTTP clients come back there
+            port = int(self.http_address.rsplit(":", 1)[1])
+            return replace(child.spec, config=replace(child.spec.config, port=port))  # type: ignore[type-var]
         return child.spec
 
     def _silent(self, child: Child, silent_s: float) -> None:
@@ -434,6 +447,8 @@ class SupervisorProcess(ChildSupervisor):
 
     async def _on_message(self, route: bytes, msg: Received) -> None:
         child = self._from_child(route, msg)
+        if child is not None and child.spec.role == "front" and isinstance(msg.body, Hello):
+            await self._on_front_hello(child, msg.body)
         if child is None or child.spec.role != "controller":
             return
         body = msg.body
@@ -448,6 +463,14 @@ class SupervisorProcess(ChildSupervisor):
         elif isinstance(body, DeploymentReady):
             self.ready.set()
 
+    async def _on_front_hello(self, child: Child, body: Hello) -> None:
+        """The HTTP front listens (its address, for the ready line); the controller lists it in status()."""
+        self.http_address = body.addresses.get("http", "")
+        self.front_hello.set()
+        hello = msgspec.structs.replace(body, incarnation=child.state.incarnation)
+        self.forwarded[("front", 0)] = hello
+        await self._to_controller(hello)
+
     # ------------------------------------------------------------------ stopping
 
     async def _shutdown(self, reason: str) -> None:
@@ -459,6 +482,8 @@ class SupervisorProcess(ChildSupervisor):
                 stand_in = asyncio.ensure_future(self._stand_in(self.addresses["client"], self.fatal))
             else:
                 await self._to_controller(FatalError(self.fatal))
+        if not self.fatal:
+            await self._drain_front(reason)
         for host in self.table.live():  # remote agents too: they stop their processes
             await send(self.sock, self.codec, Shutdown(reason), route=[host.route])
         await self._stop_children(list(self.children.values()), reason)
@@ -466,6 +491,19 @@ class SupervisorProcess(ChildSupervisor):
             await stand_in
         for task in list(self.tasks):
             task.cancel()
+
+    async def _drain_front(self, reason: str) -> None:
+        """The HTTP front stops first: it refuses new requests and lets those in flight finish (its drain_timeout)
+        while the controller and the stages still serve them; then the rest stops."""
+        front = self.children.get("front-0")
+        if front is None or front.proc is None or front.proc.returncode is not None:
+            return
+        if front.route is not None:
+            await send(self.sock, self.codec, Shutdown(reason), route=[front.route])
+        else:  # still starting: it cannot hear Shutdown yet
+            with contextlib.suppress(ProcessLookupError):
+                front.proc.send_signal(signal.SIGTERM)
+        await self._reap([front], self.cfg.drain_timeout + self.policy.shutdown_timeout, None)
 
     async def _stand_in(self, address: str, message: str) -> None:
         """The controller is gone for good, and with it whoever could tell its clients. Its clients wait to

@@ -109,6 +109,18 @@ def parser() -> argparse.ArgumentParser:
                    help="write each process's log to DIR/<process>.log (default: everything to stderr)")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                    help="at WARNING only what is wrong is logged")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; /metrics, /health, "
+                        "/ready) on this port, from a process of its own (0: any free port; the ready line says which)")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="interface of the HTTP front; beyond the loopback it needs --insecure (HTTP has no keys)")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="HTTP requests that may wait for a slot; more at once are refused with 429")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds an HTTP request may take, arrival to last token (then 504, or an error event)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT the HTTP front stops admitting (503) and gives the requests in flight "
+                        "this many seconds to finish, before the rest of the deployment stops")
     return p
 
 
@@ -153,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             spare_hosts=args.spare_hosts, min_hosts=args.min_hosts, agent_bind=args.agent_bind,
             keys_dir=str(Path(args.keys).resolve()) if args.keys else "", insecure=args.insecure,
             replicate=args.replicate, replica_lag=args.replica_lag, kv_takeover=args.kv_takeover == "on",
+            http_port=args.http_port, http_host=args.http_host, max_queue=args.max_queue,
+            request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
         )
         checked = check_deployment(cfg)
     except (ValueError, UsageError) as e:
@@ -162,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     for warning in checked.warnings:
         print(f"dejavu-serve: warning: {warning}", file=sys.stderr)
 
-    def ready(address: str, agents: str = "") -> None:
+    def ready(address: str, agents: str = "", http: str = "") -> None:
         hosts = f"{cfg.hosts} host(s)" + (f" + {cfg.spare_hosts} spare" if cfg.spare_hosts else "")
         stages = (f"{cfg.prompt_stages} prompt + {cfg.token_stages} token stage(s)" if cfg.disaggregated
                   else f"{cfg.num_stages} stage(s)")
         print(f"dejavu-serve: ready {address} (model {model_dir}, {stages}, {cfg.device}, "
-              f"{hosts}; agents join {agents})", flush=True)
+              f"{hosts}; agents join {agents}{f'; OpenAI API at {http}/v1' if http else ''})", flush=True)
 
     from recovery.proc import DeploymentError, run_supervisor
 

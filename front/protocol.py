@@ -1,0 +1,253 @@
+"""The OpenAI API's request and response shapes (completions, chat completions, their stream chunks, usage).
+
+Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
+objects of the answers. Fields the deployment cannot honour (n > 1, logprobs, penalties, tools, ...) are refused
+with a 400 that names them - never silently ignored. Extensions, as vLLM names them: `top_k`, `ignore_eos`,
+`stop_token_ids`; a completions prompt may be a list of token ids.
+
+Logprobs: the stages return the sampled token only (stages/stage.py), so a request for logprobs is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from front.errors import ApiError, bad_request
+
+MAX_STOPS = 4  # as the OpenAI API
+MAX_SEED = 2**63
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str
+    prompt: str | list[int] | None  # completions: text or token ids; chat: None (the messages are rendered)
+    max_tokens: int | None  # None: completions 16, chat whatever fits the maximum sequence length
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None  # None: a fresh random seed (as the OpenAI API: sampling is not reproducible without one)
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise bad_request(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}", name)
+    return float(v)
+
+
+def _int(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+        raise bad_request(f"{name} must be an integer in [{lo}, {hi}), got {v!r}", name)
+    return v
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad_request(f"{name} must be true or false, got {v!r}", name)
+    return v
+
+
+def _token_ids(v: Any, name: str) -> list[int]:
+    out = []
+    for t in v:
+        try:
+            i = operator.index(t)
+        except TypeError:
+            raise bad_request(f"{name} must hold integer token ids, got {t!r}", name) from None
+        if isinstance(t, bool) or not 0 <= i < 2**31:
+            raise bad_request(f"{name} must hold token ids in [0, 2**31), got {t!r}", name)
+        out.append(i)
+    return out
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    """Parameters the deployment cannot honour, when asked for anything but their neutral value."""
+    if body.get("n", 1) not in (1, None):
+        raise bad_request("n must be 1: one choice per request (send several requests)", "n")
+    if body.get("best_of", 1) not in (1, None):
+        raise bad_request("best_of must be 1", "best_of")
+    if chat:
+        if body.get("logprobs") or body.get("top_logprobs"):
+            raise bad_request("logprobs are not supported: the stages return the sampled token only", "logprobs")
+    elif body.get("logprobs") is not None:
+        raise bad_request("logprobs are not supported: the stages return the sampled token only", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad_request(f"{name} is not supported (only 0)", name)
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    if body.get("echo"):
+        raise bad_request("echo is not supported", "echo")
+    if body.get("suffix"):
+        raise bad_request("suffix is not supported", "suffix")
+    if body.get("tools") or body.get("functions"):
+        raise bad_request("tools are not supported", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        raise bad_request("response_format must be {\"type\": \"text\"}", "response_format")
+
+
+def _stops(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request(f"stop must be a string or a list of strings, got {stop!r:.80}", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad_request(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    return tuple(s for s in stops if s)
+
+
+def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_name: str) -> Params:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model is required: the name /v1/models lists", "model")
+    max_tokens = _int(body, max_tokens_name, 1, 1 << 30)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("stream_options must be an object", "stream_options")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list):
+        raise bad_request("stop_token_ids must be a list of token ids", "stop_token_ids")
+    return Params(
+        model=model, prompt=prompt, max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=_int(body, "top_k", 0, 1 << 31) or 0, seed=_int(body, "seed", 0, MAX_SEED),
+        stop=_stops(body), stop_token_ids=tuple(_token_ids(stop_ids, "stop_token_ids")),
+        ignore_eos=_flag(body, "ignore_eos"), stream=_flag(body, "stream"),
+        include_usage=bool((options or {}).get("include_usage")),
+    )
+
+
+def _check_top_p(p: Params) -> Params:
+    if p.top_p <= 0.0:
+        raise bad_request("top_p must be in (0, 1]", "top_p")
+    return p
+
+
+def parse_completion(body: Any) -> Params:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    _refuse_unsupported(body, chat=False)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt is empty", "prompt")
+        return _check_top_p(_params(body, prompt, "max_tokens"))
+    if isinstance(prompt, list) and prompt and not any(isinstance(t, (str, list)) for t in prompt):
+        return _check_top_p(_params(body, _token_ids(prompt, "prompt"), "max_tokens"))
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("one prompt per request (send several requests)", "prompt")
+    raise bad_request("prompt must be a non-empty string or a list of token ids", "prompt")
+
+
+def parse_chat(body: Any) -> tuple[list[dict[str, str]], Params]:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    _refuse_unsupported(body, chat=True)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a role", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": m["role"], "content": content})
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return out, _check_top_p(_params(body, None, name))
+
+
+# ---------------------------------------------------------------- answers
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What every object of one request's answer shares."""
+
+    id: str
+    model: str
+    chat: bool
+    created: int
+
+    @classmethod
+    def new(cls, request_id: str, model: str, chat: bool) -> Answer:
+        return cls(("chatcmpl-" if chat else "cmpl-") + request_id, model, chat, int(time.time()))
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""), "created": self.created,
+                "model": self.model}
+
+    def whole(self, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(False), "choices": [choice], "usage": use}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head(True), "choices": [choice]}
+
+    def token_event_parts(self, encode: Any) -> tuple[bytes, bytes]:
+        """The SSE event of a token's text as (before, after) the JSON string of the text: every token's event is
+        then one concatenation (the same bytes as encoding `chunk(text)`, at a fraction of the cost)."""
+        marker = "\u0000dejavu\u0000"
+        event = b"data: " + encode(self.chunk(marker)) + b"\n\n"
+        before, after = event.split(encode(marker))
+        return before, after
+
+    def usage_chunk(self, use: dict[str, int]) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": use}
+
+
+def models_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "dejavu"}]}
+
+
+def refuse_model(asked: str, served: str) -> ApiError:
+    return ApiError(404, f"the model {asked!r} does not exist here: this server serves {served!r} (GET /v1/models)",
+                    param="model", code="model_not_found")

@@ -1,0 +1,332 @@
+"""The HTTP endpoints (aiohttp): /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health, /ready.
+
+Runs in the front process (front/proc.py owns the loop, the server, the client and the drain). One generation
+request: admission (front/admission.py), its body parsed (front/protocol.py), its prompt turned into token ids on
+the text thread (front/chat.py), its length checked against the deployment's maximum sequence length, then one
+stream of the ZeroMQ client (bus/client.py) whose text goes through the stop strings (front/stops.py) to the HTTP
+client - whole, or as server-sent events. Errors before the first token are an HTTP status in the OpenAI error
+shape; after it, an SSE `{"error": ...}` event (what the `openai` client raises from).
+
+Each request's stream is read at the pace its HTTP client takes it: a slow client only fills its own queue in
+this process, never slows the controller. A client that disconnects cancels its request (aiohttp cancels the
+handler; leaving the stream cancels the request on the controller).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from bus.client import AsyncClient, TokenEvent, TokenStream
+from bus.errors import DejaVuError
+from front import chat
+from front.admission import Admission
+from front.config import FrontConfig
+from front.errors import ApiError, bad_request, from_client, too_long, unavailable
+from front.metrics import CONTENT_TYPE, Metrics
+from front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
+from front.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = b"data: [DONE]\n\n"
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
+encode = msgspec.json.Encoder().encode
+
+
+def error_response(e: ApiError) -> web.Response:
+    return web.Response(status=e.status, body=encode(e.body()), content_type="application/json", headers=e.headers)
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=encode(obj), content_type="application/json")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + encode(obj) + b"\n\n"
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method, body too large) in the OpenAI error shape too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        return error_response(ApiError(e.status, f"{request.method} {request.path}: {e.reason}", kind))
+
+
+@dataclass
+class Run:
+    """One generation's progress, for its answer and its metrics."""
+
+    endpoint: str
+    answer: Answer
+    params: Params
+    prompt_tokens: int
+    t0: float
+    matcher: StopMatcher
+    tokens: int = 0
+    first: float | None = None
+    last: float = 0.0
+    finish: str | None = None
+    parts: list[str] = field(default_factory=list)
+
+    def take(self, ev: TokenEvent) -> str:
+        """The text this event adds to the answer (held back where it may begin a stop string)."""
+        if ev.token_ids:
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            self.last = now
+            self.tokens += len(ev.token_ids)
+        text, stopped = self.matcher.push(ev.text or "")
+        if stopped:
+            self.finish = "stop"
+        return text
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.prompt_tokens, self.tokens)
+
+
+class Front:
+    def __init__(self, cfg: FrontConfig, client: AsyncClient, tokenizer: Any, admission: Admission,
+                 metrics: Metrics, text_pool: ThreadPoolExecutor, max_prompt_bytes: int) -> None:
+        self.cfg, self.client, self.tokenizer = cfg, client, tokenizer
+        self.admission, self.metrics, self.text_pool = admission, metrics, text_pool
+        self.max_prompt_bytes = max_prompt_bytes
+        self.model = cfg.served_name
+        self.created = int(time.time())
+        self.handlers: set[asyncio.Task[Any]] = set()  # generation requests in flight (the drain may cut them)
+        self.aborting = ""  # why the requests still in flight are being cut ("" = they are not)
+        metrics.in_flight.set_function(lambda: admission.in_flight)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[openai_errors])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
+        return app
+
+    def abort(self, why: str) -> None:
+        """Cut every request still in flight (the drain's deadline passed): each ends with a 503 or an error
+        event saying why, and its request is cancelled on the controller."""
+        self.aborting = why
+        for task in list(self.handlers):
+            task.cancel()
+
+    # ------------------------------------------------------------------ small endpoints
+
+    async def models(self, request: web.Request) -> web.Response:
+        return json_response(models_list(self.model, self.created))
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness: this process serves HTTP (200 while draining too); what it knows of the deployment."""
+        a = self.admission
+        return json_response({"status": "draining" if a.draining else "ok", "deployment": a.state,
+                              "controller": self.cfg.controller, "controller_reachable": a.reachable,
+                              "in_flight": a.in_flight, "limit": a.limit})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: 200 when new requests would be served; 503 (with the reason) when they would be refused."""
+        a = self.admission
+        if a.ready:
+            return json_response({"status": "ready"})
+        why = (f"draining: {a.draining}" if a.draining else f"deployment {a.state}" if a.reachable
+               else "the controller does not answer")
+        return json_response({"status": "unavailable", "reason": why}, 503)
+
+    # ------------------------------------------------------------------ generation
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            refusal = self.admission.refusal()
+            if refusal is not None:
+                raise refusal
+            with self.admission.hold():
+                run, stream = await self._start(request, endpoint, t0)
+                if run.params.stream:
+                    return await self._sse(request, run, stream)
+                return await self._whole(run, stream)
+        except ApiError as e:
+            self.metrics.outcome(endpoint, e.outcome)
+            return error_response(e)
+        except asyncio.CancelledError:
+            self.metrics.outcome(endpoint, "cancelled")  # its client went away (or the drain cut it: below)
+            raise
+        finally:
+            self.handlers.discard(task)
+
+    async def _start(self, request: web.Request, endpoint: str, t0: float) -> tuple[Run, TokenStream]:
+        body = await self._body(request)
+        messages: list[dict[str, str]] | None = None
+        if endpoint == "chat":
+            messages, p = parse_chat(body)
+        else:
+            p = parse_completion(body)
+        if p.model != self.model:
+            raise refuse_model(p.model, self.model)
+        ids = await self._prompt_ids(p, messages)
+        max_new = self._max_new_tokens(len(ids), p, endpoint == "chat")
+        try:
+            stream = self.client.stream(
+                prompt_token_ids=ids, max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k,
+                top_p=p.top_p, seed=random.getrandbits(63) if p.seed is None else p.seed,
+                stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout)
+        except DejaVuError as e:  # the client refuses at once: arguments, or a deployment that stopped
+            raise from_client(e) from None
+        self.metrics.prompt_tokens.inc(len(ids))
+        answer = Answer.new(stream.request_id, self.model, endpoint == "chat")
+        return Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop)), stream
+
+    async def _body(self, request: web.Request) -> Any:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"the request body is larger than {self.cfg.max_body_bytes} bytes",
+                           outcome="too_long") from None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise bad_request(f"the request body is not JSON: {e}") from None
+
+    async def _prompt_ids(self, p: Params, messages: list[dict[str, str]] | None) -> list[int]:
+        loop = asyncio.get_running_loop()
+        if messages is not None:
+            return await loop.run_in_executor(self.text_pool, chat.render, self.tokenizer, messages, self.model)
+        if isinstance(p.prompt, list):
+            return p.prompt
+        assert isinstance(p.prompt, str)
+        size = len(p.prompt.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:  # more tokens than max_seq_len for sure: no need to tokenize it
+            raise too_long(f"a prompt of {size} bytes is longer than the maximum sequence length of "
+                           f"{self.cfg.max_seq_len} tokens", "prompt")
+        return await loop.run_in_executor(self.text_pool, chat.encode, self.tokenizer, p.prompt)
+
+    def _max_new_tokens(self, n_prompt: int, p: Params, is_chat: bool) -> int:
+        limit = self.cfg.max_seq_len
+        if n_prompt >= limit:
+            raise too_long(f"the prompt is {n_prompt} tokens long: the maximum sequence length is {limit} tokens "
+                           "(prompt and at least one generated token)", "messages" if is_chat else "prompt")
+        room = limit - n_prompt
+        if p.max_tokens is None:
+            return room if is_chat else min(COMPLETION_DEFAULT_MAX_TOKENS, room)
+        if p.max_tokens > room:
+            raise bad_request(f"the maximum sequence length is {limit} tokens: a prompt of {n_prompt} tokens "
+                              f"leaves room for {room} new tokens, but max_tokens is {p.max_tokens}", "max_tokens",
+                              "context_length_exceeded")
+        return p.max_tokens
+
+    def _served(self, run: Run) -> None:
+        now = time.perf_counter()
+        ttft = run.first - run.t0 if run.first is not None else None
+        tpot = (run.last - run.first) / (run.tokens - 1) if run.first is not None and run.tokens > 1 else None
+        self.metrics.served(run.endpoint, ttft, tpot, now - run.t0, run.tokens)
+        self.metrics.outcome(run.endpoint, "success")
+
+    def _cut(self) -> ApiError:
+        """Our task was cancelled: by the drain's deadline (an answer saying so), else by its client leaving."""
+        task = asyncio.current_task()
+        if not self.aborting or task is None:
+            raise asyncio.CancelledError
+        task.uncancel()
+        return unavailable(f"the server stopped before this request finished ({self.aborting})", "draining")
+
+    async def _whole(self, run: Run, stream: TokenStream) -> web.Response:
+        try:
+            async with stream:
+                async for ev in stream:
+                    run.parts.append(run.take(ev))
+                    if run.finish is not None:
+                        break  # a stop string: leaving the stream cancels the rest on the controller
+        except DejaVuError as e:
+            raise from_client(e) from None
+        except asyncio.CancelledError:
+            raise self._cut() from None
+        if run.finish is None:
+            run.parts.append(run.matcher.flush())
+            run.finish = stream.result.finish_reason
+        self._served(run)
+        return json_response(run.answer.whole("".join(run.parts), run.finish, run.usage()))
+
+    async def _sse(self, request: web.Request, run: Run, stream: TokenStream) -> web.StreamResponse:
+        async with stream:
+            events = aiter(stream)
+            try:  # what fails before the first token is an HTTP status
+                ev: TokenEvent | None = await anext(events, None)
+            except DejaVuError as e:
+                raise from_client(e) from None
+            except asyncio.CancelledError:
+                raise self._cut() from None
+            resp = web.StreamResponse(headers=SSE_HEADERS)
+            await resp.prepare(request)
+            answer, error = run.answer, None
+            before, after = answer.token_event_parts(encode)
+            try:
+                if answer.chat:
+                    await resp.write(sse(answer.chunk("", role=True)))
+                while ev is not None:
+                    text = run.take(ev)
+                    if text:
+                        await resp.write(before + encode(text) + after)
+                    if run.finish is not None:
+                        break
+                    ev = await anext(events, None)
+            except DejaVuError as e:
+                error = from_client(e)
+            except asyncio.CancelledError:
+                error = self._cut()
+            except ConnectionResetError:  # the client went away while we wrote
+                self.metrics.outcome(run.endpoint, "cancelled")
+                return resp
+        return await self._end_sse(resp, run, stream, error)
+
+    async def _end_sse(self, resp: web.StreamResponse, run: Run, stream: TokenStream, error: ApiError | None
+                       ) -> web.StreamResponse:
+        try:
+            if error is not None:
+                self.metrics.outcome(run.endpoint, error.outcome)
+                await resp.write(sse(error.body()))
+            else:
+                tail = "" if run.finish is not None else run.matcher.flush()
+                run.finish = run.finish or stream.result.finish_reason
+                if tail:
+                    await resp.write(sse(run.answer.chunk(tail)))
+                await resp.write(sse(run.answer.chunk(None if run.answer.chat else "", run.finish)))
+                if run.params.include_usage:
+                    await resp.write(sse(run.answer.usage_chunk(run.usage())))
+                self._served(run)
+            await resp.write(DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        return resp

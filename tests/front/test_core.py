@@ -1,0 +1,143 @@
+"""The front's pure parts, driven directly: stop strings against a reference, request parsing and its refusals,
+admission (queue bound, drain, degraded), the error mapping, and /metrics rendered from a status."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bus.errors import BadRequestError, RequestTimeoutError, ServerError
+from front.admission import Admission
+from front.errors import ApiError, from_client
+from front.metrics import Metrics, restarts
+from front.protocol import parse_chat, parse_completion
+from front.stops import StopMatcher
+
+
+def test_stop_strings_cut_before_the_first_and_never_leak_a_part_of_one() -> None:
+    """Reference: after each piece, the text so far is cut before the earliest stop string it contains."""
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        pieces, pos = [], 0
+        while pos < len(text):
+            n = rng.randint(1, 5)
+            pieces.append(text[pos:pos + n])
+            pos += n
+        expect, so_far, stops_ref = text, "", False
+        for p in pieces:
+            so_far += p
+            found = [i for s in stops if (i := so_far.find(s)) >= 0]
+            if found:
+                expect, stops_ref = so_far[:min(found)], True
+                break
+        m, out, stopped = StopMatcher(stops), [], False
+        for p in pieces:
+            piece, stopped = m.push(p)
+            out.append(piece)
+            assert expect.startswith("".join(out)), "handed out text that belongs to a stop string"
+            if stopped:
+                break
+        if not stopped:
+            out.append(m.flush())
+        assert ("".join(out), stopped) == (expect, stops_ref), (text, stops, pieces)
+
+
+def test_parsing_defaults_extensions_and_refusals() -> None:
+    p = parse_completion({"model": "m", "prompt": "hi"})
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.stream) == (None, 1.0, 1.0, None, (), False)
+    p = parse_completion({"model": "m", "prompt": [5, 6], "stop": "x", "top_k": 3, "ignore_eos": True, "seed": 9,
+                          "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 4})
+    assert (p.prompt, p.stop, p.top_k, p.ignore_eos, p.seed, p.include_usage, p.max_tokens) == (
+        [5, 6], ("x",), 3, True, 9, True, 4)
+    messages, p = parse_chat({"model": "m", "max_completion_tokens": 7,
+                              "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+    assert messages == [{"role": "user", "content": "a"}] and p.max_tokens == 7
+    refused = [
+        ({"model": "m", "prompt": "hi", "logprobs": 1}, "logprobs"),
+        ({"model": "m", "prompt": "hi", "n": 2}, "n"),
+        ({"model": "m", "prompt": "hi", "temperature": 3}, "temperature"),
+        ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "hi", "seed": -1}, "seed"),
+        ({"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "hi"}, "model"),
+        ({"model": "m", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ]
+    for body, param in refused:
+        with pytest.raises(ApiError) as e:
+            parse_completion(body)
+        assert (e.value.status, e.value.param) == (400, param), body
+    with pytest.raises(ApiError) as e:
+        parse_chat({"model": "m", "messages": [{"role": "user", "content": "a"}], "logprobs": True})
+    assert e.value.param == "logprobs"
+
+
+def test_admission_bounds_the_queue_and_refuses_while_draining_or_degraded() -> None:
+    a = Admission(max_queue=2)
+    a.update({"slots": 3, "state": "serving"})
+    holds = [a.hold() for _ in range(5)]
+    for h in holds:
+        assert a.refusal() is None
+        h.__enter__()
+    refusal = a.refusal()
+    assert refusal is not None and refusal.status == 429 and not a.idle.is_set()
+    for h in holds:
+        h.__exit__(None, None, None)
+    assert a.idle.is_set() and a.refusal() is None and a.ready
+    a.update({"slots": 3, "state": "degraded"})
+    assert a.refusal().status == 503 and not a.ready  # type: ignore[union-attr]
+    a.update({"slots": 3, "state": "serving"})
+    a.update(None)  # an unanswered poll: not ready, but requests still go (the client reconnects and resumes)
+    assert a.refusal() is None and not a.ready
+    a.draining = "signal SIGTERM"
+    assert a.refusal().status == 503 and a.refusal().code == "draining"  # type: ignore[union-attr]
+
+
+def test_client_errors_map_to_openai_statuses() -> None:
+    assert from_client(BadRequestError("request x: prompt of 300 tokens is too long ... [ERR_BAD_REQUEST]")).status == 413
+    assert from_client(BadRequestError("temperature ... [ERR_BAD_REQUEST]")).status == 400
+    assert from_client(ServerError("5 requests already waiting [ERR_OVERLOADED]")).status == 429
+    assert from_client(ServerError("the deployment stopped [ERR_SERVER]")).status == 503
+    assert from_client(RequestTimeoutError("not finished")).status == 504
+
+
+def status(busy: float, steps: int, uptime: float, recoveries: list[dict[str, object]]) -> dict[str, object]:
+    return {"state": "serving", "waiting": 3, "running": 4, "slots": 8, "kv_streamed_bytes": 2048, "receive_waits": 2,
+            "processes": [{"role": "controller", "index": 0, "incarnation": 1},
+                          {"role": "stage", "index": 0, "incarnation": (1 << 16) | 2, "busy_s": busy, "steps": steps,
+                           "uptime_s": uptime, "pipeline": "token"}],
+            "hosts": [{"state": "up"}, {"state": "spare"}],
+            "replicas": [{"stage": 0, "bytes": 1000, "lag_steps": 1, "lag_tokens": 5}], "recoveries": recoveries}
+
+
+def test_metrics_from_status() -> None:
+    m = Metrics()
+    rec = {"stage": 0, "epoch": 3, "detected_at": 1.0, "serving_at": 2.0, "source": "replica"}
+    m.status.update(status(1.0, 100, 10.0, []))
+    m.status.update(status(1.5, 150, 12.0, [rec]))
+    m.status.update(status(1.5, 150, 13.0, [rec]))  # the same recovery again: counted once
+    m.outcome("chat", "success")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+    assert samples[("dejavu_requests_total", (("endpoint", "chat"), ("outcome", "success")))] == 1
+    assert samples[("dejavu_queue_length", ())] == 3 and samples[("dejavu_running_requests", ())] == 4
+    stage = (("pipeline", "token"), ("stage", "0"))
+    assert samples[("dejavu_stage_step_seconds", stage)] == pytest.approx(0.01)  # 0.5 s / 50 steps
+    assert samples[("dejavu_stage_idle_fraction", stage)] == 1.0  # nothing computed in the last second
+    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "replica"),))] == 1000
+    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "prompt_to_token"),))] == 2048
+    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "swap"),))] == 0
+    assert samples[("dejavu_receive_waits_total", ())] == 2
+    assert samples[("dejavu_recoveries_total", (("source", "replica"),))] == 1
+    assert samples[("dejavu_process_restarts_total", (("index", "0"), ("role", "stage")))] == 3
+    assert samples[("dejavu_hosts", (("state", "spare"),))] == 1
+    assert restarts("controller", 2) == 2 and restarts("stage", 1 << 16) == 1
+    m.status.update(None)
+    text = m.render().decode()
+    assert "dejavu_status_up 0.0" in text and "dejavu_queue_length" not in text
