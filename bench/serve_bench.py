@@ -36,8 +36,8 @@ from bus import loadgen
 from bus.client import AsyncClient
 from bus.client_cli import run_loop
 from bus.errors import DejaVuError
+from bus.front.proc import raise_open_files
 from bus.loadgen import RESULTS_DIR, draw_requests, parse_length, percentiles
-from front.proc import raise_open_files
 
 HTTP_DEFAULTS = {"prompt_len": "32", "output_len": "32", "timeout": 600.0}
 Record = dict[str, Any]

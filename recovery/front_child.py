@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bus.front.config import FrontConfig
 from bus.security import ADMIN, CLIENT, KeysError, load
-from front.config import FrontConfig
 from recovery.specs import ChildSpec, DeploymentConfig
 
 ROLE = "front"
@@ -47,4 +47,4 @@ def front_config(cfg: DeploymentConfig, controller: str, supervisor: str = "", k
 
 
 def front_spec(cfg: DeploymentConfig, controller: str, supervisor: str, keys_dir: str, pid: int) -> ChildSpec:
-    return ChildSpec(ROLE, 0, "front.proc", front_config(cfg, controller, supervisor, keys_dir, pid))
+    return ChildSpec(ROLE, 0, "bus.front.proc", front_config(cfg, controller, supervisor, keys_dir, pid))

@@ -80,7 +80,7 @@ class DeploymentConfig:
     prompt_stages: int = 0
     token_stages: int = 0
     prompt_microbatch_size: int = 0  # prompts per prompt pass (0: --microbatch-size)
-    # The OpenAI-compatible HTTP front (front/, recovery/front_child.py): one more supervised process when
+    # The OpenAI-compatible HTTP front (bus/front/, recovery/front_child.py): one more supervised process when
     # http_port is set (0 = any free port). It admits slots + max_queue requests at once, gives each
     # request_timeout seconds, and drains first (drain_timeout) when the deployment stops.
     http_port: int | None = None

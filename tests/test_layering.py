@@ -1,10 +1,10 @@
 """The packages' layering, enforced: every import of a project module (at the top of a file or inside a
 function) points down the stack
 
-    bus  <-  front  <-  streamer  <-  stages  <-  recovery  <-  bench
+    bus  <-  streamer  <-  stages  <-  recovery  <-  bench
 
 `bus` is the foundation (wire types, codec, sockets, errors, the supervised-child link, the controller and the
-client); `front` is the OpenAI-compatible HTTP front, a client of the controller that uses `bus` only;
+client, and `bus/front/`, the OpenAI-compatible HTTP front: a client of the controller like the others);
 `streamer` is the KV streaming library and its process (it owns the pool layout and region types); `stages` holds models, runtime and the stage process, a client of the library; `recovery` spawns and watches
 everything; `bench` measures any of them. Tests and bin/ may import anything. The controller and the
 supervisor must not import torch: they start first, and torch's import costs seconds (issue: start-up time).
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bus", "front", "streamer", "stages", "recovery", "bench"]
+LAYERS = ["bus", "streamer", "stages", "recovery", "bench"]
 
 
 def project_imports(path: Path) -> list[tuple[int, str]]:
@@ -45,7 +45,7 @@ def test_every_import_points_down_the_stack() -> None:
 
 def test_the_controller_the_supervisor_and_the_agents_start_without_torch() -> None:
     code = ("import sys, bus.controller_proc, recovery.proc, recovery.serve_cli, recovery.agent, recovery.agent_cli, "
-            "bus.keys_cli, front.proc; "
+            "bus.keys_cli, bus.front.proc; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

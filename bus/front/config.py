@@ -1,5 +1,5 @@
 """The HTTP front's configuration: one frozen dataclass, validated, passed on the command line of its process
-(`python -m front.proc '<FrontConfig JSON>'`) by the supervisor, or written by hand for a front of its own."""
+(`python -m bus.front.proc '<FrontConfig JSON>'`) by the supervisor, or written by hand for a front of its own."""
 
 from __future__ import annotations
 

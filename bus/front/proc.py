@@ -1,4 +1,4 @@
-"""The HTTP front's process: `python -m front.proc '<FrontConfig JSON>'`, one entry point `run_front(config)`.
+"""The HTTP front's process: `python -m bus.front.proc '<FrontConfig JSON>'`, one entry point `run_front(config)`.
 
 dejavu-serve starts it (`--http-port`) as one more supervised child (recovery/proc.py): Hello (with its HTTP
 address) and heartbeats over the supervisor link, restarted by policy like the controller. It can also run on its
@@ -7,7 +7,7 @@ other (bus/client.py: one ZeroMQ connection that reconnects and resumes by itsel
 crowd costs the controller nothing but its requests.
 
 Owns: one uvloop loop and its TaskGroup (the supervisor link, the status poller), the aiohttp server
-(front/server.py), the text thread (tokenizer and chat template), the signals.
+(bus/front/server.py), the text thread (tokenizer and chat template), the signals.
 Stopping (SIGTERM/SIGINT, or Shutdown from the supervisor - which stops this process first, before the controller,
 so the requests in flight still have a deployment): admission closes (new requests get 503, /ready says so),
 the requests in flight finish - at most `drain_timeout` seconds, then the rest are cut with an error saying why -
@@ -40,12 +40,12 @@ from bus.child import (
 from bus.client import AsyncClient
 from bus.codec import Codec
 from bus.errors import DejaVuError
+from bus.front.admission import Admission
+from bus.front.config import FrontConfig
+from bus.front.metrics import Metrics
+from bus.front.server import Front
 from bus.security import KeysError, maybe_load
 from bus.sockets import context
-from front.admission import Admission
-from front.config import FrontConfig
-from front.metrics import Metrics
-from front.server import Front
 
 log = logging.getLogger(__name__)
 ROLE = "front"  # its name as a process of the deployment (its key, its envelopes' sender)
@@ -210,7 +210,7 @@ def run_front(cfg: FrontConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m front.proc '<FrontConfig JSON>'", file=sys.stderr)
+        print("usage: python -m bus.front.proc '<FrontConfig JSON>'", file=sys.stderr)
         return 2
     return run_front(decode_config(FrontConfig, args[0]))
 

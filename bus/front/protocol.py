@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from front.errors import ApiError, bad_request
+from bus.front.errors import ApiError, bad_request
 
 MAX_STOPS = 4  # as the OpenAI API
 MAX_SEED = 2**63

@@ -30,11 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bus.child import encode_config
 from bus.client import AsyncClient
+from bus.front.config import FrontConfig
 from bus.text import load_tokenizer
-from front.config import FrontConfig
 from tests.conftest import start_deployment
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NAME = "chat-model"  # the model directory's name is the model's id in the API
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -301,9 +301,9 @@ def test_metrics_count_the_requests_sent(dep) -> None:  # type: ignore[no-untype
 
 
 def start_front(cfg: FrontConfig) -> tuple[subprocess.Popen[str], str, Any]:
-    """A front of its own (no supervisor), as `python -m front.proc CONFIG`; its URL from its ready line."""
+    """A front of its own (no supervisor), as `python -m bus.front.proc CONFIG`; its URL from its ready line."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "front.proc", encode_config(cfg)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "bus.front.proc", encode_config(cfg)], stdout=subprocess.PIPE,
                             stderr=log, text=True, cwd=ROOT)
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from front.errors import ApiError, overloaded, unavailable
+from bus.front.errors import ApiError, overloaded, unavailable
 
 REFUSING_STATES = {"degraded": "a stage has no host to run on until a host joins",
                    "stopping": "the deployment is stopping"}

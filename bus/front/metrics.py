@@ -1,6 +1,6 @@
 """/metrics in the Prometheus text format (prometheus_client), in the front's own registry.
 
-Measured here, per request: dejavu_requests_total{endpoint, outcome} (front/errors.py OUTCOMES), time to first
+Measured here, per request: dejavu_requests_total{endpoint, outcome} (bus/front/errors.py OUTCOMES), time to first
 token, time per output token and end-to-end latency histograms, prompt and generated token counters, requests in
 flight. From the controller's status, polled every status_interval (`StatusCollector`, rendered at scrape time
 from the latest answer): queue length, running requests (busy slots) and slots, per-stage busy seconds, steps,
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from front.errors import OUTCOMES
+from bus.front.errors import OUTCOMES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ENDPOINTS = ("completions", "chat")

@@ -9,11 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.errors import BadRequestError, RequestTimeoutError, ServerError
-from front.admission import Admission
-from front.errors import ApiError, from_client
-from front.metrics import Metrics, restarts
-from front.protocol import parse_chat, parse_completion
-from front.stops import StopMatcher
+from bus.front.admission import Admission
+from bus.front.errors import ApiError, from_client
+from bus.front.metrics import Metrics, restarts
+from bus.front.protocol import parse_chat, parse_completion
+from bus.front.stops import StopMatcher
 
 
 def test_stop_strings_cut_before_the_first_and_never_leak_a_part_of_one() -> None:

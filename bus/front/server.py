@@ -1,9 +1,9 @@
 """The HTTP endpoints (aiohttp): /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health, /ready.
 
-Runs in the front process (front/proc.py owns the loop, the server, the client and the drain). One generation
-request: admission (front/admission.py), its body parsed (front/protocol.py), its prompt turned into token ids on
-the text thread (front/chat.py), its length checked against the deployment's maximum sequence length, then one
-stream of the ZeroMQ client (bus/client.py) whose text goes through the stop strings (front/stops.py) to the HTTP
+Runs in the front process (bus/front/proc.py owns the loop, the server, the client and the drain). One generation
+request: admission (bus/front/admission.py), its body parsed (bus/front/protocol.py), its prompt turned into token ids on
+the text thread (bus/front/chat.py), its length checked against the deployment's maximum sequence length, then one
+stream of the ZeroMQ client (bus/client.py) whose text goes through the stop strings (bus/front/stops.py) to the HTTP
 client - whole, or as server-sent events. Errors before the first token are an HTTP status in the OpenAI error
 shape; after it, an SSE `{"error": ...}` event (what the `openai` client raises from).
 
@@ -29,13 +29,13 @@ from aiohttp import web
 
 from bus.client import AsyncClient, TokenEvent, TokenStream
 from bus.errors import DejaVuError
-from front import chat
-from front.admission import Admission
-from front.config import FrontConfig
-from front.errors import ApiError, bad_request, from_client, too_long, unavailable
-from front.metrics import CONTENT_TYPE, Metrics
-from front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
-from front.stops import StopMatcher
+from bus.front import chat
+from bus.front.admission import Admission
+from bus.front.config import FrontConfig
+from bus.front.errors import ApiError, bad_request, from_client, too_long, unavailable
+from bus.front.metrics import CONTENT_TYPE, Metrics
+from bus.front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
+from bus.front.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

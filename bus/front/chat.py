@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from front.errors import bad_request
+from bus.front.errors import bad_request
 
 
 def has_template(tokenizer: Any) -> bool:
