@@ -33,12 +33,17 @@ class Held:
     gaps: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, start: int, end: int) -> None:
+        """Rows [start, end) landed. Intervals that touch are one (consecutive deltas while the prefix waits for
+        a re-sync: one interval, not one per step - more than MAX_GAPS of those lost the newest, and the prefix
+        then stopped for good at the hole)."""
         self.gaps.append((start, end))
         self.gaps.sort()
-        keep = []
+        keep: list[tuple[int, int]] = []
         for s, e in self.gaps:
             if s <= self.prefix:
                 self.prefix = max(self.prefix, e)
+            elif keep and s <= keep[-1][1]:
+                keep[-1] = (keep[-1][0], max(keep[-1][1], e))
             else:
                 keep.append((s, e))
         self.gaps = keep[:MAX_GAPS]

@@ -50,6 +50,20 @@ def test_a_resync_counts_everything_up_to_the_step_it_covers_and_a_new_replica_c
     assert book.valid(0, a) == 5
 
 
+def test_a_long_resync_does_not_lose_the_deltas_acknowledged_meanwhile() -> None:
+    """A replica re-synced whole after its host was lost: while the sync runs (here 100 decode steps), each step's
+    delta lands beyond the missing prefix; once the sync's acknowledgement fills [0, 5), every one of them counts."""
+    book = ReplicaBook(num_stages=1)
+    a = req("a")
+    book.record(*step(0, 1, [(a, 0, 5)]))
+    for n in range(2, 102):
+        book.record(*step(0, n, [(a, 3 + n, 1)]))
+        book.ack(0, [[1, 0, n]], sync=False)
+    assert book.valid(0, a) == 0
+    book.ack(0, [[1, 0, 1]], sync=True)
+    assert book.valid(0, a) == 105
+
+
 def test_unknown_steps_finished_requests_and_bad_pairs_are_ignored() -> None:
     book = ReplicaBook(num_stages=1, keep_steps=2)
     a, done = req("a"), req("done")
