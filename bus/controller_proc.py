@@ -615,14 +615,14 @@ class ControllerProcess(ReplicaOrchestration):
         """If every stage is up, start a new epoch: send each its downstream address."""
         if len(self.reg.stages) < self.cfg.num_stages or any(e.state in ("restarting", "failed") for e in self.reg.stages.values()):
             return
-        if self._kv_destinations() is None:
+        kv_dest = self._kv_destinations()
+        if kv_dest is None:
             return
         self.epoch += 1
         self.pending_acks = set(range(self.cfg.num_stages))
         self.linking_since = time.monotonic()
         self.fresh, self.host_failed, self.restoring = set(), {}, {}
         hosted = self._place_replicas()
-        kv_dest = self._kv_destinations() or []
         peers = {name: data for name, data, _ in self.streamers.values()}
         for i in range(self.cfg.num_stages):
             down = "" if self.cfg.last_of_pipeline(i) else self.reg.stages[i + 1].data

@@ -268,11 +268,6 @@ class DisaggScheduler(Scheduler):
         return StepRequest(self.epoch, p.index, p.steps, chunks, token_ids, sampling,
                            kv_to=[slot for _, _, slot, _ in delivery])
 
-    def moved(self, move: int) -> list[tuple[Request, int]]:
-        """The members of move `move` as (request, positions), for the replica book."""
-        d = self.moves.get(move)
-        return [(req, n) for req, n, _, _ in d.members] if d is not None else []
-
     # ------------------------------------------------------------------ results
 
     def complete(self, mb_index: int, step: int) -> InFlight | None:
