@@ -246,6 +246,7 @@ class ControllerProcess(ReplicaOrchestration):
         self.restore_lengths: dict[int, list[int]] = {}
         self.restore_deadline = 0.0
         self.syncing: set[int] = set()  # stages re-replicating their whole KV to a new replica
+        self.sync_epochs: dict[int, int] = {}  # stage -> the epoch of the last ReplicaSync sent to it
         self.down_at: dict[int, float] = {}  # stage -> when its failure was reported
         self.recoveries: deque[RecoveryInfo] = deque(maxlen=64)
         self.broken_since: float | None = None  # since when some replica is broken while serving
@@ -590,7 +591,8 @@ class ControllerProcess(ReplicaOrchestration):
         elif isinstance(body, StepResult):
             self.core.on_result(body, now)
         elif isinstance(body, ReplicaAck):
-            if self.book is not None:
+            if self.book is not None and not (body.sync and body.sync_epoch != self.sync_epochs.get(index)):
+                # (a sync answering an older ReplicaSync filled a replica since replaced: it counts for nothing)
                 self.book.ack(index, body.steps, body.sync)
                 if body.sync:
                     self.syncing.discard(index)

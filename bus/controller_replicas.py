@@ -147,6 +147,7 @@ class ReplicaOrchestration:
                     self.book.reset(x)
                     self.where[x] = w
                 self.syncing.add(x)
+                self.sync_epochs[x] = self.epoch
                 await send(self.internal, self.codec, ReplicaSync(self.epoch), route=[f"stage-{x}".encode()])
                 log.info("[replica] stage %d %s %s (%s)", x, "replicates to" if moved else "re-syncs its replica on",
                          t.host, "the same host: it does not survive that host's loss"

@@ -377,6 +377,7 @@ class ReplicaAck(Msg, tag=49):
     steps: list[list[int]]
     sync: bool = False
     nbytes: int = 0
+    sync_epoch: int = 0  # sync=True: the epoch of the ReplicaSync it answers (an older one filled an older replica)
 
 
 class ReplicaSync(Msg, tag=50):

@@ -263,7 +263,7 @@ class StageProcess:
                 await self._epoch_over(body.epoch)
             elif isinstance(body, ReplicaSync):
                 if self.replica is not None and body.epoch == self.epoch:
-                    self.replica.start_sync()
+                    self.replica.start_sync(body.epoch)
             elif isinstance(body, Restore):
                 self.tg.create_task(self._restore(body, msg.env.msg_id))
             elif isinstance(body, KvMove):

@@ -112,6 +112,7 @@ class Replicator:
         old, self.target = self.target, topo.replica
         if self.target != old:  # transfers to the old replica (perhaps on a host that is gone) hold nothing up
             self._drop_pending("the replica moved")
+            self._stop_sync()  # (its acknowledgement would count for the new replica what only the old one got)
         # deltas go on; the replica misses the rows of a broken spell (or is new): the controller, which saw
         # this in the stats, asks for a whole re-sync once the epoch serves (ReplicaSync)
         self.broken = ""
@@ -254,14 +255,18 @@ class Replicator:
 
     # ------------------------------------------------------------------ whole-pool sync
 
-    def start_sync(self) -> None:
+    def start_sync(self, epoch: int) -> None:
         if self.target is None:
             return
+        self._stop_sync()
+        self.syncing = asyncio.ensure_future(self._sync(self.target, epoch))
+
+    def _stop_sync(self) -> None:
         if self.syncing is not None and not self.syncing.done():
             self.syncing.cancel()
-        self.syncing = asyncio.ensure_future(self._sync(self.target))
+        self.syncing = None
 
-    async def _sync(self, target: ReplicaTarget) -> None:
+    async def _sync(self, target: ReplicaTarget, epoch: int) -> None:
         marks = [[epoch, mb, step] for mb, (epoch, step) in sorted(self.last_step.items())]
         slots = [(s, n) for s, n in enumerate(self.written) if n > 0]
         t0 = time.monotonic()
@@ -274,7 +279,7 @@ class Replicator:
                 done = await h.wait()
                 nbytes = done.nbytes
                 self.bytes += nbytes
-            await self.send(ReplicaAck(marks, True, nbytes))
+            await self.send(ReplicaAck(marks, True, nbytes, epoch))
             log.info("[replica] re-synced %d bytes to %s in %.2fs", nbytes, target.host, time.monotonic() - t0)
         except StreamerError as e:
             self._failed(e, target)

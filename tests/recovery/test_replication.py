@@ -31,9 +31,21 @@ def pid_of(st: dict[str, Any], role: str, index: int) -> int:
     return pid
 
 
-def kill_stage(index: int) -> Action:
+def kill_stage(index: int, caught_up: bool = False) -> Action:
+    """kill -9 of stage `index`; caught_up: once its replica lacks no more than a decode step's rows (a prompt pass
+    is one step of many positions: killed just after one, the stage rightly replays that prompt)."""
     async def act(c: AsyncClient) -> str:
-        os.kill(pid_of(await c.status(), "stage", index), signal.SIGKILL)
+        st = await c.status()
+        if caught_up:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while loop.time() < deadline:
+                rep = next((r for r in st["replicas"] if r["stage"] == index), None)
+                if rep is not None and rep["state"] == "streaming" and rep["lag_tokens"] <= 8:
+                    break
+                await asyncio.sleep(0.005)
+                st = await c.status()
+        os.kill(pid_of(st, "stage", index), signal.SIGKILL)
         return f"stage-{index}"
     return act
 
@@ -100,7 +112,7 @@ def test_a_killed_stage_comes_back_from_its_replica_on_the_other_host(model_fact
     """kill -9 of a stage whose KV dies with it (--kv-takeover off: a GPU stage's case): restored from the replica
     on the other host, replaying a few positions instead of all of them."""
     outs, refs, st, _, logs = serve_through(model_factory("llama"), ("--hosts", "2", "--kv-takeover", "off"),
-                                            [(150, kill_stage(1))])
+                                            [(150, kill_stage(1, caught_up=True))])
     assert outs == refs
     (rec,) = st["recoveries"]
     assert (rec["stage"], rec["host"]) == (1, "host-1")
@@ -117,7 +129,7 @@ def test_a_lost_hosts_stage_restores_on_the_spare_then_its_neighbour_restores_fr
     that new replica."""
     outs, refs, st, _, _ = serve_through(
         model_factory("llama"), ("--hosts", "2", "--spare-hosts", "1", "--kv-takeover", "off"),
-        [(120, kill_hosts("host-1")), (260, kill_stage(0))])
+        [(120, kill_hosts("host-1")), (260, kill_stage(0, caught_up=True))])
     assert outs == refs
     first, second = st["recoveries"]
     assert (first["stage"], first["host"], second["stage"], second["host"]) == (1, "host-2", 0, "host-0")
@@ -161,7 +173,7 @@ def test_a_replica_that_falls_behind_makes_steps_wait_and_is_counted(model_facto
 def test_one_host_replicates_on_its_own_streamer_and_says_the_replicas_die_with_it(model_factory) -> None:  # type: ignore[no-untyped-def]
     outs, refs, st, _, _ = serve_through(model_factory("llama"),
                                          ("--hosts", "1", "--replicate", "on", "--kv-takeover", "off"),
-                                         [(150, kill_stage(0))])
+                                         [(150, kill_stage(0, caught_up=True))])
     assert outs == refs
     check_replica(st["recoveries"][0])
     assert [(r["host"], r["survives_host_loss"]) for r in st["replicas"]] == [("host-0", False)] * 2
@@ -217,7 +229,7 @@ def test_a_killed_gpu_stage_restores_its_kv_from_the_replica(model_factory, stag
     path = model_factory("llama")
     args = ("--device", "cuda", "--hosts", "1", "--replicate", "on")
     clean, _, _, _, _ = serve_through(path, args, [], stages=stages)
-    outs, _, st, _, _ = serve_through(path, args, [(150, kill_stage(stages - 1))], stages=stages)
+    outs, _, st, _, _ = serve_through(path, args, [(150, kill_stage(stages - 1, caught_up=True))], stages=stages)
     assert outs == clean
     check_replica(st["recoveries"][0])
 
