@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from bus.messages import Chunk, KvMove, StepRequest
 from bus.requests import Request
 from bus.scheduler import InFlight, Microbatch, Scheduler
@@ -199,9 +201,12 @@ class DisaggScheduler(Scheduler):
     def _step(self, mb: Microbatch, now: float) -> StepRequest:
         landing = {s: mb.members.pop(s) for s in list(mb.members) if s in self.landing}
         try:
-            return super()._step(mb, now)
+            step = super()._step(mb, now)
         finally:
             mb.members.update(landing)
+        assert mb.inflight is not None
+        joined = [k for k, (req, _, _) in enumerate(mb.inflight.members) if req.join_pending]
+        return msgspec.structs.replace(step, joined=joined) if joined else step
 
     def next_steps(self, now: float) -> list[StepRequest]:
         self.now = now
@@ -272,7 +277,10 @@ class DisaggScheduler(Scheduler):
 
     def complete(self, mb_index: int, step: int) -> InFlight | None:
         if not self.is_prompt(mb_index):
-            return super().complete(mb_index, step)
+            done = super().complete(mb_index, step)
+            for req, _, _ in done.members if done is not None else ():
+                req.join_pending = False  # (the step that told the token stages it joined came back)
+            return done
         p = self._pmb(mb_index)
         if p is None or p.inflight is None or p.inflight.step != step or p.delivery is None or p.delivery.result:
             return None
@@ -333,7 +341,7 @@ class DisaggScheduler(Scheduler):
                 if req.slot == slot and slot in self.landing:
                     self.landing.discard(slot)
                     if d.ok:
-                        req.cached = n
+                        req.cached, req.join_pending = n, True
                     elif not d.failed and not req.done:
                         again.append(req)
             if not keep_pslot:

@@ -271,7 +271,8 @@ class ServerStoppingAck(Msg, tag=29):
 class StepRequest(Msg, tag=40):
     """One microbatch step. Controller -> a pipeline's first stage with token ids; stage i -> i+1 with a
     hidden-state frame. kv_to: a prompt pass of a disaggregated deployment - chunk k's KV goes, layer by layer as
-    it is written, to slot kv_to[k] of the token stages (each stage streams its own layers: Topology.kv_dest)."""
+    it is written, to slot kv_to[k] of the token stages (each stage streams its own layers: Topology.kv_dest).
+    joined: see below (replication with disaggregation: the token stage is its replica's only writer)."""
 
     epoch: int
     mb: int
@@ -281,6 +282,9 @@ class StepRequest(Msg, tag=40):
     sampling: list[Sampling]
     hidden: TensorMeta | None = None
     kv_to: list[int] | None = None
+    # a token pipeline's step: chunks whose request joined since its last step (its prompt's KV came from the
+    # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own
+    joined: list[int] | None = None
 
 
 class StepResult(Msg, tag=41):

@@ -62,7 +62,9 @@ class ReplicaBook:
     def record(self, step: StepRequest, members: Iterable[tuple[Request, int, bool]]) -> None:
         """A step sent: which request feeds which positions (members in chunk order, as the scheduler built it)."""
         h = self.history.setdefault(step.mb, OrderedDict())
-        h[step.step] = (step.epoch, [(req, c.start, c.start + c.length) for (req, _, _), c in zip(members, step.chunks)])
+        joined = set(step.joined or ())  # (rows [0, end) go to the replica: the prompt's too)
+        h[step.step] = (step.epoch, [(req, 0 if k in joined else c.start, c.start + c.length)
+                                     for k, ((req, _, _), c) in enumerate(zip(members, step.chunks))])
         while len(h) > self.keep_steps:
             h.popitem(last=False)
 

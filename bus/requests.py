@@ -49,6 +49,9 @@ class Request:
     cancel_reason: str = ""  # set when the server cancels it (the client is told why)
     done: bool = False
     replicated: dict[int, Any] = field(default_factory=dict)  # stage -> bus/replication.Held
+    # disaggregated: its prompt's KV reached the token stages from the prompt stages, and no token step of it came
+    # back yet: its steps tell the token stages to replicate [0, end) (StepRequest.joined)
+    join_pending: bool = False
 
     @property
     def key(self) -> tuple[bytes, str]:

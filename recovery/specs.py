@@ -99,10 +99,6 @@ class DeploymentConfig:
         if self.disaggregated and not self.streamer:
             raise ValueError("--prompt-stages/--token-stages need the KV streamer (drop --no-streamer): it moves "
                              "the prompts' KV to the token stages")
-        if self.disaggregated and self.replicate == "on":
-            raise ValueError("--replicate on is not supported with --prompt-stages/--token-stages yet: a prompt's KV "
-                             "reaches a token stage's replica by another path than its decode steps' rows, and the two "
-                             "can overtake each other (a token stage that loses its KV recomputes, exactly)")
         if self.disaggregated and self.num_stages != self.prompt_stages + self.token_stages:
             raise ValueError(f"--stages {self.num_stages} contradicts --prompt-stages {self.prompt_stages} "
                              f"--token-stages {self.token_stages} (leave --stages out: it is their sum)")
@@ -181,9 +177,7 @@ class DeploymentConfig:
     @property
     def replicating(self) -> bool:
         """Replication on: asked for, or by default with 2 or more hosts (one host: the replica would die with it).
-        Not with disaggregation yet (see __post_init__)."""
-        if self.disaggregated:
-            return False
+        Disaggregated, the token stages replicate (a prompt stage's KV lives for one pass)."""
         if self.replicate == "auto":
             return self.streamer and max(self.hosts + self.spare_hosts, self.min_hosts) >= 2
         return self.replicate == "on"

@@ -10,7 +10,12 @@ Runs in the stage process, on its event loop (the compute thread only signals la
   moves as soon as the pass wrote it (KV hooks). When the streamer reports the transfer committed, the stage
   sends ReplicaAck(mb, step) to the controller, which keeps each request's replicated prefix per stage.
 - `--replica-lag`: before a microbatch's next step, the stage waits until at most `lag` of that microbatch's
-  transfers are still running (the wait is counted: stalls, stall_s). Replication never waits otherwise.
+  transfers are still running (the wait is counted: stalls, stall_s). Replication never waits otherwise, but for
+  the order of writes: a transfer starts only when nothing sent before it writes the same replica rows (a slot's
+  previous occupant's last rows, a sync's), so no older row lands over a newer one (a prompt pass that waits on
+  this is counted as a stall too).
+- Disaggregated: a request's prompt KV reaches the token stage from the prompt stages, never its replica; the
+  token stage is its replica's one writer and sends rows [0, end) of a chunk its step marks `joined`.
 - A failed transfer (the replica's host lost, a full replica) marks replication broken: no more deltas (the
   replica misses rows from then on) until the next topology, which starts a whole-pool re-sync.
 - ReplicaSync (a new replica: fresh pool, or on a new host): the whole KV the stage holds goes over once, in the
@@ -56,6 +61,7 @@ class _Pending:
     steps: list[StepRequest]
     target: ReplicaTarget | None
     delta: bool  # a batch of per-step deltas (else a prompt pass streamed layer by layer)
+    rows: dict[int, tuple[int, int]] = field(default_factory=dict)  # slot -> the rows [a, b) it writes
     handle: TransferHandle | None = None
     task: asyncio.Task[None] | None = None
     valid: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -78,6 +84,7 @@ class Replicator:
         self.broken = ""  # why deltas stopped (the replica misses rows until a re-sync)
         self.syncing: asyncio.Task[None] | None = None
         self.restoring: TransferHandle | None = None
+        self.claims: list[dict[int, tuple[int, int]]] = []  # rows a whole-pool sync is writing now
         self.bytes = self.stalls = self.failures = 0
         self.stall_s = 0.0
         client.on_reconnect.append(self._streamer_back)
@@ -143,13 +150,45 @@ class Replicator:
     def is_prompt(self, step: StepRequest) -> bool:
         return any(c.length > 1 for c in step.chunks)
 
-    def _region(self, step: StepRequest) -> Region:
-        return Region(tuple(c.slot for c in step.chunks), self.layers,
-                      tuple((c.start, c.start + c.length) for c in step.chunks))
+    @staticmethod
+    def rows(step: StepRequest) -> dict[int, tuple[int, int]]:
+        """Slot -> the rows [a, b) of the replica this step's transfer writes: the rows it computed, and for a
+        chunk that joined (disaggregated: its prompt's KV came from the prompt stages) all of [0, b)."""
+        joined = set(step.joined or ())
+        return {c.slot: (0 if k in joined else c.start, c.start + c.length) for k, c in enumerate(step.chunks)}
+
+    def _region(self, rows: dict[int, tuple[int, int]]) -> Region:
+        slots = sorted(rows)
+        return Region(tuple(slots), self.layers, tuple(rows[s] for s in slots))
+
+    # One writer per replica row, in order. Transfers run concurrently (a prompt pass's layered one, a batch of
+    # deltas, a whole-pool sync), and a slot changes hands: the rows of a request that ended may still be on the
+    # way when the next occupant's rows are sent, and landing last they would overwrite them. So a transfer
+    # starts only when no transfer running, and no step still queued, writes any of its rows.
+
+    def _clashes(self, rows: dict[int, tuple[int, int]], queued: bool) -> bool:
+        def overlap(other: dict[int, tuple[int, int]]) -> bool:
+            return any(s in rows and other[s][0] < rows[s][1] and rows[s][0] < other[s][1] for s in other)
+        if any(overlap(p.rows) for p in self.running) or any(overlap(c) for c in self.claims):
+            return True
+        return queued and any(overlap(self.rows(q)) for q in self.queue)
+
+    async def _clear(self, rows: dict[int, tuple[int, int]], step: bool) -> None:
+        """Wait until nothing sent before writes these rows (step: a step waits on it; counted as a stall). Every
+        transfer ends within its deadline, so this wait ends too."""
+        if not self._clashes(rows, True):
+            return
+        t0 = time.monotonic()
+        while self._clashes(rows, True):
+            self.moved.clear()
+            await self.moved.wait()
+        if step:
+            self.stalls += 1
+            self.stall_s += time.monotonic() - t0
 
     def _track(self, steps: list[StepRequest], submit: Callable[[], Awaitable[TransferHandle]],
-               delta: bool) -> _Pending:
-        p = _Pending(steps, self.target, delta)
+               delta: bool, rows: dict[int, tuple[int, int]]) -> _Pending:
+        p = _Pending(steps, self.target, delta, rows)
         self.running.add(p)
         p.task = asyncio.ensure_future(self._run(p, submit))
         return p
@@ -158,11 +197,15 @@ class Replicator:
         """A prompt pass: submit its transfer before it runs; the compute thread signals each layer."""
         if not self.active:
             return None
-        region = self._region(step)
+        rows = self.rows(step)
+        await self._clear(rows, True)  # (a slot's earlier occupant's last rows land first)
+        if not self.active:
+            return None
+        region = self._region(rows)
         handle = await self.client.stream(self.pool, region, dst=self._ref(), dst_region=region, layered=True,
                                           tag=f"{step.mb}/{step.step}")
         self.unacked[step.mb] += 1
-        p = self._track([step], lambda: _ready(handle), delta=False)
+        p = self._track([step], lambda: _ready(handle), delta=False, rows=rows)
         # through the client's own socket (not the compute thread's): behind the StreamRequest on one connection,
         # so the streamer never sees a layer signalled before the transfer it belongs to
         return p, LayerSignal(self.client, self.memory, [handle.xfer], direct=False)
@@ -189,17 +232,19 @@ class Replicator:
             ranges: dict[int, tuple[int, int]] = {}
             taken = 0
             for step in self.queue:
-                if any(c.slot in ranges and ranges[c.slot][1] != c.start for c in step.chunks):
-                    break
-                for c in step.chunks:
-                    ranges[c.slot] = (ranges[c.slot][0] if c.slot in ranges else c.start, c.start + c.length)
+                rows = self.rows(step)
+                if any(s in ranges and ranges[s][1] != a for s, (a, _) in rows.items()) or self._clashes(rows, False):
+                    break  # (a clash: a layered pass or a sync writes these rows now; its end kicks again)
+                for s, (a, b) in rows.items():
+                    ranges[s] = (ranges[s][0] if s in ranges else a, b)
                 taken += 1
+            if not taken:
+                return
             steps, self.queue = self.queue[:taken], self.queue[taken:]
-            slots = sorted(ranges)
-            region = Region(tuple(slots), self.layers, tuple(ranges[s] for s in slots))
+            region = self._region(ranges)
             tag = f"{steps[0].mb}/{steps[0].step}+{len(steps) - 1}"
             p = self._track(steps, lambda r=region, t=tag: self.client.stream(
-                self.pool, r, dst=self._ref(), dst_region=r, buffered=True, tag=t), delta=True)
+                self.pool, r, dst=self._ref(), dst_region=r, buffered=True, tag=t), delta=True, rows=ranges)
             p.valid.set_result(True)
 
     async def _run(self, p: _Pending, submit: Callable[[], Awaitable[TransferHandle]]) -> None:
@@ -267,16 +312,24 @@ class Replicator:
         self.syncing = None
 
     async def _sync(self, target: ReplicaTarget, epoch: int) -> None:
-        marks = [[epoch, mb, step] for mb, (epoch, step) in sorted(self.last_step.items())]
-        slots = [(s, n) for s, n in enumerate(self.written) if n > 0]
+        marks = [[e, mb, step] for mb, (e, step) in sorted(self.last_step.items())]
+        rows = {s: (0, n) for s, n in enumerate(self.written) if n > 0}
         t0 = time.monotonic()
         nbytes = 0
         try:
-            if slots:
-                region = Region(tuple(s for s, _ in slots), self.layers, tuple((0, n) for _, n in slots))
-                h = await self.client.stream(self.pool, region, dst=PoolRef(target.pool, target.streamer),
-                                             dst_region=region, tag="sync")
-                done = await h.wait()
+            if rows:
+                await self._clear(rows, False)  # (rows on the way now would land after the sync's, older)
+                self.claims.append(rows)
+                try:
+                    region = self._region(rows)
+                    h = await self.client.stream(self.pool, region, dst=PoolRef(target.pool, target.streamer),
+                                                 dst_region=region, tag="sync")
+                    done = await h.wait()
+                finally:
+                    self.claims.remove(rows)
+                    self.moved.set()
+                    if self.active:
+                        self._kick()
                 nbytes = done.nbytes
                 self.bytes += nbytes
             await self.send(ReplicaAck(marks, True, nbytes, epoch))

@@ -58,6 +58,33 @@ def test_a_prompt_pass_reserves_receive_slots_and_the_request_joins_once_its_kv_
     assert s.mb == 0 and s.kv_to is None and [(c.slot, c.start, c.length) for c in s.chunks] == [(0, 3, 1)]
     assert s.token_ids == [11]
     assert core.sched.landed_bytes == 200  # type: ignore[attr-defined]
+    # its first token step says it joined (a replicating token stage sends rows [0, 4) of it); once that step came
+    # back, the next ones do not
+    assert s.joined == [0]
+    answer(core, s, [12])
+    (s2,), _ = core.outbox.drain()
+    assert [(c.slot, c.start, c.length) for c in s2.chunks] == [(0, 4, 1)] and s2.joined is None
+
+
+def test_the_replica_book_counts_a_joined_request_from_position_0() -> None:
+    """The token stage replicates a joined chunk's prompt rows with its step's: an acknowledged step counts
+    [0, end) of it, and the next deltas extend that prefix."""
+    from bus.replication import ReplicaBook
+
+    core = make()
+    core.book = book = ReplicaBook(DP + 1)
+    core.submit(b"c", req("a", [5, 6, 7], n=4), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p)
+    (s,), _ = core.outbox.drain()
+    answer(core, s, [12])
+    (s2,), _ = core.outbox.drain()
+    (request,) = core.sched.running()
+    book.ack(DP, [[s.epoch, s.mb, s.step]], False)
+    assert book.valid(DP, request) == 4
+    book.ack(DP, [[s2.epoch, s2.mb, s2.step]], False)
+    assert book.valid(DP, request) == 5
 
 
 def test_kv_reports_may_come_before_the_first_token() -> None:

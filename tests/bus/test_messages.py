@@ -31,8 +31,9 @@ GOLDEN = [
      "9c14a27231c092010204cb000000000000000000cb3ff00000000000000790c2c0"),  # + resume_token_ids (nil)
     (TokenChunk("r1", 3, [42], "x"), "9516a2723103912aa178"),
     (StepRequest(2, 1, 9, [Chunk(0, 0, 3)], [5, 6, 7], [Sampling()], TensorMeta("float32", [3, 8])),
-     "99280201099193000003930506079194cb000000000000000000cb3ff00000000000000092a7666c6f61743332920308c0"),
-    # + kv_to (nil): disaggregation's prompt passes name the token slots their KV goes to
+     "9a280201099193000003930506079194cb000000000000000000cb3ff00000000000000092a7666c6f61743332920308c0c0"),
+    # + kv_to (nil): disaggregation's prompt passes name the token slots their KV goes to; + joined (nil): the
+    # chunks whose request joined the token pipeline
 ]
 
 

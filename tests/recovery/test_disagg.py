@@ -26,7 +26,7 @@ from streamer.client import LayerSignal, attach_kv_hooks
 from tests.bus.test_serving import hf_greedy, run_all, workload
 from tests.conftest import start_deployment
 from tests.recovery.test_hosts import until
-from tests.recovery.test_replication import kill_stage, pid_of, serve_through
+from tests.recovery.test_replication import check_replica, kill_hosts, kill_stage, pid_of, serve_through
 from tests.streamer.helpers import StreamerProc, connect, run
 
 N = 24
@@ -162,14 +162,39 @@ def test_token_stages_receive_the_kv_a_colocated_stage_computes(model_factory) -
 
 
 def test_the_controller_killed_then_a_token_stage_on_two_hosts_leave_every_output_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
-    """Disaggregated on two simulated hosts (replication is off with disaggregation for now): kill -9 of the
-    controller (clients resume, the restarted controller learns every streamer again), then of a token stage whose
-    KV dies with it (recomputed on the token pipeline)."""
+    """Disaggregated on two simulated hosts, where the token stages replicate by default: kill -9 of the controller
+    (clients resume; the restarted controller learns every streamer again and, knowing no watermark, re-syncs the
+    replicas), then of a token stage whose KV dies with it: restored from its replica, not recomputed."""
     outs, refs, st, done, _ = serve_through(
         model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "2", "--hosts", "2", "--kv-takeover", "off"),
-        [(80, kill_process("controller", 0)), (250, kill_stage(2))], n=16, stages=3, recoveries=0)
+        [(80, kill_process("controller", 0)), (250, kill_stage(2, caught_up=True))], n=16, stages=3, recoveries=0)
     assert done == ["controller-0", "stage-2"]
     assert outs == refs
     (rec,) = st["recoveries"]  # (the restarted controller's: the stage's)
-    assert (rec["stage"], rec["source"]) == (2, "recompute")
-    assert st["replicas"] == [] and st["prompt_stages"] == 1
+    assert rec["stage"] == 2
+    check_replica(rec)
+    assert [r["stage"] for r in st["replicas"]] == [1, 2] and st["prompt_stages"] == 1
+
+
+def test_token_stages_restore_from_replicas_the_prompt_stages_never_write(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Replication with disaggregation: a prompt's KV reaches a token stage from the prompt stages, and the token
+    stage, its replica's one writer, sends rows [0, end) of it in its first step after joining. On two hosts
+    (host-0: the prompt stage and token stage 1; host-1: token stage 2), kill -9 of token stage 1 (restored from
+    its replica on host-1); then of every process of host-1: stage 2 restores on the spare host from its replica
+    on host-0, and stage 1's replica (it lived on host-1) is re-synced to the spare; then of stage 1 again,
+    restored from that new replica. Greedy and seeded sampling; every token arrives once."""
+    outs, refs, st, done, _ = serve_through(
+        model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "2", "--hosts", "2", "--spare-hosts", "1",
+                                 "--kv-takeover", "off"),
+        [(100, kill_stage(1, caught_up=True)), (220, kill_hosts("host-1")), (340, kill_stage(1, caught_up=True))],
+        n=16, stages=3)
+    assert done == ["stage-1", "host-1", "stage-1"]
+    assert outs == refs
+    recs = st["recoveries"]
+    assert [(r["stage"], r["host"]) for r in recs] == [(1, "host-0"), (2, "host-2"), (1, "host-0")], recs
+    check_replica(recs[0])
+    check_replica(recs[2])
+    assert recs[1]["source"] == "replica" and recs[1]["tokens_replayed"] < recs[1]["tokens_recompute"], recs[1]
+    reps = {r["stage"]: r for r in st["replicas"]}
+    assert (reps[1]["host"], reps[2]["host"]) == ("host-2", "host-0")
+    assert all(r["survives_host_loss"] and r["bytes"] > 0 for r in reps.values())
