@@ -34,6 +34,7 @@ from bus.messages import (
     StepRequest,
     StepResult,
     TokenChunk,
+    TokenLogprob,
 )
 from bus.replication import ReplicaBook
 from bus.requests import Request, admit
@@ -262,15 +263,16 @@ class Controller:
             return
         if self.book is not None:
             self.book.complete(result.mb, result.step)
-        if len(result.tokens) != len(done.members):
+        logprobs = result.logprobs or [None] * len(result.tokens)
+        if len(result.tokens) != len(done.members) or len(logprobs) != len(done.members):
             self.fail_members(done.members, ERR_SERVER, "stage returned a wrong number of tokens")
         else:
-            for (req, _, samples), token in zip(done.members, result.tokens):
+            for (req, _, samples), token, lp in zip(done.members, result.tokens, logprobs):
                 if req.cancelled:
                     self.sched.release(req)
                     self._end_cancelled(req)
                 elif samples:
-                    self._commit(req, token)
+                    self._commit(req, token, lp)
         self.schedule(now)
 
     def on_kv_sent(self, stage: int, sent: KvSent, now: float) -> None:
@@ -308,10 +310,12 @@ class Controller:
 
     # ------------------------------------------------------------------ commit
 
-    def _commit(self, req: Request, token: int) -> None:
+    def _commit(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         req.generated.append(token)
         text = req.detok.push([token]) if req.detok is not None else None
-        self.outbox.clients.append((req.client, TokenChunk(req.request_id, len(req.generated) - 1, [token], text)))
+        lps = [logprob] if logprob is not None and req.sampling.logprobs is not None else None
+        self.outbox.clients.append((req.client, TokenChunk(req.request_id, len(req.generated) - 1, [token], text,
+                                                           lps)))
         reason = finish_reason(token, len(req.generated), req.max_new_tokens, req.seq_len, self.model.max_seq_len,
                                req.stop_ids)
         if reason is not None:

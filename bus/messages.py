@@ -56,6 +56,17 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None  # GenerateRequest.logprobs: None = the last stage computes none for this chunk
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """A sampled token's log-probability under the model's own distribution (log_softmax of the final logits in
+    float32: before temperature, top-k and top-p), and the `top` most likely tokens' (ids, log-probabilities),
+    most likely first (GenerateRequest.logprobs = how many)."""
+
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
 
 
 class HostInfo(msgspec.Struct, frozen=True, array_like=True):
@@ -189,6 +200,9 @@ class GenerateRequest(Msg, tag=20):
     # controller continues the output from there - replacing the request of the same id if it still runs -
     # so nothing the client holds is repeated or changed (seeded sampling depends only on (seed, position)).
     resume_token_ids: list[int] | None = None
+    # None: no log-probabilities; N >= 0: each output token's (TokenChunk.logprobs) and the N most likely
+    # alternatives' (at most bus/requests.MAX_LOGPROBS)
+    logprobs: int | None = None
 
 
 class CancelRequest(Msg, tag=21):
@@ -202,6 +216,7 @@ class TokenChunk(Msg, tag=22):
     index: int
     token_ids: list[int]
     text: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked (GenerateRequest.logprobs)
 
 
 class RequestDone(Msg, tag=23):
@@ -294,6 +309,7 @@ class StepResult(Msg, tag=41):
     mb: int
     step: int
     tokens: list[int]
+    logprobs: list[TokenLogprob | None] = []  # [] when no chunk asked (Sampling.logprobs); else one per chunk
 
 
 class StepFailed(Msg, tag=42):

@@ -17,6 +17,7 @@ from bus.messages import GenerateRequest, Sampling
 from bus.text import IncrementalDetokenizer
 
 MAX_REQUEST_ID = 128
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (GenerateRequest.logprobs), as OpenAI's chat API
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
@@ -29,6 +30,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> N
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p!r}")
     if not (isinstance(seed, int) and 0 <= seed < 2**64):
         raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+
+
+def check_logprobs(logprobs: int | None) -> None:
+    """GenerateRequest.logprobs: None (none), or how many alternatives to report besides the sampled token."""
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise InvalidRequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
 
 
 @dataclass(eq=False)
@@ -105,6 +113,7 @@ def admit(
             "--max-seq-len)"
         )
     check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
+    check_logprobs(req.logprobs)
     bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"stop token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
@@ -125,7 +134,7 @@ def admit(
         request_id=req.request_id,
         prompt=ids,
         max_new_tokens=req.max_new_tokens,
-        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed),
+        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed, req.logprobs),
         stop_ids=(frozenset() if req.ignore_eos else frozenset(eos_ids)) | frozenset(req.stop_token_ids),
         detok=detok,
         generated=resumed,

@@ -39,7 +39,9 @@ from bus.messages import (
     RequestFailed,
     StatusReply,
     TokenChunk,
+    TokenLogprob,
 )
+from bus.requests import MAX_LOGPROBS
 from bus.stopping import CANCELLED
 
 if TYPE_CHECKING:
@@ -72,6 +74,9 @@ class TokenEvent:
     token_ids: tuple[int, ...]
     text: str | None
     t: float
+    # one per token id when the request asked (stream(logprobs=N)): the sampled token's log-probability under the
+    # model's distribution (before temperature, top-k, top-p) and the N most likely tokens' (bus/messages.py)
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class GenerateResult:
     num_prompt_tokens: int
     token_times: tuple[float, ...]  # arrival of each token, seconds since the request was sent
     latency_s: float  # request sent -> RequestDone received
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id when the request asked (TokenEvent)
 
     @property
     def num_generated(self) -> int:
@@ -123,6 +129,7 @@ def _ids(name: str, ids: Iterable[Any]) -> list[int]:
 def build_request(
     prompt: str | None, prompt_token_ids: Iterable[int] | None, max_new_tokens: int, temperature: float,
     top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int], ignore_eos: bool = False,
+    logprobs: int | None = None,
 ) -> GenerateRequest:
     """Validate the obvious client-side (BadRequestError) and build the wire request; the server decides
     the rest (vocabulary, sequence length)."""
@@ -147,10 +154,14 @@ def build_request(
         raise BadRequestError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise BadRequestError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise BadRequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                              f"got {logprobs!r}")
     return GenerateRequest(
         request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids, max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
-        stop_token_ids=_ids("stop_token_ids", stop_token_ids), ignore_eos=bool(ignore_eos),
+        stop_token_ids=_ids("stop_token_ids", stop_token_ids), ignore_eos=bool(ignore_eos), logprobs=logprobs,
     )
 
 
@@ -192,6 +203,7 @@ class TokenStream:
         self._tokens: list[int] = []
         self._times: list[float] = []
         self._texts: list[str] | None = None  # becomes a list on the first chunk with text
+        self._logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
         self._result: GenerateResult | None = None
         self._finished = False
 
@@ -273,13 +285,21 @@ class TokenStream:
         # AsyncClient._on_chunk queues only chunks that continue the output exactly (gaps and contradictions
         # end the request there, repeats after a resume are dropped there)
         assert chunk.index == len(self._tokens), (chunk.index, len(self._tokens))
+        logprobs = None
+        if self._logprobs is not None:
+            logprobs = tuple(chunk.logprobs or ())
+            if len(logprobs) != len(chunk.token_ids):
+                self._abandon()
+                raise ServerError(f"request {self.request_id}: asked for logprobs, but a chunk of "
+                                  f"{len(chunk.token_ids)} token(s) carries {len(logprobs)} (a stage too old for them?)")
+            self._logprobs.extend(logprobs)
         self._tokens.extend(chunk.token_ids)
         self._times.extend([t - self._t0] * len(chunk.token_ids))
         if chunk.text is not None:
             if self._texts is None:
                 self._texts = []
             self._texts.append(chunk.text)
-        return TokenEvent(chunk.index, tuple(chunk.token_ids), chunk.text, t - self._t0)
+        return TokenEvent(chunk.index, tuple(chunk.token_ids), chunk.text, t - self._t0, logprobs)
 
     def _on_done(self, done: RequestDone, t: float) -> None:
         if done.num_generated != len(self._tokens):
@@ -292,4 +312,5 @@ class TokenStream:
             text="".join(self._texts) if self._texts is not None else None,
             finish_reason=done.finish_reason, num_prompt_tokens=done.num_prompt_tokens,
             token_times=tuple(self._times), latency_s=t - self._t0,
+            logprobs=tuple(self._logprobs) if self._logprobs is not None else None,
         )

@@ -451,7 +451,8 @@ class StageProcess:
             if self._stale(step):
                 continue  # the pipeline was rebuilt while this step ran
             if out.tokens is not None:
-                await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens))
+                await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens,
+                                                            out.logprobs or []))
             elif out.sent is not None:
                 pass  # the header went out (announce) before the NCCL send was enqueued
             elif self.out is not None and out.hidden is not None:

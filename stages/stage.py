@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bus.messages import StepRequest, TensorMeta
+from bus.messages import StepRequest, TensorMeta, TokenLogprob
 from stages.batch import SeqChunk
 from stages.errors import InvalidRequestError
-from stages.layers.sampling import SamplingParams, sample
+from stages.layers.sampling import SamplingParams, sample, token_logprobs
 from stages.runtime import ShardConfig, ShardRuntime
 
 
@@ -23,6 +23,7 @@ class StepOutput:
     hidden: torch.Tensor | None  # [N, hidden] for the next stage
     tokens: list[int] | None  # last stage: one token per chunk
     sent: TensorMeta | None = None  # the hidden states already went downstream over NCCL
+    logprobs: list[TokenLogprob | None] | None = None  # last stage: one per chunk when any chunk asked, else None
 
 
 class StageCore:
@@ -47,6 +48,11 @@ class StageCore:
         out = rt.forward(chunks, inputs)
         if not rt.is_last:
             return StepOutput(out, None)
-        params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed) for s in step.sampling]
+        params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs) for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
-        return StepOutput(None, sample(out, params, positions).tolist())
+        tokens = sample(out, params, positions)
+        if all(p.logprobs is None for p in params):
+            return StepOutput(None, tokens.tolist())
+        lps = [None if lp is None else TokenLogprob(*lp)
+               for lp in token_logprobs(out, tokens, [p.logprobs for p in params])]
+        return StepOutput(None, tokens.tolist(), logprobs=lps)

@@ -1,11 +1,13 @@
 """The OpenAI API's request and response shapes (completions, chat completions, their stream chunks, usage).
 
 Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
-objects of the answers. Fields the deployment cannot honour (n > 1, logprobs, penalties, tools, ...) are refused
+objects of the answers. Fields the deployment cannot honour (n > 1, penalties, tools, ...) are refused
 with a 400 that names them - never silently ignored. Extensions, as vLLM names them: `top_k`, `ignore_eos`,
 `stop_token_ids`; a completions prompt may be a list of token ids.
 
-Logprobs: the stages return the sampled token only (stages/stage.py), so a request for logprobs is refused.
+Logprobs: completions' `logprobs: N`, chat's `logprobs: true` with `top_logprobs: N` (N in [0, MAX_LOGPROBS]) -
+each output token's log-probability under the model's own distribution (before temperature, top-k and top-p, as
+vLLM reports them) and its N most likely alternatives'; bus/front/logprobs.py writes them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bus.front.errors import ApiError, bad_request
+from bus.requests import MAX_LOGPROBS
 
 MAX_STOPS = 4  # as the OpenAI API
 MAX_SEED = 2**63
@@ -36,6 +39,7 @@ class Params:
     ignore_eos: bool
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # None: none asked; N: each token's log-probability and N alternatives'
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
@@ -84,11 +88,6 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
         raise bad_request("n must be 1: one choice per request (send several requests)", "n")
     if body.get("best_of", 1) not in (1, None):
         raise bad_request("best_of must be 1", "best_of")
-    if chat:
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise bad_request("logprobs are not supported: the stages return the sampled token only", "logprobs")
-    elif body.get("logprobs") is not None:
-        raise bad_request("logprobs are not supported: the stages return the sampled token only", "logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported (only 0)", name)
@@ -105,6 +104,18 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
         raise bad_request("response_format must be {\"type\": \"text\"}", "response_format")
 
 
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives per token (None: no logprobs): completions' `logprobs: N`; chat's `logprobs: true`
+    with `top_logprobs: N` (which needs `logprobs: true`, as in the OpenAI API)."""
+    if not chat:
+        return _int(body, "logprobs", 0, MAX_LOGPROBS + 1)
+    asked = _flag(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS + 1)
+    if top is not None and not asked:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if asked else None
+
+
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -117,7 +128,7 @@ def _stops(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_name: str) -> Params:
+def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_name: str, chat: bool) -> Params:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required: the name /v1/models lists", "model")
@@ -134,7 +145,7 @@ def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_nam
         top_k=_int(body, "top_k", 0, 1 << 31) or 0, seed=_int(body, "seed", 0, MAX_SEED),
         stop=_stops(body), stop_token_ids=tuple(_token_ids(stop_ids, "stop_token_ids")),
         ignore_eos=_flag(body, "ignore_eos"), stream=_flag(body, "stream"),
-        include_usage=bool((options or {}).get("include_usage")),
+        include_usage=bool((options or {}).get("include_usage")), logprobs=_logprobs(body, chat),
     )
 
 
@@ -154,9 +165,9 @@ def parse_completion(body: Any) -> Params:
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt is empty", "prompt")
-        return _check_top_p(_params(body, prompt, "max_tokens"))
+        return _check_top_p(_params(body, prompt, "max_tokens", False))
     if isinstance(prompt, list) and prompt and not any(isinstance(t, (str, list)) for t in prompt):
-        return _check_top_p(_params(body, _token_ids(prompt, "prompt"), "max_tokens"))
+        return _check_top_p(_params(body, _token_ids(prompt, "prompt"), "max_tokens", False))
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("one prompt per request (send several requests)", "prompt")
     raise bad_request("prompt must be a non-empty string or a list of token ids", "prompt")
@@ -185,7 +196,7 @@ def parse_chat(body: Any) -> tuple[list[dict[str, str]], Params]:
             raise bad_request(f"messages[{i}].content must be a string or a list of text parts", "messages")
         out.append({"role": m["role"], "content": content})
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return out, _check_top_p(_params(body, None, name))
+    return out, _check_top_p(_params(body, None, name, True))
 
 
 # ---------------------------------------------------------------- answers
@@ -214,22 +225,24 @@ class Answer:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""), "created": self.created,
                 "model": self.model}
 
-    def whole(self, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, finish_reason: str, use: dict[str, int], logprobs: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head(False), "choices": [choice], "usage": use}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
     def token_event_parts(self, encode: Any) -> tuple[bytes, bytes]:

@@ -33,6 +33,7 @@ from bus.front import chat
 from bus.front.admission import Admission
 from bus.front.config import FrontConfig
 from bus.front.errors import ApiError, bad_request, from_client, too_long, unavailable
+from bus.front.logprobs import LogprobsWriter, TokenTexts
 from bus.front.metrics import CONTENT_TYPE, Metrics
 from bus.front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
 from bus.front.stops import StopMatcher
@@ -84,9 +85,13 @@ class Run:
     last: float = 0.0
     finish: str | None = None
     parts: list[str] = field(default_factory=list)
+    logprobs: LogprobsWriter | None = None  # the request asked for logprobs
 
     def take(self, ev: TokenEvent) -> str:
-        """The text this event adds to the answer (held back where it may begin a stop string)."""
+        """The text this event adds to the answer (held back where it may begin a stop string). Its tokens'
+        logprobs wait in `logprobs` for the text they go out with (a token's text may be held back)."""
+        if self.logprobs is not None:
+            self.logprobs.add(ev.token_ids, ev.logprobs, ev.text)
         if ev.token_ids:
             now = time.perf_counter()
             if self.first is None:
@@ -109,6 +114,7 @@ class Front:
         self.admission, self.metrics, self.text_pool = admission, metrics, text_pool
         self.max_prompt_bytes = max_prompt_bytes
         self.model = cfg.served_name
+        self.token_texts = TokenTexts(tokenizer)
         self.created = int(time.time())
         self.handlers: set[asyncio.Task[Any]] = set()  # generation requests in flight (the drain may cut them)
         self.aborting = ""  # why the requests still in flight are being cut ("" = they are not)
@@ -201,12 +207,14 @@ class Front:
             stream = self.client.stream(
                 prompt_token_ids=ids, max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k,
                 top_p=p.top_p, seed=random.getrandbits(63) if p.seed is None else p.seed,
-                stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout)
+                stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout,
+                logprobs=p.logprobs)
         except DejaVuError as e:  # the client refuses at once: arguments, or a deployment that stopped
             raise from_client(e) from None
         self.metrics.prompt_tokens.inc(len(ids))
         answer = Answer.new(stream.request_id, self.model, endpoint == "chat")
-        return Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop)), stream
+        writer = None if p.logprobs is None else LogprobsWriter(self.token_texts, endpoint == "chat")
+        return Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop), logprobs=writer), stream
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -276,7 +284,8 @@ class Front:
             run.parts.append(run.matcher.flush())
             run.finish = stream.result.finish_reason
         self._served(run)
-        return json_response(run.answer.whole("".join(run.parts), run.finish, run.usage()))
+        logprobs = run.logprobs.take() if run.logprobs is not None else None
+        return json_response(run.answer.whole("".join(run.parts), run.finish, run.usage(), logprobs))
 
     async def _sse(self, request: web.Request, run: Run, stream: TokenStream) -> web.StreamResponse:
         async with stream:
@@ -296,7 +305,9 @@ class Front:
                     await resp.write(sse(answer.chunk("", role=True)))
                 while ev is not None:
                     text = run.take(ev)
-                    if text:
+                    if text and run.logprobs is not None:  # with the logprobs of the tokens whose text it is
+                        await resp.write(sse(answer.chunk(text, logprobs=run.logprobs.take())))
+                    elif text:
                         await resp.write(before + encode(text) + after)
                     if run.finish is not None:
                         break
@@ -319,8 +330,9 @@ class Front:
             else:
                 tail = "" if run.finish is not None else run.matcher.flush()
                 run.finish = run.finish or stream.result.finish_reason
-                if tail:
-                    await resp.write(sse(run.answer.chunk(tail)))
+                logprobs = run.logprobs.take() if run.logprobs is not None else None
+                if tail or logprobs is not None:  # tokens whose text was held back (or cut by a stop string)
+                    await resp.write(sse(run.answer.chunk(tail, logprobs=logprobs)))
                 await resp.write(sse(run.answer.chunk(None if run.answer.chat else "", run.finish)))
                 if run.params.include_usage:
                     await resp.write(sse(run.answer.usage_chunk(run.usage())))

@@ -6,6 +6,11 @@ tensor ops — and the sample is argmax(logits / T + Gumbel noise) over the toke
 request's tokens do not depend on which other requests share its batch, on the batch order, or on a
 restart: recomputing position p after a failure draws the same token. The hash is computed identically on
 CPU and CUDA.
+
+Log-probabilities (`token_logprobs`, only for the rows that ask) are those of the model's own distribution:
+log_softmax of the final logits in float32, before temperature, top-k and top-p - what vLLM reports by default
+("raw" logprobs), and the same number whichever sampling settings drew the token (for greedy it is the
+distribution the token was drawn from).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bus.requests import check_sampling
+from bus.requests import check_logprobs, check_sampling
 
 _M32 = 0xFFFFFFFF
 
@@ -26,9 +31,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
+    logprobs: int | None = None  # None: none; N: the sampled token's log-probability and the N most likely
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        check_logprobs(self.logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -96,4 +103,28 @@ def sample(
     u = uniform_noise(seeds, pos, vocab)
     gumbel = -torch.log(-torch.log(u))
     out[idx] = (x + gumbel).argmax(dim=-1)
+    return out
+
+
+TokenLogprobs = tuple[float, list[int], list[float]]  # (sampled token's, top ids, their log-probabilities)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, asks: Sequence[int | None]
+) -> list[TokenLogprobs | None]:
+    """logits [B, V], tokens [B] the sampled ones, asks[b]: None, or how many top alternatives row b wants.
+    Rows that ask nothing cost nothing; the rest take one log_softmax over the rows that ask and one top-k."""
+    rows = [i for i, k in enumerate(asks) if k is not None]
+    out: list[TokenLogprobs | None] = [None] * len(asks)
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)  # [R, V]
+    chosen = logp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()  # [R]
+    k = min(max(asks[i] or 0 for i in rows), logp.shape[1])
+    top_lp, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())  # [R, k], sorted
+    top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
+    for r, i in enumerate(rows):
+        n = min(asks[i] or 0, k)
+        out[i] = (chosen[r], top_ids_l[r][:n], top_lp_l[r][:n])
     return out

@@ -18,7 +18,7 @@ import torch
 from bus.stopping import LENGTH, STOP
 from stages.errors import InvalidRequestError
 from stages.generate import GenerationRequest, LocalPipeline, generate
-from stages.layers.sampling import SamplingParams, sample, uniform_noise
+from stages.layers.sampling import SamplingParams, sample, token_logprobs, uniform_noise
 
 PROMPTS = [[5, 17, 42, 99, 3, 8, 150], [7, 11], [100, 1, 60, 61, 62, 63, 64, 65, 66, 67, 68], [9]]
 NEW = 12
@@ -173,6 +173,7 @@ def test_top_k_and_top_p_together() -> None:
         {"temperature": -0.1}, {"temperature": math.nan}, {"temperature": math.inf}, {"temperature": 101.0},
         {"temperature": "1"}, {"top_k": -1}, {"top_k": 2.5}, {"top_p": 0.0}, {"top_p": 1.5},
         {"top_p": math.nan}, {"top_p": -0.5}, {"seed": -1}, {"seed": 2**64}, {"seed": 1.5},
+        {"logprobs": -1}, {"logprobs": 21}, {"logprobs": True},
     ],
 )
 def test_bad_sampling_parameters(kwargs: dict[str, object]) -> None:
@@ -186,6 +187,27 @@ def test_extreme_valid_parameters() -> None:
     tokens = sample(logits, params, [0, 1, 2])
     assert tokens.dtype == torch.long and ((tokens >= 0) & (tokens < 30)).all()
     assert tokens[1] == logits[1].argmax()  # a tiny temperature is (almost surely) greedy
+
+
+def test_logprobs_are_the_models_distribution_for_the_rows_that_ask_only() -> None:
+    """log_softmax of the raw logits in float32 (not of logits / temperature), the sampled token's and the top N
+    most likely first; rows that ask nothing get None, and a batch where none asks computes nothing."""
+    logits = (torch.randn(4, 30, generator=torch.Generator().manual_seed(3)) * 4).to(torch.bfloat16)
+    params = [SamplingParams(0.0, logprobs=2), SamplingParams(0.7, 5, 0.9, 3), SamplingParams(1.5, seed=4, logprobs=0),
+              SamplingParams(1.0, seed=5, logprobs=20)]
+    tokens = sample(logits, params, [1, 2, 3, 4])
+    got = token_logprobs(logits, tokens, [p.logprobs for p in params])
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    assert got[1] is None
+    for row in (0, 2, 3):
+        lp, ids, lps = got[row]  # type: ignore[misc]
+        assert lp == pytest.approx(ref[row, tokens[row]].item(), abs=1e-6)
+        n = params[row].logprobs
+        assert len(ids) == len(lps) == n and lps == sorted(lps, reverse=True)
+        assert lps == pytest.approx(ref[row].topk(n).values.tolist(), abs=1e-6) if n else ids == []
+        assert all(ref[row, i].item() == pytest.approx(v, abs=1e-6) for i, v in zip(ids, lps))
+    assert got[0][1][0] == tokens[0]  # type: ignore[index]  # greedy: the sampled token is the likeliest
+    assert token_logprobs(logits, tokens, [None] * 4) == [None] * 4
 
 
 # --- stopping -------------------------------------------------------------------------------------------------

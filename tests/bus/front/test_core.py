@@ -11,9 +11,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from bus.errors import BadRequestError, RequestTimeoutError, ServerError
 from bus.front.admission import Admission
 from bus.front.errors import ApiError, from_client
+from bus.front.logprobs import LogprobsWriter, TokenTexts
 from bus.front.metrics import Metrics, restarts
 from bus.front.protocol import parse_chat, parse_completion
 from bus.front.stops import StopMatcher
+from bus.messages import TokenLogprob
+from bus.requests import MAX_LOGPROBS
+from bus.text import load_tokenizer
 
 
 def test_stop_strings_cut_before_the_first_and_never_leak_a_part_of_one() -> None:
@@ -57,7 +61,9 @@ def test_parsing_defaults_extensions_and_refusals() -> None:
                               "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
     assert messages == [{"role": "user", "content": "a"}] and p.max_tokens == 7
     refused = [
-        ({"model": "m", "prompt": "hi", "logprobs": 1}, "logprobs"),
+        ({"model": "m", "prompt": "hi", "logprobs": -1}, "logprobs"),
+        ({"model": "m", "prompt": "hi", "logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ({"model": "m", "prompt": "hi", "logprobs": True}, "logprobs"),
         ({"model": "m", "prompt": "hi", "n": 2}, "n"),
         ({"model": "m", "prompt": "hi", "temperature": 3}, "temperature"),
         ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p"),
@@ -73,9 +79,52 @@ def test_parsing_defaults_extensions_and_refusals() -> None:
         with pytest.raises(ApiError) as e:
             parse_completion(body)
         assert (e.value.status, e.value.param) == (400, param), body
-    with pytest.raises(ApiError) as e:
-        parse_chat({"model": "m", "messages": [{"role": "user", "content": "a"}], "logprobs": True})
-    assert e.value.param == "logprobs"
+    for extra, param in (({"logprobs": 2}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+                         ({"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs")):
+        with pytest.raises(ApiError) as e:
+            parse_chat({"model": "m", "messages": [{"role": "user", "content": "a"}], **extra})
+        assert (e.value.status, e.value.param) == (400, param), extra
+
+
+def test_logprobs_are_asked_per_endpoint() -> None:
+    """completions: `logprobs: N`; chat: `logprobs: true` and `top_logprobs: N`; absent or false: None."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "a"}]}
+    assert parse_completion({"model": "m", "prompt": "hi"}).logprobs is None
+    assert parse_completion({"model": "m", "prompt": "hi", "logprobs": 0}).logprobs == 0
+    assert parse_completion({"model": "m", "prompt": "hi", "logprobs": MAX_LOGPROBS}).logprobs == MAX_LOGPROBS
+    assert parse_chat(chat)[1].logprobs is None
+    assert parse_chat({**chat, "logprobs": False})[1].logprobs is None
+    assert parse_chat({**chat, "logprobs": True})[1].logprobs == 0
+    assert parse_chat({**chat, "logprobs": True, "top_logprobs": 3})[1].logprobs == 3
+
+
+def test_logprobs_writer_spells_tokens_as_the_openai_api(default_model) -> None:  # type: ignore[no-untyped-def]
+    """The default model's byte-level tokens: exact bytes (also for a byte inside a UTF-8 character, whose text is
+    U+FFFD), special tokens by name; offsets count the characters of the text before each token."""
+    texts = TokenTexts(load_tokenizer(default_model))
+    assert texts.byte_level
+    assert texts.get(3 + ord(" ")) == (" ", [32]) and texts.get(3 + 0xE2) == ("\ufffd", [0xE2])
+    assert texts.get(2) == ("</s>", list(b"</s>"))
+    a, b = 3 + ord("a"), 3 + ord("b")
+    events = [([a], [TokenLogprob(-0.5, [a, b], [-0.5, -1.5])], "a"), ([3 + 0xE2], [TokenLogprob(-2.0)], ""),
+              ([3 + 0x82], [TokenLogprob(-3.0)], ""), ([3 + 0xAC], [TokenLogprob(-4.0)], "\u20ac"),
+              ([b], [TokenLogprob(-1.0, [b], [-1.0])], "b")]
+    comp, chat = LogprobsWriter(texts, chat=False), LogprobsWriter(texts, chat=True)
+    for ids, lps, text in events:
+        comp.add(ids, lps, text)
+        chat.add(ids, lps, text)
+    got = comp.take()
+    assert got is not None and comp.take() is None
+    assert got["tokens"] == ["a", "\ufffd", "\ufffd", "\ufffd", "b"]
+    assert got["token_logprobs"] == [-0.5, -2.0, -3.0, -4.0, -1.0]
+    assert got["top_logprobs"] == [{"a": -0.5, "b": -1.5}, {}, {}, {}, {"b": -1.0}]
+    assert got["text_offset"] == [0, 1, 1, 1, 2]  # the euro sign's three bytes begin where it does
+    content = chat.take()["content"]  # type: ignore[index]
+    assert [c["bytes"] for c in content] == [[97], [0xE2], [0x82], [0xAC], [98]]
+    assert bytes(sum((c["bytes"] for c in content), [])).decode() == "a\u20acb"
+    assert content[0]["top_logprobs"] == [{"token": "a", "logprob": -0.5, "bytes": [97]},
+                                          {"token": "b", "logprob": -1.5, "bytes": [98]}]
 
 
 def test_admission_bounds_the_queue_and_refuses_while_draining_or_degraded() -> None:

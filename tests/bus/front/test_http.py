@@ -1,5 +1,6 @@
 """The OpenAI API of a real deployment (`dejavu-serve --http-port`), through the official `openai` client: completions
-and chat, whole and streamed, equal to what the ZeroMQ client gets; stop strings; reproducible seeds; every error
+and chat, whole and streamed, equal to what the ZeroMQ client gets; stop strings; reproducible seeds; logprobs equal
+to Hugging Face's, whole and streamed, and none unless asked; every error
 status (400, 404, 413, 429, 503, 504) provoked; a client that disconnects cancels its request; /metrics counters
 against the requests sent; a front of its own (no template: 400; its deadline; its drain cut short); and, last, a
 drain under load that loses nothing while dejavu-serve stops.
@@ -26,6 +27,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.child import encode_config
@@ -33,6 +35,7 @@ from bus.client import AsyncClient
 from bus.front.config import FrontConfig
 from bus.text import load_tokenizer
 from tests.conftest import start_deployment
+from tests.tiny_models import load_hf
 
 ROOT = Path(__file__).resolve().parents[3]
 NAME = "chat-model"  # the model directory's name is the model's id in the API
@@ -174,27 +177,90 @@ def test_seeds_are_reproducible(dep) -> None:  # type: ignore[no-untyped-def]
     assert a == b == streamed != other
 
 
+def test_logprobs_whole_and_streamed_equal_hugging_face(dep, chat_model) -> None:  # type: ignore[no-untyped-def]
+    """completions `logprobs: 2` and chat `logprobs: true, top_logprobs: 2`, whole and streamed (each SSE chunk carries
+    its tokens'), parsed by the openai client: log_softmax of HF's logits for the same greedy sequence, the top 2
+    too; tokens spell the text; a request that asks for none gets none."""
+    messages = [{"role": "user", "content": "What is KV streaming?"}]
+    tok = load_tokenizer(chat_model)
+    ids = list(tok.encode(PROMPT))
+    chat_ids = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    n = 12
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with api(dep.http) as c:
+            comp = {"model": NAME, "prompt": PROMPT, "max_tokens": n, **GREEDY, **IGNORE_EOS}
+            chat = {"model": NAME, "messages": messages, "max_tokens": n, **GREEDY, **IGNORE_EOS}
+            whole = await c.completions.create(**comp, logprobs=2)
+            streamed = [ch async for ch in await c.completions.create(**comp, logprobs=2, stream=True)]
+            chat_whole = await c.chat.completions.create(**chat, logprobs=True, top_logprobs=2)
+            chat_streamed = [ch async for ch in await c.chat.completions.create(**chat, logprobs=True, top_logprobs=2,
+                                                                                stream=True)]
+            plain = [await c.completions.create(**comp), await c.chat.completions.create(**chat)]
+            plain += [ch async for ch in await c.completions.create(**comp, stream=True)]
+            plain += [ch async for ch in await c.chat.completions.create(**chat, stream=True)]
+        return whole, streamed, chat_whole, chat_streamed, plain
+
+    whole, streamed, chat_whole, chat_streamed, plain = asyncio.run(main())
+    hf = load_hf(chat_model)
+
+    def reference(prompt: list[int], text: str) -> list[list[float]]:  # one byte-level token per character
+        out = tok.encode(text, add_special_tokens=False)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        assert logp.argmax(-1).tolist() == out and len(out) == n
+        return [[logp[i, t].item() for t in out[i:i + 1] + logp[i].topk(2).indices.tolist()] for i in range(n)]
+
+    lp, text = whole.choices[0].logprobs, whole.choices[0].text
+    ref = reference(ids, text)
+    assert "".join(lp.tokens) == text and lp.text_offset == list(range(n))
+    assert lp.token_logprobs == pytest.approx([r[0] for r in ref], abs=1e-4)
+    assert [list(d.values()) for d in lp.top_logprobs] == [pytest.approx(r[1:], abs=1e-4) for r in ref]
+    assert [next(iter(d)) for d in lp.top_logprobs] == lp.tokens  # greedy: the likeliest alternative is the token
+    parts = [ch.choices[0].logprobs for ch in streamed if ch.choices and ch.choices[0].logprobs]
+    assert sum((p.tokens for p in parts), []) == lp.tokens and sum((p.text_offset for p in parts), []) == lp.text_offset
+    assert sum((p.token_logprobs for p in parts), []) == pytest.approx(lp.token_logprobs, abs=1e-6)
+
+    content = chat_whole.choices[0].logprobs.content
+    ref = reference(chat_ids, chat_whole.choices[0].message.content)
+    assert "".join(c.token for c in content) == chat_whole.choices[0].message.content
+    assert bytes(sum((c.bytes for c in content), [])).decode() == chat_whole.choices[0].message.content
+    assert [c.logprob for c in content] == pytest.approx([r[0] for r in ref], abs=1e-4)
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == [pytest.approx(r[1:], abs=1e-4) for r in ref]
+    streamed_content = sum((ch.choices[0].logprobs.content for ch in chat_streamed
+                            if ch.choices and ch.choices[0].logprobs), [])
+    assert [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in streamed_content] == [
+        (c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in content]
+    assert all(ch.choices[0].logprobs is None for ch in plain if ch.choices)
+
+
 def test_bad_requests_are_400_404_and_413(dep) -> None:  # type: ignore[no-untyped-def]
     async def main() -> list[openai.APIStatusError]:
         errors = []
         async with api(dep.http) as c:
-            for kw in ({"temperature": 5}, {"logprobs": 1}, {"n": 2}, {"max_tokens": MAX_SEQ},
+            for kw in ({"temperature": 5}, {"logprobs": 21}, {"n": 2}, {"max_tokens": MAX_SEQ},
                        {"model": "gpt-4"}, {"prompt": "x" * (MAX_SEQ + 10)}):
                 args = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, **kw}
                 with pytest.raises(openai.APIStatusError) as e:
                     await c.completions.create(**args)
                 errors.append(e.value)
-            with pytest.raises(openai.APIStatusError) as e:
-                await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x" * MAX_SEQ}])
-            errors.append(e.value)
+            for kw in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": -1},
+                       {"messages": [{"role": "user", "content": "x" * MAX_SEQ}]}):
+                with pytest.raises(openai.APIStatusError) as e:
+                    await c.chat.completions.create(**{"model": NAME, "messages": [{"role": "user", "content": "a"}],
+                                                       **kw})
+                errors.append(e.value)
         return errors
 
     errors = asyncio.run(main())
     assert [(e.status_code, e.body["param"]) for e in errors] == [  # type: ignore[index]
         (400, "temperature"), (400, "logprobs"), (400, "n"), (400, "max_tokens"), (404, "model"), (413, "prompt"),
-        (413, "messages")]
+        (400, "top_logprobs"), (400, "top_logprobs"), (413, "messages")]
     assert errors[3].code == errors[5].code == "context_length_exceeded"
-    assert "stages return the sampled token only" in errors[1].message
+    assert "logprobs must be an integer in [0, 21)" in errors[1].message
+    assert "needs logprobs: true" in errors[6].message
     for e in errors:
         assert set(e.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
 
