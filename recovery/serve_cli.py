@@ -16,17 +16,14 @@ from pathlib import Path
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def microbatch_size(text: str) -> int:
-    """--microbatch-size: a number >= 1, or auto (0: recovery/sizing.py sizes it)."""
+def microbatch_size(text: str) -> int | str:
+    """--microbatch-size: a number (checked with the other settings), or auto (recovery/sizing.py sizes it)."""
     if text == "auto":
-        return 0
+        return text
     try:
-        n = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 1 or auto") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: give a number >= 1 or auto")
-    return n
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number >= 1 or auto") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, filename=log_file,
                         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
     try:
+        if args.microbatch_size != "auto" and args.microbatch_size < 1:
+            raise ValueError("--microbatch-size must be >= 1, or auto")
         model_dir = resolve_model(args.model, args.cache_dir)
         cfg = DeploymentConfig(
             model_dir=str(model_dir), device=args.device,
             num_stages=args.stages if args.stages is not None else (args.prompt_stages + args.token_stages or 1),
             prompt_stages=args.prompt_stages, token_stages=args.token_stages,
             prompt_microbatch_size=args.prompt_microbatch_size, dtype=args.dtype, host=args.host,
-            port=args.port, microbatch_size=args.microbatch_size, num_microbatches=args.microbatches,
+            port=args.port, microbatch_size=0 if args.microbatch_size == "auto" else args.microbatch_size,
+            num_microbatches=args.microbatches,
             max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
             hang_timeout=args.hang_timeout,
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return usage(f"{e.filename or args.cache_dir}: {e.strerror} (set --cache-dir)")
     for warning in checked.warnings + sizing.warnings:
         print(f"dejavu-serve: warning: {warning}", file=sys.stderr)
-    for line in sizing.lines():
-        print(f"dejavu-serve: memory: {line}", file=sys.stderr)
+    for line in sizing.lines():  # one line per stage, and the deployment's choice
+        logging.getLogger("recovery.sizing").info("[memory] %s", line)
 
     def ready(address: str, agents: str = "", http: str = "") -> None:
         hosts = f"{cfg.hosts} host(s)" + (f" + {cfg.spare_hosts} spare" if cfg.spare_hosts else "")

@@ -153,12 +153,14 @@ def test_fake_device_memory_from_the_environment() -> None:
 def test_the_flags(tiny, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from recovery.serve_cli import main, parser
 
-    assert parser().parse_args([]).microbatch_size == 0  # auto, the default
+    assert parser().parse_args([]).microbatch_size == "auto"  # the default
     assert parser().parse_args(["--microbatch-size", "12"]).microbatch_size == 12
-    for bad in ("0", "many"):
-        with pytest.raises(SystemExit):
-            parser().parse_args(["--microbatch-size", bad])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--microbatch-size", "many"])
+    assert "invalid value 'many': give a number >= 1 or auto" in capsys.readouterr().err
     path, _ = tiny
+    assert main(["--model", str(path), "--microbatch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dejavu-serve: error: --microbatch-size must be >= 1, or auto"
     for argv, message in ((["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction 1.5: give a fraction in (0, 1]"),
                           (["--gpu-memory-fraction", "0"], "--gpu-memory-fraction 0.0: give a fraction in (0, 1]")):
         assert main(["--model", str(path), *argv]) == 2
@@ -190,6 +192,7 @@ def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch
                 return await c.status()
 
         st = asyncio.run(status())
+        logged = [line for line in dep.logs().splitlines() if "[memory]" in line]
     finally:
         assert dep.stop() == 0
     assert [list(r.token_ids) for r in results] == refs
@@ -200,3 +203,5 @@ def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch
         assert m["weights"] > 0 and m["kv_per_slot"] > 0
         assert m["weights"] + m["activations"] + m["graphs"] + m["slots"] * m["kv_per_slot"] <= m["budget"]
     assert min(m["fits"] for m in st["memory"]) == 3
+    assert len(logged) == 3 and "stage 0 on cpu" in logged[0] and "stage 1 on cpu" in logged[1]
+    assert "microbatch size 3 (auto" in logged[2]
