@@ -330,17 +330,14 @@ def resolve(cfg: DeploymentConfig, spec: ModelSpec,
             memories: Sequence[DeviceMemory] | None = None) -> tuple[DeploymentConfig, Sizing]:
     """cfg with its microbatch size fixed (auto resolved) and its memory plan (cfg.memory_plan, JSON) set."""
     check_fraction(cfg.gpu_memory_fraction)
-    if memories is None:
-        if cfg.device != "cpu" and cfg.hosts == 0:
-            if cfg.microbatch_size == AUTO:
-                raise MemoryBudgetError("--microbatch-size auto measures the GPUs of this machine, and with --hosts 0 "
-                                        "every stage runs on other machines: give --microbatch-size N")
-            memories = None
-        else:
-            memories = measure(cfg)
-    if memories is None:
-        sizing = Sizing(cfg.microbatch_size, False, f"microbatch size {cfg.microbatch_size} (--microbatch-size; "
-                        "the stages' GPUs are on other machines: not measured)", ())
+    if memories is None and cfg.hosts == 0:  # every stage runs on other machines: nothing here to measure
+        if cfg.microbatch_size == AUTO and cfg.device != "cpu":
+            raise MemoryBudgetError("--microbatch-size auto measures the GPUs of this machine, and with --hosts 0 "
+                                    "every stage runs on other machines: give --microbatch-size N")
+        size = cfg.microbatch_size or CPU_AUTO_MAX
+        how = "auto: 8 on CPU" if cfg.microbatch_size == AUTO else "--microbatch-size"
+        sizing = Sizing(size, cfg.microbatch_size == AUTO, f"microbatch size {size} ({how}; the stages run on other "
+                        "machines, whose memory is not measured)", ())
     else:
-        sizing = size_deployment(cfg, spec, memories)
+        sizing = size_deployment(cfg, spec, measure(cfg) if memories is None else memories)
     return replace(cfg, microbatch_size=sizing.microbatch_size, memory_plan=sizing.to_json()), sizing

@@ -150,8 +150,8 @@ class StageProcess:
                 return EXIT_CONFIG
             except torch.OutOfMemoryError:  # the settings again (issue 20): a restart would fail the same
                 why = (f"stage {cfg.index} on {cfg.device} ran out of memory loading its layers {cfg.layers} and a KV "
-                       f"pool of {cfg.num_slots} slots x {cfg.max_seq_len} tokens: lower --microbatch-size or "
-                       "--max-seq-len, or use --microbatch-size auto (it sizes the pool to the GPU)")
+                       f"pool of {cfg.num_slots} slots x {cfg.max_seq_len} tokens: lower --max-seq-len, or "
+                       "--microbatch-size (an explicit one; with auto, --gpu-memory-fraction)")
                 log.error("[startup] %s", why)
                 await self.sup.fatal(why)
                 return EXIT_CONFIG

@@ -205,3 +205,13 @@ def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch
     assert min(m["fits"] for m in st["memory"]) == 3
     assert len(logged) == 3 and "stage 0 on cpu" in logged[0] and "stage 1 on cpu" in logged[1]
     assert "microbatch size 3 (auto" in logged[2]
+
+
+def test_stages_on_other_machines_are_not_measured(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cpu = DeploymentConfig(str(path), hosts=0, microbatch_size=0)
+    assert resolve(cpu, spec)[0].microbatch_size == CPU_AUTO_MAX
+    assert resolve(replace(cpu, microbatch_size=5), spec)[0].microbatch_size == 5
+    assert resolve(replace(cpu, device="cuda", microbatch_size=5), spec)[0].microbatch_size == 5
+    with pytest.raises(MemoryBudgetError, match="with --hosts 0 .* give --microbatch-size N"):
+        resolve(replace(cpu, device="cuda"), spec)
