@@ -260,7 +260,6 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
     fraction = cfg.gpu_memory_fraction
     check_fraction(fraction)
     cuda = cfg.device != "cpu"
-    what = "GPU" if cuda else "host memory"
     facts = model_facts(spec, cfg.dtype)
     plans = cfg.stage_plan(spec.num_layers)
     if len(memories) != len(plans):
@@ -302,7 +301,7 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
         size = cfg.microbatch_size
         how = (f"microbatch size {size} (--microbatch-size): {cfg.microbatches} microbatch(es) x {size} = "
                f"{cfg.microbatches * size} slots")
-        for m, mem, (margin, room, fits) in zip(models, memories, figures):
+        for m, mem, (_, room, fits) in zip(models, memories, figures):
             if not cuda:
                 break  # on CPU an explicit size is taken as it is (a pool beyond /dev/shm is a warning of its own)
             pool = m.weights() + m.slots(size) * m.kv_per_slot()

@@ -215,3 +215,22 @@ def test_stages_on_other_machines_are_not_measured(tiny) -> None:  # type: ignor
     assert resolve(replace(cpu, device="cuda", microbatch_size=5), spec)[0].microbatch_size == 5
     with pytest.raises(MemoryBudgetError, match="with --hosts 0 .* give --microbatch-size N"):
         resolve(replace(cpu, device="cuda"), spec)
+
+
+def test_a_disaggregated_deployment_is_sized_per_pipeline(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A prompt stage's pool holds `prompt stages + 1` passes of the prompt batch (default: the microbatch size),
+    a token stage's its microbatches: both must fit at the chosen size."""
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, prompt_stages=1, token_stages=1, device="cuda", microbatch_size=0,
+                           max_seq_len=1024)
+    from recovery.planner import largest
+
+    stages = models(cfg, spec)
+    room = max(m.need(20) for m in stages)
+    total = math.ceil(room / 0.9) + 1
+    sizing = size_deployment(cfg, spec, [DeviceMemory(f"cuda:{i}", total, total) for i in range(2)])
+    budget = sizing.stages[0].budget
+    b = min(largest(lambda n, m=m: m.need(n) <= budget, 256) for m in stages)
+    assert sizing.microbatch_size == b >= 20 and [s.slots for s in sizing.stages] == [2 * b, b]
+    assert sizing.stages[0].graphs == 0 < sizing.stages[1].graphs  # prompt stages capture no decode graphs
+    assert all(s.used <= s.budget for s in sizing.stages)
