@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
                         "smallest stage's figure) after its weights, its largest step's activations and its CUDA "
                         "graphs, within --gpu-memory-fraction of its memory, at most 256; on CPU, 8 unless less "
                         "fits the host's available RAM (shared by the stages) within the same fraction. The "
-                        "choice and each stage's memory split are printed at start and shown in status()")
+                        "choice and each stage's memory split are logged at start (--log-level INFO) and shown in "
+                        "status()")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.9,
                    help="the share of each device's total memory a stage may fill (weights, activations, graphs, "
                         "KV pool; memory other processes hold counts against it), in (0, 1]; the rest is the "
