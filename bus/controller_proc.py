@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -79,6 +80,7 @@ from bus.messages import (
     HostsUpdate,
     KeepAlive,
     KvSent,
+    MemoryInfo,
     ProcessDown,
     ProcessInfo,
     RecoveryInfo,
@@ -162,6 +164,7 @@ class ControllerConfig:
     prompt_stages: int = 0
     prompt_microbatches: int = 0
     prompt_microbatch_size: int = 0
+    memory_plan: str = ""  # JSON: the microbatch size's choice and each stage's memory split (recovery/sizing.py)
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
@@ -447,7 +450,7 @@ class ControllerProcess(ReplicaOrchestration):
                            self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
                            self._deployment_state(), self._replica_status(), list(self.recoveries),
                            self.cfg.prompt_stages, d.receive_waiting if d else 0, d.receive_waits if d else 0,
-                           d.landed_bytes if d else 0)
+                           d.landed_bytes if d else 0, self.cfg.microbatch_size, *memory_plan(self.cfg.memory_plan))
 
     def _deployment_state(self) -> str:
         if self.fatal or self.stopping:
@@ -790,6 +793,15 @@ class ControllerProcess(ReplicaOrchestration):
                           "retrying", sorted(self.pending_acks), self.epoch, self.cfg.topology_timeout)
                 await self._relink()
             await self._flush()
+
+
+def memory_plan(text: str) -> tuple[str, list[MemoryInfo]]:
+    """ControllerConfig.memory_plan as status() reports it: how the microbatch size was chosen, and each stage's
+    memory split."""
+    if not text:
+        return "", []
+    plan = json.loads(text)
+    return plan.get("how", ""), [MemoryInfo(**s) for s in plan.get("stages", [])]
 
 
 def redacted(reply: StatusReply) -> StatusReply:

@@ -132,6 +132,26 @@ class RecoveryInfo(msgspec.Struct, frozen=True, array_like=True):
     serving_at: float = 0.0  # wall clock when the pipeline served again
 
 
+class MemoryInfo(msgspec.Struct, frozen=True, array_like=True):
+    """One stage's memory split as dejavu-serve planned it at start (issue 20, recovery/sizing.py; estimates,
+    bytes): its budget is `free - margin` (CPU: its share of the host's RAM), and it uses weights + activations +
+    graphs + slots x kv_per_slot of it; `fits` is the largest microbatch size the stage alone could take."""
+
+    stage: int
+    device: str
+    total: int
+    free: int
+    margin: int
+    budget: int
+    weights: int
+    activations: int
+    graphs: int
+    kv_per_slot: int
+    slots: int
+    fits: int
+    fraction: float
+
+
 # ---------------------------------------------------------------- 1-19: common -----------------------
 
 
@@ -253,6 +273,10 @@ class StatusReply(Msg, tag=26):
     receive_waiting: int = 0  # requests whose prompt waits now for a free slot in the token pipeline
     receive_waits: int = 0  # requests that ever had to wait for one (back-pressure), since the controller started
     kv_streamed_bytes: int = 0  # prompt -> token KV bytes landed, since the controller started
+    # memory-sized slots (issue 20): the deployment's microbatch size, how it was chosen, each stage's split
+    microbatch_size: int = 0
+    sizing: str = ""
+    memory: list[MemoryInfo] = []
 
 
 class KeepAlive(Msg, tag=27):

@@ -176,6 +176,8 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
         "recoveries": [msgspec.structs.asdict(r) for r in reply.recoveries],
         "prompt_stages": reply.prompt_stages, "receive_waiting": reply.receive_waiting,
         "receive_waits": reply.receive_waits, "kv_streamed_bytes": reply.kv_streamed_bytes,
+        "microbatch_size": reply.microbatch_size, "sizing": reply.sizing,
+        "memory": [msgspec.structs.asdict(m) for m in reply.memory],
     }
 
 

@@ -162,6 +162,12 @@ def disaggregation_pays(y: float, t: float, gpus: int, m: float) -> dict[str, An
 # ---------------------------------------------------------------- memory
 
 
+def activation_bytes(facts: ModelFacts, tokens: int) -> int:
+    """A pass's working set over `tokens` tokens (~ tokens x (4 hidden + 2 ffn) elements): what the planner and
+    dejavu-serve's memory-sized microbatches (recovery/sizing.py) both reserve for a step's activations."""
+    return tokens * (4 * facts.hidden + 2 * facts.ffn) * DTYPE_BYTES[facts.dtype]
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes one stage needs. Every stage keeps room for the larger of embedding and head (the first and the
@@ -179,8 +185,7 @@ class Memory:
         return self.safety * self.device_bytes - max(f.embed_bytes, f.head_bytes)
 
     def activations(self, tokens: int) -> int:
-        f = self.facts
-        return tokens * (4 * f.hidden + 2 * f.ffn) * DTYPE_BYTES[f.dtype]
+        return activation_bytes(self.facts, tokens)
 
     def c0(self, b: int) -> int:
         """Prompt KV of one microbatch in one layer."""

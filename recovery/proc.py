@@ -212,6 +212,7 @@ class SupervisorProcess(ChildSupervisor):
             flush_timeout=cfg.stop_notice_timeout, keys_dir=self.keys_dir,
             client_keys_dir=cfg.keys_dir, replicate=cfg.replicating, prompt_stages=cfg.prompt_stages,
             prompt_microbatches=cfg.prompt_microbatches, prompt_microbatch_size=cfg.prompt_batch,
+            memory_plan=cfg.memory_plan,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
@@ -545,5 +546,17 @@ def run_supervisor(cfg: DeploymentConfig, on_ready: Callable[[str, str], None] |
     """Run a whole deployment on this host until SIGINT/SIGTERM. Raises DeploymentError on failure."""
     from bus.child import install_uvloop
 
+    # not sized by dejavu-serve's preflight (recovery/sizing.py): auto must be; an explicit CPU size costs nothing
+    if cfg.microbatch_size == 0 or (not cfg.memory_plan and cfg.device == "cpu"):
+        from recovery.sizing import resolve
+
+        try:
+            cfg, sizing = resolve(cfg, read_spec(Path(cfg.model_dir)))
+        except ValueError as e:
+            raise DeploymentError(str(e), True) from None
+        for line in sizing.warnings:
+            log.warning("[memory] %s", line)
+        for line in sizing.lines():
+            log.info("[memory] %s", line)
     install_uvloop()
     return asyncio.run(SupervisorProcess(cfg, on_ready).run())

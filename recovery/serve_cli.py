@@ -16,6 +16,16 @@ from pathlib import Path
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def microbatch_size(text: str) -> int | str:
+    """--microbatch-size: a number (checked with the other settings), or auto (recovery/sizing.py sizes it)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a number >= 1 or auto") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dejavu-serve", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,7 +54,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true",
                    help="allow a plaintext client socket on a --host beyond the loopback (anyone who reaches it "
                         "can use the deployment)")
-    p.add_argument("--microbatch-size", type=int, default=8, help="KV slots (requests) per microbatch")
+    p.add_argument("--microbatch-size", type=microbatch_size, default="auto",
+                   help="KV slots (requests) per microbatch; auto: the most that every stage's device holds (the "
+                        "smallest stage's figure) after its weights, its largest step's activations and its CUDA "
+                        "graphs, within --gpu-memory-fraction of its memory, at most 256; on CPU, 8 unless less "
+                        "fits the host's available RAM (shared by the stages) within the same fraction. The "
+                        "choice and each stage's memory split are logged at start (--log-level INFO) and shown in "
+                        "status()")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+                   help="the share of each device's total memory a stage may fill (weights, activations, graphs, "
+                        "KV pool; memory other processes hold counts against it), in (0, 1]; the rest is the "
+                        "safety margin")
     p.add_argument("--microbatches", type=int, default=0, help="microbatches in flight (0: one per stage)")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="longest sequence (prompt + output) a slot holds; longer requests are refused")
@@ -145,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, filename=log_file,
                         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s")
     try:
+        if args.microbatch_size != "auto" and args.microbatch_size < 1:
+            raise ValueError("--microbatch-size must be >= 1, or auto")
         model_dir = resolve_model(args.model, args.cache_dir)
         cfg = DeploymentConfig(
             model_dir=str(model_dir), device=args.device,
             num_stages=args.stages if args.stages is not None else (args.prompt_stages + args.token_stages or 1),
             prompt_stages=args.prompt_stages, token_stages=args.token_stages,
             prompt_microbatch_size=args.prompt_microbatch_size, dtype=args.dtype, host=args.host,
-            port=args.port, microbatch_size=args.microbatch_size, num_microbatches=args.microbatches,
+            port=args.port, microbatch_size=0 if args.microbatch_size == "auto" else args.microbatch_size,
+            num_microbatches=args.microbatches,
             max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
             heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
             hang_timeout=args.hang_timeout,
@@ -167,14 +190,18 @@ def main(argv: list[str] | None = None) -> int:
             replicate=args.replicate, replica_lag=args.replica_lag, kv_takeover=args.kv_takeover == "on",
             http_port=args.http_port, http_host=args.http_host, max_queue=args.max_queue,
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
+            gpu_memory_fraction=args.gpu_memory_fraction,
         )
         checked = check_deployment(cfg)
+        cfg, sizing = sized(cfg, checked)
     except (ValueError, UsageError) as e:
         return usage(str(e))
     except OSError as e:  # writing the default model
         return usage(f"{e.filename or args.cache_dir}: {e.strerror} (set --cache-dir)")
-    for warning in checked.warnings:
+    for warning in checked.warnings + sizing.warnings:
         print(f"dejavu-serve: warning: {warning}", file=sys.stderr)
+    for line in sizing.lines():  # one line per stage, and the deployment's choice
+        logging.getLogger("recovery.sizing").info("[memory] %s", line)
 
     def ready(address: str, agents: str = "", http: str = "") -> None:
         hosts = f"{cfg.hosts} host(s)" + (f" + {cfg.spare_hosts} spare" if cfg.spare_hosts else "")
@@ -192,3 +219,17 @@ def main(argv: list[str] | None = None) -> int:
             return usage(str(e))
         print(f"dejavu-serve: failed: {e}", file=sys.stderr)
         return 1
+
+
+def sized(cfg, checked):  # type: ignore[no-untyped-def]
+    """cfg with its microbatch size fixed (auto: memory-sized) and its memory plan (recovery/sizing.py), before
+    any process starts; an auto-sized CPU pool gets preflight's /dev/shm check too."""
+    from dataclasses import replace
+
+    from recovery.preflight import shm_shortage
+    from recovery.sizing import AUTO, resolve
+
+    resolved, sizing = resolve(cfg, checked.spec)
+    if cfg.microbatch_size == AUTO and cfg.device == "cpu" and cfg.streamer:
+        sizing = replace(sizing, warnings=sizing.warnings + tuple(shm_shortage(resolved, checked.spec)))
+    return resolved, sizing

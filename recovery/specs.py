@@ -23,7 +23,7 @@ class DeploymentConfig:
     dtype: str = "float32"
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port (the ready line says which)
-    microbatch_size: int = 8
+    microbatch_size: int = 8  # 0 = auto: memory-sized (recovery/sizing.py)
     num_microbatches: int = 0  # 0 = one per stage (a full pipeline)
     max_seq_len: int = 2048
     prefill_chunk: int = 0
@@ -88,6 +88,11 @@ class DeploymentConfig:
     max_queue: int = 1024
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
+    # Memory-sized microbatches (issue 20, recovery/sizing.py): microbatch_size 0 = auto, the most slots every
+    # stage's device holds within gpu_memory_fraction of its memory; memory_plan: the chosen split (JSON), set
+    # by recovery.sizing.resolve, shown in status()
+    gpu_memory_fraction: float = 0.9
+    memory_plan: str = ""
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -103,8 +108,11 @@ class DeploymentConfig:
             raise ValueError(f"--stages {self.num_stages} contradicts --prompt-stages {self.prompt_stages} "
                              f"--token-stages {self.token_stages} (leave --stages out: it is their sum)")
 
-        if self.microbatch_size < 1:
-            raise ValueError("--microbatch-size must be >= 1")
+        if self.microbatch_size < 0:
+            raise ValueError("--microbatch-size must be >= 1, or auto")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"--gpu-memory-fraction {self.gpu_memory_fraction}: give a fraction in (0, 1] of each "
+                             "device's memory (default 0.9)")
         if self.num_microbatches < 0:
             raise ValueError("--microbatches must be >= 0 (0 = one per stage)")
         if self.max_seq_len < 2:

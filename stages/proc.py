@@ -148,7 +148,19 @@ class StageProcess:
                 log.info("[startup] stage %d cannot load: %s", cfg.index, e)
                 await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
                 return EXIT_CONFIG
+            except torch.OutOfMemoryError:  # the settings again (issue 20): a restart would fail the same
+                why = (f"stage {cfg.index} on {cfg.device} ran out of memory loading its layers {cfg.layers} and a KV "
+                       f"pool of {cfg.num_slots} slots x {cfg.max_seq_len} tokens: lower --max-seq-len, or "
+                       "--microbatch-size (an explicit one; with auto, --gpu-memory-fraction)")
+                log.error("[startup] %s", why)
+                await self.sup.fatal(why)
+                return EXIT_CONFIG
             self.busy_since = 0.0
+            if cfg.device.startswith("cuda"):  # what dejavu-serve's memory plan estimated (recovery/sizing.py), measured
+                free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
+                log.info("[startup] stage %d memory on %s: %.2f GiB allocated (weights, KV pool of %d slots), %.2f of "
+                         "%.2f GiB free", cfg.index, cfg.device, torch.cuda.memory_allocated(torch.device(cfg.device))
+                         / 2**30, cfg.num_slots, free / 2**30, total / 2**30)
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0", self.keys)
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
                                    identity=self.name.encode(), keys=self.keys, server=CONTROLLER)

@@ -1,0 +1,342 @@
+"""Memory-sized microbatches (`dejavu-serve --microbatch-size auto`, issue 20): how many KV slots fit on each
+stage's device, and the deployment's choice, the smallest stage's figure.
+
+A stage's budget is what its device has free less the safety margin, (1 - --gpu-memory-fraction) of the
+device's total memory: budget = free - (1 - f) x total, so memory other processes hold counts against it.
+Within the budget go the stage's weights, the largest step's activations (a microbatch of whole prompts, or of
+--prefill-chunk chunks; the last stage's logits and sampling), its CUDA graphs (decode steps: their working set
+and static buffers) and its KV pool: slots x KV per slot (its layers x --max-seq-len tokens). The figures are
+estimates from the model's shapes, the planner's memory model (recovery/planner.py), made by dejavu-serve before
+any process starts: every stage, and every restart of one, allocates the same pool, and the controller's
+scheduler knows its slots from the start.
+
+Device memory: CUDA - measured by a short probe process (torch.cuda.mem_get_info on each stage's GPU, stage i on
+cuda:i, as the supervisor places them; the probe's CUDA context is not counted as free, nor will the stage's
+be); CPU - the host's RAM (/proc/meminfo: MemTotal, MemAvailable), shared equally by the stages, and there
+`auto` is 8 per microbatch (the fixed default before issue 20) unless less fits. DEJAVU_DEVICE_MEMORY
+overrides the measurement (tests): "TOTAL[/FREE]" for every device, or a comma-separated list, one per stage;
+sizes in bytes or with K, M, G, T (KiB...).
+
+Torch-free: the supervisor imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+from recovery.planner import ModelFacts, activation_bytes, largest, model_facts
+from recovery.preflight import DTYPE_BYTES, UsageError
+from recovery.specs import DeploymentConfig, StagePlan
+from stages.models.spec import ModelSpec
+
+AUTO = 0  # DeploymentConfig.microbatch_size: memory-sized
+CPU_AUTO_MAX = 8  # CPU: today's default, unless less fits (a CPU step is compute-bound long before)
+GPU_AUTO_MAX = 256  # beyond, a step's host work and the scheduler's grow with no gain on one GPU
+CUDA_RESERVE = 256 << 20  # cuBLAS/cuDNN workspaces and the caching allocator's slack
+GRAPH_OVERHEAD = 1 << 20  # per captured decode graph: its executable and its buffers' rounding
+GRAPH_BUCKET = 256  # stages/runtime.py ShardConfig.graph_bucket: keys read up to a multiple of this
+SAMPLING_BYTES = 24  # per logit of the last stage's sampling: float32 copy, sorted values, int64 order, probs
+ENV = "DEJAVU_DEVICE_MEMORY"
+GiB = float(1 << 30)
+
+
+class MemoryBudgetError(UsageError):
+    """The model or the asked-for pool does not fit the devices' memory; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    device: str
+    total: int
+    free: int
+    shared_by: int = 1  # stages computing in this memory (CPU: every stage on the host's RAM)
+
+
+@dataclass(frozen=True)
+class StageSizing:
+    """One stage's memory split at the deployment's microbatch size (bytes; status() reports it)."""
+
+    stage: int
+    device: str
+    total: int  # the device's memory (CPU: the host's RAM)
+    free: int  # free when measured
+    margin: int  # (1 - fraction) x total, kept free
+    budget: int  # free - margin (CPU: its share)
+    weights: int
+    activations: int
+    graphs: int
+    kv_per_slot: int
+    slots: int  # its KV pool's slots at the chosen size
+    fits: int  # the largest microbatch size this stage alone could take (0: not one)
+    fraction: float
+
+    @property
+    def used(self) -> int:
+        return self.weights + self.activations + self.graphs + self.slots * self.kv_per_slot
+
+    def line(self) -> str:
+        return (f"stage {self.stage} on {self.device}: budget {self.budget / GiB:.2f} GiB = free "
+                f"{self.free / GiB:.2f} - margin {self.margin / GiB:.2f} ({1 - self.fraction:.2g} of "
+                f"{self.total / GiB:.2f} GiB); uses weights {self.weights / GiB:.3f} + activations "
+                f"{self.activations / GiB:.3f} + graphs {self.graphs / GiB:.3f} + KV {self.slots} slots x "
+                f"{self.kv_per_slot / 2**20:.2f} MiB = {self.used / GiB:.3f} GiB; fits {self.fits} per microbatch")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    microbatch_size: int
+    auto: bool
+    how: str  # one line: what was chosen and why
+    stages: tuple[StageSizing, ...]
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"microbatch_size": self.microbatch_size, "how": self.how,
+                           "stages": [asdict(s) for s in self.stages]})
+
+    def lines(self) -> list[str]:
+        return [s.line() for s in self.stages] + [self.how]
+
+
+# ---------------------------------------------------------------- device memory
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if m is None:
+        raise MemoryBudgetError(f"{ENV}: cannot read {text!r} as a size (bytes, or with K, M, G or T)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def from_env(value: str, devices: Sequence[str], shared: bool) -> list[DeviceMemory]:
+    """DEJAVU_DEVICE_MEMORY: "TOTAL[/FREE]" for every device, or one per device, comma-separated."""
+    items = [v for v in value.split(",") if v.strip()]
+    out = []
+    for i, device in enumerate(devices):
+        total_s, _, free_s = items[min(i, len(items) - 1)].partition("/")
+        total = parse_bytes(total_s)
+        out.append(DeviceMemory(device, total, parse_bytes(free_s) if free_s else total,
+                                len(devices) if shared else 1))
+    return out
+
+
+def host_memory() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) of this machine, bytes."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    total = info.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total, info.get("MemAvailable", total)
+
+
+PROBE = ("import json, sys, torch\n"
+         "print(json.dumps([torch.cuda.mem_get_info(i) for i in range(int(sys.argv[1]))]))")
+
+
+def probe_gpus(count: int, timeout: float = 120.0) -> list[tuple[int, int]]:
+    """(free, total) of cuda:0 .. cuda:count-1, from a process of its own (this one stays torch-free)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", PROBE, str(count)], capture_output=True, text=True,
+                             timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MemoryBudgetError(f"cannot measure GPU memory: {e}") from None
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MemoryBudgetError(f"cannot measure GPU memory ({last}); give --microbatch-size N")
+    return [(int(f), int(t)) for f, t in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def measure(cfg: DeploymentConfig) -> list[DeviceMemory]:
+    """Each stage's device memory, stage i first (CPU: the host's RAM, shared by all stages)."""
+    n, cpu = cfg.num_stages, cfg.device == "cpu"
+    devices = ["cpu"] * n if cpu else [f"cuda:{i}" for i in range(n)]
+    if os.environ.get(ENV):
+        return from_env(os.environ[ENV], devices, cpu)
+    if cpu:
+        total, free = host_memory()
+        return [DeviceMemory("cpu", total, free, n) for _ in devices]
+    return [DeviceMemory(d, total, free) for d, (free, total) in zip(devices, probe_gpus(n))]
+
+
+# ---------------------------------------------------------------- the memory model
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """A stage's bytes as functions of the microbatch size b (the planner's facts; estimates)."""
+
+    cfg: DeploymentConfig
+    facts: ModelFacts
+    plan: StagePlan
+    index: int
+    cuda: bool
+
+    @property
+    def layers(self) -> int:
+        return self.plan.layers[1] - self.plan.layers[0]
+
+    @property
+    def first(self) -> bool:
+        return self.index == self.plan.first
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.plan.last
+
+    def weights(self) -> int:
+        f = self.facts
+        return self.layers * f.layer_bytes + f.embed_bytes * self.first + f.head_bytes * self.last
+
+    def kv_per_slot(self) -> int:
+        return self.layers * self.cfg.max_seq_len * self.facts.kv_bytes_per_token_layer
+
+    def batch(self, b: int) -> int:
+        """Sequences in one step."""
+        return self.cfg.prompt_microbatch_size or b if self.plan.pipeline == "prompt" else b
+
+    def slots(self, b: int) -> int:
+        if self.plan.pipeline == "prompt":
+            return self.cfg.prompt_microbatches * self.batch(b)
+        return self.cfg.microbatches * b
+
+    def activations(self, b: int) -> int:
+        """The largest step: every sequence of the microbatch feeds a whole prompt (or a --prefill-chunk chunk),
+        up to --max-seq-len tokens (a recomputation after a failure feeds all its tokens): the layers' working
+        set, the attention mask, the last stage's logits and sampling; rotary tables; CUDA workspaces."""
+        f, cfg = self.facts, self.cfg
+        rows, chunk = self.batch(b), min(cfg.prefill_chunk or cfg.max_seq_len, cfg.max_seq_len)
+        tokens = rows * chunk
+        out = activation_bytes(f, tokens) + tokens * cfg.max_seq_len + 2 * cfg.max_seq_len * f.head_dim * 4
+        if self.last:
+            out += rows * f.vocab * (DTYPE_BYTES[f.dtype] + SAMPLING_BYTES)
+        return out + (CUDA_RESERVE if self.cuda else 0)
+
+    def graphs(self, b: int) -> int:
+        """Decode graphs (stages/graphs.py), captured lazily per microbatch range and key bucket, and padded
+        batches: one decode step's working set (keys gathered for a padded batch) in their shared pool, and each
+        graph's static buffers."""
+        cfg, f = self.cfg, self.facts
+        if not (self.cuda and cfg.cuda_graphs and self.plan.pipeline != "prompt"):
+            return 0
+        slots = self.slots(b)
+        rows = min(slots, 1 << max(0, b - 1).bit_length())  # a padded batch: the next power of two
+        buckets = math.ceil(cfg.max_seq_len / GRAPH_BUCKET)
+        graphs = (cfg.microbatches + rows.bit_length()) * buckets
+        out_row = (f.vocab if self.last else f.hidden) * DTYPE_BYTES[f.dtype]
+        step = activation_bytes(f, rows) + rows * cfg.max_seq_len * (f.kv_bytes_per_token_layer + 1)
+        return step + graphs * (GRAPH_OVERHEAD + rows * (out_row + f.hidden * DTYPE_BYTES[f.dtype] + 24))
+
+    def need(self, b: int) -> int:
+        return self.weights() + self.activations(b) + self.graphs(b) + self.slots(b) * self.kv_per_slot()
+
+
+def budget(mem: DeviceMemory, fraction: float) -> tuple[int, int]:
+    """(margin, budget) of one stage on `mem`."""
+    margin = int(round((1 - fraction) * mem.total))
+    return margin, max(0, mem.free - margin) // mem.shared_by
+
+
+def check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise MemoryBudgetError(f"--gpu-memory-fraction {fraction}: give a fraction in (0, 1] of each device's "
+                                "memory (default 0.9)")
+
+
+def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory]) -> Sizing:
+    """Every stage's split and the deployment's microbatch size: cfg's (explicit), or the smallest stage's figure
+    (cfg.microbatch_size == AUTO). Raises MemoryBudgetError for what cannot fit."""
+    fraction = cfg.gpu_memory_fraction
+    check_fraction(fraction)
+    cuda = cfg.device != "cpu"
+    facts = model_facts(spec, cfg.dtype)
+    plans = cfg.stage_plan(spec.num_layers)
+    if len(memories) != len(plans):
+        raise ValueError(f"{len(memories)} device memories for {len(plans)} stages")
+    auto = cfg.microbatch_size == AUTO
+    cap = GPU_AUTO_MAX if cuda else CPU_AUTO_MAX
+    models = [StageModel(cfg, facts, p, i, cuda) for i, p in enumerate(plans)]
+    figures = []
+    for m, mem in zip(models, memories):
+        margin, room = budget(mem, fraction)
+        fits = largest(lambda b, m=m, room=room: m.need(b) <= room, cap)  # type: ignore[misc]
+        figures.append((margin, room, fits))
+        if not auto:
+            continue
+        where = f"stage {m.index} (layers {m.plan.layers[0]}-{m.plan.layers[1] - 1}) on {mem.device}"
+        room_s = (f"its budget is {room / GiB:.2f} GiB (free {mem.free / GiB:.2f} GiB less the margin "
+                  f"{margin / GiB:.2f} GiB, 1 - --gpu-memory-fraction {fraction:g} of {mem.total / GiB:.2f} GiB"
+                  f"{f', shared by {mem.shared_by} stages' if mem.shared_by > 1 else ''})")
+        if m.weights() > room:
+            raise MemoryBudgetError(
+                f"the model does not fit: {where} holds {m.weights() / GiB:.2f} GiB of weights and {room_s}; use more "
+                f"stages, a smaller --dtype, or a larger --gpu-memory-fraction")
+        if fits == 0:
+            raise MemoryBudgetError(
+                f"not even one KV slot fits: {where} needs {m.need(1) / GiB:.2f} GiB for microbatches of one "
+                f"sequence (weights {m.weights() / GiB:.2f}, activations {m.activations(1) / GiB:.2f}, graphs "
+                f"{m.graphs(1) / GiB:.2f}, KV {m.slots(1)} x {m.kv_per_slot() / 2**20:.1f} MiB at --max-seq-len "
+                f"{cfg.max_seq_len}) and {room_s}; lower --max-seq-len, --microbatches or --prefill-chunk, or use "
+                "more stages")
+    warnings: list[str] = []
+    if auto:
+        size = min(f for _, _, f in figures)
+        small = min(range(len(models)), key=lambda i: (figures[i][2], i))
+        limit = (f"the cap{' on CPU' if not cuda else ''}: every stage holds at least {cap}" if size == cap else
+                 f"the smallest stage's figure: stage {small} on {memories[small].device}")
+        how = (f"microbatch size {size} (auto, {limit}; --gpu-memory-fraction {fraction:g}): "
+               f"{cfg.microbatches} microbatch(es) x {size} = {cfg.microbatches * size} slots")
+    else:
+        size = cfg.microbatch_size
+        how = (f"microbatch size {size} (--microbatch-size): {cfg.microbatches} microbatch(es) x {size} = "
+               f"{cfg.microbatches * size} slots")
+        for m, mem, (_, room, fits) in zip(models, memories, figures):
+            if not cuda:
+                break  # on CPU an explicit size is taken as it is (a pool beyond /dev/shm is a warning of its own)
+            pool = m.weights() + m.slots(size) * m.kv_per_slot()
+            if pool > mem.free:
+                raise MemoryBudgetError(
+                    f"--microbatch-size {size} does not fit: stage {m.index} on {mem.device} needs "
+                    f"{pool / GiB:.2f} GiB for its weights and its KV pool alone ({m.slots(size)} slots x "
+                    f"{m.kv_per_slot() / 2**20:.1f} MiB at --max-seq-len {cfg.max_seq_len}) and the GPU has "
+                    f"{mem.free / GiB:.2f} GiB free; at most {fits} per microbatch fit there "
+                    "(--microbatch-size auto chooses it)")
+            if m.need(size) > room:
+                warnings.append(
+                    f"--microbatch-size {size}: stage {m.index} on {mem.device} may run out of memory: it needs "
+                    f"{m.need(size) / GiB:.2f} GiB with its largest step's activations and its CUDA graphs "
+                    f"(estimated), over its budget of {room / GiB:.2f} GiB (--gpu-memory-fraction {fraction:g}); "
+                    f"{fits} per microbatch fit it")
+    stages = tuple(
+        StageSizing(m.index, mem.device, mem.total, mem.free, margin, room, m.weights(), m.activations(size),
+                    m.graphs(size), m.kv_per_slot(), m.slots(size), fits, fraction)
+        for m, mem, (margin, room, fits) in zip(models, memories, figures))
+    return Sizing(size, auto, how, stages, tuple(warnings))
+
+
+def resolve(cfg: DeploymentConfig, spec: ModelSpec,
+            memories: Sequence[DeviceMemory] | None = None) -> tuple[DeploymentConfig, Sizing]:
+    """cfg with its microbatch size fixed (auto resolved) and its memory plan (cfg.memory_plan, JSON) set."""
+    check_fraction(cfg.gpu_memory_fraction)
+    if memories is None and cfg.hosts == 0:  # every stage runs on other machines: nothing here to measure
+        if cfg.microbatch_size == AUTO and cfg.device != "cpu":
+            raise MemoryBudgetError("--microbatch-size auto measures the GPUs of this machine, and with --hosts 0 "
+                                    "every stage runs on other machines: give --microbatch-size N")
+        size = cfg.microbatch_size or CPU_AUTO_MAX
+        how = "auto: 8 on CPU" if cfg.microbatch_size == AUTO else "--microbatch-size"
+        sizing = Sizing(size, cfg.microbatch_size == AUTO, f"microbatch size {size} ({how}; the stages run on other "
+                        "machines, whose memory is not measured)", ())
+    else:
+        sizing = size_deployment(cfg, spec, measure(cfg) if memories is None else memories)
+    return replace(cfg, microbatch_size=sizing.microbatch_size, memory_plan=sizing.to_json()), sizing

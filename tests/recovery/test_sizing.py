@@ -1,0 +1,236 @@
+"""Memory-sized slots (issue 20, recovery/sizing.py): `--microbatch-size auto` picks the most slots that every
+stage's (fake) device memory holds, the deployment takes the smallest stage's figure, impossible settings are
+refused with one clear line, and a real CPU deployment sized by auto serves exactly (HF greedy) and shows its
+choice and memory split in status()."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import replace
+
+import pytest
+
+from recovery.sizing import (
+    CPU_AUTO_MAX,
+    GPU_AUTO_MAX,
+    DeviceMemory,
+    MemoryBudgetError,
+    StageModel,
+    from_env,
+    resolve,
+    size_deployment,
+)
+from recovery.specs import DeploymentConfig
+from stages.models.spec import read_spec
+
+GiB = 1 << 30
+
+
+def gpu(total: float, free: float | None = None, i: int = 0) -> DeviceMemory:
+    return DeviceMemory(f"cuda:{i}", int(total * GiB), int((total if free is None else free) * GiB))
+
+
+def models(cfg: DeploymentConfig, spec) -> list[StageModel]:  # type: ignore[no-untyped-def]
+    from recovery.planner import model_facts
+
+    facts = model_facts(spec, cfg.dtype)
+    return [StageModel(cfg, facts, p, i, cfg.device != "cpu") for i, p in enumerate(cfg.stage_plan(spec.num_layers))]
+
+
+def check_split(sizing, cfg: DeploymentConfig) -> None:  # type: ignore[no-untyped-def]
+    for s in sizing.stages:
+        assert s.slots == cfg.microbatches * sizing.microbatch_size
+        assert s.weights + s.activations + s.graphs + s.slots * s.kv_per_slot == s.used <= s.budget
+        assert s.budget == (s.free - s.margin) // (cfg.num_stages if cfg.device == "cpu" else 1)
+        assert s.margin == round((1 - cfg.gpu_memory_fraction) * s.total)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_factory):  # type: ignore[no-untyped-def]
+    path = model_factory("llama")
+    return path, read_spec(path)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_auto_takes_the_most_slots_the_budget_holds(tiny, stages: int) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=stages, device="cuda", microbatch_size=0, max_seq_len=1024)
+    # a budget between what 20 and 21 per microbatch need on the heaviest stage
+    heaviest = max(models(cfg, spec), key=lambda m: m.need(20))
+    room = (heaviest.need(20) + heaviest.need(21)) // 2
+    total = math.ceil(room / 0.9) + 1
+    memories = [DeviceMemory(f"cuda:{i}", total, total) for i in range(stages)]
+    sizing = size_deployment(cfg, spec, memories)
+    assert sizing.microbatch_size == 20 and sizing.auto
+    assert [s.fits for s in sizing.stages if s.stage == heaviest.index] == [20]
+    check_split(sizing, replace(cfg, microbatch_size=20))
+    resolved, again = resolve(cfg, spec, memories)
+    assert resolved.microbatch_size == 20 and resolved.num_slots == 20 * stages and resolved.memory_plan
+    assert again.microbatch_size == 20
+    # a big GPU: capped; a smaller fraction of it holds fewer
+    big = size_deployment(cfg, spec, [gpu(80, i=i) for i in range(stages)])
+    assert big.microbatch_size == GPU_AUTO_MAX and "cap" in big.how
+    less = size_deployment(replace(cfg, gpu_memory_fraction=0.8), spec, memories)
+    assert less.microbatch_size < 20
+
+
+def test_the_deployment_takes_the_smallest_stages_figure(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, device="cuda", microbatch_size=0, max_seq_len=1024)
+    m = models(cfg, spec)[1]
+    # stage 1's GPU is mostly taken by another process: memory in use counts against its budget
+    free = round(0.1 * 8 * GiB) + (m.need(12) + m.need(13)) // 2
+    memories = [gpu(8), DeviceMemory("cuda:1", 8 * GiB, free)]
+    sizing = size_deployment(cfg, spec, memories)
+    figures = [s.fits for s in sizing.stages]
+    assert sizing.microbatch_size == min(figures) == figures[1] == 12 < figures[0]
+    assert "stage 1 on cuda:1" in sizing.how
+    check_split(sizing, replace(cfg, microbatch_size=sizing.microbatch_size))
+
+
+def test_cpu_auto_is_eight_unless_less_fits_the_shared_ram(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, microbatch_size=0, max_seq_len=256)
+    assert size_deployment(cfg, spec, [DeviceMemory("cpu", 64 * GiB, 32 * GiB, 2)] * 2).microbatch_size == CPU_AUTO_MAX
+    heaviest = max(models(cfg, spec), key=lambda m: m.need(3))
+    total = math.ceil(2 * (heaviest.need(3) + heaviest.need(4)) / 2 / 0.9)  # the RAM is shared by both stages
+    sizing = size_deployment(cfg, spec, [DeviceMemory("cpu", total, total, 2)] * 2)
+    assert sizing.microbatch_size == 3
+    check_split(sizing, replace(cfg, microbatch_size=3))
+    # an explicit size on CPU is taken as it is, whatever the memory
+    tight = size_deployment(replace(cfg, microbatch_size=16), spec, [DeviceMemory("cpu", total, total, 2)] * 2)
+    assert tight.microbatch_size == 16 and not tight.warnings
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -0.1])
+def test_a_fraction_outside_0_1_is_refused(tiny, fraction: float) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    with pytest.raises(ValueError, match=r"--gpu-memory-fraction .*\(0, 1\]"):
+        DeploymentConfig(str(path), microbatch_size=0, gpu_memory_fraction=fraction)
+    from recovery.sizing import check_fraction
+
+    with pytest.raises(MemoryBudgetError, match=r"--gpu-memory-fraction .*\(0, 1\]"):
+        check_fraction(fraction)
+
+
+def test_a_model_that_does_not_fit_is_refused(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, device="cuda", microbatch_size=0, max_seq_len=1024)
+    weights = max(m.weights() for m in models(cfg, spec))
+    with pytest.raises(MemoryBudgetError, match="the model does not fit: stage .* GiB of weights"):
+        size_deployment(cfg, spec, [DeviceMemory(f"cuda:{i}", weights, weights) for i in range(2)])
+    # the weights fit, but not one slot beside them (a long --max-seq-len)
+    m = models(cfg, spec)[0]
+    total = math.ceil((m.weights() + m.activations(1)) / 0.9) + (1 << 20)
+    with pytest.raises(MemoryBudgetError, match="not even one KV slot fits: stage 0 .*lower --max-seq-len"):
+        size_deployment(cfg, spec, [DeviceMemory(f"cuda:{i}", total, total) for i in range(2)])
+
+
+def test_an_explicit_size_is_kept_and_checked_against_the_gpu(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), device="cuda", microbatch_size=8, max_seq_len=1024)
+    fine = size_deployment(cfg, spec, [gpu(8)])
+    assert fine.microbatch_size == 8 and not fine.auto and not fine.warnings
+    m = models(cfg, spec)[0]
+    pool = m.weights() + m.slots(64) * m.kv_per_slot()
+    tight = DeviceMemory("cuda:0", 4 * pool, pool // 2)
+    with pytest.raises(MemoryBudgetError, match="--microbatch-size 64 does not fit: stage 0 on cuda:0 .* GiB free"):
+        size_deployment(replace(cfg, microbatch_size=64), spec, [tight])
+    # the pool fits the free memory but not with its activations and graphs within the margin: a warning
+    near = DeviceMemory("cuda:0", 4 * pool, pool + (1 << 20))
+    warned = size_deployment(replace(cfg, microbatch_size=64), spec, [near])
+    assert warned.microbatch_size == 64 and "may run out of memory" in warned.warnings[0]
+
+
+def test_fake_device_memory_from_the_environment() -> None:
+    got = from_env("8G/6GiB,1024M", ["cuda:0", "cuda:1", "cuda:2"], False)
+    assert [(d.total, d.free) for d in got] == [(8 * GiB, 6 * GiB), (GiB, GiB), (GiB, GiB)]
+    with pytest.raises(MemoryBudgetError, match="DEJAVU_DEVICE_MEMORY"):
+        from_env("lots", ["cpu"], True)
+
+
+def test_the_flags(tiny, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from recovery.serve_cli import main, parser
+
+    assert parser().parse_args([]).microbatch_size == "auto"  # the default
+    assert parser().parse_args(["--microbatch-size", "12"]).microbatch_size == 12
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--microbatch-size", "many"])
+    assert "invalid value 'many': give a number >= 1 or auto" in capsys.readouterr().err
+    path, _ = tiny
+    assert main(["--model", str(path), "--microbatch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "dejavu-serve: error: --microbatch-size must be >= 1, or auto"
+    for argv, message in ((["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction 1.5: give a fraction in (0, 1]"),
+                          (["--gpu-memory-fraction", "0"], "--gpu-memory-fraction 0.0: give a fraction in (0, 1]")):
+        assert main(["--model", str(path), *argv]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("DEJAVU_DEVICE_MEMORY", "64K")  # below the tiny model's weights: refused before any process
+    assert main(["--model", str(path), "--stages", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dejavu-serve: error: the model does not fit: stage ")
+
+
+def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bus.client import AsyncClient
+    from tests.bus.test_serving import hf_greedy, run_all, workload
+    from tests.conftest import start_deployment
+
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, microbatch_size=0, max_seq_len=96)
+    heaviest = max(models(cfg, spec), key=lambda m: m.need(3))
+    total = math.ceil((heaviest.need(3) + heaviest.need(4)) / 0.9)  # both stages share it: 3 per microbatch
+    monkeypatch.setenv("DEJAVU_DEVICE_MEMORY", str(total))
+    work = workload(spec.vocab_size)[:16]
+    refs = hf_greedy(path, work)
+    dep = start_deployment(path, 2, "--microbatch-size", "auto", "--max-seq-len", "96")
+    try:
+        results = asyncio.run(run_all(dep.address, work))
+
+        async def status():  # type: ignore[no-untyped-def]
+            async with AsyncClient(dep.address, timeout=60) as c:
+                return await c.status()
+
+        st = asyncio.run(status())
+        logged = [line for line in dep.logs().splitlines() if "[memory]" in line]
+    finally:
+        assert dep.stop() == 0
+    assert [list(r.token_ids) for r in results] == refs
+    assert st["microbatch_size"] == 3 and st["slots"] == 6 and "auto" in st["sizing"]
+    assert [m["stage"] for m in st["memory"]] == [0, 1]
+    for m in st["memory"]:
+        assert m["device"] == "cpu" and m["slots"] == 6 and m["fits"] >= 3 and m["fraction"] == 0.9
+        assert m["weights"] > 0 and m["kv_per_slot"] > 0
+        assert m["weights"] + m["activations"] + m["graphs"] + m["slots"] * m["kv_per_slot"] <= m["budget"]
+    assert min(m["fits"] for m in st["memory"]) == 3
+    assert len(logged) == 3 and "stage 0 on cpu" in logged[0] and "stage 1 on cpu" in logged[1]
+    assert "microbatch size 3 (auto" in logged[2]
+
+
+def test_stages_on_other_machines_are_not_measured(tiny) -> None:  # type: ignore[no-untyped-def]
+    path, spec = tiny
+    cpu = DeploymentConfig(str(path), hosts=0, microbatch_size=0)
+    assert resolve(cpu, spec)[0].microbatch_size == CPU_AUTO_MAX
+    assert resolve(replace(cpu, microbatch_size=5), spec)[0].microbatch_size == 5
+    assert resolve(replace(cpu, device="cuda", microbatch_size=5), spec)[0].microbatch_size == 5
+    with pytest.raises(MemoryBudgetError, match="with --hosts 0 .* give --microbatch-size N"):
+        resolve(replace(cpu, device="cuda"), spec)
+
+
+def test_a_disaggregated_deployment_is_sized_per_pipeline(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A prompt stage's pool holds `prompt stages + 1` passes of the prompt batch (default: the microbatch size),
+    a token stage's its microbatches: both must fit at the chosen size."""
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=2, prompt_stages=1, token_stages=1, device="cuda", microbatch_size=0,
+                           max_seq_len=1024)
+    from recovery.planner import largest
+
+    stages = models(cfg, spec)
+    room = max(m.need(20) for m in stages)
+    total = math.ceil(room / 0.9) + 1
+    sizing = size_deployment(cfg, spec, [DeviceMemory(f"cuda:{i}", total, total) for i in range(2)])
+    budget = sizing.stages[0].budget
+    b = min(largest(lambda n, m=m: m.need(n) <= budget, 256) for m in stages)
+    assert sizing.microbatch_size == b >= 20 and [s.slots for s in sizing.stages] == [2 * b, b]
+    assert sizing.stages[0].graphs == 0 < sizing.stages[1].graphs  # prompt stages capture no decode graphs
+    assert all(s.used <= s.budget for s in sizing.stages)
