@@ -165,14 +165,14 @@ def test_the_controller_killed_then_a_token_stage_on_two_hosts_leave_every_outpu
     """Disaggregated on two simulated hosts, where the token stages replicate by default: kill -9 of the controller
     (clients resume; the restarted controller learns every streamer again and, knowing no watermark, re-syncs the
     replicas), then of a token stage whose KV dies with it: restored from its replica, not recomputed."""
-    outs, refs, st, done, _ = serve_through(
+    outs, refs, st, done, logs = serve_through(
         model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "2", "--hosts", "2", "--kv-takeover", "off"),
         [(80, kill_process("controller", 0)), (250, kill_stage(2, caught_up=True))], n=16, stages=3, recoveries=0)
     assert done == ["controller-0", "stage-2"]
     assert outs == refs
     (rec,) = st["recoveries"]  # (the restarted controller's: the stage's)
     assert rec["stage"] == 2
-    check_replica(rec)
+    check_replica(rec, logs)
     assert [r["stage"] for r in st["replicas"]] == [1, 2] and st["prompt_stages"] == 1
 
 
@@ -183,7 +183,7 @@ def test_token_stages_restore_from_replicas_the_prompt_stages_never_write(model_
     its replica on host-1); then of every process of host-1: stage 2 restores on the spare host from its replica
     on host-0, and stage 1's replica (it lived on host-1) is re-synced to the spare; then of stage 1 again,
     restored from that new replica. Greedy and seeded sampling; every token arrives once."""
-    outs, refs, st, done, _ = serve_through(
+    outs, refs, st, done, logs = serve_through(
         model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "2", "--hosts", "2", "--spare-hosts", "1",
                                  "--kv-takeover", "off"),
         [(100, kill_stage(1, caught_up=True)), (220, kill_hosts("host-1")), (340, kill_stage(1, caught_up=True))],
@@ -192,8 +192,8 @@ def test_token_stages_restore_from_replicas_the_prompt_stages_never_write(model_
     assert outs == refs
     recs = st["recoveries"]
     assert [(r["stage"], r["host"]) for r in recs] == [(1, "host-0"), (2, "host-2"), (1, "host-0")], recs
-    check_replica(recs[0])
-    check_replica(recs[2])
+    check_replica(recs[0], logs)
+    check_replica(recs[2], logs)
     assert recs[1]["source"] == "replica" and recs[1]["tokens_replayed"] < recs[1]["tokens_recompute"], recs[1]
     reps = {r["stage"]: r for r in st["replicas"]}
     assert (reps[1]["host"], reps[2]["host"]) == ("host-2", "host-0")

@@ -39,10 +39,11 @@ def kill_stage(index: int, caught_up: bool = False) -> Action:
         if caught_up:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20
-            while loop.time() < deadline:
+            while True:
                 rep = next((r for r in st["replicas"] if r["stage"] == index), None)
                 if rep is not None and rep["state"] == "streaming" and rep["lag_tokens"] <= 8:
                     break
+                assert loop.time() < deadline, f"stage {index}'s replica did not catch up within 20s: {rep}"
                 await asyncio.sleep(0.005)
                 st = await c.status()
         os.kill(pid_of(st, "stage", index), signal.SIGKILL)
@@ -101,11 +102,15 @@ def serve_through(path, args: tuple[str, ...], failures: list[tuple[int, Action]
     return outs, reference(path, reqs), st, done, logs
 
 
-def check_replica(rec: dict[str, Any]) -> None:
-    assert rec["source"] == "replica", rec
-    assert rec["restored_bytes"] > 0 and rec["restore_s"] > 0
+def check_replica(rec: dict[str, Any], logs: str = "") -> None:
+    """`rec` restored from a replica, replaying few positions. logs: the deployment's, whose replication and
+    recovery lines a failure shows."""
+    why = f"{rec}\n" + "\n".join(line for line in logs.splitlines() if any(
+        k in line for k in ("[replica]", "[recovery]", "[topology]", "[host", "[supervisor]")))
+    assert rec["source"] == "replica", why
+    assert rec["restored_bytes"] > 0 and rec["restore_s"] > 0, why
     # a recompute feeds every cached position again; the replica lags a step or two behind at most
-    assert 0 <= rec["tokens_replayed"] * 5 < rec["tokens_recompute"], rec
+    assert 0 <= rec["tokens_replayed"] * 5 < rec["tokens_recompute"], why
 
 
 def test_a_killed_stage_comes_back_from_its_replica_on_the_other_host(model_factory) -> None:  # type: ignore[no-untyped-def]
@@ -116,7 +121,7 @@ def test_a_killed_stage_comes_back_from_its_replica_on_the_other_host(model_fact
     assert outs == refs
     (rec,) = st["recoveries"]
     assert (rec["stage"], rec["host"]) == (1, "host-1")
-    check_replica(rec)
+    check_replica(rec, logs)
     reps = {r["stage"]: r for r in st["replicas"]}
     assert (reps[0]["host"], reps[1]["host"]) == ("host-1", "host-0")
     assert all(r["survives_host_loss"] and r["bytes"] > 0 and r["failures"] == 0 for r in reps.values())
@@ -127,14 +132,14 @@ def test_a_lost_hosts_stage_restores_on_the_spare_then_its_neighbour_restores_fr
     """kill -9 of every process of host-1: stage 1 restores on the spare host from its replica on host-0, and stage
     0's replica (it lived on host-1) is re-replicated whole to the spare; then stage 0 is killed and restores from
     that new replica."""
-    outs, refs, st, _, _ = serve_through(
+    outs, refs, st, _, logs = serve_through(
         model_factory("llama"), ("--hosts", "2", "--spare-hosts", "1", "--kv-takeover", "off"),
         [(120, kill_hosts("host-1")), (260, kill_stage(0, caught_up=True))])
     assert outs == refs
     first, second = st["recoveries"]
     assert (first["stage"], first["host"], second["stage"], second["host"]) == (1, "host-2", 0, "host-0")
-    check_replica(first)
-    check_replica(second)
+    check_replica(first, logs)
+    check_replica(second, logs)
     reps = {r["stage"]: r for r in st["replicas"]}
     assert (reps[0]["host"], reps[1]["host"]) == ("host-2", "host-0")
 
@@ -171,11 +176,11 @@ def test_a_replica_that_falls_behind_makes_steps_wait_and_is_counted(model_facto
 
 
 def test_one_host_replicates_on_its_own_streamer_and_says_the_replicas_die_with_it(model_factory) -> None:  # type: ignore[no-untyped-def]
-    outs, refs, st, _, _ = serve_through(model_factory("llama"),
-                                         ("--hosts", "1", "--replicate", "on", "--kv-takeover", "off"),
+    outs, refs, st, _, logs = serve_through(model_factory("llama"),
+                                            ("--hosts", "1", "--replicate", "on", "--kv-takeover", "off"),
                                          [(150, kill_stage(0, caught_up=True))])
     assert outs == refs
-    check_replica(st["recoveries"][0])
+    check_replica(st["recoveries"][0], logs)
     assert [(r["host"], r["survives_host_loss"]) for r in st["replicas"]] == [("host-0", False)] * 2
 
 
