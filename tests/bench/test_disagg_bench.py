@@ -106,6 +106,7 @@ def test_summary_ratios_best_split_and_the_planners_pick() -> None:
     assert disagg_summary.summarize(runs, None, bound=0.10)["planner"]["within_10pct"] is None
 
 
+@pytest.mark.slow  # three deployments, ~17 s: with the slow runs (the default suite stays under 15 min)
 def test_a_quick_run_measures_colocated_and_the_split_with_the_simulator_beside_them(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Two real deployments of the tiny model on CPU (~30 s on 2 cores): one rate, few requests."""
     pytest.importorskip("matplotlib")

@@ -9,6 +9,7 @@ import pytest
 from bench import soak_bench
 
 
+@pytest.mark.slow  # a soak of the default model, ~20 s: with the slow runs (the default suite stays under 15 min)
 def test_soak_quick(default_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
     assert soak_bench.main(["--quick", "--model", str(default_model), "--clients", "20", "--idle", "0.5",

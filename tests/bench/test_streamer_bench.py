@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.streamer.helpers import ROOT
 
 
+@pytest.mark.slow  # the whole streamer bench, ~30 s: with the slow runs (the default suite stays under 15 min)
 def test_quick_cpu_benchmark(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     # the run's temporary folders (streamer sockets and logs, the random model) go here: it must end up empty
