@@ -80,7 +80,7 @@ class SimConfig:
     kv_bytes_per_token_layer: int = 0  # K and V of one token in one layer
     link_gbps: float = 0.0  # prompt stage -> token side, Gbit/s per prompt stage; 0: transfers take no time
     overlap: float = 1.0  # share of a stage's KV transfer that may run under its prompt pass (1 = layer by layer)
-    recv_slots: int = 0  # prompt microbatches the token side can receive at once; 0: prompt stages + 1
+    recv_slots: int = 0  # prompt passes' worth of prompt slots (a prompt holds one until it joins); 0: stages + 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

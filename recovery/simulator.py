@@ -7,10 +7,12 @@ sends each arrival to the replica with the fewest requests in it):
   finished one frees its slot at once, so prompt passes share the pipeline with decode steps (the bubbles);
 - disaggregated: a prompt pipeline of Dp stages (a microbatch = up to B waiting prompts, run as one pass,
   slowed by `stream_slowdown` m; the last stage samples the first token) and a token pipeline of Dt stages
-  (decode steps only). Each prompt microbatch takes a receive slot on the token side before it starts (the
-  paper's flow control: back-pressure stalls the prompt pipeline), streams each prompt stage's layers over its
-  link (bytes / bandwidth, layer by layer overlapped with the pass by `overlap`), and frees the slot when the
-  last of its requests has taken a token slot.
+  (decode steps only). As dejavu-serve does (bus/disagg.py), every prompt of a pass holds a prompt slot, of
+  `recv_slots` passes' worth (prompt stages + 1 by default), from its pass's start until it has taken a token
+  slot: a prompt that found none waits there, parked (the paper's flow control: when every prompt slot is held,
+  back-pressure stalls the prompt pipeline). A pass starts with as many waiting prompts as free prompt slots
+  allow, streams each prompt stage's layers over its link (bytes / bandwidth, layer by layer overlapped with the
+  pass by `overlap`), and its prompts join the token side as token slots free.
 Stages are FIFO servers; a step's time on a stage is `LayerTimes.stage_steps` (per-layer times as an affine
 function of prompt tokens / decode batch, measured by recovery/profiler.py). A tandem line of FIFO servers keeps
 its customers' order, so a step's whole path through the pipeline is computed when it is issued: one event per
@@ -309,7 +311,7 @@ class _PromptSide:
         self.sim, self.replica = sim, replica
         self.stages = _Stages(layer_split(cfg.layers, cfg.prompt_stages), track)
         self.link_free = [0.0] * cfg.prompt_stages
-        self.slots = cfg.recv_slots or cfg.prompt_stages + 1
+        self.slots = (cfg.recv_slots or cfg.prompt_stages + 1) * cfg.microbatch_size  # prompt slots
         self.free_slots = self.slots
         self.max_in_use = 0
         self.received: deque[list[_Req]] = deque()  # per prompt microbatch, its requests not yet in a token slot
@@ -322,7 +324,7 @@ class _PromptSide:
         self.stall_s = 0.0
 
     def start(self) -> None:
-        """Start prompt microbatches while stage 0 is free, prompts wait and a receive slot is free."""
+        """Start prompt microbatches while stage 0 is free, prompts wait and a prompt slot is free."""
         sim, cfg = self.sim, self.sim.cfg
         waiting = self.replica.waiting
         while waiting and not self.down:
@@ -338,8 +340,8 @@ class _PromptSide:
             if self.stall_since >= 0:
                 self.stall_s += sim.now - self.stall_since
                 self.stall_since = -1.0
-            batch = [waiting.popleft() for _ in range(min(cfg.microbatch_size, len(waiting)))]
-            self.free_slots -= 1
+            batch = [waiting.popleft() for _ in range(min(cfg.microbatch_size, len(waiting), self.free_slots))]
+            self.free_slots -= len(batch)
             self.max_in_use = max(self.max_in_use, self.slots - self.free_slots)
             self._run(batch)
 
@@ -370,18 +372,19 @@ class _PromptSide:
     def _received(self, bid: int, epoch: int) -> None:
         if epoch != self.epoch:
             return
-        batch = [r for r in self.in_flight.pop(bid) if r.end < 0]
+        ran = self.in_flight.pop(bid)
+        batch = [r for r in ran if r.end < 0]
         if self.replica.pipe.down:  # streamed into a dead token stage: that part of the prompt KV is lost
             for r in batch:
                 r.prefill = True
         if batch:
             self.received.append(batch)
             self.replica.pipe.wake()
-        else:
-            self._release()
+        if len(batch) < len(ran):  # (ended at their first token: their prompt slots free now)
+            self._release(len(ran) - len(batch))
 
-    def _release(self) -> None:
-        self.free_slots += 1
+    def _release(self, n: int) -> None:
+        self.free_slots += n
         self.start()
 
     def take_received(self, n: int) -> list[_Req]:
@@ -393,7 +396,8 @@ class _PromptSide:
             del group[:k]
             if not group:
                 self.received.popleft()
-                self._release()
+        if out:
+            self._release(len(out))
         return out
 
     def lose_received(self) -> None:
@@ -405,13 +409,15 @@ class _PromptSide:
     def fail(self, f: Failure) -> dict[str, Any]:
         sim = self.sim
         self.epoch += 1
-        voided = list(self.in_flight.values())
+        # passes in flight, and the parked prompts (their KV is in the prompt stages' pools), run again
+        voided = list(self.received) + list(self.in_flight.values())
         self.in_flight.clear()
+        self.received.clear()
         back = [r for batch in voided for r in batch if r.end < 0]
         for r in reversed(back):
             r.prefill = True
             self.replica.waiting.appendleft(r)
-        self.free_slots += len(voided)
+        self.free_slots += sum(len(batch) for batch in voided)
         resume = sim.now + f.detect_s + f.restart_s
         self.stages.void_after(sim.now, resume)
         self.link_free = [min(x, sim.now) for x in self.link_free]

@@ -312,8 +312,9 @@ def test_back_pressure_keeps_the_token_side_within_its_receive_slots() -> None:
         cfg = SimConfig("disaggregated", 2, slow_decode, 4, prompt_stages=1, token_stages=1, recv_slots=slots,
                         kv_bytes_per_token_layer=4096, link_gbps=10)
         r = out[slots] = simulate(cfg, reqs)
-        assert r["completed"] == 120 and r["receive_slots"]["slots"] == slots
-        assert r["receive_slots"]["max_in_use"] == slots  # filled, never exceeded
+        # prompt slots, as dejavu-serve keeps them: `slots` passes of 4 prompts, each held until it joins
+        assert r["completed"] == 120 and r["receive_slots"]["slots"] == slots * 4
+        assert r["receive_slots"]["max_in_use"] == slots * 4  # filled, never exceeded
         assert r["token_slots"]["max_in_use"] <= r["token_slots"]["slots"] == 4
         assert r["receive_slots"]["prompt_stall_s"] > 0  # the prompt stage waited for a slot
     # more slots let the prompt side run further ahead; the token side's rate is the same
