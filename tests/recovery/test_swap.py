@@ -16,9 +16,9 @@ from stages.layers.sampling import SamplingParams
 from tests.conftest import start_deployment
 from tests.recovery.test_hosts import until
 from tests.recovery.test_recovery import MAX_SEQ, Progress, reference, stream_exactly
-from tests.recovery.test_replication import kill_stage
+from tests.recovery.test_replication import kill_hosts, kill_stage
 
-ARGS = ("--swap", "on", "--microbatches", "6", "--microbatch-size", "2", "--replicate", "off", "--max-seq-len",
+ARGS = ("--swap", "on", "--microbatches", "6", "--microbatch-size", "2", "--max-seq-len",
         str(MAX_SEQ), "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3", "--log-level", "INFO")
 
 
@@ -32,22 +32,24 @@ def workload(vocab: int, n: int = 12) -> list[GenerationRequest]:
     return reqs
 
 
-def test_a_killed_swapping_stage_swaps_back_in_from_the_swap_pool(model_factory) -> None:  # type: ignore[no-untyped-def]
-    path = model_factory("llama")
+def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1):  # type: ignore[no-untyped-def]
+    """Stream 12 requests over 2 swapping stages; after 120 tokens (every microbatch has run decode steps, 4 of 6
+    are swapped out) run `act`. Returns outputs, references, the final status and the logs."""
     reqs = workload(211)
-    dep = start_deployment(path, 2, *ARGS)
+    dep = start_deployment(path, 2, *ARGS, *args)
 
     async def scenario() -> tuple[list[list[int]], dict[str, Any]]:
         progress = Progress()
         async with AsyncClient(dep.address, timeout=120) as c:
             async def inject() -> None:
-                await progress.reach(120)  # every microbatch has run decode steps: 4 of 6 are swapped out
-                await kill_stage(1)(c)
+                await progress.reach(120)
+                await act(c)
 
             injector = asyncio.create_task(inject())
             outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
             await asyncio.wait_for(injector, 60)
-            st = await until(c, lambda s: len(s["recoveries"]) >= 1 and s["state"] == "serving", 60, "recovered")
+            st = await until(c, lambda s: len(s["recoveries"]) >= recoveries and s["state"] == "serving", 60,
+                             "recovered")
             return outs, st
 
     try:
@@ -55,12 +57,36 @@ def test_a_killed_swapping_stage_swaps_back_in_from_the_swap_pool(model_factory)
         logs = dep.logs()
     finally:
         assert dep.stop() == 0
-    assert outs == reference(path, reqs)
+    return outs, reference(path, reqs), st, logs
+
+
+def few_replayed(rec: dict[str, Any]) -> None:
+    # a recompute feeds every cached position again; the swap pool (or replica) lags a step or two behind at most
+    assert 0 <= rec["tokens_replayed"] * 5 < rec["tokens_recompute"], rec
+
+
+def test_a_killed_swapping_stage_swaps_back_in_from_the_swap_pool(model_factory) -> None:  # type: ignore[no-untyped-def]
+    outs, refs, st, logs = swap_run(model_factory("llama"), ("--replicate", "off"), kill_stage(1))
+    assert outs == refs
     (rec,) = st["recoveries"]
     assert (rec["stage"], rec["source"]) == (1, "swap"), rec
-    # a recompute feeds every cached position again; the swap pool lags a write-back or two behind at most
-    assert 0 <= rec["tokens_replayed"] * 5 < rec["tokens_recompute"], rec
+    few_replayed(rec)
     stage1 = next(p for p in st["processes"] if p["role"] == "stage" and p["index"] == 1)
     assert stage1["incarnation"] == 1 and stage1["swap"]["kept"] and stage1["swap"]["bytes_in"] > 0, stage1
     assert f"[recovery] stage 1 back on host-0 from swap in {rec['seconds']:.2f}s" in logs
     assert "[swap] swap pool swap-stage-1 kept from the previous incarnation" in logs
+
+
+def test_a_swapping_stage_whose_host_is_lost_restores_its_swap_pool_from_the_replica(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Swapping with replication: each stage's replica is fed from its swap pool once a write-back landed (a
+    swapped-out microbatch's replica is current, nothing is sent twice). Host-1 lost whole (its swap pool with
+    it): stage 1 comes back on the spare host and restores its swap pool from its replica on host-0."""
+    outs, refs, st, _ = swap_run(model_factory("llama"), ("--hosts", "2", "--spare-hosts", "1", "--replicate", "on"),
+                                 kill_hosts("host-1"))
+    assert outs == refs
+    (rec,) = st["recoveries"]
+    assert (rec["stage"], rec["host"], rec["source"]) == (1, "host-2", "replica"), rec
+    assert rec["restored_bytes"] > 0
+    few_replayed(rec)
+    reps = {r["stage"]: r for r in st["replicas"]}  # (stage 0's replica was on host-1: it moved to host-2)
+    assert (reps[0]["host"], reps[1]["host"]) == ("host-2", "host-0") and all(r["bytes"] > 0 for r in reps.values())
