@@ -62,7 +62,9 @@ class Swapper:
         self.written: dict[int, int] = {}  # logical slot -> tokens [0, n) written back (the prefetch's guess)
         self.wb: dict[int, set[asyncio.Task[None]]] = collections.defaultdict(set)  # mb -> write-backs running
         self.poisoned: dict[int, str] = {}  # mb -> why its swap copy lacks rows (recompute it)
-        self.expected: collections.deque[StepRequest] = collections.deque()  # queued steps, in order
+        # queued steps, in order (bounded: steps dropped unrun - an old epoch's - leave with the next epoch)
+        self.expected: collections.deque[StepRequest] = collections.deque(maxlen=4096)
+        self.epoch = -1  # the newest epoch a step came with
         self.seen: dict[int, int] = {}  # mb -> the tick of its latest step (round-robin prediction)
         self.tick = 0
         self.busy: int | None = None  # the microbatch of the step being made resident or computing now
@@ -91,6 +93,9 @@ class Swapper:
 
     def expect(self, step: StepRequest) -> None:
         """A step was queued: bring its microbatch in while the steps before it compute."""
+        if step.epoch > self.epoch:
+            self.epoch = step.epoch
+            self.expected = collections.deque((s for s in self.expected if s.epoch >= step.epoch), maxlen=4096)
         self.expected.append(step)
         self._prefetch()
 
@@ -143,7 +148,7 @@ class Swapper:
                        lengths: dict[int, int], fut: asyncio.Future[None]) -> None:
         try:
             if before is not None:  # the frame's previous swap-in: its destination rows are that transfer's
-                await asyncio.wait({before}, timeout=self.timeout)
+                await asyncio.wait({before}, timeout=2 * self.timeout + self.client.request_timeout_s)
             if old is not None and not await self._drained(old):
                 self.poisoned.setdefault(old, "its write-back did not finish before its frame was reused")
             got = await self._copy_in(frame, {s: (0, n) for s, n in lengths.items() if n > 0}, f"in {mb}")
@@ -227,8 +232,8 @@ class Swapper:
             short = {c.slot: (self.have.get(c.slot, 0), c.start) for c in step.chunks
                      if self.have.get(c.slot, 0) < c.start}
             if short:  # the prefetch guessed fewer rows (a restart: it knows no lengths), or none came yet
-                try:
-                    got = await asyncio.wait_for(self._copy_in(frame, short, f"in {mb}+"), self.timeout * 2)
+                try:  # (bounded: the transfer's deadline is swap_timeout, and the client's wait ends after it)
+                    got = await self._copy_in(frame, short, f"in {mb}+")
                 except (StreamerError, TimeoutError) as e:
                     self.failures += 1
                     self._evict(frame)
@@ -246,13 +251,14 @@ class Swapper:
         return self.local(step, frame)
 
     def _evict(self, frame: int) -> None:
+        """The frame holds nothing valid. Its swap-in may still run (past its deadline here, not yet at the
+        streamer's): `ready` keeps it, and the frame's next swap-in waits for it first."""
         mb = self.owner[frame]
         if mb is not None:
             self.resident.pop(mb, None)
             for s in self._slots(mb):
                 self.have.pop(s, None)
         self.owner[frame] = None
-        self.ready[frame] = None
 
     def after_step(self, step: StepRequest, ran: bool) -> None:
         """The step (logical slots) finished computing in the frame `acquire` gave. ran: for a pipeline still
