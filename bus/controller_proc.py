@@ -101,7 +101,6 @@ from bus.messages import (
 )
 from bus.replication import ReplicaBook, Where
 from bus.scheduler import Scheduler
-from bus.swap_book import SwapBook
 from bus.security import (
     ADMIN,
     CLIENT_DOMAIN,
@@ -124,6 +123,7 @@ from bus.sockets import (
     recv_frames,
     send,
 )
+from bus.swap_book import SwapBook
 
 log = logging.getLogger(__name__)
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system

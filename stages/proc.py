@@ -35,8 +35,6 @@ from bus.errors import DeadlineError, ProtocolError
 from bus.logs import Throttled
 from bus.messages import (
     ERR_BAD_REQUEST,
-    SwapFailed,
-    SwapInfo,
     EpochOver,
     Hello,
     KvMove,
@@ -51,6 +49,8 @@ from bus.messages import (
     StepFailed,
     StepRequest,
     StepResult,
+    SwapFailed,
+    SwapInfo,
     TensorMeta,
     Topology,
     TopologyAck,
@@ -70,7 +70,7 @@ from stages.stage import StageCore, StepOutput
 from stages.swap import SwapError, Swapper, decide_for_stage, open_swap
 from stages.swap_policy import SwapDecision
 from streamer.client import LayerSignal, attach_kv_hooks
-from streamer.errors import PeerDeadError
+from streamer.errors import PeerDeadError, StreamerError
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
