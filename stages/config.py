@@ -87,7 +87,7 @@ class StageProcConfig:
     def shares_kv(self) -> bool:
         """Its pool must be registered with the streamer even on a GPU: replication, or either side of
         disaggregation (the streamer reads a prompt stage's pool and writes a token stage's)."""
-        return self.replicate or self.pipeline != "colocated" or self.swap != "off"
+        return self.replicate or self.pipeline != "colocated"
 
     @property
     def uses_nccl(self) -> bool:

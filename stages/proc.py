@@ -213,7 +213,7 @@ class StageProcess:
         if not cfg.streamer_address:
             return KVHome(name, None, None, False)
         if cfg.device != "cpu":
-            if not cfg.shares_kv:
+            if not cfg.shares_kv and not self.swapping.on:  # (swapping: the streamer moves its frames' KV)
                 return KVHome(name, None, None, False)
             device = torch.device(cfg.device)
             return await open_gpu_home(name, pool_layout(shard), device.index or 0, cfg.streamer_address,

@@ -42,3 +42,38 @@ def test_swapped_microbatches_serve_hf_greedy(stages: int, model_factory) -> Non
     assert all(s["bytes_in"] > 0 and s["bytes_out"] > 0 and s["failures"] == 0 for s in swaps), swaps
     assert st["slots"] == 24
     assert "[swap] stage 0: swapping on (--swap on: 2 of 6 microbatches resident" in logs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_cuda_swapping_serves_hf_greedy(mode: str, model_factory) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU the swap pool is pinned host memory and the frames a CUDA IPC pool; `on` serves exactly. `auto`
+    measures: a tiny model's 6 microbatches all fit in the GPU's free memory, so it decides off and says why."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from bus.client import AsyncClient
+    from stages.models import load_spec
+
+    path = model_factory("llama")
+    work = workload(load_spec(path)[1].vocab_size)[:24]
+    refs = hf_greedy(path, work)
+    dep = start_deployment(path, 1, "--device", "cuda", *SWAP_ON[:1], mode, *SWAP_ON[2:])
+
+    async def scenario():  # type: ignore[no-untyped-def]
+        results = await run_all(dep.address, work)
+        async with AsyncClient(dep.address) as c:
+            return results, await c.status()
+
+    try:
+        results, st = asyncio.run(scenario())
+    finally:
+        assert dep.stop() == 0
+    mismatches = [i for i, (res, ref) in enumerate(zip(results, refs)) if list(res.token_ids) != ref]
+    assert not mismatches, f"{len(mismatches)} of {len(refs)} differ: {mismatches[:5]}"
+    (swap,) = [p["swap"] for p in st["processes"] if p["role"] == "stage"]
+    if mode == "on":
+        assert swap["on"] and swap["bytes_in"] > 0 and swap["failures"] == 0, swap
+    else:
+        assert not swap["on"] and "fit in device memory" in swap["reason"], swap
