@@ -615,6 +615,8 @@ class ControllerProcess(ReplicaOrchestration):
             entry.stats = body
         elif isinstance(body, SwapAck):
             if self.swap_book is not None:
+                if body.fresh:
+                    self.swap_book.reset(index)
                 self.swap_book.ack(index, body.steps, False)
         elif isinstance(body, SwapFailed):
             if body.epoch == self.core.sched.epoch:

@@ -457,6 +457,7 @@ class SwapAck(Msg, tag=60):
 
     steps: list[list[int]]
     nbytes: int = 0
+    fresh: bool = False  # the swap pool was allocated anew (its streamer restarted): nothing before counts
 
 
 class SwapFailed(Msg, tag=61):

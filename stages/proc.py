@@ -254,7 +254,8 @@ class StageProcess:
                 why = f"no swap pool on the host's streamer: {e}"
             else:
                 self.swap = Swapper(kv.client, kv.name, name, pool_layout(shard), cfg.microbatch_size,
-                                    cfg.swap_frames, cfg.swap_timeout, self.swapping, self._to_controller)
+                                    cfg.swap_frames, cfg.swap_timeout, self.swapping, self._to_controller,
+                                    pool_layout(logical))
                 self.swap.kept = kept
                 return True
         await self.sup.fatal(f"stage {cfg.index} cannot swap microbatches: {why}")

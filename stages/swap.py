@@ -48,10 +48,12 @@ class SwapError(StageError):
 
 class Swapper:
     def __init__(self, client: StreamerClient, pool: str, swap_pool: str, layout: PoolLayout, mb_size: int,
-                 frames: int, timeout: float, decision: SwapDecision, send: Callable[[Msg], Awaitable[None]]) -> None:
-        """layout: the stage's own (resident) pool, `frames * mb_size` slots; the swap pool has the same layers
-        and one slot per logical slot."""
+                 frames: int, timeout: float, decision: SwapDecision, send: Callable[[Msg], Awaitable[None]],
+                 logical: PoolLayout | None = None) -> None:
+        """layout: the stage's own (resident) pool, `frames * mb_size` slots; the swap pool (`logical`) has the
+        same layers and one slot per logical slot."""
         self.client, self.pool, self.swap_pool, self.layout = client, pool, swap_pool, layout
+        self.logical = logical
         self.size, self.frames, self.timeout, self.decision, self.send = mb_size, frames, timeout, decision, send
         self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
         self.owner: list[int | None] = [None] * frames  # frame -> logical microbatch
@@ -75,6 +77,8 @@ class Swapper:
         # called with each step whose write-back committed (replication then copies its rows from the swap pool:
         # a swapped-out microbatch's replica is current, and nothing is sent twice)
         self.on_written: Callable[[StepRequest], None] | None = None
+        if logical is not None:
+            client.on_reconnect.append(self._streamer_back)
 
     # ------------------------------------------------------------------ mapping
 
@@ -309,6 +313,30 @@ class Swapper:
             return True
         _, left = await asyncio.wait(pending, timeout=self.timeout)
         return not left
+
+    def _streamer_back(self) -> None:
+        """The host's streamer was restarted: the swap pool died with it. Allocate it again; every microbatch's
+        swap copy is gone (each is recomputed at its next step), and the controller counts nothing it held."""
+        self._spawn(self._reopen())
+
+    async def _reopen(self) -> None:
+        from streamer.wire import POOL_SWAP
+
+        assert self.logical is not None
+        try:
+            got = await self.client.alloc_pool(self.swap_pool, POOL_SWAP, self.logical, exist_ok=True)
+        except StreamerError as e:
+            log.warning("[swap] the restarted streamer has no swap pool for this stage (%s): every swap fails, and "
+                        "its microbatches are recomputed", e)
+            got = None
+        if got is not None and got.existed:
+            return  # the connection dropped, the streamer did not
+        for mb in range(self.logical.num_slots // self.size):
+            self.poisoned[mb] = "the streamer was restarted: its swap pool is new"
+        self.written.clear()
+        await self.send(SwapAck([], 0, fresh=True))
+        log.warning("[swap] streamer restarted: swap pool %s allocated anew (microbatches are recomputed once)",
+                    self.swap_pool)
 
     # ------------------------------------------------------------------ status, end
 

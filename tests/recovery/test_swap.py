@@ -6,6 +6,8 @@ write-back had not been acknowledged. Every output equals the fault-free run (gr
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from stages.layers.sampling import SamplingParams
 from tests.conftest import start_deployment
 from tests.recovery.test_hosts import until
 from tests.recovery.test_recovery import MAX_SEQ, Progress, reference, stream_exactly
-from tests.recovery.test_replication import kill_hosts, kill_stage
+from tests.recovery.test_replication import kill_hosts, kill_stage, pid_of
 
 ARGS = ("--swap", "on", "--microbatches", "6", "--microbatch-size", "2", "--max-seq-len",
         str(MAX_SEQ), "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3", "--log-level", "INFO")
@@ -90,3 +92,26 @@ def test_a_swapping_stage_whose_host_is_lost_restores_its_swap_pool_from_the_rep
     few_replayed(rec)
     reps = {r["stage"]: r for r in st["replicas"]}  # (stage 0's replica was on host-1: it moved to host-2)
     assert (reps[0]["host"], reps[1]["host"]) == ("host-2", "host-0") and all(r["bytes"] > 0 for r in reps.values())
+
+
+def test_a_restarted_streamer_loses_the_swap_pools_and_the_microbatches_are_recomputed_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the host's streamer: the swap pools die with it. Swaps fail until it is back (each microbatch
+    that cannot swap in is recomputed from its committed tokens: SwapFailed), then each stage allocates its swap
+    pool anew and swaps again. Every output is exact, before and after."""
+    later = workload(211, n=4)
+    after: list[list[int]] = []
+
+    async def kill_streamer(c: AsyncClient) -> None:
+        os.kill(pid_of(await c.status(), "streamer", 0), signal.SIGKILL)
+        await until(c, lambda s: any(p["role"] == "streamer" and p["incarnation"] == 1 and p["state"] == "serving"
+                                     for p in s["processes"]), 60, "the streamer back")
+        for r in later:  # served once the swap pools are allocated again
+            after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
+                                           temperature=r.sampling.temperature, top_k=r.sampling.top_k,
+                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
+
+    path = model_factory("llama")
+    outs, refs, st, logs = swap_run(path, ("--replicate", "off"), kill_streamer, recoveries=0)
+    assert outs == refs and [list(a) for a in after] == reference(path, later)
+    assert st["recoveries"] == []
+    assert "is recomputed (step" in logs and "swap pool swap-stage-0 allocated anew" in logs
