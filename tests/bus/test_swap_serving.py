@@ -11,6 +11,15 @@ import pytest
 from tests.bus.test_serving import hf_greedy, run_all, workload
 from tests.conftest import start_deployment
 
+_REFS: dict[str, list[list[int]]] = {}  # HF greedy per model (the slowest part of these tests): computed once
+
+
+def references(path, work):  # type: ignore[no-untyped-def]
+    if str(path) not in _REFS:
+        _REFS[str(path)] = hf_greedy(path, work)
+    return _REFS[str(path)]
+
+
 SWAP_ON = ("--swap", "on", "--microbatches", "6", "--microbatch-size", "4", "--max-seq-len", "96", "--log-level",
            "INFO")
 
@@ -22,7 +31,7 @@ def test_swapped_microbatches_serve_hf_greedy(stages: int, model_factory) -> Non
     from stages.models import load_spec
 
     work = workload(load_spec(path)[1].vocab_size)[:24]
-    refs = hf_greedy(path, work)
+    refs = references(path, work)
     dep = start_deployment(path, stages, *SWAP_ON)
 
     async def scenario():  # type: ignore[no-untyped-def]
@@ -58,7 +67,7 @@ def test_cuda_swapping_serves_hf_greedy(mode: str, model_factory) -> None:  # ty
 
     path = model_factory("llama")
     work = workload(load_spec(path)[1].vocab_size)[:24]
-    refs = hf_greedy(path, work)
+    refs = references(path, work)
     dep = start_deployment(path, 1, "--device", "cuda", *SWAP_ON[:1], mode, *SWAP_ON[2:])
 
     async def scenario():  # type: ignore[no-untyped-def]
