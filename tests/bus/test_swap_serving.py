@@ -10,6 +10,7 @@ import pytest
 
 from tests.bus.test_serving import hf_greedy, run_all, workload
 from tests.conftest import start_deployment
+from tests.recovery.test_hosts import until
 
 _REFS: dict[str, list[list[int]]] = {}  # HF greedy per model (the slowest part of these tests): computed once
 
@@ -36,8 +37,10 @@ def test_swapped_microbatches_serve_hf_greedy(stages: int, model_factory) -> Non
 
     async def scenario():  # type: ignore[no-untyped-def]
         results = await run_all(dep.address, work)
-        async with AsyncClient(dep.address) as c:
-            return results, await c.status()
+        async with AsyncClient(dep.address) as c:  # (stages report every heartbeat interval)
+            return results, await until(c, lambda s: all(
+                p.get("swap") and (p["swap"]["bytes_out"] > 0 or not p["swap"]["on"]) for p in s["processes"]
+                if p["role"] == "stage"), 10, "every stage's swap figures")
 
     try:
         results, st = asyncio.run(scenario())
@@ -72,8 +75,10 @@ def test_cuda_swapping_serves_hf_greedy(mode: str, model_factory) -> None:  # ty
 
     async def scenario():  # type: ignore[no-untyped-def]
         results = await run_all(dep.address, work)
-        async with AsyncClient(dep.address) as c:
-            return results, await c.status()
+        async with AsyncClient(dep.address) as c:  # (stages report every heartbeat interval)
+            return results, await until(c, lambda s: all(
+                p.get("swap") and (p["swap"]["bytes_out"] > 0 or not p["swap"]["on"]) for p in s["processes"]
+                if p["role"] == "stage"), 10, "every stage's swap figures")
 
     try:
         results, st = asyncio.run(scenario())
