@@ -34,9 +34,10 @@ def workload(vocab: int, n: int = 12) -> list[GenerationRequest]:
     return reqs
 
 
-def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1):  # type: ignore[no-untyped-def]
+def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1, swapped_in: int | None = None):  # type: ignore[no-untyped-def]
     """Stream 12 requests over 2 swapping stages; after 120 tokens (every microbatch has run decode steps, 4 of 6
-    are swapped out) run `act`. Returns outputs, references, the final status and the logs."""
+    are swapped out) run `act`. Returns outputs, references, the final status (once `recoveries` are reported and,
+    with `swapped_in`, that stage reported swap-ins) and the logs."""
     reqs = workload(211)
     dep = start_deployment(path, 2, *ARGS, *args)
 
@@ -50,8 +51,9 @@ def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1):  # type: ig
             injector = asyncio.create_task(inject())
             outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
             await asyncio.wait_for(injector, 60)
-            st = await until(c, lambda s: len(s["recoveries"]) >= recoveries and s["state"] == "serving", 60,
-                             "recovered")
+            st = await until(c, lambda s: len(s["recoveries"]) >= recoveries and s["state"] == "serving" and (
+                swapped_in is None or any(p["role"] == "stage" and p["index"] == swapped_in and p.get("swap") and
+                                          p["swap"]["bytes_in"] > 0 for p in s["processes"])), 60, "recovered")
             return outs, st
 
     try:
@@ -68,7 +70,7 @@ def few_replayed(rec: dict[str, Any]) -> None:
 
 
 def test_a_killed_swapping_stage_swaps_back_in_from_the_swap_pool(model_factory) -> None:  # type: ignore[no-untyped-def]
-    outs, refs, st, logs = swap_run(model_factory("llama"), ("--replicate", "off"), kill_stage(1))
+    outs, refs, st, logs = swap_run(model_factory("llama"), ("--replicate", "off"), kill_stage(1), swapped_in=1)
     assert outs == refs
     (rec,) = st["recoveries"]
     assert (rec["stage"], rec["source"]) == (1, "swap"), rec
