@@ -413,7 +413,7 @@ def decide_for_stage(cfg: Any, layout: PoolLayout, spec: Any) -> SwapDecision:
     mb_bytes = layout.num_layers * 2 * size * layout.max_seq_len * layout.row_bytes
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
-    common = dict(frames=cfg.swap_frames, replicate=cfg.replicate, disaggregated=cfg.pipeline != "colocated")
+    common = dict(frames=cfg.swap_frames, disaggregated=cfg.pipeline != "colocated")
     if cfg.swap != "auto" or not cuda or microbatches <= cfg.swap_frames or not size:
         return decide_swap(cfg.swap, microbatches, None if not cuda else microbatches, mb_bytes, 0.0, 0.0,
                            **common)  # type: ignore[arg-type]

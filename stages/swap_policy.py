@@ -25,7 +25,7 @@ class SwapDecision:
 
 
 def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbatch_kv_bytes: int,
-                bandwidth_bps: float, step_s: float, *, frames: int = RESIDENT_FRAMES, replicate: bool = False,
+                bandwidth_bps: float, step_s: float, *, frames: int = RESIDENT_FRAMES,
                 disaggregated: bool = False) -> SwapDecision:
     """mode: the flag. microbatches: configured in flight; fit_resident: how many microbatches' KV the device holds
     at once (None: all of them - a CPU stage, whose pool is host memory already). microbatch_kv_bytes: one
