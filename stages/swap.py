@@ -423,6 +423,7 @@ def decide_for_stage(cfg: Any, layout: PoolLayout, spec: Any) -> SwapDecision:
     fit = max(0, int((free * 0.9 - weights) // max(1, mb_bytes)))
     bw = cfg.swap_bandwidth * 1e9 or _bandwidth(device)
     step_s = cfg.swap_step_ms / 1e3 or weights / _device_bandwidth(device)
+    torch.cuda.empty_cache()  # (the measurements' buffers: give them back before the pool and weights come)
     return decide_swap("auto", microbatches, fit, mb_bytes, bw, step_s, **common)  # type: ignore[arg-type]
 
 
