@@ -10,6 +10,7 @@ import os
 import signal
 from typing import Any
 
+import pytest
 import torch
 
 from bus.client import AsyncClient
@@ -117,3 +118,51 @@ def test_a_restarted_streamer_loses_the_swap_pools_and_the_microbatches_are_reco
     assert outs == refs and [list(a) for a in after] == reference(path, later)
     assert st["recoveries"] == []
     assert "is recomputed (step" in logs and "swap pool swap-stage-0 allocated anew" in logs
+
+
+def randomized_kills(path, seed: int, count: int):  # type: ignore[no-untyped-def]
+    """`count` kill -9s of a random stage at random moments (a prompt pass, a swap-in, a write-back: whatever runs
+    then), each once the previous one's recovery was reported; 16 requests. Every output exact."""
+    import random
+
+    rng = random.Random(seed)
+    reqs = workload(211, n=16)
+    dep = start_deployment(path, 2, *ARGS, "--replicate", "off", "--max-restarts", "30")
+    moments = sorted(rng.randint(30, 420) for _ in range(count))
+    done: list[str] = []
+
+    async def scenario() -> tuple[list[list[int]], dict[str, Any]]:
+        progress = Progress()
+        async with AsyncClient(dep.address, timeout=120) as c:
+            async def inject() -> None:
+                for k, at in enumerate(moments):
+                    await progress.reach(at)
+                    if k:
+                        await until(c, lambda s, k=k: len(s["recoveries"]) >= k and s["state"] == "serving", 60,
+                                    f"recovery {k}")
+                    done.append(await kill_stage(rng.randrange(2))(c))
+
+            injector = asyncio.create_task(inject())
+            outs = await asyncio.gather(*(stream_exactly(c, r, progress) for r in reqs))
+            await asyncio.wait_for(injector, 120)
+            return outs, await c.status()
+
+    try:
+        outs, st = asyncio.run(scenario())
+    finally:
+        assert dep.stop() == 0
+    assert outs == reference(path, reqs), done
+    # every kill came back from its swap pool, replaying fewer positions than a recompute (a kill just after a
+    # prompt pass, before its write-back landed, rightly replays that prompt)
+    assert [r["source"] for r in st["recoveries"]] == ["swap"] * count, (done, st["recoveries"])
+    assert all(r["tokens_replayed"] < r["tokens_recompute"] for r in st["recoveries"]), st["recoveries"]
+
+
+def test_random_kills_of_swapping_stages_are_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
+    randomized_kills(model_factory("llama"), seed=3, count=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [21, 22, 23, 24])
+def test_long_random_kills_of_swapping_stages_are_exact(model_factory, seed: int) -> None:  # type: ignore[no-untyped-def]
+    randomized_kills(model_factory("llama"), seed=seed, count=4)
