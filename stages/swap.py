@@ -103,7 +103,7 @@ class Swapper:
         self.expected.append(step)
         self._prefetch()
 
-    def _prefetch(self, stale: Callable[[StepRequest], bool] | None = None) -> None:
+    def _prefetch(self) -> None:
         """Start the swap-in of the first queued step's microbatch that is neither resident nor coming; with nothing
         queued, of the microbatch after the latest one in round-robin order. Only into a frame whose microbatch no
         queued step before it needs (so a prefetch never evicts what is about to compute)."""
@@ -302,6 +302,8 @@ class Swapper:
                         step.mb, step.step, e)
             return
         self.bytes_out += done.nbytes
+        if step.mb in self.poisoned:  # (its frame was reused before this landed: these rows may be another's)
+            return
         if self.on_written is not None:
             self.on_written(step)
         await self.send(SwapAck([[step.epoch, step.mb, step.step]], done.nbytes))
