@@ -67,8 +67,9 @@ from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
-from stages.swap import SwapError, Swapper, decide_for_stage, open_swap
+from stages.swap import SwapError, Swapper
 from stages.swap_policy import SwapDecision
+from stages.swap_setup import decide_for_stage, open_swap
 from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError, StreamerError
 
