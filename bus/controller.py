@@ -90,6 +90,7 @@ class Controller:
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
         self.book: ReplicaBook | None = None  # with replication: which positions each stage's replica holds
+        self.swap_book: ReplicaBook | None = None  # with swapping: which positions each stage's swap pool holds
 
     # ------------------------------------------------------------------ clients
 
@@ -246,11 +247,13 @@ class Controller:
             moves: list[KvMove] = []
             if isinstance(self.sched, DisaggScheduler):
                 moves, self.sched.move_out = self.sched.move_out, []
-            if self.book is not None:
+            for book in (self.book, self.swap_book):
+                if book is None:
+                    continue
                 for step in steps:
                     inflight = self.sched.inflight_of(step.mb)
                     assert inflight is not None
-                    self.book.record(step, inflight.members)
+                    book.record(step, inflight.members)
             self.outbox.steps.extend(steps)
             self.outbox.moves.extend(moves)
 
@@ -263,6 +266,8 @@ class Controller:
             return
         if self.book is not None:
             self.book.complete(result.mb, result.step)
+        if self.swap_book is not None:
+            self.swap_book.complete(result.mb, result.step)
         logprobs = result.logprobs or [None] * len(result.tokens)
         if len(result.tokens) != len(done.members) or len(logprobs) != len(done.members):
             self.fail_members(done.members, ERR_SERVER, "stage returned a wrong number of tokens")
@@ -284,6 +289,24 @@ class Controller:
         if not sent.ok:
             log.warning("[prompt] prompt stage %d: pass %d/%d's KV did not land: %s", stage, sent.mb, sent.step,
                         sent.message)
+        self.schedule(now)
+
+    def recompute_microbatch(self, mb_index: int, step: int, now: float) -> None:
+        """A stage could not bring microbatch `mb_index`'s KV back for its step `step` (swapping: the swap-in failed
+        or the swap copy lacks rows) and did not run it: the step is void, and its members are recomputed from
+        their prompt + committed tokens, as after a lost stage's KV (exact: sampling depends on positions only)."""
+        if not 0 <= mb_index < len(self.sched.mbs):
+            return
+        mb = self.sched.mbs[mb_index]
+        if mb.inflight is None or mb.inflight.step != step:
+            return
+        mb.inflight = None
+        for req in list(mb.members.values()):
+            req.cached = 0
+            if req.cancelled:
+                self.sched.release(req)
+                self._end_cancelled(req)
+        log.warning("[swap] microbatch %d is recomputed (step %d could not swap its KV in)", mb_index, step)
         self.schedule(now)
 
     def _give_up(self) -> None:

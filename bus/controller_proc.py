@@ -95,6 +95,8 @@ from bus.messages import (
     StatusReply,
     StepFailed,
     StepResult,
+    SwapAck,
+    SwapFailed,
     Topology,
     TopologyAck,
     Welcome,
@@ -123,6 +125,7 @@ from bus.sockets import (
     recv_frames,
     send,
 )
+from bus.swap_book import SwapBook
 
 log = logging.getLogger(__name__)
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system
@@ -165,6 +168,7 @@ class ControllerConfig:
     prompt_microbatches: int = 0
     prompt_microbatch_size: int = 0
     memory_plan: str = ""  # JSON: the microbatch size's choice and each stage's memory split (recovery/sizing.py)
+    swap: bool = False  # stages may swap microbatches (--swap auto|on): keep what their swap pools hold
 
     def __post_init__(self) -> None:
         if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
@@ -253,6 +257,9 @@ class ControllerProcess(ReplicaOrchestration):
         self.down_at: dict[int, float] = {}  # stage -> when its failure was reported
         self.recoveries: deque[RecoveryInfo] = deque(maxlen=64)
         self.broken_since: float | None = None  # since when some replica is broken while serving
+        # microbatch swapping (stages/swap.py): what each stage's swap pool holds, and whether a stage found its own
+        self.swap_book = self.core.swap_book = SwapBook(cfg.num_stages) if cfg.swap else None
+        self.swap_kept: dict[int, bool] = {}
 
     async def run(self) -> int:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
@@ -441,7 +448,7 @@ class ControllerProcess(ReplicaOrchestration):
                 idle = max(0.0, 1.0 - st.busy_s / st.uptime_s) if st.uptime_s > 0 else None
                 procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data, st.busy_s,
                                          st.steps, st.uptime_s, pipeline, idle,
-                                         st.kv_bytes if pipeline == "prompt" else None))
+                                         st.kv_bytes if pipeline == "prompt" else None, st.swap))
         procs.extend(msgspec.structs.replace(info, uptime_s=max(0.0, now - self.reg.started.get(key, now)))
                      for key, info in self.reg.others.items())
         waiting, running = self.core.counts()
@@ -571,6 +578,9 @@ class ControllerProcess(ReplicaOrchestration):
                                                 kv_intact=intact, layers=list(body.layers),
                                                 returned=self.ever_ready)
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
+            self.swap_kept[index] = body.swap_kept
+            if self.swap_book is not None and not body.swap_kept:
+                self.swap_book.reset(index)  # a new swap pool: what the old one held counts for nothing
             await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
             self.core.pipeline_down()
             await self._relink()
@@ -606,6 +616,14 @@ class ControllerProcess(ReplicaOrchestration):
                     await self._serving(now)
         elif isinstance(body, StageStats):
             entry.stats = body
+        elif isinstance(body, SwapAck):
+            if self.swap_book is not None:
+                if body.fresh:
+                    self.swap_book.reset(index)
+                self.swap_book.ack(index, body.steps, False)
+        elif isinstance(body, SwapFailed):
+            if body.epoch == self.core.sched.epoch:
+                self.core.recompute_microbatch(body.mb, body.step, now)
         elif isinstance(body, KvSent):
             if 0 <= index < self.cfg.prompt_stages:
                 self.core.on_kv_sent(index, body, now)
@@ -662,23 +680,27 @@ class ControllerProcess(ReplicaOrchestration):
         restored = {x: r for x, r in self.restoring.items() if r is not None and r.ok}
         lost = [x for x, e in self.reg.stages.items() if not e.kv_intact and self.cfg.pipeline(x) != "prompt"]
 
+        swap = self.swap_book
+
         def valid(req):  # type: ignore[no-untyped-def]
             n = req.cached
             for x in lost:
-                n = min(n, self.restore_lengths[x][req.slot] if x in restored and req.slot is not None else 0)
+                n = min(n, self.restore_lengths[x][req.slot] if x in restored and req.slot is not None else
+                        swap.valid(x, req) if swap is not None and self.swap_kept.get(x) else 0)
             return n
 
         running = list(self.core.sched.running())
         before = {id(r): r.cached for r in running}
-        self.core.pipeline_up(self.epoch, now, keep_cache=keep, valid=valid if self.book is not None and not keep
-                              else None)
+        self.core.pipeline_up(self.epoch, now, keep_cache=keep,
+                              valid=valid if (self.book is not None or swap is not None) and not keep else None)
         replayed = sum(before[id(r)] - r.cached for r in running)
         if self.ever_ready:
             for x, e in sorted(self.reg.stages.items()):
                 if not e.returned:
                     continue
                 r = restored.get(x)
-                source = "kept" if e.kv_intact else "replica" if r is not None else "recompute"
+                source = "kept" if e.kv_intact else "replica" if r is not None else \
+                    "swap" if swap is not None and self.swap_kept.get(x) else "recompute"
                 down = self.down_at.pop(x, now)
                 wall = time.time()
                 rec = RecoveryInfo(x, e.host, source, now - down, replayed, sum(before.values()),

@@ -84,6 +84,8 @@ class ReplicaOrchestration:
                 t = self.targets.get(x)
                 if e.kv_intact or w is None or not self._replica_alive(w):
                     continue
+                if self.swap_kept.get(x):
+                    continue  # its swap pool is as current as the replica, or more: it swaps back in from there
                 if x in self.fresh and t is not None and (t.host, t.pool) == (w.host, w.pool):
                     continue  # allocated anew where it was: what it held is gone
                 lengths = [0] * self.core.sched.num_slots

@@ -95,6 +95,7 @@ class ProcessInfo(msgspec.Struct, frozen=True, array_like=True):
     pipeline: str | None = None  # stages: "colocated" | "prompt" | "token" (disaggregation, issue 19)
     idle_fraction: float | None = None  # stages: 1 - busy_s / uptime_s (the pipeline's bubbles)
     kv_bytes: int | None = None  # prompt stages: KV bytes streamed to the token pipeline since they started
+    swap: SwapInfo | None = None  # stages: microbatch swapping (--swap)
 
 
 class ReplicaInfo(msgspec.Struct, frozen=True, array_like=True):
@@ -152,6 +153,23 @@ class MemoryInfo(msgspec.Struct, frozen=True, array_like=True):
     fraction: float
 
 
+class SwapInfo(msgspec.Struct, frozen=True, array_like=True):
+    """A stage's microbatch swapping (--swap) as status() reports it: whether it swaps and why (auto's figures),
+    and what it moved since it started."""
+
+    mode: str  # what was asked: "auto" | "on" | "off"
+    on: bool
+    reason: str
+    frames: int = 0  # microbatches resident in the stage's own pool
+    bytes_in: int = 0  # KV bytes swapped in from the swap pool
+    bytes_out: int = 0  # KV bytes written back to it (per-step deltas)
+    swap_ins: int = 0
+    stalls: int = 0  # steps that waited for their microbatch's swap-in or write-back
+    stall_s: float = 0.0
+    failures: int = 0  # swaps that failed (their microbatch was recomputed)
+    kept: bool = False  # this incarnation found the swap pool its predecessor filled
+
+
 # ---------------------------------------------------------------- 1-19: common -----------------------
 
 
@@ -168,6 +186,7 @@ class Hello(Msg, tag=1):
     incarnation: int = -1  # set when the supervisor forwards a child's Hello (-1: the envelope's)
     kv_intact: bool = False  # a restarted stage whose KV pool is its predecessor's, kept by the streamer
     started: float = 0.0  # wall-clock time (time.time()) the process started: status() reports its uptime
+    swap_kept: bool = False  # a swapping stage found its swap pool (filled by its predecessors) with the streamer
 
 
 class Welcome(Msg, tag=2):
@@ -411,6 +430,7 @@ class StageStats(Msg, tag=45):
     replica_error: str = ""  # why replication is stopped now ("": it streams)
     kv_bytes: int = 0  # a prompt stage: KV bytes streamed to the token stages
     kv_failures: int = 0  # a prompt stage: prompt passes whose KV could not be streamed
+    swap: SwapInfo | None = None  # microbatch swapping: whether, why, and what moved
 
 
 class ReplicaAck(Msg, tag=49):
@@ -470,6 +490,28 @@ class KvMove(Msg, tag=54):
     move: int
     chunks: list[Chunk]
     kv_to: list[int]
+
+
+# ---------------------------------------------------------------- 60-69: microbatch swapping ----------
+
+
+class SwapAck(Msg, tag=60):
+    """Stage -> controller: the rows these steps ([epoch, mb, step]) wrote are committed in the stage's swap pool
+    (a per-step write-back), so a restarted stage can swap them back in instead of recomputing them."""
+
+    steps: list[list[int]]
+    nbytes: int = 0
+    fresh: bool = False  # the swap pool was allocated anew (its streamer restarted): nothing before counts
+
+
+class SwapFailed(Msg, tag=61):
+    """Stage -> controller: step (epoch, mb, step) was not run: its microbatch's KV could not be swapped in (or its
+    swap copy lacks rows). The controller recomputes that microbatch from its committed tokens."""
+
+    epoch: int
+    mb: int
+    step: int
+    message: str = ""
 
 
 # ---------------------------------------------------------------- 70-89: supervisor ------------------
@@ -994,5 +1036,6 @@ CLIENT = (GenerateRequest, CancelRequest, TokenChunk, RequestDone, RequestFailed
           ServerStopping, ServerStoppingAck)
 STAGE = (StepRequest, StepResult, StepFailed, Topology, TopologyAck, StageStats, LinkInit, Rehello, EpochOver,
          ReplicaAck, ReplicaSync, Restore, Restored, KvSent, KvMove)
+STAGE += (SwapAck, SwapFailed)  # microbatch swapping (tags 60-69)
 SUPERVISOR = (ProcessDown, DeploymentReady, FatalError, AgentHello, HostWelcome, Assign, HostBeat, Fenced, HostsUpdate)
 ALL_MESSAGES: tuple[type[Msg], ...] = COMMON + CLIENT + STAGE + SUPERVISOR + STREAMER_MESSAGES

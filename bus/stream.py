@@ -168,7 +168,8 @@ def build_request(
 def status_dict(reply: StatusReply) -> dict[str, Any]:
     return {
         # fields that do not apply to a process (busy_s and steps: stages only) are left out
-        "processes": [{k: v for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in reply.processes],
+        "processes": [{k: msgspec.structs.asdict(v) if isinstance(v, msgspec.Struct) else v  # (a stage's swap)
+                       for k, v in msgspec.structs.asdict(p).items() if v is not None} for p in reply.processes],
         "model": reply.model, "stages": reply.stages, "epoch": reply.epoch,
         "waiting": reply.waiting, "running": reply.running, "slots": reply.slots,
         "state": reply.state, "hosts": [msgspec.structs.asdict(h) for h in reply.hosts],

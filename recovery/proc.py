@@ -200,6 +200,10 @@ class SupervisorProcess(ChildSupervisor):
             # until the end, so a stage may still restore from it): room for all of them, pages touched lazily
             need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, replica_bytes=max(self.policy.replica_bytes, need))
+        if cfg.swap_mode != "off":
+            # every stage's swap pool (all its microbatches) may sit on one host's streamer (pages touched lazily)
+            need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
+            self.policy = replace(self.policy, swap_bytes=max(self.policy.swap_bytes, need))
         internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
             model_dir=cfg.model_dir, vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids,
@@ -213,6 +217,7 @@ class SupervisorProcess(ChildSupervisor):
             client_keys_dir=cfg.keys_dir, replicate=cfg.replicating, prompt_stages=cfg.prompt_stages,
             prompt_microbatches=cfg.prompt_microbatches, prompt_microbatch_size=cfg.prompt_batch,
             memory_plan=cfg.memory_plan,
+            swap=cfg.swap_mode != "off",
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
@@ -250,6 +255,8 @@ class SupervisorProcess(ChildSupervisor):
             cuda_graphs=cfg.cuda_graphs and plan.pipeline != "prompt",  # graphs are for decode steps
             cudnn_attention=cfg.cudnn_attention, replicate=cfg.replicating, replica_lag=cfg.replica_lag,
             kv_takeover=cfg.kv_takeover, pipeline=plan.pipeline, first_index=plan.first, last_index=plan.last,
+            swap=cfg.swap_mode if plan.pipeline == "colocated" else "off", swap_bandwidth=cfg.swap_bandwidth,
+            swap_step_ms=cfg.swap_step_ms,
         )
         return encode_config(st)
 

@@ -121,6 +121,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-takeover", default="on", choices=["on", "off"],
                    help="a restarted CPU stage takes its predecessor's shared-memory KV over (off: it comes back "
                         "empty, as a GPU stage does, and restores from its replica)")
+    p.add_argument("--swap", default="auto", choices=["auto", "on", "off"],
+                   help="microbatch swapping: each stage keeps 2 microbatches' KV in its own pool and the others in "
+                        "its host streamer's swap pool, prefetching the next one while the current one computes (so "
+                        "--microbatches follows host memory); auto: on where a swap-in fits under a decode step and "
+                        "more microbatches are configured than the device holds (the log and status say why)")
+    p.add_argument("--swap-bandwidth", type=float, default=0.0,
+                   help="host <-> device GB/s that --swap auto predicts with (0: measured at start)")
+    p.add_argument("--swap-step-ms", type=float, default=0.0,
+                   help="a decode step's ms that --swap auto compares with (0: predicted from a weight read)")
     p.add_argument("--no-streamer", action="store_true",
                    help="start no KV streamer: stage pools in private memory (a restarted stage recomputes)")
     p.add_argument("--cache-dir", default=None,
@@ -191,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             http_port=args.http_port, http_host=args.http_host, max_queue=args.max_queue,
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
             gpu_memory_fraction=args.gpu_memory_fraction,
+            swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

@@ -93,6 +93,12 @@ class DeploymentConfig:
     # by recovery.sizing.resolve, shown in status()
     gpu_memory_fraction: float = 0.9
     memory_plan: str = ""
+    # Microbatch swapping (stages/swap.py; the rule in stages/swap_policy.py): each stage keeps 2 microbatches in
+    # its own pool and the others in its host streamer's swap pool. auto: on where it pays (the stage measures,
+    # or takes swap_bandwidth GB/s and swap_step_ms per decode step); on: always (CPU too: how CI tests it)
+    swap: str = "auto"
+    swap_bandwidth: float = 0.0
+    swap_step_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -145,6 +151,14 @@ class DeploymentConfig:
             raise ValueError("max_restarts must be >= 0 and restart_window > 0")
         if not 0 <= self.restart_backoff <= self.restart_backoff_max or self.restart_backoff_reset <= 0:
             raise ValueError("need 0 <= restart_backoff <= restart_backoff_max and restart_backoff_reset > 0")
+        from stages.swap_policy import SWAP_MODES, check_swap_on
+
+        if self.swap not in SWAP_MODES:
+            raise ValueError(f"--swap must be auto, on or off, got {self.swap!r}")
+        if self.swap_bandwidth < 0 or self.swap_step_ms < 0:
+            raise ValueError("--swap-bandwidth and --swap-step-ms must be >= 0 (0: measured at start)")
+        if self.swap == "on":
+            check_swap_on(self.microbatches, streamer=self.streamer, disaggregated=self.disaggregated)
 
     def policy(self) -> HostPolicy:
         return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
@@ -198,6 +212,11 @@ class DeploymentConfig:
     @property
     def num_slots(self) -> int:
         return self.microbatches * self.microbatch_size
+
+    @property
+    def swap_mode(self) -> str:
+        """What the stages are told: off where swapping cannot run (no streamer, disaggregated: auto says off)."""
+        return "off" if not self.streamer or self.disaggregated else self.swap
 
     def threads_per_stage(self) -> int:
         if self.stage_threads:

@@ -54,6 +54,14 @@ class StageProcConfig:
     pipeline: str = "colocated"  # "colocated" | "prompt" | "token"
     first_index: int = 0
     last_index: int = -1  # -1: num_stages - 1
+    # Microbatch swapping (stages/swap.py, the rule in stages/swap_policy.py): "on" keeps swap_frames microbatches
+    # (of num_slots / microbatch_size) in the stage's own pool and the rest in its streamer's swap pool; "auto"
+    # decides from the figures (bandwidth in GB/s and a decode step's ms: 0 = measured / predicted at start)
+    swap: str = "off"
+    swap_frames: int = 2
+    swap_timeout: float = 30.0  # deadline of a swap-in or write-back
+    swap_bandwidth: float = 0.0
+    swap_step_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("colocated", "prompt", "token"):
@@ -68,6 +76,8 @@ class StageProcConfig:
             raise ValueError(f"transport must be auto, zmq or nccl, got {self.transport!r}")
         if self.replica_lag < 0:
             raise ValueError(f"replica_lag must be >= 0, got {self.replica_lag}")
+        if self.swap not in ("auto", "on", "off") or self.swap_frames < 1 or self.swap_timeout <= 0:
+            raise ValueError(f"swap must be auto, on or off (got {self.swap!r}), swap_frames >= 1, swap_timeout > 0")
 
     @property
     def last_stage(self) -> int:

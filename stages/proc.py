@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import torch
 import zmq
 
@@ -48,6 +49,8 @@ from bus.messages import (
     StepFailed,
     StepRequest,
     StepResult,
+    SwapFailed,
+    SwapInfo,
     TensorMeta,
     Topology,
     TopologyAck,
@@ -64,8 +67,11 @@ from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
+from stages.swap import SwapError, Swapper
+from stages.swap_policy import SwapDecision
+from stages.swap_setup import decide_for_stage, open_swap
 from streamer.client import LayerSignal, attach_kv_hooks
-from streamer.errors import PeerDeadError
+from streamer.errors import PeerDeadError, StreamerError
 
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
@@ -107,6 +113,8 @@ class StageProcess:
         self.kv: KVHome | None = None
         self.replica: Replicator | None = None  # KV replication (stages/replica.py), with --replicate
         self.push: KvPusher | None = None  # a prompt stage's KV streaming to the token stages (stages/kv_push.py)
+        self.swap: Swapper | None = None  # microbatch swapping (stages/swap.py), when it is on
+        self.swapping = SwapDecision(False, "--swap off")
         self.inc_ready = asyncio.Event()
         if cfg.uses_nccl:
             self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
@@ -131,10 +139,22 @@ class StageProcess:
             shard = ShardConfig(Path(cfg.model_dir), tuple(cfg.layers), cfg.num_slots, cfg.max_seq_len, cfg.dtype,
                                 cfg.device, cuda_graphs=cfg.cuda_graphs, range_size=cfg.microbatch_size,
                                 cudnn_attention=cfg.cudnn_attention)
+            logical = shard
+            if cfg.swap != "off":
+                shard = await self._swap_decision(shard)
             self.kv = await self._kv_home(shard)
+            if self.swapping.on and not await self._open_swap(shard, logical):
+                return EXIT_CONFIG
             if cfg.replicate and self.kv.client is not None and self.kv.memory is not None:
+                # swapping: the replica is fed from the swap pool (logical slots), once each write-back landed
                 self.replica = Replicator(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
-                                          cfg.streamer_name, cfg.replica_lag, self._to_controller)
+                                          cfg.streamer_name, cfg.replica_lag, self._to_controller) \
+                    if self.swap is None else Replicator(self.kv.client, self.swap.swap_pool, self.kv.memory,
+                                                         pool_layout(logical), cfg.streamer_name, cfg.replica_lag,
+                                                         self._to_controller)
+                if self.swap is not None:
+                    rep = self.replica
+                    self.swap.on_written = lambda step: rep.after_step(step, None, True)
             if cfg.pipeline == "prompt" and self.kv.client is not None and self.kv.memory is not None:
                 self.push = KvPusher(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
                                      cfg.streamer_name, self._to_controller)
@@ -186,6 +206,8 @@ class StageProcess:
             self.compute.shutdown(wait=False, cancel_futures=True)
             if self.replica is not None:
                 await self.replica.close()
+            if self.swap is not None:
+                await self.swap.close()
             if self.push is not None:
                 await self.push.close()
             if self.kv is not None:
@@ -204,7 +226,7 @@ class StageProcess:
         if not cfg.streamer_address:
             return KVHome(name, None, None, False)
         if cfg.device != "cpu":
-            if not cfg.shares_kv:
+            if not cfg.shares_kv and not self.swapping.on:  # (swapping: the streamer moves its frames' KV)
                 return KVHome(name, None, None, False)
             device = torch.device(cfg.device)
             return await open_gpu_home(name, pool_layout(shard), device.index or 0, cfg.streamer_address,
@@ -213,7 +235,53 @@ class StageProcess:
         return await open_home(name, pool_layout(shard), cfg.streamer_address, cfg.incarnation,
                                f"{cfg.shm_prefix}-stage{cfg.index}" if cfg.shm_prefix else f"stage{cfg.index}",
                                cfg.streamer_timeout, wait=cfg.streamer_wait, client_name=self.name, keys=self.keys,
-                               streamer=cfg.streamer_name, takeover=cfg.kv_takeover)
+                               streamer=cfg.streamer_name, takeover=cfg.kv_takeover and not self.swapping.on)
+
+    async def _swap_decision(self, shard: ShardConfig) -> ShardConfig:
+        """--swap auto|on: decide (stages/swap_policy.py, with this device's figures, measured on the compute
+        thread); swapping, the stage's own pool holds swap_frames microbatches."""
+        from dataclasses import replace
+
+        from stages.models import load_spec
+
+        cfg = self.cfg
+        _, spec = load_spec(Path(cfg.model_dir))
+        self.swapping = await self.on_gpu(decide_for_stage, cfg, pool_layout(shard), spec)
+        log.info("[swap] stage %d: swapping %s (%s)", cfg.index, "on" if self.swapping.on else "off",
+                 self.swapping.reason)
+        if not self.swapping.on:
+            return shard
+        return replace(shard, num_slots=cfg.swap_frames * cfg.microbatch_size)
+
+    async def _open_swap(self, shard: ShardConfig, logical: ShardConfig) -> bool:
+        """The swap pool (kept from a predecessor when the streamer still has it) and the Swapper; False: the stage
+        cannot swap as configured (said to the supervisor: a restart fails the same)."""
+        cfg, kv = self.cfg, self.kv
+        assert kv is not None
+        if kv.client is None:
+            why = "its KV pool is not with a streamer (swapping moves KV through the host's streamer)"
+        else:
+            try:
+                name, kept = await open_swap(kv.client, cfg.index, pool_layout(logical))
+            except StreamerError as e:
+                why = f"no swap pool on the host's streamer: {e}"
+            else:
+                self.swap = Swapper(kv.client, kv.name, name, pool_layout(shard), cfg.microbatch_size,
+                                    cfg.swap_frames, cfg.swap_timeout, self.swapping, self._to_controller,
+                                    pool_layout(logical))
+                self.swap.kept = kept
+                return True
+        await self.sup.fatal(f"stage {cfg.index} cannot swap microbatches: {why}")
+        return False
+
+    async def _swap_failed(self, step: StepRequest, via_nccl: bool, e: Exception) -> None:
+        """The step's microbatch could not be made resident: drop the step (its hidden states received, so the
+        NCCL link stays in step) and let the controller recompute that microbatch."""
+        log.warning("[swap] mb %d step %d not run: %s (the controller recomputes the microbatch)", step.mb,
+                    step.step, e)
+        if via_nccl and self.nccl is not None and step.hidden is not None:
+            await self.on_gpu(self.nccl.recv, step.hidden)
+        await send(self.ctl, self.codec, SwapFailed(step.epoch, step.mb, step.step, str(e)))
 
     async def _to_controller(self, body) -> None:  # type: ignore[no-untyped-def]
         await send(self.ctl, self.codec, body)
@@ -222,7 +290,8 @@ class StageProcess:
         cfg = self.cfg
         await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), cfg.host_id or socket.gethostname(),
                                                {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots,
-                                               kv_intact=self.kv is not None and self.kv.intact))
+                                               kv_intact=self.kv is not None and self.kv.intact,
+                                               swap_kept=self.swap is not None and self.swap.kept))
 
     async def _stats(self) -> None:
         """Every heartbeat interval, also before serving: a restarted controller learns of this stage from
@@ -244,6 +313,10 @@ class StageProcess:
                                    replica_error="this stage's KV pool is not registered with its host's streamer")
             else:
                 stats = StageStats(busy, self.steps, up, self.tokens)
+            if self.cfg.swap != "off":
+                d = self.swapping
+                swap = self.swap.info() if self.swap is not None else SwapInfo(d.mode, False, d.reason)
+                stats = msgspec.structs.replace(stats, swap=swap)
             await send(self.ctl, self.codec, stats)
 
     def _busy(self) -> float:
@@ -260,6 +333,8 @@ class StageProcess:
             body = msg.body
             if isinstance(body, StepRequest):
                 self.queue.put_nowait((body, None))
+                if self.swap is not None:
+                    self.swap.expect(body)
             elif isinstance(body, Topology):
                 # a task of its own: linking waits on the neighbours (up to link_timeout), and an EpochOver that
                 # arrives meanwhile must be acted on at once (it aborts the link being set up)
@@ -366,6 +441,8 @@ class StageProcess:
                 continue
             if isinstance(msg.body, StepRequest):
                 self.queue.put_nowait((msg.body, hidden))
+                if self.swap is not None:
+                    self.swap.expect(msg.body)
             elif isinstance(msg.body, LinkInit) and self.nccl is not None:
                 if msg.body.epoch >= self.epoch:
                     self.inc_ready.clear()
@@ -406,6 +483,17 @@ class StageProcess:
                     continue
                 if self._stale(step):
                     continue
+            local = None  # swapping: the step in the slots of its microbatch's resident frame
+            if self.swap is not None:
+                try:
+                    local = await self.swap.acquire(step)
+                except SwapError as e:
+                    if not self._stale(step):
+                        await self._swap_failed(step, via_nccl, e)
+                    continue
+                if self._stale(step):
+                    self.swap.after_step(step, False)
+                    continue
             rep, layered, signal = self.replica, None, None
             push, pushing, why = self.push, None, ""
             if step.kv_to is not None:  # a prompt pass: its KV streams to the token stages as it is written
@@ -420,23 +508,27 @@ class StageProcess:
                 await rep.before_step(step.mb)  # --replica-lag: replication is too far behind (counted)
                 if self._stale(step):
                     continue
-                if rep.is_prompt(step):  # streamed layer by layer while the pass runs
+                if rep.is_prompt(step) and self.swap is None:  # streamed layer by layer while the pass runs
                     opened = await rep.open_layered(step)
                     if opened is not None:
                         layered, signal = opened
             self.busy_since = started = time.monotonic()
             try:
-                out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl, signal)
+                out = await loop.run_in_executor(self.compute, self._compute, step, hidden, via_nccl, signal, local)
                 self.steps += 1
                 self.tokens += len(step.token_ids)
             except LinkClosed as e:  # a new epoch aborted the NCCL link this step used: the step is stale
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
+                if self.swap is not None:
+                    self.swap.after_step(step, False)
                 if rep is not None:
                     rep.after_step(step, layered, False)
                 if step.kv_to is not None:
                     await self._pushed(step, pushing, False, str(e))
                 continue
             except Exception as e:
+                if self.swap is not None:
+                    self.swap.after_step(step, False)
                 if rep is not None:
                     rep.after_step(step, layered, False)
                 if step.kv_to is not None:
@@ -456,7 +548,9 @@ class StageProcess:
             finally:
                 self.busy_since = 0.0
                 self.busy_total += time.monotonic() - started
-            if rep is not None and step.kv_to is None:  # to the replica only if its pipeline still serves
+            if self.swap is not None:  # its rows go to the swap pool (and from there to the replica)
+                self.swap.after_step(step, not self._stale(step))
+            elif rep is not None and step.kv_to is None:  # to the replica only if its pipeline still serves
                 rep.after_step(step, layered, not self._stale(step))
             if step.kv_to is not None:
                 await self._pushed(step, pushing, not self._stale(step), why)
@@ -487,7 +581,7 @@ class StageProcess:
         await send(self.ctl, self.codec, KvSent(step.epoch, step.mb, step.step, False, 0, why or "no transfer"))
 
     def _compute(self, step: StepRequest, hidden: torch.Tensor | None, via_nccl: bool,
-                 signal: LayerSignal | None = None) -> StepOutput:
+                 signal: LayerSignal | None = None, local: StepRequest | None = None) -> StepOutput:
         """Compute thread: fetch the input over NCCL if it came that way, run the step, and enqueue the
         output's NCCL send (so the header can follow it). signal: a prompt pass streamed to the replica layer by
         layer (each layer's KV is signalled as soon as it is written); a GPU pool's last-layer event is recorded
@@ -502,13 +596,13 @@ class StageProcess:
         if signal is not None:
             hooks = attach_kv_hooks(self.core.runtime.shard, signal)
             try:
-                out = self.core.run(step, hidden)
+                out = self.core.run(local or step, hidden)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            out = self.core.run(step, hidden)
-        if cuda and self.replica is not None and hasattr(self.kv.memory, "record"):
+            out = self.core.run(local or step, hidden)
+        if cuda and (self.replica is not None or self.swap is not None) and hasattr(self.kv.memory, "record"):
             self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
         if cuda:
             end.record()
