@@ -35,6 +35,7 @@ from recovery.planner import ModelFacts, activation_bytes, largest, model_facts
 from recovery.preflight import DTYPE_BYTES, UsageError
 from recovery.specs import DeploymentConfig, StagePlan
 from stages.models.spec import ModelSpec
+from stages.swap_policy import RESIDENT_FRAMES
 
 AUTO = 0  # DeploymentConfig.microbatch_size: memory-sized
 CPU_AUTO_MAX = 8  # CPU: today's default, unless less fits (a CPU step is compute-bound long before)
@@ -207,9 +208,16 @@ class StageModel:
         return self.cfg.prompt_microbatch_size or b if self.plan.pipeline == "prompt" else b
 
     def slots(self, b: int) -> int:
+        """Its KV pool's slots: every microbatch's - or, with `--swap on`, only the resident frames' (the others
+        wait in the host streamer's swap pool, in host memory: stages/swap.py)."""
         if self.plan.pipeline == "prompt":
             return self.cfg.prompt_microbatches * self.batch(b)
-        return self.cfg.microbatches * b
+        return self.resident_microbatches * b
+
+    @property
+    def resident_microbatches(self) -> int:
+        m = self.cfg.microbatches
+        return min(m, RESIDENT_FRAMES) if self.cfg.swap == "on" else m
 
     def activations(self, b: int) -> int:
         """The largest step: every sequence of the microbatch feeds a whole prompt (or a --prefill-chunk chunk),
@@ -233,7 +241,7 @@ class StageModel:
         slots = self.slots(b)
         rows = min(slots, 1 << max(0, b - 1).bit_length())  # a padded batch: the next power of two
         buckets = math.ceil(cfg.max_seq_len / GRAPH_BUCKET)
-        graphs = (cfg.microbatches + rows.bit_length()) * buckets
+        graphs = (self.resident_microbatches + rows.bit_length()) * buckets
         out_row = (f.vocab if self.last else f.hidden) * DTYPE_BYTES[f.dtype]
         step = activation_bytes(f, rows) + rows * cfg.max_seq_len * (f.kv_bytes_per_token_layer + 1)
         return step + graphs * (GRAPH_OVERHEAD + rows * (out_row + f.hidden * DTYPE_BYTES[f.dtype] + 24))
@@ -290,17 +298,20 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
                 f"{cfg.max_seq_len}) and {room_s}; lower --max-seq-len, --microbatches or --prefill-chunk, or use "
                 "more stages")
     warnings: list[str] = []
+    resident = models[0].resident_microbatches if models else cfg.microbatches
+    swapped = (f" ({resident} microbatches resident on each stage's device, the rest in its host's swap pool: "
+               "--swap on)") if resident < cfg.microbatches else ""
     if auto:
         size = min(f for _, _, f in figures)
         small = min(range(len(models)), key=lambda i: (figures[i][2], i))
         limit = (f"the cap{' on CPU' if not cuda else ''}: every stage holds at least {cap}" if size == cap else
                  f"the smallest stage's figure: stage {small} on {memories[small].device}")
         how = (f"microbatch size {size} (auto, {limit}; --gpu-memory-fraction {fraction:g}): "
-               f"{cfg.microbatches} microbatch(es) x {size} = {cfg.microbatches * size} slots")
+               f"{cfg.microbatches} microbatch(es) x {size} = {cfg.microbatches * size} slots{swapped}")
     else:
         size = cfg.microbatch_size
         how = (f"microbatch size {size} (--microbatch-size): {cfg.microbatches} microbatch(es) x {size} = "
-               f"{cfg.microbatches * size} slots")
+               f"{cfg.microbatches * size} slots{swapped}")
         for m, mem, (_, room, fits) in zip(models, memories, figures):
             if not cuda:
                 break  # on CPU an explicit size is taken as it is (a pool beyond /dev/shm is a warning of its own)

@@ -75,6 +75,22 @@ def test_auto_takes_the_most_slots_the_budget_holds(tiny, stages: int) -> None: 
     assert less.microbatch_size < 20
 
 
+def test_with_swap_on_only_the_resident_microbatches_take_device_memory(tiny) -> None:  # type: ignore[no-untyped-def]
+    """--swap on keeps 2 microbatches in a stage's own pool and the others in the host's swap pool: auto sizes
+    microbatches for the 2 resident, so 6 microbatches get the figure 2 get without swapping, larger than 6 get
+    without it."""
+    path, spec = tiny
+    base = DeploymentConfig(str(path), num_stages=1, device="cuda", microbatch_size=0, max_seq_len=1024)
+    m = models(base, spec)[0]
+    total = math.ceil((m.weights() + m.activations(8) + m.graphs(8) + 2 * 20 * m.kv_per_slot()) / 0.9)
+    mem = [DeviceMemory("cuda:0", total, total)]
+    two = size_deployment(replace(base, num_microbatches=2, swap="off"), spec, mem)
+    six = size_deployment(replace(base, num_microbatches=6, swap="off"), spec, mem)
+    swapped = size_deployment(replace(base, num_microbatches=6, swap="on"), spec, mem)
+    assert swapped.microbatch_size == two.microbatch_size > six.microbatch_size
+    assert all(s.slots == 2 * swapped.microbatch_size for s in swapped.stages) and "--swap on" in swapped.how
+
+
 def test_the_deployment_takes_the_smallest_stages_figure(tiny) -> None:  # type: ignore[no-untyped-def]
     path, spec = tiny
     cfg = DeploymentConfig(str(path), num_stages=2, device="cuda", microbatch_size=0, max_seq_len=1024)
