@@ -271,15 +271,17 @@ class Replicator:
                 self._kick()
 
     def _drop_pending(self, why: str) -> None:
+        # the queue first: settling a running transfer kicks the queue, which would send the dropped steps (to the
+        # new replica, when it moved - maybe before its host allocated the pool: replication broken for an epoch)
+        for s in self.queue:
+            self.unacked[s.mb] -= 1
+        self.queue.clear()
         for p in list(self.running):
             if p.handle is not None and not p.handle.done.done():
                 asyncio.ensure_future(self._cancel(p.handle, why))
             if p.task is not None:
                 p.task.cancel()
             self._settle(p)
-        for s in self.queue:
-            self.unacked[s.mb] -= 1
-        self.queue.clear()
         self.moved.set()
 
     def _failed(self, e: Exception, target: ReplicaTarget | None) -> None:

@@ -119,3 +119,21 @@ def test_a_joined_chunk_sends_its_prompt_rows_and_waits_for_a_sync_writing_them(
         assert acks[1].sync_epoch == 1
 
     asyncio.run(scenario())
+
+
+def test_a_replica_that_moves_gets_none_of_the_steps_dropped_for_it() -> None:
+    """A new epoch moves the replica: transfers to the old one are dropped, and so are the steps still queued -
+    none of them may go to the new replica (its host may not have allocated its pool yet: the whole-pool sync of
+    the new epoch brings it everything)."""
+    async def scenario() -> None:
+        r, client, _ = replicator()
+        r.after_step(step(1, [(0, 5, 1)]), None, True)
+        r.after_step(step(2, [(0, 6, 1)]), None, True)  # queued behind the first
+        await settle()
+        assert len(client.handles) == 1
+        r.target = ReplicaTarget(0, "replica-stage-0", "h2", "", "host-2", [0, 2])
+        r._drop_pending("the replica moved")
+        await settle()
+        assert len(client.handles) == 1 and not r.queue and r.unacked[0] == 0
+
+    asyncio.run(scenario())
