@@ -14,6 +14,19 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def byte_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what byte-level BPE vocabularies spell bytes with)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
 def has_tokenizer(model_dir: Path) -> bool:
     return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
 

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bus.text import byte_unicode
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,23 +110,10 @@ def _weights() -> dict[str, torch.Tensor]:
     return out
 
 
-def _byte_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what byte-level BPE tokenizers use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def _write_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_chars = _byte_unicode()
+    byte_chars = byte_unicode()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for b in range(256):
         vocab[byte_chars[b]] = len(SPECIALS) + b

@@ -17,22 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus.messages import TokenLogprob
+from bus.text import byte_unicode
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 _SPIECE_SPACE = "\u2581"
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable character -> byte map (what byte-level BPE vocabularies spell bytes with), inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class TokenTexts:
@@ -44,7 +32,7 @@ class TokenTexts:
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_level = type(decoder).__name__ == "ByteLevel"
-        self.bytes_of = _byte_decoder()
+        self.bytes_of = {c: b for b, c in byte_unicode().items()}  # printable character -> byte
         self.specials = set(getattr(tokenizer, "all_special_ids", ()))
         self.cache: dict[int, tuple[str, list[int]]] = {}
 

@@ -25,25 +25,28 @@ SWAP_ON = ("--swap", "on", "--microbatches", "6", "--microbatch-size", "4", "--m
            "INFO")
 
 
+async def serve(address: str, work):  # type: ignore[no-untyped-def]
+    """Every request's result, and the status once every stage reported its swap figures (with its heartbeat)."""
+    from bus.client import AsyncClient
+
+    results = await run_all(address, work)
+    async with AsyncClient(address) as c:
+        return results, await until(c, lambda s: all(
+            p.get("swap") and (p["swap"]["bytes_out"] > 0 or not p["swap"]["on"]) for p in s["processes"]
+            if p["role"] == "stage"), 10, "every stage's swap figures")
+
+
 @pytest.mark.parametrize("stages", [1, 2])
 def test_swapped_microbatches_serve_hf_greedy(stages: int, model_factory) -> None:  # type: ignore[no-untyped-def]
     path = model_factory("llama")
-    from bus.client import AsyncClient
     from stages.models import load_spec
 
     work = workload(load_spec(path)[1].vocab_size)[:24]
     refs = references(path, work)
     dep = start_deployment(path, stages, *SWAP_ON)
 
-    async def scenario():  # type: ignore[no-untyped-def]
-        results = await run_all(dep.address, work)
-        async with AsyncClient(dep.address) as c:  # (stages report every heartbeat interval)
-            return results, await until(c, lambda s: all(
-                p.get("swap") and (p["swap"]["bytes_out"] > 0 or not p["swap"]["on"]) for p in s["processes"]
-                if p["role"] == "stage"), 10, "every stage's swap figures")
-
     try:
-        results, st = asyncio.run(scenario())
+        results, st = asyncio.run(serve(dep.address, work))
         logs = dep.logs()
     finally:
         assert dep.stop() == 0
@@ -65,7 +68,6 @@ def test_cuda_swapping_serves_hf_greedy(mode: str, model_factory) -> None:  # ty
 
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    from bus.client import AsyncClient
     from stages.models import load_spec
 
     path = model_factory("llama")
@@ -73,15 +75,8 @@ def test_cuda_swapping_serves_hf_greedy(mode: str, model_factory) -> None:  # ty
     refs = references(path, work)
     dep = start_deployment(path, 1, "--device", "cuda", *SWAP_ON[:1], mode, *SWAP_ON[2:])
 
-    async def scenario():  # type: ignore[no-untyped-def]
-        results = await run_all(dep.address, work)
-        async with AsyncClient(dep.address) as c:  # (stages report every heartbeat interval)
-            return results, await until(c, lambda s: all(
-                p.get("swap") and (p["swap"]["bytes_out"] > 0 or not p["swap"]["on"]) for p in s["processes"]
-                if p["role"] == "stage"), 10, "every stage's swap figures")
-
     try:
-        results, st = asyncio.run(scenario())
+        results, st = asyncio.run(serve(dep.address, work))
     finally:
         assert dep.stop() == 0
     mismatches = [i for i, (res, ref) in enumerate(zip(results, refs)) if list(res.token_ids) != ref]
