@@ -60,6 +60,7 @@ from recovery.children import (
     sweep_dead_deployments,
 )
 from recovery.specs import ChildSpec, HostPolicy
+from recovery.standby import Standby, keeps_standby
 from stages.config import StageProcConfig
 from streamer.config import SHM_PREFIX, StreamerConfig
 
@@ -152,6 +153,8 @@ class HostAgent(ChildSupervisor):
 
     async def _shutdown(self, reason: str) -> None:
         self.stopping = True
+        if self.standby is not None:
+            await self.standby.close()
         if self.exit_code == EXIT_FENCED:
             self._kill_all()  # fenced: not one moment longer
             await self._reap(list(self.children.values()), self.policy.kill_timeout, None)
@@ -295,6 +298,10 @@ class HostAgent(ChildSupervisor):
             child = self._child(ChildSpec("stage", index, "stages.proc", st))
             child.state.restarts = 0
             self._spawn(child, s.incarnation)
+            if keeps_standby(self.policy.standby, s.device):  # for the next restart here (after this start's imports)
+                if self.standby is None:
+                    self.standby = Standby(self.log_dir)
+                self.standby.want()
 
     async def _report_down(self, child: Child, incarnation: int, reason: str, restarting: bool) -> bool:
         with contextlib.suppress(zmq.ZMQError):

@@ -41,6 +41,7 @@ from bus.logs import Throttled, peer_of
 from bus.messages import FatalError, Heartbeat, Hello, Shutdown
 from bus.sockets import decode_frames, recv_frames, send
 from recovery.specs import ChildSpec, HostPolicy
+from recovery.standby import Standby
 from recovery.supervisor import (
     FAILED,
     RESTARTING,
@@ -102,6 +103,7 @@ class ChildSupervisor:
         self.fatal_config = False  # the fatal error is a setting to change (exit code 2)
         self.config_error = asyncio.Event()  # some child said it cannot start as configured
         self.tasks: set[asyncio.Task[None]] = set()
+        self.standby: Standby | None = None  # an agent's warm standby stage process (recovery/standby.py)
         self.sock: zmq.asyncio.Socket  # the ROUTER the children connect to (set by the subclass)
         self.codec: Codec
 
@@ -193,18 +195,15 @@ class ChildSupervisor:
         argv = child.spec.argv(incarnation)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        out = None
-        if self.log_dir:  # one file per process, every incarnation appended
-            out = open(Path(self.log_dir) / f"{child.spec.name}.log", "ab")  # noqa: SIM115 - the child's
-        try:
-            # a session of its own: a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the
-            # supervisor alone, which stops the children in order - the controller telling its clients first -
-            # instead of killing them all at once mid-sentence. They still die with the supervisor (PDEATHSIG).
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                                                        stderr=out, env=env, start_new_session=True)
-        finally:
-            if out is not None:
-                out.close()  # the child holds its own descriptor
+        proc = None
+        if child.spec.role == "stage" and self.standby is not None:  # imports done: the restart starts at its work
+            log_path = str(Path(self.log_dir) / f"{child.spec.name}.log") if self.log_dir else ""
+            proc = await self.standby.take(argv, log_path)
+            if proc is not None:
+                log.info("[standby] %s incarnation %d: the standby pid %d takes it", child.spec.name, incarnation,
+                         proc.pid)
+        if proc is None:
+            proc = await self._start_process(argv, env, child.spec.name)
         child.proc, child.state.pid = proc, proc.pid
         log.info("[spawn] %s incarnation %d pid %d", child.spec.name, incarnation, proc.pid)
         if self.stopping or child.retired:  # the stop began while it was being started: _shutdown's list missed it
@@ -216,6 +215,21 @@ class ChildSupervisor:
             child.state.state = STOPPED
             return
         await self._on_exit(child, incarnation, code)
+
+    async def _start_process(self, argv: list[str], env: dict[str, str], name: str) -> asyncio.subprocess.Process:
+        out = None
+        if self.log_dir:  # one file per process, every incarnation appended
+            out = open(Path(self.log_dir) / f"{name}.log", "ab")  # noqa: SIM115 - the child's
+        try:
+            # a session of its own: a Ctrl-C at the terminal (SIGINT to the foreground process group) reaches the
+            # supervisor alone, which stops the children in order - the controller telling its clients first -
+            # instead of killing them all at once mid-sentence. They still die with the supervisor (PDEATHSIG).
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                                                        stderr=out, env=env, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()  # the child holds its own descriptor
+        return proc
 
     async def _on_exit(self, child: Child, incarnation: int, code: int) -> None:
         name = child.spec.name
@@ -347,6 +361,12 @@ class ChildSupervisor:
             if c.proc is not None and c.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     c.proc.kill()
+        if self.standby is not None:  # nothing of this host starts any more
+            self.standby.closed = True
+            proc, self.standby.proc = self.standby.proc, None
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
 
 def describe_exit(code: int) -> str:

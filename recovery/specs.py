@@ -58,6 +58,7 @@ class DeploymentConfig:
     swap_bytes: int = 256 << 20  # its pinned host pools (explicit capacities; over-commitment is refused)
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
+    standby: str = "auto"  # a warm standby stage process per host (recovery/standby.py): auto = on for cuda
     log_level: str = "INFO"
     log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
     # Hosts (recovery/hosts.py): `hosts` local agents as simulated hosts (each its own loopback address,
@@ -157,6 +158,8 @@ class DeploymentConfig:
             raise ValueError(f"--swap must be auto, on or off, got {self.swap!r}")
         if self.swap_bandwidth < 0 or self.swap_step_ms < 0:
             raise ValueError("--swap-bandwidth and --swap-step-ms must be >= 0 (0: measured at start)")
+        if self.standby not in ("auto", "on", "off"):
+            raise ValueError(f"--standby must be auto, on or off, got {self.standby!r}")
         if self.swap == "on":
             check_swap_on(self.microbatches, streamer=self.streamer, disaggregated=self.disaggregated)
 
@@ -256,6 +259,7 @@ class HostPolicy:
     swap_bytes: int = 256 << 20
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
+    standby: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,22 @@ from streamer.errors import PeerDeadError, StreamerError
 log = logging.getLogger(__name__)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
+IMPORTED = time.monotonic()  # this module's imports (torch, the stage's code) are done
+ASSIGNED_AT: float | None = None  # a warm standby (stages/standby.py): when it was told which stage to be
+
+
+def since_exec() -> float | None:
+    """Seconds since this process was exec'd (Linux: its start time in /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 MAX_LINK_FAILURES = 3  # epochs in a row a stage may fail to link (a neighbour died meanwhile) before it exits
 
 
@@ -127,6 +143,13 @@ class StageProcess:
         """Serve until Shutdown; the exit code (EXIT_CONFIG: cannot start as configured)."""
         cfg = self.cfg
         loop = self.loop = asyncio.get_running_loop()
+        started = time.monotonic()  # the start-up's phases, in one log line once ready (recovery time's split)
+        if ASSIGNED_AT is not None:  # a standby imported everything before it was needed
+            alive: float | None = started - ASSIGNED_AT
+            phases = {"standby": alive}
+        else:
+            alive = since_exec()
+            phases = {"imports": alive - (started - IMPORTED) if alive is not None else float("nan")}
         self.keys = maybe_load(cfg.keys_dir, self.name)
         self.auth = start_authenticator(self.ctx, self.keys)  # for the activation input it binds
         self.sup = SupervisorLink(self.ctx, cfg.supervisor_address, self.codec, "stage", cfg.index, self.keys,
@@ -142,7 +165,10 @@ class StageProcess:
             logical = shard
             if cfg.swap != "off":
                 shard = await self._swap_decision(shard)
+            mark = time.monotonic()
+            phases["setup"] = mark - started
             self.kv = await self._kv_home(shard)
+            phases["kv_home"] = time.monotonic() - mark
             if self.swapping.on and not await self._open_swap(shard, logical):
                 return EXIT_CONFIG
             if cfg.replicate and self.kv.client is not None and self.kv.memory is not None:
@@ -161,9 +187,10 @@ class StageProcess:
             elif cfg.pipeline != "colocated" and self.kv.client is None:
                 log.error("[startup] stage %d: a %s stage needs its KV pool with its host's streamer; it has none "
                           "(every prompt pass it takes part in fails)", cfg.index, cfg.pipeline)
-            self.busy_since = time.monotonic()
+            self.busy_since = mark = time.monotonic()
             try:
                 self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
+                phases["weights"] = time.monotonic() - mark
             except (StageError, InvalidRequestError) as e:  # the model or the settings: a restart fails the same
                 log.info("[startup] stage %d cannot load: %s", cfg.index, e)
                 await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
@@ -184,14 +211,19 @@ class StageProcess:
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0", self.keys)
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
                                    identity=self.name.encode(), keys=self.keys, server=CONTROLLER)
+            mark = time.monotonic()
             await self._hello()
             frames = await recv_within(self.ctl, cfg.handshake_timeout, "Welcome from the controller",
                                        "handshake_timeout")
+            phases["handshake"] = time.monotonic() - mark
             _, msg = decode_frames(self.codec, frames)
             if not isinstance(msg.body, Welcome):
                 raise ProtocolError(f"expected Welcome, got {type(msg.body).__name__}")
             self.state = "ready"
             log.info("[handshake] stage %d (incarnation %d) layers %s ready", cfg.index, cfg.incarnation, cfg.layers)
+            log.info("[startup] stage %d (incarnation %d) ready %.2f s after exec: %s", cfg.index, cfg.incarnation,
+                     (alive or 0.0) + time.monotonic() - started,
+                     ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
             async with asyncio.TaskGroup() as tg:
                 self.tg = tg
                 tasks = [tg.create_task(self._control()), tg.create_task(self._data()),
