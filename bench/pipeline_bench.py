@@ -76,31 +76,42 @@ def write_model(shape: str, root: Path) -> Path:
 
 
 def baseline_step(model: Path, layers: int, batch: int, context: int, dtype: str, device: str,
-                  repeats: int, cudnn_attention: str = "all") -> dict[str, float]:
-    """Decode step of one stage's layers in one in-process runtime (no pipeline): median seconds."""
+                  repeats: int, cudnn_attention: str = "all", decode_tokens: int = 0) -> dict[str, float]:
+    """Decode step of one stage's layers in one in-process runtime (no pipeline), at the contexts the overhead run
+    decodes at: `points` contexts evenly over [context, context + decode_tokens), each the median of `repeats`
+    steps, averaged (the overhead run's stage step is a mean over the same range). A step reads every member's
+    keys up to its graph's bucket, so a baseline taken at the first context alone (as before 2026-12-07) is
+    short by the growth of the cache: 1000 -> 1256 tokens is +13% of an OPT-13B step's KV reads at batch 8.
+    Rows past the prefilled context hold zeros: a step's time does not depend on the values it reads."""
     from stages.batch import SeqChunk
     from stages.runtime import ShardConfig, ShardRuntime
 
-    rt = ShardRuntime(ShardConfig(model, (0, layers), batch, context + 64, dtype, device,
+    rt = ShardRuntime(ShardConfig(model, (0, layers), batch, context + decode_tokens + 64, dtype, device,
                                   cudnn_attention=cudnn_attention))
     ids = torch.randint(3, 200, (batch * context,)).tolist()
     rt.forward([SeqChunk(i, 0, context) for i in range(batch)], rt.embed_input(ids))
-    chunks = [SeqChunk(i, context, 1) for i in range(batch)]
     token = rt.embed_input([5] * batch)
-    times = []
-    for _ in range(repeats + 3):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        rt.forward(chunks, token)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
+    points = 8 if decode_tokens >= 8 else 1
+    contexts = [context + k * decode_tokens // points for k in range(points)]
+    per_context = []
+    for ctx in contexts:
+        chunks = [SeqChunk(i, ctx, 1) for i in range(batch)]
+        times = []
+        for _ in range(repeats + 3):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            rt.forward(chunks, token)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
+        per_context.append((statistics.median(times[3:]), min(times[3:])))
     del rt
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"median_s": statistics.median(times[3:]), "min_s": min(times[3:])}
+    return {"median_s": statistics.mean(m for m, _ in per_context), "min_s": min(m for _, m in per_context),
+            "at_context_s": per_context[0][0], "contexts": contexts, "per_context_s": [m for m, _ in per_context]}
 
 
 def stage_stats(status: dict[str, Any]) -> dict[int, dict[str, float]]:
@@ -462,7 +473,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
     for stages in [int(s) for s in args.stages.split(",")]:
         base_device = "cuda:0" if args.device == "cuda" else "cpu"
         base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
-                             base_device, 20, cudnn_attention=args.cudnn_attention)
+                             base_device, 20, cudnn_attention=args.cudnn_attention, decode_tokens=args.decode_tokens)
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
               f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
         for hosts in hosts_for(stages, args.hosts):
@@ -545,5 +556,5 @@ def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: in
             rec["rates"] = list(done)
             save(True)
 
-        run_rec["rates"] = asyncio.run(sweep(dep.address, [float(r) for r in args.rates.split(",")], args, on_rate,
-                                             save_log))
+        rates = [float(r) for r in args.rates.split(",") if r and r != "none"]  # "none": the overhead run alone
+        run_rec["rates"] = asyncio.run(sweep(dep.address, rates, args, on_rate, save_log)) if rates else []
