@@ -40,7 +40,12 @@ from stages.swap_policy import RESIDENT_FRAMES
 AUTO = 0  # DeploymentConfig.microbatch_size: memory-sized
 CPU_AUTO_MAX = 8  # CPU: today's default, unless less fits (a CPU step is compute-bound long before)
 GPU_AUTO_MAX = 256  # beyond, a step's host work and the scheduler's grow with no gain on one GPU
-CUDA_RESERVE = 256 << 20  # cuBLAS/cuDNN workspaces and the caching allocator's slack
+# cuBLAS/cuDNN workspaces and the caching allocator's rounding: at its largest step an OPT-1.3B-shaped stage sized
+# by auto held 1.5 GiB beyond its plan on an H100 (2026-12-07, tests/recovery/test_sizing_gpu.py; 256 MiB before)
+CUDA_RESERVE = 1536 << 20
+# the host streamer's CUDA context on each GPU whose pools it serves: 730 MiB on an H100 (CUDA 13), the same run;
+# the probe that measures free memory holds a context like the stage's, so the stage's own is counted already
+STREAMER_CONTEXT = 768 << 20
 GRAPH_OVERHEAD = 1 << 20  # per captured decode graph: its executable and its buffers' rounding
 GRAPH_BUCKET = 256  # stages/runtime.py ShardConfig.graph_bucket: keys read up to a multiple of this
 SAMPLING_BYTES = 24  # per logit of the last stage's sampling: float32 copy, sorted values, int64 order, probs
@@ -229,7 +234,7 @@ class StageModel:
         out = activation_bytes(f, tokens) + tokens * cfg.max_seq_len + 2 * cfg.max_seq_len * f.head_dim * 4
         if self.last:
             out += rows * f.vocab * (DTYPE_BYTES[f.dtype] + SAMPLING_BYTES)
-        return out + (CUDA_RESERVE if self.cuda else 0)
+        return out + (CUDA_RESERVE + (STREAMER_CONTEXT if cfg.streamer else 0) if self.cuda else 0)
 
     def graphs(self, b: int) -> int:
         """Decode graphs (stages/graphs.py), captured lazily per microbatch range and key bucket, and padded

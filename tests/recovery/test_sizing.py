@@ -71,8 +71,8 @@ def test_auto_takes_the_most_slots_the_budget_holds(tiny, stages: int) -> None: 
     # a big GPU: capped; a smaller fraction of it holds fewer
     big = size_deployment(cfg, spec, [gpu(80, i=i) for i in range(stages)])
     assert big.microbatch_size == GPU_AUTO_MAX and "cap" in big.how
-    less = size_deployment(replace(cfg, gpu_memory_fraction=0.8), spec, memories)
-    assert less.microbatch_size < 20
+    less = size_deployment(replace(cfg, gpu_memory_fraction=0.895), spec, memories)  # ~13 MiB less than 0.9
+    assert 1 <= less.microbatch_size < 20
 
 
 def test_with_swap_on_only_the_resident_microbatches_take_device_memory(tiny) -> None:  # type: ignore[no-untyped-def]

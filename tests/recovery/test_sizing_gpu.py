@@ -70,14 +70,17 @@ def test_auto_survives_its_largest_step(tmp_path) -> None:  # type: ignore[no-un
         "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192, "bos_token_id": 2, "eos_token_id": 2,
         "dejavu_random_weights": {"seed": 0, "std": 0.02}}))
     dep = start_deployment(path, 1, "--device", "cuda", "--dtype", "float16", "--max-seq-len", "2048")
-    peak, done = [0], threading.Event()
+    peak, done, at_peak = [0], threading.Event(), [""]
 
     def sample() -> None:  # the GPU's used memory, as the driver counts it (every process, the context included)
         while not done.wait(0.2):
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
                                   "0"], capture_output=True, text=True)
-            if out.returncode == 0:
-                peak[0] = max(peak[0], int(out.stdout.split()[0]) << 20)
+            if out.returncode == 0 and int(out.stdout.split()[0]) << 20 > peak[0]:
+                peak[0] = int(out.stdout.split()[0]) << 20
+                apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                                       "--format=csv,noheader", "-i", "0"], capture_output=True, text=True)
+                at_peak[0] = apps.stdout.strip().replace("\n", "; ")  # whose memory it is, when a peak is exceeded
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -96,6 +99,8 @@ def test_auto_survives_its_largest_step(tmp_path) -> None:  # type: ignore[no-un
         sampler.join()
         assert dep.stop() == 0
     m = st["memory"][0]
-    print(f"microbatch {st['microbatch_size']}; plan {json.dumps(m)}; peak used {peak[0] / 2**30:.2f} GiB")
+    print(f"microbatch {st['microbatch_size']}; plan {json.dumps(m)}; peak used {peak[0] / 2**30:.2f} GiB "
+          f"({at_peak[0]})")
+    print("\n".join(line for line in dep.logs().splitlines() if "[startup]" in line or "[memory]" in line))
     assert st["microbatch_size"] > 8 and all(len(r.token_ids) == 4 for r in results)
     assert peak[0] <= 0.9 * m["total"] + 2**30  # nvidia-smi's MiB rounding and its own context: a little slack
