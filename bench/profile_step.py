@@ -45,7 +45,8 @@ def timed(fn, repeats: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     return {"median_ms": statistics.median(times[3:]) * 1e3, "min_ms": min(times[3:]) * 1e3}
 
 
-def profile_batch(model: Path, batch: int, context: int, max_seq_len: int, repeats: int) -> dict:
+def profile_batch(model: Path, batch: int, context: int, max_seq_len: int, repeats: int,
+                  trace_dir: Path | None = None) -> dict:
     core = StageCore(ShardConfig(model, None, batch, max_seq_len, "bfloat16", "cuda"))
     rt = core.runtime
     ids = torch.randint(3, 1000, (context,)).tolist()
@@ -86,6 +87,9 @@ def profile_batch(model: Path, batch: int, context: int, max_seq_len: int, repea
         for _ in range(10):
             core.run(step, None)
         torch.cuda.synchronize()
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_dir / f"inprocess-b{batch}-trace.json"))
     out["profile_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     out["profile_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     core = rt = None  # type: ignore[assignment]  # the next batch needs the memory (graphs hold cycles)
@@ -94,7 +98,47 @@ def profile_batch(model: Path, batch: int, context: int, max_seq_len: int, repea
     return out
 
 
+def gaps(trace: Path, top: int = 12) -> str:
+    """A Chrome trace (torch.profiler's, of a stage's steps or of this script's): per step (a gap of 2 ms+ with no
+    device work separates steps), the span from its first device activity to its last, the device's busy time
+    in it, and the largest idle gaps inside steps with the host operators running when each began."""
+    ev = json.loads(trace.read_text())["traceEvents"]
+    dev = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in ev
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    cpu = [(e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in ev
+           if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "python_function")]
+    if not dev:
+        return f"{trace}: no device activity"
+    steps, cur = [], [dev[0]]
+    for d in dev[1:]:
+        if d[0] - max(c[1] for c in cur) > 2000:
+            steps.append(cur)
+            cur = []
+        cur.append(d)
+    steps.append(cur)
+    lines, inner = [], []
+    for st in steps:
+        end = max(d[1] for d in st)
+        busy, last = 0.0, st[0][0]
+        for a, b, name in st:
+            if a > last:
+                inner.append((a - last, last, name))
+            busy += max(0.0, b - max(a, last))
+            last = max(last, b)
+        lines.append(f"step: span {(end - st[0][0]) / 1e3:.3f} ms, device busy {busy / 1e3:.3f} ms, "
+                     f"{len(st)} device ops")
+    lines.append(f"idle inside steps: {sum(g for g, _, _ in inner) / 1e3 / len(steps):.3f} ms per step")
+    for g, at, nxt in sorted(inner, reverse=True)[:top]:
+        running = sorted((b - a, n) for a, b, n in cpu if a <= at <= b)[:3]
+        lines.append(f"  gap {g / 1e3:.3f} ms before {nxt[:50]!r}; host ops then: "
+                     + ", ".join(n[:40] for _, n in running))
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--gaps":
+        print(gaps(Path(sys.argv[2])))
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="opt-13b", choices=sorted(SHAPES))
     p.add_argument("--batches", default="8,48")
@@ -107,7 +151,7 @@ def main() -> int:
     res = {"shape": args.shape, "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(sys.argv), "batches": []}
     for b in [int(x) for x in args.batches.split(",")]:
-        r = profile_batch(model, b, args.context, args.max_seq_len or args.context + 128, args.repeats)
+        r = profile_batch(model, b, args.context, args.max_seq_len or args.context + 128, args.repeats, args.out)
         res["batches"].append(r)
         print(f"batch {b}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" for k, v in r.items()
                                           if isinstance(v, dict)) +

@@ -67,20 +67,25 @@ class DecodeGraphs:
             g = self.graphs[key] = self._capture(key)
         kind, a, _ = key
         b = g.inputs.shape[0]
-        index = torch.empty(2, b, dtype=torch.long)
+        # one pinned host tensor (index rows 0-1, then the step's rows), built in Python lists and copied once:
+        # pageable copies wait for the stream and stage their bytes, and per-row tensor ops cost host time the
+        # GPU idles through (issue 20's lean step: bench/profile_step.py --gaps on a stage's trace)
+        n = len(chunks)
         if kind == "range":
-            rows = torch.tensor([c.slot - a for c in chunks])
-            index[0] = torch.arange(a, a + b)
+            rows = [c.slot - a for c in chunks]
+            slots = list(range(a, a + b))
         else:
-            rows = torch.arange(len(chunks))
+            rows = list(range(n))
             used = {c.slot for c in chunks}
             spare = next((s for s in range(self.num_slots) if s not in used), chunks[0].slot)
-            index[0] = spare  # padding rows (only exist when some slot is free)
-            index[0, : len(chunks)] = torch.tensor([c.slot for c in chunks])
-        index[1] = self.max_seq - 1
-        index[1, rows] = torch.tensor([c.start for c in chunks])
-        g.index.copy_(index, non_blocking=True)
-        rows_dev = rows.to(g.index.device, non_blocking=True)
+            slots = [c.slot for c in chunks] + [spare] * (b - n)  # padding rows (only exist when some slot is free)
+        positions = [self.max_seq - 1] * b
+        for r, c in zip(rows, chunks):
+            positions[r] = c.start
+        host = torch.tensor(slots + positions + rows, dtype=torch.long, pin_memory=True)
+        dev = host.to(g.index.device, non_blocking=True)
+        g.index.copy_(dev[: 2 * b].view(2, b))
+        rows_dev = dev[2 * b :]
         g.inputs.index_copy_(0, rows_dev, inputs)
         g.graph.replay()
         return g.output.index_select(0, rows_dev)

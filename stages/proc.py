@@ -118,6 +118,7 @@ class StageProcess:
         self.busy_total = 0.0  # CPU: wall time computing steps
         self.gpu_busy = 0.0  # CUDA: device time of steps, from event pairs (the true busy time of the GPU)
         self.gpu_events: collections.deque[tuple[torch.cuda.Event, torch.cuda.Event]] = collections.deque()
+        self.profiler = StepProfiler.from_env(cfg.index)  # DEJAVU_PROFILE_STEPS: where a served step's time goes
         self.steps = 0
         self.tokens = 0
         self.serving_since = 0.0
@@ -622,6 +623,8 @@ class StageProcess:
         if via_nccl:
             assert self.nccl is not None and step.hidden is not None
             hidden = self.nccl.recv(step.hidden)
+        if self.profiler is not None:
+            self.profiler.before_step()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()  # after the receive was enqueued: device time of this step's compute only
@@ -636,6 +639,8 @@ class StageProcess:
             out = self.core.run(local or step, hidden)
         if cuda and (self.replica is not None or self.swap is not None) and hasattr(self.kv.memory, "record"):
             self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
+        if self.profiler is not None:
+            self.profiler.after_step()
         if cuda:
             end.record()
             self.gpu_events.append((start, end))
@@ -652,10 +657,65 @@ class StageProcess:
         return out
 
 
+class StepProfiler:
+    """`DEJAVU_PROFILE_STEPS=FIRST,COUNT,DIR`: torch.profiler over steps FIRST .. FIRST + COUNT - 1 of this stage
+    (its compute thread, every CUDA kernel and copy), written to DIR/stage-<i>-profile.txt (operators by CPU and
+    by device time) and DIR/stage-<i>-trace.json (a Chrome trace: the gaps between a step's kernels). A
+    diagnostic for the serving step's cost against the bare runtime's (issue 20); off unless the variable is set."""
+
+    def __init__(self, index: int, first: int, count: int, out: Path) -> None:
+        self.index, self.first, self.count, self.out = index, first, count, out
+        self.seen = 0
+        self.prof: torch.profiler.profile | None = None
+        self.done = False
+
+    @classmethod
+    def from_env(cls, index: int) -> StepProfiler | None:
+        spec = os.environ.get("DEJAVU_PROFILE_STEPS", "")
+        if not spec:
+            return None
+        try:
+            first, count, out = spec.split(",", 2)
+            return cls(index, int(first), int(count), Path(out))
+        except ValueError:
+            log.warning("[profile] DEJAVU_PROFILE_STEPS=%r: expected FIRST,COUNT,DIR; not profiling", spec)
+            return None
+
+    def before_step(self) -> None:
+        if self.done or self.prof is not None or self.seen < self.first:
+            return
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+
+    def after_step(self) -> None:
+        self.seen += 1
+        if self.prof is None or self.seen < self.first + self.count:
+            return
+        prof, self.prof, self.done = self.prof, None, True
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        avg = prof.key_averages()
+        device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (self.out / f"stage-{self.index}-profile.txt").write_text(
+            avg.table(sort_by="self_cpu_time_total", row_limit=30) + "\n" + avg.table(sort_by=device_key, row_limit=30))
+        prof.export_chrome_trace(str(self.out / f"stage-{self.index}-trace.json"))
+        log.info("[profile] stage %d: steps %d-%d profiled into %s", self.index, self.first,
+                 self.first + self.count - 1, self.out)
+
+
 def run_stage(cfg: StageProcConfig) -> int:
     setup_child(f"dejavu: stage {cfg.index}/{cfg.num_stages} layers {cfg.layers[0]}-{cfg.layers[1]}",
                 cfg.log_level, cfg.supervisor_pid)
     install_uvloop()
+    # the compute thread and the event loop share the interpreter lock: at Python's 5 ms default, a step's host
+    # work (inputs, graph launch, sampling) waits behind the loop's message handling while the GPU idles; the
+    # streamer's reason for the same setting (streamer/config.py switch_interval_us). DEJAVU_SWITCH_INTERVAL_US: A/B
+    sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL_US", "200")) * 1e-6)
     try:
         return asyncio.run(StageProcess(cfg).run())
     except DeadlineError as e:

@@ -146,7 +146,9 @@ class ShardRuntime:
     def embed_input(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Validated token ids [N] on the device (first shard's input)."""
         self.check_token_ids(token_ids)
-        return torch.tensor(list(token_ids), dtype=torch.long).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":  # pinned: a pageable copy first waits for the stream and stages the bytes
+            return torch.tensor(list(token_ids), dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+        return torch.tensor(list(token_ids), dtype=torch.long)
 
     def forward(
         self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False
