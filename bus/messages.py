@@ -187,6 +187,9 @@ class Hello(Msg, tag=1):
     kv_intact: bool = False  # a restarted stage whose KV pool is its predecessor's, kept by the streamer
     started: float = 0.0  # wall-clock time (time.time()) the process started: status() reports its uptime
     swap_kept: bool = False  # a swapping stage found its swap pool (filled by its predecessors) with the streamer
+    # a token stage whose prompts' KV goes to this pool of its streamer rather than its own (swapping: a receive
+    # pool by logical slot); "": its own pool, kv-stage-<index>
+    receive_pool: str = ""
 
 
 class Welcome(Msg, tag=2):

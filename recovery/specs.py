@@ -158,7 +158,7 @@ class DeploymentConfig:
         if self.swap_bandwidth < 0 or self.swap_step_ms < 0:
             raise ValueError("--swap-bandwidth and --swap-step-ms must be >= 0 (0: measured at start)")
         if self.swap == "on":
-            check_swap_on(self.microbatches, streamer=self.streamer, disaggregated=self.disaggregated)
+            check_swap_on(self.microbatches, streamer=self.streamer)
 
     def policy(self) -> HostPolicy:
         return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
@@ -215,8 +215,9 @@ class DeploymentConfig:
 
     @property
     def swap_mode(self) -> str:
-        """What the stages are told: off where swapping cannot run (no streamer, disaggregated: auto says off)."""
-        return "off" if not self.streamer or self.disaggregated else self.swap
+        """What the stages that may swap are told (colocated and token stages; a prompt stage's KV lives for one
+        pass): off where swapping cannot run (no streamer: auto says off)."""
+        return "off" if not self.streamer else self.swap
 
     def threads_per_stage(self) -> int:
         if self.stage_threads:
