@@ -344,7 +344,8 @@ class StepRequest(Msg, tag=40):
     hidden: TensorMeta | None = None
     kv_to: list[int] | None = None
     # a token pipeline's step: chunks whose request joined since its last step (its prompt's KV came from the
-    # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own
+    # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own; a
+    # swapping one copies rows [0, start) of those from its receive pool first and writes [0, end) back
     joined: list[int] | None = None
 
 
