@@ -205,6 +205,7 @@ class SupervisorProcess(ChildSupervisor):
             need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, swap_bytes=max(self.policy.swap_bytes, need))
             if cfg.disaggregated:  # and a swapping token stage's receive pool (the prompts' KV, by logical slot)
+                need = pool_bytes(cfg, spec, "token") + cfg.token_stages * (1 << 20)
                 self.policy = replace(self.policy, receive_bytes=max(self.policy.receive_bytes, need))
         internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
