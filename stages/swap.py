@@ -181,6 +181,9 @@ class Swapper:
                 await asyncio.wait({before}, timeout=2 * self.timeout + self.client.request_timeout_s)
             if old is not None and not await self._drained(old):
                 self.poisoned.setdefault(old, "its write-back did not finish before its frame was reused")
+            if not await self._drained(mb):  # (evicted right after a step, then prefetched again: the rows this
+                # swap-in reads may still be that step's write-back's)
+                raise SwapError(f"microbatch {mb}'s write-back did not finish within swap_timeout")
             got = await self._copy_in(frame, {s: (0, n) for s, n in lengths.items() if n > 0}, f"in {mb}")
             if joined:
                 got.update(await self._receive(frame, joined, f"recv {mb}"))

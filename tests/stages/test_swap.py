@@ -349,3 +349,61 @@ def test_a_joined_step_on_a_stage_without_a_receive_pool_is_a_swap_error() -> No
         await sw.close()
 
     asyncio.run(scenario())
+
+
+async def spin() -> None:
+    """Let the Swapper's tasks run as far as they can (some wait on transfers held back)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class SlowWriteBacks(FakeStreamer):
+    """Write-backs (frame -> swap pool) land only when released, in any order; every other copy at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[asyncio.Event, Any]] = []
+
+    async def stream(self, src: str, region: Region, *, dst: str, dst_region: Region, **kw: Any) -> Handle:
+        if (src, dst) != ("kv", "swap"):
+            return await super().stream(src, region, dst=dst, dst_region=dst_region, **kw)
+        self.log.append((src, dst, region, dst_region))
+        data, gate = self.pools[src].read(region).clone(), asyncio.Event()
+        self.held.append((gate, lambda: self.pools[dst].write(dst_region, data)))
+        return Handle(region.nbytes(self.pools[src].layout), None, gate)
+
+    def release(self, k: int) -> None:
+        gate, land_it = self.held[k]
+        land_it()
+        gate.set()
+
+
+def test_a_microbatch_prefetched_again_waits_for_its_own_write_back() -> None:
+    """Microbatch 0 computes, then 1; their write-backs are slow. Steps of 2 and 0 are queued: 2 takes 0's frame and
+    0 is prefetched again into 1's, once 1's write-back landed - but 0's own may still run: its swap-in must wait
+    for it, or it reads rows the swap pool does not hold yet."""
+    async def scenario() -> None:
+        fs, sent = SlowWriteBacks(), []
+        sw = make(fs, sent)
+        a, b = step(0, 1, [(0, 0, 4)]), step(1, 1, [(0, 0, 4)])
+        for s in (a, b):
+            compute(fs, await sw.acquire(s), s)
+            sw.after_step(s, True)
+        await spin()
+        c, again = step(2, 1, [(0, 0, 4)]), step(0, 2, [(0, 4, 1)])
+        sw.expect(c)
+        sw.expect(again)
+        assert sw.resident == {2: 0, 0: 1}
+        fs.release(1)  # 1's write-back lands: its frame is free for 0 ...
+        await spin()
+        assert not [r for src, _, r, _ in fs.log if src == "swap"]  # ... which still waits for its own
+        fs.release(0)
+        local = await sw.acquire(c)
+        compute(fs, local, c)
+        sw.after_step(c, True)
+        await spin()
+        fs.release(2)
+        expect_rows(fs, await sw.acquire(again), again)
+        await sw.close()
+
+    asyncio.run(scenario())
