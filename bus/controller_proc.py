@@ -198,6 +198,7 @@ class StageEntry:
     layers: list[int] = field(default_factory=list)
     returned: bool = False  # came back after a failure (a recovery, reported once it serves)
     hello_at: float = field(default_factory=time.monotonic)
+    receive_pool: str = ""  # a token stage's: where the prompt stages push (Hello.receive_pool; "": its own pool)
 
 
 @dataclass
@@ -576,7 +577,7 @@ class ControllerProcess(ReplicaOrchestration):
             intact = body.kv_intact and (entry is None or entry.kv_intact)
             self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
                                                 kv_intact=intact, layers=list(body.layers),
-                                                returned=self.ever_ready)
+                                                returned=self.ever_ready, receive_pool=body.receive_pool)
             log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
             self.swap_kept[index] = body.swap_kept
             if self.swap_book is not None and not body.swap_kept:
@@ -656,8 +657,9 @@ class ControllerProcess(ReplicaOrchestration):
         log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
 
     def _kv_destinations(self) -> list[ReplicaTarget] | None:
-        """Disaggregated: every token stage's pool, where the prompt stages stream their KV - None while a token
-        stage's host has no streamer known (its Hello relinks). Colocated: nothing."""
+        """Disaggregated: every token stage's pool (a swapping one's receive pool, by logical slot), where the prompt
+        stages stream their KV - None while a token stage's host has no streamer known (its Hello relinks).
+        Colocated: nothing."""
         if self.disagg is None:
             return []
         out = []
@@ -667,7 +669,7 @@ class ControllerProcess(ReplicaOrchestration):
             if s is None:
                 log.info("[topology] waiting for the streamer of %s (token stage %d's KV pool is with it)", e.host, x)
                 return None
-            out.append(ReplicaTarget(x, f"kv-stage-{x}", s[0], s[1], e.host, list(e.layers)))
+            out.append(ReplicaTarget(x, e.receive_pool or f"kv-stage-{x}", s[0], s[1], e.host, list(e.layers)))
         return out
 
     async def _serving(self, now: float) -> None:

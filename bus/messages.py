@@ -187,6 +187,9 @@ class Hello(Msg, tag=1):
     kv_intact: bool = False  # a restarted stage whose KV pool is its predecessor's, kept by the streamer
     started: float = 0.0  # wall-clock time (time.time()) the process started: status() reports its uptime
     swap_kept: bool = False  # a swapping stage found its swap pool (filled by its predecessors) with the streamer
+    # a token stage whose prompts' KV goes to this pool of its streamer rather than its own (swapping: a receive
+    # pool by logical slot); "": its own pool, kv-stage-<index>
+    receive_pool: str = ""
 
 
 class Welcome(Msg, tag=2):
@@ -341,7 +344,8 @@ class StepRequest(Msg, tag=40):
     hidden: TensorMeta | None = None
     kv_to: list[int] | None = None
     # a token pipeline's step: chunks whose request joined since its last step (its prompt's KV came from the
-    # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own
+    # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own; a
+    # swapping one copies rows [0, start) of those from its receive pool first and writes [0, end) back
     joined: list[int] | None = None
 
 

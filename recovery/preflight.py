@@ -199,10 +199,11 @@ def check_gpus(cfg: DeploymentConfig) -> None:
                          "pip install 'dejavu-serving[cuda12]' (or [cuda13]), or use --transport zmq")
 
 
-def pool_bytes(cfg: DeploymentConfig, spec: ModelSpec) -> int:
-    """Bytes of every stage's KV pool together."""
+def pool_bytes(cfg: DeploymentConfig, spec: ModelSpec, pipeline: str = "") -> int:
+    """Bytes of every stage's KV pool together (pipeline: only those of its stages, e.g. "token")."""
     per_token_layer = 2 * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[cfg.dtype]
-    slot_layers = sum((p.layers[1] - p.layers[0]) * p.num_slots for p in cfg.stage_plan(spec.num_layers))
+    slot_layers = sum((p.layers[1] - p.layers[0]) * p.num_slots for p in cfg.stage_plan(spec.num_layers)
+                      if not pipeline or p.pipeline == pipeline)
     return slot_layers * cfg.max_seq_len * per_token_layer
 
 

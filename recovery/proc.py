@@ -204,6 +204,9 @@ class SupervisorProcess(ChildSupervisor):
             # every stage's swap pool (all its microbatches) may sit on one host's streamer (pages touched lazily)
             need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, swap_bytes=max(self.policy.swap_bytes, need))
+            if cfg.disaggregated:  # and a swapping token stage's receive pool (the prompts' KV, by logical slot)
+                need = pool_bytes(cfg, spec, "token") + cfg.token_stages * (1 << 20)
+                self.policy = replace(self.policy, receive_bytes=max(self.policy.receive_bytes, need))
         internal = f"tcp://{tcp_host(self.address)}:0"  # stages on any host reach it
         ctl_cfg = ControllerConfig(
             model_dir=cfg.model_dir, vocab_size=spec.vocab_size, eos_token_ids=spec.eos_token_ids,
@@ -255,7 +258,7 @@ class SupervisorProcess(ChildSupervisor):
             cuda_graphs=cfg.cuda_graphs and plan.pipeline != "prompt",  # graphs are for decode steps
             cudnn_attention=cfg.cudnn_attention, replicate=cfg.replicating, replica_lag=cfg.replica_lag,
             kv_takeover=cfg.kv_takeover, pipeline=plan.pipeline, first_index=plan.first, last_index=plan.last,
-            swap=cfg.swap_mode if plan.pipeline == "colocated" else "off", swap_bandwidth=cfg.swap_bandwidth,
+            swap=cfg.swap_mode if plan.pipeline != "prompt" else "off", swap_bandwidth=cfg.swap_bandwidth,
             swap_step_ms=cfg.swap_step_ms,
         )
         return encode_config(st)

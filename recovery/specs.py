@@ -161,7 +161,7 @@ class DeploymentConfig:
         if self.standby not in ("auto", "on", "off"):
             raise ValueError(f"--standby must be auto, on or off, got {self.standby!r}")
         if self.swap == "on":
-            check_swap_on(self.microbatches, streamer=self.streamer, disaggregated=self.disaggregated)
+            check_swap_on(self.microbatches, streamer=self.streamer)
 
     def policy(self) -> HostPolicy:
         return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
@@ -218,8 +218,9 @@ class DeploymentConfig:
 
     @property
     def swap_mode(self) -> str:
-        """What the stages are told: off where swapping cannot run (no streamer, disaggregated: auto says off)."""
-        return "off" if not self.streamer or self.disaggregated else self.swap
+        """What the stages that may swap are told (colocated and token stages; a prompt stage's KV lives for one
+        pass): off where swapping cannot run (no streamer: auto says off)."""
+        return "off" if not self.streamer else self.swap
 
     def threads_per_stage(self) -> int:
         if self.stage_threads:

@@ -69,7 +69,7 @@ from stages.runtime import ShardConfig, pool_layout
 from stages.stage import StageCore, StepOutput
 from stages.swap import SwapError, Swapper
 from stages.swap_policy import SwapDecision
-from stages.swap_setup import decide_for_stage, open_swap
+from stages.swap_setup import decide_for_stage, open_receive, open_swap
 from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError, StreamerError
 
@@ -296,12 +296,15 @@ class StageProcess:
         else:
             try:
                 name, kept = await open_swap(kv.client, cfg.index, pool_layout(logical))
+                # a token stage: the prompts' KV lands by logical slot in a receive pool (its own pool holds frames)
+                recv = (await open_receive(kv.client, cfg.index, pool_layout(logical)))[0] \
+                    if cfg.pipeline == "token" else None
             except StreamerError as e:
-                why = f"no swap pool on the host's streamer: {e}"
+                why = f"no swap or receive pool on the host's streamer: {e}"
             else:
                 self.swap = Swapper(kv.client, kv.name, name, pool_layout(shard), cfg.microbatch_size,
                                     cfg.swap_frames, cfg.swap_timeout, self.swapping, self._to_controller,
-                                    pool_layout(logical))
+                                    pool_layout(logical), recv)
                 self.swap.kept = kept
                 return True
         await self.sup.fatal(f"stage {cfg.index} cannot swap microbatches: {why}")
@@ -324,7 +327,8 @@ class StageProcess:
         await send(self.ctl, self.codec, Hello("stage", cfg.index, os.getpid(), cfg.host_id or socket.gethostname(),
                                                {"data": self.data_in.address}, list(cfg.layers), cfg.num_slots,
                                                kv_intact=self.kv is not None and self.kv.intact,
-                                               swap_kept=self.swap is not None and self.swap.kept))
+                                               swap_kept=self.swap is not None and self.swap.kept,
+                                               receive_pool=(self.swap.receive_pool or "") if self.swap else ""))
 
     async def _stats(self) -> None:
         """Every heartbeat interval, also before serving: a restarted controller learns of this stage from

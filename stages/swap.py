@@ -15,6 +15,11 @@ Runs in the stage process, on its event loop; every copy goes through the stream
   its frame's next owner, wait for its write-backs (ordering: two transfers never write the same rows at once).
   Each committed write-back is acknowledged to the controller (SwapAck), which keeps what the swap pool holds per
   request - so a restarted stage (kill -9) swaps back in instead of recomputing: the swap pool outlives it.
+- Disaggregation (a token stage): the prompt stages push a prompt's KV by logical slot into this stage's *receive
+  pool* (POOL_RECEIVE on its streamer, which only this stage reads). A request's first step after joining marks its
+  chunk `joined` (StepRequest.joined): rows [0, start) of it come from the receive pool into the frame (with the
+  microbatch's swap-in when the step was queued in time, else in `acquire`), and that step's write-back sends
+  [0, end) to the swap pool, so the swap copy - and the replica fed from it - is whole, each row with one writer.
 - Failures: a swap-in that fails or misses its deadline, or a microbatch whose write-back failed (its swap copy
   lacks rows), raises SwapError for its next step: the stage drops the step and says SwapFailed; the controller
   recomputes that microbatch from its committed tokens (a step starting every member at 0 needs no KV, and its
@@ -49,16 +54,18 @@ class SwapError(StageError):
 class Swapper:
     def __init__(self, client: StreamerClient, pool: str, swap_pool: str, layout: PoolLayout, mb_size: int,
                  frames: int, timeout: float, decision: SwapDecision, send: Callable[[Msg], Awaitable[None]],
-                 logical: PoolLayout | None = None) -> None:
+                 logical: PoolLayout | None = None, receive_pool: str | None = None) -> None:
         """layout: the stage's own (resident) pool, `frames * mb_size` slots; the swap pool (`logical`) has the
-        same layers and one slot per logical slot."""
+        same layers and one slot per logical slot, and so has the receive pool (a disaggregated token stage's)."""
         self.client, self.pool, self.swap_pool, self.layout = client, pool, swap_pool, layout
-        self.logical = logical
+        self.logical, self.receive_pool = logical, receive_pool
         self.size, self.frames, self.timeout, self.decision, self.send = mb_size, frames, timeout, decision, send
         self.layers = (layout.first_layer, layout.first_layer + layout.num_layers)
         self.owner: list[int | None] = [None] * frames  # frame -> logical microbatch
         self.ready: list[asyncio.Future[None] | None] = [None] * frames  # frame -> its swap-in (done: resident)
         self.used = [0] * frames  # frame -> when last computed (LRU)
+        # frame -> (epoch, step) of the queued step whose joined rows its swap-in brought from the receive pool
+        self.fed: list[tuple[int, int] | None] = [None] * frames
         self.resident: dict[int, int] = {}  # mb -> frame
         self.have: dict[int, int] = {}  # logical slot of a resident mb -> tokens [0, n) its frame holds
         self.written: dict[int, int] = {}  # logical slot -> tokens [0, n) written back (the prefetch's guess)
@@ -71,6 +78,9 @@ class Swapper:
         self.tick = 0
         self.busy: int | None = None  # the microbatch of the step being made resident or computing now
         self.kept = False  # the swap pool existed when this incarnation started (a predecessor filled it)
+        # the streamer came back and this stage does not know yet whether its pools survived: nothing swapped in now
+        # counts (a pool allocated anew reads zeros)
+        self.reopening = False
         self.bytes_in = self.bytes_out = self.swap_ins = self.stalls = self.failures = 0
         self.stall_s = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,6 +103,12 @@ class Swapper:
         return StepRequest(step.epoch, step.mb, step.step, chunks, step.token_ids, step.sampling, step.hidden,
                            step.kv_to)
 
+    @staticmethod
+    def joined(step: StepRequest) -> dict[int, int]:
+        """{logical slot: start} of the step's chunks that joined with KV in the receive pool (rows [0, start))."""
+        return {step.chunks[k].slot: step.chunks[k].start for k in step.joined or ()
+                if 0 <= k < len(step.chunks) and step.chunks[k].start > 0}
+
     # ------------------------------------------------------------------ prefetch
 
     def expect(self, step: StepRequest) -> None:
@@ -108,9 +124,11 @@ class Swapper:
         queued, of the microbatch after the latest one in round-robin order. Only into a frame whose microbatch no
         queued step before it needs (so a prefetch never evicts what is about to compute)."""
         upcoming: list[int] = []
+        first: dict[int, StepRequest] = {}  # mb -> its first queued step (what its swap-in brings)
         for s in self.expected:
             if s.mb not in upcoming:
                 upcoming.append(s.mb)
+                first[s.mb] = s
         if not upcoming and self.seen:
             active = sorted(self.seen)
             last = max(self.seen, key=lambda m: self.seen[m])
@@ -120,7 +138,10 @@ class Swapper:
             if mb not in self.resident:
                 f = self._victim(keep)
                 if f is not None:
-                    self._claim(f, mb, {s: self.written.get(s, 0) for s in self._slots(mb)})
+                    step = first.get(mb)
+                    joined = self.joined(step) if step is not None else {}
+                    self._claim(f, mb, {s: self.written.get(s, 0) for s in self._slots(mb) if s not in joined},
+                                joined, step)
                 return
             keep.add(mb)
             if len(keep) >= self.frames:
@@ -134,53 +155,74 @@ class Swapper:
         ok = [f for f in range(self.frames) if self.owner[f] != self.busy and self.owner[f] not in keep]
         return min(ok, key=lambda f: self.used[f]) if ok else None
 
-    def _claim(self, frame: int, mb: int, lengths: dict[int, int]) -> None:
-        """`frame` becomes `mb`'s now (no await between choosing and claiming); the copy runs in a task."""
+    def _claim(self, frame: int, mb: int, lengths: dict[int, int], joined: dict[int, int] | None = None,
+               step: StepRequest | None = None) -> None:
+        """`frame` becomes `mb`'s now (no await between choosing and claiming); the copy runs in a task. lengths:
+        rows [0, n) per logical slot from the swap pool; joined: rows [0, n) per slot from the receive pool (the
+        joined chunks of `step`; never a slot of `lengths`: two copies never write the same rows)."""
         old, before = self.owner[frame], self.ready[frame]
         if old is not None:
             self.resident.pop(old, None)
             for s in self._slots(old):
                 self.have.pop(s, None)
         self.owner[frame] = mb
+        self.fed[frame] = None
         self.resident[mb] = frame
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
         self.ready[frame] = fut
-        self._spawn(self._swap_in(frame, mb, old, before, lengths, fut))
+        self._spawn(self._swap_in(frame, mb, old, before, lengths, fut, joined or {}, step))
 
     async def _swap_in(self, frame: int, mb: int, old: int | None, before: asyncio.Future[None] | None,
-                       lengths: dict[int, int], fut: asyncio.Future[None]) -> None:
+                       lengths: dict[int, int], fut: asyncio.Future[None], joined: dict[int, int],
+                       step: StepRequest | None) -> None:
         try:
             if before is not None:  # the frame's previous swap-in: its destination rows are that transfer's
                 await asyncio.wait({before}, timeout=2 * self.timeout + self.client.request_timeout_s)
             if old is not None and not await self._drained(old):
                 self.poisoned.setdefault(old, "its write-back did not finish before its frame was reused")
+            if not await self._drained(mb):  # (evicted right after a step, then prefetched again: the rows this
+                # swap-in reads may still be that step's write-back's)
+                raise SwapError(f"microbatch {mb}'s write-back did not finish within swap_timeout")
             got = await self._copy_in(frame, {s: (0, n) for s, n in lengths.items() if n > 0}, f"in {mb}")
+            if joined:
+                got.update(await self._receive(frame, joined, f"recv {mb}"))
             if self.ready[frame] is fut:  # (still this frame's: not claimed again meanwhile)
                 for s in self._slots(mb):
                     self.have[s] = got.get(s, 0)
+                if joined and step is not None:
+                    self.fed[frame] = (step.epoch, step.step)
             fut.set_result(None)
-        except (StreamerError, TimeoutError) as e:
+        except (StreamerError, TimeoutError, SwapError) as e:
             self.failures += 1
             fut.set_exception(SwapError(f"swap-in of microbatch {mb} failed: {e}"))
         except asyncio.CancelledError:
             fut.set_exception(SwapError(f"swap-in of microbatch {mb} cancelled"))
             raise
 
-    async def _copy_in(self, frame: int, ranges: dict[int, tuple[int, int]], tag: str) -> dict[int, int]:
-        """Copy rows ranges[slot] = [a, b) of logical slots from the swap pool into `frame`; {slot: b}."""
+    async def _copy_in(self, frame: int, ranges: dict[int, tuple[int, int]], tag: str,
+                       source: str | None = None) -> dict[int, int]:
+        """Copy rows ranges[slot] = [a, b) of logical slots from the swap pool (or `source`, laid out the same) into
+        `frame`; {slot: b}."""
         slots = sorted(s for s, (a, b) in ranges.items() if b > a)
         if not slots:
             return {}
         tokens = tuple(ranges[s] for s in slots)
         src = Region(tuple(slots), self.layers, tokens)
         dst = Region(tuple(self.frame_slot(frame, s) for s in slots), self.layers, tokens)
-        h = await self.client.stream(self.swap_pool, src, dst=self.pool, dst_region=dst, buffered=True,
+        h = await self.client.stream(source or self.swap_pool, src, dst=self.pool, dst_region=dst, buffered=True,
                                      deadline_s=self.timeout, tag=tag)
         done = await h.wait()
         self.bytes_in += done.nbytes
         self.swap_ins += 1
         return {s: ranges[s][1] for s in slots}
+
+    async def _receive(self, frame: int, joined: dict[int, int], tag: str) -> dict[int, int]:
+        """Rows [0, n) of joined slots from the receive pool into `frame` (the prompt stages pushed them there)."""
+        if self.receive_pool is None:
+            raise SwapError(f"a step names joined chunks {sorted(joined)} but this stage has no receive pool (only a "
+                            "disaggregated token stage has one)")
+        return await self._copy_in(frame, {s: (0, n) for s, n in joined.items()}, tag, self.receive_pool)
 
     # ------------------------------------------------------------------ a step
 
@@ -209,11 +251,13 @@ class Swapper:
         if not await self._drained(mb):
             self.failures += 1
             raise SwapError(f"microbatch {mb}'s write-back did not finish within swap_timeout ({self.timeout:.0f}s)")
+        joined = {} if fresh else self.joined(step)
         frame = self.resident.get(mb)
         if frame is None:
             f = self._victim(set())
             assert f is not None  # nothing else computes between steps
-            self._claim(f, mb, {} if fresh else {c.slot: c.start for c in step.chunks})
+            self._claim(f, mb, {} if fresh else {c.slot: c.start for c in step.chunks if c.slot not in joined},
+                        joined, step)
             frame = f
         fut = self.ready[frame]
         assert fut is not None
@@ -233,16 +277,25 @@ class Swapper:
             assert again is not None
             await asyncio.wait({again}, timeout=self.timeout)
         if not fresh:
+            # a joined chunk's rows are in the receive pool only, whatever the frame holds for its slot (a previous
+            # occupant's rows, guessed by a prefetch): copied unless this very step's swap-in brought them
+            fed = self.fed[frame] == (step.epoch, step.step)
             short = {c.slot: (self.have.get(c.slot, 0), c.start) for c in step.chunks
-                     if self.have.get(c.slot, 0) < c.start}
-            if short:  # the prefetch guessed fewer rows (a restart: it knows no lengths), or none came yet
-                try:  # (bounded: the transfer's deadline is swap_timeout, and the client's wait ends after it)
-                    got = await self._copy_in(frame, short, f"in {mb}+")
-                except (StreamerError, TimeoutError) as e:
-                    self.failures += 1
-                    self._evict(frame)
-                    raise SwapError(f"swap-in of microbatch {mb} failed: {e}") from None
-                self.have.update(got)
+                     if c.slot not in joined and self.have.get(c.slot, 0) < c.start}
+            try:  # (bounded: each transfer's deadline is swap_timeout, and the client's wait ends after it)
+                if joined and not fed:
+                    self.have.update(await self._receive(frame, joined, f"recv {mb}+"))
+                    self.fed[frame] = (step.epoch, step.step)
+                if short:  # the prefetch guessed fewer rows (a restart: it knows no lengths), or none came yet
+                    self.have.update(await self._copy_in(frame, short, f"in {mb}+"))
+            except (StreamerError, TimeoutError, SwapError) as e:
+                self.failures += 1
+                self._evict(frame)
+                raise SwapError(f"swap-in of microbatch {mb} failed: {e}") from None
+            why = "the streamer came back and its pools may be new" if self.reopening else self.poisoned.get(mb)
+            if why is not None:  # (the rows brought meanwhile may be a new pool's zeros)
+                self._evict(frame)
+                raise SwapError(f"microbatch {mb} cannot be swapped in: {why}")
         stall = time.monotonic() - t0
         if stall > 1e-3:
             self.stalls += 1
@@ -263,6 +316,7 @@ class Swapper:
             for s in self._slots(mb):
                 self.have.pop(s, None)
         self.owner[frame] = None
+        self.fed[frame] = None
 
     def after_step(self, step: StepRequest, ran: bool) -> None:
         """The step (logical slots) finished computing in the frame `acquire` gave. ran: for a pipeline still
@@ -280,7 +334,9 @@ class Swapper:
             self.poisoned.pop(step.mb, None)
         for c in step.chunks:
             self.written[c.slot] = c.start + c.length
-        rows = [(c.slot, c.start, c.start + c.length) for c in step.chunks if c.length > 0]
+        joined = self.joined(step)  # (their prompt's rows came from the receive pool: the swap copy gets them too)
+        rows = [(c.slot, 0 if c.slot in joined else c.start, c.start + c.length) for c in step.chunks
+                if c.length > 0 or c.slot in joined]
         if rows:
             task = self._spawn(self._write_back(frame, step, rows))
             self.wb[step.mb].add(task)
@@ -317,28 +373,40 @@ class Swapper:
         return not left
 
     def _streamer_back(self) -> None:
-        """The host's streamer was restarted: the swap pool died with it. Allocate it again; every microbatch's
-        swap copy is gone (each is recomputed at its next step), and the controller counts nothing it held."""
+        """The host's streamer was restarted: the swap pool (and the receive pool) died with it. Allocate them again;
+        every microbatch's swap copy is gone, and so are the prompts pushed for requests whose first step has not
+        run (each microbatch is recomputed at its next step), and the controller counts nothing the old pool held.
+        Until that is known, no swap-in counts (`reopening`: set here, synchronously, before any transfer can read
+        a pool allocated anew)."""
+        self.reopening = True
         self._spawn(self._reopen())
 
     async def _reopen(self) -> None:
-        from streamer.wire import POOL_SWAP
+        from streamer.wire import POOL_RECEIVE, POOL_SWAP
 
         assert self.logical is not None
         try:
-            got = await self.client.alloc_pool(self.swap_pool, POOL_SWAP, self.logical, exist_ok=True)
-        except StreamerError as e:
-            log.warning("[swap] the restarted streamer has no swap pool for this stage (%s): every swap fails, and "
-                        "its microbatches are recomputed", e)
-            got = None
-        if got is not None and got.existed:
-            return  # the connection dropped, the streamer did not
-        for mb in range(self.logical.num_slots // self.size):
-            self.poisoned[mb] = "the streamer was restarted: its swap pool is new"
-        self.written.clear()
+            new = []
+            for what, name, kind in (("swap", self.swap_pool, POOL_SWAP), ("receive", self.receive_pool, POOL_RECEIVE)):
+                if name is None:
+                    continue
+                try:
+                    got = await self.client.alloc_pool(name, kind, self.logical, exist_ok=True)
+                except StreamerError as e:
+                    log.warning("[swap] the restarted streamer has no pool %s for this stage (%s): every swap fails, "
+                                "and its microbatches are recomputed", name, e)
+                    got = None
+                if got is None or not got.existed:
+                    new.append(f"{what} pool {name}")
+            if not new:
+                return  # the connection dropped, the streamer did not
+            for mb in range(self.logical.num_slots // self.size):
+                self.poisoned[mb] = "the streamer was restarted: its swap pool is new"
+            self.written.clear()
+        finally:
+            self.reopening = False
         await self.send(SwapAck([], 0, fresh=True))
-        log.warning("[swap] streamer restarted: swap pool %s allocated anew (microbatches are recomputed once)",
-                    self.swap_pool)
+        log.warning("[swap] streamer restarted: %s allocated anew (microbatches are recomputed once)", " and ".join(new))
 
     # ------------------------------------------------------------------ status, end
 

@@ -25,8 +25,7 @@ class SwapDecision:
 
 
 def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbatch_kv_bytes: int,
-                bandwidth_bps: float, step_s: float, *, frames: int = RESIDENT_FRAMES,
-                disaggregated: bool = False) -> SwapDecision:
+                bandwidth_bps: float, step_s: float, *, frames: int = RESIDENT_FRAMES) -> SwapDecision:
     """mode: the flag. microbatches: configured in flight; fit_resident: how many microbatches' KV the device holds
     at once (None: all of them - a CPU stage, whose pool is host memory already). microbatch_kv_bytes: one
     microbatch's KV on this stage at the longest sequence (what a swap-in moves at worst); bandwidth_bps: host <->
@@ -39,8 +38,6 @@ def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbat
     if mode == "on":
         return SwapDecision(True, f"--swap on: {frames} of {microbatches} microbatches resident, the rest in the "
                                   "streamer's swap pool", mode)
-    if disaggregated:
-        return SwapDecision(False, "auto: not with --prompt-stages (token stages' receive slots are not swapped)", mode)
     if microbatches <= frames:
         return SwapDecision(False, f"auto: {microbatches} microbatch(es) fit the {frames} resident frames: nothing "
                                    "to swap", mode)
@@ -59,14 +56,12 @@ def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbat
     return SwapDecision(True, f"auto: {figures}; {microbatches} microbatches, {fit_resident} fit the device", mode)
 
 
-def check_swap_on(microbatches: int, *, streamer: bool, disaggregated: bool, frames: int = RESIDENT_FRAMES) -> None:
-    """`--swap on` that cannot work: a ValueError saying what to change."""
+def check_swap_on(microbatches: int, *, streamer: bool, frames: int = RESIDENT_FRAMES) -> None:
+    """`--swap on` that cannot work: a ValueError saying what to change. (With --prompt-stages only the token stages
+    swap, their `microbatches`; prompts land in a receive pool by logical slot: stages/swap.py.)"""
     if not streamer:
         raise ValueError("--swap on needs the KV streamer (drop --no-streamer): the swapped-out microbatches' KV "
                          "lives in its swap pool")
-    if disaggregated:
-        raise ValueError("--swap on is not supported with --prompt-stages/--token-stages yet: prompts land in the "
-                         "token stages' receive slots, which are not swapped (use --swap off or auto)")
     if microbatches <= frames:
         raise ValueError(f"--swap on needs more microbatches than the {frames} a stage keeps resident (give "
                          f"--microbatches {frames + 1} or more; {microbatches} now)")

@@ -1,5 +1,5 @@
 """A stage's start with `--swap auto|on`: the figures auto decides with (stages/swap_policy.py holds the rule) and
-its swap pool on the host's streamer. Runs in the stage process at start-up, before its KV pool is allocated
+its swap pool on the host's streamer (and, a disaggregated token stage's, its receive pool). Runs in the stage process at start-up, before its KV pool is allocated
 (swapping makes that pool `swap_frames` microbatches deep): the measurements on its compute thread, the pool on its
 event loop.
 """
@@ -71,7 +71,7 @@ def decide_for_stage(cfg: Any, layout: PoolLayout, spec: Any) -> SwapDecision:
     mb_bytes = layout.num_layers * 2 * size * layout.max_seq_len * layout.row_bytes
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
-    common = dict(frames=cfg.swap_frames, disaggregated=cfg.pipeline != "colocated")
+    common = dict(frames=cfg.swap_frames)
     if cfg.swap != "auto" or not cuda or microbatches <= cfg.swap_frames or not size:
         return decide_swap(cfg.swap, microbatches, None if not cuda else microbatches, mb_bytes, 0.0, 0.0,
                            **common)  # type: ignore[arg-type]
@@ -93,5 +93,20 @@ async def open_swap(client: StreamerClient, index: int, logical: PoolLayout) -> 
     name = f"swap-stage-{index}"
     got = await client.alloc_pool(name, POOL_SWAP, logical, exist_ok=True)
     log.info("[swap] swap pool %s %s (%d bytes)", name, "kept from the previous incarnation" if got.existed
+             else "allocated", got.nbytes)
+    return name, got.existed
+
+
+async def open_receive(client: StreamerClient, index: int, logical: PoolLayout) -> tuple[str, bool]:
+    """A swapping token stage's receive pool (disaggregation): the prompt stages push each prompt's KV there by
+    logical slot (a swapping stage's own pool holds frames, not logical slots), and only this stage reads it, in the
+    first step of each request that joined (stages/swap.py). A streamer pool (POOL_RECEIVE), so it outlives the
+    stage like the swap pool; (its name, whether it existed). Raises StreamerError (CapacityError: the host's
+    receive space is too small)."""
+    from streamer.wire import POOL_RECEIVE
+
+    name = f"recv-stage-{index}"
+    got = await client.alloc_pool(name, POOL_RECEIVE, logical, exist_ok=True)
+    log.info("[swap] receive pool %s %s (%d bytes)", name, "kept from the previous incarnation" if got.existed
              else "allocated", got.nbytes)
     return name, got.existed

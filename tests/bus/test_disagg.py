@@ -226,3 +226,32 @@ def test_a_new_epoch_after_a_failed_report_queues_the_prompt_once() -> None:
     core.pipeline_up(2, 5.0, keep_cache=True)
     (p2,), _ = core.outbox.drain()
     assert p2.token_ids == [5, 6, 11] and list(core.sched.waiting) == []
+
+
+def test_a_swapping_token_stage_restarted_before_a_joined_requests_first_step_recomputes_that_request() -> None:
+    """Swapping token stages (stages/swap.py): a joined request's prompt is in the stage's receive pool until its first
+    step writes [0, end) back to the swap pool, and the swap book counts only acknowledged write-backs - from 0 for a
+    joined chunk. So a token stage restarted before that acknowledgement (its swap pool kept) resumes the request
+    from 0, a recompute with no `joined` rows to copy; after it, from the whole prefix."""
+    from bus.swap_book import SwapBook
+    from stages.swap import Swapper
+
+    core = make()
+    core.swap_book = book = SwapBook(DP + 1)
+    core.submit(b"c", req("a", [5, 6, 7], n=4), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p)
+    (s,), _ = core.outbox.drain()
+    assert s.joined == [0] and Swapper.joined(s) == {0: 3}  # rows [0, 3) come from the receive pool
+    (r,) = core.sched.running()
+    assert book.valid(DP, r) == 0  # killed now: the restarted stage's swap pool holds nothing of it
+    core.pipeline_up(2, 2.0, keep_cache=False, valid=lambda q: book.valid(DP, q))
+    (again,), _ = core.outbox.drain()
+    assert [(c.start, c.length) for c in again.chunks] == [(0, 4)] and again.token_ids == [5, 6, 7, 11]
+    assert again.joined == [0] and Swapper.joined(again) == {}  # still "joined", but nothing to copy: start 0
+    book.ack(DP, [[again.epoch, again.mb, again.step]], False)
+    assert book.valid(DP, r) == 4
+    answer(core, again, [12])
+    (s2,), _ = core.outbox.drain()
+    assert s2.joined is None and [(c.start, c.length) for c in s2.chunks] == [(4, 1)]

@@ -35,12 +35,13 @@ def workload(vocab: int, n: int = 12) -> list[GenerationRequest]:
     return reqs
 
 
-def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1, swapped_in: int | None = None):  # type: ignore[no-untyped-def]
-    """Stream 12 requests over 2 swapping stages; after 120 tokens (every microbatch has run decode steps, 4 of 6
-    are swapped out) run `act`. Returns outputs, references, the final status (once `recoveries` are reported and,
-    with `swapped_in`, that stage reported swap-ins) and the logs."""
+def swap_run(path, args: tuple[str, ...], act, recoveries: int = 1, swapped_in: int | None = None,  # type: ignore[no-untyped-def]
+             stages: int = 2):
+    """Stream 12 requests over 2 swapping stages (or `stages`, as `args` split them); after 120 tokens (every
+    microbatch has run decode steps, 4 of 6 are swapped out) run `act`. Returns outputs, references, the final
+    status (once `recoveries` are reported and, with `swapped_in`, that stage reported swap-ins) and the logs."""
     reqs = workload(211)
-    dep = start_deployment(path, 2, *ARGS, *args)
+    dep = start_deployment(path, stages, *ARGS, *args)
 
     async def scenario() -> tuple[list[list[int]], dict[str, Any]]:
         progress = Progress()
@@ -120,14 +121,68 @@ def test_a_restarted_streamer_loses_the_swap_pools_and_the_microbatches_are_reco
     assert "is recomputed (step" in logs and "swap pool swap-stage-0 allocated anew" in logs
 
 
-def randomized_kills(path, seed: int, count: int):  # type: ignore[no-untyped-def]
-    """`count` kill -9s of a random stage at random moments (a prompt pass, a swap-in, a write-back: whatever runs
-    then), each once the previous one's recovery was reported; 16 requests. Every output exact."""
+DISAGG = ("--prompt-stages", "1", "--token-stages", "1")
+
+
+def test_a_killed_swapping_token_stage_swaps_back_in_with_disaggregation(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Disaggregated (a prompt stage, a swapping token stage whose prompts land in its receive pool): kill -9 of the
+    token stage mid-run. It comes back with its swap pool and swaps in from there; a request that had joined but
+    whose first step had not run is recomputed (its prompt's rows were in the receive pool only, which the controller
+    does not count). Every output exact."""
+    outs, refs, st, logs = swap_run(model_factory("llama"), (*DISAGG, "--replicate", "off"), kill_stage(1),
+                                    swapped_in=1)
+    assert outs == refs
+    (rec,) = st["recoveries"]
+    assert (rec["stage"], rec["source"]) == (1, "swap"), rec
+    assert rec["tokens_replayed"] < rec["tokens_recompute"], rec
+    stage1 = next(p for p in st["processes"] if p["role"] == "stage" and p["index"] == 1)
+    assert stage1["pipeline"] == "token" and stage1["incarnation"] == 1 and stage1["swap"]["kept"], stage1
+    assert "[swap] receive pool recv-stage-1 kept from the previous incarnation" in logs
+
+
+def test_a_swapping_token_stage_whose_host_is_lost_restores_from_its_replica(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Disaggregated with replication on 2 hosts (the prompt stage on host-0, the token stage on host-1): the token
+    stage's replica is fed from its swap pool, whose joined rows [0, end) its first step wrote; host-1 lost whole
+    (swap and receive pools with it), the token stage comes back on the spare host restored from the replica."""
+    outs, refs, st, _ = swap_run(model_factory("llama"), (*DISAGG, "--hosts", "2", "--spare-hosts", "1",
+                                                          "--replicate", "on"), kill_hosts("host-1"))
+    assert outs == refs
+    (rec,) = st["recoveries"]
+    assert (rec["stage"], rec["host"], rec["source"]) == (1, "host-2", "replica"), rec
+    assert rec["restored_bytes"] > 0 and rec["tokens_replayed"] < rec["tokens_recompute"], rec
+
+
+def test_a_restarted_streamer_loses_the_receive_pool_and_the_token_stage_recomputes_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Disaggregated: kill -9 of the streamer holding the token stage's swap and receive pools. Serving pauses until
+    it is back; the pools are allocated anew and every microbatch is recomputed once (requests that had joined lose
+    their prompt's rows with the receive pool). Every output exact, and later requests too."""
+    later = workload(211, n=4)
+    after: list[list[int]] = []
+
+    async def kill_streamer(c: AsyncClient) -> None:
+        os.kill(pid_of(await c.status(), "streamer", 0), signal.SIGKILL)
+        await until(c, lambda s: any(p["role"] == "streamer" and p["incarnation"] == 1 and p["state"] == "serving"
+                                     for p in s["processes"]), 60, "the streamer back")
+        for r in later:
+            after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
+                                           temperature=r.sampling.temperature, top_k=r.sampling.top_k,
+                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
+
+    path = model_factory("llama")
+    outs, refs, st, logs = swap_run(path, (*DISAGG, "--replicate", "off"), kill_streamer, recoveries=0)
+    assert outs == refs and [list(a) for a in after] == reference(path, later)
+    assert "swap pool swap-stage-1 and receive pool recv-stage-1 allocated anew" in logs
+
+
+def randomized_kills(path, seed: int, count: int, args: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """`count` kill -9s of a random stage at random moments (a prompt pass, a swap-in, a write-back, a request's
+    first step after joining: whatever runs then), each once the previous one's recovery was reported; 16 requests.
+    Every output exact."""
     import random
 
     rng = random.Random(seed)
     reqs = workload(211, n=16)
-    dep = start_deployment(path, 2, *ARGS, "--replicate", "off", "--max-restarts", "30")
+    dep = start_deployment(path, 2, *ARGS, "--replicate", "off", "--max-restarts", "30", *args)
     moments = sorted(rng.randint(30, 420) for _ in range(count))
     done: list[str] = []
 
@@ -152,17 +207,30 @@ def randomized_kills(path, seed: int, count: int):  # type: ignore[no-untyped-de
     finally:
         assert dep.stop() == 0
     assert outs == reference(path, reqs), done
-    # every kill came back from its swap pool, replaying fewer positions than a recompute (a kill just after a
-    # prompt pass, before its write-back landed, rightly replays that prompt)
-    assert [r["source"] for r in st["recoveries"]] == ["swap"] * count, (done, st["recoveries"])
-    assert all(r["tokens_replayed"] < r["tokens_recompute"] for r in st["recoveries"]), st["recoveries"]
+    # every kill of a swapping stage came back from its swap pool, replaying fewer positions than a recompute (a
+    # kill just after a prompt pass, before its write-back landed, rightly replays that prompt); disaggregated, a
+    # prompt stage swaps nothing (its KV lives for one pass)
+    swapping = [r for r in st["recoveries"] if not (args and r["stage"] == 0)]
+    assert [r["source"] for r in swapping] == ["swap"] * len(swapping), (done, st["recoveries"])
+    assert all(r["tokens_replayed"] < r["tokens_recompute"] for r in swapping), st["recoveries"]
+    assert len(st["recoveries"]) == count
 
 
 def test_random_kills_of_swapping_stages_are_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
     randomized_kills(model_factory("llama"), seed=3, count=2)
 
 
+def test_random_kills_with_disaggregation_are_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
+    randomized_kills(model_factory("llama"), seed=5, count=3, args=DISAGG)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [21, 22, 23, 24])
 def test_long_random_kills_of_swapping_stages_are_exact(model_factory, seed: int) -> None:  # type: ignore[no-untyped-def]
     randomized_kills(model_factory("llama"), seed=seed, count=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [31, 32, 33, 34])
+def test_long_random_kills_with_disaggregation_are_exact(model_factory, seed: int) -> None:  # type: ignore[no-untyped-def]
+    randomized_kills(model_factory("llama"), seed=seed, count=4, args=DISAGG)

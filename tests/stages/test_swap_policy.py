@@ -46,7 +46,8 @@ def test_on_and_off_are_the_users_word() -> None:
     (dict(num_microbatches=2), "needs more microbatches than the 2 a stage keeps resident"),
     (dict(num_stages=1), "--microbatches 3 or more; 1 now"),  # default: one microbatch per stage
     (dict(num_microbatches=6, streamer=False), "needs the KV streamer"),
-    (dict(num_microbatches=6, num_stages=2, prompt_stages=1, token_stages=1), "not supported with --prompt-stages"),
+    # disaggregated: the token pipeline's microbatches count (one per token stage by default)
+    (dict(num_stages=2, prompt_stages=1, token_stages=1), "--microbatches 3 or more; 1 now"),
 ])
 def test_swap_on_that_cannot_work_is_refused(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match=message):
@@ -58,3 +59,13 @@ def test_dejavu_serve_says_what_to_change(model_factory, capsys) -> None:  # typ
     assert serve(["--model", str(model_factory("llama")), "--swap", "on", "--stages", "2"]) == 2
     err = capsys.readouterr().err
     assert "dejavu-serve: error: --swap on needs more microbatches than the 2 a stage keeps resident" in err
+
+
+def test_swapping_is_for_the_token_stages_with_disaggregation() -> None:
+    """With --prompt-stages the token stages swap (prompts land in their receive pools by logical slot); a prompt
+    stage never does (its KV lives for one pass); auto decides there by the same rule as colocated."""
+    on = DeploymentConfig("model", swap="on", num_microbatches=6, num_stages=2, prompt_stages=1, token_stages=1)
+    assert on.swap_mode == "on" and on.microbatches == 6
+    assert DeploymentConfig("model", prompt_stages=1, token_stages=2, num_stages=3).swap_mode == "auto"
+    d = decide_swap("auto", 8, 3, MB_KV, 50 * GB, 0.060)
+    assert d.on and "not with --prompt-stages" not in d.reason
