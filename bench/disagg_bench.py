@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         vars(args).update(QUICK)
     if args.devices < 2:
         p.error("--devices must be 2 or more (a prompt and a token stage)")
+    if not args.microbatch_size:
+        p.error("--microbatch-size auto: this benchmark compares splits at one given size; give a number")
     try:
         args.split_list = splits_arg(args.splits, args.devices)
         parse_length(args.prompt_len, PAPER_PROMPT), parse_length(args.output_len, PAPER_OUTPUT)

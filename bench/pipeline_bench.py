@@ -370,13 +370,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def microbatch_arg(text: str) -> int:
+    """--microbatch-size: N >= 1, or auto (0: the deployment sizes it from its GPUs' memory)."""
+    if text == "auto":
+        return 0
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("give a size of 1 or more, or auto")
+    return n
+
+
+def auto_size(args: argparse.Namespace, model: Path, stages: int) -> int:
+    """The microbatch size dejavu-serve's auto will choose here (recovery/sizing.py, the same probe and model), for
+    the baseline to run at before the deployment holds the GPUs; the deployment's own choice is read back."""
+    from recovery.preflight import check_model
+    from recovery.sizing import AUTO, resolve
+    from recovery.specs import DeploymentConfig
+
+    cfg = DeploymentConfig(str(model), num_stages=stages, device=args.device, dtype=args.dtype, microbatch_size=AUTO,
+                           max_seq_len=args.max_seq_len, cudnn_attention=args.cudnn_attention)
+    _, sizing = resolve(cfg, check_model(model))
+    return sizing.microbatch_size
+
+
 def add_deployment_args(p: argparse.ArgumentParser, shape: str = "opt-30b") -> None:
     """The options of a benchmark that starts deployments of a model shape and sweeps the paper's workload over
     them (this one, bench/disagg_bench.py)."""
     p.add_argument("--shape", default=shape, choices=sorted(SHAPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--microbatch-size", type=int, default=8)
+    p.add_argument("--microbatch-size", type=microbatch_arg, default=8,
+                   help="slots per microbatch, or auto (memory-sized, as dejavu-serve's default; 0 in args)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--rates", default="0.5,1,2")
@@ -409,6 +433,8 @@ def parser() -> argparse.ArgumentParser:
                         "and control_messages (plaintext vs CURVE, bench/curve_bench.py) to the JSON. Without it: "
                         "one run per depth, on one host")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
+    p.add_argument("--serve-args", default="", help="more dejavu-serve options for the deployments (an A/B, e.g. "
+                   "\"--no-streamer\"), one shell-quoted string")
     return p
 
 
@@ -472,10 +498,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
             print(f"[pipeline {time.strftime('%H:%M:%S')}] control messages: {line}", flush=True)
     for stages in [int(s) for s in args.stages.split(",")]:
         base_device = "cuda:0" if args.device == "cuda" else "cpu"
-        base = baseline_step(model, layers_total // stages, args.microbatch_size, args.context, args.dtype,
+        batch = args.microbatch_size or auto_size(args, model, stages)  # auto: what the deployment will choose
+        base = baseline_step(model, layers_total // stages, batch, args.context, args.dtype,
                              base_device, 20, cudnn_attention=args.cudnn_attention, decode_tokens=args.decode_tokens)
+        base["batch"] = batch
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
-              f"batch {args.microbatch_size}): {base['median_s'] * 1e3:.2f} ms", flush=True)
+              f"batch {batch}{' (auto)' if not args.microbatch_size else ''}): {base['median_s'] * 1e3:.2f} ms",
+              flush=True)
         for hosts in hosts_for(stages, args.hosts):
             run_deployment(args, model, stages, hosts, base, result, save)
         if args.hosts is not None:
@@ -503,7 +532,7 @@ def deployment(args: argparse.Namespace, model: Path, stages: int, *serve_args: 
 
     try:
         dep = Deployment.start(model, stages, "--device", args.device, "--dtype", args.dtype, "--microbatch-size",
-                               str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
+                               str(args.microbatch_size or "auto"), "--max-seq-len", str(args.max_seq_len),
                                "--startup-timeout", "600", "--transport", args.transport,
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout",
                                "10", "--hang-timeout", str(args.hang_timeout),
@@ -537,10 +566,13 @@ def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: in
     its run record is appended to result["runs"] (saved after each phase)."""
     where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}"
     log_name = "deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log"
-    with deployment(args, model, stages, hosts=hosts, log_name=log_name) as (dep, save_log):
-        print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready", flush=True)
-        ov = asyncio.run(overhead(dep.address, stages, args.microbatch_size, args.context, args.vocab,
-                                  args.decode_tokens, args.out))
+    extra = shlex.split(getattr(args, "serve_args", "") or "")
+    with deployment(args, model, stages, *extra, hosts=hosts, log_name=log_name) as (dep, save_log):
+        size = asyncio.run(_status(dep.address))["microbatch_size"]  # auto: the deployment's own choice
+        print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready, microbatch size {size}"
+              + ("" if size == base.get("batch", size) else f" (the baseline ran at {base['batch']})"), flush=True)
+        ov = asyncio.run(overhead(dep.address, stages, size, args.context, args.vocab, args.decode_tokens, args.out))
+        ov["microbatch_size"] = size
         step = statistics.mean(ov["stage_decode_step_s"].values())
         ov["stage_step_over_runtime"] = step / base["median_s"]
         ov["tpot_over_ideal"] = ov["tpot_median_s"] / (stages * base["median_s"])
