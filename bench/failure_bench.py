@@ -10,7 +10,12 @@ two runs each, on one deployment:
    the recovery as status() reports it, and from the kill to the first token after it split into detection
    (the kill until the supervisor reported the stage down), restart + weight load (until the new stage said
    Hello), KV restore, relink (the rest until the pipeline served again) and replay (until the first token).
-Figures (JSON + PNG in --out): replication's fault-free cost (on / off throughput and TPOT: target within 2%),
+Before them, a decode phase (`--cost-repeats` times): every slot busy decoding `--decode-tokens` tokens after a
+`--decode-context`-token prompt, all started together (pipeline bench's overhead run): its tokens/s and TPOT have no
+queue in them, so replication's per-step cost shows there rather than in the Poisson runs (whose latencies at a
+rate near capacity are mostly queueing, which moves between runs by more than 2%).
+Figures (JSON + PNG in --out): replication's fault-free cost (on / off throughput and TPOT: target within 2%;
+the decode phase's medians, and the Poisson run's),
 the kill-to-first-token split per setting (target: 3 s or less), the latency inflation of the requests in flight
 at the kill (their latency in the failure run over the fault-free run's, median: paper 1.24x replica vs 1.91x
 recompute; target 1.10x or less), and tokens/s over time around the kill for both settings.
@@ -94,6 +99,23 @@ async def run_workload(address: str, reqs: list[loadgen.Planned], timeout: float
     return out
 
 
+def decode_phase(address: str, args: argparse.Namespace, vocab: int) -> dict[str, Any] | None:
+    """`--cost-repeats` decode phases (every slot busy from the same moment; pipeline bench's overhead run):
+    the medians of their tokens/s, TPOT and stage step, and each."""
+    from bench.pipeline_bench import overhead
+
+    if args.cost_repeats < 1:
+        return None
+    each = [asyncio.run(overhead(address, args.stages, args.microbatch_size, args.decode_context, vocab,
+                                 args.decode_tokens)) for _ in range(args.cost_repeats)]
+    steps = [statistics.mean(e["stage_decode_step_s"].values()) for e in each]
+    rates = [e["decode_tokens_per_s"] for e in each if e["decode_tokens_per_s"]]
+    return {"tokens_per_s": statistics.median(rates) if rates else None,
+            "tpot_s": statistics.median(e["tpot_median_s"] for e in each), "stage_step_s": statistics.median(steps),
+            "each": [{"tokens_per_s": e["decode_tokens_per_s"], "tpot_s": e["tpot_median_s"], "stage_step_s": st}
+                     for e, st in zip(each, steps)]}
+
+
 def summarize(run: dict[str, Any]) -> dict[str, Any]:
     recs = [r for r in run["records"] if r["times"]]
     toks = sum(r["generated"] for r in recs)
@@ -174,6 +196,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"folder for failure_bench.json, failure_bench.png and the deployments' logs (default "
                         f"{OUT_DEFAULT})")
+    p.add_argument("--cost-repeats", type=int, default=3,
+                   help="decode phases per deployment, every slot busy (replication's cost: their medians; 0: none)")
+    p.add_argument("--decode-context", type=int, default=1000, help="the decode phase's prompt length")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens each slot decodes in the decode phase")
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, 2 stages on 2 simulated hosts")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (on stderr; shown only when stderr is a terminal)")
@@ -186,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shape, args.device, args.dtype, args.stages, args.hosts = "tiny", "cpu", "float32", 2, 2
         args.rate, args.num_requests, args.prompt_len, args.output_len = 4.0, 24, "8:40", "60:120"
         args.max_seq_len, args.microbatch_size = 256, 4
+        args.decode_context, args.decode_tokens, args.cost_repeats = 32, 48, min(args.cost_repeats, 2)
     args.victim = args.victim if args.victim >= 0 else args.stages - 1
     vocab = 256 if args.shape == "tiny" else 50272
     with tempfile.TemporaryDirectory(prefix="dejavu-failure-") as root:
@@ -226,13 +253,18 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path, vocab: in
                                timeout=900, log_level="INFO")
         print(f"[failure {time.strftime('%H:%M:%S')}] --replicate {setting}: deployment ready", flush=True)
         try:
+            decode = decode_phase(dep.address, args, vocab)
+            if decode:
+                print(f"[failure] {setting}: decode phase (every slot busy) {decode['tokens_per_s'] or 0:.1f} tokens/s, "
+                      f"TPOT {decode['tpot_s'] * 1e3:.2f} ms (medians of {len(decode['each'])})", flush=True)
             clean = asyncio.run(run_workload(dep.address, reqs, args.timeout, None, f"{setting}: fault-free",
                                              args.quiet))
             print(f"[failure] {setting}: fault-free {summarize(clean)['tokens_per_s']:.1f} tokens/s", flush=True)
             fail = asyncio.run(run_workload(dep.address, reqs, args.timeout, (kill_at, args.victim),
                                             f"{setting}: a stage killed at {kill_at:.1f}s", args.quiet))
             figs = failure_figures(clean, fail)
-            result["runs"][setting] = {"fault_free": summarize(clean), "with_failure": summarize(fail), **figs}
+            result["runs"][setting] = {"decode_phase": decode, "fault_free": summarize(clean),
+                                       "with_failure": summarize(fail), **figs}
             print(f"[failure] {setting}: {json.dumps(figs['split'])} inflation {figs['latency_inflation']}",
                   flush=True)
         finally:
@@ -246,6 +278,11 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path, vocab: in
             "tokens_per_s_on_over_off": on["tokens_per_s"] / off["tokens_per_s"],
             "tpot_p50_on_over_off": (on["tpot_s"]["p50"] / off["tpot_s"]["p50"]) if off["tpot_s"]["p50"] else None,
         }
+        d_on, d_off = runs["on"].get("decode_phase"), runs["off"].get("decode_phase")
+        if d_on and d_off and d_on["tokens_per_s"] and d_off["tokens_per_s"]:  # no queue: the 2% target's figures
+            tps, tpot = d_on["tokens_per_s"] / d_off["tokens_per_s"], d_on["tpot_s"] / d_off["tpot_s"]
+            result["replication_cost"].update(decode_tokens_per_s_on_over_off=tps, decode_tpot_on_over_off=tpot,
+                                              decode_within_2pct=tps >= 0.98 and tpot <= 1.02)
         result["inflation_replica_vs_recompute"] = [runs["on"]["latency_inflation"]["median"],
                                                     runs["off"]["latency_inflation"]["median"]]
     (args.out / "failure_bench.json").write_text(json.dumps(result, indent=1) + "\n")
