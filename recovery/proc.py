@@ -79,6 +79,7 @@ from recovery.children import (
 from recovery.front_child import front_spec
 from recovery.hosts import DEAD, Host, HostTable
 from recovery.preflight import pool_bytes
+from recovery.sizing import planned_swap
 from recovery.specs import MAX_HOSTS, ChildSpec, DeploymentConfig, StagePlan
 from stages.config import StageProcConfig
 from stages.models.spec import read_spec
@@ -200,7 +201,11 @@ class SupervisorProcess(ChildSupervisor):
             # until the end, so a stage may still restore from it): room for all of them, pages touched lazily
             need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, replica_bytes=max(self.policy.replica_bytes, need))
-        if cfg.swap_mode != "off":
+        self.swap_plan = planned_swap(cfg)  # auto settled where no stage's figures are needed (a size auto chose)
+        may_swap = cfg.swap_mode != "off" and (self.swap_plan is None or self.swap_plan.on)
+        if self.swap_plan is not None and cfg.swap_mode == "auto":
+            log.info("[swap] %s", self.swap_plan.reason)
+        if may_swap:
             # every stage's swap pool (all its microbatches) may sit on one host's streamer (pages touched lazily)
             need = pool_bytes(cfg, spec) + cfg.num_stages * (1 << 20)
             self.policy = replace(self.policy, swap_bytes=max(self.policy.swap_bytes, need))
@@ -220,7 +225,7 @@ class SupervisorProcess(ChildSupervisor):
             client_keys_dir=cfg.keys_dir, replicate=cfg.replicating, prompt_stages=cfg.prompt_stages,
             prompt_microbatches=cfg.prompt_microbatches, prompt_microbatch_size=cfg.prompt_batch,
             memory_plan=cfg.memory_plan,
-            swap=cfg.swap_mode != "off",
+            swap=may_swap,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages
@@ -260,6 +265,7 @@ class SupervisorProcess(ChildSupervisor):
             kv_takeover=cfg.kv_takeover, pipeline=plan.pipeline, first_index=plan.first, last_index=plan.last,
             swap=cfg.swap_mode if plan.pipeline != "prompt" else "off", swap_bandwidth=cfg.swap_bandwidth,
             swap_step_ms=cfg.swap_step_ms,
+            swap_settled=self.swap_plan.reason if self.swap_plan is not None and cfg.swap_mode == "auto" else "",
         )
         return encode_config(st)
 

@@ -35,7 +35,7 @@ from recovery.planner import ModelFacts, activation_bytes, largest, model_facts
 from recovery.preflight import DTYPE_BYTES, UsageError
 from recovery.specs import DeploymentConfig, StagePlan
 from stages.models.spec import ModelSpec
-from stages.swap_policy import RESIDENT_FRAMES
+from stages.swap_policy import RESIDENT_FRAMES, SwapDecision, settled
 
 AUTO = 0  # DeploymentConfig.microbatch_size: memory-sized
 CPU_AUTO_MAX = 8  # CPU: today's default, unless less fits (a CPU step is compute-bound long before)
@@ -356,3 +356,25 @@ def resolve(cfg: DeploymentConfig, spec: ModelSpec,
     else:
         sizing = size_deployment(cfg, spec, measure(cfg) if memories is None else memories)
     return replace(cfg, microbatch_size=sizing.microbatch_size, memory_plan=sizing.to_json()), sizing
+
+
+def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:
+    """`--swap` as far as it is decided before any stage starts (stages/swap_policy.py settled): off for `off`, for 2
+    microbatches or fewer, on CPU, and for `auto` where the memory plan holds every microbatch on every stage that
+    could swap (colocated and token stages; a size auto chose always does); None where a stage's own figures decide
+    (`auto` otherwise) or for `on`. The supervisor then gives hosts no swap space for it: a GPU host's streamer
+    page-locks its arenas whole at start (13.4 GB took 9 s on an H100 VM), so swap space for pools that never come
+    costs start-up time and pinned host memory."""
+    mode, mbs = cfg.swap_mode, cfg.microbatches
+    if mode == "on":
+        return None
+    fit: int | None = None if cfg.device == "cpu" else 0
+    if fit is not None and cfg.memory_plan and cfg.microbatch_size:
+        stages = [s for s in json.loads(cfg.memory_plan).get("stages", [])
+                  if not cfg.disaggregated or s["stage"] >= cfg.prompt_stages]
+        if stages:
+            fit = min(s["fits"] for s in stages) * mbs // cfg.microbatch_size  # microbatches the plan holds
+    decision = settled(mode, mbs, fit)
+    if decision is not None and fit and not decision.on and fit >= mbs:
+        decision = replace(decision, reason=decision.reason.replace("would)", "would, by the memory plan)"))
+    return decision

@@ -31,6 +31,25 @@ def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbat
     microbatch's KV on this stage at the longest sequence (what a swap-in moves at worst); bandwidth_bps: host <->
     device copy bandwidth (CPU: memcpy); step_s: one decode step's compute on this stage (measured or predicted).
     `on` is the user's word (the supervisor refused what cannot work); `auto` turns it on only when it pays."""
+    early = settled(mode, microbatches, fit_resident, frames=frames)
+    if early is not None:
+        return early
+    if bandwidth_bps <= 0 or step_s <= 0:
+        return SwapDecision(False, "auto: no bandwidth or step-time figure to predict a swap with", mode)
+    swap_s = microbatch_kv_bytes / bandwidth_bps
+    figures = (f"swap-in {swap_s * 1e3:.3g} ms ({microbatch_kv_bytes / 2**20:.4g} MiB at "
+               f"{bandwidth_bps / 1e9:.3g} GB/s) vs step {step_s * 1e3:.3g} ms")
+    if swap_s >= step_s:
+        return SwapDecision(False, f"auto: swapping would be slower than compute: {figures}", mode)
+    return SwapDecision(True, f"auto: {figures}; {microbatches} microbatches, {fit_resident} fit the device", mode)
+
+
+def settled(mode: str, microbatches: int, fit_resident: int | None, *,
+            frames: int = RESIDENT_FRAMES) -> SwapDecision | None:
+    """The decision where no bandwidth or step figure is needed (the flag, too few microbatches, a CPU stage, all
+    microbatches fitting the device), else None. The supervisor settles `auto` with it before any stage starts
+    (recovery/specs.py planned_swap), so a host's swap space is sized, and on GPU hosts pinned, only where swapping
+    can run."""
     if mode not in SWAP_MODES:
         raise ValueError(f"--swap must be auto, on or off, got {mode!r}")
     if mode == "off":
@@ -46,14 +65,7 @@ def decide_swap(mode: str, microbatches: int, fit_resident: int | None, microbat
     if fit_resident >= microbatches:
         return SwapDecision(False, f"auto: all {microbatches} microbatches fit in device memory ({fit_resident} "
                                    "would)", mode)
-    if bandwidth_bps <= 0 or step_s <= 0:
-        return SwapDecision(False, "auto: no bandwidth or step-time figure to predict a swap with", mode)
-    swap_s = microbatch_kv_bytes / bandwidth_bps
-    figures = (f"swap-in {swap_s * 1e3:.3g} ms ({microbatch_kv_bytes / 2**20:.4g} MiB at "
-               f"{bandwidth_bps / 1e9:.3g} GB/s) vs step {step_s * 1e3:.3g} ms")
-    if swap_s >= step_s:
-        return SwapDecision(False, f"auto: swapping would be slower than compute: {figures}", mode)
-    return SwapDecision(True, f"auto: {figures}; {microbatches} microbatches, {fit_resident} fit the device", mode)
+    return None
 
 
 def check_swap_on(microbatches: int, *, streamer: bool, frames: int = RESIDENT_FRAMES) -> None:

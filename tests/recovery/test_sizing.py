@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from recovery.sizing import (
+    AUTO,
     CPU_AUTO_MAX,
     GPU_AUTO_MAX,
     DeviceMemory,
@@ -20,6 +21,7 @@ from recovery.sizing import (
     from_env,
     resolve,
     size_deployment,
+    planned_swap,
 )
 from recovery.specs import DeploymentConfig
 from stages.models.spec import read_spec
@@ -250,3 +252,24 @@ def test_a_disaggregated_deployment_is_sized_per_pipeline(tiny) -> None:  # type
     assert sizing.microbatch_size == b >= 20 and [s.slots for s in sizing.stages] == [2 * b, b]
     assert sizing.stages[0].graphs == 0 < sizing.stages[1].graphs  # prompt stages capture no decode graphs
     assert all(s.used <= s.budget for s in sizing.stages)
+
+
+def test_swap_auto_is_settled_before_start_where_no_stage_figures_are_needed(tiny) -> None:  # type: ignore[no-untyped-def]
+    """`--swap auto` with a size auto chose holds every microbatch on the device, so it is off before any stage
+    starts and the hosts get no swap space (a GPU host's streamer would page-lock it whole at start); with a size
+    that does not fit, the stages decide from their figures."""
+    path, spec = tiny
+    cpu = DeploymentConfig(str(path), num_stages=2, num_microbatches=6, microbatch_size=4)
+    d = planned_swap(cpu)
+    assert d is not None and not d.on and "CPU stage" in d.reason
+    assert planned_swap(replace(cpu, swap="on")) is None
+    assert planned_swap(replace(cpu, swap="off")).reason == "--swap off"  # type: ignore[union-attr]
+    few = planned_swap(replace(cpu, device="cuda", num_microbatches=2))
+    assert few is not None and not few.on and "nothing to swap" in few.reason
+    gpu_cfg = DeploymentConfig(str(path), num_stages=2, device="cuda", num_microbatches=6, microbatch_size=AUTO,
+                               max_seq_len=1024)
+    sized_cfg, _ = resolve(gpu_cfg, spec, [gpu(80, i=i) for i in range(2)])
+    d = planned_swap(sized_cfg)
+    assert d is not None and not d.on and "fit in device memory" in d.reason and "memory plan" in d.reason
+    # no memory plan (stages on other machines, an explicit size): the stages measure and decide
+    assert planned_swap(replace(gpu_cfg, microbatch_size=4, memory_plan="")) is None
