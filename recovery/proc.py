@@ -263,7 +263,8 @@ class SupervisorProcess(ChildSupervisor):
             cuda_graphs=cfg.cuda_graphs and plan.pipeline != "prompt",  # graphs are for decode steps
             cudnn_attention=cfg.cudnn_attention, replicate=cfg.replicating, replica_lag=cfg.replica_lag,
             kv_takeover=cfg.kv_takeover, pipeline=plan.pipeline, first_index=plan.first, last_index=plan.last,
-            swap=cfg.swap_mode if plan.pipeline != "prompt" else "off", swap_bandwidth=cfg.swap_bandwidth,
+            swap=("on" if self.swap_plan is not None and self.swap_plan.on else cfg.swap_mode)
+            if plan.pipeline != "prompt" else "off", swap_bandwidth=cfg.swap_bandwidth,
             swap_step_ms=cfg.swap_step_ms,
             swap_settled=self.swap_plan.reason if self.swap_plan is not None and cfg.swap_mode == "auto" else "",
         )

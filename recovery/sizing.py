@@ -35,7 +35,7 @@ from recovery.planner import ModelFacts, activation_bytes, largest, model_facts
 from recovery.preflight import DTYPE_BYTES, UsageError
 from recovery.specs import DeploymentConfig, StagePlan
 from stages.models.spec import ModelSpec
-from stages.swap_policy import RESIDENT_FRAMES, SwapDecision, settled
+from stages.swap_policy import RESIDENT_FRAMES, SwapDecision, decide_swap, settled
 
 AUTO = 0  # DeploymentConfig.microbatch_size: memory-sized
 CPU_AUTO_MAX = 8  # CPU: today's default, unless less fits (a CPU step is compute-bound long before)
@@ -147,33 +147,69 @@ def host_memory() -> tuple[int, int]:
     return total, info.get("MemAvailable", total)
 
 
-PROBE = ("import json, sys, torch\n"
-         "print(json.dumps([torch.cuda.mem_get_info(i) for i in range(int(sys.argv[1]))]))")
+PROBE = ("import json, sys, time, torch\n"
+         "mem = [torch.cuda.mem_get_info(i) for i in range(int(sys.argv[1]))]\n"
+         "bw = None\n"
+         "if sys.argv[2] == '1':  # --swap auto's figures on cuda:0: pinned host -> device and device copies, best of 3\n"
+         "    def rate(src, dst, n):\n"
+         "        best = 1e9\n"
+         "        for _ in range(3):\n"
+         "            t = time.perf_counter(); dst.copy_(src, non_blocking=True); torch.cuda.synchronize(0)\n"
+         "            best = min(best, time.perf_counter() - t)\n"
+         "        return n / best\n"
+         "    h = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)\n"
+         "    d = torch.empty(256 << 20, dtype=torch.uint8, device='cuda:0')\n"
+         "    bw = [rate(h, d[: 64 << 20], 64 << 20), 2 * rate(d, torch.empty_like(d), 256 << 20)]\n"
+         "print(json.dumps({'mem': mem, 'bw': bw}))")
 
 
-def probe_gpus(count: int, timeout: float = 120.0) -> list[tuple[int, int]]:
-    """(free, total) of cuda:0 .. cuda:count-1, from a process of its own (this one stays torch-free)."""
+@dataclass(frozen=True)
+class SwapFigures:
+    """What --swap auto predicts with: host -> device bandwidth (pinned) and device memory bandwidth, B/s."""
+
+    h2d_bps: float
+    device_bps: float
+
+
+def probe_gpus(count: int, timeout: float = 120.0,
+               bandwidth: bool = False) -> tuple[list[tuple[int, int]], SwapFigures | None]:
+    """(free, total) of cuda:0 .. cuda:count-1 (and, asked, cuda:0's copy bandwidths), from a process of its own
+    (this one stays torch-free). The bandwidth probe adds ~0.3 s and 320 MiB for a moment."""
     try:
-        out = subprocess.run([sys.executable, "-c", PROBE, str(count)], capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run([sys.executable, "-c", PROBE, str(count), "1" if bandwidth else "0"],
+                             capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise MemoryBudgetError(f"cannot measure GPU memory: {e}") from None
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise MemoryBudgetError(f"cannot measure GPU memory ({last}); give --microbatch-size N")
-    return [(int(f), int(t)) for f, t in json.loads(out.stdout.strip().splitlines()[-1])]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    bw = got.get("bw")
+    return [(int(f), int(t)) for f, t in got["mem"]], SwapFigures(*bw) if bw else None
+
+
+def wants_swap_figures(cfg: DeploymentConfig) -> bool:
+    """--swap auto may turn on here, and the flags do not give both figures: the probe measures them."""
+    return (cfg.swap_mode == "auto" and cfg.device != "cpu" and cfg.microbatches > RESIDENT_FRAMES
+            and not (cfg.swap_bandwidth and cfg.swap_step_ms))
 
 
 def measure(cfg: DeploymentConfig) -> list[DeviceMemory]:
     """Each stage's device memory, stage i first (CPU: the host's RAM, shared by all stages)."""
+    return measure_all(cfg)[0]
+
+
+def measure_all(cfg: DeploymentConfig) -> tuple[list[DeviceMemory], SwapFigures | None]:
+    """measure(), and on GPUs --swap auto's figures when it needs them (None where not measured)."""
     n, cpu = cfg.num_stages, cfg.device == "cpu"
     devices = ["cpu"] * n if cpu else [f"cuda:{i}" for i in range(n)]
     if os.environ.get(ENV):
-        return from_env(os.environ[ENV], devices, cpu)
+        return from_env(os.environ[ENV], devices, cpu), None
     if cpu:
         total, free = host_memory()
-        return [DeviceMemory("cpu", total, free, n) for _ in devices]
-    return [DeviceMemory(d, total, free) for d, (free, total) in zip(devices, probe_gpus(n))]
+        return [DeviceMemory("cpu", total, free, n) for _ in devices], None
+    probed, figures = probe_gpus(n, bandwidth=wants_swap_figures(cfg))
+    return [DeviceMemory(d, total, free) for d, (free, total) in zip(devices, probed)], figures
 
 
 # ---------------------------------------------------------------- the memory model
@@ -354,8 +390,55 @@ def resolve(cfg: DeploymentConfig, spec: ModelSpec,
         sizing = Sizing(size, cfg.microbatch_size == AUTO, f"microbatch size {size} ({how}; the stages run on other "
                         "machines, whose memory is not measured)", ())
     else:
-        sizing = size_deployment(cfg, spec, measure(cfg) if memories is None else memories)
+        figures = None
+        if memories is None:
+            memories, figures = measure_all(cfg)
+        cfg, sizing = size_with_swap(cfg, spec, memories, figures)
     return replace(cfg, microbatch_size=sizing.microbatch_size, memory_plan=sizing.to_json()), sizing
+
+
+def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory],
+                   figures: SwapFigures | None) -> tuple[DeploymentConfig, Sizing]:
+    """size_deployment, with `--swap auto` decided here where it may turn on (GPUs, 3+ microbatches, a streamer):
+    sized with every microbatch resident and with 2 (the rest in the hosts' swap pools), it is on when fewer
+    microbatches than configured fit the device at the size swapping allows and a swap-in of one microbatch
+    (its KV at --max-seq-len on the heaviest swapping stage / the host -> device bandwidth) is predicted under a
+    decode step (that stage's weights / the device's bandwidth): the paper's rule, stages/swap_policy.py. The
+    figures: --swap-bandwidth / --swap-step-ms, else the GPU probe's. cfg comes back with swap_settled set."""
+    if not (cfg.swap_mode == "auto" and cfg.device != "cpu" and cfg.microbatches > RESIDENT_FRAMES):
+        return cfg, size_deployment(cfg, spec, memories)
+    try:
+        off: Sizing | None = size_deployment(replace(cfg, swap="off"), spec, memories)
+        off_error = None
+    except MemoryBudgetError as e:
+        off, off_error = None, e
+    try:
+        on: Sizing | None = size_deployment(replace(cfg, swap="on"), spec, memories)
+    except MemoryBudgetError:
+        on = None
+    if on is None:  # nothing fits even with 2 resident: off's answer (or its error) stands
+        if off is None:
+            assert off_error is not None
+            raise off_error
+        return cfg, off
+    facts = model_facts(spec, cfg.dtype)
+    swapping = [StageModel(cfg, facts, p, i, True) for i, p in enumerate(cfg.stage_plan(spec.num_layers))
+                if p.pipeline != "prompt"]
+    heavy = max(swapping, key=lambda m: m.kv_per_slot())
+    size, mbs = on.microbatch_size, cfg.microbatches
+    held = min(s.fits for s in off.stages if s.stage >= (cfg.prompt_stages if cfg.disaggregated else 0)) \
+        if off is not None else 0
+    fit = held * mbs // size  # microbatches of swapping's size the device holds all at once
+    bw = cfg.swap_bandwidth * 1e9 or (figures.h2d_bps if figures else 0.0)
+    step_s = cfg.swap_step_ms / 1e3 or (max(m.weights() for m in swapping) / figures.device_bps if figures else 0.0)
+    decision = decide_swap("auto", mbs, fit, heavy.kv_per_slot() * size, bw, step_s)
+    if not decision.on and off is None:
+        assert off_error is not None
+        raise MemoryBudgetError(f"{off_error}; swapping would not pay here ({decision.reason})")
+    chosen = on if decision.on else off
+    assert chosen is not None
+    chosen = replace(chosen, how=f"{chosen.how}; --swap {decision.reason}")
+    return replace(cfg, swap_settled=decision.reason, swap_settled_on=decision.on), chosen
 
 
 def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:
@@ -368,6 +451,8 @@ def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:
     mode, mbs = cfg.swap_mode, cfg.microbatches
     if mode == "on":
         return None
+    if mode == "auto" and cfg.swap_settled:  # decided with figures by resolve (size_with_swap)
+        return SwapDecision(cfg.swap_settled_on, cfg.swap_settled, "auto")
     fit: int | None = None if cfg.device == "cpu" else 0
     if fit is not None and cfg.memory_plan and cfg.microbatch_size:
         stages = [s for s in json.loads(cfg.memory_plan).get("stages", [])

@@ -100,6 +100,10 @@ class DeploymentConfig:
     swap: str = "auto"
     swap_bandwidth: float = 0.0
     swap_step_ms: float = 0.0
+    # auto decided before start by recovery.sizing.resolve (with the GPU probe's or the flags' figures): why, and
+    # whether on ("" : the stages decide at their start)
+    swap_settled: str = ""
+    swap_settled_on: bool = False
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:

@@ -62,7 +62,7 @@ class StageProcConfig:
     swap_timeout: float = 30.0  # deadline of a swap-in or write-back
     swap_bandwidth: float = 0.0
     swap_step_ms: float = 0.0
-    swap_settled: str = ""  # auto decided off by the supervisor before start (recovery/sizing.py planned_swap): why
+    swap_settled: str = ""  # auto decided by the supervisor before start (recovery/sizing.py): why; swap says which
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("colocated", "prompt", "token"):

@@ -66,8 +66,8 @@ def decide_for_stage(cfg: Any, layout: PoolLayout, spec: Any) -> SwapDecision:
 
     from stages.swap_policy import SwapDecision, decide_swap
 
-    if cfg.swap == "auto" and cfg.swap_settled:  # the supervisor's word: its hosts have no swap space for this stage
-        return SwapDecision(False, cfg.swap_settled, "auto")
+    if cfg.swap_settled:  # auto, decided by the supervisor (its hosts' swap space follows that decision)
+        return SwapDecision(cfg.swap == "on", cfg.swap_settled, "auto")
     size = cfg.microbatch_size
     microbatches = cfg.num_slots // size if size else 1
     mb_bytes = layout.num_layers * 2 * size * layout.max_seq_len * layout.row_bytes

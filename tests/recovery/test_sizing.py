@@ -18,10 +18,12 @@ from recovery.sizing import (
     DeviceMemory,
     MemoryBudgetError,
     StageModel,
+    SwapFigures,
     from_env,
+    planned_swap,
     resolve,
     size_deployment,
-    planned_swap,
+    size_with_swap,
 )
 from recovery.specs import DeploymentConfig
 from stages.models.spec import read_spec
@@ -270,6 +272,41 @@ def test_swap_auto_is_settled_before_start_where_no_stage_figures_are_needed(tin
                                max_seq_len=1024)
     sized_cfg, _ = resolve(gpu_cfg, spec, [gpu(80, i=i) for i in range(2)])
     d = planned_swap(sized_cfg)
-    assert d is not None and not d.on and "fit in device memory" in d.reason and "memory plan" in d.reason
+    assert d is not None and not d.on and "fit in device memory" in d.reason
     # no memory plan (stages on other machines, an explicit size): the stages measure and decide
     assert planned_swap(replace(gpu_cfg, microbatch_size=4, memory_plan="")) is None
+
+
+def test_swap_auto_on_gpus_turns_on_where_it_buys_larger_microbatches_and_pays(tiny) -> None:  # type: ignore[no-untyped-def]
+    """4 stages, 4 microbatches: without swapping each microbatch gets a quarter of the KV room, with it a half.
+    auto takes the larger size when a microbatch's swap-in is predicted under a decode step, and says why; a slow
+    host link keeps it off at the smaller size; an explicit size that fits only with swapping, where
+    swapping would not pay gets sizing's warning, as without swapping."""
+    path, spec = tiny
+    cfg = DeploymentConfig(str(path), num_stages=4, device="cuda", microbatch_size=AUTO, max_seq_len=1024,
+                           swap_bandwidth=25.0, swap_step_ms=10.0)
+    off_cfg = replace(cfg, swap="off")
+    heaviest = max(models(off_cfg, spec), key=lambda m: m.need(20))
+    total = math.ceil((heaviest.need(20) + heaviest.need(21)) // 2 / 0.9) + 1
+    memories = [DeviceMemory(f"cuda:{i}", total, total) for i in range(4)]
+    off = size_deployment(off_cfg, spec, memories)
+    assert off.microbatch_size == 20
+    on_cfg, on = size_with_swap(cfg, spec, memories, None)
+    assert on_cfg.swap_settled_on and "auto: swap-in" in on_cfg.swap_settled and "--swap auto: swap-in" in on.how
+    assert on.microbatch_size > off.microbatch_size  # 2 resident of 4 (this tiny model's room is mostly activations)
+    d = planned_swap(on_cfg)
+    assert d is not None and d.on and d.mode == "auto"
+    slow_cfg, slow = size_with_swap(replace(cfg, swap_bandwidth=1e-9), spec, memories, None)
+    assert not slow_cfg.swap_settled_on and "slower than compute" in slow_cfg.swap_settled
+    assert slow.microbatch_size == 20
+    figures = SwapFigures(h2d_bps=25e9, device_bps=2e12)  # the probe's, where the flags give none
+    probed_cfg, _ = size_with_swap(replace(cfg, swap_bandwidth=0.0, swap_step_ms=0.0), spec, memories, figures)
+    assert probed_cfg.swap_settled  # decided either way, with the probe's figures in its reason
+    assert "GB/s" in probed_cfg.swap_settled or "fit" in probed_cfg.swap_settled
+    # an explicit size that fits only with swapping, where it would not pay: off, with sizing's warning
+    ex_cfg, ex = size_with_swap(replace(cfg, microbatch_size=on.microbatch_size, swap_bandwidth=1e-9), spec,
+                                memories, None)
+    assert not ex_cfg.swap_settled_on and any("may run out of memory" in w for w in ex.warnings)
+    # --swap on, off, or 2 microbatches: not decided here
+    two, _ = size_with_swap(replace(cfg, num_stages=2), spec, memories[:2], None)
+    assert not two.swap_settled
