@@ -33,7 +33,6 @@ model path only an administrator (`redacted`, `_is_admin`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -42,7 +41,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
@@ -57,25 +55,20 @@ from bus.child import (
 )
 from bus.codec import Codec, Received
 from bus.controller import Controller, ModelInfo
+from bus.controller_clients import ClientSide
 from bus.controller_config import ControllerConfig, Registry, StageEntry
 from bus.controller_replicas import ReplicaOrchestration
-from bus.controller_status import StatusReporting, redacted
+from bus.controller_status import StatusReporting
 from bus.disagg import DisaggScheduler
 from bus.errors import ProtocolError
 from bus.logs import Throttled, peer_of
 from bus.messages import (
-    ERR_BAD_MESSAGE,
-    ERR_BAD_REQUEST,
     ERR_SERVER,
-    CancelRequest,
     DeploymentReady,
     EpochOver,
-    ErrorReply,
     FatalError,
-    GenerateRequest,
     Hello,
     HostsUpdate,
-    KeepAlive,
     KvSent,
     ProcessDown,
     ProcessInfo,
@@ -84,10 +77,7 @@ from bus.messages import (
     ReplicaAck,
     ReplicaTarget,
     Restored,
-    ServerStopping,
-    ServerStoppingAck,
     StageStats,
-    StatusQuery,
     StepFailed,
     StepResult,
     SwapAck,
@@ -124,7 +114,7 @@ IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back 
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
-class ControllerProcess(StatusReporting, ReplicaOrchestration):
+class ControllerProcess(ClientSide, StatusReporting, ReplicaOrchestration):
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
         info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
@@ -252,156 +242,6 @@ class ControllerProcess(StatusReporting, ReplicaOrchestration):
 
     def _state(self) -> str:
         return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
-
-    # ------------------------------------------------------------------ clients
-
-    async def _client_loop(self) -> None:
-        while True:
-            frames = await recv_frames(self.clients)
-            now = time.monotonic()
-            try:
-                route, msg = decode_frames(self.client_codec, frames, route_frames=1, sender_is_peer=False)
-            except ProtocolError as e:
-                if len(frames) >= 2:  # [identity, ...]: answer that peer only
-                    ident = bytes(frames[0].bytes)
-                    await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident],
-                               reply_to=e.msg_id)
-                continue
-            self._heard_from(route[0])
-            try:
-                await self._on_client(route[0], msg, now, frames[1])
-            except Exception as e:  # a handler that fails answers; it never takes the process down
-                log.exception("[client] handling %s failed", type(msg.body).__name__)
-                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, f"internal error: {e}"),
-                           route=route, reply_to=msg.env.msg_id)
-            if self.stopping and route[0] not in self.told:  # a client first heard from while stopping
-                await self._tell(route[0])
-            await self._flush()
-
-    async def _on_client(self, client: bytes, msg: Received, now: float, head: object) -> None:
-        """`head`: the message's envelope frame as received (its properties say who sent it)."""
-        body = msg.body
-        if isinstance(body, GenerateRequest):
-            if self.fatal or self.stopping:
-                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal or self.stopping),
-                           route=[client], reply_to=msg.env.msg_id)
-                return
-            key = (client, body.request_id)
-            if key in self.admitting:
-                if body.resume_token_ids is None:
-                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
-                                     f"request_id {body.request_id!r} is already running")
-                    return
-                self.admitting.pop(key).cancel()  # a resume replaces the request it resumes
-            if body.prompt is None and self.tokenizer.done():
-                self.core.submit(client, body, now)  # token ids: nothing slow to do first
-            else:
-                task = asyncio.ensure_future(self._admit(client, body))
-                self.admitting[key] = task
-                task.add_done_callback(lambda t, key=key: self.admitting.pop(key, None) if self.admitting.get(key) is t
-                                       else None)
-        elif isinstance(body, ServerStoppingAck):
-            self.unconfirmed.discard(client)
-            if not self.unconfirmed:
-                self.confirmed.set()
-        elif isinstance(body, CancelRequest):
-            task = self.admitting.pop((client, body.request_id), None)
-            if task is not None:
-                task.cancel()
-            self.core.cancel(client, body.request_id, now)
-        elif isinstance(body, KeepAlive):
-            self.core.touch(client, now, [r for r in body.request_ids if (client, r) not in self.admitting])
-        elif isinstance(body, StatusQuery):
-            reply = self._status() if self._is_admin(head) else redacted(self._status())
-            await send(self.clients, self.client_codec, reply, route=[client], reply_to=msg.env.msg_id)
-        else:
-            await send(self.clients, self.client_codec,
-                       ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
-                       route=[client], reply_to=msg.env.msg_id)
-
-    async def _admit(self, client: bytes, body: GenerateRequest) -> None:
-        """A request whose admission needs slow work first: the tokenizer still loading (the first seconds after
-        a start), or its text to tokenize - on the tokenizer's thread, so no prompt can stall this loop (its
-        heartbeats, status, other clients). The text's size is bounded before any work."""
-        await self.tokenizer
-        if body.prompt is not None and body.prompt_token_ids is None:  # (both given: admission refuses it)
-            limit = self.max_prompt_bytes
-            size = len(body.prompt.encode("utf-8", "surrogatepass"))
-            tokenizer = self.core.model.tokenizer
-            if tokenizer is not None and size > limit:
-                self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
-                                 f"prompt text of {size} bytes is longer than any prompt that fits the maximum "
-                                 f"sequence length {self.cfg.max_seq_len} tokens (at most {limit} bytes here)")
-                await self._flush()
-                return
-            if tokenizer is not None:
-                loop = asyncio.get_running_loop()
-                try:
-                    ids = await loop.run_in_executor(self.text_pool, tokenizer.encode, body.prompt)
-                except Exception as e:  # the tokenizer refused this text
-                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST, f"the tokenizer refused the prompt: {e}")
-                    await self._flush()
-                    return
-                body = msgspec.structs.replace(body, prompt=None, prompt_token_ids=list(ids))
-        if self.fatal or self.stopping:  # the deployment began to stop while this one was tokenized
-            self.core.refuse(client, body.request_id, ERR_SERVER, self.fatal or self.stopping)
-        else:
-            self.core.submit(client, body, time.monotonic())
-        await self._flush()
-
-    def _heard_from(self, client: bytes) -> None:
-        self.known_clients[client] = None
-        self.known_clients.move_to_end(client)
-        if len(self.known_clients) > self.cfg.max_known_clients:
-            self.known_clients.popitem(last=False)
-
-    async def _tell_clients(self, message: str) -> None:
-        """The deployment stops: tell every client heard from (once). Requests in flight were failed already
-        (RequestFailed goes before this on the same connection)."""
-        if self.stopping:
-            return
-        self.stopping = message
-        for client in list(self.known_clients):
-            await self._tell(client)
-        log.info("[shutdown] told %d client(s): %s", len(self.unconfirmed), message)
-        if not self.unconfirmed:
-            self.confirmed.set()
-
-    async def _tell(self, client: bytes) -> None:
-        """ServerStopping to one client, and wait for its confirmation - unless it is gone: sent with
-        ROUTER_MANDATORY, a send to a client that is no longer connected fails at once (EHOSTUNREACH)."""
-        self.told.add(client)
-        self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            await self.clients.send_multipart([client, self.client_codec.encode(ServerStopping(self.stopping))],
-                                              flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:  # gone (EHOSTUNREACH), or not reading at all (EAGAIN: its queue is full)
-            return
-        finally:
-            self.clients.setsockopt(zmq.ROUTER_MANDATORY, 0)  # other sends to a client that is gone drop silently
-        self.unconfirmed.add(client)
-        self.confirmed.clear()
-
-    async def _await_confirmations(self) -> None:
-        """Until every client told has read ServerStopping (and so everything before it), at most flush_timeout."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.confirmed.wait(), self.cfg.flush_timeout)
-        if self.unconfirmed:
-            log.warning("[shutdown] %d client(s) did not confirm that the deployment stops within flush_timeout "
-                        "(%.1fs)", len(self.unconfirmed), self.cfg.flush_timeout)
-
-    async def _flush(self) -> None:
-        steps, out = self.core.outbox.drain()
-        first_token = f"stage-{self.cfg.prompt_stages}".encode()  # the token pipeline's first stage
-        for step in steps:
-            to = first_token if self.disagg is not None and not self.disagg.is_prompt(step.mb) else b"stage-0"
-            await send(self.internal, self.codec, step, route=[to])
-        moves, self.core.outbox.moves = self.core.outbox.moves, []
-        for mv in moves:  # every prompt stage moves its own layers of the parked prompts' KV
-            for i in range(self.cfg.prompt_stages):
-                await send(self.internal, self.codec, mv, route=[f"stage-{i}".encode()])
-        for client, body in out:
-            await send(self.clients, self.client_codec, body, route=[client])
 
     # ------------------------------------------------------------------ stages
 
