@@ -1,33 +1,27 @@
-"""The controller process shell: client and internal sockets, stage registry, topology, timers.
+"""The controller process shell: builds the controller's state, binds its sockets, runs its loops and timer in one
+TaskGroup, and stops in bounded time. Entry point: `python -m bus.controller_proc '<ControllerConfig JSON>'`
+(recovery/proc.py starts it by that module name), i.e. `run_controller(cfg)`.
 
 Sockets: a ROUTER for clients (tcp, the deployment's public address), a ROUTER for stages (internal), and
 the supervisor link. All decoding errors are answered to the offending peer only (ErrorReply) and never
-stop the loop. The scheduling logic is `bus.controller.Controller`; this file only moves messages.
+stop the loop. The scheduling logic is `bus.controller.Controller`; the shell and its parts only move messages.
+The parts, one concept each, are mixins of `ControllerProcess` over the state built here (one level deep, none
+of them inherits anything):
 
-Stage registry: a stage is known by index; its Hello carries its incarnation (in the envelope), its
-activation address and whether its KV pool is its predecessor's (kv_intact). Messages from an older
-incarnation than the registered one are dropped; a stage this controller does not know (it was restarted) is
-asked to say Hello again (Rehello). Whenever the set of live stages is complete and some stage is new, the
-controller starts a new epoch: it sends every stage a Topology and, once all have acknowledged it (within
-`topology_timeout`), serves again - going on from the cached positions when every stage kept its KV, else
-recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one. When a
-stage is reported down, the survivors are told at once (EpochOver) so they abort that epoch's links then, not
-when the next epoch's replace them.
-
-Stopping: when the supervisor gives up (FatalError: a process is past its restart budget, or another fatal
-error) every request in flight fails at once with its message, and every client this controller knows is told
-(ServerStopping), so none waits for a reconnection that will not come; on Shutdown (after FatalError, or a
-plain stop) the same happens for whatever is left, and new requests are refused with the reason. Then the
-controller waits - at most `flush_timeout` - until each client it told has confirmed (ServerStoppingAck), and
-only then closes the client socket (with a linger of the same bound). Closing at once lost these last messages:
-a client's socket (ZMQ_IMMEDIATE, bus/client.py) drops what it has received but not yet read when the
-connection closes, and the client then waited out its reconnect_timeout.
+    bus/controller_clients.py     the client socket: admission, stopping, delivering the core's outbox
+    bus/controller_stages.py      the internal socket: stage registry, epochs and topology, serving again
+    bus/controller_supervisor.py  what the supervisor reports: processes down, fatal errors, hosts
+    bus/controller_status.py      what status() reports, and what a client that is no administrator sees
+    bus/controller_replicas.py    KV replication: placing, restoring, re-syncing and healing replicas
+    bus/controller_config.py      ControllerConfig and the registry's records
 
 Clients: with `client_keys_dir` (the users' `dejavu-keys` directory) the client socket is a CURVE server with the
 `server` key that admits the `client` and `admin` keys only (bus/security.py, a ZAP domain of its own); without,
 it is plaintext, and `dejavu-serve` binds it to the loopback only unless told `--insecure` (recovery/preflight.py).
 A client sees in status() what it needs (states, counts, health); pids, host names, internal addresses and the
-model path only an administrator (`redacted`, `_is_admin`).
+model path only an administrator (`redacted`, `_is_admin` in bus/controller_status.py).
+
+Never imports torch at start (tests/test_layering.py): the tokenizer loads later, on its own thread.
 """
 
 from __future__ import annotations
@@ -53,22 +47,17 @@ from bus.child import (
     release_free_memory,
     setup_child,
 )
-from bus.codec import Codec, Received
+from bus.codec import Codec
 from bus.controller import Controller, ModelInfo
 from bus.controller_clients import ClientSide
 from bus.controller_config import ControllerConfig, Registry
 from bus.controller_replicas import ReplicaOrchestration
 from bus.controller_stages import StageSide
 from bus.controller_status import StatusReporting
+from bus.controller_supervisor import SupervisorSide
 from bus.disagg import DisaggScheduler
 from bus.messages import (
     ERR_SERVER,
-    EpochOver,
-    FatalError,
-    Hello,
-    HostsUpdate,
-    ProcessDown,
-    ProcessInfo,
     RecoveryInfo,
     ReplicaTarget,
     Restored,
@@ -90,7 +79,6 @@ from bus.sockets import (
     bound_address,
     context,
     make_socket,
-    send,
 )
 from bus.swap_book import SwapBook
 
@@ -98,7 +86,7 @@ log = logging.getLogger(__name__)
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system
 
 
-class ControllerProcess(ClientSide, StageSide, StatusReporting, ReplicaOrchestration):
+class ControllerProcess(ClientSide, StageSide, SupervisorSide, StatusReporting, ReplicaOrchestration):
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
         info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
@@ -227,69 +215,9 @@ class ControllerProcess(ClientSide, StageSide, StatusReporting, ReplicaOrchestra
     def _state(self) -> str:
         return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
 
-    # ------------------------------------------------------------------ supervisor
-
-    async def _on_supervisor(self, msg: Received) -> None:
-        body = msg.body
-        if isinstance(body, ProcessDown):
-            if body.role == "stage":
-                entry = self.reg.stages.get(body.index)
-                if entry is not None and entry.incarnation > body.incarnation:
-                    return  # its successor already said Hello
-                log.warning("[recovery] stage %d incarnation %d down (%s); %s", body.index, body.incarnation,
-                            body.reason, "restarting" if body.restarting else "not restarting")
-                if entry is not None:
-                    entry.state = "restarting" if body.restarting else "failed"
-                self.down_at.setdefault(body.index, time.monotonic())
-                self.core.pipeline_down()
-                self.pending_acks = set()
-                self.restoring = {}
-                # the survivors abort this epoch's links now, not when the next epoch's links replace them
-                for i, e in self.reg.stages.items():
-                    if i != body.index and e.state not in ("restarting", "failed"):
-                        await send(self.internal, self.codec, EpochOver(self.epoch), route=[f"stage-{i}".encode()])
-            else:
-                key = (body.role, body.index)
-                if key in self.reg.others:
-                    old = self.reg.others[key]
-                    self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation,
-                                                       "restarting" if body.restarting else "dead", old.host,
-                                                       body.reason)
-                known = self.reg.others.get(key)
-                if body.role == "streamer" and known is not None and known.host in self.streamers:
-                    del self.streamers[known.host]  # its replica pools are gone with it
-                    if self.disagg is not None:
-                        # no prompt's KV can move through that host until its streamer is back (its Hello relinks):
-                        # pause rather than let passes fail their tries meanwhile
-                        log.warning("[topology] the streamer of %s is down: serving pauses until it is back",
-                                    known.host)
-                        self.core.pipeline_down()
-                        self.pending_acks = set()
-        elif isinstance(body, FatalError):
-            self.fatal = body.message
-            log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)
-            self.core.pipeline_down()
-            self.core.fail_all(ERR_SERVER, body.message)
-            await self._flush()
-            await self._tell_clients(body.message)
-        elif isinstance(body, HostsUpdate):
-            self.reg.hosts, self.reg.unplaced = list(body.hosts), list(body.unplaced)
-        elif isinstance(body, Hello):
-            # the supervisor forwards other processes' identities (itself, the agents, the streamers) for status()
-            incarnation = body.incarnation if body.incarnation >= 0 else msg.env.incarnation
-            self.reg.others[(body.role, body.index)] = ProcessInfo(
-                body.role, body.index, body.pid, incarnation, "serving", body.host,
-                " ".join(body.addresses.values()))
-            if body.role == "streamer" and body.addresses.get("data"):
-                old_streamer = self.streamers.get(body.host)
-                self.streamers[body.host] = (f"streamer-{body.index}", body.addresses["data"], body.pid)
-                if self.disagg is not None and old_streamer != self.streamers[body.host] and not self.pending_acks:
-                    # the prompt stages must learn where this streamer is now (or it is the one a relink waited for)
-                    self.core.pipeline_down()
-                    await self._relink()
-            self.reg.started[(body.role, body.index)] = body.started
-
     async def _timer(self) -> None:
+        """Every 0.5 s, for every part: request deadlines, giving idle memory back, healing replicas, and the
+        restore and topology deadlines (each retried with a new epoch), then whatever the core has to send."""
         busy_at = time.monotonic()  # the last tick with a request in flight
         trimmed = True  # memory given back since then
         while True:
