@@ -1,57 +1,45 @@
-"""The controller process shell: client and internal sockets, stage registry, topology, timers.
+"""The controller process shell: builds the controller's state, binds its sockets, runs its loops and timer in one
+TaskGroup, and stops in bounded time. Entry point: `python -m bus.controller_proc '<ControllerConfig JSON>'`
+(recovery/proc.py starts it by that module name), i.e. `run_controller(cfg)`.
 
 Sockets: a ROUTER for clients (tcp, the deployment's public address), a ROUTER for stages (internal), and
 the supervisor link. All decoding errors are answered to the offending peer only (ErrorReply) and never
-stop the loop. The scheduling logic is `bus.controller.Controller`; this file only moves messages.
+stop the loop. The scheduling logic is `bus.controller.Controller`; the shell and its parts only move messages.
+The parts, one concept each, are mixins of `ControllerProcess` over the state built here (one level deep, none
+of them inherits anything):
 
-Stage registry: a stage is known by index; its Hello carries its incarnation (in the envelope), its
-activation address and whether its KV pool is its predecessor's (kv_intact). Messages from an older
-incarnation than the registered one are dropped; a stage this controller does not know (it was restarted) is
-asked to say Hello again (Rehello). Whenever the set of live stages is complete and some stage is new, the
-controller starts a new epoch: it sends every stage a Topology and, once all have acknowledged it (within
-`topology_timeout`), serves again - going on from the cached positions when every stage kept its KV, else
-recomputing. Epoch numbers start at incarnation << 20, so a restarted controller never reuses one. When a
-stage is reported down, the survivors are told at once (EpochOver) so they abort that epoch's links then, not
-when the next epoch's replace them.
-
-Stopping: when the supervisor gives up (FatalError: a process is past its restart budget, or another fatal
-error) every request in flight fails at once with its message, and every client this controller knows is told
-(ServerStopping), so none waits for a reconnection that will not come; on Shutdown (after FatalError, or a
-plain stop) the same happens for whatever is left, and new requests are refused with the reason. Then the
-controller waits - at most `flush_timeout` - until each client it told has confirmed (ServerStoppingAck), and
-only then closes the client socket (with a linger of the same bound). Closing at once lost these last messages:
-a client's socket (ZMQ_IMMEDIATE, bus/client.py) drops what it has received but not yet read when the
-connection closes, and the client then waited out its reconnect_timeout.
+    bus/controller_clients.py     the client socket: admission, stopping, delivering the core's outbox
+    bus/controller_stages.py      the internal socket: stage registry, epochs and topology, serving again
+    bus/controller_supervisor.py  what the supervisor reports: processes down, fatal errors, hosts
+    bus/controller_status.py      what status() reports, and what a client that is no administrator sees
+    bus/controller_replicas.py    KV replication: placing, restoring, re-syncing and healing replicas
+    bus/controller_config.py      ControllerConfig and the registry's records
 
 Clients: with `client_keys_dir` (the users' `dejavu-keys` directory) the client socket is a CURVE server with the
 `server` key that admits the `client` and `admin` keys only (bus/security.py, a ZAP domain of its own); without,
 it is plaintext, and `dejavu-serve` binds it to the loopback only unless told `--insecure` (recovery/preflight.py).
 A client sees in status() what it needs (states, counts, health); pids, host names, internal addresses and the
-model path only an administrator (`redacted`, `_is_admin`).
+model path only an administrator (`redacted`, `_is_admin` in bus/controller_status.py).
+
+Never imports torch at start (tests/test_layering.py): the tokenizer loads later, on its own thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
-import socket
 import sys
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
-import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from bus.child import (
     EXIT_CONFIG,
-    STARTED,
     CannotStart,
     SupervisorLink,
     decode_config,
@@ -59,158 +47,46 @@ from bus.child import (
     release_free_memory,
     setup_child,
 )
-from bus.codec import Codec, Received
+from bus.codec import Codec
 from bus.controller import Controller, ModelInfo
+from bus.controller_clients import ClientSide
+from bus.controller_config import ControllerConfig, Registry
 from bus.controller_replicas import ReplicaOrchestration
+from bus.controller_stages import StageSide
+from bus.controller_status import StatusReporting
+from bus.controller_supervisor import SupervisorSide
 from bus.disagg import DisaggScheduler
-from bus.errors import ProtocolError
-from bus.logs import Throttled, peer_of
 from bus.messages import (
-    ERR_BAD_MESSAGE,
-    ERR_BAD_REQUEST,
     ERR_SERVER,
-    CancelRequest,
-    DeploymentReady,
-    EpochOver,
-    ErrorReply,
-    FatalError,
-    GenerateRequest,
-    Hello,
-    HostInfo,
-    HostsUpdate,
-    KeepAlive,
-    KvSent,
-    MemoryInfo,
-    ProcessDown,
-    ProcessInfo,
     RecoveryInfo,
-    Rehello,
-    ReplicaAck,
     ReplicaTarget,
     Restored,
-    ServerStopping,
-    ServerStoppingAck,
-    StageStats,
-    StatusQuery,
-    StatusReply,
-    StepFailed,
-    StepResult,
-    SwapAck,
-    SwapFailed,
-    Topology,
-    TopologyAck,
-    Welcome,
 )
 from bus.replication import ReplicaBook, Where
 from bus.scheduler import Scheduler
 from bus.security import (
-    ADMIN,
     CLIENT_DOMAIN,
     CONTROLLER,
     ZAP_DOMAIN,
     Keyring,
     KeysError,
-    from_loopback,
     load_client_side,
     maybe_load,
-    peer_of_frame,
     start_authenticator,
 )
 from bus.sockets import (
     DEFAULT_MAX_MESSAGE,
     bound_address,
     context,
-    decode_frames,
     make_socket,
-    recv_frames,
-    send,
 )
 from bus.swap_book import SwapBook
 
 log = logging.getLogger(__name__)
 IDLE_TRIM_S = 2.0  # seconds without requests before freed memory is given back to the system
-noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 
-@dataclass(frozen=True)
-class ControllerConfig:
-    model_dir: str  # for its tokenizer; the facts below come from the supervisor, which parsed the model
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
-    num_stages: int
-    microbatch_size: int
-    num_microbatches: int
-    max_seq_len: int
-    supervisor_address: str
-    client_bind: str = "tcp://127.0.0.1:0"
-    internal_bind: str = "tcp://127.0.0.1:0"
-    incarnation: int = 0
-    prefill_chunk: int = 0
-    max_waiting: int = 4096
-    client_timeout: float = 10.0
-    step_timeout: float = 600.0
-    queue_timeout: float = 300.0  # a request without a slot (or whose pipeline is down) this long fails
-    unknown_request_grace: float = 3.0  # a KeepAlive's unknown request id is answered after this long
-    topology_timeout: float = 30.0
-    heartbeat_interval: float = 1.0
-    max_client_request: int = 8 * 1024 * 1024  # larger requests get ErrorReply ...
-    max_client_frame: int = 64 * 1024 * 1024  # ... and larger frames make ZeroMQ drop the connection
-    supervisor_pid: int | None = None
-    keys_dir: str = ""  # the deployment's keys (bus/security.py); "" = plaintext internal sockets
-    log_level: str = "INFO"
-    flush_timeout: float = 2.0  # on exit, how long clients have to confirm the last messages (ServerStoppingAck)
-    max_known_clients: int = 4096  # clients told when the deployment stops (the most recently heard from)
-    client_keys_dir: str = ""  # the users' keys (dejavu-keys generate); "" = a plaintext client socket
-    replicate: bool = False  # stream every stage's KV to a replica on another host (bus/replication.py)
-    restore_timeout: float = 90.0  # a stage restoring its KV from its replica answers within this
-    # disaggregation (bus/disagg.py): stages [0, prompt_stages) run prompt passes, the others decode steps
-    prompt_stages: int = 0
-    prompt_microbatches: int = 0
-    prompt_microbatch_size: int = 0
-    memory_plan: str = ""  # JSON: the microbatch size's choice and each stage's memory split (recovery/sizing.py)
-    swap: bool = False  # stages may swap microbatches (--swap auto|on): keep what their swap pools hold
-
-    def __post_init__(self) -> None:
-        if self.num_stages < 1 or self.microbatch_size < 1 or self.num_microbatches < 1:
-            raise ValueError("num_stages, microbatch_size and num_microbatches must be >= 1")
-        if self.prompt_stages and not (0 < self.prompt_stages < self.num_stages and self.prompt_microbatches >= 1
-                                       and self.prompt_microbatch_size >= 1):
-            raise ValueError("a disaggregated deployment needs prompt and token stages and prompt microbatches")
-
-    def pipeline(self, stage: int) -> str:
-        if not self.prompt_stages:
-            return "colocated"
-        return "prompt" if stage < self.prompt_stages else "token"
-
-    def last_of_pipeline(self, stage: int) -> bool:
-        return stage == self.num_stages - 1 or stage == self.prompt_stages - 1
-
-
-@dataclass
-class StageEntry:
-    incarnation: int
-    pid: int
-    host: str
-    data: str
-    state: str = "ready"
-    stats: StageStats | None = None
-    kv_intact: bool = False  # its KV pool holds every position this controller counts as cached
-    layers: list[int] = field(default_factory=list)
-    returned: bool = False  # came back after a failure (a recovery, reported once it serves)
-    hello_at: float = field(default_factory=time.monotonic)
-    receive_pool: str = ""  # a token stage's: where the prompt stages push (Hello.receive_pool; "": its own pool)
-
-
-@dataclass
-class Registry:
-    stages: dict[int, StageEntry] = field(default_factory=dict)
-    others: dict[tuple[str, int], ProcessInfo] = field(default_factory=dict)
-    started: dict[tuple[str, int], float] = field(default_factory=dict)  # others' start (wall clock)
-    hosts: list[HostInfo] = field(default_factory=list)  # from the supervisor (HostsUpdate)
-    unplaced: list[int] = field(default_factory=list)  # stages no host can take now: degraded
-
-
-class ControllerProcess(ReplicaOrchestration):
+class ControllerProcess(ClientSide, StageSide, SupervisorSide, StatusReporting, ReplicaOrchestration):
     def __init__(self, cfg: ControllerConfig) -> None:
         self.cfg = cfg
         info = ModelInfo(cfg.vocab_size, tuple(cfg.eos_token_ids), cfg.max_seq_len)  # tokenizer: see run()
@@ -339,457 +215,9 @@ class ControllerProcess(ReplicaOrchestration):
     def _state(self) -> str:
         return "serving" if self.core.ready else ("failed" if self.fatal else "starting")
 
-    # ------------------------------------------------------------------ clients
-
-    async def _client_loop(self) -> None:
-        while True:
-            frames = await recv_frames(self.clients)
-            now = time.monotonic()
-            try:
-                route, msg = decode_frames(self.client_codec, frames, route_frames=1, sender_is_peer=False)
-            except ProtocolError as e:
-                if len(frames) >= 2:  # [identity, ...]: answer that peer only
-                    ident = bytes(frames[0].bytes)
-                    await send(self.clients, self.client_codec, ErrorReply(ERR_BAD_MESSAGE, str(e)), route=[ident],
-                               reply_to=e.msg_id)
-                continue
-            self._heard_from(route[0])
-            try:
-                await self._on_client(route[0], msg, now, frames[1])
-            except Exception as e:  # a handler that fails answers; it never takes the process down
-                log.exception("[client] handling %s failed", type(msg.body).__name__)
-                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, f"internal error: {e}"),
-                           route=route, reply_to=msg.env.msg_id)
-            if self.stopping and route[0] not in self.told:  # a client first heard from while stopping
-                await self._tell(route[0])
-            await self._flush()
-
-    async def _on_client(self, client: bytes, msg: Received, now: float, head: object) -> None:
-        """`head`: the message's envelope frame as received (its properties say who sent it)."""
-        body = msg.body
-        if isinstance(body, GenerateRequest):
-            if self.fatal or self.stopping:
-                await send(self.clients, self.client_codec, ErrorReply(ERR_SERVER, self.fatal or self.stopping),
-                           route=[client], reply_to=msg.env.msg_id)
-                return
-            key = (client, body.request_id)
-            if key in self.admitting:
-                if body.resume_token_ids is None:
-                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
-                                     f"request_id {body.request_id!r} is already running")
-                    return
-                self.admitting.pop(key).cancel()  # a resume replaces the request it resumes
-            if body.prompt is None and self.tokenizer.done():
-                self.core.submit(client, body, now)  # token ids: nothing slow to do first
-            else:
-                task = asyncio.ensure_future(self._admit(client, body))
-                self.admitting[key] = task
-                task.add_done_callback(lambda t, key=key: self.admitting.pop(key, None) if self.admitting.get(key) is t
-                                       else None)
-        elif isinstance(body, ServerStoppingAck):
-            self.unconfirmed.discard(client)
-            if not self.unconfirmed:
-                self.confirmed.set()
-        elif isinstance(body, CancelRequest):
-            task = self.admitting.pop((client, body.request_id), None)
-            if task is not None:
-                task.cancel()
-            self.core.cancel(client, body.request_id, now)
-        elif isinstance(body, KeepAlive):
-            self.core.touch(client, now, [r for r in body.request_ids if (client, r) not in self.admitting])
-        elif isinstance(body, StatusQuery):
-            reply = self._status() if self._is_admin(head) else redacted(self._status())
-            await send(self.clients, self.client_codec, reply, route=[client], reply_to=msg.env.msg_id)
-        else:
-            await send(self.clients, self.client_codec,
-                       ErrorReply(ERR_BAD_MESSAGE, f"{type(body).__name__} is not a client message"),
-                       route=[client], reply_to=msg.env.msg_id)
-
-    async def _admit(self, client: bytes, body: GenerateRequest) -> None:
-        """A request whose admission needs slow work first: the tokenizer still loading (the first seconds after
-        a start), or its text to tokenize - on the tokenizer's thread, so no prompt can stall this loop (its
-        heartbeats, status, other clients). The text's size is bounded before any work."""
-        await self.tokenizer
-        if body.prompt is not None and body.prompt_token_ids is None:  # (both given: admission refuses it)
-            limit = self.max_prompt_bytes
-            size = len(body.prompt.encode("utf-8", "surrogatepass"))
-            tokenizer = self.core.model.tokenizer
-            if tokenizer is not None and size > limit:
-                self.core.refuse(client, body.request_id, ERR_BAD_REQUEST,
-                                 f"prompt text of {size} bytes is longer than any prompt that fits the maximum "
-                                 f"sequence length {self.cfg.max_seq_len} tokens (at most {limit} bytes here)")
-                await self._flush()
-                return
-            if tokenizer is not None:
-                loop = asyncio.get_running_loop()
-                try:
-                    ids = await loop.run_in_executor(self.text_pool, tokenizer.encode, body.prompt)
-                except Exception as e:  # the tokenizer refused this text
-                    self.core.refuse(client, body.request_id, ERR_BAD_REQUEST, f"the tokenizer refused the prompt: {e}")
-                    await self._flush()
-                    return
-                body = msgspec.structs.replace(body, prompt=None, prompt_token_ids=list(ids))
-        if self.fatal or self.stopping:  # the deployment began to stop while this one was tokenized
-            self.core.refuse(client, body.request_id, ERR_SERVER, self.fatal or self.stopping)
-        else:
-            self.core.submit(client, body, time.monotonic())
-        await self._flush()
-
-    def _status(self) -> StatusReply:
-        now = time.time()
-        procs = [ProcessInfo("controller", 0, os.getpid(), self.cfg.incarnation, self._state(), socket.gethostname(),
-                             bound_address(self.internal), uptime_s=now - STARTED)]
-        for i in range(self.cfg.num_stages):
-            e = self.reg.stages.get(i)
-            pipeline = self.cfg.pipeline(i)
-            if e is None:
-                procs.append(ProcessInfo("stage", i, 0, -1, "starting", pipeline=pipeline))
-            else:
-                st = e.stats or StageStats(0.0, 0, 0.0)
-                idle = max(0.0, 1.0 - st.busy_s / st.uptime_s) if st.uptime_s > 0 else None
-                procs.append(ProcessInfo("stage", i, e.pid, e.incarnation, e.state, e.host, e.data, st.busy_s,
-                                         st.steps, st.uptime_s, pipeline, idle,
-                                         st.kv_bytes if pipeline == "prompt" else None, st.swap))
-        procs.extend(msgspec.structs.replace(info, uptime_s=max(0.0, now - self.reg.started.get(key, now)))
-                     for key, info in self.reg.others.items())
-        waiting, running = self.core.counts()
-        d = self.disagg
-        return StatusReply(procs, self.cfg.model_dir, self.cfg.num_stages, self.epoch, waiting, running,
-                           self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
-                           self._deployment_state(), self._replica_status(), list(self.recoveries),
-                           self.cfg.prompt_stages, d.receive_waiting if d else 0, d.receive_waits if d else 0,
-                           d.landed_bytes if d else 0, self.cfg.microbatch_size, *memory_plan(self.cfg.memory_plan))
-
-    def _deployment_state(self) -> str:
-        if self.fatal or self.stopping:
-            return "stopping"
-        if self.reg.unplaced:
-            return "degraded"  # a stage has no host to run on: requests wait (queue_timeout) for a host to join
-        return "serving" if self.core.ready else "starting"
-
-    def _is_admin(self, head: object) -> bool:
-        """Who sees the deployment's pids, host names, internal addresses and model path in status(). With client
-        keys: the holder of the `admin` key (the User-Id its connection was admitted under). Without: a peer on
-        this machine's loopback - a plaintext client socket binds the loopback only (dejavu-serve refuses
-        anything else without --insecure), and the machine's users see the pids with ps anyway; a peer from
-        elsewhere (an --insecure deployment) is a client."""
-        if self.client_keys is not None:
-            return peer_of_frame(head) == ADMIN
-        return from_loopback(head)
-
-    def _heard_from(self, client: bytes) -> None:
-        self.known_clients[client] = None
-        self.known_clients.move_to_end(client)
-        if len(self.known_clients) > self.cfg.max_known_clients:
-            self.known_clients.popitem(last=False)
-
-    async def _tell_clients(self, message: str) -> None:
-        """The deployment stops: tell every client heard from (once). Requests in flight were failed already
-        (RequestFailed goes before this on the same connection)."""
-        if self.stopping:
-            return
-        self.stopping = message
-        for client in list(self.known_clients):
-            await self._tell(client)
-        log.info("[shutdown] told %d client(s): %s", len(self.unconfirmed), message)
-        if not self.unconfirmed:
-            self.confirmed.set()
-
-    async def _tell(self, client: bytes) -> None:
-        """ServerStopping to one client, and wait for its confirmation - unless it is gone: sent with
-        ROUTER_MANDATORY, a send to a client that is no longer connected fails at once (EHOSTUNREACH)."""
-        self.told.add(client)
-        self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            await self.clients.send_multipart([client, self.client_codec.encode(ServerStopping(self.stopping))],
-                                              flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:  # gone (EHOSTUNREACH), or not reading at all (EAGAIN: its queue is full)
-            return
-        finally:
-            self.clients.setsockopt(zmq.ROUTER_MANDATORY, 0)  # other sends to a client that is gone drop silently
-        self.unconfirmed.add(client)
-        self.confirmed.clear()
-
-    async def _await_confirmations(self) -> None:
-        """Until every client told has read ServerStopping (and so everything before it), at most flush_timeout."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.confirmed.wait(), self.cfg.flush_timeout)
-        if self.unconfirmed:
-            log.warning("[shutdown] %d client(s) did not confirm that the deployment stops within flush_timeout "
-                        "(%.1fs)", len(self.unconfirmed), self.cfg.flush_timeout)
-
-    async def _flush(self) -> None:
-        steps, out = self.core.outbox.drain()
-        first_token = f"stage-{self.cfg.prompt_stages}".encode()  # the token pipeline's first stage
-        for step in steps:
-            to = first_token if self.disagg is not None and not self.disagg.is_prompt(step.mb) else b"stage-0"
-            await send(self.internal, self.codec, step, route=[to])
-        moves, self.core.outbox.moves = self.core.outbox.moves, []
-        for mv in moves:  # every prompt stage moves its own layers of the parked prompts' KV
-            for i in range(self.cfg.prompt_stages):
-                await send(self.internal, self.codec, mv, route=[f"stage-{i}".encode()])
-        for client, body in out:
-            await send(self.clients, self.client_codec, body, route=[client])
-
-    # ------------------------------------------------------------------ stages
-
-    async def _internal_loop(self) -> None:
-        while True:
-            frames = await recv_frames(self.internal)
-            try:
-                route, msg = decode_frames(self.codec, frames, route_frames=1)
-            except ProtocolError as e:
-                noisy.warning("bad-frame", peer_of(frames), "[stage] dropped a bad frame from %s: %s",
-                              peer_of(frames), e)
-                continue
-            try:
-                await self._on_internal(route[0], msg)
-            except Exception:
-                log.exception("[stage] handling %s from %s failed", type(msg.body).__name__, msg.env.sender)
-            await self._flush()
-
-    def _stage_index(self, msg: Received) -> int | None:
-        sender = msg.env.sender
-        if not sender.startswith("stage-"):
-            return None
-        try:
-            return int(sender[6:])
-        except ValueError:
-            return None
-
-    async def _on_internal(self, ident: bytes, msg: Received) -> None:
-        body, now = msg.body, time.monotonic()
-        index = self._stage_index(msg)
-        if index is None or not 0 <= index < self.cfg.num_stages:
-            noisy.warning("unknown-sender", ident, "[stage] message from unknown sender %r", msg.env.sender)
-            return
-        entry = self.reg.stages.get(index)
-        if isinstance(body, Hello):
-            if entry is not None and msg.env.incarnation < entry.incarnation:
-                return
-            if entry is not None and msg.env.incarnation == entry.incarnation and \
-                    body.addresses.get("data", "") == entry.data:  # said twice (Rehello raced a heartbeat)
-                await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
-                return
-            self.asked.discard(index)
-            # A pool taken over is what this controller counts only if the predecessor's was: an incarnation that
-            # started fresh and died before serving left a pool without the KV of the requests in flight.
-            intact = body.kv_intact and (entry is None or entry.kv_intact)
-            self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
-                                                kv_intact=intact, layers=list(body.layers),
-                                                returned=self.ever_ready, receive_pool=body.receive_pool)
-            log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
-            self.swap_kept[index] = body.swap_kept
-            if self.swap_book is not None and not body.swap_kept:
-                self.swap_book.reset(index)  # a new swap pool: what the old one held counts for nothing
-            await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
-            self.core.pipeline_down()
-            await self._relink()
-            return
-        if entry is None:  # this controller was restarted since the stage said Hello: ask it again (once: its
-            if index not in self.asked:  # heartbeats queued while no controller listened arrive in a burst)
-                self.asked.add(index)
-                log.info("[stage] %s unknown to controller incarnation %d: asking for its Hello", msg.env.sender,
-                         self.cfg.incarnation)
-                await send(self.internal, self.codec, Rehello(self.cfg.incarnation), route=[ident])
-            return
-        if msg.env.incarnation != entry.incarnation:
-            return  # a stale incarnation's frame
-        if isinstance(body, TopologyAck):
-            if body.epoch == self.epoch and index in self.pending_acks:
-                self.pending_acks.discard(index)
-                self.fresh.update(body.fresh)
-                self.host_failed.update(body.failed)
-                if not self.pending_acks:
-                    await self._acked(now)
-        elif isinstance(body, StepResult):
-            self.core.on_result(body, now)
-        elif isinstance(body, ReplicaAck):
-            if self.book is not None and not (body.sync and body.sync_epoch != self.sync_epochs.get(index)):
-                # (a sync answering an older ReplicaSync filled a replica since replaced: it counts for nothing)
-                self.book.ack(index, body.steps, body.sync)
-                if body.sync:
-                    self.syncing.discard(index)
-        elif isinstance(body, Restored):
-            if body.epoch == self.epoch and self.restoring.get(index, 0) is None:
-                self.restoring[index] = body
-                if all(r is not None for r in self.restoring.values()):
-                    await self._serving(now)
-        elif isinstance(body, StageStats):
-            entry.stats = body
-        elif isinstance(body, SwapAck):
-            if self.swap_book is not None:
-                if body.fresh:
-                    self.swap_book.reset(index)
-                self.swap_book.ack(index, body.steps, False)
-        elif isinstance(body, SwapFailed):
-            if body.epoch == self.core.sched.epoch:
-                self.core.recompute_microbatch(body.mb, body.step, now)
-        elif isinstance(body, KvSent):
-            if 0 <= index < self.cfg.prompt_stages:
-                self.core.on_kv_sent(index, body, now)
-        elif isinstance(body, StepFailed):
-            if body.epoch == self.core.sched.epoch:
-                if self.disagg is not None and self.disagg.is_prompt(body.mb):
-                    self.disagg.prompt_failed(body.mb, body.step, index)
-                self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")
-                self.core.schedule(now)
-
-    async def _relink(self) -> None:
-        """If every stage is up, start a new epoch: send each its downstream address."""
-        if len(self.reg.stages) < self.cfg.num_stages or any(e.state in ("restarting", "failed") for e in self.reg.stages.values()):
-            return
-        kv_dest = self._kv_destinations()
-        if kv_dest is None:
-            return
-        self.epoch += 1
-        self.pending_acks = set(range(self.cfg.num_stages))
-        self.linking_since = time.monotonic()
-        self.fresh, self.host_failed, self.restoring = set(), {}, {}
-        hosted = self._place_replicas()
-        peers = {name: data for name, data, _ in self.streamers.values()}
-        for i in range(self.cfg.num_stages):
-            down = "" if self.cfg.last_of_pipeline(i) else self.reg.stages[i + 1].data
-            prompt = self.cfg.pipeline(i) == "prompt"
-            topo = Topology(self.epoch, down, self.targets.get(i), hosted.get(i, []), peers,
-                            kv_dest if prompt else [])
-            await send(self.internal, self.codec, topo, route=[f"stage-{i}".encode()])
-        log.info("[topology] epoch %d sent to %d stages", self.epoch, self.cfg.num_stages)
-
-    def _kv_destinations(self) -> list[ReplicaTarget] | None:
-        """Disaggregated: every token stage's pool (a swapping one's receive pool, by logical slot), where the prompt
-        stages stream their KV - None while a token stage's host has no streamer known (its Hello relinks).
-        Colocated: nothing."""
-        if self.disagg is None:
-            return []
-        out = []
-        for x in range(self.cfg.prompt_stages, self.cfg.num_stages):
-            e = self.reg.stages[x]
-            s = self.streamers.get(e.host)
-            if s is None:
-                log.info("[topology] waiting for the streamer of %s (token stage %d's KV pool is with it)", e.host, x)
-                return None
-            out.append(ReplicaTarget(x, e.receive_pool or f"kv-stage-{x}", s[0], s[1], e.host, list(e.layers)))
-        return out
-
-    async def _serving(self, now: float) -> None:
-        # Every stage kept its KV (survivors, and restarted CPU stages that took their pool over): requests go
-        # on where they were. A stage that restored from its replica holds each request's replicated prefix:
-        # every request goes back to what all stages hold, and the committed tokens after it are fed again.
-        # Otherwise they are recomputed from prompt + committed tokens.
-        # (a prompt stage's KV lives for one pass: prompts in flight run again whatever it kept)
-        keep = all(e.kv_intact for x, e in self.reg.stages.items() if self.cfg.pipeline(x) != "prompt")
-        restored = {x: r for x, r in self.restoring.items() if r is not None and r.ok}
-        lost = [x for x, e in self.reg.stages.items() if not e.kv_intact and self.cfg.pipeline(x) != "prompt"]
-
-        swap = self.swap_book
-
-        def valid(req):  # type: ignore[no-untyped-def]
-            n = req.cached
-            for x in lost:
-                n = min(n, self.restore_lengths[x][req.slot] if x in restored and req.slot is not None else
-                        swap.valid(x, req) if swap is not None and self.swap_kept.get(x) else 0)
-            return n
-
-        running = list(self.core.sched.running())
-        before = {id(r): r.cached for r in running}
-        self.core.pipeline_up(self.epoch, now, keep_cache=keep,
-                              valid=valid if (self.book is not None or swap is not None) and not keep else None)
-        replayed = sum(before[id(r)] - r.cached for r in running)
-        if self.ever_ready:
-            for x, e in sorted(self.reg.stages.items()):
-                if not e.returned:
-                    continue
-                r = restored.get(x)
-                source = "kept" if e.kv_intact else "replica" if r is not None else \
-                    "swap" if swap is not None and self.swap_kept.get(x) else "recompute"
-                down = self.down_at.pop(x, now)
-                wall = time.time()
-                rec = RecoveryInfo(x, e.host, source, now - down, replayed, sum(before.values()),
-                                   r.seconds if r else 0.0, r.nbytes if r else 0, self.epoch, wall - (now - down),
-                                   max(0.0, e.hello_at - down), wall)
-                self.recoveries.append(rec)
-                log.info("[recovery] stage %d back on %s from %s in %.2fs: %d cached token(s) replayed (a recompute: "
-                         "%d)%s", x, e.host, source, rec.seconds, replayed, rec.tokens_recompute,
-                         f"; restore {r.nbytes} bytes in {r.seconds:.3f}s" if r else "")
-        for e in self.reg.stages.values():
-            e.state = "serving"
-            e.kv_intact = True  # from now on its pool is what this controller counts
-            e.returned = False
-        self.restoring = {}
-        await self._renew_replicas()
-        log.info("[topology] epoch %d: serving (%s)", self.epoch,
-                 "resuming from the KV the stages kept" if keep and self.ever_ready else
-                 f"{replayed} cached token(s) replayed" if restored else
-                 "every request in flight is recomputed" if self.ever_ready else "first epoch")
-        if not self.ever_ready:
-            self.ever_ready = True
-            await self.tokenizer
-            await send(self.sup.sock, self.codec, DeploymentReady(self.epoch))
-
-    # ------------------------------------------------------------------ supervisor
-
-    async def _on_supervisor(self, msg: Received) -> None:
-        body = msg.body
-        if isinstance(body, ProcessDown):
-            if body.role == "stage":
-                entry = self.reg.stages.get(body.index)
-                if entry is not None and entry.incarnation > body.incarnation:
-                    return  # its successor already said Hello
-                log.warning("[recovery] stage %d incarnation %d down (%s); %s", body.index, body.incarnation,
-                            body.reason, "restarting" if body.restarting else "not restarting")
-                if entry is not None:
-                    entry.state = "restarting" if body.restarting else "failed"
-                self.down_at.setdefault(body.index, time.monotonic())
-                self.core.pipeline_down()
-                self.pending_acks = set()
-                self.restoring = {}
-                # the survivors abort this epoch's links now, not when the next epoch's links replace them
-                for i, e in self.reg.stages.items():
-                    if i != body.index and e.state not in ("restarting", "failed"):
-                        await send(self.internal, self.codec, EpochOver(self.epoch), route=[f"stage-{i}".encode()])
-            else:
-                key = (body.role, body.index)
-                if key in self.reg.others:
-                    old = self.reg.others[key]
-                    self.reg.others[key] = ProcessInfo(old.role, old.index, old.pid, old.incarnation,
-                                                       "restarting" if body.restarting else "dead", old.host,
-                                                       body.reason)
-                known = self.reg.others.get(key)
-                if body.role == "streamer" and known is not None and known.host in self.streamers:
-                    del self.streamers[known.host]  # its replica pools are gone with it
-                    if self.disagg is not None:
-                        # no prompt's KV can move through that host until its streamer is back (its Hello relinks):
-                        # pause rather than let passes fail their tries meanwhile
-                        log.warning("[topology] the streamer of %s is down: serving pauses until it is back",
-                                    known.host)
-                        self.core.pipeline_down()
-                        self.pending_acks = set()
-        elif isinstance(body, FatalError):
-            self.fatal = body.message
-            log.info("[fatal] failing %d request(s): %s", len(self.core.requests), body.message)
-            self.core.pipeline_down()
-            self.core.fail_all(ERR_SERVER, body.message)
-            await self._flush()
-            await self._tell_clients(body.message)
-        elif isinstance(body, HostsUpdate):
-            self.reg.hosts, self.reg.unplaced = list(body.hosts), list(body.unplaced)
-        elif isinstance(body, Hello):
-            # the supervisor forwards other processes' identities (itself, the agents, the streamers) for status()
-            incarnation = body.incarnation if body.incarnation >= 0 else msg.env.incarnation
-            self.reg.others[(body.role, body.index)] = ProcessInfo(
-                body.role, body.index, body.pid, incarnation, "serving", body.host,
-                " ".join(body.addresses.values()))
-            if body.role == "streamer" and body.addresses.get("data"):
-                old_streamer = self.streamers.get(body.host)
-                self.streamers[body.host] = (f"streamer-{body.index}", body.addresses["data"], body.pid)
-                if self.disagg is not None and old_streamer != self.streamers[body.host] and not self.pending_acks:
-                    # the prompt stages must learn where this streamer is now (or it is the one a relink waited for)
-                    self.core.pipeline_down()
-                    await self._relink()
-            self.reg.started[(body.role, body.index)] = body.started
-
     async def _timer(self) -> None:
+        """Every 0.5 s, for every part: request deadlines, giving idle memory back, healing replicas, and the
+        restore and topology deadlines (each retried with a new epoch), then whatever the core has to send."""
         busy_at = time.monotonic()  # the last tick with a request in flight
         trimmed = True  # memory given back since then
         while True:
@@ -817,27 +245,6 @@ class ControllerProcess(ReplicaOrchestration):
                           "retrying", sorted(self.pending_acks), self.epoch, self.cfg.topology_timeout)
                 await self._relink()
             await self._flush()
-
-
-def memory_plan(text: str) -> tuple[str, list[MemoryInfo]]:
-    """ControllerConfig.memory_plan as status() reports it: how the microbatch size was chosen, and each stage's
-    memory split."""
-    if not text:
-        return "", []
-    plan = json.loads(text)
-    return plan.get("how", ""), [MemoryInfo(**s) for s in plan.get("stages", [])]
-
-
-def redacted(reply: StatusReply) -> StatusReply:
-    """status() as a client that is no administrator sees it: what it needs (every process's role, index,
-    incarnation and state, stages' busy time, steps and uptime, queue counts, slots, the deployment's state and
-    its hosts' states), not where the deployment
-    runs or listens (pids, hosts' names and addresses, internal addresses, the model path). Hosts keep their id,
-    state, devices and stages: which host is down is health. Blanked rather than left out: the message keeps its
-    shape for every client."""
-    procs = [msgspec.structs.replace(p, pid=0, host="", detail="") for p in reply.processes]
-    hosts = [msgspec.structs.replace(h, address="", pid=0, hostname="") for h in reply.hosts]
-    return msgspec.structs.replace(reply, processes=procs, hosts=hosts, model="")
 
 
 def run_controller(cfg: ControllerConfig) -> int:

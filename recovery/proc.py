@@ -43,7 +43,7 @@ import zmq
 from bus import security
 from bus.child import STARTED, encode_config
 from bus.codec import Codec, Received
-from bus.controller_proc import ControllerConfig
+from bus.controller_config import ControllerConfig
 from bus.errors import DeadlineError, ProtocolError
 from bus.logs import Throttled
 from bus.messages import (

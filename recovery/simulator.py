@@ -19,7 +19,7 @@ its customers' order, so a step's whole path through the pipeline is computed wh
 step, not per stage, which is what makes 1,000 GPUs and thousands of requests take seconds.
 Failures: a stage dies at `at_s`; its pipeline's steps in flight are void (a new epoch); it serves again after
 detection + restart (+ the restore of the dead stage's KV from its replica), or every request in it is
-recomputed (prompt + committed tokens as one prompt chunk, as bus/controller_proc.py does).
+recomputed (prompt + committed tokens as one prompt chunk, as bus/controller_stages.py does).
 
 Pure Python, no torch, deterministic: the same config and requests give the same figures. Its inputs (per-layer
 times, the deployment, failures, workloads) are in recovery/sim_config.py.

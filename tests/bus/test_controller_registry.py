@@ -7,7 +7,8 @@ import asyncio
 import zmq
 
 from bus.codec import Codec, Received
-from bus.controller_proc import ControllerConfig, ControllerProcess, StageEntry
+from bus.controller_config import ControllerConfig, StageEntry
+from bus.controller_proc import ControllerProcess
 from bus.messages import Hello
 from bus.sockets import make_socket
 
