@@ -8,8 +8,9 @@ two runs each, on one deployment:
 1. fault-free: throughput (output tokens/s), TPOT p50 and every request's latency;
 2. the same workload with stage `--victim` killed (SIGKILL) `--kill-at` seconds in: every token's arrival time,
    the recovery as status() reports it, and from the kill to the first token after it split into detection
-   (the kill until the supervisor reported the stage down), restart + weight load (until the new stage said
-   Hello), KV restore, relink (the rest until the pipeline served again) and replay (until the first token).
+   (the kill until the supervisor reported the stage down), restart (until the new stage said Hello: a restarted
+   stage loads its weights after its Hello, while its epoch links and its KV is restored), KV restore, relink (the
+   rest until the pipeline served again) and replay (until the first token; it waits for the weights too).
 Before them, a decode phase (`--cost-repeats` times): every slot busy decoding `--decode-tokens` tokens after a
 `--decode-context`-token prompt, all started together (pipeline bench's overhead run): its tokens/s and TPOT have no
 queue in them, so replication's per-step cost shows there rather than in the Poisson runs (whose latencies at a

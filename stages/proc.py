@@ -110,6 +110,13 @@ class StageProcess:
         init, args = (torch.cuda.set_device, (torch.device(cfg.device),)) if cuda else (None, ())
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-compute",
                                           initializer=init, initargs=args)
+        # a restarted (or moved) stage loads its weights on a thread of its own after its Hello, so its epoch's
+        # links (set up on the compute thread) and its KV restore from the replica run meanwhile (issue 18)
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-load",
+                                         initializer=init, initargs=args) if cfg.incarnation > 0 else None
+        self.core: StageCore | None = None
+        self.core_ready = asyncio.Event()
+        self.exit_code = 0
         self.epoch = -1
         self.over = -1  # the latest epoch known to be over (EpochOver): its steps are dropped
         self.linking: asyncio.Task[None] | None = None  # the current Topology's link setup
@@ -189,27 +196,12 @@ class StageProcess:
             elif cfg.pipeline != "colocated" and self.kv.client is None:
                 log.error("[startup] stage %d: a %s stage needs its KV pool with its host's streamer; it has none "
                           "(every prompt pass it takes part in fails)", cfg.index, cfg.pipeline)
-            self.busy_since = mark = time.monotonic()
-            try:
-                self.core = await loop.run_in_executor(self.compute, StageCore, shard, self.kv.tensor)
-                phases["weights"] = time.monotonic() - mark
-            except (StageError, InvalidRequestError) as e:  # the model or the settings: a restart fails the same
-                log.info("[startup] stage %d cannot load: %s", cfg.index, e)
-                await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
-                return EXIT_CONFIG
-            except torch.OutOfMemoryError:  # the settings again (issue 20): a restart would fail the same
-                why = (f"stage {cfg.index} on {cfg.device} ran out of memory loading its layers {cfg.layers} and a KV "
-                       f"pool of {cfg.num_slots} slots x {cfg.max_seq_len} tokens: lower --max-seq-len, or "
-                       "--microbatch-size (an explicit one; with auto, --gpu-memory-fraction)")
-                log.error("[startup] %s", why)
-                await self.sup.fatal(why)
-                return EXIT_CONFIG
-            self.busy_since = 0.0
-            if cfg.device.startswith("cuda"):  # what dejavu-serve's memory plan estimated (recovery/sizing.py), measured
-                free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
-                log.info("[startup] stage %d memory on %s: %.2f GiB allocated (weights, KV pool of %d slots), %.2f of "
-                         "%.2f GiB free", cfg.index, cfg.device, torch.cuda.memory_allocated(torch.device(cfg.device))
-                         / 2**30, cfg.num_slots, free / 2**30, total / 2**30)
+            self.busy_since = load_mark = time.monotonic()
+            loading = loop.run_in_executor(self.loader or self.compute, StageCore, shard, self.kv.tensor)
+            if self.loader is None:  # a first start: loaded before its Hello, so "ready" means ready
+                failed = await self._loaded(loading, load_mark, phases)
+                if failed:
+                    return failed
             self.data_in = ActivationIn(self.ctx, self.codec, f"tcp://{cfg.bind_host}:0", self.keys)
             self.ctl = make_socket(self.ctx, zmq.DEALER, connect=cfg.controller_address,
                                    identity=self.name.encode(), keys=self.keys, server=CONTROLLER)
@@ -230,14 +222,18 @@ class StageProcess:
                 self.tg = tg
                 tasks = [tg.create_task(self._control()), tg.create_task(self._data()),
                          tg.create_task(self._worker()), tg.create_task(self._stats())]
+                if self.loader is not None:
+                    tasks.append(tg.create_task(self._load_behind(loading, load_mark)))
                 await self.sup.stop.wait()
                 log.info("[shutdown] stage %d: %s", cfg.index, self.sup.stop_reason)
                 for t in tasks:
                     t.cancel()
-            return 0
+            return self.exit_code
         finally:
             beats.cancel()
             self.compute.shutdown(wait=False, cancel_futures=True)
+            if self.loader is not None:
+                self.loader.shutdown(wait=False, cancel_futures=True)
             if self.replica is not None:
                 await self.replica.close()
             if self.swap is not None:
@@ -249,6 +245,46 @@ class StageProcess:
             if self.auth is not None:
                 self.auth.stop()
             self.ctx.destroy(linger=0)
+
+    async def _loaded(self, loading: asyncio.Future[StageCore], mark: float, phases: dict[str, float]) -> int:
+        """The weights' load ended: the core is set (0), or the stage cannot start as configured (EXIT_CONFIG,
+        the supervisor told). Any other failure propagates: the stage exits and is restarted."""
+        cfg = self.cfg
+        try:
+            self.core = await loading
+            phases["weights"] = time.monotonic() - mark
+        except (StageError, InvalidRequestError) as e:  # the model or the settings: a restart fails the same
+            log.info("[startup] stage %d cannot load: %s", cfg.index, e)
+            await self.sup.fatal(f"stage {cfg.index} cannot load its layers {cfg.layers}: {e}")
+            return EXIT_CONFIG
+        except torch.OutOfMemoryError:  # the settings again (issue 20): a restart would fail the same
+            why = (f"stage {cfg.index} on {cfg.device} ran out of memory loading its layers {cfg.layers} and a KV "
+                   f"pool of {cfg.num_slots} slots x {cfg.max_seq_len} tokens: lower --max-seq-len, or "
+                   "--microbatch-size (an explicit one; with auto, --gpu-memory-fraction)")
+            log.error("[startup] %s", why)
+            await self.sup.fatal(why)
+            return EXIT_CONFIG
+        finally:
+            self.busy_since = 0.0
+        self.core_ready.set()
+        if cfg.device.startswith("cuda"):  # what dejavu-serve's memory plan estimated (recovery/sizing.py), measured
+            free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
+            log.info("[startup] stage %d memory on %s: %.2f GiB allocated (weights, KV pool of %d slots), %.2f of "
+                     "%.2f GiB free", cfg.index, cfg.device, torch.cuda.memory_allocated(torch.device(cfg.device))
+                     / 2**30, cfg.num_slots, free / 2**30, total / 2**30)
+        return 0
+
+    async def _load_behind(self, loading: asyncio.Future[StageCore], mark: float) -> None:
+        """A restarted stage's weights, loading while it links and restores: steps wait for them (_worker)."""
+        phases: dict[str, float] = {}
+        code = await self._loaded(loading, mark, phases)
+        if code:
+            self.exit_code = code
+            self.sup.stop_reason = "it cannot load its layers"
+            self.sup.stop.set()
+            return
+        log.info("[startup] stage %d (incarnation %d) weights loaded in %.2f s, behind its Hello (its epoch's links "
+                 "and KV restore ran meanwhile)", self.cfg.index, self.cfg.incarnation, phases["weights"])
 
     async def _kv_home(self, shard: ShardConfig) -> KVHome:
         """A CPU stage computes in shared memory its streamer keeps (a restart finds its KV there, unless
@@ -505,6 +541,8 @@ class StageProcess:
         loop = asyncio.get_running_loop()
         while True:
             step, hidden = await self.queue.get()
+            if self.core is None:  # a restarted stage's weights are still loading (bounded: a load that hangs is
+                await self.core_ready.wait()  # busy past --hang-timeout, and the supervisor kills the stage)
             if self._stale(step):
                 continue
             via_nccl = step.hidden is not None and hidden is None
@@ -625,6 +663,8 @@ class StageProcess:
         layer (each layer's KV is signalled as soon as it is written); a GPU pool's last-layer event is recorded
         after every step when replicating (the streamer waits on it before reading the step's rows)."""
         cuda = self.cfg.device.startswith("cuda")
+        core = self.core
+        assert core is not None  # (the worker waits for the weights)
         if via_nccl:
             assert self.nccl is not None and step.hidden is not None
             hidden = self.nccl.recv(step.hidden)
@@ -634,14 +674,14 @@ class StageProcess:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()  # after the receive was enqueued: device time of this step's compute only
         if signal is not None:
-            hooks = attach_kv_hooks(self.core.runtime.shard, signal)
+            hooks = attach_kv_hooks(core.runtime.shard, signal)
             try:
-                out = self.core.run(local or step, hidden)
+                out = core.run(local or step, hidden)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            out = self.core.run(local or step, hidden)
+            out = core.run(local or step, hidden)
         if cuda and (self.replica is not None or self.swap is not None) and hasattr(self.kv.memory, "record"):
             self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
         if self.profiler is not None:

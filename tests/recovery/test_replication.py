@@ -126,6 +126,8 @@ def test_a_killed_stage_comes_back_from_its_replica_on_the_other_host(model_fact
     assert (reps[0]["host"], reps[1]["host"]) == ("host-1", "host-0")
     assert all(r["survives_host_loss"] and r["bytes"] > 0 and r["failures"] == 0 for r in reps.values())
     assert f"[recovery] stage 1 back on host-1 from replica in {rec['seconds']:.2f}s" in logs
+    # the restarted stage said Hello before its weights were in: its links and restore ran while they loaded
+    assert "[startup] stage 1 (incarnation 1) weights loaded in" in logs and "behind its Hello" in logs
 
 
 def test_a_lost_hosts_stage_restores_on_the_spare_then_its_neighbour_restores_from_the_new_replica(model_factory) -> None:  # type: ignore[no-untyped-def]
