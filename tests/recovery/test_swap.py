@@ -98,24 +98,30 @@ def test_a_swapping_stage_whose_host_is_lost_restores_its_swap_pool_from_the_rep
     assert (reps[0]["host"], reps[1]["host"]) == ("host-2", "host-0") and all(r["bytes"] > 0 for r in reps.values())
 
 
+def kill_streamer_then(later, after: list[list[int]]):  # type: ignore[no-untyped-def]
+    """A scenario: kill -9 of the host's streamer, then, once it is back, the `later` requests served one by one
+    (their outputs appended to `after`): they run once the pools were allocated again."""
+
+    async def kill_streamer(c: AsyncClient) -> None:
+        os.kill(pid_of(await c.status(), "streamer", 0), signal.SIGKILL)
+        await until(c, lambda s: any(p["role"] == "streamer" and p["incarnation"] == 1 and p["state"] == "serving"
+                                     for p in s["processes"]), 60, "the streamer back")
+        for r in later:
+            after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
+                                           temperature=r.sampling.temperature, top_k=r.sampling.top_k,
+                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
+
+    return kill_streamer
+
+
 def test_a_restarted_streamer_loses_the_swap_pools_and_the_microbatches_are_recomputed_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of the host's streamer: the swap pools die with it. Swaps fail until it is back (each microbatch
     that cannot swap in is recomputed from its committed tokens: SwapFailed), then each stage allocates its swap
     pool anew and swaps again. Every output is exact, before and after."""
     later = workload(211, n=4)
     after: list[list[int]] = []
-
-    async def kill_streamer(c: AsyncClient) -> None:
-        os.kill(pid_of(await c.status(), "streamer", 0), signal.SIGKILL)
-        await until(c, lambda s: any(p["role"] == "streamer" and p["incarnation"] == 1 and p["state"] == "serving"
-                                     for p in s["processes"]), 60, "the streamer back")
-        for r in later:  # served once the swap pools are allocated again
-            after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
-                                           temperature=r.sampling.temperature, top_k=r.sampling.top_k,
-                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
-
     path = model_factory("llama")
-    outs, refs, st, logs = swap_run(path, ("--replicate", "off"), kill_streamer, recoveries=0)
+    outs, refs, st, logs = swap_run(path, ("--replicate", "off"), kill_streamer_then(later, after), recoveries=0)
     assert outs == refs and [list(a) for a in after] == reference(path, later)
     assert st["recoveries"] == []
     assert "is recomputed (step" in logs and "swap pool swap-stage-0 allocated anew" in logs
@@ -158,18 +164,9 @@ def test_a_restarted_streamer_loses_the_receive_pool_and_the_token_stage_recompu
     their prompt's rows with the receive pool). Every output exact, and later requests too."""
     later = workload(211, n=4)
     after: list[list[int]] = []
-
-    async def kill_streamer(c: AsyncClient) -> None:
-        os.kill(pid_of(await c.status(), "streamer", 0), signal.SIGKILL)
-        await until(c, lambda s: any(p["role"] == "streamer" and p["incarnation"] == 1 and p["state"] == "serving"
-                                     for p in s["processes"]), 60, "the streamer back")
-        for r in later:
-            after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
-                                           temperature=r.sampling.temperature, top_k=r.sampling.top_k,
-                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
-
     path = model_factory("llama")
-    outs, refs, st, logs = swap_run(path, (*DISAGG, "--replicate", "off"), kill_streamer, recoveries=0)
+    outs, refs, st, logs = swap_run(path, (*DISAGG, "--replicate", "off"), kill_streamer_then(later, after),
+                                    recoveries=0)
     assert outs == refs and [list(a) for a in after] == reference(path, later)
     assert "swap pool swap-stage-1 and receive pool recv-stage-1 allocated anew" in logs
 
