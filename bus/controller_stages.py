@@ -85,26 +85,7 @@ class StageSide:
             return
         entry = self.reg.stages.get(index)
         if isinstance(body, Hello):
-            if entry is not None and msg.env.incarnation < entry.incarnation:
-                return
-            if entry is not None and msg.env.incarnation == entry.incarnation and \
-                    body.addresses.get("data", "") == entry.data:  # said twice (Rehello raced a heartbeat)
-                await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
-                return
-            self.asked.discard(index)
-            # A pool taken over is what this controller counts only if the predecessor's was: an incarnation that
-            # started fresh and died before serving left a pool without the KV of the requests in flight.
-            intact = body.kv_intact and (entry is None or entry.kv_intact)
-            self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
-                                                kv_intact=intact, layers=list(body.layers),
-                                                returned=self.ever_ready, receive_pool=body.receive_pool)
-            log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
-            self.swap_kept[index] = body.swap_kept
-            if self.swap_book is not None and not body.swap_kept:
-                self.swap_book.reset(index)  # a new swap pool: what the old one held counts for nothing
-            await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
-            self.core.pipeline_down()
-            await self._relink()
+            await self._on_stage_hello(ident, msg, body, index, entry)
             return
         if entry is None:  # this controller was restarted since the stage said Hello: ask it again (once: its
             if index not in self.asked:  # heartbeats queued while no controller listened arrive in a burst)
@@ -154,6 +135,31 @@ class StageSide:
                     self.disagg.prompt_failed(body.mb, body.step, index)
                 self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")
                 self.core.schedule(now)
+
+    async def _on_stage_hello(self, ident: bytes, msg: Received, body: Hello, index: int,
+                              entry: StageEntry | None) -> None:
+        """A stage (re)started, or said Hello again: registered (its KV counted as kept or not), welcomed, and a new
+        epoch formed once every stage is up."""
+        if entry is not None and msg.env.incarnation < entry.incarnation:
+            return
+        if entry is not None and msg.env.incarnation == entry.incarnation and \
+                body.addresses.get("data", "") == entry.data:  # said twice (Rehello raced a heartbeat)
+            await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
+            return
+        self.asked.discard(index)
+        # A pool taken over is what this controller counts only if the predecessor's was: an incarnation that
+        # started fresh and died before serving left a pool without the KV of the requests in flight.
+        intact = body.kv_intact and (entry is None or entry.kv_intact)
+        self.reg.stages[index] = StageEntry(msg.env.incarnation, body.pid, body.host, body.addresses.get("data", ""),
+                                            kv_intact=intact, layers=list(body.layers),
+                                            returned=self.ever_ready, receive_pool=body.receive_pool)
+        log.info("[stage] stage %d incarnation %d up (pid %d)", index, msg.env.incarnation, body.pid)
+        self.swap_kept[index] = body.swap_kept
+        if self.swap_book is not None and not body.swap_kept:
+            self.swap_book.reset(index)  # a new swap pool: what the old one held counts for nothing
+        await send(self.internal, self.codec, Welcome(self.epoch), route=[ident], reply_to=msg.env.msg_id)
+        self.core.pipeline_down()
+        await self._relink()
 
     async def _relink(self) -> None:
         """If every stage is up, start a new epoch: send each its downstream address."""
