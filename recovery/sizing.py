@@ -188,10 +188,14 @@ def probe_gpus(count: int, timeout: float = 120.0,
     return [(int(f), int(t)) for f, t in got["mem"]], SwapFigures(*bw) if bw else None
 
 
+def auto_may_swap(cfg: DeploymentConfig) -> bool:
+    """--swap auto with something to decide: GPUs, a streamer, more microbatches than the resident frames."""
+    return cfg.swap_mode == "auto" and cfg.device != "cpu" and cfg.microbatches > RESIDENT_FRAMES
+
+
 def wants_swap_figures(cfg: DeploymentConfig) -> bool:
     """--swap auto may turn on here, and the flags do not give both figures: the probe measures them."""
-    return (cfg.swap_mode == "auto" and cfg.device != "cpu" and cfg.microbatches > RESIDENT_FRAMES
-            and not (cfg.swap_bandwidth and cfg.swap_step_ms))
+    return auto_may_swap(cfg) and not (cfg.swap_bandwidth and cfg.swap_step_ms)
 
 
 def measure(cfg: DeploymentConfig) -> list[DeviceMemory]:
@@ -405,7 +409,7 @@ def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[De
     (its KV at --max-seq-len on the heaviest swapping stage / the host -> device bandwidth) is predicted under a
     decode step (that stage's weights / the device's bandwidth): the paper's rule, stages/swap_policy.py. The
     figures: --swap-bandwidth / --swap-step-ms, else the GPU probe's. cfg comes back with swap_settled set."""
-    if not (cfg.swap_mode == "auto" and cfg.device != "cpu" and cfg.microbatches > RESIDENT_FRAMES):
+    if not auto_may_swap(cfg):
         return cfg, size_deployment(cfg, spec, memories)
     try:
         off: Sizing | None = size_deployment(replace(cfg, swap="off"), spec, memories)
@@ -442,24 +446,13 @@ def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[De
 
 
 def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:
-    """`--swap` as far as it is decided before any stage starts (stages/swap_policy.py settled): off for `off`, for 2
-    microbatches or fewer, on CPU, and for `auto` where the memory plan holds every microbatch on every stage that
-    could swap (colocated and token stages; a size auto chose always does); None where a stage's own figures decide
-    (`auto` otherwise) or for `on`. The supervisor then gives hosts no swap space for it: a GPU host's streamer
-    page-locks its arenas whole at start (13.4 GB took 9 s on an H100 VM), so swap space for pools that never come
-    costs start-up time and pinned host memory."""
-    mode, mbs = cfg.swap_mode, cfg.microbatches
-    if mode == "on":
+    """`--swap` as far as it is decided before any stage starts: `auto` as resolve settled it with figures
+    (size_with_swap), or where none are needed (stages/swap_policy.py settled: `off`, 2 microbatches or fewer, CPU);
+    None for `on` and where each stage decides at its start (stages on other machines, whose memory is not measured
+    here). The supervisor gives hosts swap space only where swapping may run: a GPU host's streamer page-locks its
+    arenas whole at start (13.4 GB took 9 s on an H100 VM)."""
+    if cfg.swap_mode == "on":
         return None
-    if mode == "auto" and cfg.swap_settled:  # decided with figures by resolve (size_with_swap)
+    if cfg.swap_mode == "auto" and cfg.swap_settled:
         return SwapDecision(cfg.swap_settled_on, cfg.swap_settled, "auto")
-    fit: int | None = None if cfg.device == "cpu" else 0
-    if fit is not None and cfg.memory_plan and cfg.microbatch_size:
-        stages = [s for s in json.loads(cfg.memory_plan).get("stages", [])
-                  if not cfg.disaggregated or s["stage"] >= cfg.prompt_stages]
-        if stages:
-            fit = min(s["fits"] for s in stages) * mbs // cfg.microbatch_size  # microbatches the plan holds
-    decision = settled(mode, mbs, fit)
-    if decision is not None and fit and not decision.on and fit >= mbs:
-        decision = replace(decision, reason=decision.reason.replace("would)", "would, by the memory plan)"))
-    return decision
+    return settled(cfg.swap_mode, cfg.microbatches, None if cfg.device == "cpu" else 0)
