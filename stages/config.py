@@ -63,6 +63,11 @@ class StageProcConfig:
     swap_bandwidth: float = 0.0
     swap_step_ms: float = 0.0
     swap_settled: str = ""  # auto decided by the supervisor before start (recovery/sizing.py): why; swap says which
+    # Python's switch interval in the stage process: the compute thread and the event loop share the interpreter
+    # lock, and at Python's 5 ms default a step's host work (inputs, graph launch, sampling) can wait behind the
+    # loop's message handling while the GPU idles - the streamer's reason for the same figure
+    # (streamer/config.py). An H100 A/B against 5 ms was within noise (bench/NOTES.md, the lean step).
+    switch_interval_us: float = 200.0
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("colocated", "prompt", "token"):

@@ -706,10 +706,7 @@ def run_stage(cfg: StageProcConfig) -> int:
     setup_child(f"dejavu: stage {cfg.index}/{cfg.num_stages} layers {cfg.layers[0]}-{cfg.layers[1]}",
                 cfg.log_level, cfg.supervisor_pid)
     install_uvloop()
-    # the compute thread and the event loop share the interpreter lock: at Python's 5 ms default, a step's host
-    # work (inputs, graph launch, sampling) waits behind the loop's message handling while the GPU idles; the
-    # streamer's reason for the same setting (streamer/config.py switch_interval_us). DEJAVU_SWITCH_INTERVAL_US: A/B
-    sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL_US", "200")) * 1e-6)
+    sys.setswitchinterval(cfg.switch_interval_us * 1e-6)  # (why: stages/config.py)
     try:
         return asyncio.run(StageProcess(cfg).run())
     except DeadlineError as e:

@@ -48,7 +48,7 @@ def settled(mode: str, microbatches: int, fit_resident: int | None, *,
             frames: int = RESIDENT_FRAMES) -> SwapDecision | None:
     """The decision where no bandwidth or step figure is needed (the flag, too few microbatches, a CPU stage, all
     microbatches fitting the device), else None. The supervisor settles `auto` with it before any stage starts
-    (recovery/specs.py planned_swap), so a host's swap space is sized, and on GPU hosts pinned, only where swapping
+    (recovery/sizing.py: size_with_swap, planned_swap), so a host's swap space is sized, and on GPU hosts pinned, only where swapping
     can run."""
     if mode not in SWAP_MODES:
         raise ValueError(f"--swap must be auto, on or off, got {mode!r}")
