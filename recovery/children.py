@@ -362,11 +362,7 @@ class ChildSupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     c.proc.kill()
         if self.standby is not None:  # nothing of this host starts any more
-            self.standby.closed = True
-            proc, self.standby.proc = self.standby.proc, None
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            self.standby.kill()
 
 
 def describe_exit(code: int) -> str:

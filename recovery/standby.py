@@ -110,6 +110,16 @@ class Standby:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5.0)
 
+    def kill(self) -> None:
+        """No standby any more, at once (a fenced host): the one waiting is killed."""
+        self.closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     async def close(self) -> None:
         """No standby any more: the one waiting is told so (end of input) and, if it lingers, killed."""
         self.closed = True
