@@ -66,6 +66,17 @@ def test_a_prompt_pass_reserves_receive_slots_and_the_request_joins_once_its_kv_
     assert [(c.slot, c.start, c.length) for c in s2.chunks] == [(0, 4, 1)] and s2.joined is None
 
 
+def joined_first_step(core):  # type: ignore[no-untyped-def]
+    """Request "a" (prompt [5, 6, 7], 4 tokens) through its prompt pass: first token 11, its KV landed; the token
+    pipeline's first step of it (the one that marks it joined)."""
+    core.submit(b"c", req("a", [5, 6, 7], n=4), 0.0)
+    (p,), _ = core.outbox.drain()
+    answer(core, p, [11])
+    landed(core, p)
+    (s,), _ = core.outbox.drain()
+    return s
+
+
 def test_the_replica_book_counts_a_joined_request_from_position_0() -> None:
     """The token stage replicates a joined chunk's prompt rows with its step's: an acknowledged step counts
     [0, end) of it, and the next deltas extend that prefix."""
@@ -73,11 +84,7 @@ def test_the_replica_book_counts_a_joined_request_from_position_0() -> None:
 
     core = make()
     core.book = book = ReplicaBook(DP + 1)
-    core.submit(b"c", req("a", [5, 6, 7], n=4), 0.0)
-    (p,), _ = core.outbox.drain()
-    answer(core, p, [11])
-    landed(core, p)
-    (s,), _ = core.outbox.drain()
+    s = joined_first_step(core)
     answer(core, s, [12])
     (s2,), _ = core.outbox.drain()
     (request,) = core.sched.running()
@@ -238,11 +245,7 @@ def test_a_swapping_token_stage_restarted_before_a_joined_requests_first_step_re
 
     core = make()
     core.swap_book = book = SwapBook(DP + 1)
-    core.submit(b"c", req("a", [5, 6, 7], n=4), 0.0)
-    (p,), _ = core.outbox.drain()
-    answer(core, p, [11])
-    landed(core, p)
-    (s,), _ = core.outbox.drain()
+    s = joined_first_step(core)
     assert s.joined == [0] and Swapper.joined(s) == {0: 3}  # rows [0, 3) come from the receive pool
     (r,) = core.sched.running()
     assert book.valid(DP, r) == 0  # killed now: the restarted stage's swap pool holds nothing of it

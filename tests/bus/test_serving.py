@@ -39,6 +39,13 @@ async def run_all(address: str, work: list[tuple[list[int], int]]):  # type: ign
         return await asyncio.gather(*(c.generate(prompt_token_ids=p, max_new_tokens=n) for p, n in work))
 
 
+async def run_all_then_status(address: str, work: list[tuple[list[int], int]]):  # type: ignore[no-untyped-def]
+    """run_all's results, and the deployment's status() once they are in."""
+    results = await run_all(address, work)
+    async with AsyncClient(address, timeout=60) as c:
+        return results, await c.status()
+
+
 @pytest.mark.parametrize("family,stages", [("llama", 1), ("llama", 2), ("llama", 4), ("opt", 1), ("opt", 2),
                                            ("opt", 4)])
 def test_served_outputs_equal_hf_greedy(family: str, stages: int, model_factory) -> None:  # type: ignore[no-untyped-def]

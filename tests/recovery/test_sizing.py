@@ -192,8 +192,7 @@ def test_the_flags(tiny, monkeypatch, capsys) -> None:  # type: ignore[no-untype
 
 
 def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from bus.client import AsyncClient
-    from tests.bus.test_serving import hf_greedy, run_all, workload
+    from tests.bus.test_serving import hf_greedy, run_all_then_status, workload
     from tests.conftest import start_deployment
 
     path, spec = tiny
@@ -205,13 +204,7 @@ def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch
     refs = hf_greedy(path, work)
     dep = start_deployment(path, 2, "--microbatch-size", "auto", "--max-seq-len", "96")
     try:
-        results = asyncio.run(run_all(dep.address, work))
-
-        async def status():  # type: ignore[no-untyped-def]
-            async with AsyncClient(dep.address, timeout=60) as c:
-                return await c.status()
-
-        st = asyncio.run(status())
+        results, st = asyncio.run(run_all_then_status(dep.address, work))
         logged = [line for line in dep.logs().splitlines() if "[memory]" in line]
     finally:
         assert dep.stop() == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bus.client import AsyncClient
-from tests.bus.test_serving import hf_greedy, run_all, workload
+from tests.bus.test_serving import hf_greedy, run_all_then_status, workload
 from tests.conftest import start_deployment
 
 pytestmark = pytest.mark.gpu
@@ -29,13 +29,7 @@ def test_auto_on_the_gpu_sizes_from_its_memory(stages: int, model_factory, tmp_p
     logs = tmp_path / "logs"
     dep = start_deployment(path, stages, "--device", "cuda", "--max-seq-len", "256", "--log-dir", str(logs))
     try:
-        results = asyncio.run(run_all(dep.address, work))
-
-        async def status():  # type: ignore[no-untyped-def]
-            async with AsyncClient(dep.address, timeout=60) as c:
-                return await c.status()
-
-        st = asyncio.run(status())
+        results, st = asyncio.run(run_all_then_status(dep.address, work))
     finally:
         assert dep.stop() == 0
     mismatches = [i for i, (res, ref) in enumerate(zip(results, refs)) if list(res.token_ids) != ref]
