@@ -87,6 +87,7 @@ class Controller:
         self.ready = False
         self.down_since: float | None = None  # since when the pipeline is down (or not up yet), seen by sweep
         self.clock = 0.0  # the latest `now` given: when a request ended (for `ended`)
+        self.dropped_rows = 0  # rows a step returned for requests already ended (lookahead: sent before they stopped)
         self.unknown: dict[tuple[bytes, str], float] = {}  # named by a KeepAlive but not known here: since
         self.ended: dict[tuple[bytes, str], float] = {}  # requests that ended lately: a KeepAlive may still name
         self.book: ReplicaBook | None = None  # with replication: which positions each stage's replica holds
@@ -251,9 +252,9 @@ class Controller:
                 if book is None:
                     continue
                 for step in steps:
-                    inflight = self.sched.inflight_of(step.mb)
-                    assert inflight is not None
-                    book.record(step, inflight.members)
+                    sent = self.sched.sent(step)
+                    assert sent is not None
+                    book.record(step, sent.members)
             self.outbox.steps.extend(steps)
             self.outbox.moves.extend(moves)
 
@@ -261,7 +262,7 @@ class Controller:
         self.clock = now
         if result.epoch != self.sched.epoch:
             return
-        done = self.sched.complete(result.mb, result.step)
+        done = self.sched.complete(result.mb, result.step, now)
         if done is None:
             return
         if self.book is not None:
@@ -273,11 +274,27 @@ class Controller:
             self.fail_members(done.members, ERR_SERVER, "stage returned a wrong number of tokens")
         else:
             for (req, _, samples), token, lp in zip(done.members, result.tokens, logprobs):
-                if req.cancelled:
+                if req.done:  # superseded, or ended at an earlier step (lookahead: this row was sent before that)
+                    self.sched.release(req)
+                    self.dropped_rows += 1
+                elif req.cancelled:
                     self.sched.release(req)
                     self._end_cancelled(req)
                 elif samples:
                     self._commit(req, token, lp)
+        self.schedule(now)
+
+    def void_step(self, mb_index: int, step: int, now: float) -> None:
+        """The stage did not run microbatch `mb_index`'s step `step` (ERR_STEP_VOID: a lookahead step whose previous
+        step did not sample there): its members are fed again in a step built anew; nothing it wrote counts."""
+        self.clock = now
+        done = self.sched.complete(mb_index, step, now, ran=False)
+        for req, _, _ in done.members if done is not None else ():
+            if req.done:
+                self.sched.release(req)
+            elif req.cancelled:
+                self.sched.release(req)
+                self._end_cancelled(req)
         self.schedule(now)
 
     def on_kv_sent(self, stage: int, sent: KvSent, now: float) -> None:
@@ -300,7 +317,7 @@ class Controller:
         mb = self.sched.mbs[mb_index]
         if mb.inflight is None or mb.inflight.step != step:
             return
-        mb.inflight = None
+        self.sched.void(mb_index)
         for req in list(mb.members.values()):
             req.cached = 0
             if req.cancelled:
@@ -316,7 +333,8 @@ class Controller:
 
 
     def fail_microbatch(self, mb_index: int, step: int, code: int, message: str) -> None:
-        done = self.sched.complete(mb_index, step)
+        # (its lookahead step, built on this one's tokens, is void: its other members are fed again)
+        done = self.sched.complete(mb_index, step, self.clock, keep_ahead=False)
         if done is not None:
             self.fail_members(done.members, code, message)
 

@@ -49,6 +49,7 @@ class ControllerConfig:
     prompt_microbatches: int = 0
     prompt_microbatch_size: int = 0
     memory_plan: str = ""  # JSON: the microbatch size's choice and each stage's memory split (recovery/sizing.py)
+    lookahead: bool = False  # send each microbatch's next step while its current one runs (bus/scheduler.py)
     swap: bool = False  # stages may swap microbatches (--swap auto|on): keep what their swap pools hold
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from bus.controller_config import StageEntry
 from bus.errors import ProtocolError
 from bus.logs import Throttled, peer_of
 from bus.messages import (
+    ERR_STEP_VOID,
     DeploymentReady,
     Hello,
     KvSent,
@@ -130,7 +131,9 @@ class StageSide:
             if 0 <= index < self.cfg.prompt_stages:
                 self.core.on_kv_sent(index, body, now)
         elif isinstance(body, StepFailed):
-            if body.epoch == self.core.sched.epoch:
+            if body.epoch == self.core.sched.epoch and body.code == ERR_STEP_VOID:
+                self.core.void_step(body.mb, body.step, now)
+            elif body.epoch == self.core.sched.epoch:
                 if self.disagg is not None and self.disagg.is_prompt(body.mb):
                     self.disagg.prompt_failed(body.mb, body.step, index)
                 self.core.fail_microbatch(body.mb, body.step, body.code, f"stage {index}: {body.message}")

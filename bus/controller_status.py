@@ -51,7 +51,8 @@ class StatusReporting:
                            self.cfg.num_microbatches * self.cfg.microbatch_size, list(self.reg.hosts),
                            self._deployment_state(), self._replica_status(), list(self.recoveries),
                            self.cfg.prompt_stages, d.receive_waiting if d else 0, d.receive_waits if d else 0,
-                           d.landed_bytes if d else 0, self.cfg.microbatch_size, *memory_plan(self.cfg.memory_plan))
+                           d.landed_bytes if d else 0, self.cfg.microbatch_size, *memory_plan(self.cfg.memory_plan),
+                           self.core.sched.lookahead, self.core.dropped_rows)
 
     def _deployment_state(self) -> str:
         if self.fatal or self.stopping:

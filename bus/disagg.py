@@ -275,9 +275,10 @@ class DisaggScheduler(Scheduler):
 
     # ------------------------------------------------------------------ results
 
-    def complete(self, mb_index: int, step: int) -> InFlight | None:
+    def complete(self, mb_index: int, step: int, now: float | None = None, ran: bool = True,
+                 keep_ahead: bool = True) -> InFlight | None:
         if not self.is_prompt(mb_index):
-            done = super().complete(mb_index, step)
+            done = super().complete(mb_index, step, now, ran, keep_ahead)
             for req, _, _ in done.members if done is not None else ():
                 req.join_pending = False  # (the step that told the token stages it joined came back)
             return done

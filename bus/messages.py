@@ -221,6 +221,7 @@ ERR_SERVER = 3  # the deployment failed to serve it
 ERR_OVERLOADED = 4  # admission refused (queue full)
 ERR_CANCELLED = 5
 ERR_TIMEOUT = 6
+ERR_STEP_VOID = 7  # stage -> controller: the step did not run (a lookahead step whose previous step did not sample)
 
 
 # ---------------------------------------------------------------- 20-39: client <-> controller -------
@@ -299,6 +300,10 @@ class StatusReply(Msg, tag=26):
     microbatch_size: int = 0
     sizing: str = ""
     memory: list[MemoryInfo] = []
+    # lean step (issue 20): steps are sent one ahead (--lookahead, one-stage pipelines), and the rows that cost:
+    # computed for requests that had already stopped on a sampled token
+    lookahead: bool = False
+    lookahead_dropped_rows: int = 0
 
 
 class KeepAlive(Msg, tag=27):
@@ -347,6 +352,10 @@ class StepRequest(Msg, tag=40):
     # prompt stages); a replicating stage sends rows [0, end) of those to its replica, not just the step's own; a
     # swapping one copies rows [0, start) of those from its receive pool first and writes [0, end) back
     joined: list[int] | None = None
+    # lookahead (one-stage pipelines): per chunk, -1 (its token ids are given) or the row, in this microbatch's
+    # previous step (step - 1), whose sampled token this one-token chunk feeds; its token id here is a placeholder.
+    # The controller sent this step before that one's tokens came back (bus/scheduler.py).
+    fed: list[int] | None = None
 
 
 class StepResult(Msg, tag=41):

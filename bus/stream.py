@@ -179,6 +179,7 @@ def status_dict(reply: StatusReply) -> dict[str, Any]:
         "receive_waits": reply.receive_waits, "kv_streamed_bytes": reply.kv_streamed_bytes,
         "microbatch_size": reply.microbatch_size, "sizing": reply.sizing,
         "memory": [msgspec.structs.asdict(m) for m in reply.memory],
+        "lookahead": reply.lookahead, "lookahead_dropped_rows": reply.lookahead_dropped_rows,
     }
 
 

@@ -125,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
                    help="each host keeps one warm standby stage process, its imports done, which the next stage "
                         "restart on that host becomes (a restart then skips Python's start and imports: ~2.9 s on "
                         "a GPU VM); auto: on for --device cuda")
+    p.add_argument("--lookahead", default="on", choices=["on", "off"],
+                   help="with one stage in the pipeline: send each microbatch's next step while its current one "
+                        "runs, the stage feeding back the tokens it sampled, so the GPU does not wait for the "
+                        "controller between steps (a request that stops on a sampled token costs one extra row)")
     p.add_argument("--swap", default="auto", choices=["auto", "on", "off"],
                    help="microbatch swapping: each stage keeps 2 microbatches' KV in its own pool and the others in "
                         "its host streamer's swap pool, prefetching the next one while the current one computes (so "
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
-            standby=args.standby,
+            standby=args.standby, lookahead=args.lookahead == "on",
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

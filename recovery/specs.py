@@ -59,6 +59,9 @@ class DeploymentConfig:
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
     standby: str = "auto"  # a warm standby stage process per host (recovery/standby.py): auto = on for cuda
+    # a one-stage pipeline: each microbatch's next step is sent while its current one runs, fed the sampled tokens
+    # on the stage (bus/scheduler.py); no effect elsewhere
+    lookahead: bool = True
     log_level: str = "INFO"
     log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
     # Hosts (recovery/hosts.py): `hosts` local agents as simulated hosts (each its own loopback address,

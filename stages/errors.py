@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bus.errors import InvalidRequestError  # the control side's: a request (or step) is wrong, not the stage
 
-__all__ = ["CapacityError", "InvalidRequestError", "LayerRangeError", "ModelLoadError", "StageError",
+__all__ = ["CapacityError", "InvalidRequestError", "LayerRangeError", "ModelLoadError", "StageError", "StepVoid",
            "UnsupportedArchitectureError"]
 
 
@@ -26,3 +26,8 @@ class LayerRangeError(StageError, ValueError):
 
 class CapacityError(StageError):
     """No KV slot is free, or a sequence would outgrow its slot."""
+
+
+class StepVoid(StageError):
+    """A lookahead step feeds back tokens of its microbatch's previous step, and that step did not sample here
+    (it failed, or never came): the step does not run, and the controller sends its members again."""

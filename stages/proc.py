@@ -35,6 +35,7 @@ from bus.errors import DeadlineError, ProtocolError
 from bus.logs import Throttled
 from bus.messages import (
     ERR_BAD_REQUEST,
+    ERR_STEP_VOID,
     EpochOver,
     Hello,
     KvMove,
@@ -60,7 +61,7 @@ from bus.security import CONTROLLER, maybe_load, start_authenticator
 from bus.sockets import context, decode_frames, make_socket, recv_frames, recv_within, send
 from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
-from stages.errors import InvalidRequestError, StageError
+from stages.errors import InvalidRequestError, StageError, StepVoid
 from stages.kv_home import KVHome, open_gpu_home, open_home
 from stages.kv_push import KvPusher, Pushing
 from stages.nccl_activation import LinkClosed, NcclActivations
@@ -614,6 +615,10 @@ class StageProcess:
                     # sampling may refuse): nobody waits for this step any more
                     log.info("[step] mb %d step %d of epoch %d failed after the pipeline was rebuilt (%s); dropped",
                              step.mb, step.step, step.epoch, e)
+                    continue
+                if isinstance(e, StepVoid):  # (lookahead: the controller sends its members again)
+                    log.info("[step] %s", e)
+                    await send(self.ctl, self.codec, StepFailed(step.epoch, step.mb, step.step, ERR_STEP_VOID, str(e)))
                     continue
                 if not isinstance(e, (StageError, InvalidRequestError)):
                     raise  # a fault of this stage: it exits, and the supervisor restarts it

@@ -143,12 +143,26 @@ class ShardRuntime:
         if bad:
             raise InvalidRequestError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.spec.vocab_size})")
 
-    def embed_input(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Validated token ids [N] on the device (first shard's input)."""
+    def embed_input(self, token_ids: Sequence[int],
+                    fed: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Validated token ids [N] on the device (first shard's input). fed: (rows, source rows, sampled tokens on
+        the device) - token ids[rows] are taken from sampled[source rows] (lookahead), on the device, in order
+        with the step that sampled them."""
         self.check_token_ids(token_ids)
+        values = list(token_ids)
+        if fed is not None:
+            values += fed[0] + fed[1]
         if self.device.type == "cuda":  # pinned: a pageable copy first waits for the stream and stages the bytes
-            return torch.tensor(list(token_ids), dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
-        return torch.tensor(list(token_ids), dtype=torch.long)
+            ids = torch.tensor(values, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
+        else:
+            ids = torch.tensor(values, dtype=torch.long)
+        if fed is None:
+            return ids
+        n, m = len(token_ids), len(fed[0])
+        head = ids[:n]
+        if m:
+            head.index_copy_(0, ids[n : n + m], fed[2].index_select(0, ids[n + m :]))
+        return head
 
     def forward(
         self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False

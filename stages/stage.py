@@ -13,7 +13,7 @@ import torch
 
 from bus.messages import StepRequest, TensorMeta, TokenLogprob
 from stages.batch import SeqChunk
-from stages.errors import InvalidRequestError
+from stages.errors import InvalidRequestError, StepVoid
 from stages.layers.sampling import SamplingParams, sample, token_logprobs
 from stages.runtime import ShardConfig, ShardRuntime
 
@@ -29,6 +29,8 @@ class StepOutput:
 class StageCore:
     def __init__(self, config: ShardConfig, pool_memory: torch.Tensor | None = None) -> None:
         self.runtime = ShardRuntime(config, pool_memory)
+        # microbatch -> (epoch, step, its sampled tokens on the device): what a lookahead step feeds back
+        self.samples: dict[int, tuple[int, int, torch.Tensor]] = {}
 
     def run(self, step: StepRequest, hidden: torch.Tensor | None) -> StepOutput:
         rt = self.runtime
@@ -38,7 +40,7 @@ class StageCore:
         if rt.is_first:
             if len(step.token_ids) != sum(c.length for c in chunks):
                 raise InvalidRequestError("token_ids do not match the chunks' lengths")
-            inputs = rt.embed_input(step.token_ids)
+            inputs = rt.embed_input(step.token_ids, self._fed(step, chunks) if step.fed else None)
         else:
             n, width = sum(c.length for c in chunks), rt.spec.hidden_size
             if hidden is None or tuple(hidden.shape) != (n, width) or not hidden.is_floating_point():
@@ -51,8 +53,30 @@ class StageCore:
         params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs) for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
         tokens = sample(out, params, positions)
+        self.samples[step.mb] = (step.epoch, step.step, tokens)
         if all(p.logprobs is None for p in params):
             return StepOutput(None, tokens.tolist())
         lps = [None if lp is None else TokenLogprob(*lp)
                for lp in token_logprobs(out, tokens, [p.logprobs for p in params])]
         return StepOutput(None, tokens.tolist(), logprobs=lps)
+
+    def _fed(self, step: StepRequest, chunks: list[SeqChunk]) -> tuple[list[int], list[int], torch.Tensor]:
+        """A lookahead step's fed-back rows: (its token rows, their rows in the previous step, that step's tokens)."""
+        fed = step.fed or []
+        if len(fed) != len(chunks):
+            raise InvalidRequestError(f"{len(chunks)} chunks but {len(fed)} fed entries")
+        got = self.samples.get(step.mb)
+        if got is None or got[0] != step.epoch or got[1] != step.step - 1 or not self.runtime.is_last:
+            raise StepVoid(f"mb {step.mb} step {step.step} feeds back step {step.step - 1}'s tokens, which this stage "
+                           "did not sample")
+        sampled = got[2]
+        rows, source, row = [], [], 0
+        for c, j in zip(chunks, fed):
+            if j >= 0:
+                if c.length != 1 or j >= sampled.shape[0]:
+                    raise InvalidRequestError(f"chunk of slot {c.slot}: fed row {j} of {sampled.shape[0]} for "
+                                              f"{c.length} tokens")
+                rows.append(row)
+                source.append(j)
+            row += c.length
+        return rows, source, sampled

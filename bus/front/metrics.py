@@ -99,6 +99,10 @@ class StatusCollector(Collector):
                                     "(back-pressure of the token pipeline; since the controller started)")
         waits.add_metric([], float(st.get("receive_waits", 0)))
         yield waits
+        dropped = CounterMetricFamily("dejavu_lookahead_dropped_rows", "rows computed for requests that had already "
+                                      "stopped on a sampled token (--lookahead; since the controller started)")
+        dropped.add_metric([], float(st.get("lookahead_dropped_rows", 0)))
+        yield dropped
         hosts = GaugeMetricFamily("dejavu_hosts", "host agents by state", labels=["state"])
         for state_, n in sorted(Tally(h.get("state", "?") for h in st.get("hosts", [])).items()):
             hosts.add_metric([state_], float(n))

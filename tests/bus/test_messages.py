@@ -33,9 +33,10 @@ GOLDEN = [
      "9d14a27231c092010204cb000000000000000000cb3ff00000000000000790c2c0c0"),  # + resume_token_ids, logprobs (nil)
     (TokenChunk("r1", 3, [42], "x"), "9616a2723103912aa178c0"),  # + logprobs (nil)
     (StepRequest(2, 1, 9, [Chunk(0, 0, 3)], [5, 6, 7], [Sampling()], TensorMeta("float32", [3, 8])),
-     "9a280201099193000003930506079195cb000000000000000000cb3ff000000000000000c092a7666c6f61743332920308c0c0"),
+     "9b280201099193000003930506079195cb000000000000000000cb3ff000000000000000c092a7666c6f61743332920308c0c0c0"),
     # + Sampling.logprobs (nil); + kv_to (nil): disaggregation's prompt passes name the token slots their KV goes
-    # to; + joined (nil): the chunks whose request joined the token pipeline
+    # to; + joined (nil): the chunks whose request joined the token pipeline; + fed (nil): a lookahead step's rows
+    # fed back from the previous step's samples
     (StepResult(2, 1, 9, [5, 6], [TokenLogprob(-0.5, [5, 7], [-0.5, -1.25]), None]),
      "96290201099205069293cbbfe000000000000092050792cbbfe0000000000000cbbff4000000000000c0"),
 ]
