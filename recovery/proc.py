@@ -270,6 +270,7 @@ class SupervisorProcess(ChildSupervisor):
             if plan.pipeline != "prompt" else "off", swap_bandwidth=cfg.swap_bandwidth,
             swap_step_ms=cfg.swap_step_ms,
             swap_settled=self.swap_plan.reason if self.swap_plan is not None and cfg.swap_mode == "auto" else "",
+            defer_tokens=None if cfg.defer_tokens == "auto" else cfg.defer_tokens == "on",
         )
         return encode_config(st)
 

@@ -129,6 +129,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with one stage in the pipeline: send each microbatch's next step while its current one "
                         "runs, the stage feeding back the tokens it sampled, so the GPU does not wait for the "
                         "controller between steps (a request that stops on a sampled token costs one extra row)")
+    p.add_argument("--defer-tokens", default="auto", choices=["auto", "on", "off"],
+                   help="a last stage launches the next step it holds before it reads a step's sampled tokens, so "
+                        "the device runs it meanwhile (auto: on for --device cuda; on CPU a step computes before "
+                        "its call returns, so its tokens would wait for the next step)")
     p.add_argument("--swap", default="auto", choices=["auto", "on", "off"],
                    help="microbatch swapping: each stage keeps 2 microbatches' KV in its own pool and the others in "
                         "its host streamer's swap pool, prefetching the next one while the current one computes (so "
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
-            standby=args.standby, lookahead=args.lookahead == "on",
+            standby=args.standby, lookahead=args.lookahead == "on", defer_tokens=args.defer_tokens,
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

@@ -62,6 +62,7 @@ class DeploymentConfig:
     # a one-stage pipeline: each microbatch's next step is sent while its current one runs, fed the sampled tokens
     # on the stage (bus/scheduler.py); no effect elsewhere
     lookahead: bool = True
+    defer_tokens: str = "auto"  # a last stage launches its next step before it reads a step's tokens: auto = cuda
     log_level: str = "INFO"
     log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
     # Hosts (recovery/hosts.py): `hosts` local agents as simulated hosts (each its own loopback address,
@@ -167,6 +168,8 @@ class DeploymentConfig:
             raise ValueError("--swap-bandwidth and --swap-step-ms must be >= 0 (0: measured at start)")
         if self.standby not in ("auto", "on", "off"):
             raise ValueError(f"--standby must be auto, on or off, got {self.standby!r}")
+        if self.defer_tokens not in ("auto", "on", "off"):
+            raise ValueError(f"--defer-tokens must be auto, on or off, got {self.defer_tokens!r}")
         if self.swap == "on":
             check_swap_on(self.microbatches, streamer=self.streamer)
 

@@ -68,6 +68,11 @@ class StageProcConfig:
     # loop's message handling while the GPU idles - the streamer's reason for the same figure
     # (streamer/config.py). An H100 A/B against 5 ms was within noise (bench/NOTES.md, the lean step).
     switch_interval_us: float = 200.0
+    # A last stage reads a step's sampled tokens only after it launched the next step it holds (if any), so the
+    # device runs that one while the host waits for the tokens and sends them (issue 20's lean step). None: on for
+    # CUDA; on CPU a step's compute is synchronous, so the tokens would wait for the next step's compute (tests
+    # turn it on there to run the same path).
+    defer_tokens: bool | None = None
 
     def __post_init__(self) -> None:
         if self.pipeline not in ("colocated", "prompt", "token"):

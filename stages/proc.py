@@ -115,6 +115,12 @@ class StageProcess:
         # links (set up on the compute thread) and its KV restore from the replica run meanwhile (issue 18)
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-load",
                                          initializer=init, initargs=args) if cfg.incarnation > 0 else None
+        # a last stage's tokens are read on a thread of their own (it waits for their step's event, while the
+        # compute thread launches the next step): StageProcConfig.defer_tokens
+        self.defer = (cfg.defer_tokens if cfg.defer_tokens is not None else cuda) and cfg.index == cfg.last_stage
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{cfg.index}-tokens") \
+            if self.defer else None
+        self.unsent: tuple[StepRequest, asyncio.Future[list[int]]] | None = None  # a step whose tokens are read
         self.core: StageCore | None = None
         self.core_ready = asyncio.Event()
         self.exit_code = 0
@@ -235,6 +241,8 @@ class StageProcess:
             self.compute.shutdown(wait=False, cancel_futures=True)
             if self.loader is not None:
                 self.loader.shutdown(wait=False, cancel_futures=True)
+            if self.reader is not None:
+                self.reader.shutdown(wait=False, cancel_futures=True)
             if self.replica is not None:
                 await self.replica.close()
             if self.swap is not None:
@@ -351,6 +359,7 @@ class StageProcess:
     async def _swap_failed(self, step: StepRequest, via_nccl: bool, e: Exception) -> None:
         """The step's microbatch could not be made resident: drop the step (its hidden states received, so the
         NCCL link stays in step) and let the controller recompute that microbatch."""
+        await self._send_tokens()  # (what the controller hears keeps the steps' order)
         log.warning("[swap] mb %d step %d not run: %s (the controller recomputes the microbatch)", step.mb,
                     step.step, e)
         if via_nccl and self.nccl is not None and step.hidden is not None:
@@ -538,10 +547,34 @@ class StageProcess:
         """The step belongs to a pipeline that is gone: rebuilt since (another epoch) or declared over."""
         return step.epoch != self.epoch or step.epoch <= self.over
 
+    async def _next_step(self) -> tuple[StepRequest, torch.Tensor | None]:
+        """The next step to run; meanwhile the tokens of the step before go out as soon as they are read (deferred:
+        if a step comes first, it is launched before they go, so the device runs it while they are read)."""
+        if self.unsent is None:
+            return await self.queue.get()
+        get = asyncio.ensure_future(self.queue.get())
+        try:
+            await asyncio.wait({get, self.unsent[1]}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                await self._send_tokens()
+            return await get
+        finally:
+            get.cancel()  # (no-op once done; the worker was cancelled otherwise)
+
+    async def _send_tokens(self) -> None:
+        """The deferred step's tokens to the controller, once read (its pipeline still serving)."""
+        if self.unsent is None:
+            return
+        step, reading = self.unsent
+        self.unsent = None
+        tokens = await reading
+        if not self._stale(step):
+            await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, tokens, []))
+
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            step, hidden = await self.queue.get()
+            step, hidden = await self._next_step()
             if self.core is None:  # a restarted stage's weights are still loading (bounded: a load that hangs is
                 await self.core_ready.wait()  # busy past --hang-timeout, and the supervisor kills the stage)
             if self._stale(step):
@@ -595,6 +628,7 @@ class StageProcess:
                 self.steps += 1
                 self.tokens += len(step.token_ids)
             except LinkClosed as e:  # a new epoch aborted the NCCL link this step used: the step is stale
+                await self._send_tokens()  # (what the controller hears keeps the steps' order)
                 log.info("[step] mb %d step %d (epoch %d) dropped: %s", step.mb, step.step, step.epoch, e)
                 if self.swap is not None:
                     self.swap.after_step(step, False)
@@ -604,6 +638,7 @@ class StageProcess:
                     await self._pushed(step, pushing, False, str(e))
                 continue
             except Exception as e:
+                await self._send_tokens()
                 if self.swap is not None:
                     self.swap.after_step(step, False)
                 if rep is not None:
@@ -629,6 +664,7 @@ class StageProcess:
             finally:
                 self.busy_since = 0.0
                 self.busy_total += time.monotonic() - started
+            await self._send_tokens()  # the step before's: this one is launched behind it
             if self.swap is not None:  # its rows go to the swap pool (and from there to the replica)
                 self.swap.after_step(step, not self._stale(step))
             elif rep is not None and step.kv_to is None:  # to the replica only if its pipeline still serves
@@ -637,7 +673,11 @@ class StageProcess:
                 await self._pushed(step, pushing, not self._stale(step), why)
             if self._stale(step):
                 continue  # the pipeline was rebuilt while this step ran
-            if out.tokens is not None:
+            if out.pending is not None:
+                assert self.reader is not None
+                self.unsent = (step, loop.run_in_executor(self.reader, out.pending.read))
+            elif out.tokens is not None:
+                await self._send_tokens()
                 await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens,
                                                             out.logprobs or []))
             elif out.sent is not None:
@@ -648,6 +688,7 @@ class StageProcess:
     async def _pushed(self, step: StepRequest, pushing: Pushing | None, ran: bool, why: str) -> None:
         """A prompt pass is over (ran: for a pipeline still current): the controller learns where its KV is once
         its transfer ends - or at once when it has none (KvSent ok=False: the requests run their prompt again)."""
+        await self._send_tokens()  # (what the controller hears keeps the steps' order)
         if self.push is not None and pushing is not None:
             self.push.after(step, pushing, ran, why)
             return
@@ -681,12 +722,12 @@ class StageProcess:
         if signal is not None:
             hooks = attach_kv_hooks(core.runtime.shard, signal)
             try:
-                out = core.run(local or step, hidden)
+                out = core.run(local or step, hidden, self.defer)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            out = core.run(local or step, hidden)
+            out = core.run(local or step, hidden, self.defer)
         if cuda and (self.replica is not None or self.swap is not None) and hasattr(self.kv.memory, "record"):
             self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
         if self.profiler is not None:

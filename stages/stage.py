@@ -19,11 +19,26 @@ from stages.runtime import ShardConfig, ShardRuntime
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A step's sampled tokens on their way to the host: read() waits for that step only (its event), not for
+    the steps launched after it."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None  # None: `host` holds them already (CPU)
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+@dataclass(frozen=True)
 class StepOutput:
     hidden: torch.Tensor | None  # [N, hidden] for the next stage
     tokens: list[int] | None  # last stage: one token per chunk
     sent: TensorMeta | None = None  # the hidden states already went downstream over NCCL
     logprobs: list[TokenLogprob | None] | None = None  # last stage: one per chunk when any chunk asked, else None
+    pending: Pending | None = None  # last stage, run(defer=True) without logprobs: the tokens, read later
 
 
 class StageCore:
@@ -32,7 +47,9 @@ class StageCore:
         # microbatch -> (epoch, step, its sampled tokens on the device): what a lookahead step feeds back
         self.samples: dict[int, tuple[int, int, torch.Tensor]] = {}
 
-    def run(self, step: StepRequest, hidden: torch.Tensor | None) -> StepOutput:
+    def run(self, step: StepRequest, hidden: torch.Tensor | None, defer: bool = False) -> StepOutput:
+        """One step. defer: a last stage returns its tokens as `pending` (copied to pinned host memory behind the
+        step, unless a chunk asked for logprobs), so its caller can launch more work before it reads them."""
         rt = self.runtime
         chunks = [SeqChunk(c.slot, c.start, c.length) for c in step.chunks]
         if len(step.sampling) != len(chunks):
@@ -55,7 +72,15 @@ class StageCore:
         tokens = sample(out, params, positions)
         self.samples[step.mb] = (step.epoch, step.step, tokens)
         if all(p.logprobs is None for p in params):
-            return StepOutput(None, tokens.tolist())
+            if not defer:
+                return StepOutput(None, tokens.tolist())
+            if tokens.is_cuda:
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                return StepOutput(None, None, pending=Pending(host, event))
+            return StepOutput(None, None, pending=Pending(tokens, None))
         lps = [None if lp is None else TokenLogprob(*lp)
                for lp in token_logprobs(out, tokens, [p.logprobs for p in params])]
         return StepOutput(None, tokens.tolist(), logprobs=lps)
