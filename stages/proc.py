@@ -573,8 +573,13 @@ class StageProcess:
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
+        cuda = self.cfg.device.startswith("cuda")
         while True:
             step, hidden = await self._next_step()
+            if self.unsent is not None and (self.core is None or (cuda and not self.core.replays(step))):
+                # a slow launch (a graph to capture, a prompt's eager kernels) or weights still loading: the step
+                # before's tokens go first (at a restart the first steps capture graphs: 1.8 s for an OPT-13B stage)
+                await self._send_tokens()
             if self.core is None:  # a restarted stage's weights are still loading (bounded: a load that hangs is
                 await self.core_ready.wait()  # busy past --hang-timeout, and the supervisor kills the stage)
             if self._stale(step):

@@ -85,6 +85,15 @@ class StageCore:
                for lp in token_logprobs(out, tokens, [p.logprobs for p in params])]
         return StepOutput(None, tokens.tolist(), logprobs=lps)
 
+    def replays(self, step: StepRequest) -> bool:
+        """The step replays a decode graph captured already: its launch is quick (no capture, no cuDNN engine to
+        compile, no eager kernel launches)."""
+        graphs = self.runtime.graphs
+        if graphs is None:
+            return False
+        key = graphs.key([SeqChunk(c.slot, c.start, c.length) for c in step.chunks])
+        return key is not None and key in graphs.graphs
+
     def _fed(self, step: StepRequest, chunks: list[SeqChunk]) -> tuple[list[int], list[int], torch.Tensor]:
         """A lookahead step's fed-back rows: (its token rows, their rows in the previous step, that step's tokens)."""
         fed = step.fed or []
