@@ -226,9 +226,7 @@ class SupervisorProcess(ChildSupervisor):
             prompt_microbatches=cfg.prompt_microbatches, prompt_microbatch_size=cfg.prompt_batch,
             memory_plan=cfg.memory_plan,
             swap=may_swap,
-            # lookahead needs the pipeline's first stage to sample (one stage) and one step to need no more than the
-            # previous one's tokens (not with swapping's frames, nor a token pipeline's joins: not built for them)
-            lookahead=cfg.lookahead and cfg.num_stages == 1 and not cfg.disaggregated and not may_swap,
+            lookahead=cfg.lookahead_on and not may_swap,
         )
         self._spawn(self._child(ChildSpec("controller", 0, "bus.controller_proc", ctl_cfg)))
         per_host = -(-cfg.num_stages // max(1, cfg.hosts))  # GPUs of a simulated host: its block of stages

@@ -125,10 +125,11 @@ def parser() -> argparse.ArgumentParser:
                    help="each host keeps one warm standby stage process, its imports done, which the next stage "
                         "restart on that host becomes (a restart then skips Python's start and imports: ~2.9 s on "
                         "a GPU VM); auto: on for --device cuda")
-    p.add_argument("--lookahead", default="on", choices=["on", "off"],
+    p.add_argument("--lookahead", default="auto", choices=["auto", "on", "off"],
                    help="with one stage in the pipeline: send each microbatch's next step while its current one "
                         "runs, the stage feeding back the tokens it sampled, so the GPU does not wait for the "
-                        "controller between steps (a request that stops on a sampled token costs one extra row)")
+                        "controller between steps (a request that stops on a sampled token costs one extra row); "
+                        "auto: on for --device cuda (on CPU the controller would compete with the stage for cores)")
     p.add_argument("--defer-tokens", default="auto", choices=["auto", "on", "off"],
                    help="a last stage launches the next step it holds before it reads a step's sampled tokens, so "
                         "the device runs it meanwhile (auto: on for --device cuda; on CPU a step computes before "
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
-            standby=args.standby, lookahead=args.lookahead == "on", defer_tokens=args.defer_tokens,
+            standby=args.standby, lookahead=args.lookahead, defer_tokens=args.defer_tokens,
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

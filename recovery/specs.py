@@ -60,8 +60,9 @@ class DeploymentConfig:
     receive_bytes: int = 64 << 20
     standby: str = "auto"  # a warm standby stage process per host (recovery/standby.py): auto = on for cuda
     # a one-stage pipeline: each microbatch's next step is sent while its current one runs, fed the sampled tokens
-    # on the stage (bus/scheduler.py); no effect elsewhere
-    lookahead: bool = True
+    # on the stage (bus/scheduler.py); no effect elsewhere. auto = on for cuda (on CPU the controller's work would
+    # then run beside the stage's compute threads on the same cores, and slow them: 2.1x on the 2-core box)
+    lookahead: str = "auto"
     defer_tokens: str = "auto"  # a last stage launches its next step before it reads a step's tokens: auto = cuda
     log_level: str = "INFO"
     log_dir: str = ""  # each process logs to <log_dir>/<process>.log ("" = the supervisor's stderr)
@@ -168,6 +169,8 @@ class DeploymentConfig:
             raise ValueError("--swap-bandwidth and --swap-step-ms must be >= 0 (0: measured at start)")
         if self.standby not in ("auto", "on", "off"):
             raise ValueError(f"--standby must be auto, on or off, got {self.standby!r}")
+        if self.lookahead not in ("auto", "on", "off"):
+            raise ValueError(f"--lookahead must be auto, on or off, got {self.lookahead!r}")
         if self.defer_tokens not in ("auto", "on", "off"):
             raise ValueError(f"--defer-tokens must be auto, on or off, got {self.defer_tokens!r}")
         if self.swap == "on":
@@ -175,6 +178,13 @@ class DeploymentConfig:
 
     def policy(self) -> HostPolicy:
         return HostPolicy(**{f.name: getattr(self, f.name) for f in fields(HostPolicy)})
+
+    @property
+    def lookahead_on(self) -> bool:
+        """Steps are sent one ahead: asked for (auto: on GPUs), and where it applies - one stage that both takes
+        token ids and samples, no swapping frames, no token pipeline's joins (not built for those)."""
+        wanted = self.lookahead == "on" or (self.lookahead == "auto" and self.device != "cpu")
+        return wanted and self.num_stages == 1 and not self.disaggregated
 
     @property
     def disaggregated(self) -> bool:
