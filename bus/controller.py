@@ -276,7 +276,7 @@ class Controller:
             for (req, _, samples), token, lp in zip(done.members, result.tokens, logprobs):
                 if req.done:  # superseded, or ended at an earlier step (lookahead: this row was sent before that)
                     self.sched.release(req)
-                    self.dropped_rows += 1
+                    self.dropped_rows += self.sched.lookahead
                 elif req.cancelled:
                     self.sched.release(req)
                     self._end_cancelled(req)
