@@ -176,12 +176,12 @@ def test_the_stage_feeds_back_its_samples_and_refuses_a_step_it_cannot_feed(mode
 # ---------------------------------------------------------------- the running system
 
 
-@pytest.mark.parametrize("stages,defer", [(1, "off"), (1, "on"), (2, "on")])
+@pytest.mark.parametrize("stages,defer", [(1, "on"), (2, "on")])
 def test_served_outputs_equal_hf_with_stop_tokens_and_cancels(stages: int, defer: str, model_factory) -> None:  # type: ignore[no-untyped-def]
     """36 requests on 4-slot microbatches: each one's own stop token (its 3rd greedy token, so it stops early and
     a lookahead row sent behind that token is dropped) for a third of them; 4 more cancelled mid-run. One stage
-    with lookahead (the path GPU deployments take; `auto` keeps it off on CPU), its tokens read at once or deferred
-    (the last stage launches the next step first, as GPU stages do); two stages (no lookahead there) deferred."""
+    with lookahead (the path GPU deployments take; `auto` keeps it off on CPU), two stages (no lookahead there), the
+    last stage's tokens deferred in both (it launches the next step first, as GPU stages do)."""
     path = model_factory("llama")
     from stages.models import load_spec
 

@@ -219,6 +219,7 @@ def chaos(path, seed: int, kills: int, n: int) -> None:  # type: ignore[no-untyp
         assert dep.stop() == 0
 
 
+@pytest.mark.slow  # ~20 s; the default suite keeps a deterministic kill -9 of each kind of process (above, below)
 def test_random_kills_of_every_kind_of_process_lose_nothing(model_factory) -> None:  # type: ignore[no-untyped-def]
     chaos(model_factory("llama"), seed=4, kills=5, n=24)
 

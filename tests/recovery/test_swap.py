@@ -213,6 +213,7 @@ def randomized_kills(path, seed: int, count: int, args: tuple[str, ...] = ()):  
     assert len(st["recoveries"]) == count
 
 
+@pytest.mark.slow  # ~14 s; the default suite keeps the deterministic kill of a swapping stage (above)
 def test_random_kills_of_swapping_stages_are_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
     randomized_kills(model_factory("llama"), seed=3, count=2)
 
