@@ -275,12 +275,8 @@ class Controller:
         else:
             for (req, _, samples), token, lp in zip(done.members, result.tokens, logprobs):
                 if req.done:  # superseded, or ended at an earlier step (lookahead: this row was sent before that)
-                    self.sched.release(req)
                     self.dropped_rows += self.sched.lookahead
-                elif req.cancelled:
-                    self.sched.release(req)
-                    self._end_cancelled(req)
-                elif samples:
+                if not self._let_go(req) and samples:
                     self._commit(req, token, lp)
         self.schedule(now)
 
@@ -290,12 +286,18 @@ class Controller:
         self.clock = now
         done = self.sched.complete(mb_index, step, now, ran=False)
         for req, _, _ in done.members if done is not None else ():
-            if req.done:
-                self.sched.release(req)
-            elif req.cancelled:
-                self.sched.release(req)
-                self._end_cancelled(req)
+            self._let_go(req)
         self.schedule(now)
+
+    def _let_go(self, req: Request) -> bool:
+        """A member of a step that came back: if it ended (done) or was cancelled meanwhile, its slot is released
+        (and a cancel ended) - True; else False (it goes on)."""
+        if not (req.done or req.cancelled):
+            return False
+        self.sched.release(req)
+        if not req.done:
+            self._end_cancelled(req)
+        return True
 
     def on_kv_sent(self, stage: int, sent: KvSent, now: float) -> None:
         """Prompt stage `stage` (0-based in the prompt pipeline) says where its KV of a prompt pass is."""

@@ -153,8 +153,7 @@ class Scheduler:
         for slot in sorted(mb.members):
             req = mb.members[slot]
             tokens = req.tokens
-            todo = len(tokens) - req.cached
-            n = min(todo, self.prefill_chunk) if self.prefill_chunk and todo > 1 else todo
+            n = self._take(len(tokens) - req.cached)
             chunks.append(Chunk(slot, req.cached, n))
             token_ids.extend(tokens[req.cached : req.cached + n])
             sampling.append(req.sampling)
@@ -189,20 +188,23 @@ class Scheduler:
                 token_ids.append(0)  # (the stage puts the fed-back token here)
             else:
                 tokens = req.tokens
-                todo = len(tokens) - start
-                if todo < 1:
+                if start >= len(tokens):
                     continue
-                n = min(todo, self.prefill_chunk) if self.prefill_chunk and todo > 1 else todo
+                n = self._take(len(tokens) - start)
                 chunks.append(Chunk(slot, start, n))
                 token_ids.extend(tokens[start : start + n])
             sampling.append(req.sampling)
             fed.append(row)
-            members.append((req, n, row >= 0 or start + n == len(req.tokens)))
+            members.append((req, n, row >= 0 or start + n == req.seq_len))
         if not chunks:
             return None
         mb.steps += 1
         mb.ahead = InFlight(mb.steps, now, members)
         return StepRequest(self.epoch, mb.index, mb.steps, chunks, token_ids, sampling, fed=fed)
+
+    def _take(self, todo: int) -> int:
+        """Of `todo` tokens not yet cached, how many one step feeds (chunked prefill splits a long prompt)."""
+        return min(todo, self.prefill_chunk) if self.prefill_chunk and todo > 1 else todo
 
     def _stops_after(self, req: Request) -> bool:
         """`req` stops with the token it samples at its step in flight, whatever that token is (its length)."""

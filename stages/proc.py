@@ -682,7 +682,6 @@ class StageProcess:
                 assert self.reader is not None
                 self.unsent = (step, loop.run_in_executor(self.reader, out.pending.read))
             elif out.tokens is not None:
-                await self._send_tokens()
                 await send(self.ctl, self.codec, StepResult(step.epoch, step.mb, step.step, out.tokens,
                                                             out.logprobs or []))
             elif out.sent is not None:

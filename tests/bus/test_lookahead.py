@@ -196,13 +196,14 @@ def test_served_outputs_equal_hf_with_stop_tokens_and_cancels(stages: int, defer
             runs = [asyncio.ensure_future(c.generate(prompt_token_ids=p, max_new_tokens=n,
                                                      stop_token_ids=[stops[i]] if i in stops else []))
                     for i, (p, n) in enumerate(work)]
-            extra = [asyncio.ensure_future(c.generate(prompt_token_ids=[5, 6, 7], max_new_tokens=60,
-                                                      ignore_eos=True)) for _ in range(4)]
-            await asyncio.sleep(0.3)
-            for e in extra:
-                e.cancel()
+            async def cancelled_after_its_first_token() -> None:
+                stream = c.stream(prompt_token_ids=[5, 6, 7], max_new_tokens=60, ignore_eos=True)
+                await anext(stream)
+                await stream.aclose()  # (sends CancelRequest while its next rows are in flight)
+
+            extra = [asyncio.ensure_future(cancelled_after_its_first_token()) for _ in range(4)]
             results = await asyncio.gather(*runs)
-            await asyncio.gather(*extra, return_exceptions=True)
+            await asyncio.gather(*extra)
             return results, await c.status()
 
     try:
