@@ -68,13 +68,13 @@ def copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: in
 def gather_blocks(packed: int, pool: int, blocks: Iterable[Any], kind: int, stream: torch.cuda.Stream) -> None:
     """Copy the pool bytes of DMA blocks (regions.Block) into the packed chunk at `packed`, one 2-D copy each."""
     for b in blocks:
-        copy_2d(packed + b.packed_off, b.width, pool + b.pool_off, b.pitch, b.width, b.height, kind, stream)
+        copy_2d(packed + b.packed_off, b.packed_step, pool + b.pool_off, b.pitch, b.width, b.height, kind, stream)
 
 
 def scatter_blocks(pool: int, packed: int, blocks: Iterable[Any], kind: int, stream: torch.cuda.Stream) -> None:
     """The reverse of gather_blocks: the packed chunk at `packed` onto its blocks' places in the pool."""
     for b in blocks:
-        copy_2d(pool + b.pool_off, b.pitch, packed + b.packed_off, b.width, b.width, b.height, kind, stream)
+        copy_2d(pool + b.pool_off, b.pitch, packed + b.packed_off, b.packed_step, b.width, b.height, kind, stream)
 
 
 def _rows_peer(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,

@@ -438,7 +438,8 @@ class GpuMover:
     async def read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
                    wait_layer: int | None, blocks: list[Block] | None = None) -> GpuHandle:
         """Packed rows [r0, r1) of `src` into pinned host memory. `blocks`: the chunk's DMA blocks when its pieces
-        are long (regions.region_blocks, planned once per region shape), used when buffered and unchecked."""
+        are long (regions.region_blocks, planned once per region shape), used when buffered; then no digest is
+        made here even when `check` (finish_read's is None): the caller digests the host bytes on a CPU thread."""
         return await self._on_gpu(self._read, src, index, r0, r1, buffered, check, wait_layer, blocks)
 
     def _read(self, src: Endpoint, index: RouteIndex, r0: int, r1: int, buffered: bool, check: bool,
@@ -451,9 +452,9 @@ class GpuMover:
                       keep=[src.flat])
         with on_device(a), torch.cuda.stream(sa):
             self.wait_source(sa, src, wait_layer)
-            if blocks is not None and buffered and not check:  # long pieces: pool -> pinned buffer by DMA
-                gather_blocks(out.data_ptr(), src.flat.data_ptr(), blocks, D2H, sa)
-                h.event.record(sa)
+            if blocks is not None and buffered:  # long pieces: pool -> pinned buffer by DMA, no kernel of ours
+                gather_blocks(out.data_ptr(), src.flat.data_ptr(), blocks, D2H, sa)  # on the stage's GPU: checked,
+                h.event.record(sa)  # the caller digests the landed bytes on the CPU (finish_read returns None)
                 return h
             s_idx = self.device_index(index, a, "src")[r0:r1]
             if buffered:

@@ -92,7 +92,7 @@ def local_route(src: Endpoint, region: Region, dst: Endpoint, dst_region: Region
     check_compatible(src.layout, region, dst.layout, dst_region)
     index = RouteIndex.build(src, region, dst, dst_region)
     rb = src.layout.row_bytes
-    if (src.is_cuda or dst.is_cuda) and direct_worthwhile(region, rb):
+    if (src.is_cuda or dst.is_cuda) and direct_worthwhile(region, rb, layered):
         chunks, blocks = direct_plan(src.layout, region, dst.layout, dst_region, chunk_bytes, layered)
         return LocalRoute(region, dst, dst_region, index, chunks, blocks)
     return LocalRoute(region, dst, dst_region, index, plan_chunks(region, rb, chunk_bytes, layered))
@@ -734,9 +734,14 @@ class Transfer:
                                                   self.checks(r), buf)
             return data, dg, buf
         check = self.checks(r)
-        blocks = region_blocks(self.src.layout, r.src_region, c.r0, c.r1) if self.buffered and not check else None
+        # DMA blocks when the pieces are long (a prompt layer) or cut by slot into long blocks (a decode step's
+        # rows): copy engines only, so no kernel of this process's CUDA context competes with the stage's step
+        # for the GPU; a checked chunk is then digested here on a CPU thread (GPU-gathered ones on the GPU)
+        blocks = region_blocks(self.src.layout, r.src_region, c.r0, c.r1) if self.buffered else None
         h = await self.rt.gpu.read(self.src, r.index, c.r0, c.r1, self.buffered, check, c.layer, blocks)
         data, dg = await self.rt.gpu.finish_read(h, self._left())
+        if check and dg is None:
+            dg = await asyncio.get_running_loop().run_in_executor(self.rt.cpu_executor, checksum, data)
         return data, dg, None
 
 

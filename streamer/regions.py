@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ class Chunk:
 
 def plan_chunks(region: Region, row_bytes: int, chunk_bytes: int, layered: bool) -> list[Chunk]:
     """Split the packed region into chunks of at most `chunk_bytes` (at least one row each). Layered plans never
-    let a chunk cross a layer boundary, so layer l moves as soon as it is ready."""
+    let a chunk cross a layer boundary, so layer l moves as soon as it is ready; others cut at (layer, K|V)
+    half boundaries when a half fits a chunk (their DMA blocks: slot_major_blocks)."""
     per_layer = 2 * region.tokens_total
     step = max(1, chunk_bytes // row_bytes)
     a = region.layers[0]
@@ -105,6 +106,8 @@ def plan_chunks(region: Region, row_bytes: int, chunk_bytes: int, layered: bool)
                 out.append(Chunk(len(out), r0, r1, a + i, (a + i,) if r1 == hi else ()))
         return out
     total = per_layer * region.num_layers
+    if per_layer // 2 <= step:  # whole (layer, K|V) halves per chunk: slot_major_blocks can cut them by DMA
+        step -= step % (per_layer // 2)
     for r0 in range(0, total, step):
         r1 = min(total, r0 + step)
         first_done = a + -(-(r0 + 1) // per_layer) - 1  # the layer whose last row is the first at/after r0
@@ -138,13 +141,19 @@ def _run_starts(breaks: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Block:
     """`height` runs of `width` bytes: run k sits at byte `pool_off + k * pitch` in the pool and at
-    `packed_off + k * width` in the packed chunk. One cudaMemcpy2DAsync moves a block."""
+    `packed_off + k * packed_pitch` in the packed chunk (0: `width`, the runs back to back). One
+    cudaMemcpy2DAsync moves a block."""
 
     pool_off: int
     pitch: int
     width: int
     height: int
     packed_off: int
+    packed_pitch: int = 0
+
+    @property
+    def packed_step(self) -> int:
+        return self.packed_pitch or self.width
 
 
 def dma_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block]:
@@ -181,23 +190,52 @@ def merge_runs(src: list[int], dst: list[int], lens: list[int]) -> list[tuple[in
 
 
 def region_blocks(layout: PoolLayout, region: Region, r0: int, r1: int) -> list[Block] | None:
-    """`long_blocks` of packed rows [r0, r1) of `region` (checked against `layout`), from a plan made once per
-    region *shape* (slots, token ranges, layer count, chunk range) and moved to the region's layers - a stream
-    of prompt layers to a peer streamer computes it once (building the row map and its blocks for each 31 MiB
-    layer took ~150 us of the loop, 2xH200, bench/probe_remote.py)."""
+    """The DMA blocks of packed rows [r0, r1) of `region` (checked against `layout`) - `slot_major_blocks` when
+    the chunk is whole (layer, K|V) halves cut by slot into fewer, long enough blocks (a decode step's rows),
+    else `long_blocks` - from a plan made once per region *shape* (slots, token ranges, layer count, chunk
+    range) and moved to the region's layers - a stream of prompt layers to a peer streamer computes it once
+    (building the row map and its blocks for each 31 MiB layer took ~150 us of the loop, 2xH200,
+    bench/probe_remote.py). None: short pieces, gathered or scattered by one index kernel."""
     blocks = _shape_blocks(layout, region.slots, region.tokens, region.num_layers, r0, r1)
     shift = (region.layers[0] - layout.first_layer) * layout.layer_bytes
     if blocks is None or shift == 0:
         return None if blocks is None else list(blocks)
-    return [Block(b.pool_off + shift, b.pitch, b.width, b.height, b.packed_off) for b in blocks]
+    return [replace(b, pool_off=b.pool_off + shift) for b in blocks]
 
 
 @functools.lru_cache(maxsize=4096)
 def _shape_blocks(layout: PoolLayout, slots: tuple[int, ...], tokens: tuple[tuple[int, int], ...], layers: int,
                   r0: int, r1: int) -> tuple[Block, ...] | None:
+    by_slot = slot_major_blocks(layout, slots, tokens, r0, r1)
+    if by_slot is not None:
+        return tuple(by_slot)
     region = Region(slots, (layout.first_layer, layout.first_layer + layers), tokens)
     blocks = long_blocks(packed_rows(layout, region)[r0:r1], layout.row_bytes)
     return None if blocks is None else tuple(blocks)
+
+
+def slot_major_blocks(layout: PoolLayout, slots: Sequence[int], tokens: Sequence[tuple[int, int]], r0: int,
+                      r1: int) -> list[Block] | None:
+    """Blocks of packed rows [r0, r1) cut by slot - one per slot with tokens, over the chunk's (layer, K|V)
+    halves, at half a layer's pitch in the pool and one half's rows in the packed chunk - when the chunk is
+    whole halves, no more blocks than halves, and long enough on average (DIRECT_RUN_BYTES); else None. The
+    rows of decode steps sent to a peer streamer (replication's deltas) are such chunks: copy engines move
+    them with no kernel of the streamer's on the stage's GPU (where the GPU time-slices it with the stage)."""
+    per_half = sum(t1 - t0 for t0, t1 in tokens)
+    if per_half == 0 or r0 % per_half or r1 % per_half:
+        return None
+    h0, h1 = r0 // per_half, r1 // per_half
+    pieces = sum(1 for t0, t1 in tokens if t1 > t0)
+    rb = layout.row_bytes
+    if h1 <= h0 or pieces > h1 - h0 or per_half * rb * (h1 - h0) < DIRECT_RUN_BYTES * pieces:
+        return None
+    half, seq = layout.layer_bytes // 2, layout.max_seq_len
+    out, at = [], 0
+    for s, (t0, t1) in zip(slots, tokens):
+        if t1 > t0:
+            out.append(Block(h0 * half + (s * seq + t0) * rb, half, (t1 - t0) * rb, h1 - h0, at * rb, per_half * rb))
+        at += t1 - t0
+    return out
 
 
 def long_blocks(idx: torch.Tensor, row_bytes: int) -> list[Block] | None:
@@ -223,29 +261,62 @@ class PairBlock:
     height: int
 
 
-DIRECT_RUN_BYTES = 128 * 1024  # pieces at least this long on average go pool to pool by DMA, with no staging
+DIRECT_RUN_BYTES = 128 * 1024  # blocks at least this long on average go pool to pool by DMA, with no staging
 
 
-def direct_worthwhile(region: Region, row_bytes: int, min_run_bytes: int = DIRECT_RUN_BYTES) -> bool:
-    """Whether the region's pieces are long enough, on average, for pool-to-pool DMA to beat staging (a copy
-    engine moves short pieces slowly, and every copy call costs host time)."""
+def direct_worthwhile(region: Region, row_bytes: int, layered: bool = False,
+                      min_run_bytes: int = DIRECT_RUN_BYTES) -> bool:
+    """Whether pool-to-pool DMA beats staging for this region: its 2-D blocks (pair_blocks) carry at least
+    `min_run_bytes` on average (a copy engine moves short pieces slowly, and every copy call costs host time).
+    A block covers a slot's pieces of every (layer, K|V) of its chunk (slot_blocks): two per slot in a layered
+    chunk (one layer), all 2 x layers otherwise - so the rows of a decode step, one token per slot and layer, are
+    a block per slot, long on a model with many wide layers (OPT-13B: 40 x 2 x 10 KiB). Staging them instead
+    costs a gather kernel in the streamer's own CUDA context on the stage's GPU, which the GPU time-slices
+    against the stage's step: replication's per-step deltas, after every step."""
     pieces = sum(1 for t0, t1 in region.tokens if t1 > t0)
-    return pieces > 0 and region.tokens_total * row_bytes >= min_run_bytes * pieces
+    halves = 2 if layered else 2 * region.num_layers
+    return pieces > 0 and region.tokens_total * row_bytes * halves >= min_run_bytes * pieces
 
 
 def pair_blocks(src_layout: PoolLayout, src_region: Region, dst_layout: PoolLayout, dst_region: Region,
                 layers: tuple[int, int] | None = None) -> list[PairBlock]:
     """Pool-to-pool 2-D blocks moving route layers [i, j) (default: all) of a source region onto the compatible
     destination region, computed from the regions' geometry (no row maps). Piece k of the source lands on
-    piece k of the destination (same lengths: check_compatible). Consecutive pieces of equal length whose
-    source and destination both advance by constant strides (at least the width, so rows never overlap)
-    merge into one block: one prompt layer of a microbatch (K and V of every slot) is at most two blocks."""
+    piece k of the destination (same lengths: check_compatible). Two ways to cut, the one with fewer blocks
+    (judged by the count of slots against (layer, K|V) pieces, without building both):
+    - slot-major (slot_blocks): one block per slot with tokens, over every (layer, K|V) of the range - a decode
+      step's rows of a whole microbatch are a block per slot;
+    - layer-major: consecutive pieces of equal length whose source and destination both advance by constant
+      strides (at least the width, so rows never overlap) merge into one block: one prompt layer of a
+      microbatch (K and V of every slot) is at most two blocks."""
     i, j = layers or (0, src_region.num_layers)
+    slots = sum(1 for t0, t1 in src_region.tokens if t1 > t0)
+    if slots <= 2 * (j - i):
+        return slot_blocks(src_layout, src_region, dst_layout, dst_region, (i, j))
     a, b = src_region.layers[0], dst_region.layers[0]
     # both regions were checked by check_compatible (local_route) before any blocks are made
     ps = region_pieces(src_layout, src_region.sub_layers(a + i, a + j), validate=False)  # empty slots: skipped
     pd = region_pieces(dst_layout, dst_region.sub_layers(b + i, b + j), validate=False)  # on both sides
     return [PairBlock(*m) for m in merge_runs([o for o, _ in ps], [o for o, _ in pd], [n for _, n in ps])]
+
+
+def slot_blocks(src_layout: PoolLayout, src_region: Region, dst_layout: PoolLayout, dst_region: Region,
+                layers: tuple[int, int]) -> list[PairBlock]:
+    """One block per slot with tokens, covering its piece of every (layer, K|V) of route layers [i, j): a
+    pool's K and V halves alternate at half a layer's bytes (layout [layers, 2, slots, seq, ...]), so those
+    pieces sit at one constant stride on each side (at least the piece: a half holds every slot's sequence)."""
+    i, j = layers
+    out: list[PairBlock] = []
+    rs, rd = src_layout.row_bytes, dst_layout.row_bytes
+    hs, hd = src_layout.layer_bytes // 2, dst_layout.layer_bytes // 2
+    base_s = 2 * (src_region.layers[0] - src_layout.first_layer + i) * hs
+    base_d = 2 * (dst_region.layers[0] - dst_layout.first_layer + i) * hd
+    ts, td = src_layout.max_seq_len, dst_layout.max_seq_len
+    for s, (t0, t1), d, (u0, _) in zip(src_region.slots, src_region.tokens, dst_region.slots, dst_region.tokens):
+        if t1 > t0:
+            out.append(PairBlock(base_s + (s * ts + t0) * rs, hs, base_d + (d * td + u0) * rd, hd, (t1 - t0) * rs,
+                                 2 * (j - i)))
+    return out
 
 
 def plan_direct(region: Region, row_bytes: int, chunk_bytes: int, layered: bool) -> list[Chunk]:

@@ -132,14 +132,15 @@ def test_short_pieces_take_staging_chunks_enqueued_together() -> None:
                        packed(src.flat.view(lay.dtype).view(lay.shape), lay, region))
 
 
-@pytest.mark.parametrize(("layered", "tokens", "inline"), [(False, 64, False), (True, 64, False), (True, 1024, True)],
+@pytest.mark.parametrize(("layered", "tokens", "inline"), [(False, 32, False), (True, 64, False), (True, 1024, True)],
                          ids=["staged", "staged-layered", "direct-layered-inline"])
 def test_failed_chunk_fails_the_transfer_after_draining_what_was_enqueued(layered: bool, tokens: int,
                                                                           inline: bool) -> None:
     env = Env()
     gpu = env.rt.gpu = FakeGpuMover(fail_chunk=1, inline=inline)
     lay, src, dst = _pools(tokens)
-    # staged: 4 layers x 2 x 4 x 64 rows = 2,048 rows: 8 chunks; direct: one chunk per layer
+    # staged: 4 layers x 2 x 4 x 32 rows = 1,024 rows: 4 chunks (a slot's 8 pieces, 64 KiB, are short of one
+    # DMA block); staged-layered: 8 chunks; direct: one chunk per layer
     region = Region.uniform(range(4), (0, 4), 0, min(tokens, 1000))
 
     async def go() -> None:

@@ -11,6 +11,7 @@ from streamer import wire
 from streamer.errors import BadRequestError
 from streamer.layout import PoolLayout, Region, region_pieces, region_rows
 from streamer.regions import (
+    Block,
     check_compatible,
     common_runs,
     direct_worthwhile,
@@ -200,24 +201,68 @@ def test_direct_plans_reused_across_layers_match_fresh_plans(seed: int) -> None:
                           for c in want]
 
 
+def gather_by_blocks(pool: torch.Tensor, blocks: list[Block], nbytes: int) -> torch.Tensor:
+    """What the cudaMemcpy2DAsync blocks would gather from `pool` (flat bytes) into a packed chunk, done with
+    strided views (either side pitched)."""
+    out = torch.zeros(nbytes, dtype=torch.uint8)
+    for b in blocks:
+        assert b.pitch >= b.width and b.packed_step >= b.width
+        out.as_strided((b.height, b.width), (b.packed_step, 1), b.packed_off).copy_(
+            pool.as_strided((b.height, b.width), (b.pitch, 1), b.pool_off))
+    return out
+
+
 @pytest.mark.parametrize("seed", range(16))
-def test_chunk_blocks_reused_across_layers_match_the_row_maps(seed: int) -> None:
-    """regions.region_blocks (the DMA blocks of an NCCL chunk, planned once per region shape and chunk range)
-    equals the blocks of the chunk's own row map, for random shapes, layers and row ranges - None exactly when
-    the pieces are short."""
-    from streamer.regions import long_blocks, region_blocks
+def test_chunk_blocks_reused_across_layers_move_the_chunk_rows(seed: int) -> None:
+    """regions.region_blocks (the DMA blocks of a chunk to or from a peer streamer, planned once per region
+    shape and chunk range, cut by slot or by the row map's runs) gathers exactly the chunk's rows, for random
+    shapes, layers and row ranges (whole halves among them) - None exactly when neither cut is long enough."""
+    from streamer.regions import long_blocks, region_blocks, slot_major_blocks
 
     rng = random.Random(seed)
     lay = random_layout(rng, torch.bfloat16, first_layer=rng.randint(0, 3), num_layers=rng.randint(2, 5),
                         max_seq=rng.choice([40, 600]), kv_heads=8, head_dim=64)
+    pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed)
+    rows = pool.view(-1, lay.row_bytes)
     n = rng.randint(1, lay.num_layers)
     shape = random_region(rng, lay, layers=(lay.first_layer, lay.first_layer + n))
-    total = 2 * shape.tokens_total * n
-    ranges = [(0, total), (rng.randint(0, total - 1), total)]
+    half = shape.tokens_total
+    total = 2 * half * n
+    h0 = rng.randint(0, 2 * n - 1)
+    ranges = [(0, total), (rng.randint(0, total - 1), total), (h0 * half, rng.randint(h0 + 1, 2 * n) * half)]
     for a in rng.sample(range(lay.num_layers - n + 1), lay.num_layers - n + 1):
         region = shape.sub_layers(lay.first_layer + a, lay.first_layer + a + n)
+        idx = region_rows(lay, region)
         for r0, r1 in ranges:
-            assert region_blocks(lay, region, r0, r1) == long_blocks(region_rows(lay, region)[r0:r1], lay.row_bytes)
+            got = region_blocks(lay, region, r0, r1)
+            if got is None:
+                assert long_blocks(idx[r0:r1], lay.row_bytes) is None
+                assert slot_major_blocks(lay, region.slots, region.tokens, r0, r1) is None
+                continue
+            want = rows.index_select(0, idx[r0:r1]).reshape(-1)
+            assert torch.equal(gather_by_blocks(pool, got, want.numel()), want)
+
+
+def test_decode_step_rows_go_by_dma_a_block_per_slot() -> None:
+    """A decode step's rows of a microbatch (one token per slot and layer: short pieces) on a model of many wide
+    layers are one 2-D block per slot, locally (pool to pool) and to a peer (into the packed chunk, whose
+    plan cuts at half boundaries): copy engines only, no gather kernel in the streamer's context on the
+    stage's GPU. Narrow, few layers: still staged."""
+    from streamer.regions import region_blocks
+
+    opt = PoolLayout(0, 40, 24, 2048, 40, 128, torch.float16)  # OPT-13B: 10 KiB rows
+    step = Region(tuple(range(8)), (0, 40), tuple((900 + 7 * s, 901 + 7 * s) for s in range(8)))
+    assert direct_worthwhile(step, opt.row_bytes)
+    blocks = pair_blocks(opt, step, opt, step)
+    assert [(b.height, b.width) for b in blocks] == [(80, opt.row_bytes)] * 8
+    chunks = plan_chunks(step, opt.row_bytes, 8 << 20, layered=False)
+    assert all(c.r0 % 8 == 0 and c.r1 % 8 == 0 for c in chunks) and len(chunks) == 1
+    peer = region_blocks(opt, step, chunks[0].r0, chunks[0].r1)
+    assert peer is not None and [(b.height, b.packed_pitch) for b in peer] == [(80, 8 * opt.row_bytes)] * 8
+    small = PoolLayout(0, 4, 8, 256, 2, 16, torch.float32)  # 128 B rows, 4 layers: 1 KiB blocks
+    tiny_step = Region(tuple(range(4)), (0, 4), ((10, 11),) * 4)
+    assert not direct_worthwhile(tiny_step, small.row_bytes)
+    assert region_blocks(small, tiny_step, 0, 32) is None
 
 
 @pytest.mark.parametrize("seed", range(8))
