@@ -20,6 +20,10 @@ the decode phase's medians, and the Poisson run's),
 the kill-to-first-token split per setting (target: 3 s or less), the latency inflation of the requests in flight
 at the kill (their latency in the failure run over the fault-free run's, median: paper 1.24x replica vs 1.91x
 recompute; target 1.10x or less), and tokens/s over time around the kill for both settings.
+`--settings` may repeat (off,on,off,on: one deployment each, alternated so that drift falls on both); the figures
+pool a setting's runs. Before the fault-free run, `--warmup-requests` of the workload's first requests run once,
+uncounted, so the CUDA graphs of its batch sizes are captured outside the measured runs (a fault-free run that
+captured them was slower than the failure run after it: inflation under 1x). `--cost-only`: the decode phases alone.
 Weights are random (config key `dejavu_random_weights`, drawn by each stage on its device: no disk), so "weight
 load" here is the draw, not a read from the page cache. `--quick`: a tiny model on CPU, two simulated hosts.
 """
@@ -167,6 +171,39 @@ def failure_figures(clean: dict[str, Any], fail: dict[str, Any]) -> dict[str, An
     }
 
 
+def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Replica against recompute over every run of each setting (settings alternated to spread drift over both):
+    replication's fault-free cost - the decode phases' tokens/s and TPOT pooled per setting (medians), each
+    on/off pair's ratio beside them, and the Poisson runs' - and the latency inflation of the requests in flight
+    at the kill, pooled over a setting's runs (median)."""
+    by = {s: [r for r in runs.values() if r["setting"] == s] for s in ("on", "off")}
+    if not by["on"] or not by["off"]:
+        return {}
+    out: dict[str, Any] = {}
+    each = {s: [e for r in rs if r.get("decode_phase") for e in r["decode_phase"]["each"]] for s, rs in by.items()}
+    if all(each[s] and all(e["tokens_per_s"] for e in each[s]) for s in by):
+        med = {s: (statistics.median(e["tokens_per_s"] for e in each[s]), statistics.median(e["tpot_s"] for e in each[s]))
+               for s in by}
+        tps, tpot = med["on"][0] / med["off"][0], med["on"][1] / med["off"][1]
+        pairs = [r_on["decode_phase"]["tokens_per_s"] / r_off["decode_phase"]["tokens_per_s"]
+                 for r_on, r_off in zip(by["on"], by["off"])]
+        out["replication_cost"] = {"decode_tokens_per_s_on_over_off": tps, "decode_tpot_on_over_off": tpot,
+                                   "decode_within_2pct": tps >= 0.98 and tpot <= 1.02,
+                                   "decode_phases": {s: len(each[s]) for s in by},
+                                   "decode_tokens_per_s_on_over_off_each_pair": pairs}
+    if all("fault_free" in r for rs in by.values() for r in rs):
+        ff = {s: [r["fault_free"] for r in rs] for s, rs in by.items()}
+        tok = {s: statistics.median(f["tokens_per_s"] for f in ff[s]) for s in by}
+        tp = {s: statistics.median(f["tpot_s"]["p50"] for f in ff[s] if f["tpot_s"]["p50"]) for s in by}
+        out.setdefault("replication_cost", {}).update(tokens_per_s_on_over_off=tok["on"] / tok["off"],
+                                                      tpot_p50_on_over_off=tp["on"] / tp["off"])
+        pooled = {s: [x for r in rs for x in r["latency_inflation"]["each"]] for s, rs in by.items()}
+        out["inflation_replica_vs_recompute"] = [statistics.median(pooled[s]) if pooled[s] else None
+                                                 for s in ("on", "off")]
+        out["in_flight_at_kills"] = {s: len(pooled[s]) for s in by}
+    return out
+
+
 class _NoHyphenBreaks(argparse.HelpFormatter):
     """Help lines wrapped at spaces only: a path such as ./dejavu-bench-results/ stays whole."""
 
@@ -192,7 +229,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", default="paper")
     p.add_argument("--kill-at", type=float, default=0.0, help="seconds into the run (0: the last arrival / 2)")
     p.add_argument("--victim", type=int, default=-1, help="stage to kill (-1: the last)")
-    p.add_argument("--settings", default="off,on", help="--replicate values to run, in this order")
+    p.add_argument("--settings", default="off,on",
+                   help="--replicate values to run, one deployment each, in this order; repeats allowed and pooled "
+                        "(off,on,off,on alternates them, so drift over the run falls on both)")
+    p.add_argument("--warmup-requests", type=int, default=16,
+                   help="the workload's first N requests, sent once before the fault-free run and not counted: the "
+                        "batch sizes' CUDA graphs are captured there rather than in the measured runs")
+    p.add_argument("--cost-only", action="store_true",
+                   help="only the decode phases (replication's fault-free cost): no Poisson runs, no kill")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"folder for failure_bench.json, failure_bench.png and the deployments' logs (default "
@@ -214,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rate, args.num_requests, args.prompt_len, args.output_len = 4.0, 24, "8:40", "60:120"
         args.max_seq_len, args.microbatch_size = 256, 4
         args.decode_context, args.decode_tokens, args.cost_repeats = 32, 48, min(args.cost_repeats, 2)
+        args.warmup_requests = min(args.warmup_requests, 4)
     args.victim = args.victim if args.victim >= 0 else args.stages - 1
     vocab = 256 if args.shape == "tiny" else 50272
     with tempfile.TemporaryDirectory(prefix="dejavu-failure-") as root:
@@ -246,46 +291,42 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path, vocab: in
         "settings": {k: str(v) for k, v in vars(args).items()}, "kill_at_s": kill_at, "runs": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    for setting in args.settings.split(","):
+    settings = args.settings.split(",")
+    if any(x not in ("on", "off") for x in settings):
+        raise SystemExit(f"--settings takes on and off, in any order and number, got {args.settings!r}")
+    warm = reqs[:args.warmup_requests]
+    for k, setting in enumerate(settings):
+        label = setting if settings.index(setting) == k else f"{setting}-{settings[:k + 1].count(setting)}"
         dep = Deployment.start(model, args.stages, "--device", args.device, "--dtype", args.dtype,
                                "--microbatch-size", str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
                                "--hosts", str(args.hosts), "--replicate", setting, "--kv-takeover", "off",
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout", "2", "--startup-timeout", "600",
                                timeout=900, log_level="INFO")
-        print(f"[failure {time.strftime('%H:%M:%S')}] --replicate {setting}: deployment ready", flush=True)
+        print(f"[failure {time.strftime('%H:%M:%S')}] {label} (--replicate {setting}): deployment ready", flush=True)
         try:
             decode = decode_phase(dep.address, args, vocab)
             if decode:
-                print(f"[failure] {setting}: decode phase (every slot busy) {decode['tokens_per_s'] or 0:.1f} tokens/s, "
+                print(f"[failure] {label}: decode phase (every slot busy) {decode['tokens_per_s'] or 0:.1f} tokens/s, "
                       f"TPOT {decode['tpot_s'] * 1e3:.2f} ms (medians of {len(decode['each'])})", flush=True)
-            clean = asyncio.run(run_workload(dep.address, reqs, args.timeout, None, f"{setting}: fault-free",
-                                             args.quiet))
-            print(f"[failure] {setting}: fault-free {summarize(clean)['tokens_per_s']:.1f} tokens/s", flush=True)
-            fail = asyncio.run(run_workload(dep.address, reqs, args.timeout, (kill_at, args.victim),
-                                            f"{setting}: a stage killed at {kill_at:.1f}s", args.quiet))
-            figs = failure_figures(clean, fail)
-            result["runs"][setting] = {"decode_phase": decode, "fault_free": summarize(clean),
-                                       "with_failure": summarize(fail), **figs}
-            print(f"[failure] {setting}: {json.dumps(figs['split'])} inflation {figs['latency_inflation']}",
-                  flush=True)
+            run: dict[str, Any] = {"setting": setting, "decode_phase": decode}
+            if not args.cost_only:
+                if warm:  # the batch sizes' graphs and kernels, captured and tuned outside the measured runs
+                    asyncio.run(run_workload(dep.address, warm, args.timeout, None, f"{label}: warm-up", args.quiet))
+                clean = asyncio.run(run_workload(dep.address, reqs, args.timeout, None, f"{label}: fault-free",
+                                                 args.quiet))
+                print(f"[failure] {label}: fault-free {summarize(clean)['tokens_per_s']:.1f} tokens/s", flush=True)
+                fail = asyncio.run(run_workload(dep.address, reqs, args.timeout, (kill_at, args.victim),
+                                                f"{label}: a stage killed at {kill_at:.1f}s", args.quiet))
+                figs = failure_figures(clean, fail)
+                run.update(fault_free=summarize(clean), with_failure=summarize(fail), **figs)
+                print(f"[failure] {label}: {json.dumps(figs['split'])} inflation {figs['latency_inflation']}",
+                      flush=True)
+            result["runs"][label] = run
         finally:
-            (args.out / f"failure-{setting}.log").write_text(dep.logs())
+            (args.out / f"failure-{label}.log").write_text(dep.logs())
             dep.stop(timeout=120)
         (args.out / "failure_bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    runs = result["runs"]
-    if "on" in runs and "off" in runs:
-        on, off = runs["on"]["fault_free"], runs["off"]["fault_free"]
-        result["replication_cost"] = {
-            "tokens_per_s_on_over_off": on["tokens_per_s"] / off["tokens_per_s"],
-            "tpot_p50_on_over_off": (on["tpot_s"]["p50"] / off["tpot_s"]["p50"]) if off["tpot_s"]["p50"] else None,
-        }
-        d_on, d_off = runs["on"].get("decode_phase"), runs["off"].get("decode_phase")
-        if d_on and d_off and d_on["tokens_per_s"] and d_off["tokens_per_s"]:  # no queue: the 2% target's figures
-            tps, tpot = d_on["tokens_per_s"] / d_off["tokens_per_s"], d_on["tpot_s"] / d_off["tpot_s"]
-            result["replication_cost"].update(decode_tokens_per_s_on_over_off=tps, decode_tpot_on_over_off=tpot,
-                                              decode_within_2pct=tps >= 0.98 and tpot <= 1.02)
-        result["inflation_replica_vs_recompute"] = [runs["on"]["latency_inflation"]["median"],
-                                                    runs["off"]["latency_inflation"]["median"]]
+    result.update(compare(result["runs"]))
     (args.out / "failure_bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "failure_bench.png")
     print(f"[failure] wrote {args.out / 'failure_bench.json'}", flush=True)
@@ -298,12 +339,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    killed = {label: run for label, run in result["runs"].items() if "split" in run}
+    if not killed:  # --cost-only: the decode phases of each deployment
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, (label, run) in enumerate(result["runs"].items()):
+            for e in (run["decode_phase"] or {}).get("each", []):
+                ax.scatter(k, e["tokens_per_s"], color="C0" if run["setting"] == "on" else "C1")
+        ax.set_xticks(range(len(result["runs"])), [f"--replicate {lb}" for lb in result["runs"]])
+        ax.set_ylabel("decode tokens/s, every slot busy")
+        ax.set_title(f"replication's fault-free cost, {result['shape']} ({result['card']})")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2), width_ratios=[2, 1])
-    for k, (setting, run) in enumerate(result["runs"].items()):
+    for k, (label, run) in enumerate(killed.items()):
         tl = run["tokens_per_s_over_time"]
         xs = [tl["start_s"] + i * tl["bin_s"] for i in range(len(tl["counts"]))]
         a.plot(xs, [n / tl["bin_s"] for n in tl["counts"]], color=f"C{k}", lw=1,
-               label=f"{'replica' if setting == 'on' else 'recompute'} (--replicate {setting})")
+               label=f"{'replica' if run['setting'] == 'on' else 'recompute'} ({label})")
         sp = run["split"]
         parts = ["detection_s", "restart_and_load_s", "restore_s", "relink_s", "replay_s"]
         left = 0.0
@@ -316,7 +370,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a.set_ylabel("output tokens/s")
     a.set_title(f"stage killed mid-run, {result['shape']} ({result['card']})")
     a.legend(fontsize=8)
-    b.set_yticks(range(len(result["runs"])), [f"--replicate {s}" for s in result["runs"]])
+    b.set_yticks(range(len(killed)), [f"--replicate {lb}" for lb in killed])
     b.set_xlabel("kill to first token (s)")
     b.legend(fontsize=7)
     fig.tight_layout()
