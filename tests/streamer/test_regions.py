@@ -301,3 +301,37 @@ def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, mon
     cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.D2D, None)  # type: ignore[arg-type]
     want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
     assert torch.equal(back, want)
+
+
+def test_slot_cut_chunks_gather_and_scatter_through_the_cuda_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of decode steps' rows cut by slot (pitched on both sides) goes through cuda.gather_blocks and
+    scatter_blocks - the calls the peer paths make - onto exactly the chunk's rows, here with host memory and a
+    2-D copy done row by row."""
+    import ctypes
+
+    from streamer import cuda
+    from streamer.regions import region_blocks
+
+    def host_copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
+                     stream: object) -> None:
+        for k in range(height):
+            ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
+
+    monkeypatch.setattr(cuda, "copy_2d", host_copy_2d)
+    lay = PoolLayout(2, 8, 4, 64, 32, 128, torch.float16)  # 8 KiB rows, 16 halves: 128 KiB per slot and step
+    region = Region((3, 0, 2), (4, 10), ((40, 42), (7, 8), (60, 62)))  # steps of three members, 6 of 8 layers
+    per_half = region.tokens_total
+    pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 5)
+    rows, idx = pool.view(-1, lay.row_bytes), region_rows(lay, region)
+    for h0, h1 in [(0, 12), (1, 11)]:  # whole halves, long enough: 10 x 5 rows of 8 KiB per 3 blocks
+        r0, r1 = h0 * per_half, h1 * per_half
+        blocks = region_blocks(lay, region, r0, r1)
+        assert blocks is not None and len(blocks) == 3 and all(b.packed_pitch == per_half * lay.row_bytes
+                                                                for b in blocks)
+        packed = torch.zeros((r1 - r0, lay.row_bytes), dtype=torch.uint8)
+        cuda.gather_blocks(packed.data_ptr(), pool.data_ptr(), blocks, cuda.D2H, None)  # type: ignore[arg-type]
+        assert torch.equal(packed, rows.index_select(0, idx[r0:r1]))
+        back = torch.zeros_like(pool)
+        cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.H2D, None)  # type: ignore[arg-type]
+        want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
+        assert torch.equal(back, want)
