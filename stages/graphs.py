@@ -17,12 +17,16 @@ share one memory pool (they never run concurrently). Compute thread of a stage; 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from stages.batch import AttnGroup, SeqChunk, StepPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,7 +68,11 @@ class DecodeGraphs:
     def run(self, key: Key, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
         g = self.graphs.get(key)
         if g is None:
+            t0 = time.perf_counter()
             g = self.graphs[key] = self._capture(key)
+            torch.cuda.current_stream(self.rt.device).synchronize()
+            log.info("[graphs] captured %s in %.3f s (graph %d of this process)", key, time.perf_counter() - t0,
+                     len(self.graphs))
         kind, a, _ = key
         b = g.inputs.shape[0]
         # one pinned host tensor (index rows 0-1, then the step's rows), built in Python lists and copied once:
@@ -122,9 +130,12 @@ class DecodeGraphs:
             inputs = torch.zeros(b, rt.spec.hidden_size, dtype=rt.dtype, device=dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
+        t0 = time.perf_counter()
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up kernels and workspaces outside the capture
                 rt.shard(inputs, self._plan(key, index), rt.pool)
+        side.synchronize()
+        log.info("[graphs] warm-up of %s: %.3f s", key, time.perf_counter() - t0)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

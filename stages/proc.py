@@ -76,6 +76,7 @@ from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError, StreamerError
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 0.5  # a step that holds the compute thread longer is logged (graph captures, kernel compiles)
 noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind, peer)
 
 IMPORTED = time.monotonic()  # this module's imports (torch, the stage's code) are done
@@ -668,7 +669,11 @@ class StageProcess:
                 continue
             finally:
                 self.busy_since = 0.0
-                self.busy_total += time.monotonic() - started
+                took = time.monotonic() - started
+                self.busy_total += took
+                if took > SLOW_STEP_S:
+                    log.info("[step] mb %d step %d held the compute thread %.2f s (%d tokens)", step.mb, step.step,
+                             took, len(step.token_ids))
             await self._send_tokens()  # the step before's: this one is launched behind it
             if self.swap is not None:  # its rows go to the swap pool (and from there to the replica)
                 self.swap.after_step(step, not self._stale(step))
