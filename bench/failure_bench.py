@@ -235,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-requests", type=int, default=16,
                    help="the workload's first N requests, sent once before the fault-free run and not counted: the "
                         "batch sizes' CUDA graphs are captured there rather than in the measured runs")
+    p.add_argument("--serve-args", default="",
+                   help="more dejavu-serve options for every deployment (an A/B, e.g. \"--cudnn-attention off\")")
     p.add_argument("--cost-only", action="store_true",
                    help="only the decode phases (replication's fault-free cost): no Poisson runs, no kill")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -301,7 +303,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path, vocab: in
                                "--microbatch-size", str(args.microbatch_size), "--max-seq-len", str(args.max_seq_len),
                                "--hosts", str(args.hosts), "--replicate", setting, "--kv-takeover", "off",
                                "--heartbeat-interval", "0.25", "--heartbeat-timeout", "2", "--startup-timeout", "600",
-                               timeout=900, log_level="INFO")
+                               *shlex.split(args.serve_args), timeout=900, log_level="INFO")
         print(f"[failure {time.strftime('%H:%M:%S')}] {label} (--replicate {setting}): deployment ready", flush=True)
         try:
             decode = decode_phase(dep.address, args, vocab)
