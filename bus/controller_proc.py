@@ -94,7 +94,7 @@ class ControllerProcess(ClientSide, StageSide, SupervisorSide, StatusReporting, 
                                 cfg.prompt_microbatch_size) if cfg.prompt_stages else \
             Scheduler(cfg.num_microbatches, cfg.microbatch_size, cfg.prefill_chunk)
         self.disagg = sched if isinstance(sched, DisaggScheduler) else None
-        if cfg.lookahead and self.disagg is None:
+        if cfg.lookahead:  # (one stage, or one token stage: recovery/specs.lookahead_on)
             sched.enable_lookahead(cfg.max_seq_len)
         self.core = Controller(info, sched, max_waiting=cfg.max_waiting, client_timeout=cfg.client_timeout,
                                step_timeout=cfg.step_timeout, queue_timeout=cfg.queue_timeout,

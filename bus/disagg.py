@@ -208,6 +208,22 @@ class DisaggScheduler(Scheduler):
         joined = [k for k, (req, _, _) in enumerate(mb.inflight.members) if req.join_pending]
         return msgspec.structs.replace(step, joined=joined) if joined else step
 
+    def _step_ahead(self, mb: Microbatch, now: float) -> StepRequest | None:
+        """The lookahead step of a token microbatch (one token stage: it takes token ids and samples), as the
+        colocated scheduler builds it, of the members whose KV is in: a member that joined at the step in flight
+        is fed back there; one that joins now (its KV landed since) comes with its first token, marked `joined`."""
+        landing = {s: mb.members.pop(s) for s in list(mb.members) if s in self.landing}
+        try:
+            step = super()._step_ahead(mb, now)
+        finally:
+            mb.members.update(landing)
+        if step is None:
+            return None
+        assert mb.ahead is not None and mb.inflight is not None
+        before = {id(req) for req, _, _ in mb.inflight.members}
+        joined = [k for k, (req, _, _) in enumerate(mb.ahead.members) if req.join_pending and id(req) not in before]
+        return msgspec.structs.replace(step, joined=joined) if joined else step
+
     def next_steps(self, now: float) -> list[StepRequest]:
         self.now = now
         for p in self.pmbs:  # passes whose tokens came back (the controller committed them) and KV all reported
@@ -217,6 +233,10 @@ class DisaggScheduler(Scheduler):
         for mb in self.mbs:
             if mb.inflight is None and any(s not in self.landing for s in mb.members):
                 out.append(self._step(mb, now))
+            if self.lookahead and mb.inflight is not None and mb.ahead is None:
+                ahead = self._step_ahead(mb, now)
+                if ahead is not None:
+                    out.append(ahead)
         if now >= self.paused_until:
             self._move_parked()
             for p in self.pmbs:
@@ -279,8 +299,8 @@ class DisaggScheduler(Scheduler):
                  keep_ahead: bool = True) -> InFlight | None:
         if not self.is_prompt(mb_index):
             done = super().complete(mb_index, step, now, ran, keep_ahead)
-            for req, _, _ in done.members if done is not None else ():
-                req.join_pending = False  # (the step that told the token stages it joined came back)
+            for req, _, _ in done.members if done is not None and ran else ():
+                req.join_pending = False  # (the step that told the token stages it joined came back, having run)
             return done
         p = self._pmb(mb_index)
         if p is None or p.inflight is None or p.inflight.step != step or p.delivery is None or p.delivery.result:

@@ -66,7 +66,7 @@ class Scheduler:
 
     def enable_lookahead(self, max_seq_len: int) -> None:
         """Send each microbatch's next step while its current one runs (only where the pipeline's first stage
-        samples: a one-stage pipeline)."""
+        samples: a one-stage pipeline, or a disaggregated deployment's one token stage)."""
         self.lookahead, self.max_seq_len = True, max_seq_len
 
     @property

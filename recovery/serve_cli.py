@@ -126,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
                         "restart on that host becomes (a restart then skips Python's start and imports: ~2.9 s on "
                         "a GPU VM); auto: on for --device cuda")
     p.add_argument("--lookahead", default="auto", choices=["auto", "on", "off"],
-                   help="with one stage in the pipeline: send each microbatch's next step while its current one "
+                   help="with one stage in the pipeline (or one token stage): send each microbatch's next step while its current one "
                         "runs, the stage feeding back the tokens it sampled, so the GPU does not wait for the "
                         "controller between steps (a request that stops on a sampled token costs one extra row); "
                         "auto: on for --device cuda (on CPU the controller would compete with the stage for cores)")

@@ -182,9 +182,10 @@ class DeploymentConfig:
     @property
     def lookahead_on(self) -> bool:
         """Steps are sent one ahead: asked for (auto: on GPUs), and where it applies - one stage that both takes
-        token ids and samples, no swapping frames, no token pipeline's joins (not built for those)."""
+        token ids and samples (the colocated pipeline's one stage, or a disaggregated deployment's one token
+        stage); not with swapping frames (recovery/proc.py)."""
         wanted = self.lookahead == "on" or (self.lookahead == "auto" and self.device != "cpu")
-        return wanted and self.num_stages == 1 and not self.disaggregated
+        return wanted and (self.token_stages if self.disaggregated else self.num_stages) == 1
 
     @property
     def disaggregated(self) -> bool:

@@ -258,3 +258,46 @@ def test_a_swapping_token_stage_restarted_before_a_joined_requests_first_step_re
     answer(core, again, [12])
     (s2,), _ = core.outbox.drain()
     assert s2.joined is None and [(c.start, c.length) for c in s2.chunks] == [(4, 1)]
+
+
+def test_lookahead_on_one_token_stage_joins_requests_whose_kv_landed_and_feeds_back_the_others() -> None:
+    """With lookahead (one token stage takes token ids and samples): the token microbatch's next step leaves with
+    its current one. A request that joined at the step in flight is fed back its token there, not marked joined
+    again; one whose KV landed since joins in the lookahead step with its first token, marked joined; a slot whose
+    KV is still landing is never stepped; a lookahead step the stage did not run keeps its join for the step
+    built anew."""
+    core = Controller(ModelInfo(100, (EOS,), 64), DisaggScheduler(1, 4, DP, 2, 2))
+    core.sched.enable_lookahead(64)
+    core.pipeline_up(1, 0.0)
+    core.submit(b"c", req("a", [5, 6, 7], n=6), 0.0)
+    (pa,), _ = core.outbox.drain()
+    answer(core, pa, [11])
+    landed(core, pa)
+    s1, s2 = core.outbox.drain()[0]  # a's join step and its lookahead step (fed back from s1)
+    assert (s1.joined, [(c.slot, c.start, c.length) for c in s1.chunks]) == ([0], [(0, 3, 1)])
+    assert (s2.joined, s2.fed, [(c.slot, c.start, c.length) for c in s2.chunks]) == (None, [0], [(0, 4, 1)])
+    core.submit(b"c", req("b", [8, 9], n=5), 0.0)
+    core.submit(b"c", req("d", [4, 4, 4, 4], n=5), 0.0)
+    pb, pd = core.outbox.drain()[0]  # a prompt pass each; b's KV lands, d's is still landing
+    assert (pb.kv_to, pd.kv_to) == ([1], [2])
+    answer(core, pb, [21])
+    answer(core, pd, [31])
+    landed(core, pb)
+    landed(core, pd, stages=[0])
+    assert core.outbox.drain()[0] == []  # a's two steps are in flight
+    answer(core, s1, [12])  # s2 runs now; the step behind it takes b with its first token, joined (not d)
+    (s3,), _ = core.outbox.drain()
+    assert [(c.slot, c.start, c.length) for c in s3.chunks] == [(0, 5, 1), (1, 2, 1)]
+    assert s3.fed == [0, -1] and s3.token_ids[1:] == [21] and s3.joined == [1]
+    core.void_step(s2.mb, s2.step, 1.0)  # the stage did not run s2 (so s3, fed from it, is void too)
+    core.void_step(s3.mb, s3.step, 1.0)
+    s4, s5 = core.outbox.drain()[0]  # built anew: a fed its known token again, b still joining
+    assert [(c.slot, c.start, c.length) for c in s4.chunks] == [(0, 4, 1), (1, 2, 1)]
+    assert s4.token_ids == [12, 21] and s4.joined == [1] and s4.fed is None
+    assert s5.joined is None and s5.fed == [0, 1]
+    landed(core, pd, stages=[1])  # d's KV is in: it joins in the step behind s5
+    assert core.outbox.drain()[0] == []
+    answer(core, s4, [13, 22])
+    (s6,), _ = core.outbox.drain()
+    assert [(c.slot, c.start, c.length) for c in s6.chunks] == [(0, 6, 1), (1, 4, 1), (2, 4, 1)]
+    assert s6.fed == [0, 1, -1] and s6.token_ids[2] == 31 and s6.joined == [2]

@@ -1,5 +1,5 @@
-"""Lookahead (issue 20's lean step): a one-stage pipeline gets each microbatch's next step while its current one
-runs, and the stage feeds back the tokens it sampled. The controller's side (pure), the stage's (a real shard),
+"""Lookahead (issue 20's lean step): a one-stage pipeline (or a disaggregated deployment's one token stage) gets each
+microbatch's next step while its current one runs, and the stage feeds back the tokens it sampled. The controller's side (pure), the stage's (a real shard),
 and the running system (outputs equal Hugging Face greedy, stop tokens and cancellations included)."""
 
 from __future__ import annotations
@@ -173,23 +173,39 @@ def test_the_stage_feeds_back_its_samples_and_refuses_a_step_it_cannot_feed(mode
     assert torch.equal(core.runtime.pool.data, ref.runtime.pool.data)
 
 
+def test_lookahead_applies_where_one_stage_takes_token_ids_and_samples() -> None:
+    """`auto` turns it on for GPUs where one stage both takes token ids and samples: a one-stage pipeline, or a
+    disaggregated deployment's one token stage; never across a pipeline of several (token) stages."""
+    from recovery.specs import DeploymentConfig
+
+    def on(**kw) -> bool:  # type: ignore[no-untyped-def]
+        return DeploymentConfig("model", **kw).lookahead_on
+
+    assert on(device="cuda") and not on() and on(lookahead="on")
+    assert on(device="cuda", num_stages=3, prompt_stages=2, token_stages=1)
+    assert not on(device="cuda", num_stages=2) and not on(device="cuda", num_stages=3, prompt_stages=1, token_stages=2)
+    assert not on(device="cuda", lookahead="off")
+
+
 # ---------------------------------------------------------------- the running system
 
 
-@pytest.mark.parametrize("stages,defer", [(1, "on"), (2, "on")])
-def test_served_outputs_equal_hf_with_stop_tokens_and_cancels(stages: int, defer: str, model_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stages,defer", [(1, "on"), (2, "on"), ("1/1", "on")])
+def test_served_outputs_equal_hf_with_stop_tokens_and_cancels(stages: int | str, defer: str, model_factory) -> None:  # type: ignore[no-untyped-def]
     """36 requests on 4-slot microbatches: each one's own stop token (its 3rd greedy token, so it stops early and
     a lookahead row sent behind that token is dropped) for a third of them; 4 more cancelled mid-run. One stage
-    with lookahead (the path GPU deployments take; `auto` keeps it off on CPU), two stages (no lookahead there), the
-    last stage's tokens deferred in both (it launches the next step first, as GPU stages do)."""
+    with lookahead (the path GPU deployments take; `auto` keeps it off on CPU), two stages (no lookahead there),
+    one prompt stage and one token stage (lookahead on the token stage: requests join it as their KV lands), the
+    last stage's tokens deferred in all (it launches the next step first, as GPU stages do)."""
     path = model_factory("llama")
     from stages.models import load_spec
 
     work = workload(load_spec(path)[1].vocab_size)
     refs = hf_greedy(path, work)
     stops = {i: refs[i][2] for i in range(0, len(work), 3) if len(refs[i]) > 3}
-    dep = start_deployment(path, stages, "--microbatch-size", "4", "--max-seq-len", "96", "--defer-tokens", defer,
-                           "--lookahead", "on")  # (auto: GPUs only)
+    disagg = ["--prompt-stages", "1", "--token-stages", "1"] if stages == "1/1" else []
+    dep = start_deployment(path, 2 if disagg else int(stages), *disagg, "--microbatch-size", "4", "--max-seq-len", "96",
+                           "--defer-tokens", defer, "--lookahead", "on")  # (auto: GPUs only)
 
     async def go():  # type: ignore[no-untyped-def]
         async with AsyncClient(dep.address, timeout=120) as c:
@@ -215,5 +231,6 @@ def test_served_outputs_equal_hf_with_stop_tokens_and_cancels(stages: int, defer
         assert list(res.token_ids) == want, f"request {i}"
     # a stop that is not also the request's last allowed token had its next row sent already
     early = sum(1 for i in stops if refs[i].index(stops[i]) + 1 < work[i][1])
-    assert early > 0 and st["lookahead"] == (stages == 1)
-    assert st["lookahead_dropped_rows"] >= early if stages == 1 else st["lookahead_dropped_rows"] == 0
+    ahead = stages != 2
+    assert early > 0 and st["lookahead"] == ahead
+    assert st["lookahead_dropped_rows"] >= early if ahead else st["lookahead_dropped_rows"] == 0
