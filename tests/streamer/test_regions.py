@@ -265,15 +265,12 @@ def test_decode_step_rows_go_by_dma_a_block_per_slot() -> None:
     assert region_blocks(small, tiny_step, 0, 32) is None
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """cuda.gather_blocks / scatter_blocks (what the NCCL and frame paths use to pack a chunk by DMA) move exactly
-    the chunk's rows: run here with host memory and a 2-D copy done row by row in Python, against index_select
-    / index_copy over the row map."""
+@pytest.fixture
+def host_2d(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """streamer.cuda with its 2-D copy done row by row in host memory (gather_blocks / scatter_blocks run as is)."""
     import ctypes
 
     from streamer import cuda
-    from streamer.regions import dma_blocks
 
     def host_copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
                      stream: object) -> None:
@@ -281,6 +278,27 @@ def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, mon
             ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
 
     monkeypatch.setattr(cuda, "copy_2d", host_copy_2d)
+    return cuda
+
+
+def round_trip_by_blocks(cuda, pool: torch.Tensor, lay: PoolLayout, idx: torch.Tensor, r0: int, r1: int,  # type: ignore[no-untyped-def]
+                         blocks: list[Block]) -> None:
+    """gather_blocks packs exactly rows idx[r0:r1] of the pool; scatter_blocks puts them back there and nowhere else."""
+    rows = pool.view(-1, lay.row_bytes)
+    packed = torch.zeros((r1 - r0, lay.row_bytes), dtype=torch.uint8)
+    cuda.gather_blocks(packed.data_ptr(), pool.data_ptr(), blocks, cuda.D2D, None)
+    assert torch.equal(packed, rows.index_select(0, idx[r0:r1]))
+    back = torch.zeros_like(pool)
+    cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.D2D, None)
+    want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
+    assert torch.equal(back, want)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, host_2d) -> None:  # type: ignore[no-untyped-def]
+    """cuda.gather_blocks / scatter_blocks (what the NCCL and frame paths use to pack a chunk by DMA) move exactly
+    the chunk's rows: run here with host memory and a 2-D copy done row by row in Python, against index_select
+    / index_copy over the row map."""
     rng = random.Random(seed)
     lay = random_layout(rng, torch.float16, max_seq=rng.choice([40, 600]), slots=rng.randint(2, 6))
     t0 = rng.randint(0, lay.max_seq_len - 2)
@@ -291,47 +309,24 @@ def test_gathering_and_scattering_by_blocks_moves_the_region_rows(seed: int, mon
     idx = region_rows(lay, region)
     r0, r1 = (0, idx.numel()) if seed % 4 == 0 else sorted(rng.sample(range(idx.numel() + 1), 2))
     pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), seed)
-    rows = pool.view(-1, lay.row_bytes)
     blocks = dma_blocks(idx[r0:r1], lay.row_bytes)
     assert seed % 4 or any(b.height > 1 and b.pitch > b.width for b in blocks)  # whole even regions: 2-D blocks
-    packed = torch.zeros((r1 - r0, lay.row_bytes), dtype=torch.uint8)
-    cuda.gather_blocks(packed.data_ptr(), pool.data_ptr(), blocks, cuda.D2D, None)  # type: ignore[arg-type]
-    assert torch.equal(packed, rows.index_select(0, idx[r0:r1]))
-    back = torch.zeros_like(pool)
-    cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.D2D, None)  # type: ignore[arg-type]
-    want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
-    assert torch.equal(back, want)
+    round_trip_by_blocks(host_2d, pool, lay, idx, r0, r1, blocks)
 
 
-def test_slot_cut_chunks_gather_and_scatter_through_the_cuda_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slot_cut_chunks_gather_and_scatter_through_the_cuda_helpers(host_2d) -> None:  # type: ignore[no-untyped-def]
     """A chunk of decode steps' rows cut by slot (pitched on both sides) goes through cuda.gather_blocks and
-    scatter_blocks - the calls the peer paths make - onto exactly the chunk's rows, here with host memory and a
-    2-D copy done row by row."""
-    import ctypes
-
-    from streamer import cuda
+    scatter_blocks - the calls the peer paths make - onto exactly the chunk's rows."""
     from streamer.regions import region_blocks
 
-    def host_copy_2d(dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, kind: int,
-                     stream: object) -> None:
-        for k in range(height):
-            ctypes.memmove(dst + k * dpitch, src + k * spitch, width)
-
-    monkeypatch.setattr(cuda, "copy_2d", host_copy_2d)
     lay = PoolLayout(2, 8, 4, 64, 32, 128, torch.float16)  # 8 KiB rows, 16 halves: 128 KiB per slot and step
     region = Region((3, 0, 2), (4, 10), ((40, 42), (7, 8), (60, 62)))  # steps of three members, 6 of 8 layers
     per_half = region.tokens_total
     pool = fill_random(torch.empty(lay.nbytes, dtype=torch.uint8), 5)
-    rows, idx = pool.view(-1, lay.row_bytes), region_rows(lay, region)
+    idx = region_rows(lay, region)
     for h0, h1 in [(0, 12), (1, 11)]:  # whole halves, long enough: 10 x 5 rows of 8 KiB per 3 blocks
         r0, r1 = h0 * per_half, h1 * per_half
         blocks = region_blocks(lay, region, r0, r1)
         assert blocks is not None and len(blocks) == 3 and all(b.packed_pitch == per_half * lay.row_bytes
                                                                 for b in blocks)
-        packed = torch.zeros((r1 - r0, lay.row_bytes), dtype=torch.uint8)
-        cuda.gather_blocks(packed.data_ptr(), pool.data_ptr(), blocks, cuda.D2H, None)  # type: ignore[arg-type]
-        assert torch.equal(packed, rows.index_select(0, idx[r0:r1]))
-        back = torch.zeros_like(pool)
-        cuda.scatter_blocks(back.data_ptr(), packed.data_ptr(), blocks, cuda.H2D, None)  # type: ignore[arg-type]
-        want = torch.zeros_like(pool).view(-1, lay.row_bytes).index_copy_(0, idx[r0:r1], packed).view(-1)
-        assert torch.equal(back, want)
+        round_trip_by_blocks(host_2d, pool, lay, idx, r0, r1, blocks)
