@@ -5,9 +5,11 @@ Every KV movement of the system goes through here: prompt -> token streaming (di
 they hand the host's *streamer process* a descriptor and get a completion or a typed failure back. The
 library's three layers (paper section 4): `stream out / in` decides which destination gets which layers
 (`routes_by_layer`, `Route`); gather / scatter pack a strided region into contiguous staging buffers (one
-kernel each; streamer/movers.py, streamer/cuda_mover.py) when its pieces are short (a decode step's rows),
-while long pieces (a prompt layer, a microbatch swap) go pool to pool as 2-D DMA blocks with no staging and no
-kernel (streamer/regions.pair_blocks); flush / fetch move contiguous bytes over a transport (CUDA copy engines,
+kernel each; streamer/movers.py, streamer/cuda_mover.py) when its 2-D blocks would be short (a few narrow
+layers), while long ones - a prompt layer, a microbatch swap, and a decode step's rows of a many-layered model,
+one block per slot over every (layer, K|V) - go pool to pool as 2-D DMA blocks with no staging and no kernel
+(streamer/regions.pair_blocks): on a stage's GPU no kernel of the streamer's own CUDA context competes with the
+stage's step (replication's per-step cost: 0.976x -> 0.998x on one H100); flush / fetch move contiguous bytes over a transport (CUDA copy engines,
 CUDA IPC + peer copy, NCCL, ZeroMQ frames, memory-mapped files).
 
 Vocabulary: a *pool* is a KV allocation laid out as streamer/layout.PoolLayout; a *region* is

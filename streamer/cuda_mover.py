@@ -12,7 +12,8 @@ cudaMemcpyAsync per contiguous piece):
     host  -> GPU        cudaMemcpy2DAsync blocks into staging -> scatter
     GPU   -> bytes      gather -> one copy into a fresh pinned buffer (what a remote transport sends)
     bytes -> GPU        one copy into staging -> scatter (what a remote transport received)
-    long pieces         any local pair above as 2-D DMA blocks pool to pool: no staging, no kernel (`_direct`)
+    long blocks         any local pair above as 2-D DMA blocks pool to pool: no staging, no kernel (`_direct`);
+                        a decode step's rows too, a block per slot (regions.slot_blocks)
 
 Lanes. Each device has `lanes` (stream, staging buffer) pairs used round-robin, so chunk i+1 gathers while
 chunk i copies. A staging buffer may be touched by a stream other than its lane's (the peer copy writes the
