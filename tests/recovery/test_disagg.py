@@ -198,3 +198,19 @@ def test_token_stages_restore_from_replicas_the_prompt_stages_never_write(model_
     reps = {r["stage"]: r for r in st["replicas"]}
     assert (reps[1]["host"], reps[2]["host"]) == ("host-2", "host-0")
     assert all(r["survives_host_loss"] and r["bytes"] > 0 for r in reps.values())
+
+
+def test_a_lookahead_token_stage_restores_from_its_replica_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """Lookahead on the one token stage (its next step sent while the current one runs, joins included) with
+    replication: the prompt stage on host-0, the token stage on host-1 replicating to host-0. kill -9 of the
+    token stage: restored from its replica (the rows of joins sent in lookahead steps included), every output
+    exact, greedy and seeded."""
+    outs, refs, st, done, logs = serve_through(
+        model_factory("llama"), ("--prompt-stages", "1", "--token-stages", "1", "--hosts", "2", "--kv-takeover", "off",
+                                 "--lookahead", "on"),
+        [(150, kill_stage(1, caught_up=True))], n=16, stages=2)
+    assert done == ["stage-1"] and outs == refs
+    (rec,) = st["recoveries"]
+    assert rec["stage"] == 1
+    check_replica(rec, logs)
+    assert st["lookahead"]
