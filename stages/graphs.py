@@ -69,8 +69,7 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             t0 = time.perf_counter()
-            g = self.graphs[key] = self._capture(key)
-            torch.cuda.current_stream(self.rt.device).synchronize()
+            g = self.graphs[key] = self._capture(key)  # (its warm-up was waited for; the capture runs nothing)
             log.info("[graphs] captured %s in %.3f s (graph %d of this process)", key, time.perf_counter() - t0,
                      len(self.graphs))
         kind, a, _ = key

@@ -579,7 +579,7 @@ class StageProcess:
             step, hidden = await self._next_step()
             if self.unsent is not None and (self.core is None or (cuda and not self.core.replays(step))):
                 # a slow launch (a graph to capture, a prompt's eager kernels) or weights still loading: the step
-                # before's tokens go first (at a restart the first steps capture graphs: 1.8 s for an OPT-13B stage)
+                # before's tokens go first (a restarted OPT-13B stage's first decode step took 1.8 s: cuDNN's first use)
                 await self._send_tokens()
             if self.core is None:  # a restarted stage's weights are still loading (bounded: a load that hangs is
                 await self.core_ready.wait()  # busy past --hang-timeout, and the supervisor kills the stage)
