@@ -21,10 +21,14 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from stages.batch import AttnGroup, SeqChunk, StepPlan
+from stages.kv_cache import KVPool
+from stages.layers.attention import attend
+from stages.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +55,7 @@ class DecodeGraphs:
         self.num_slots = runtime.layout.num_slots
 
     def key(self, chunks: Sequence[SeqChunk]) -> Key | None:
-        if not chunks or any(c.length != 1 for c in chunks):
-            return None
-        need = max(c.start for c in chunks) + 1
-        keys = min(self.max_seq, -(-need // self.bucket) * self.bucket)
-        slots = sorted(c.slot for c in chunks)
-        s0 = slots[0]
-        r = self.range_size
-        if s0 % r == 0 and slots == list(range(s0, s0 + r)) and s0 + r <= self.num_slots:
-            return ("range", s0, keys)
-        padded = 1
-        while padded < len(chunks):
-            padded *= 2
-        return ("batch", min(padded, self.num_slots), keys)
+        return decode_key(chunks, self.range_size, self.bucket, self.max_seq, self.num_slots)
 
     def run(self, key: Key, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
         g = self.graphs.get(key)
@@ -98,31 +90,14 @@ class DecodeGraphs:
         return g.output.index_select(0, rows_dev)
 
     def _plan(self, key: Key, index: torch.Tensor) -> StepPlan:
-        """A decode plan whose tensors are the graph's static buffers (masks computed inside the graph)."""
-        kind, a, keys = key
-        slots, positions = index[0], index[1]
-        b = slots.shape[0]
-        dev = index.device
-        k = torch.arange(keys, device=dev)[None, :]
-        allowed = k <= positions[:, None]
-        window = self.rt.spec.sliding_window
-        if window is not None:
-            allowed &= k > positions[:, None] - window
-        mask = allowed.view(b, 1, 1, keys)
-        kv_slots: slice | torch.Tensor = slice(a, a + b) if kind == "range" else slots
-        group = AttnGroup(batch=b, width=1, kv_slots=kv_slots, kv_len=keys, causal=False, mask=mask,
-                          q_pos=positions.view(b, 1), view_shape=(b, 1))
-        chunks = tuple(SeqChunk(i, 0, 1) for i in range(b))  # only their count is used downstream
-        return StepPlan(chunks, b, positions, slots, torch.arange(b, device=dev), [group])
+        return decode_plan(key, index, self.rt.spec.sliding_window)
 
     def _capture(self, key: Key) -> _Graph:
         rt = self.rt
         dev = rt.device
         kind, a, _ = key
         b = self.range_size if kind == "range" else a
-        index = torch.empty(2, b, dtype=torch.long, device=dev)
-        index[0] = torch.arange(a, a + b, device=dev) if kind == "range" else 0
-        index[1] = self.max_seq - 1
+        index = padding_index(key, self.range_size, self.max_seq, dev)
         if rt.is_first:
             inputs = torch.zeros(b, dtype=torch.long, device=dev)
         else:
@@ -140,3 +115,115 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             output = rt.shard(inputs, self._plan(key, index), rt.pool)
         return _Graph(graph, inputs, index, output)
+
+
+def decode_key(chunks: Sequence[SeqChunk], range_size: int, bucket: int, max_seq: int, num_slots: int) -> Key | None:
+    """The graph that serves a decode step of `chunks` (None: not a decode step)."""
+    if not chunks or any(c.length != 1 for c in chunks):
+        return None
+    need = max(c.start for c in chunks) + 1
+    keys = min(max_seq, -(-need // bucket) * bucket)
+    slots = sorted(c.slot for c in chunks)
+    s0 = slots[0]
+    r = range_size
+    if s0 % r == 0 and slots == list(range(s0, s0 + r)) and s0 + r <= num_slots:
+        return ("range", s0, keys)
+    padded = 1
+    while padded < len(chunks):
+        padded *= 2
+    return ("batch", min(padded, num_slots), keys)
+
+
+def padding_index(key: Key, range_size: int, max_seq: int, device: torch.device) -> torch.Tensor:
+    """[2, B] (slot, position) of a graph's rows before any step: its own slots (range) or slot 0 (batch), at
+    position max_seq - 1 (which every sequence writes before it ever reads it)."""
+    kind, a, _ = key
+    b = range_size if kind == "range" else a
+    index = torch.empty(2, b, dtype=torch.long, device=device)
+    index[0] = torch.arange(a, a + b, device=device) if kind == "range" else 0
+    index[1] = max_seq - 1
+    return index
+
+
+def decode_plan(key: Key, index: torch.Tensor, sliding_window: int | None) -> StepPlan:
+    """A decode plan whose tensors are the graph's static buffers (masks computed inside the graph)."""
+    kind, a, keys = key
+    slots, positions = index[0], index[1]
+    b = slots.shape[0]
+    dev = index.device
+    k = torch.arange(keys, device=dev)[None, :]
+    allowed = k <= positions[:, None]
+    if sliding_window is not None:
+        allowed &= k > positions[:, None] - sliding_window
+    mask = allowed.view(b, 1, 1, keys)
+    kv_slots: slice | torch.Tensor = slice(a, a + b) if kind == "range" else slots
+    group = AttnGroup(batch=b, width=1, kv_slots=kv_slots, kv_len=keys, causal=False, mask=mask,
+                      q_pos=positions.view(b, 1), view_shape=(b, 1))
+    chunks = tuple(SeqChunk(i, 0, 1) for i in range(b))  # only their count is used downstream
+    return StepPlan(chunks, b, positions, slots, torch.arange(b, device=dev), [group])
+
+
+class AttentionWarmup:
+    """cuDNN's attention kernels for decode graphs, compiled before the steps that need them.
+
+    SDPA's cuDNN backend compiles a kernel the first time a process meets a shape (with its strides), and a
+    restarted stage meets every shape its restored microbatches have at once: its first decode step took 1.8 s on
+    an OPT-13B H100 stage, against 0.26 s with cuDNN off (bench/NOTES.md, the failure section). Attention needs no
+    weights, so this runs layer 0's attention of each graph's plan on the pool (read only: a zero query, nothing
+    written) as soon as the shapes are known (a Restore's lengths), while the weights still load. PyTorch keeps
+    compiled cuDNN attention per thread: call `warm` on the thread that runs the steps (the compute thread)."""
+
+    def __init__(self, family: Any, spec: ModelSpec, pool: KVPool, range_size: int, bucket: int) -> None:
+        self.family = family
+        self.spec = spec
+        self.pool = pool
+        self.range_size = range_size
+        self.bucket = bucket
+        self.max_seq = pool.layout.max_seq_len
+        self.num_slots = pool.layout.num_slots
+        self.done: set[tuple[str, int, int]] = set()  # (kind, batch, keys): what cuDNN keys a compile by
+
+    def keys(self, lengths: Sequence[int], ahead: int = 8) -> list[Key]:
+        """The graphs of the first decode steps of microbatches whose slots hold `lengths` tokens (0: empty):
+        one per range of `range_size` slots, also for its length `ahead` tokens on (a replay may cross into
+        the next key bucket). Lengths are per logical slot (with swapping, more than the pool holds: a range
+        computes in a frame of the same size, so its graphs are those of a range at slot 0). Those already
+        warmed are left out."""
+        out: list[Key] = []
+        seen: set[tuple[str, int, int]] = set()
+        r = self.range_size
+        for s0 in range(0, len(lengths), r):
+            members = [(s, n) for s, n in enumerate(lengths[s0 : s0 + r]) if n > 0]  # slots from the range's start
+            for extra in (0, ahead):
+                key = decode_key([SeqChunk(s, min(n + extra, self.max_seq - 1), 1) for s, n in members],
+                                 r, self.bucket, self.max_seq, self.num_slots)
+                if key is None:
+                    continue
+                ident = self._ident(key)
+                if ident not in seen and ident not in self.done:
+                    seen.add(ident)
+                    out.append(key)
+        return out
+
+    def warm(self, key: Key) -> float:
+        """Run the attention of graph `key` once, on its own stream (not behind a weight load's copies); seconds."""
+        t0 = time.perf_counter()
+        dev = self.pool.device
+        index = padding_index(key, self.range_size, self.max_seq, dev)
+        plan = decode_plan(key, index, self.spec.sliding_window)
+        q, slopes = self.family.attention_inputs(self.spec, index.shape[1], self.pool.layout.dtype, dev)
+        if dev.type == "cuda":
+            side = torch.cuda.Stream(dev)
+            with torch.cuda.stream(side):
+                attend(q, self.pool.k(0), self.pool.v(0), plan, self.spec.head_dim**-0.5, alibi_slopes=slopes)
+            side.synchronize()
+        else:
+            attend(q, self.pool.k(0), self.pool.v(0), plan, self.spec.head_dim**-0.5, alibi_slopes=slopes)
+        self.done.add(self._ident(key))
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def _ident(key: Key) -> tuple[str, int, int]:
+        kind, a, keys = key
+        return (kind, 0 if kind == "range" else a, keys)  # every range has one layout: its slots' offset aside
+

@@ -103,6 +103,13 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return alibi_slopes(spec.num_heads).to(device=device, dtype=dtype)
 
 
+def attention_inputs(spec: ModelSpec, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block's query: a slice of the head-interleaved q|k|v projection, and the ALiBi slopes (see
+    Family.attention_inputs)."""
+    q = torch.zeros(n, spec.num_heads, 3, spec.head_dim, dtype=dtype, device=device).unbind(2)[0]
+    return q, context(spec, 0, dtype, device)
+
+
 
 FAMILY = Family(
     name="bloom",
@@ -111,4 +118,5 @@ FAMILY = Family(
     head=head,
     checkpoint_map=checkpoint_map,
     context=context,
+    attention_inputs=attention_inputs,
 )

@@ -131,6 +131,11 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return Rotary(spec.head_dim, o["rot_dim"], max_seq_len, o["rope_theta"], o["rope_scaling"], dtype, device)
 
 
+def attention_inputs(spec: ModelSpec, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, None]:
+    """Attention's query: a new contiguous tensor, rotated (fused or not; see Family.attention_inputs)."""
+    return torch.zeros(n, spec.num_heads, spec.head_dim, dtype=dtype, device=device), None
+
+
 
 FAMILY = Family(
     name="llama",
@@ -139,4 +144,5 @@ FAMILY = Family(
     head=head,
     checkpoint_map=checkpoint_map,
     context=context,
+    attention_inputs=attention_inputs,
 )

@@ -124,6 +124,11 @@ def context(spec: ModelSpec, max_seq_len: int, dtype: torch.dtype, device: torch
     return None
 
 
+def attention_inputs(spec: ModelSpec, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, None]:
+    """Block._attn's query: one head-major third of the merged q|k|v projection (see Family.attention_inputs)."""
+    return torch.zeros(n, 3, spec.num_heads, spec.head_dim, dtype=dtype, device=device).unbind(1)[0], None
+
+
 
 FAMILY = Family(
     name="opt",
@@ -132,4 +137,5 @@ FAMILY = Family(
     head=Head,
     checkpoint_map=checkpoint_map,
     context=context,
+    attention_inputs=attention_inputs,
 )
