@@ -57,13 +57,19 @@ class DecodeGraphs:
     def key(self, chunks: Sequence[SeqChunk]) -> Key | None:
         return decode_key(chunks, self.range_size, self.bucket, self.max_seq, self.num_slots)
 
-    def run(self, key: Key, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+    def prepare(self, key: Key) -> _Graph:
+        """Graph `key`, captured now unless it was (a restored stage captures its microbatches' graphs before
+        their first steps; a step captures its own on first use)."""
         g = self.graphs.get(key)
         if g is None:
             t0 = time.perf_counter()
             g = self.graphs[key] = self._capture(key)  # (its warm-up was waited for; the capture runs nothing)
             log.info("[graphs] captured %s in %.3f s (graph %d of this process)", key, time.perf_counter() - t0,
                      len(self.graphs))
+        return g
+
+    def run(self, key: Key, chunks: Sequence[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+        g = self.prepare(key)
         kind, a, _ = key
         b = g.inputs.shape[0]
         # one pinned host tensor (index rows 0-1, then the step's rows), built in Python lists and copied once:
@@ -134,6 +140,24 @@ def decode_key(chunks: Sequence[SeqChunk], range_size: int, bucket: int, max_seq
     return ("batch", min(padded, num_slots), keys)
 
 
+def first_step_keys(lengths: Sequence[int], range_size: int, bucket: int, max_seq: int, num_slots: int,
+                    ahead: int = 8, in_place: bool = True) -> list[Key]:
+    """The graphs of the first decode steps of microbatches whose slots hold `lengths` tokens (0: empty; one
+    microbatch per range of `range_size` slots): each range's step now and `ahead` tokens on (a restore's replay
+    may cross into the next key bucket), in order, once each. in_place: at the ranges' own slots; else every
+    range as if at slot 0 (where it computes is not known: a swapped microbatch's frame)."""
+    out: list[Key] = []
+    for s0 in range(0, len(lengths), range_size):
+        at = s0 if in_place else 0
+        members = [(s, n) for s, n in enumerate(lengths[s0 : s0 + range_size], at) if n > 0]
+        for extra in (0, ahead):
+            key = decode_key([SeqChunk(s, min(n + extra, max_seq - 1), 1) for s, n in members], range_size, bucket,
+                             max_seq, num_slots)
+            if key is not None and key not in out:
+                out.append(key)
+    return out
+
+
 def padding_index(key: Key, range_size: int, max_seq: int, device: torch.device) -> torch.Tensor:
     """[2, B] (slot, position) of a graph's rows before any step: its own slots (range) or slot 0 (batch), at
     position max_seq - 1 (which every sequence writes before it ever reads it)."""
@@ -184,25 +208,17 @@ class AttentionWarmup:
         self.done: set[tuple[str, int, int]] = set()  # (kind, batch, keys): what cuDNN keys a compile by
 
     def keys(self, lengths: Sequence[int], ahead: int = 8) -> list[Key]:
-        """The graphs of the first decode steps of microbatches whose slots hold `lengths` tokens (0: empty):
-        one per range of `range_size` slots, also for its length `ahead` tokens on (a replay may cross into
-        the next key bucket). Lengths are per logical slot (with swapping, more than the pool holds: a range
-        computes in a frame of the same size, so its graphs are those of a range at slot 0). Those already
-        warmed are left out."""
+        """first_step_keys of `lengths` (per logical slot: with swapping, more than the pool holds - a range
+        computes in a frame of the same size, so its graphs are those of a range at slot 0) whose attention is
+        not warmed yet, one per layout."""
         out: list[Key] = []
-        seen: set[tuple[str, int, int]] = set()
-        r = self.range_size
-        for s0 in range(0, len(lengths), r):
-            members = [(s, n) for s, n in enumerate(lengths[s0 : s0 + r]) if n > 0]  # slots from the range's start
-            for extra in (0, ahead):
-                key = decode_key([SeqChunk(s, min(n + extra, self.max_seq - 1), 1) for s, n in members],
-                                 r, self.bucket, self.max_seq, self.num_slots)
-                if key is None:
-                    continue
-                ident = self._ident(key)
-                if ident not in seen and ident not in self.done:
-                    seen.add(ident)
-                    out.append(key)
+        seen = set(self.done)
+        for key in first_step_keys(lengths, self.range_size, self.bucket, self.max_seq, self.num_slots, ahead,
+                                   in_place=False):
+            ident = self._ident(key)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(key)
         return out
 
     def warm(self, key: Key) -> float:

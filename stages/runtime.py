@@ -164,6 +164,14 @@ class ShardRuntime:
             head.index_copy_(0, ids[n : n + m], fed[2].index_select(0, ids[n + m :]))
         return head
 
+    def prepare_graph(self, key: tuple[str, int, int]) -> bool:
+        """Capture decode graph `key` (stages/graphs.py) ahead of the step that needs it; False: no graphs here."""
+        if self.graphs is None:
+            return False
+        with torch.cuda.device(self.device):
+            self.graphs.prepare(key)
+        return True
+
     def forward(
         self, chunks: Sequence[SeqChunk] | StepPlan, inputs: torch.Tensor, all_logits: bool = False
     ) -> torch.Tensor:
