@@ -12,6 +12,7 @@ repeated shape pays neither. `--order` sets the shapes as batch:keys, in order; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -87,10 +88,16 @@ def main() -> None:
 
         first = timed(attend)
         again = min(timed(attend) for _ in range(3))
+        with sdpa_kernel([SDPBackend.MATH]):  # the reference: does this path compute the same attention?
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=d**-0.5)
+        with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+            got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d**-0.5)
+        err = (got.float() - ref).abs().max().item()
         rows.append({"batch": b, "keys": keys, "new_shape": (b, keys) not in seen, "first_s": round(first, 4),
-                     "steady_s": round(again, 5)})
+                     "steady_s": round(again, 5), "max_abs_err": err})
         seen.add((b, keys))
-        print(f"batch {b:3d} keys {keys:5d}: first {first * 1e3:9.2f} ms, then {again * 1e3:7.3f} ms", flush=True)
+        print(f"batch {b:3d} keys {keys:5d}: first {first * 1e3:9.2f} ms, then {again * 1e3:7.3f} ms, "
+              f"max |err| {err:.2e}", flush=True)
     # PyTorch keeps compiled cuDNN attention graphs per thread (thread_local): the same shapes on a new thread
     other: list[dict] = []
 
@@ -116,6 +123,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(), "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M"),
         "import_s": round(t_import, 3), "context_s": round(t_ctx, 3), "first_gemm_s": round(t_gemm, 3),
+        "avoid_recompile_env": os.environ.get("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", ""),
         "preload": args.preload, "preload_s": round(t_pre, 4), "rows": rows, "other_thread": other, "stall": stall,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
