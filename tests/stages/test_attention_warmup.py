@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stages.batch import SeqChunk
-from stages.graphs import AttentionWarmup, decode_key
+from stages.graphs import AttentionWarmup, decode_key, first_step_keys
 from stages.kv_cache import KVPool
 from stages.models import load_spec
 from stages.runtime import ShardConfig, ShardRuntime, pool_layout
@@ -75,6 +75,10 @@ def test_keys_are_the_graphs_a_restore_steps_first(model_factory) -> None:  # ty
     # with swapping, lengths run past the pool's slots: their ranges compute in frames of the same size
     assert w.keys(lengths + [30, 31, 32, 33], ahead=0) == [("range", 0, 16), ("batch", 1, 32), ("range", 0, 48)]
     assert w.keys([0] * 8) == []
+    # the graphs a restored stage captures ahead: at the ranges' own slots (range 1 holds one slot: a batch)
+    assert first_step_keys(lengths, 4, 16, 120, 8, ahead=0) == [("range", 0, 16), ("batch", 1, 32)]
+    assert first_step_keys([0] * 4 + [30, 31, 32, 33], 4, 16, 120, 8) == [("range", 4, 48)]
+    assert first_step_keys([0] * 4 + [30, 31, 32, 40], 4, 16, 120, 8) == [("range", 4, 48), ("range", 4, 64)]
     # what is warmed is not warmed again
     w.warm(("range", 0, 16))
     assert w.keys(lengths, ahead=0) == [("batch", 1, 32)]
