@@ -491,11 +491,11 @@ class StageProcess:
                        reply_to=msg_id)
             return
         warming = self._warm_attention(msg.lengths)  # on the compute thread, while the KV (and weights) arrive
+        if warming is not None:
+            self.tg.create_task(warming)
         self._prepare_graphs(msg.lengths)
         done = await self.replica.restore(msg)
         await send(self.ctl, self.codec, done, reply_to=msg_id)
-        if warming is not None:
-            self.tg.create_task(warming)
 
     def _prepare_graphs(self, lengths: list[int] | None = None) -> None:
         """Capture the decode graphs that microbatches of `lengths` (a Restore's) step first, on the compute thread
