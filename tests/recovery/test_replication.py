@@ -228,7 +228,8 @@ def test_long_randomized_kills_restore_from_replicas_exactly(model_factory, seed
 @pytest.mark.parametrize("stages", [1, 2])
 def test_a_killed_gpu_stage_restores_its_kv_from_the_replica(model_factory, stages: int) -> None:  # type: ignore[no-untyped-def]
     """A GPU stage's pool is registered with the streamer (CUDA IPC) and replicated to pinned host memory; killed,
-    its KV dies with its CUDA context and comes back from the replica. Outputs equal the fault-free GPU run."""
+    its KV dies with its CUDA context and comes back from the replica. Outputs equal the fault-free GPU run. The
+    restore warmed its microbatches' decode attention and captured their graphs before their first steps."""
     import torch
 
     if torch.cuda.device_count() < stages:
@@ -236,9 +237,11 @@ def test_a_killed_gpu_stage_restores_its_kv_from_the_replica(model_factory, stag
     path = model_factory("llama")
     args = ("--device", "cuda", "--hosts", "1", "--replicate", "on")
     clean, _, _, _, _ = serve_through(path, args, [], stages=stages)
-    outs, _, st, _, _ = serve_through(path, args, [(150, kill_stage(stages - 1, caught_up=True))], stages=stages)
+    outs, _, st, _, logs = serve_through(path, args, [(150, kill_stage(stages - 1, caught_up=True))], stages=stages)
     assert outs == clean
     check_replica(st["recoveries"][0])
+    assert "restored graph shape(s) warmed in" in logs
+    assert "warm-up of decode attention" not in logs  # (a failed warm-up's line)
 
 
 def test_replication_comes_back_after_streamers_and_the_controller_are_killed(model_factory) -> None:  # type: ignore[no-untyped-def]
