@@ -21,14 +21,10 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from stages.batch import AttnGroup, SeqChunk, StepPlan
-from stages.kv_cache import KVPool
-from stages.layers.attention import attend
-from stages.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +97,8 @@ class DecodeGraphs:
     def _capture(self, key: Key) -> _Graph:
         rt = self.rt
         dev = rt.device
-        kind, a, _ = key
-        b = self.range_size if kind == "range" else a
         index = padding_index(key, self.range_size, self.max_seq, dev)
+        b = index.shape[1]
         if rt.is_first:
             inputs = torch.zeros(b, dtype=torch.long, device=dev)
         else:
@@ -140,24 +135,6 @@ def decode_key(chunks: Sequence[SeqChunk], range_size: int, bucket: int, max_seq
     return ("batch", min(padded, num_slots), keys)
 
 
-def first_step_keys(lengths: Sequence[int], range_size: int, bucket: int, max_seq: int, num_slots: int,
-                    ahead: int = 8, in_place: bool = True) -> list[Key]:
-    """The graphs of the first decode steps of microbatches whose slots hold `lengths` tokens (0: empty; one
-    microbatch per range of `range_size` slots): each range's step now and `ahead` tokens on (a restore's replay
-    may cross into the next key bucket), in order, once each. in_place: at the ranges' own slots; else every
-    range as if at slot 0 (where it computes is not known: a swapped microbatch's frame)."""
-    out: list[Key] = []
-    for s0 in range(0, len(lengths), range_size):
-        at = s0 if in_place else 0
-        members = [(s, n) for s, n in enumerate(lengths[s0 : s0 + range_size], at) if n > 0]
-        for extra in (0, ahead):
-            key = decode_key([SeqChunk(s, min(n + extra, max_seq - 1), 1) for s, n in members], range_size, bucket,
-                             max_seq, num_slots)
-            if key is not None and key not in out:
-                out.append(key)
-    return out
-
-
 def padding_index(key: Key, range_size: int, max_seq: int, device: torch.device) -> torch.Tensor:
     """[2, B] (slot, position) of a graph's rows before any step: its own slots (range) or slot 0 (batch), at
     position max_seq - 1 (which every sequence writes before it ever reads it)."""
@@ -185,61 +162,3 @@ def decode_plan(key: Key, index: torch.Tensor, sliding_window: int | None) -> St
                       q_pos=positions.view(b, 1), view_shape=(b, 1))
     chunks = tuple(SeqChunk(i, 0, 1) for i in range(b))  # only their count is used downstream
     return StepPlan(chunks, b, positions, slots, torch.arange(b, device=dev), [group])
-
-
-class AttentionWarmup:
-    """cuDNN's attention kernels for decode graphs, compiled before the steps that need them.
-
-    SDPA's cuDNN backend compiles a kernel the first time a process meets a shape (with its strides), and a
-    restarted stage meets every shape its restored microbatches have at once: its first decode step took 1.8 s on
-    an OPT-13B H100 stage, against 0.26 s with cuDNN off (bench/NOTES.md, the failure section). Attention needs no
-    weights, so this runs layer 0's attention of each graph's plan on the pool (read only: a zero query, nothing
-    written) as soon as the shapes are known (a Restore's lengths), while the weights still load. PyTorch keeps
-    compiled cuDNN attention per thread: call `warm` on the thread that runs the steps (the compute thread)."""
-
-    def __init__(self, family: Any, spec: ModelSpec, pool: KVPool, range_size: int, bucket: int) -> None:
-        self.family = family
-        self.spec = spec
-        self.pool = pool
-        self.range_size = range_size
-        self.bucket = bucket
-        self.max_seq = pool.layout.max_seq_len
-        self.num_slots = pool.layout.num_slots
-        self.done: set[tuple[str, int, int]] = set()  # (kind, batch, keys): what cuDNN keys a compile by
-
-    def keys(self, lengths: Sequence[int], ahead: int = 8) -> list[Key]:
-        """first_step_keys of `lengths` (per logical slot: with swapping, more than the pool holds - a range
-        computes in a frame of the same size, so its graphs are those of a range at slot 0) whose attention is
-        not warmed yet, one per layout."""
-        out: list[Key] = []
-        seen = set(self.done)
-        for key in first_step_keys(lengths, self.range_size, self.bucket, self.max_seq, self.num_slots, ahead,
-                                   in_place=False):
-            ident = self._ident(key)
-            if ident not in seen:
-                seen.add(ident)
-                out.append(key)
-        return out
-
-    def warm(self, key: Key) -> float:
-        """Run the attention of graph `key` once, on its own stream (not behind a weight load's copies); seconds."""
-        t0 = time.perf_counter()
-        dev = self.pool.device
-        index = padding_index(key, self.range_size, self.max_seq, dev)
-        plan = decode_plan(key, index, self.spec.sliding_window)
-        q, slopes = self.family.attention_inputs(self.spec, index.shape[1], self.pool.layout.dtype, dev)
-        if dev.type == "cuda":
-            side = torch.cuda.Stream(dev)
-            with torch.cuda.stream(side):
-                attend(q, self.pool.k(0), self.pool.v(0), plan, self.spec.head_dim**-0.5, alibi_slopes=slopes)
-            side.synchronize()
-        else:
-            attend(q, self.pool.k(0), self.pool.v(0), plan, self.spec.head_dim**-0.5, alibi_slopes=slopes)
-        self.done.add(self._ident(key))
-        return time.perf_counter() - t0
-
-    @staticmethod
-    def _ident(key: Key) -> tuple[str, int, int]:
-        kind, a, keys = key
-        return (kind, 0 if kind == "range" else a, keys)  # every range has one layout: its slots' offset aside
-

@@ -22,7 +22,6 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,11 +62,8 @@ from bus.sockets import context, decode_frames, make_socket, recv_frames, recv_w
 from stages.activation import ActivationIn, ActivationOut
 from stages.config import StageProcConfig
 from stages.errors import InvalidRequestError, StageError, StepVoid
-from stages.graphs import AttentionWarmup, Key, first_step_keys
-from stages.kv_cache import KVPool
 from stages.kv_home import KVHome, open_gpu_home, open_home
 from stages.kv_push import KvPusher, Pushing
-from stages.models import load_spec
 from stages.nccl_activation import LinkClosed, NcclActivations
 from stages.replica import Replicator
 from stages.runtime import ShardConfig, pool_layout
@@ -76,6 +72,7 @@ from stages.step_profiler import StepProfiler
 from stages.swap import SwapError, Swapper
 from stages.swap_policy import SwapDecision
 from stages.swap_setup import decide_for_stage, open_receive, open_swap
+from stages.warmup import RestoreWarmup
 from streamer.client import LayerSignal, attach_kv_hooks
 from streamer.errors import PeerDeadError, StreamerError
 
@@ -152,8 +149,7 @@ class StageProcess:
         self.push: KvPusher | None = None  # a prompt stage's KV streaming to the token stages (stages/kv_push.py)
         self.swap: Swapper | None = None  # microbatch swapping (stages/swap.py), when it is on
         self.swapping = SwapDecision(False, "--swap off")
-        self.warmup: AttentionWarmup | None = None  # cuDNN's decode attention compiled ahead of a restore's steps
-        self.graphs_due: list[Key] = []  # decode graphs a Restore's microbatches step first, to capture ahead
+        self.prep: RestoreWarmup | None = None  # a Restore's first steps, prepared ahead (CUDA; stages/warmup.py)
         self.inc_ready = asyncio.Event()
         if cfg.uses_nccl:
             self.nccl = NcclActivations(torch.device(cfg.device), cfg.index)
@@ -192,10 +188,9 @@ class StageProcess:
             phases["setup"] = mark - started
             self.kv = await self._kv_home(shard)
             phases["kv_home"] = time.monotonic() - mark
-            self.shard = shard
-            self.warmup = self._attention_warmup(shard)
             if self.swapping.on and not await self._open_swap(shard, logical):
                 return EXIT_CONFIG
+            self.prep = RestoreWarmup.for_stage(self.compute, shard, self.kv.tensor, self.swap is not None)
             if cfg.replicate and self.kv.client is not None and self.kv.memory is not None:
                 # swapping: the replica is fed from the swap pool (logical slots), once each write-back landed
                 self.replica = Replicator(self.kv.client, self.kv.name, self.kv.memory, pool_layout(shard),
@@ -284,7 +279,8 @@ class StageProcess:
             return EXIT_CONFIG
         finally:
             self.busy_since = 0.0
-        self._prepare_graphs()  # a Restore's graphs, queued before any step can be
+        if self.prep is not None:  # a Restore's graphs, queued before any step can be
+            self.prep.loaded(self.core.runtime)
         self.core_ready.set()
         if cfg.device.startswith("cuda"):  # what dejavu-serve's memory plan estimated (recovery/sizing.py), measured
             free, total = torch.cuda.mem_get_info(torch.device(cfg.device))
@@ -490,67 +486,12 @@ class StageProcess:
             await send(self.ctl, self.codec, Restored(msg.epoch, False, message="no replication here"),
                        reply_to=msg_id)
             return
-        warming = self._warm_attention(msg.lengths)  # on the compute thread, while the KV (and weights) arrive
-        if warming is not None:
-            self.tg.create_task(warming)
-        self._prepare_graphs(msg.lengths)
+        if self.prep is not None:  # on the compute thread, while the KV (and the weights) arrive
+            logged = self.prep.restore(msg.lengths)
+            if logged is not None:
+                self.tg.create_task(logged)
         done = await self.replica.restore(msg)
         await send(self.ctl, self.codec, done, reply_to=msg_id)
-
-    def _prepare_graphs(self, lengths: list[int] | None = None) -> None:
-        """Capture the decode graphs that microbatches of `lengths` (a Restore's) step first, on the compute thread
-        ahead of those steps: at once when the weights are in, else queued by the weights' load before any step
-        can run (a capture needs the weights). A restarted process's first capture also pays its first kernels'
-        loading (0.26 s on an OPT-13B H100 stage). Not with swapping: a swapped microbatch's frame is not known."""
-        if lengths is not None:
-            shard = self.shard
-            if not (self.cfg.device.startswith("cuda") and shard.cuda_graphs) or self.swap is not None:
-                return
-            self.graphs_due = first_step_keys(lengths, shard.range_size or shard.num_slots, shard.graph_bucket,
-                                              shard.max_seq_len, shard.num_slots)
-        if self.core is None or not self.graphs_due:
-            return
-        runtime, loop = self.core.runtime, asyncio.get_running_loop()
-        for key in self.graphs_due:
-            run = loop.run_in_executor(self.compute, runtime.prepare_graph, key)
-            run.add_done_callback(lambda f, key=key: f.cancelled() or f.exception() is None or log.warning(
-                "[graphs] capture of %s ahead of its first step failed (the step captures it): %r", key,
-                f.exception()))
-        self.graphs_due = []
-
-    def _attention_warmup(self, shard: ShardConfig) -> AttentionWarmup | None:
-        """Where cuDNN may run decode graphs' attention (CUDA, graphs on, cuDNN not off), the warm-up of a
-        restore's shapes (stages/graphs.AttentionWarmup) over this stage's pool."""
-        cfg = self.cfg
-        if not (cfg.device.startswith("cuda") and shard.cuda_graphs and shard.cudnn_attention != "off"
-                and self.kv is not None and self.kv.tensor is not None):
-            return None
-        family, spec = load_spec(Path(shard.model_dir))
-        pool = KVPool(pool_layout(shard), self.kv.tensor, self.kv.tensor.device)
-        return AttentionWarmup(family, spec, pool, shard.range_size or shard.num_slots, shard.graph_bucket)
-
-    def _warm_attention(self, lengths: list[int]) -> Coroutine[None, None, None] | None:
-        """Queue the warm-up of the decode graphs that microbatches of `lengths` step first on the compute thread
-        now (ahead of any step), and return what logs it once done (None: nothing to warm)."""
-        warmup = self.warmup
-        keys = warmup.keys(lengths) if warmup is not None else []
-        if warmup is None or not keys:
-            return None
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        runs = [loop.run_in_executor(self.compute, warmup.warm, key) for key in keys]
-
-        async def logged() -> None:
-            results = await asyncio.gather(*runs, return_exceptions=True)
-            failed = [(k, r) for k, r in zip(keys, results) if isinstance(r, BaseException)]
-            for key, e in failed:  # a step compiles it on first use, as without the warm-up
-                log.warning("[graphs] warm-up of decode attention %s failed: %r", key, e)
-            took = ", ".join(f"{k[0]} {k[2]} keys {r:.3f} s" for k, r in zip(keys, results)
-                             if not isinstance(r, BaseException))
-            log.info("[graphs] decode attention of %d restored graph shape(s) warmed in %.3f s: %s",
-                     len(keys) - len(failed), time.monotonic() - t0, took)
-
-        return logged()
 
     async def _set_topology(self, topo: Topology) -> None:
         """Serve epoch `topo.epoch`: rebuild the link downstream (ZeroMQ, plus NCCL on CUDA). Acked by the

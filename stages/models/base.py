@@ -42,7 +42,7 @@ class Family:
     context: Callable[[ModelSpec, int, torch.dtype, torch.device], Any]
     # What a block hands `attend` for N tokens, from zeros: (query [N, H, D] with the block's own strides, ALiBi
     # slopes or None). cuDNN compiles its attention per shape *and strides*, so a warm-up ahead of a step
-    # (stages/graphs.AttentionWarmup) must pass the very layout the block will.
+    # (stages/warmup.AttentionWarmup) must pass the very layout the block will.
     attention_inputs: Callable[[ModelSpec, int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor | None]]
 
 

@@ -1,4 +1,4 @@
-"""The decode attention warm-up (stages/graphs.AttentionWarmup) runs what a decode graph's attention will run.
+"""The decode attention warm-up (stages/warmup.AttentionWarmup) runs what a decode graph's attention will run.
 
 cuDNN compiles its attention per shape and strides, so the warm-up is worth something only if it hands `attend`
 the same query layout, plan and pool views as the block does in a step: checked per family against a real
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from stages.batch import SeqChunk
-from stages.graphs import AttentionWarmup, decode_key, first_step_keys
+from stages.graphs import decode_key
 from stages.kv_cache import KVPool
 from stages.models import load_spec
 from stages.runtime import ShardConfig, ShardRuntime, pool_layout
+from stages.warmup import AttentionWarmup, first_step_keys
 from tests.tiny_models import CONFIGS
 
 
