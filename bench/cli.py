@@ -15,6 +15,8 @@
               latency inflation, tokens/s around the kill (bench/failure_bench.py)
     plan      the simulator (dejavu-plan simulate) against measured `pipeline` results, side by side
               (bench/plan_bench.py)
+    swap      microbatch swapping on / off / auto under one memory budget: tokens/s with every slot busy and
+              the paper's workload, swap traffic and stalls (bench/swap_bench.py)
     disagg    prompt-token disaggregation vs the colocated pipeline on the same devices: every prompt/token
               split and the planner's pick, paper workload, the simulator beside each (bench/disagg_bench.py)
 
@@ -38,6 +40,7 @@ COMMANDS = {
     "failure": "bench.failure_bench",
     "plan": "bench.plan_bench",
     "disagg": "bench.disagg_bench",
+    "swap": "bench.swap_bench",
 }
 
 
