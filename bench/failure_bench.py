@@ -344,7 +344,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     killed = {label: run for label, run in result["runs"].items() if "split" in run}
     if not killed:  # --cost-only: the decode phases of each deployment
         fig, ax = plt.subplots(figsize=(7, 4))
-        for k, (label, run) in enumerate(result["runs"].items()):
+        for k, run in enumerate(result["runs"].values()):
             for e in (run["decode_phase"] or {}).get("each", []):
                 ax.scatter(k, e["tokens_per_s"], color="C0" if run["setting"] == "on" else "C1")
         ax.set_xticks(range(len(result["runs"])), [f"--replicate {lb}" for lb in result["runs"]])

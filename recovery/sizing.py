@@ -429,13 +429,19 @@ def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[De
     swapping = [StageModel(cfg, facts, p, i, True) for i, p in enumerate(cfg.stage_plan(spec.num_layers))
                 if p.pipeline != "prompt"]
     heavy = max(swapping, key=lambda m: m.kv_per_slot())
+    bw = cfg.swap_bandwidth * 1e9 or (figures.h2d_bps if figures else 0.0)
+    step_s = cfg.swap_step_ms / 1e3 or (max(m.weights() for m in swapping) / figures.device_bps if figures else 0.0)
+    largest_on, on = on.microbatch_size, capped(cfg, spec, memories, on, heavy.kv_per_slot(), bw, step_s)
     size, mbs = on.microbatch_size, cfg.microbatches
     held = min(s.fits for s in off.stages if s.stage >= (cfg.prompt_stages if cfg.disaggregated else 0)) \
         if off is not None else 0
     fit = held * mbs // size  # microbatches of swapping's size the device holds all at once
-    bw = cfg.swap_bandwidth * 1e9 or (figures.h2d_bps if figures else 0.0)
-    step_s = cfg.swap_step_ms / 1e3 or (max(m.weights() for m in swapping) / figures.device_bps if figures else 0.0)
     decision = decide_swap("auto", mbs, fit, heavy.kv_per_slot() * size, bw, step_s)
+    if size < largest_on and not decision.on and fit >= mbs:  # capped down to what off holds already
+        decision = SwapDecision(False, (
+            f"auto: a swap-in fits under a decode step ({step_s * 1e3:.3g} ms at {bw / 1e9:.3g} GB/s) only up to "
+            f"{size} per microbatch, and all {mbs} microbatches hold {held} each without swapping (swapping's 2 "
+            f"frames would hold {largest_on})"), "auto")
     if not decision.on and off is None:
         assert off_error is not None
         raise MemoryBudgetError(f"{off_error}; swapping would not pay here ({decision.reason})")
@@ -443,6 +449,24 @@ def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[De
     assert chosen is not None
     chosen = replace(chosen, how=f"{chosen.how}; --swap {decision.reason}")
     return replace(cfg, swap_settled=decision.reason, swap_settled_on=decision.on), chosen
+
+
+def capped(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory], on: Sizing, kv_per_slot: int,
+           bw: float, step_s: float) -> Sizing:
+    """`on` (swapping's sizing, as large as its 2 resident frames allow), or - with a memory-sized microbatch whose
+    swap-in (kv_per_slot x size / bw) would not fit under a decode step (step_s) - the largest microbatch whose
+    swap-in does: a swapping stage waits for a swap-in longer than a step at every step, while one a little smaller
+    than the memory allows still beats keeping every microbatch resident wherever it exceeds off's size."""
+    if cfg.microbatch_size != AUTO or bw <= 0 or step_s <= 0 or kv_per_slot <= 0:
+        return on
+    cap = math.ceil(step_s * bw / kv_per_slot) - 1  # swap-in strictly under the step, as decide_swap asks
+    if not 0 < cap < on.microbatch_size:
+        return on
+    sized = size_deployment(replace(cfg, swap="on", microbatch_size=cap), spec, memories)
+    how = sized.how.replace(f"microbatch size {cap} (--microbatch-size)", (
+        f"microbatch size {cap} (auto, swapping: the largest whose swap-in fits under a decode step; the memory "
+        f"holds {on.microbatch_size}; --gpu-memory-fraction {cfg.gpu_memory_fraction:g})"))
+    return replace(sized, auto=True, how=how)
 
 
 def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:

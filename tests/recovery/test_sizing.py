@@ -303,3 +303,42 @@ def test_swap_auto_on_gpus_turns_on_where_it_buys_larger_microbatches_and_pays(t
     # --swap on, off, or 2 microbatches: not decided here
     two, _ = size_with_swap(replace(cfg, num_stages=2), spec, memories[:2], None)
     assert not two.swap_settled
+
+
+def test_swap_auto_caps_a_microbatch_at_what_a_step_hides_and_says_why_where_that_gains_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An OPT-13B-shaped stage on an H100 (53 GB/s pinned host -> device, 3 TB/s device memory: a decode step's
+    weight read 8.74 ms), 4 microbatches. Swapping pays only while a microbatch's KV is under ~1.5% of the weights:
+    - the paper's workload (2,048 positions, 90% of the GPU): even one slot's swap-in (1.6 GiB, 32 ms) is 3.6x a
+      step: off;
+    - a budget the weights nearly fill (128 positions, 36%): the 2 frames would hold 5 per microbatch, whose swap-in
+      (9.9 ms) a step does not hide; 4 per microbatch (7.9 ms) it does, and beat off's 2: on, at 4;
+    - the same positions with room (90%): off holds 107 per microbatch, more than a step hides: off, saying so."""
+    from bench.pipeline_bench import write_model
+
+    spec = read_spec(write_model("opt-13b", tmp_path))
+    figures = SwapFigures(h2d_bps=53e9, device_bps=3.0e12)
+    h100 = [gpu(80, 79)]
+
+    def auto(max_seq_len: int, fraction: float) -> tuple[DeploymentConfig, int]:
+        cfg = DeploymentConfig(str(tmp_path), num_stages=1, device="cuda", microbatch_size=AUTO, dtype="bfloat16",
+                               max_seq_len=max_seq_len, num_microbatches=4, gpu_memory_fraction=fraction)
+        settled, sizing = size_with_swap(cfg, spec, h100, figures)
+        return settled, sizing.microbatch_size
+
+    paper, size = auto(2048, 0.9)
+    assert not paper.swap_settled_on and size == 6
+    assert "swapping would be slower than compute: swap-in 380 ms (1.92e+04 MiB at 53 GB/s) vs step 8.74 ms" in \
+        paper.swap_settled  # swapping's 12 per microbatch
+
+    tight, size = auto(128, 0.36)
+    off = size_deployment(replace(tight, swap="off"), spec, h100).microbatch_size
+    largest = size_deployment(replace(tight, swap="on"), spec, h100).microbatch_size
+    assert (off, largest, size) == (2, 5, 4) and tight.swap_settled_on
+    assert "swap-in 7.91 ms (400 MiB at 53 GB/s) vs step 8.74 ms" in tight.swap_settled
+    _, sizing = size_with_swap(replace(tight, swap="auto", swap_settled="", swap_settled_on=False), spec, h100, figures)
+    assert "microbatch size 4 (auto, swapping: the largest whose swap-in fits under a decode step; the memory " \
+           "holds 5" in sizing.how and sizing.auto
+
+    roomy, size = auto(128, 0.9)
+    assert not roomy.swap_settled_on and size == 107
+    assert "only up to 4 per microbatch, and all 4 microbatches hold 107 each without swapping" in roomy.swap_settled
