@@ -11,7 +11,8 @@ One deployment per setting (`--settings MODE[:M],...`), each `dejavu-serve --swa
 On one GPU, a one-stage deployment with M microbatches steps them round-robin, as each stage of an M-deep pipeline
 does; a stage's weights, its KV per microbatch and its step all scale with its layers, so a swap-in over a step -
 what decides whether swapping pays - is the same as on a stage of that pipeline. Compare tokens/s (per GPU): the
-TPOT of the one-stage run is M steps, a pipeline's M stage steps.
+TPOT of the one-stage run is M steps, a pipeline's M stage steps. Every setting then runs without lookahead, as
+such a stage does (`--lookahead off`: it applies to one-stage pipelines only, and not with swapping).
 Per setting: the sizing (microbatch size, resident slots, each stage's swap decision); decode with every slot busy
 (pipeline_bench.overhead: M x size requests of --context tokens, --decode-tokens each: tokens/s, TPOT, the stage's
 step, and the swap traffic and stalls meanwhile); then the paper's workload at each rate (tokens/s, normalized
@@ -157,7 +158,8 @@ def sizing_of(status: dict[str, Any]) -> dict[str, Any]:
 
 def run_setting(args: argparse.Namespace, model: Path, s: dict[str, Any], save: Callable[[bool], None]) -> None:
     serve = ["--swap", s["mode"], "--microbatches", str(s["microbatches"]),
-             "--gpu-memory-fraction", str(args.gpu_memory_fraction), *args.serve_list]
+             "--gpu-memory-fraction", str(args.gpu_memory_fraction), *proxy_args(args), *args.serve_list]
+    s["serve_args"] = serve
     slug = f"{s['mode']}-{s['microbatches']}mb"
     with deployment(args, model, args.stages, *serve, log_name=f"deployment-{slug}.log", tag=TAG) as (dep, save_log):
         before = asyncio.run(_status(dep.address))
@@ -187,6 +189,13 @@ def run_setting(args: argparse.Namespace, model: Path, s: dict[str, Any], save: 
 
         rates = [float(r) for r in args.rates.split(",") if r and r != "none"]
         s["rates"] = asyncio.run(sweep(dep.address, rates, args, on_rate, save_log, annotate, tag=TAG)) if rates else []
+
+
+def proxy_args(args: argparse.Namespace) -> list[str]:
+    """One stage standing for a stage of an M-deep pipeline: no lookahead for any setting. A pipeline of 2+ stages
+    has none (its first stage does not sample), and a swapping stage runs without it; a one-stage `off` with it would
+    hide the controller's round trip that every other setting pays."""
+    return ["--lookahead", "off"] if args.stages == 1 else []
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -14,8 +14,9 @@ Device memory: CUDA - measured by a short probe process (torch.cuda.mem_get_info
 cuda:i, as the supervisor places them; the probe's CUDA context is not counted as free, nor will the stage's
 be); CPU - the host's RAM (/proc/meminfo: MemTotal, MemAvailable), shared equally by the stages, and there
 `auto` is 8 per microbatch (the fixed default before issue 20) unless less fits. DEJAVU_DEVICE_MEMORY
-overrides the measurement (tests): "TOTAL[/FREE]" for every device, or a comma-separated list, one per stage;
-sizes in bytes or with K, M, G, T (KiB...).
+overrides the measurement (tests; `dejavu-bench swap --off-slots` emulating a smaller device): "TOTAL[/FREE]" for
+every device, or a comma-separated list, one per stage; sizes in bytes or with K, M, G, T (KiB...). GPUs still
+time their copies for --swap auto where it needs them.
 
 Torch-free: the supervisor imports it.
 """
@@ -207,8 +208,14 @@ def measure_all(cfg: DeploymentConfig) -> tuple[list[DeviceMemory], SwapFigures 
     """measure(), and on GPUs --swap auto's figures when it needs them (None where not measured)."""
     n, cpu = cfg.num_stages, cfg.device == "cpu"
     devices = ["cpu"] * n if cpu else [f"cuda:{i}" for i in range(n)]
-    if os.environ.get(ENV):
-        return from_env(os.environ[ENV], devices, cpu), None
+    if os.environ.get(ENV):  # the memory is given (tests; a benchmark emulating a smaller device) - the copy
+        given = from_env(os.environ[ENV], devices, cpu)  # bandwidths --swap auto predicts with are still the GPU's
+        if cpu or not wants_swap_figures(cfg):
+            return given, None
+        try:
+            return given, probe_gpus(n, bandwidth=True)[1]
+        except MemoryBudgetError:  # no GPU to time here: auto says it has no figure (or give --swap-bandwidth)
+            return given, None
     if cpu:
         total, free = host_memory()
         return [DeviceMemory("cpu", total, free, n) for _ in devices], None

@@ -26,6 +26,8 @@ def test_settings_default_to_the_given_microbatches_and_bad_ones_are_refused(cap
     args = swap_bench.parser().parse_args([])
     assert (args.shape, args.stages, args.microbatches, args.settings, args.microbatch_size) == (
         "opt-13b", 1, 4, "off,on,auto", 0)
+    assert swap_bench.proxy_args(args) == ["--lookahead", "off"]  # one stage stands for a stage of a pipeline
+    assert swap_bench.proxy_args(swap_bench.parser().parse_args(["--stages", "4"])) == []
     for argv, why in ((["--settings", "on:2"], "--microbatches 3 or more"),
                       (["--off-slots", "2", "--device-memory", "1G"], "not both"), (["--stages", "0"], "1 or more")):
         with pytest.raises(SystemExit) as e:  # refused before anything starts
@@ -117,6 +119,7 @@ def test_a_quick_run_serves_off_and_on_under_one_budget_and_on_swaps(tmp_path, m
     assert off["microbatch_size"] == 2 < on["microbatch_size"]  # the same budget: swapping's microbatches are larger
     assert off["overhead"]["swap"]["bytes_in"] == 0 < on["overhead"]["swap"]["bytes_in"]
     assert on["overhead"]["swap"]["failures"] == 0 and on["swap"]["0"]["frames"] == 2
+    assert all(s["serve_args"][-2:] == ["--lookahead", "off"] for s in (off, on))
     for s in (off, on):
         (r,) = s["rates"]
         assert r["completed"] == r["requests"] == 8 and r["restarts"] == {} and r["failed"] == 0

@@ -342,3 +342,33 @@ def test_swap_auto_caps_a_microbatch_at_what_a_step_hides_and_says_why_where_tha
     roomy, size = auto(128, 0.9)
     assert not roomy.swap_settled_on and size == 107
     assert "only up to 4 per microbatch, and all 4 microbatches hold 107 each without swapping" in roomy.swap_settled
+
+
+def test_a_given_device_memory_still_takes_the_gpus_copy_figures_for_swap_auto(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """DEJAVU_DEVICE_MEMORY sets the memory (a benchmark emulating a smaller GPU); --swap auto's bandwidths are still
+    timed on the GPUs where it needs them, and where none can be timed it decides with no figure, as before."""
+    import recovery.sizing as sizing
+
+    path, _ = tiny
+    cfg = DeploymentConfig(str(path), num_stages=1, device="cuda", microbatch_size=AUTO, num_microbatches=4)
+    monkeypatch.setenv("DEJAVU_DEVICE_MEMORY", "4G")
+    asked: list[tuple[int, bool]] = []
+
+    def probe(count: int, timeout: float = 120.0, bandwidth: bool = False):  # type: ignore[no-untyped-def]
+        asked.append((count, bandwidth))
+        return [(1 << 40, 1 << 40)] * count, SwapFigures(53e9, 3e12)
+
+    monkeypatch.setattr(sizing, "probe_gpus", probe)
+    mems, figures = sizing.measure_all(cfg)
+    assert [(m.total, m.free) for m in mems] == [(4 * GiB, 4 * GiB)]  # the given memory, not the probe's
+    assert figures == SwapFigures(53e9, 3e12) and asked == [(1, True)]
+    for other in (replace(cfg, swap="off"), replace(cfg, num_microbatches=2),
+                  replace(cfg, swap_bandwidth=25.0, swap_step_ms=5.0), replace(cfg, device="cpu")):
+        assert sizing.measure_all(other)[1] is None  # nothing to decide, or the flags give both figures
+    assert asked == [(1, True)]
+
+    def no_gpu(count: int, timeout: float = 120.0, bandwidth: bool = False):  # type: ignore[no-untyped-def]
+        raise MemoryBudgetError("cannot measure GPU memory (no GPU)")
+
+    monkeypatch.setattr(sizing, "probe_gpus", no_gpu)
+    assert sizing.measure_all(cfg)[1] is None
