@@ -125,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
                    help="each host keeps one warm standby stage process, its imports done, which the next stage "
                         "restart on that host becomes (a restart then skips Python's start and imports: ~2.9 s on "
                         "a GPU VM); auto: on for --device cuda")
+    p.add_argument("--layer-split", default="balanced", choices=["balanced", "even"],
+                   help="layers per stage of a decoding pipeline: balanced - the slowest stage as fast as whole layers "
+                        "allow, the last stage's LM head counted as the layers its weights equal (a decode step reads "
+                        "both alike), so that stage may take fewer; even - equal counts (a prompt pipeline's always)")
     p.add_argument("--lookahead", default="auto", choices=["auto", "on", "off"],
                    help="with one stage in the pipeline (or one token stage): send each microbatch's next step while its current one "
                         "runs, the stage feeding back the tokens it sampled, so the GPU does not wait for the "
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
-            standby=args.standby, lookahead=args.lookahead, defer_tokens=args.defer_tokens,
+            standby=args.standby, lookahead=args.lookahead, defer_tokens=args.defer_tokens, layer_split=args.layer_split,
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

@@ -128,7 +128,9 @@ class Failure:
 
 
 def layer_split(layers: int, stages: int) -> list[int]:
-    """Layers per stage, as stages/models/spec.split_layers splits them (earlier stages take the remainder)."""
+    """Layers per stage, as stages/models/spec.split_layers splits them evenly (earlier stages take the remainder).
+    The simulator models no LM head on the last stage, so it has no use for --layer-split balanced's split, which
+    differs from this only where the head weighs a layer or more (not the OPT shapes it is checked against)."""
     base, extra = divmod(layers, stages)
     return [base + (1 if i < extra else 0) for i in range(stages)]
 

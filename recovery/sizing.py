@@ -390,8 +390,10 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
 
 def resolve(cfg: DeploymentConfig, spec: ModelSpec,
             memories: Sequence[DeviceMemory] | None = None) -> tuple[DeploymentConfig, Sizing]:
-    """cfg with its microbatch size fixed (auto resolved) and its memory plan (cfg.memory_plan, JSON) set."""
+    """cfg with its microbatch size fixed (auto resolved), its memory plan (cfg.memory_plan, JSON) and its layer
+    split's head weight (cfg.head_layers: the LM head's bytes over a layer's) set."""
     check_fraction(cfg.gpu_memory_fraction)
+    cfg = with_head(cfg, spec)
     if memories is None and cfg.hosts == 0:  # every stage runs on other machines: nothing here to measure
         if cfg.microbatch_size == AUTO and cfg.device != "cpu":
             raise MemoryBudgetError("--microbatch-size auto measures the GPUs of this machine, and with --hosts 0 "
@@ -405,7 +407,29 @@ def resolve(cfg: DeploymentConfig, spec: ModelSpec,
         if memories is None:
             memories, figures = measure_all(cfg)
         cfg, sizing = size_with_swap(cfg, spec, memories, figures)
+    split = layer_split_line(cfg, spec)
+    if split:
+        sizing = replace(sizing, how=f"{sizing.how}; {split}")
     return replace(cfg, microbatch_size=sizing.microbatch_size, memory_plan=sizing.to_json()), sizing
+
+
+def with_head(cfg: DeploymentConfig, spec: ModelSpec) -> DeploymentConfig:
+    """cfg.head_layers from the model: what a decode step reads of the last stage's final norm and LM head, in
+    layers (ModelFacts.head_bytes / layer_bytes; --layer-split balanced splits by it)."""
+    facts = model_facts(spec, cfg.dtype)
+    return replace(cfg, head_layers=round(facts.head_bytes / facts.layer_bytes, 4) if facts.layer_bytes else 0.0)
+
+
+def layer_split_line(cfg: DeploymentConfig, spec: ModelSpec) -> str:
+    """The balanced split where it differs from the even one (else ""), e.g. "layers by stage 0-8 | 9-11 (balanced:
+    the LM head weighs 5.45 layers)"."""
+    plans = [p for p in cfg.stage_plan(spec.num_layers) if p.pipeline != "prompt"]
+    even = [p for p in replace(cfg, layer_split="even").stage_plan(spec.num_layers) if p.pipeline != "prompt"]
+    if [p.layers for p in plans] == [p.layers for p in even]:
+        return ""
+    ranges = " | ".join(f"{a}-{b - 1}" for a, b in (p.layers for p in plans))
+    return (f"layers by {'token ' if cfg.disaggregated else ''}stage {ranges} (--layer-split balanced: the LM head "
+            f"weighs {cfg.head_layers:.3g} layers; even would be {' | '.join(f'{a}-{b - 1}' for a, b in (p.layers for p in even))})")
 
 
 def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory],

@@ -109,6 +109,12 @@ class DeploymentConfig:
     # whether on ("" : the stages decide at their start)
     swap_settled: str = ""
     swap_settled_on: bool = False
+    # How the layers are split over a decoding pipeline (colocated, or the token stages): balanced - the slowest
+    # stage as fast as whole layers allow, the last stage's LM head counted as head_layers layers (its weight bytes
+    # over a layer's: what a decode step reads; set by recovery.sizing.resolve from the model); even - equal counts.
+    # A prompt pipeline's split is even (a prompt pass computes the head for one token per sequence).
+    layer_split: str = "balanced"
+    head_layers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:
@@ -173,6 +179,8 @@ class DeploymentConfig:
             raise ValueError(f"--lookahead must be auto, on or off, got {self.lookahead!r}")
         if self.defer_tokens not in ("auto", "on", "off"):
             raise ValueError(f"--defer-tokens must be auto, on or off, got {self.defer_tokens!r}")
+        if self.layer_split not in ("balanced", "even"):
+            raise ValueError(f"--layer-split must be balanced or even, got {self.layer_split!r}")
         if self.swap == "on":
             check_swap_on(self.microbatches, streamer=self.streamer)
 
@@ -210,14 +218,15 @@ class DeploymentConfig:
         """Every stage's pipeline, layers and KV slots (a prompt stage's pool holds only the passes in flight)."""
         from stages.models.spec import split_layers
 
+        head = self.head_layers if self.layer_split == "balanced" else 0.0  # (decoding pipelines only)
         if not self.disaggregated:
             return [StagePlan("colocated", r, self.num_slots, self.microbatch_size, 0, self.num_stages - 1)
-                    for r in split_layers(num_layers, self.num_stages)]
+                    for r in split_layers(num_layers, self.num_stages, head)]
         dp = self.prompt_stages
         prompt = [StagePlan("prompt", r, self.prompt_microbatches * self.prompt_batch, self.prompt_batch, 0, dp - 1)
                   for r in split_layers(num_layers, dp)]
         token = [StagePlan("token", r, self.num_slots, self.microbatch_size, dp, self.num_stages - 1)
-                 for r in split_layers(num_layers, self.token_stages)]
+                 for r in split_layers(num_layers, self.token_stages, head)]
         return prompt + token
 
     @property

@@ -69,6 +69,12 @@ CONFIGS = {
         max_position_embeddings=128, word_embed_proj_dim=40, do_layer_norm_before=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     ),
+    # a vocabulary whose LM head weighs ~8 layers (a 128k-vocabulary model's head against its layers, scaled down):
+    # --layer-split balanced gives the last of 2 stages 1 layer of 4
+    "llama_bighead": lambda: transformers.LlamaConfig(
+        vocab_size=4099, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
     # 6 heads: not a power of two, exercises the extra ALiBi slopes
     "bloom": lambda: transformers.BloomConfig(
         vocab_size=211, hidden_size=72, n_layer=4, n_head=6, bos_token_id=1, eos_token_id=2,
@@ -77,6 +83,7 @@ CONFIGS = {
 
 MODEL_CLASSES = {
     "llama": transformers.LlamaForCausalLM,
+    "llama_bighead": transformers.LlamaForCausalLM,
     "mistral": transformers.MistralForCausalLM,
     "qwen2": transformers.Qwen2ForCausalLM,
     "opt": transformers.OPTForCausalLM,

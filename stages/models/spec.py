@@ -120,16 +120,27 @@ def check_activation(name: str) -> None:
         raise UnsupportedArchitectureError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
 
 
-def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    """Contiguous, as-even-as-possible layer ranges; earlier stages take the remainder (the last has the head)."""
+def split_layers(num_layers: int, stages: int, head_layers: float = 0.0) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, one per stage. head_layers = 0: as even as possible, earlier stages taking the
+    remainder. head_layers > 0: the last stage's LM head costs that many layers (a decode step reads its weights as
+    it reads a layer's), and the split minimizes the largest stage's cost - the pipeline runs at its slowest stage -
+    giving the last stage fewer layers where that lowers it (ties keep the even split)."""
     if not 1 <= stages <= num_layers:
         raise LayerRangeError(f"cannot split {num_layers} layers into {stages} stages (need 1 <= stages <= layers)")
-    base, extra = divmod(num_layers, stages)
+    if head_layers < 0:
+        raise ValueError(f"head_layers must be >= 0, got {head_layers}")
+    last = num_layers // stages  # the even split's last stage
+    if stages > 1 and head_layers > 0:
+        def worst(k: int) -> float:  # the slowest stage with k layers on the last: the others split evenly
+            return max(-(-(num_layers - k) // (stages - 1)), k + head_layers)
+
+        last = min(range(last, 0, -1), key=lambda k: (worst(k), -k))
+    base, extra = divmod(num_layers - last, stages - 1) if stages > 1 else (0, 0)
+    sizes = [base + (1 if i < extra else 0) for i in range(stages - 1)] + [last]
     out, a = [], 0
-    for i in range(stages):
-        b = a + base + (1 if i < extra else 0)
-        out.append((a, b))
-        a = b
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
     return out
 
 

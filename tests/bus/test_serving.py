@@ -62,3 +62,22 @@ def test_served_outputs_equal_hf_greedy(family: str, stages: int, model_factory)
     for (prompt, _), res, ref in zip(work, results, refs):
         assert list(res.token_ids) == ref, f"prompt of {len(prompt)} tokens"
         assert res.finish_reason in ("length", "stop")
+
+
+def test_a_heavy_lm_head_leaves_its_stage_fewer_layers_and_outputs_exact(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """--layer-split balanced (the default): the LM head of this model weighs ~8 layers, so of 2 stages the last
+    holds 1 layer of 4 (status' sizing and the agent say so), and every output still equals Hugging Face's."""
+    path = model_factory("llama_bighead")
+    from stages.models import load_spec
+
+    work = workload(load_spec(path)[1].vocab_size)[:12]
+    refs = hf_greedy(path, work)
+    dep = start_deployment(path, 2, "--microbatch-size", "4", "--max-seq-len", "96", "--log-level", "INFO")
+    try:
+        results, st = asyncio.run(run_all_then_status(dep.address, work))
+        logs = dep.logs()
+    finally:
+        assert dep.stop() == 0
+    assert [list(r.token_ids) for r in results] == refs
+    assert "layers by stage 0-2 | 3-3 (--layer-split balanced" in st["sizing"]
+    assert "starting stage 0 (layers [0, 3])" in logs and "starting stage 1 (layers [3, 4])" in logs

@@ -372,3 +372,33 @@ def test_a_given_device_memory_still_takes_the_gpus_copy_figures_for_swap_auto(t
 
     monkeypatch.setattr(sizing, "probe_gpus", no_gpu)
     assert sizing.measure_all(cfg)[1] is None
+
+
+def test_the_layer_split_weighs_the_lm_head_and_keeps_the_tiny_test_models_even(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """resolve() sets cfg.head_layers from the model (the head's bytes over a layer's) and says the split where
+    balancing moved layers; --layer-split even and a prompt pipeline keep equal counts. The tiny test models' heads
+    are light, so every other test's stages hold the layers they always held."""
+    for name in ("llama", "mistral", "qwen2", "opt", "opt_postnorm", "bloom"):
+        path = model_factory(name)
+        spec = read_spec(path)
+        for stages in range(1, spec.num_layers + 1):
+            cfg, sizing = resolve(DeploymentConfig(str(path), num_stages=stages, microbatch_size=4), spec)
+            assert 0 < cfg.head_layers < 1, (name, cfg.head_layers)
+            assert [p.layers for p in cfg.stage_plan(spec.num_layers)] == [
+                p.layers for p in replace(cfg, layer_split="even").stage_plan(spec.num_layers)]
+            assert "layers by stage" not in sizing.how
+    path = model_factory("llama_bighead")
+    spec = read_spec(path)
+    cfg, sizing = resolve(DeploymentConfig(str(path), num_stages=2, microbatch_size=4), spec)
+    assert 7 < cfg.head_layers < 9 and [p.layers for p in cfg.stage_plan(4)] == [(0, 3), (3, 4)]
+    assert "layers by stage 0-2 | 3-3 (--layer-split balanced: the LM head weighs" in sizing.how
+    assert "even would be 0-1 | 2-3" in sizing.how
+    even, sizing = resolve(DeploymentConfig(str(path), num_stages=2, microbatch_size=4, layer_split="even"), spec)
+    assert [p.layers for p in even.stage_plan(4)] == [(0, 2), (2, 4)] and "layers by" not in sizing.how
+    disagg, sizing = resolve(DeploymentConfig(str(path), num_stages=4, prompt_stages=2, token_stages=2,
+                                              microbatch_size=4), spec)
+    assert [(p.pipeline, p.layers) for p in disagg.stage_plan(4)] == [
+        ("prompt", (0, 2)), ("prompt", (2, 4)), ("token", (0, 3)), ("token", (3, 4))]
+    assert "layers by token stage 0-2 | 3-3" in sizing.how
+    with pytest.raises(ValueError, match="--layer-split must be balanced or even"):
+        DeploymentConfig(str(path), layer_split="odd")

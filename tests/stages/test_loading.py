@@ -256,6 +256,22 @@ def test_bad_stage_count(model_factory) -> None:  # type: ignore[no-untyped-def]
     assert split_layers(5, 3) == [(0, 2), (2, 4), (4, 5)]
 
 
+def test_a_heavy_lm_head_gives_the_last_stage_fewer_layers() -> None:
+    """--layer-split balanced: the slowest stage's cost (its layers, and the head on the last) as low as whole
+    layers allow; ties keep the even split. The heads in layers are real models' (weight bytes over a layer's)."""
+    assert split_layers(12, 2, 5.45) == [(0, 9), (9, 12)]  # OPT-125M: 9 vs 3 + 5.45, not 6 vs 6 + 5.45
+    assert split_layers(32, 2, 2.41) == [(0, 17), (17, 32)]  # Llama-3-8B: 17 vs 17.41 (even: 18.41)
+    assert split_layers(28, 2, 2.34) == [(0, 15), (15, 28)]  # Qwen2.5-7B
+    assert split_layers(80, 4, 1.23) == [(0, 21), (21, 41), (41, 61), (61, 80)]  # Llama-3-70B: 21 vs 21.23
+    for layers, stages, head in ((64, 4, 0.45), (40, 2, 0.82), (48, 2, 0.58), (4, 2, 0.36), (5, 3, 0.4)):
+        assert split_layers(layers, stages, head) == split_layers(layers, stages)  # OPT-66B/13B/30B, tiny: even
+    assert split_layers(4, 4, 9.0) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # one layer each: nothing to move
+    assert split_layers(7, 1, 3.0) == [(0, 7)]
+    assert split_layers(4, 2, 7.7) == [(0, 3), (3, 4)]  # the last keeps at least one layer
+    with pytest.raises(ValueError, match="head_layers"):
+        split_layers(4, 2, -1.0)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "int8", "fp16", ""])
 def test_bad_dtype(dtype: str, model_factory) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ModelLoadError, match="float32, float16, bfloat16"):
