@@ -206,12 +206,13 @@ def simulated(s: dict[str, Any], args: argparse.Namespace, facts: ModelFacts, ti
 
     def config(t: LayerTimes) -> SimConfig:
         if s["mode"] == "colocated":
-            return SimConfig("colocated", L, t, B, stages=s["stages"])
+            return SimConfig("colocated", L, t, B, stages=s["stages"], head_layers=facts.head_layers)
         return SimConfig("disaggregated", L, t, B, prompt_stages=s["prompt_stages"], token_stages=s["token_stages"],
                          stream_slowdown=args.stream_slowdown, kv_bytes_per_token_layer=facts.kv_bytes_per_token_layer,
-                         link_gbps=args.link_gbps)
+                         link_gbps=args.link_gbps, head_layers=facts.head_layers)
 
-    extra, compute = step_overhead(times, L, s["token_stages"] or s["stages"], B, s["overhead"]["tpot_median_s"])
+    extra, compute = step_overhead(times, L, s["token_stages"] or s["stages"], B, s["overhead"]["tpot_median_s"],
+                                   facts.head_layers)
     calibrated = LayerTimes(**{**vars(times), "step_overhead_s": extra})
     prompt, output = parse_length(args.prompt_len, PAPER_PROMPT), parse_length(args.output_len, PAPER_OUTPUT)
     out: dict[str, Any] = {"calibration": {"measured_tpot_s": s["overhead"]["tpot_median_s"],

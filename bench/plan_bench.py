@@ -73,11 +73,13 @@ def side_by_side(measured: dict[str, Any], simulated: dict[str, Any]) -> dict[st
     return out
 
 
-def step_overhead(times: LayerTimes, layers: int, stages: int, batch: int, tpot: float) -> tuple[float, list[float]]:
+def step_overhead(times: LayerTimes, layers: int, stages: int, batch: int, tpot: float,
+                  head_layers: float = 0.0) -> tuple[float, list[float]]:
     """(per-stage step overhead, the profile's compute per stage): a decode-only phase with every slot busy makes
     a token per trip through the `stages` stages of the (token) pipeline, so TPOT / stages is a stage's step;
-    what the profile's compute (a full microbatch's decode step) does not explain is the overhead (>= 0)."""
-    compute = times.stage_steps(layer_split(layers, stages), 0, batch)
+    what the profile's compute (a full microbatch's decode step) does not explain is the overhead (>= 0).
+    head_layers: the deployment's split (--layer-split balanced; 0: even)."""
+    compute = times.stage_steps(layer_split(layers, stages, head_layers), 0, batch)
     return max(0.0, tpot / stages - statistics.mean(compute)), compute
 
 

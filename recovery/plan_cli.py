@@ -96,6 +96,8 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-stages", type=int, help="default: the plan's")
     p.add_argument("--microbatch-size", type=int, help="default: the plan's, else 8")
     p.add_argument("--microbatches", type=int, default=0, help="per (token) pipeline; 0: one per stage")
+    p.add_argument("--layer-split", choices=["balanced", "even"], default="balanced",
+                   help="layers per stage of the decoding pipeline, as dejavu-serve's flag of that name splits them")
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: all at once)")
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--loadgen-vocab", type=int, default=None, metavar="V",
@@ -247,7 +249,8 @@ def run_simulate(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         cfg = SimConfig(mode, facts.layers, times, b, **shape, microbatches=args.microbatches, replicas=replicas,
                         stream_slowdown=args.stream_slowdown, kv_bytes_per_token_layer=facts.kv_bytes_per_token_layer,
-                        link_gbps=args.link_gbps, overlap=args.overlap, recv_slots=args.recv_slots)
+                        link_gbps=args.link_gbps, overlap=args.overlap, recv_slots=args.recv_slots,
+                        head_layers=facts.head_layers if args.layer_split == "balanced" else 0.0)
         failures = [Failure(t, args.failure_stage, args.failure_pipeline, args.failure_replica, args.detect_s,
                             args.restart_s, args.recovery, args.restore_gbps) for t in args.failure_at]
     except ValueError as e:

@@ -53,6 +53,12 @@ class ModelFacts:
     head_bytes: int  # the last stage's final norm + LM head
     kv_bytes_per_token_layer: int  # K and V of one token in one layer
 
+    @property
+    def head_layers(self) -> float:
+        """The last stage's head in layers (its bytes over a layer's): what a decode step reads of it, and how
+        dejavu-serve's --layer-split balanced weighs it."""
+        return round(self.head_bytes / self.layer_bytes, 4) if self.layer_bytes else 0.0
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -196,7 +202,7 @@ class Memory:
         return b * self.lengths.output_max * self.facts.kv_bytes_per_token_layer
 
     def colocated(self, stages: int, b: int) -> float:
-        n = max(layer_split(self.facts.layers, stages))
+        n = max(layer_split(self.facts.layers, stages, self.facts.head_layers))
         return n * self.facts.layer_bytes + n * stages * (self.c0(b) + self.k0(b)) + self.activations(
             b * self.lengths.prompt_max)
 
@@ -211,7 +217,7 @@ class Memory:
         """As dejavu-serve reserves it: a microbatch of b slots per token stage; a prompt's receive slot is one of
         those slots (reserved before the pass), so receiving needs no memory of its own (recv_slots: kept for the
         simulator's model, which counts prompts in flight apart)."""
-        n = max(layer_split(self.facts.layers, stages))
+        n = max(layer_split(self.facts.layers, stages, self.facts.head_layers))
         return n * self.facts.layer_bytes + n * stages * (self.c0(b) + self.k0(b)) + self.activations(b)
 
 
@@ -229,11 +235,13 @@ def largest(fits: Callable[[int], bool], cap: int) -> int:
 # ---------------------------------------------------------------- throughput model
 
 
-def colocated_tokens_per_s(times: LayerTimes, layers: int, stages: int, b: int, lengths: Lengths) -> float:
+def colocated_tokens_per_s(times: LayerTimes, layers: int, stages: int, b: int, lengths: Lengths,
+                           head_layers: float = 0.0) -> float:
     """A colocated pipeline of `stages` stages and as many microbatches of b, saturated: each slot's step is a
     prompt with probability 1/output (K ~ Binomial(b, 1/output) prompts in a step), and every round of the
-    microbatches through the ring lasts as long as its slowest step (the bubble): b / E[max_M c(K)] tokens/s."""
-    split = layer_split(layers, stages)
+    microbatches through the ring lasts as long as its slowest step (the bubble): b / E[max_M c(K)] tokens/s.
+    head_layers: the split's weight of the head (--layer-split balanced)."""
+    split = layer_split(layers, stages, head_layers)
     q = min(1.0, 1.0 / max(lengths.output_mean, 1.0))
     p = round(lengths.prompt_mean)
     pmf = [math.comb(b, k) * q**k * (1 - q) ** (b - k) for k in range(b + 1)]
@@ -246,7 +254,7 @@ def colocated_tokens_per_s(times: LayerTimes, layers: int, stages: int, b: int, 
 
 
 def disaggregated_tokens_per_s(times: LayerTimes, layers: int, dp: int, dt: int, b: int, lengths: Lengths,
-                               m: float, kv_bytes: int, link_gbps: float) -> float:
+                               m: float, kv_bytes: int, link_gbps: float, head_layers: float = 0.0) -> float:
     """The slower of the prompt pipeline (a microbatch per bottleneck stage pass, or per its KV transfer when
     the link is slower) and the token pipeline (b tokens per bottleneck decode step), in tokens/s."""
     lp = layer_split(layers, dp)
@@ -257,7 +265,7 @@ def disaggregated_tokens_per_s(times: LayerTimes, layers: int, dp: int, dt: int,
     requests = b / cycle
     steps = lengths.output_mean - 1
     if steps > 0:
-        requests = min(requests, b / (max(times.stage_steps(layer_split(layers, dt), 0, b)) * steps))
+        requests = min(requests, b / (max(times.stage_steps(layer_split(layers, dt, head_layers), 0, b)) * steps))
     return requests * lengths.output_mean
 
 
@@ -316,7 +324,7 @@ class Planner:
     def model_rate(self, dp: int, dt: int, b: int) -> float:
         return disaggregated_tokens_per_s(self.times, self.facts.layers, dp, dt, b, self.lengths,
                                           self.s.stream_slowdown, self.facts.kv_bytes_per_token_layer,
-                                          self.s.link_gbps)
+                                          self.s.link_gbps, self.facts.head_layers)
 
     def split_candidates(self) -> tuple[list[int], dict[str, Any]]:
         """Token-stage counts to evaluate: the formula's, rounded down and up, and their neighbours, among the
@@ -360,8 +368,9 @@ class Planner:
         if dc < D:
             opt["note"] = f"a pipeline has at most one stage per layer: {D - dc} GPU(s) left unused"
         if b:
-            opt["model_tokens_per_s"] = colocated_tokens_per_s(self.times, f.layers, dc, b, self.lengths)
-            sim = self.simulate_option(SimConfig("colocated", f.layers, self.times, b, stages=dc))
+            opt["model_tokens_per_s"] = colocated_tokens_per_s(self.times, f.layers, dc, b, self.lengths, f.head_layers)
+            sim = self.simulate_option(SimConfig("colocated", f.layers, self.times, b, stages=dc,
+                                                 head_layers=f.head_layers))
             opt["simulated_tokens_per_s"] = sim["steady_tokens_per_s"]
             opt["simulated_idle_fraction"] = sim["idle_fraction"]["mean"]
         else:
@@ -385,7 +394,8 @@ class Planner:
             b = self.split_b(dp, dt)
             cfg = SimConfig("disaggregated", f.layers, self.times, b, prompt_stages=dp, token_stages=dt,
                             stream_slowdown=self.s.stream_slowdown, kv_bytes_per_token_layer=f.kv_bytes_per_token_layer,
-                            link_gbps=self.s.link_gbps, overlap=self.s.overlap, recv_slots=self.s.recv_slots)
+                            link_gbps=self.s.link_gbps, overlap=self.s.overlap, recv_slots=self.s.recv_slots,
+                            head_layers=f.head_layers)
             sim = self.simulate_option(cfg)
             out.append({"mode": "disaggregated", "prompt_stages": dp, "token_stages": dt, "microbatch_size": b,
                         "recv_slots": self.recv(dp), "model_tokens_per_s": self.model_rate(dp, dt, b),

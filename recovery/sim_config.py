@@ -81,6 +81,7 @@ class SimConfig:
     link_gbps: float = 0.0  # prompt stage -> token side, Gbit/s per prompt stage; 0: transfers take no time
     overlap: float = 1.0  # share of a stage's KV transfer that may run under its prompt pass (1 = layer by layer)
     recv_slots: int = 0  # prompt passes' worth of prompt slots (a prompt holds one until it joins); 0: stages + 1
+    head_layers: float = 0.0  # the LM head in layers, as --layer-split balanced splits a decoding pipeline; 0: even
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -127,12 +128,13 @@ class Failure:
             raise ValueError("Failure: times must be >= 0, restore_gbps > 0, stage >= 0")
 
 
-def layer_split(layers: int, stages: int) -> list[int]:
-    """Layers per stage, as stages/models/spec.split_layers splits them evenly (earlier stages take the remainder).
-    The simulator models no LM head on the last stage, so it has no use for --layer-split balanced's split, which
-    differs from this only where the head weighs a layer or more (not the OPT shapes it is checked against)."""
-    base, extra = divmod(layers, stages)
-    return [base + (1 if i < extra else 0) for i in range(stages)]
+def layer_split(layers: int, stages: int, head_layers: float = 0.0) -> list[int]:
+    """Layers per stage, as dejavu-serve splits them (stages/models/spec.split_layers): a decoding pipeline's last
+    stage counts its LM head as head_layers layers (--layer-split balanced; ModelFacts.head_layers), a prompt
+    pipeline's split is even (head_layers 0)."""
+    from stages.models.spec import split_layers
+
+    return [b - a for a, b in split_layers(layers, stages, head_layers)]
 
 
 # ---------------------------------------------------------------- workloads

@@ -170,7 +170,7 @@ class _Pipe:
     def __init__(self, sim: _Sim, stages: int, take: Callable[[int], list[_Req]], track: float | None) -> None:
         cfg = sim.cfg
         self.sim, self.take = sim, take
-        self.stages = _Stages(layer_split(cfg.layers, stages), track)
+        self.stages = _Stages(layer_split(cfg.layers, stages, cfg.head_layers), track)
         self.mbs = [_Microbatch() for _ in range(cfg.microbatches or stages)]
         self.epoch = 0
         self.down = False

@@ -416,8 +416,7 @@ def resolve(cfg: DeploymentConfig, spec: ModelSpec,
 def with_head(cfg: DeploymentConfig, spec: ModelSpec) -> DeploymentConfig:
     """cfg.head_layers from the model: what a decode step reads of the last stage's final norm and LM head, in
     layers (ModelFacts.head_bytes / layer_bytes; --layer-split balanced splits by it)."""
-    facts = model_facts(spec, cfg.dtype)
-    return replace(cfg, head_layers=round(facts.head_bytes / facts.layer_bytes, 4) if facts.layer_bytes else 0.0)
+    return replace(cfg, head_layers=model_facts(spec, cfg.dtype).head_layers)
 
 
 def layer_split_line(cfg: DeploymentConfig, spec: ModelSpec) -> str:

@@ -26,6 +26,7 @@ from recovery.planner import (
     embed_head_params,
     largest,
     layer_params,
+    model_facts,
     paper_minimums,
     serve_command,
     token_stages_formula,
@@ -392,3 +393,29 @@ def test_bad_simulator_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         LayerTimes(-1.0, 0.0, 1.0, 0.0)
     assert math.isfinite(PlanSettings(2, 1).safety)
+
+
+def test_the_simulator_and_the_planner_split_the_layers_as_the_deployment_does(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """--layer-split balanced: a head of ~8 layers' bytes leaves the last of 2 stages 1 layer of 4; the planner's
+    facts weigh it as resolve() does, and a simulated pipeline split that way runs at its slower stage's pace - faster
+    than the even split, whose last stage carries 2 layers and the head."""
+    from recovery.sim_config import layer_split
+    from recovery.sizing import resolve
+    from recovery.specs import DeploymentConfig
+    from stages.models.spec import read_spec
+
+    path = model_factory("llama_bighead")
+    spec = read_spec(path)
+    facts = model_facts(spec, "float32")
+    cfg, _ = resolve(DeploymentConfig(str(path), num_stages=2, microbatch_size=4), spec)
+    assert facts.head_layers == cfg.head_layers
+    assert layer_split(4, 2, facts.head_layers) == [p.layers[1] - p.layers[0] for p in cfg.stage_plan(4)] == [3, 1]
+    assert layer_split(4, 2) == [2, 2]
+    t = LayerTimes(0.0, 1e-6, 1e-3, 0.0, head_s=facts.head_layers * 1e-3)  # the head's time as its bytes say
+    reqs = same(64, 8, 40)
+    even = simulate(SimConfig("colocated", 4, t, 8, stages=2), reqs)
+    balanced = simulate(SimConfig("colocated", 4, t, 8, stages=2, head_layers=facts.head_layers), reqs)
+    slowest = (2 + facts.head_layers) / (1 + facts.head_layers)  # even's last stage over balanced's, in layers
+    assert balanced["steady_tokens_per_s"] / even["steady_tokens_per_s"] == pytest.approx(slowest, rel=0.03)
+    ln = Lengths(8, 40, 8, 40)  # (the closed form mixes prompt steps in, which the split helps less)
+    assert colocated_tokens_per_s(t, 4, 2, 8, ln, facts.head_layers) > 1.05 * colocated_tokens_per_s(t, 4, 2, 8, ln)
