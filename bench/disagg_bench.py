@@ -103,7 +103,8 @@ def fits(s: dict[str, Any], plan: dict[str, Any], batch: int, max_seq_len: int) 
              [mem.prompt_stage(s["prompt_stages"], batch),
               mem.token_stage(s["token_stages"], batch, s["prompt_stages"] + 1)])
     cfg = DeploymentConfig("model", num_stages=s["stages"], microbatch_size=batch, max_seq_len=max_seq_len,
-                           prompt_stages=s["prompt_stages"], token_stages=s["token_stages"], dtype=facts.dtype)
+                           prompt_stages=s["prompt_stages"], token_stages=s["token_stages"], dtype=facts.dtype,
+                           head_layers=facts.head_layers)  # split as dejavu-serve will (--layer-split balanced)
     serving = [(b - a) * (facts.layer_bytes + p.num_slots * max_seq_len * facts.kv_bytes_per_token_layer)
                + mem.activations(batch * w["prompt_max"]) for p in cfg.stage_plan(facts.layers) for a, b in [p.layers]]
     if max(model + serving) <= mem.budget:
