@@ -24,10 +24,10 @@ if [[ "${SWAP_SMOKE:-0}" == 1 ]]; then
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     DEV=(--shape opt-13b --num-requests 24)
-    PAPER=(--max-seq-len 2048 --context 1000 --decode-tokens 32 --gpu-memory-fraction 0.6 --rates none)
+    PAPER=(--max-seq-len 2048 --context 1000 --decode-tokens 24 --gpu-memory-fraction 0.6 --rates none)
     TIGHT=(--max-seq-len 128 --context 64 --prompt-len 64 --output-len 16:60 --decode-tokens 48 --off-slots 2
            --rates 2,8)
-    LIMIT=270
+    LIMIT=280
 fi
 for run in paper tight; do
     declare -n args=${run^^}
