@@ -18,6 +18,8 @@ run records carry `hosts`; `cross_host_vs_one_host` gives cross-host / one-host 
 throughput (the target: within 3%) and of each rate's tokens/s and TPOT p50 (bench/cross_host.py), and
 `control_messages` the control plane's message rate and latency, plaintext vs CurveZMQ (bench/curve_bench.py,
 measured first, in this process).
+`--ab SERVE_ARGS` makes an A/B of one run: each depth runs --ab-repeats deployments with --serve-args (A) and as
+many with SERVE_ARGS (B), alternating which goes first; `ab` in the JSON gives B over A of the medians.
 Weights are random (config key `dejavu_random_weights`: each stage draws its own on its GPU, no disk).
 Writes <out>/pipeline_bench.json (card, date, command, every figure) and <out>/pipeline_bench.png (--out:
 default ./dejavu-bench-results/ in the current directory), with the deployment's log; a progress bar per rate
@@ -436,6 +438,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny model on CPU, two short rates")
     p.add_argument("--serve-args", default="", help="more dejavu-serve options for the deployments (an A/B, e.g. "
                    "\"--no-streamer\"), one shell-quoted string")
+    p.add_argument("--ab", default=None, metavar="SERVE_ARGS",
+                   help="an A/B in one run: each depth also runs with these dejavu-serve options instead of "
+                        "--serve-args, --ab-repeats times each, alternating which goes first (one deployment per run; "
+                        "one host); the JSON's `ab` gives B over A of the medians (decode tokens/s, TPOT, the slowest "
+                        "stage's step)")
+    p.add_argument("--ab-repeats", type=int, default=3, help="runs of each side with --ab")
     return p
 
 
@@ -445,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     wrong = hosts_error(args.hosts, [int(x) for x in args.stages.split(",")])
     if wrong:
         p.error(f"--hosts {args.hosts} --stages {args.stages}: {wrong}")
+    if args.ab is not None and (args.hosts is not None or args.ab_repeats < 1):
+        p.error("--ab runs on one host (no --hosts), with --ab-repeats 1 or more")
     unwind_on_sigterm()
     if args.quick:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
@@ -506,6 +516,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None, root: Path) -> int:
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages: single-device runtime decode step ({layers_total // stages} layers, "
               f"batch {batch}{' (auto)' if not args.microbatch_size else ''}): {base['median_s'] * 1e3:.2f} ms",
               flush=True)
+        if args.ab is not None:
+            run_ab(args, model, stages, base, result, save)
+            continue
         for hosts in hosts_for(stages, args.hosts):
             run_deployment(args, model, stages, hosts, base, result, save)
         if args.hosts is not None:
@@ -561,13 +574,42 @@ def deployment(args: argparse.Namespace, model: Path, stages: int, *serve_args: 
         dep.stop(timeout=120)
 
 
+def run_ab(args: argparse.Namespace, model: Path, stages: int, base: dict[str, float], result: dict[str, Any],
+           save: Callable[[bool], None]) -> None:
+    """--ab: A (--serve-args) and B (--ab) --ab-repeats times each, alternating which goes first (drift falls on
+    both); result["ab"][str(stages)]: each side's medians and B over A."""
+    sides = {"A": args.serve_args or "", "B": args.ab}
+    for k in range(args.ab_repeats):
+        for side in ("A", "B") if k % 2 == 0 else ("B", "A"):
+            run_deployment(args, model, stages, 1, base, result, save, serve_args=sides[side], tag=f"{side}{k + 1}")
+            result["runs"][-1]["ab"] = {"side": side, "serve_args": sides[side], "repeat": k + 1}
+    mine = [r for r in result["runs"] if r["stages"] == stages and "ab" in r]
+
+    def medians(side: str) -> dict[str, float]:
+        runs = [r["overhead"] for r in mine if r["ab"]["side"] == side]
+        return {"decode_tokens_per_s": statistics.median(o["decode_tokens_per_s"] or 0.0 for o in runs),
+                "tpot_median_s": statistics.median(o["tpot_median_s"] for o in runs),
+                "slowest_stage_step_s": statistics.median(max(o["stage_decode_step_s"].values()) for o in runs)}
+
+    a, b = medians("A"), medians("B")
+    result.setdefault("ab", {})[str(stages)] = {
+        "A": {"serve_args": sides["A"], **a}, "B": {"serve_args": sides["B"], **b}, "repeats": args.ab_repeats,
+        "b_over_a": {k: b[k] / a[k] if a[k] else None for k in a}}
+    print(f"[pipeline {time.strftime('%H:%M:%S')}] {stages} stages, B ({sides['B']}) over A ({sides['A'] or 'as given'}), "
+          f"medians of {args.ab_repeats}: " + ", ".join(f"{k} {v:.3f}x" for k, v in
+                                                        result["ab"][str(stages)]["b_over_a"].items() if v), flush=True)
+    save(True)
+
+
 def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: int, base: dict[str, float],
-                   result: dict[str, Any], save: Callable[[bool], None]) -> None:
+                   result: dict[str, Any], save: Callable[[bool], None], serve_args: str | None = None,
+                   tag: str = "") -> None:
     """One deployment of `stages` stages on `hosts` (simulated) hosts: the overhead run, then the rate sweep;
-    its run record is appended to result["runs"] (saved after each phase)."""
-    where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}"
-    log_name = "deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log"
-    extra = shlex.split(getattr(args, "serve_args", "") or "")
+    its run record is appended to result["runs"] (saved after each phase). serve_args: instead of --serve-args."""
+    where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}" + (f" ({tag})" if tag else "")
+    log_name = ("deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log").replace(
+        ".log", f"-{tag}.log" if tag else ".log")
+    extra = shlex.split(getattr(args, "serve_args", "") or "" if serve_args is None else serve_args)
     with deployment(args, model, stages, *extra, hosts=hosts, log_name=log_name) as (dep, save_log):
         size = asyncio.run(_status(dep.address))["microbatch_size"]  # auto: the deployment's own choice
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready, microbatch size {size}"

@@ -176,3 +176,26 @@ def test_a_stall_during_a_rate_is_reported_once_with_the_stacks_of_the_processes
     assert 0.2 <= stall["t_s"] <= 1.0 and 0.6 <= stall["length_s"] <= 2.2
     assert saved == [1]
     assert "most recent call first" in err, err  # the process wrote its stacks
+
+
+def test_ab_is_refused_across_hosts_or_without_repeats(capsys) -> None:  # type: ignore[no-untyped-def]
+    for argv in (["--ab", "--layer-split even", "--hosts", "2"], ["--ab", "--layer-split even", "--ab-repeats", "0"]):
+        with pytest.raises(SystemExit) as e:  # refused before anything starts
+            pipeline_bench.main(["--quick", "--stages", "2", *argv])
+        assert e.value.code == 2 and "--ab runs on one host" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two deployments, ~20 s on 2 cores
+def test_an_ab_run_alternates_the_sides_and_sets_b_over_a(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    assert pipeline_bench.main(["--quick", "--stages", "2", "--rates", "none", "--serve-args", "--layer-split even",
+                                "--ab", "--layer-split balanced", "--ab-repeats", "1", "--quiet",
+                                "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pipeline_bench.json").read_text())
+    assert [(r["ab"]["side"], r["ab"]["serve_args"]) for r in result["runs"]] == [
+        ("A", "--layer-split even"), ("B", "--layer-split balanced")]
+    ab = result["ab"]["2"]
+    assert ab["repeats"] == 1 and ab["A"]["decode_tokens_per_s"] > 0 and ab["B"]["tpot_median_s"] > 0
+    assert ab["b_over_a"]["decode_tokens_per_s"] == pytest.approx(
+        ab["B"]["decode_tokens_per_s"] / ab["A"]["decode_tokens_per_s"])
+    assert (tmp_path / "deployment-A1.log").exists() and (tmp_path / "deployment-B1.log").exists()
