@@ -420,8 +420,8 @@ def with_head(cfg: DeploymentConfig, spec: ModelSpec) -> DeploymentConfig:
 
 
 def layer_split_line(cfg: DeploymentConfig, spec: ModelSpec) -> str:
-    """The balanced split where it differs from the even one (else ""), e.g. "layers by stage 0-8 | 9-11 (balanced:
-    the LM head weighs 5.45 layers)"."""
+    """The balanced split where it differs from the even one (else ""), e.g. "layers by stage 0-8 | 9-11
+    (--layer-split balanced: the LM head weighs 5.45 layers; even would be 0-5 | 6-11)"."""
     plans = [p for p in cfg.stage_plan(spec.num_layers) if p.pipeline != "prompt"]
     even = [p for p in replace(cfg, layer_split="even").stage_plan(spec.num_layers) if p.pipeline != "prompt"]
     if [p.layers for p in plans] == [p.layers for p in even]:
