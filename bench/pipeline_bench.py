@@ -607,9 +607,11 @@ def run_deployment(args: argparse.Namespace, model: Path, stages: int, hosts: in
     """One deployment of `stages` stages on `hosts` (simulated) hosts: the overhead run, then the rate sweep;
     its run record is appended to result["runs"] (saved after each phase). serve_args: instead of --serve-args."""
     where = f"{stages} stages on {hosts} host{'s' if hosts > 1 else ''}" + (f" ({tag})" if tag else "")
-    log_name = ("deployment.log" if hosts == 1 else f"deployment-{hosts}hosts.log").replace(
-        ".log", f"-{tag}.log" if tag else ".log")
-    extra = shlex.split(getattr(args, "serve_args", "") or "" if serve_args is None else serve_args)
+    stem = "deployment" if hosts == 1 else f"deployment-{hosts}hosts"
+    log_name = f"{stem}-{tag}.log" if tag else f"{stem}.log"
+    if serve_args is None:
+        serve_args = getattr(args, "serve_args", "") or ""
+    extra = shlex.split(serve_args)
     with deployment(args, model, stages, *extra, hosts=hosts, log_name=log_name) as (dep, save_log):
         size = asyncio.run(_status(dep.address))["microbatch_size"]  # auto: the deployment's own choice
         print(f"[pipeline {time.strftime('%H:%M:%S')}] {where}: deployment ready, microbatch size {size}"

@@ -94,20 +94,17 @@ def starved_memory(model: Path, args: argparse.Namespace, mode: str, microbatche
     """Device bytes (DEJAVU_DEVICE_MEMORY, every device) at which `--swap off` with `microbatches` microbatches
     holds exactly `per_microbatch` slots each on the heaviest stage: a budget tight enough that swapping's 2
     resident frames make each microbatch larger. The sizing's own model (recovery/sizing.py)."""
-    from recovery.planner import model_facts
     from recovery.preflight import check_model
-    from recovery.sizing import AUTO, StageModel
+    from recovery.sizing import AUTO, stage_models, with_head
     from recovery.specs import DeploymentConfig
 
     spec = check_model(model)
     cfg = DeploymentConfig(str(model), num_stages=args.stages, device=args.device, dtype=args.dtype,
                            microbatch_size=AUTO, max_seq_len=args.max_seq_len, num_microbatches=microbatches,
                            swap=mode, gpu_memory_fraction=args.gpu_memory_fraction)
-    facts = model_facts(spec, cfg.dtype)
-    cuda = args.device != "cpu"
-    models = [StageModel(cfg, facts, p, i, cuda) for i, p in enumerate(cfg.stage_plan(spec.num_layers))]
-    shared = 1 if cuda else args.stages  # on CPU the stages share the host's memory
-    need = max(m.need(per_microbatch) for m in models) * shared
+    shared = 1 if args.device != "cpu" else args.stages  # on CPU the stages share the host's memory
+    # (split as the deployment will: resolve weighs the LM head the same way)
+    need = max(m.need(per_microbatch) for m in stage_models(with_head(cfg, spec), spec)) * shared
     return math.ceil(need / args.gpu_memory_fraction) + 1
 
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from stages.models.spec import split_layers
+
 RECOVERY_MODES = ("replica", "recompute")
 MODES = ("colocated", "disaggregated")
 
@@ -132,8 +134,6 @@ def layer_split(layers: int, stages: int, head_layers: float = 0.0) -> list[int]
     """Layers per stage, as dejavu-serve splits them (stages/models/spec.split_layers): a decoding pipeline's last
     stage counts its LM head as head_layers layers (--layer-split balanced; ModelFacts.head_layers), a prompt
     pipeline's split is even (head_layers 0)."""
-    from stages.models.spec import split_layers
-
     return [b - a for a, b in split_layers(layers, stages, head_layers)]
 
 

@@ -302,6 +302,13 @@ class StageModel:
         return self.weights() + self.activations(b) + self.graphs(b) + self.slots(b) * self.kv_per_slot()
 
 
+def stage_models(cfg: DeploymentConfig, spec: ModelSpec) -> list[StageModel]:
+    """Every stage's memory model, stage 0 first, as cfg splits the layers."""
+    facts = model_facts(spec, cfg.dtype)
+    cuda = cfg.device != "cpu"
+    return [StageModel(cfg, facts, p, i, cuda) for i, p in enumerate(cfg.stage_plan(spec.num_layers))]
+
+
 def budget(mem: DeviceMemory, fraction: float) -> tuple[int, int]:
     """(margin, budget) of one stage on `mem`."""
     margin = int(round((1 - fraction) * mem.total))
@@ -320,13 +327,11 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
     fraction = cfg.gpu_memory_fraction
     check_fraction(fraction)
     cuda = cfg.device != "cpu"
-    facts = model_facts(spec, cfg.dtype)
-    plans = cfg.stage_plan(spec.num_layers)
-    if len(memories) != len(plans):
-        raise ValueError(f"{len(memories)} device memories for {len(plans)} stages")
+    models = stage_models(cfg, spec)
+    if len(memories) != len(models):
+        raise ValueError(f"{len(memories)} device memories for {len(models)} stages")
     auto = cfg.microbatch_size == AUTO
     cap = GPU_AUTO_MAX if cuda else CPU_AUTO_MAX
-    models = [StageModel(cfg, facts, p, i, cuda) for i, p in enumerate(plans)]
     figures = []
     for m, mem in zip(models, memories):
         margin, room = budget(mem, fraction)
@@ -455,9 +460,7 @@ def size_with_swap(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[De
             assert off_error is not None
             raise off_error
         return cfg, off
-    facts = model_facts(spec, cfg.dtype)
-    swapping = [StageModel(cfg, facts, p, i, True) for i, p in enumerate(cfg.stage_plan(spec.num_layers))
-                if p.pipeline != "prompt"]
+    swapping = [m for m in stage_models(cfg, spec) if m.plan.pipeline != "prompt"]  # (GPUs: auto_may_swap)
     heavy = max(swapping, key=lambda m: m.kv_per_slot())
     bw = cfg.swap_bandwidth * 1e9 or (figures.h2d_bps if figures else 0.0)
     step_s = cfg.swap_step_ms / 1e3 or (max(m.weights() for m in swapping) / figures.device_bps if figures else 0.0)
