@@ -54,6 +54,15 @@ ENV = "DEJAVU_DEVICE_MEMORY"
 GiB = float(1 << 30)
 
 
+def amount(n: float) -> str:
+    """Bytes in the unit that keeps 3 significant figures: '13.50 GiB', '6.0 MiB', '512 B' (an emulated CPU budget
+    of a few MiB printed as GiB read 0.00)."""
+    for unit, size in (("GiB", GiB), ("MiB", 2.0**20), ("KiB", 2.0**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 class MemoryBudgetError(UsageError):
     """The model or the asked-for pool does not fit the devices' memory; the message says what to change."""
 
@@ -89,11 +98,11 @@ class StageSizing:
         return self.weights + self.activations + self.graphs + self.slots * self.kv_per_slot
 
     def line(self) -> str:
-        return (f"stage {self.stage} on {self.device}: budget {self.budget / GiB:.2f} GiB = free "
-                f"{self.free / GiB:.2f} - margin {self.margin / GiB:.2f} ({1 - self.fraction:.2g} of "
-                f"{self.total / GiB:.2f} GiB); uses weights {self.weights / GiB:.3f} + activations "
-                f"{self.activations / GiB:.3f} + graphs {self.graphs / GiB:.3f} + KV {self.slots} slots x "
-                f"{self.kv_per_slot / 2**20:.2f} MiB = {self.used / GiB:.3f} GiB; fits {self.fits} per microbatch")
+        return (f"stage {self.stage} on {self.device}: budget {amount(self.budget)} = free {amount(self.free)} - "
+                f"margin {amount(self.margin)} ({1 - self.fraction:.2g} of {amount(self.total)}); uses weights "
+                f"{amount(self.weights)} + activations {amount(self.activations)} + graphs {amount(self.graphs)} + "
+                f"KV {self.slots} slots x {amount(self.kv_per_slot)} = {amount(self.used)}; fits {self.fits} per "
+                f"microbatch")
 
 
 @dataclass(frozen=True)
