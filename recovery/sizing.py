@@ -330,9 +330,10 @@ def check_fraction(fraction: float) -> None:
                                 "memory (default 0.9)")
 
 
-def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory]) -> Sizing:
-    """Every stage's split and the deployment's microbatch size: cfg's (explicit), or the smallest stage's figure
-    (cfg.microbatch_size == AUTO). Raises MemoryBudgetError for what cannot fit."""
+def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemory],
+                    chosen_by: str = "--microbatch-size") -> Sizing:
+    """Every stage's split and the deployment's microbatch size: cfg's (explicit; chosen_by says who chose it), or
+    the smallest stage's figure (cfg.microbatch_size == AUTO). Raises MemoryBudgetError for what cannot fit."""
     fraction = cfg.gpu_memory_fraction
     check_fraction(fraction)
     cuda = cfg.device != "cpu"
@@ -376,7 +377,7 @@ def size_deployment(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[D
                f"{cfg.microbatches} microbatch(es) x {size} = {cfg.microbatches * size} slots{swapped}")
     else:
         size = cfg.microbatch_size
-        how = (f"microbatch size {size} (--microbatch-size): {cfg.microbatches} microbatch(es) x {size} = "
+        how = (f"microbatch size {size} ({chosen_by}): {cfg.microbatches} microbatch(es) x {size} = "
                f"{cfg.microbatches * size} slots{swapped}")
         for m, mem, (_, room, fits) in zip(models, memories, figures):
             if not cuda:
@@ -504,11 +505,10 @@ def capped(cfg: DeploymentConfig, spec: ModelSpec, memories: Sequence[DeviceMemo
     cap = math.ceil(step_s * bw / kv_per_slot) - 1  # swap-in strictly under the step, as decide_swap asks
     if not 0 < cap < on.microbatch_size:
         return on
-    sized = size_deployment(replace(cfg, swap="on", microbatch_size=cap), spec, memories)
-    how = sized.how.replace(f"microbatch size {cap} (--microbatch-size)", (
-        f"microbatch size {cap} (auto, swapping: the largest whose swap-in fits under a decode step; the memory "
-        f"holds {on.microbatch_size}; --gpu-memory-fraction {cfg.gpu_memory_fraction:g})"))
-    return replace(sized, auto=True, how=how)
+    sized = size_deployment(replace(cfg, swap="on", microbatch_size=cap), spec, memories, chosen_by=(
+        f"auto, swapping: the largest whose swap-in fits under a decode step; the memory holds {on.microbatch_size}; "
+        f"--gpu-memory-fraction {cfg.gpu_memory_fraction:g}"))
+    return replace(sized, auto=True)
 
 
 def planned_swap(cfg: DeploymentConfig) -> SwapDecision | None:
