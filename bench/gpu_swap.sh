@@ -8,6 +8,7 @@
 #
 #   bench/gpu_swap.sh OUT_DIR          (on the device: bench/gpu_swap.sh $OUT)
 #   SWAP_SMOKE=1 bench/gpu_swap.sh DIR (this machine: the same two runs on the tiny model on CPU, to check the script)
+#   RUNS=tight bench/gpu_swap.sh DIR   (one of the two; LIMIT=S sets each run's limit)
 #
 # Writes OUT_DIR/swap-paper/ and OUT_DIR/swap-tight/ (swap_bench.json/.png and every deployment's log), tarred.
 set -uo pipefail
@@ -20,16 +21,17 @@ if [[ "${SWAP_SMOKE:-0}" == 1 ]]; then
     DEV=(--shape tiny --device cpu --dtype float32 --num-requests 6)
     PAPER=(--max-seq-len 128 --context 32 --prompt-len 32 --output-len 4:12 --decode-tokens 12 --rates none)
     TIGHT=(--max-seq-len 96 --context 16 --prompt-len 16 --output-len 4:12 --decode-tokens 12 --off-slots 2 --rates 8)
-    LIMIT=120
+    LIMIT=${LIMIT:-120}
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     DEV=(--shape opt-13b --num-requests 24)
     PAPER=(--max-seq-len 2048 --context 1000 --decode-tokens 24 --gpu-memory-fraction 0.6 --rates none)
     TIGHT=(--max-seq-len 128 --context 64 --prompt-len 64 --output-len 16:60 --decode-tokens 48 --off-slots 2
            --rates 2,8)
-    LIMIT=280
+    LIMIT=${LIMIT:-280}
 fi
-for run in paper tight; do
+RUNS=${RUNS:-paper tight}
+for run in $RUNS; do
     declare -n args=${run^^}
     echo "== $(date -u) swap $run: ${args[*]}"
     # shellcheck disable=SC2068
@@ -37,5 +39,7 @@ for run in paper tight; do
         --quiet 2>&1 | grep '^\[swap ' | tail -30
     grep -h '\[swap\]\|\[memory\]' "$OUT/swap-$run"/deployment-*.log 2>/dev/null | grep -v 'incarnation' | tail -12
 done
-(cd "$OUT" && tar czf swap.tgz swap-paper swap-tight && rm -rf swap-paper swap-tight)
+dirs=()
+for run in $RUNS; do dirs+=("swap-$run"); done
+(cd "$OUT" && tar czf swap.tgz "${dirs[@]}" && rm -rf "${dirs[@]}")
 echo "== $(date -u) done: $OUT/swap.tgz"
