@@ -218,6 +218,7 @@ def test_auto_on_cpu_serves_exactly_and_status_shows_the_split(tiny, monkeypatch
     assert min(m["fits"] for m in st["memory"]) == 3
     assert len(logged) == 3 and "stage 0 on cpu" in logged[0] and "stage 1 on cpu" in logged[1]
     assert "microbatch size 3 (auto" in logged[2]
+    assert "0.00 GiB" not in logged[0] and " KiB" in logged[0]  # a budget of a few MiB reads in MiB and KiB
 
 
 def test_stages_on_other_machines_are_not_measured(tiny) -> None:  # type: ignore[no-untyped-def]
