@@ -44,6 +44,7 @@ from bench.pipeline_bench import (
     scratch,
     sweep,
     unwind_on_sigterm,
+    vocab_size,
     write_model,
 )
 from bench.plan_bench import side_by_side, step_overhead
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         parse_length(args.prompt_len, PAPER_PROMPT), parse_length(args.output_len, PAPER_OUTPUT)
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
-    args.vocab = 256 if args.shape == "tiny" else 50272
+    args.vocab = vocab_size(args.shape)
     unwind_on_sigterm()
     with scratch("dejavu-disagg-") as root:
         return _run(args, argv, root)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import curve_bench
-from bench.pipeline_bench import SHAPES, write_model
+from bench.pipeline_bench import SHAPES, vocab_size, write_model
 from bus import loadgen
 from bus.client import AsyncClient
 from bus.loadgen import OUT_DEFAULT, RESULTS_DIR, percentiles, progress
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         args.decode_context, args.decode_tokens, args.cost_repeats = 32, 48, min(args.cost_repeats, 2)
         args.warmup_requests = min(args.warmup_requests, 4)
     args.victim = args.victim if args.victim >= 0 else args.stages - 1
-    vocab = 256 if args.shape == "tiny" else 50272
+    vocab = vocab_size(args.shape)
     with tempfile.TemporaryDirectory(prefix="dejavu-failure-") as root:
         saved, tempfile.tempdir = tempfile.tempdir, root
         try:

@@ -65,11 +65,16 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 
 
+def vocab_size(shape: str) -> int:
+    """The vocabulary of a SHAPES model: OPT's, or a byte's for the tiny one."""
+    return 256 if shape == "tiny" else 50272
+
+
 def write_model(shape: str, root: Path) -> Path:
     path = root / f"random-{shape}"
     path.mkdir(parents=True, exist_ok=True)
     config = {
-        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 256 if shape == "tiny" else 50272,
+        "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": vocab_size(shape),
         "max_position_embeddings": 2048, "do_layer_norm_before": True, "activation_function": "relu",
         "word_embed_proj_dim": SHAPES[shape]["hidden_size"], "bos_token_id": 2, "eos_token_id": 2,
         "dejavu_random_weights": {"seed": 0, "std": 0.02}, **SHAPES[shape],
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
         args.max_seq_len, args.microbatch_size, args.decode_tokens = 128, 2, 96
-    args.vocab = 256 if args.shape == "tiny" else 50272
+    args.vocab = vocab_size(args.shape)
     with scratch("dejavu-pipeline-") as root:
         return _run(args, argv, root)
 

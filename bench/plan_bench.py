@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import curve_bench
-from bench.pipeline_bench import SHAPES, write_model
+from bench.pipeline_bench import SHAPES, vocab_size, write_model
 from bus.loadgen import OUT_DEFAULT, PAPER_OUTPUT, PAPER_PROMPT, RESULTS_DIR, parse_length
 from recovery.planner import model_facts
 from recovery.profiler import fit, layer_times_from
@@ -88,7 +88,7 @@ def validate_run(run: dict[str, Any], settings: dict[str, str], shape: str, time
     S, B = run["stages"], int(settings["microbatch_size"])
     prompt = parse_length(settings.get("prompt_len", "paper"), PAPER_PROMPT)
     output = parse_length(settings.get("output_len", "paper"), PAPER_OUTPUT)
-    vocab = int(settings.get("vocab", 256 if shape == "tiny" else 50272))
+    vocab = int(settings.get("vocab", vocab_size(shape)))
     tpot = run["overhead"]["tpot_median_s"]
     overhead, compute = step_overhead(times, layers, S, B, tpot)
     out: dict[str, Any] = {

@@ -48,6 +48,7 @@ from bench.pipeline_bench import (
     scratch,
     sweep,
     unwind_on_sigterm,
+    vocab_size,
     write_model,
 )
 from bus.loadgen import OUT_DEFAULT, RESULTS_DIR
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.off_slots and args.device_memory:
         p.error("give --off-slots or --device-memory, not both")
     args.serve_list = shlex.split(args.serve_args)
-    args.vocab = 256 if args.shape == "tiny" else 50272
+    args.vocab = vocab_size(args.shape)
     unwind_on_sigterm()
     with scratch("dejavu-swap-") as root:
         return _run(args, argv, root)
