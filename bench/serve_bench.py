@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("the HTTP front (--http URL; --address is then the ZeroMQ baseline's, by default the "
                              "controller the front names in /health)")
     g.add_argument("--http", metavar="URL", help="the front's base URL (http://host:port, as dejavu-serve's ready "
-                   "line says): HTTP clients against the ZeroMQ client, at the same load")
+                   "line says): HTTP clients against the ZeroMQ client, at the same load ($DEJAVU_API_KEY or "
+                   "$OPENAI_API_KEY: the API key to send)")
     g.add_argument("--clients", type=int, default=1000, help="concurrent streaming clients per round (default 1000)")
     g.add_argument("--repeats", type=int, default=2, help="rounds of each path, alternating (default 2)")
     g.add_argument("--solo", type=int, default=20, help="then requests one at a time on each path (default 20)")
@@ -226,7 +227,9 @@ async def http_main(args: argparse.Namespace) -> int:
     raise_open_files(2 * args.clients + 256)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    key = os.environ.get("DEJAVU_API_KEY") or os.environ.get("OPENAI_API_KEY")  # a front with --api-key-file
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         async with session.get(f"{args.http}/health") as r:
             health = await r.json()
         async with session.get(f"{args.http}/v1/models") as r:

@@ -39,8 +39,8 @@ def front_config(cfg: DeploymentConfig, controller: str, supervisor: str = "", k
     return FrontConfig(
         controller=controller, model_dir=cfg.model_dir, model_name=Path(cfg.model_dir).name, host=cfg.http_host,
         port=cfg.http_port or 0, max_seq_len=cfg.max_seq_len, max_queue=cfg.max_queue,
-        request_timeout=cfg.request_timeout, drain_timeout=cfg.drain_timeout,
-        client_keys_dir=cfg.keys_dir, client_key_name=client_key_name(cfg.keys_dir) if cfg.keys_dir else ADMIN,
+        request_timeout=cfg.request_timeout, drain_timeout=cfg.drain_timeout, api_key_file=cfg.api_key_file,
+        tls_certfile=cfg.tls_certfile, tls_keyfile=cfg.tls_keyfile, client_keys_dir=cfg.keys_dir, client_key_name=client_key_name(cfg.keys_dir) if cfg.keys_dir else ADMIN,
         keys_dir=keys_dir, supervisor_address=supervisor, supervisor_pid=supervisor_pid,
         heartbeat_interval=cfg.heartbeat_interval, log_level=cfg.log_level,
     )

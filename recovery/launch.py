@@ -47,7 +47,7 @@ def descendants(pid: int) -> set[int]:
 class Deployment:
     def __init__(self, proc: subprocess.Popen[str], address: str, log: IO[bytes], http: str = "") -> None:
         self.proc, self.address, self._log = proc, address, log
-        self.http = http  # the OpenAI API's base URL, http://host:port (with --http-port; else "")
+        self.http = http  # the OpenAI API's base URL, http(s)://host:port (with --http-port; else "")
 
     @classmethod
     def start(cls, model: Path | str, stages: int, *args: str, timeout: float = 120.0,
@@ -69,7 +69,7 @@ class Deployment:
                 break
             m = re.search(r"ready (tcp://\S+)", line)
             if m:
-                http = re.search(r"OpenAI API at (http://\S+)/v1", line)
+                http = re.search(r"OpenAI API at (https?://\S+)/v1", line)
                 return cls(proc, m.group(1), log, http.group(1) if http else "")
         proc.kill()
         proc.wait(10)

@@ -137,7 +137,9 @@ def check_port(host: str, port: int) -> None:
 
 def check_http(cfg: DeploymentConfig) -> list[str]:
     """The HTTP front: its settings, its port, the key it connects to the controller with (--keys), the tokenizer
-    it needs, and who can reach it - HTTP has no keys, so beyond the loopback only with --insecure."""
+    it needs, its API keys and TLS files, and who can reach it: beyond the loopback only with API keys over TLS,
+    or with --insecure."""
+    from bus.front.auth import ENV, AuthConfigError, load_keys, tls_context
     from bus.text import has_tokenizer
     from recovery.front_child import front_config
 
@@ -147,16 +149,26 @@ def check_http(cfg: DeploymentConfig) -> list[str]:
         raise UsageError(f"--http-port with --keys: {e}") from None
     if not has_tokenizer(Path(cfg.model_dir)):
         raise UsageError(f"--http-port: the HTTP front serves text, and --model {cfg.model_dir} has no tokenizer files")
+    try:
+        keys = load_keys(cfg.api_key_file)
+        tls = tls_context(cfg.tls_certfile, cfg.tls_keyfile) is not None
+    except AuthConfigError as e:
+        raise UsageError(str(e)) from None
     if cfg.http_port:
         try:
             check_port(cfg.http_host, cfg.http_port)
         except UsageError as e:
             raise UsageError(str(e).replace("--port", "--http-port").replace("--host", "--http-host")) from None
-    if loopback_host(cfg.http_host):
+    if loopback_host(cfg.http_host) or (keys and tls):
         return []
     if not cfg.insecure:
-        raise UsageError(f"--http-host {cfg.http_host}: the HTTP front has no authentication; beyond this machine's "
-                         "loopback give --insecure (or put an authenticating proxy in front of a loopback one)")
+        missing = "no TLS: its API keys would cross the network in the clear" if keys else "no API key"
+        raise UsageError(f"--http-host {cfg.http_host}: the HTTP front has {missing}; beyond this machine's loopback "
+                         f"give --api-key-file (or ${ENV}) with --tls-certfile and --tls-keyfile, or --insecure (or "
+                         "put an authenticating proxy in front of a loopback one)")
+    if keys:
+        return [f"--http-host {cfg.http_host} --insecure: the HTTP API is plaintext; its API keys cross the network "
+                "in the clear"]
     return [f"--http-host {cfg.http_host} --insecure: the HTTP API is plaintext and unauthenticated; anyone who can "
             "reach it can send requests"]
 

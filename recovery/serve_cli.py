@@ -159,7 +159,15 @@ def parser() -> argparse.ArgumentParser:
                    help="serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; /metrics, /health, "
                         "/ready) on this port, from a process of its own (0: any free port; the ready line says which)")
     p.add_argument("--http-host", default="127.0.0.1",
-                   help="interface of the HTTP front; beyond the loopback it needs --insecure (HTTP has no keys)")
+                   help="interface of the HTTP front; beyond the loopback it needs --api-key-file and TLS, or "
+                        "--insecure")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="API keys the HTTP front accepts (Authorization: Bearer KEY; one per line, # comments; "
+                        "SIGHUP to the front reads them again); $DEJAVU_API_KEY adds one. /health, /ready and "
+                        "/metrics stay open")
+    p.add_argument("--tls-certfile", default=None, metavar="PEM", help="the HTTP front serves HTTPS with this "
+                   "certificate (chain) and --tls-keyfile")
+    p.add_argument("--tls-keyfile", default=None, metavar="PEM", help="the private key of --tls-certfile")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="HTTP requests that may wait for a slot; more at once are refused with 429")
     p.add_argument("--request-timeout", type=float, default=600.0,
@@ -168,6 +176,11 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT the HTTP front stops admitting (503) and gives the requests in flight "
                         "this many seconds to finish, before the rest of the deployment stops")
     return p
+
+
+def absolute(path: str | None) -> str:
+    """A file named on the command line, as the supervisor's children (started elsewhere) will find it."""
+    return str(Path(path).resolve()) if path else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             replicate=args.replicate, replica_lag=args.replica_lag, kv_takeover=args.kv_takeover == "on",
             http_port=args.http_port, http_host=args.http_host, max_queue=args.max_queue,
             request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
+            api_key_file=absolute(args.api_key_file), tls_certfile=absolute(args.tls_certfile),
+            tls_keyfile=absolute(args.tls_keyfile),
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
             standby=args.standby, lookahead=args.lookahead, defer_tokens=args.defer_tokens, layer_split=args.layer_split,

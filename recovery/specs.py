@@ -94,6 +94,10 @@ class DeploymentConfig:
     max_queue: int = 1024
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
+    # who may use it (bus/front/auth.py): API keys from a file (absolute path; plus $DEJAVU_API_KEY), TLS (PEM)
+    api_key_file: str = ""
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
     # Memory-sized microbatches (issue 20, recovery/sizing.py): microbatch_size 0 = auto, the most slots every
     # stage's device holds within gpu_memory_fraction of its memory; memory_plan: the chosen split (JSON), set
     # by recovery.sizing.resolve, shown in status()

@@ -23,6 +23,11 @@ class FrontConfig:
     status_interval: float = 1.0  # seconds between status polls of the controller (/metrics gauges, /ready)
     connect_timeout: float = 10.0  # the first status answer from the controller
     max_body_bytes: int = 16 << 20  # a larger request body is refused (413)
+    # who may use it (bus/front/auth.py): a file of API keys (read by the front itself; plus $DEJAVU_API_KEY) and
+    # a TLS certificate and key (PEM)
+    api_key_file: str = ""
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
     client_keys_dir: str = ""  # the users' keys (dejavu-keys generate) of a deployment with --keys
     client_key_name: str = "admin"  # which of them the front connects with (admin or client)
     keys_dir: str = ""  # the deployment's own keys: this process's key for the supervisor link ("" = plaintext)

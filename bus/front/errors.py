@@ -18,7 +18,8 @@ from bus.errors import (
 )
 
 # dejavu_requests_total{outcome}: every request ends as exactly one of these
-OUTCOMES = ("success", "bad_request", "too_long", "overloaded", "unavailable", "timeout", "cancelled", "error")
+OUTCOMES = ("success", "bad_request", "too_long", "overloaded", "unavailable", "timeout", "cancelled", "error",
+            "unauthorized")
 
 
 class ApiError(Exception):
@@ -35,6 +36,12 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> ApiError:
+    e = ApiError(401, message, code="invalid_api_key", outcome="unauthorized")
+    e.headers["WWW-Authenticate"] = "Bearer"
+    return e
 
 
 def too_long(message: str, param: str | None = "messages") -> ApiError:

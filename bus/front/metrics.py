@@ -7,8 +7,7 @@ from the latest answer): queue length, running requests (busy slots) and slots, 
 step time and idle fraction (over the last poll interval; each stage labelled with its pipeline: colocated, or
 prompt and token when disaggregated), KV bytes streamed by kind, prompts waiting for a receive slot, replica
 lag, process restarts and stage recoveries by source, hosts by state, the deployment's state. Nothing is
-invented: a KV kind the deployment does not report yet (swap) reads 0, and every gauge of a status the
-controller did not answer is absent (dejavu_status_up says so)."""
+invented: every gauge of a status the controller did not answer is absent (dejavu_status_up says so)."""
 
 from __future__ import annotations
 
@@ -132,8 +131,11 @@ class StatusCollector(Collector):
         replicas = st.get("replicas", [])
         kv = CounterMetricFamily("dejavu_kv_streamed_bytes", "KV-cache bytes streamed, by kind: prompt_to_token "
                                  "(landed in the token pipeline, since the controller started), replica (since each "
-                                 "stage started), swap (0: not reported by the deployment yet)", labels=["kind"])
-        totals = {"prompt_to_token": int(st.get("kv_streamed_bytes", 0)), "swap": 0,
+                                 "stage started), swap (out to the host's swap pool and back in, since each stage started)",
+                                 labels=["kind"])
+        swapped = sum(int(p["swap"].get("bytes_in", 0)) + int(p["swap"].get("bytes_out", 0))
+                      for p in _stages(st) if p.get("swap"))
+        totals = {"prompt_to_token": int(st.get("kv_streamed_bytes", 0)), "swap": swapped,
                   "replica": sum(int(r.get("bytes", 0)) for r in replicas)}
         for kind in KV_KINDS:
             kv.add_metric([kind], float(totals[kind]))

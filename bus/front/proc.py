@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from bus.client import AsyncClient
 from bus.codec import Codec
 from bus.errors import DejaVuError
 from bus.front.admission import Admission
+from bus.front.auth import AuthConfigError, Keys, tls_context
 from bus.front.config import FrontConfig
 from bus.front.metrics import Metrics
 from bus.front.server import Front
@@ -79,18 +81,29 @@ class FrontProcess:
                                        maybe_load(cfg.keys_dir, ROLE))
         try:
             try:
+                keys, tls = Keys(cfg.api_key_file), tls_context(cfg.tls_certfile, cfg.tls_keyfile)
+            except AuthConfigError as e:
+                return await self._cannot_start(str(e))
+            loop.add_signal_handler(signal.SIGHUP, self._reload_keys, keys)
+            try:
                 tokenizer, max_prompt_bytes = await loop.run_in_executor(self.text_pool, self._load_tokenizer)
                 client = AsyncClient(cfg.controller, timeout=cfg.request_timeout, connect_timeout=cfg.connect_timeout,
                                      probe=False, keys=cfg.client_keys_dir or None, key_name=cfg.client_key_name)
             except (CannotStart, KeysError) as e:
                 return await self._cannot_start(str(e))
             async with client:
-                return await self._serve(client, tokenizer, max_prompt_bytes)
+                return await self._serve(client, tokenizer, max_prompt_bytes, keys, tls)
         finally:
             if self.link is not None:
                 self.link.close()
             ctx.destroy(linger=0)
             self.text_pool.shutdown(wait=False)
+
+    def _reload_keys(self, keys: Keys) -> None:
+        try:
+            log.info("[auth] SIGHUP: %d API key(s) accepted now", keys.reload())
+        except AuthConfigError as e:
+            log.error("[auth] SIGHUP: the keys stay as they were: %s", e)
 
     async def _cannot_start(self, message: str) -> int:
         log.error("[startup] %s", message)
@@ -107,26 +120,28 @@ class FrontProcess:
                               "it does not load)")
         return tokenizer, self.cfg.max_seq_len * longest_token_bytes(tokenizer) * 4
 
-    async def _serve(self, client: AsyncClient, tokenizer: Any, max_prompt_bytes: int) -> int:
+    async def _serve(self, client: AsyncClient, tokenizer: Any, max_prompt_bytes: int, keys: Keys,
+                     tls: ssl.SSLContext | None) -> int:
         cfg = self.cfg
         try:  # the deployment's slots bound the queue: known before the first request
             self._status(await client.status(cfg.connect_timeout))
         except DejaVuError as e:
             return await self._cannot_start(f"no status from the controller at {cfg.controller}: {e}")
-        front = Front(cfg, client, tokenizer, self.admission, self.metrics, self.text_pool, max_prompt_bytes)
+        front = Front(cfg, client, tokenizer, self.admission, self.metrics, self.text_pool, max_prompt_bytes, keys)
         runner = web.AppRunner(front.app(), handler_cancellation=True, access_log=None,
                                shutdown_timeout=CLOSE_TIMEOUT)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True)
+            site = web.TCPSite(runner, cfg.host, cfg.port, backlog=4096, reuse_address=True, ssl_context=tls)
             await site.start()
         except OSError as e:
             await runner.cleanup()
             return await self._cannot_start(f"the HTTP front cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): "
                                             "choose another --http-port or --http-host")
         host, port = runner.addresses[0][:2]
-        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-        log.info("[startup] front: %s (model %s) -> controller %s", url, cfg.served_name, cfg.controller)
+        url = f"{'https' if tls else 'http'}://{host if ':' not in host else f'[{host}]'}:{port}"
+        log.info("[startup] front: %s (model %s%s) -> controller %s", url, cfg.served_name,
+                 f"; {len(keys.keys)} API key(s)" if keys.keys else "; no API key", cfg.controller)
         if self.link is None:  # on its own: the ready line a script waits for (dejavu-serve prints its own)
             print(f"front: ready {url} (model {cfg.served_name}, controller {cfg.controller})", flush=True)
         try:

@@ -31,14 +31,16 @@ from bus.client import AsyncClient, TokenEvent, TokenStream
 from bus.errors import DejaVuError
 from bus.front import chat
 from bus.front.admission import Admission
+from bus.front.auth import Keys, middleware
 from bus.front.config import FrontConfig
-from bus.front.errors import ApiError, bad_request, from_client, too_long, unavailable
+from bus.front.errors import ApiError, bad_request, from_client, too_long, unauthorized, unavailable
 from bus.front.logprobs import LogprobsWriter, TokenTexts
 from bus.front.metrics import CONTENT_TYPE, Metrics
 from bus.front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
 from bus.front.stops import StopMatcher
 
 log = logging.getLogger(__name__)
+ENDPOINT_OF = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}  # what /metrics counts
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
@@ -109,8 +111,8 @@ class Run:
 
 class Front:
     def __init__(self, cfg: FrontConfig, client: AsyncClient, tokenizer: Any, admission: Admission,
-                 metrics: Metrics, text_pool: ThreadPoolExecutor, max_prompt_bytes: int) -> None:
-        self.cfg, self.client, self.tokenizer = cfg, client, tokenizer
+                 metrics: Metrics, text_pool: ThreadPoolExecutor, max_prompt_bytes: int, keys: Keys) -> None:
+        self.cfg, self.client, self.tokenizer, self.keys = cfg, client, tokenizer, keys
         self.admission, self.metrics, self.text_pool = admission, metrics, text_pool
         self.max_prompt_bytes = max_prompt_bytes
         self.model = cfg.served_name
@@ -121,7 +123,8 @@ class Front:
         metrics.in_flight.set_function(lambda: admission.in_flight)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[openai_errors])
+        app = web.Application(client_max_size=self.cfg.max_body_bytes,
+                              middlewares=[openai_errors, middleware(self.keys, self._unauthorized)])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -136,6 +139,14 @@ class Front:
         self.aborting = why
         for task in list(self.handlers):
             task.cancel()
+
+    def _unauthorized(self, request: web.Request) -> web.Response:
+        e = unauthorized("no API key given (Authorization: Bearer KEY)" if "Authorization" not in request.headers
+                         else "the API key given is not accepted here")
+        endpoint = ENDPOINT_OF.get(request.path)
+        if endpoint is not None:
+            self.metrics.outcome(endpoint, e.outcome)
+        return error_response(e)
 
     # ------------------------------------------------------------------ small endpoints
 

@@ -18,14 +18,23 @@ def test_http_usage_mistakes_are_one_line_and_exit_code_2(default_model: Path, m
     for name in ("client", "admin"):
         (keys / f"{name}.key_secret").unlink()  # handed out to the users: the server keeps neither
     no_tokenizer = model_factory("llama")
+    api_keys, empty = tmp_path / "api-keys", tmp_path / "empty"
+    api_keys.write_text("a-key\n")
+    empty.write_text("# none yet\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
         cases = {
             ("--http-port", str(port)): f"--http-port {port}: already in use",
-            ("--http-port", "0", "--http-host", "0.0.0.0"): "--http-host 0.0.0.0: the HTTP front has no "
-                                                           "authentication",
+            ("--http-port", "0", "--http-host", "0.0.0.0"): "--http-host 0.0.0.0: the HTTP front has no API key",
+            ("--http-port", "0", "--http-host", "0.0.0.0", "--api-key-file", str(api_keys)):
+                "--http-host 0.0.0.0: the HTTP front has no TLS",
+            ("--http-port", "0", "--api-key-file", str(tmp_path / "none")): f"--api-key-file {tmp_path / 'none'}: "
+                                                                           "No such file",
+            ("--http-port", "0", "--api-key-file", str(empty)): "holds no key",
+            ("--http-port", "0", "--tls-certfile", str(api_keys)): "TLS needs both --tls-certfile and --tls-keyfile",
+            ("--http-port", "0", "--tls-certfile", str(api_keys), "--tls-keyfile", str(api_keys)): "cannot be used",
             ("--http-port", "0", "--keys", str(keys)): "holds neither the admin nor the client secret key",
             ("--http-port", "0", "--max-queue", "-1"): "--max-queue must be >= 0",
             ("--http-port", "0", "--drain-timeout", "0"): "--drain-timeout must be > 0",

@@ -160,7 +160,8 @@ def status(busy: float, steps: int, uptime: float, recoveries: list[dict[str, ob
     return {"state": "serving", "waiting": 3, "running": 4, "slots": 8, "kv_streamed_bytes": 2048, "receive_waits": 2,
             "processes": [{"role": "controller", "index": 0, "incarnation": 1},
                           {"role": "stage", "index": 0, "incarnation": (1 << 16) | 2, "busy_s": busy, "steps": steps,
-                           "uptime_s": uptime, "pipeline": "token"}],
+                           "uptime_s": uptime, "pipeline": "token",
+                           "swap": {"mode": "on", "on": True, "bytes_in": 300, "bytes_out": 200}}],
             "hosts": [{"state": "up"}, {"state": "spare"}],
             "replicas": [{"stage": 0, "bytes": 1000, "lag_steps": 1, "lag_tokens": 5}], "recoveries": recoveries}
 
@@ -181,7 +182,7 @@ def test_metrics_from_status() -> None:
     assert samples[("dejavu_stage_idle_fraction", stage)] == 1.0  # nothing computed in the last second
     assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "replica"),))] == 1000
     assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "prompt_to_token"),))] == 2048
-    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "swap"),))] == 0
+    assert samples[("dejavu_kv_streamed_bytes_total", (("kind", "swap"),))] == 500  # out and back in
     assert samples[("dejavu_receive_waits_total", ())] == 2
     assert samples[("dejavu_recoveries_total", (("source", "replica"),))] == 1
     assert samples[("dejavu_process_restarts_total", (("index", "0"), ("role", "stage")))] == 3

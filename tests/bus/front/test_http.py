@@ -366,16 +366,16 @@ def test_metrics_count_the_requests_sent(dep) -> None:  # type: ignore[no-untype
     assert ("dejavu_queue_length", ()) in after and ("dejavu_running_requests", ()) in after
 
 
-def start_front(cfg: FrontConfig) -> tuple[subprocess.Popen[str], str, Any]:
+def start_front(cfg: FrontConfig, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str, Any]:
     """A front of its own (no supervisor), as `python -m bus.front.proc CONFIG`; its URL from its ready line."""
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "bus.front.proc", encode_config(cfg)], stdout=subprocess.PIPE,
-                            stderr=log, text=True, cwd=ROOT)
+                            stderr=log, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     if sel.select(timeout=60):
-        m = re.search(r"front: ready (http://\S+)", proc.stdout.readline())
+        m = re.search(r"front: ready (https?://\S+)", proc.stdout.readline())
         if m:
             return proc, m.group(1), log
     proc.kill()
@@ -422,6 +422,114 @@ def test_a_front_of_its_own_refuses_chat_without_a_template_times_out_and_cuts_i
 
 async def _draining(s: aiohttp.ClientSession, base: str) -> bool:
     return (await get_json(s, f"{base}/health"))["status"] == "draining"
+
+
+def tls_certificate(tmp_path: Path) -> tuple[Path, Path, Any]:
+    """A test CA's certificate for 127.0.0.1 (cert.pem, key.pem in tmp_path) and a client context trusting it."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(str(keyfile))
+    certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    trust = ssl.create_default_context()
+    ca.configure_trust(trust)
+    return certfile, keyfile, trust
+
+
+def test_dejavu_serve_hands_its_front_the_api_keys_and_the_certificate(chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`dejavu-serve --api-key-file --tls-certfile --tls-keyfile`: the ready line's URL is https, and its front
+    answers 401 without the key and 200 with it."""
+    certfile, keyfile, trust = tls_certificate(tmp_path)
+    (tmp_path / "keys").write_text("the-key\n")
+    d = start_deployment(chat_model, 1, "--http-port", "0", "--max-seq-len", str(MAX_SEQ), "--api-key-file",
+                         str(tmp_path / "keys"), "--tls-certfile", str(certfile), "--tls-keyfile", str(keyfile))
+
+    async def main() -> list[int]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trust)) as s:
+            out = []
+            for headers in ({}, {"Authorization": "Bearer the-key"}):
+                async with s.get(f"{d.http}/v1/models", headers=headers) as r:
+                    out.append(r.status)
+            return out
+
+    try:
+        assert d.http.startswith("https://127.0.0.1:")
+        assert asyncio.run(main()) == [401, 200]
+    finally:
+        assert d.stop() == 0
+
+
+def test_api_keys_over_tls_admit_only_their_holders_and_reload_on_sighup(dep, chat_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A front of its own over HTTPS (a test CA's certificate) with two keys from a file and one from
+    $DEJAVU_API_KEY: each key's holder gets the same greedy completion as the keyless front; a wrong key and no key
+    are 401 `invalid_api_key` (the openai client's AuthenticationError), counted as `unauthorized`; /health,
+    /ready and /metrics answer without a key; after the file is rewritten and SIGHUP sent, the old key is refused
+    and the new one accepted."""
+    certfile, keyfile, trust = tls_certificate(tmp_path)
+    keys = tmp_path / "api-keys"
+    keys.write_text("# rotated monthly\nold-key\n\n  new-key  \n")
+    cfg = FrontConfig(controller=dep.address, model_dir=str(chat_model), port=0, max_seq_len=MAX_SEQ,
+                      status_interval=0.2, api_key_file=str(keys), tls_certfile=str(certfile),
+                      tls_keyfile=str(keyfile))
+    proc, base, log = start_front(cfg, {"DEJAVU_API_KEY": "env-key"})
+    assert base.startswith("https://127.0.0.1:")
+
+    def client(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60,
+                                  http_client=openai.DefaultAsyncHttpxClient(verify=trust))
+
+    async def complete(c: openai.AsyncOpenAI) -> str:
+        r = await c.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, **GREEDY)
+        return r.choices[0].text
+
+    async def refused(key: str) -> bool:
+        async with client(key) as c:
+            try:
+                await complete(c)
+            except openai.AuthenticationError:
+                return True
+        return False
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with api(dep.http) as c:
+            expected = await complete(c)
+        texts = []
+        for key in ("old-key", "new-key", "env-key"):
+            async with client(key) as c:
+                texts.append(await complete(c))
+        async with client("wrong-key") as c:
+            with pytest.raises(openai.AuthenticationError) as wrong:
+                await complete(c)
+        https = aiohttp.TCPConnector(ssl=trust)
+        async with aiohttp.ClientSession(connector=https) as s:
+            async with s.post(f"{base}/v1/completions", json={"model": NAME, "prompt": PROMPT}) as r:
+                none = (r.status, r.headers.get("WWW-Authenticate"), (await r.json())["error"]["code"])
+            async with s.get(f"{base}/v1/models") as r:
+                models = r.status
+            opened = [(await s.get(f"{base}{path}")).status for path in ("/health", "/ready", "/metrics")]
+            counted = (await scrape(s, base))[("dejavu_requests_total", (("endpoint", "completions"),
+                                                                          ("outcome", "unauthorized")))]
+        keys.write_text("newer-key\n")
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: refused("old-key"), "the old key refused after SIGHUP")
+        async with client("newer-key") as c:
+            texts.append(await complete(c))
+        return expected, texts, wrong.value, none, models, opened, counted
+
+    try:
+        expected, texts, wrong, none, models, opened, counted = asyncio.run(main())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert texts == [expected] * 4
+    assert wrong.status_code == 401 and wrong.code == "invalid_api_key" and "not accepted" in wrong.message
+    assert none == (401, "Bearer", "invalid_api_key") and models == 401
+    assert opened == [200, 200, 200] and counted == 2
 
 
 def test_the_http_benchmark_runs_both_paths_and_loses_nothing(dep, tmp_path) -> None:  # type: ignore[no-untyped-def]
