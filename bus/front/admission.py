@@ -41,25 +41,28 @@ class Admission:
             self.slots = int(status.get("slots", 0))
             self.state = str(status.get("state", "")) or "serving"
 
-    def refusal(self) -> ApiError | None:
+    def refusal(self, wanted: int = 1, held: int = 0) -> ApiError | None:
+        """Why `wanted` places (a request's choices) cannot be had now, of which the asker holds `held` already;
+        None: they can."""
         if self.draining:
             return unavailable(f"the server is draining ({self.draining}): it takes no new requests", "draining")
         why = REFUSING_STATES.get(self.state)
         if why is not None:
             return unavailable(f"the deployment is {self.state}: {why}; retry later", self.state)
-        if self.in_flight >= self.limit:
+        if self.in_flight - held + wanted > self.limit:
+            also = f" for {wanted} more (n)" if wanted > 1 else ""
             return overloaded(f"{self.in_flight} requests in flight: {self.slots} slot(s) and a queue of "
-                              f"{self.max_queue} (--max-queue) are full; retry later")
+                              f"{self.max_queue} (--max-queue) have no room{also}; retry later")
         return None
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        self.in_flight += 1
+    def hold(self, places: int = 1) -> Iterator[None]:
+        self.in_flight += places
         self.idle.clear()
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.in_flight -= places
             if self.in_flight == 0:
                 self.idle.set()
 

@@ -1,8 +1,8 @@
 """The OpenAI API's request and response shapes (completions, chat completions, their stream chunks, usage).
 
 Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
-objects of the answers. Fields the deployment cannot honour (n > 1, penalties, tools, ...) are refused
-with a 400 that names them - never silently ignored. Extensions, as vLLM names them: `top_k`, `ignore_eos`,
+objects of the answers. Fields the deployment cannot honour (best_of, penalties, tools, ...) are refused
+with a 400 that names them - never silently ignored. `n` choices (up to MAX_N) are n requests of the deployment. Extensions, as vLLM names them: `top_k`, `ignore_eos`,
 `stop_token_ids`; a completions prompt may be a list of token ids.
 
 Logprobs: completions' `logprobs: N`, chat's `logprobs: true` with `top_logprobs: N` (N in [0, MAX_LOGPROBS]) -
@@ -23,6 +23,7 @@ from bus.requests import MAX_LOGPROBS
 
 MAX_STOPS = 4  # as the OpenAI API
 MAX_SEED = 2**63
+MAX_N = 16  # choices per request: each is a request of the deployment, with a slot (and a prompt pass) of its own
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Params:
     stream: bool
     include_usage: bool
     logprobs: int | None = None  # None: none asked; N: each token's log-probability and N alternatives'
+    n: int = 1  # choices: choice i samples with seed + i (a given seed), or a fresh random seed each
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
@@ -84,10 +86,8 @@ def _token_ids(v: Any, name: str) -> list[int]:
 
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """Parameters the deployment cannot honour, when asked for anything but their neutral value."""
-    if body.get("n", 1) not in (1, None):
-        raise bad_request("n must be 1: one choice per request (send several requests)", "n")
-    if body.get("best_of", 1) not in (1, None):
-        raise bad_request("best_of must be 1", "best_of")
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise bad_request("best_of must be n: every choice sampled is returned", "best_of")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported (only 0)", name)
@@ -146,6 +146,7 @@ def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_nam
         stop=_stops(body), stop_token_ids=tuple(_token_ids(stop_ids, "stop_token_ids")),
         ignore_eos=_flag(body, "ignore_eos"), stream=_flag(body, "stream"),
         include_usage=bool((options or {}).get("include_usage")), logprobs=_logprobs(body, chat),
+        n=_int(body, "n", 1, MAX_N + 1) or 1,
     )
 
 
@@ -225,31 +226,34 @@ class Answer:
         return {"id": self.id, "object": kind + (".chunk" if chunk and self.chat else ""), "created": self.created,
                 "model": self.model}
 
-    def whole(self, text: str, finish_reason: str, use: dict[str, int], logprobs: dict[str, Any] | None = None
-              ) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**self._head(False), "choices": [choice], "usage": use}
+    def whole(self, choices: list[tuple[str, str, dict[str, Any] | None]], use: dict[str, int]) -> dict[str, Any]:
+        """The whole answer: choices[i] = (text, finish reason, logprobs) of choice i."""
+        out = []
+        for i, (text, finish_reason, logprobs) in enumerate(choices):
+            if self.chat:
+                out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                            "finish_reason": finish_reason})
+            else:
+                out.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
+        return {**self._head(False), "choices": out, "usage": use}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+              logprobs: dict[str, Any] | None = None, index: int = 0) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
-    def token_event_parts(self, encode: Any) -> tuple[bytes, bytes]:
+    def token_event_parts(self, encode: Any, index: int = 0) -> tuple[bytes, bytes]:
         """The SSE event of a token's text as (before, after) the JSON string of the text: every token's event is
-        then one concatenation (the same bytes as encoding `chunk(text)`, at a fraction of the cost)."""
+        then one concatenation (the same bytes as encoding `chunk(text, index=index)`, at a fraction of the
+        cost)."""
         marker = "\u0000dejavu\u0000"
-        event = b"data: " + encode(self.chunk(marker)) + b"\n\n"
+        event = b"data: " + encode(self.chunk(marker, index=index)) + b"\n\n"
         before, after = event.split(encode(marker))
         return before, after
 

@@ -15,11 +15,12 @@ handler; leaving the stream cancels the request on the controller).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,16 @@ from bus.front.config import FrontConfig
 from bus.front.errors import ApiError, bad_request, from_client, too_long, unauthorized, unavailable
 from bus.front.logprobs import LogprobsWriter, TokenTexts
 from bus.front.metrics import CONTENT_TYPE, Metrics
-from bus.front.protocol import Answer, Params, models_list, parse_chat, parse_completion, refuse_model, usage
+from bus.front.protocol import (
+    MAX_SEED,
+    Answer,
+    Params,
+    models_list,
+    parse_chat,
+    parse_completion,
+    refuse_model,
+    usage,
+)
 from bus.front.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -82,12 +92,14 @@ class Run:
     prompt_tokens: int
     t0: float
     matcher: StopMatcher
+    stream: TokenStream  # its request of the deployment (sent when first read)
     tokens: int = 0
     first: float | None = None
     last: float = 0.0
     finish: str | None = None
     parts: list[str] = field(default_factory=list)
     logprobs: LogprobsWriter | None = None  # the request asked for logprobs
+    index: int = 0  # its choice (n > 1: one run, and one request of the deployment, per choice)
 
     def take(self, ev: TokenEvent) -> str:
         """The text this event adds to the answer (held back where it may begin a stop string). Its tokens'
@@ -105,8 +117,17 @@ class Run:
             self.finish = "stop"
         return text
 
-    def usage(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, self.tokens)
+
+
+@dataclass
+class Piece:
+    """What one choice adds to the answer: its text (empty: an event whose text is held back), the logprobs
+    that go with it (None: none asked, or not yet), and whether it is the choice's last (its run's finish set)."""
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    last: bool = False
 
 
 class Front:
@@ -189,11 +210,12 @@ class Front:
             refusal = self.admission.refusal()
             if refusal is not None:
                 raise refusal
-            with self.admission.hold():
-                run, stream = await self._start(request, endpoint, t0)
-                if run.params.stream:
-                    return await self._sse(request, run, stream)
-                return await self._whole(run, stream)
+            with contextlib.ExitStack() as held:
+                held.enter_context(self.admission.hold())
+                runs = await self._start(request, endpoint, t0, held)
+                if runs[0].params.stream:
+                    return await self._sse(request, runs)
+                return await self._whole(runs)
         except ApiError as e:
             self.metrics.outcome(endpoint, e.outcome)
             return error_response(e)
@@ -203,7 +225,9 @@ class Front:
         finally:
             self.handlers.discard(task)
 
-    async def _start(self, request: web.Request, endpoint: str, t0: float) -> tuple[Run, TokenStream]:
+    async def _start(self, request: web.Request, endpoint: str, t0: float, held: contextlib.ExitStack) -> list[Run]:
+        """The request's runs, one per choice, each with its stream of the deployment open; `held` takes the
+        admission places of choices beyond the first (or the request is refused: 429)."""
         body = await self._body(request)
         messages: list[dict[str, str]] | None = None
         if endpoint == "chat":
@@ -214,18 +238,27 @@ class Front:
             raise refuse_model(p.model, self.model)
         ids = await self._prompt_ids(p, messages)
         max_new = self._max_new_tokens(len(ids), p, endpoint == "chat")
+        if p.n > 1:
+            refusal = self.admission.refusal(wanted=p.n, held=1)
+            if refusal is not None:
+                raise refusal
+            held.enter_context(self.admission.hold(p.n - 1))
+        runs: list[Run] = []
         try:
-            stream = self.client.stream(
-                prompt_token_ids=ids, max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k,
-                top_p=p.top_p, seed=random.getrandbits(63) if p.seed is None else p.seed,
-                stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout,
-                logprobs=p.logprobs)
-        except DejaVuError as e:  # the client refuses at once: arguments, or a deployment that stopped
-            raise from_client(e) from None
-        self.metrics.prompt_tokens.inc(len(ids))
-        answer = Answer.new(stream.request_id, self.model, endpoint == "chat")
-        writer = None if p.logprobs is None else LogprobsWriter(self.token_texts, endpoint == "chat")
-        return Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop), logprobs=writer), stream
+            for i in range(p.n):
+                stream = self.client.stream(
+                    prompt_token_ids=ids, max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k,
+                    top_p=p.top_p, seed=random.getrandbits(63) if p.seed is None else (p.seed + i) % MAX_SEED,
+                    stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout,
+                    logprobs=p.logprobs)
+                answer = runs[0].answer if runs else Answer.new(stream.request_id, self.model, endpoint == "chat")
+                writer = None if p.logprobs is None else LogprobsWriter(self.token_texts, endpoint == "chat")
+                runs.append(Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop), logprobs=writer, index=i,
+                                stream=stream))
+        except DejaVuError as e:  # the client refuses at once: arguments, or a deployment that stopped (a stream
+            raise from_client(e) from None  # sends its request when first read: the others sent nothing)
+        self.metrics.prompt_tokens.inc(len(ids) * p.n)
+        return runs
 
     async def _body(self, request: web.Request) -> Any:
         try:
@@ -265,12 +298,14 @@ class Front:
                               "context_length_exceeded")
         return p.max_tokens
 
-    def _served(self, run: Run) -> None:
+    def _served(self, runs: list[Run]) -> None:
         now = time.perf_counter()
-        ttft = run.first - run.t0 if run.first is not None else None
-        tpot = (run.last - run.first) / (run.tokens - 1) if run.first is not None and run.tokens > 1 else None
-        self.metrics.served(run.endpoint, ttft, tpot, now - run.t0, run.tokens)
-        self.metrics.outcome(run.endpoint, "success")
+        firsts = [r.first for r in runs if r.first is not None]
+        ttft = min(firsts) - runs[0].t0 if firsts else None
+        gaps = [(r.last - r.first) / (r.tokens - 1) for r in runs if r.first is not None and r.tokens > 1]
+        tpot = sum(gaps) / len(gaps) if gaps else None
+        self.metrics.served(runs[0].endpoint, ttft, tpot, now - runs[0].t0, sum(r.tokens for r in runs))
+        self.metrics.outcome(runs[0].endpoint, "success")
 
     def _cut(self) -> ApiError:
         """Our task was cancelled: by the drain's deadline (an answer saying so), else by its client leaving."""
@@ -280,74 +315,120 @@ class Front:
         task.uncancel()
         return unavailable(f"the server stopped before this request finished ({self.aborting})", "draining")
 
-    async def _whole(self, run: Run, stream: TokenStream) -> web.Response:
+    @staticmethod
+    async def _pieces(run: Run, as_they_come: bool) -> AsyncIterator[Piece]:
+        """One choice's answer: a piece per token event (its text as the stop strings let it out), then its
+        last piece (the text held back, when no stop string cut it, and its finish reason set on the run). With
+        as_they_come the logprobs go with the text they belong to, else all with the last piece. Leaving early
+        (a stop string, an error, a cancel) cancels the rest of the request on the controller."""
+        stream = run.stream
+        async with stream:
+            async for ev in stream:
+                text = run.take(ev)
+                logprobs = run.logprobs.take() if as_they_come and text and run.logprobs is not None else None
+                yield Piece(run.index, text, logprobs)
+                if run.finish is not None:
+                    break  # a stop string
+        tail = "" if run.finish is not None else run.matcher.flush()
+        run.finish = run.finish or stream.result.finish_reason
+        yield Piece(run.index, tail, run.logprobs.take() if run.logprobs is not None else None, last=True)
+
+    @classmethod
+    async def _merged(cls, runs: list[Run], as_they_come: bool) -> AsyncIterator[Piece]:
+        """Every choice's pieces, in the order they come (one choice: its own, read here); DejaVuError raises."""
+        if len(runs) == 1:
+            async with contextlib.aclosing(cls._pieces(runs[0], as_they_come)) as pieces:
+                async for piece in pieces:
+                    yield piece
+            return
+        queue: asyncio.Queue[Piece | BaseException] = asyncio.Queue()
+
+        async def pump(run: Run) -> None:
+            try:
+                async with contextlib.aclosing(cls._pieces(run, as_they_come)) as pieces:
+                    async for piece in pieces:
+                        queue.put_nowait(piece)
+            except DejaVuError as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.ensure_future(pump(run)) for run in runs]
         try:
-            async with stream:
-                async for ev in stream:
-                    run.parts.append(run.take(ev))
-                    if run.finish is not None:
-                        break  # a stop string: leaving the stream cancels the rest on the controller
+            left = len(runs)
+            while left:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                left -= item.last
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # each leaves its stream: cancelled there
+
+    @staticmethod
+    def _usage(runs: list[Run]) -> dict[str, int]:
+        return usage(runs[0].prompt_tokens, sum(r.tokens for r in runs))  # the prompt once, as the OpenAI API
+
+    async def _whole(self, runs: list[Run]) -> web.Response:
+        logprobs: dict[int, dict[str, Any] | None] = {}
+        try:
+            async with contextlib.aclosing(self._merged(runs, as_they_come=False)) as pieces:
+                async for piece in pieces:
+                    runs[piece.index].parts.append(piece.text)
+                    if piece.last:
+                        logprobs[piece.index] = piece.logprobs
         except DejaVuError as e:
             raise from_client(e) from None
         except asyncio.CancelledError:
             raise self._cut() from None
-        if run.finish is None:
-            run.parts.append(run.matcher.flush())
-            run.finish = stream.result.finish_reason
-        self._served(run)
-        logprobs = run.logprobs.take() if run.logprobs is not None else None
-        return json_response(run.answer.whole("".join(run.parts), run.finish, run.usage(), logprobs))
+        self._served(runs)
+        answer = runs[0].answer
+        return json_response(answer.whole([("".join(r.parts), r.finish or "stop", logprobs.get(r.index))
+                                           for r in runs], self._usage(runs)))
 
-    async def _sse(self, request: web.Request, run: Run, stream: TokenStream) -> web.StreamResponse:
-        async with stream:
-            events = aiter(stream)
+    async def _sse(self, request: web.Request, runs: list[Run]) -> web.StreamResponse:
+        answer, error = runs[0].answer, None
+        async with contextlib.aclosing(self._merged(runs, as_they_come=True)) as pieces:
             try:  # what fails before the first token is an HTTP status
-                ev: TokenEvent | None = await anext(events, None)
+                piece: Piece | None = await anext(pieces, None)
             except DejaVuError as e:
                 raise from_client(e) from None
             except asyncio.CancelledError:
                 raise self._cut() from None
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await resp.prepare(request)
-            answer, error = run.answer, None
-            before, after = answer.token_event_parts(encode)
+            parts = [answer.token_event_parts(encode, i) for i in range(len(runs))]
             try:
                 if answer.chat:
-                    await resp.write(sse(answer.chunk("", role=True)))
-                while ev is not None:
-                    text = run.take(ev)
-                    if text and run.logprobs is not None:  # with the logprobs of the tokens whose text it is
-                        await resp.write(sse(answer.chunk(text, logprobs=run.logprobs.take())))
-                    elif text:
-                        await resp.write(before + encode(text) + after)
-                    if run.finish is not None:
-                        break
-                    ev = await anext(events, None)
+                    for i in range(len(runs)):
+                        await resp.write(sse(answer.chunk("", role=True, index=i)))
+                while piece is not None:
+                    i = piece.index
+                    if piece.last:  # tokens whose text was held back (or cut by a stop string), then the finish
+                        if piece.text or piece.logprobs is not None:
+                            await resp.write(sse(answer.chunk(piece.text, logprobs=piece.logprobs, index=i)))
+                        await resp.write(sse(answer.chunk(None if answer.chat else "", runs[i].finish, index=i)))
+                    elif piece.logprobs is not None:  # with the logprobs of the tokens whose text it is
+                        await resp.write(sse(answer.chunk(piece.text, logprobs=piece.logprobs, index=i)))
+                    elif piece.text:
+                        before, after = parts[i]
+                        await resp.write(before + encode(piece.text) + after)
+                    piece = await anext(pieces, None)
             except DejaVuError as e:
                 error = from_client(e)
             except asyncio.CancelledError:
                 error = self._cut()
             except ConnectionResetError:  # the client went away while we wrote
-                self.metrics.outcome(run.endpoint, "cancelled")
+                self.metrics.outcome(runs[0].endpoint, "cancelled")
                 return resp
-        return await self._end_sse(resp, run, stream, error)
-
-    async def _end_sse(self, resp: web.StreamResponse, run: Run, stream: TokenStream, error: ApiError | None
-                       ) -> web.StreamResponse:
         try:
             if error is not None:
-                self.metrics.outcome(run.endpoint, error.outcome)
+                self.metrics.outcome(runs[0].endpoint, error.outcome)
                 await resp.write(sse(error.body()))
             else:
-                tail = "" if run.finish is not None else run.matcher.flush()
-                run.finish = run.finish or stream.result.finish_reason
-                logprobs = run.logprobs.take() if run.logprobs is not None else None
-                if tail or logprobs is not None:  # tokens whose text was held back (or cut by a stop string)
-                    await resp.write(sse(run.answer.chunk(tail, logprobs=logprobs)))
-                await resp.write(sse(run.answer.chunk(None if run.answer.chat else "", run.finish)))
-                if run.params.include_usage:
-                    await resp.write(sse(run.answer.usage_chunk(run.usage())))
-                self._served(run)
+                if runs[0].params.include_usage:
+                    await resp.write(sse(answer.usage_chunk(self._usage(runs))))
+                self._served(runs)
             await resp.write(DONE)
             await resp.write_eof()
         except ConnectionResetError:

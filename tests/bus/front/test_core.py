@@ -13,7 +13,7 @@ from bus.front.admission import Admission
 from bus.front.errors import ApiError, from_client
 from bus.front.logprobs import LogprobsWriter, TokenTexts
 from bus.front.metrics import Metrics, restarts
-from bus.front.protocol import parse_chat, parse_completion
+from bus.front.protocol import MAX_N, parse_chat, parse_completion
 from bus.front.stops import StopMatcher
 from bus.messages import TokenLogprob
 from bus.requests import MAX_LOGPROBS
@@ -64,7 +64,9 @@ def test_parsing_defaults_extensions_and_refusals() -> None:
         ({"model": "m", "prompt": "hi", "logprobs": -1}, "logprobs"),
         ({"model": "m", "prompt": "hi", "logprobs": MAX_LOGPROBS + 1}, "logprobs"),
         ({"model": "m", "prompt": "hi", "logprobs": True}, "logprobs"),
-        ({"model": "m", "prompt": "hi", "n": 2}, "n"),
+        ({"model": "m", "prompt": "hi", "n": 0}, "n"),
+        ({"model": "m", "prompt": "hi", "n": MAX_N + 1}, "n"),
+        ({"model": "m", "prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
         ({"model": "m", "prompt": "hi", "temperature": 3}, "temperature"),
         ({"model": "m", "prompt": "hi", "top_p": 0}, "top_p"),
         ({"model": "m", "prompt": "hi", "max_tokens": 0}, "max_tokens"),

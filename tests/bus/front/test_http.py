@@ -236,11 +236,51 @@ def test_logprobs_whole_and_streamed_equal_hugging_face(dep, chat_model) -> None
     assert all(ch.choices[0].logprobs is None for ch in plain if ch.choices)
 
 
+def test_n_choices_each_sample_with_their_own_seed_whole_and_streamed(dep) -> None:  # type: ignore[no-untyped-def]
+    """n = 3 with seed s: choice i is the single-choice answer with seed s + i, whole and streamed (chunks of every
+    index interleaved, each with its finish and logprobs), chat too; usage counts the prompt once and every
+    choice's tokens; more choices than the front has room for is a 429."""
+    sampled = {"temperature": 1.0, "max_tokens": 12, **IGNORE_EOS}
+
+    async def main():  # type: ignore[no-untyped-def]
+        async with api(dep.http) as c:
+            answers = [await c.completions.create(model=NAME, prompt=PROMPT, seed=7 + i, **sampled) for i in range(3)]
+            singles = [a.choices[0].text for a in answers]
+            whole = await c.completions.create(model=NAME, prompt=PROMPT, seed=7, n=3, logprobs=1, **sampled)
+            stream = await c.completions.create(model=NAME, prompt=PROMPT, seed=7, n=3, logprobs=1, stream=True,
+                                                stream_options={"include_usage": True}, **sampled)
+            texts, finishes, tokens, use = ["", "", ""], [None] * 3, [0, 0, 0], None
+            async for chunk in stream:
+                use = chunk.usage or use
+                for ch in chunk.choices:
+                    texts[ch.index] += ch.text
+                    finishes[ch.index] = ch.finish_reason or finishes[ch.index]
+                    tokens[ch.index] += len(ch.logprobs.tokens) if ch.logprobs else 0
+            chat = await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}], seed=7,
+                                                   n=2, **sampled)
+            chat_single = await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}],
+                                                          seed=8, **sampled)
+            with pytest.raises(openai.RateLimitError) as no_room:
+                await c.completions.create(model=NAME, prompt=PROMPT, n=SLOTS + MAX_QUEUE + 1, **sampled)
+        return answers, singles, whole, (texts, finishes, tokens, use), chat, chat_single, no_room.value
+
+    answers, singles, whole, (texts, finishes, tokens, use), chat, chat_single, no_room = asyncio.run(main())
+    assert [ch.index for ch in whole.choices] == [0, 1, 2]
+    assert [ch.text for ch in whole.choices] == singles == texts and len(set(singles)) > 1
+    assert [len(ch.logprobs.tokens) for ch in whole.choices] == tokens == [12, 12, 12]
+    assert finishes == ["length"] * 3 and [ch.finish_reason for ch in whole.choices] == ["length"] * 3
+    assert whole.usage.completion_tokens == use.completion_tokens == 36
+    assert whole.usage.prompt_tokens == use.prompt_tokens == answers[0].usage.prompt_tokens  # the prompt once
+    assert chat.choices[1].message.content == chat_single.choices[0].message.content
+    assert chat.usage.completion_tokens == 24
+    assert no_room.status_code == 429 and "(n)" in no_room.message
+
+
 def test_bad_requests_are_400_404_and_413(dep) -> None:  # type: ignore[no-untyped-def]
     async def main() -> list[openai.APIStatusError]:
         errors = []
         async with api(dep.http) as c:
-            for kw in ({"temperature": 5}, {"logprobs": 21}, {"n": 2}, {"max_tokens": MAX_SEQ},
+            for kw in ({"temperature": 5}, {"logprobs": 21}, {"n": 17}, {"max_tokens": MAX_SEQ},
                        {"model": "gpt-4"}, {"prompt": "x" * (MAX_SEQ + 10)}):
                 args = {"model": NAME, "prompt": PROMPT, "max_tokens": 4, **kw}
                 with pytest.raises(openai.APIStatusError) as e:
