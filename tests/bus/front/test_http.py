@@ -327,10 +327,13 @@ async def _in_flight(s: aiohttp.ClientSession, base: str, n: int) -> bool:
     return (await get_json(s, f"{base}/health"))["in_flight"] == n
 
 
-def test_a_client_that_disconnects_cancels_its_request(dep) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_disconnects_cancels_its_request(dep, n: int) -> None:  # type: ignore[no-untyped-def]
     """The same long request, once read to its end and once dropped after its first event: the dropped one leaves
-    the deployment in a fraction of the time the whole one took (it was cancelled, not run to its end)."""
-    body = {"model": NAME, "prompt": PROMPT, "max_tokens": LONG, "stream": True, "temperature": 0, "ignore_eos": True}
+    the deployment in a fraction of the time the whole one took (it was cancelled, not run to its end) - with n
+    choices, every one of its n requests of the deployment."""
+    body = {"model": NAME, "prompt": PROMPT, "max_tokens": LONG, "stream": True, "temperature": 0, "ignore_eos": True,
+            "n": n}
 
     async def main() -> tuple[float, float, float]:
         async with AsyncClient(dep.address) as z, aiohttp.ClientSession() as s:
