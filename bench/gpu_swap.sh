@@ -4,7 +4,9 @@
 #   1. paper: OPT-13B at 2,048 positions, 1,000-token prompts, --gpu-memory-fraction 0.6 (so the swap pool stays
 #      within the host's memory) - the sizing's rule predicts auto off and on well below off (PCIe-bound)  (~4 min)
 #   2. tight: 128 positions, the device memory set so that off holds 2 slots per microbatch (--off-slots 2) - the
-#      weights nearly fill it; auto should swap at the largest microbatch a step hides, ~2x off's batch   (~4 min)
+#      weights nearly fill it; auto swaps at the largest microbatch a step hides (1xH100 12-08: 3, 1.38x)   (~2 min)
+#   3. tight8 (not in the default RUNS): the same with 8 microbatches, 2 resident - a swapping microbatch may grow
+#      4x; auto caps it where the swap-in still hides under the step                                   (~3 min)
 #
 #   bench/gpu_swap.sh OUT_DIR          (on the device: bench/gpu_swap.sh $OUT)
 #   SWAP_SMOKE=1 bench/gpu_swap.sh DIR (this machine: the same two runs on the tiny model on CPU, to check the script)
@@ -21,6 +23,7 @@ if [[ "${SWAP_SMOKE:-0}" == 1 ]]; then
     DEV=(--shape tiny --device cpu --dtype float32 --num-requests 6)
     PAPER=(--max-seq-len 128 --context 32 --prompt-len 32 --output-len 4:12 --decode-tokens 12 --rates none)
     TIGHT=(--max-seq-len 96 --context 16 --prompt-len 16 --output-len 4:12 --decode-tokens 12 --off-slots 2 --rates 8)
+    TIGHT8=("${TIGHT[@]}" --microbatches 8)
     LIMIT=${LIMIT:-120}
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -28,6 +31,7 @@ else
     PAPER=(--max-seq-len 2048 --context 1000 --decode-tokens 24 --gpu-memory-fraction 0.6 --rates none)
     TIGHT=(--max-seq-len 128 --context 64 --prompt-len 64 --output-len 16:60 --decode-tokens 48 --off-slots 2
            --rates 2,8)
+    TIGHT8=("${TIGHT[@]}" --microbatches 8 --num-requests 64)
     LIMIT=${LIMIT:-280}
 fi
 RUNS=${RUNS:-paper tight}
