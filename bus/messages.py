@@ -580,6 +580,9 @@ class HostWelcome(Msg, tag=74):
     public: dict[str, str]  # every member's public key (process name -> Z85)
     secrets: dict[str, bytes]  # this host's own processes' secret keys (its agent and streamer names)
     policy: str  # recovery.specs.HostPolicy as JSON: how the agent supervises, its streamer's pools
+    # this host id's joins before this one: its streamer's incarnations start at generation << 16, so the peers
+    # that counted an earlier boot's streamer (same name) take the new process's transfers as newer, not as replays
+    generation: int = 0
 
 
 class Assign(Msg, tag=75):

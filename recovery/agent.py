@@ -59,6 +59,7 @@ from recovery.children import (
     sweep,
     sweep_dead_deployments,
 )
+from recovery.hosts import GENERATION_SHIFT
 from recovery.specs import ChildSpec, HostPolicy
 from recovery.standby import Standby, keeps_standby
 from stages.config import StageProcConfig
@@ -256,7 +257,9 @@ class HostAgent(ChildSupervisor):
                 heartbeat_interval_s=p.heartbeat_interval, supervisor_address=self.address,
                 supervisor_pid=os.getpid(), supervisor_name=self.name, log_level=cfg.log_level,
             )
-            self._spawn(self._child(ChildSpec("streamer", w.slot, "streamer", sc)))
+            # a new boot's streamer counts on from the last boot's (HostWelcome.generation): its peers drop what
+            # an older incarnation sends, and take ids from a newer one as new
+            self._spawn(self._child(ChildSpec("streamer", w.slot, "streamer", sc)), w.generation << GENERATION_SHIFT)
 
     @property
     def streamer_address(self) -> str:

@@ -336,11 +336,12 @@ class SupervisorProcess(ChildSupervisor):
                     body.hostname, body.local, body.spare)
         t.join(host)
         secrets = {n: security.read_secret(self.keys_dir, n) for n in (f"agent-{slot}", f"streamer-{slot}")}
+        self.boots[body.host_id] = self.boots.get(body.host_id, -1) + 1  # this host id's agent processes so far
         await send(self.sock, self.codec, HostWelcome(host.host_id, host.boot, slot, self.public, secrets,
-                                                      encode_config(self.policy)), route=[route])
+                                                      encode_config(self.policy), self.boots[body.host_id]),
+                   route=[route])
         log.info("[hosts] %s joined (slot %d, %s, %s, pid %d)", host.host_id, slot, host.address,
                  ",".join(host.devices), host.pid)
-        self.boots[body.host_id] = self.boots.get(body.host_id, -1) + 1  # status(): this host id's agent processes
         hello = Hello("agent", slot, body.pid, body.host_id, {"agent": body.address},
                       incarnation=self.boots[body.host_id], started=time.time())
         self.forwarded[("agent", slot)] = hello

@@ -31,8 +31,9 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 
 def restarts(role: str, incarnation: int) -> int:
-    """Process starts after the first: a stage's moves to another host count, as do its restarts in place."""
-    if role == "stage":
+    """Process starts after the first: a stage's moves to another host (a streamer's host's new boots) count, as do
+    their restarts in place."""
+    if role in ("stage", "streamer"):
         return (incarnation >> GENERATION_SHIFT) + (incarnation & ((1 << GENERATION_SHIFT) - 1))
     return max(0, incarnation)
 

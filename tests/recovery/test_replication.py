@@ -146,6 +146,25 @@ def test_a_lost_hosts_stage_restores_on_the_spare_then_its_neighbour_restores_fr
     assert (reps[0]["host"], reps[1]["host"]) == ("host-2", "host-0")
 
 
+def test_a_host_that_comes_back_replicates_again_from_its_new_streamer(model_factory) -> None:  # type: ignore[no-untyped-def]
+    """host-1 lost (stage 1 moves to the spare), its agent back as a new boot (the spare now); then the spare lost, so
+    stage 1 moves back to host-1, whose new streamer - same name, a new process - streams stage 1's deltas to its
+    replica on host-0 (host-0's streamer had seen the old one's transfer ids: the new boot's must count as newer);
+    then stage 1 killed restores from that replica. Found by a randomized run (seed 101)."""
+    async def back_then_kill_the_spare(c: AsyncClient) -> str:
+        await until(c, lambda s: hosts_of(s)["host-1"]["state"] == "spare", 60, "host-1 back as the spare")
+        return await kill_hosts("host-2")(c)
+
+    outs, refs, st, _, logs = serve_through(
+        model_factory("llama"), ("--hosts", "2", "--spare-hosts", "1", "--kv-takeover", "off"),
+        [(80, kill_hosts("host-1")), (160, back_then_kill_the_spare), (260, kill_stage(1, caught_up=True))], n=24)
+    assert outs == refs
+    assert [(r["stage"], r["host"]) for r in st["recoveries"]] == [(1, "host-2"), (1, "host-1"), (1, "host-1")]
+    check_replica(st["recoveries"][2], logs)
+    reps = {r["stage"]: r for r in st["replicas"]}
+    assert reps[1]["host"] == "host-0" and reps[1]["failures"] == 0, reps[1]
+
+
 def test_a_stage_and_its_replica_lost_together_are_recomputed_exactly(model_factory) -> None:  # type: ignore[no-untyped-def]
     """Both hosts at once: each stage and the other's replica are gone - the stages move to the spares and every
     request is recomputed from its prompt and committed tokens, still exact."""

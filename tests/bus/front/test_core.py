@@ -190,6 +190,7 @@ def test_metrics_from_status() -> None:
     assert samples[("dejavu_process_restarts_total", (("index", "0"), ("role", "stage")))] == 3
     assert samples[("dejavu_hosts", (("state", "spare"),))] == 1
     assert restarts("controller", 2) == 2 and restarts("stage", 1 << 16) == 1
+    assert restarts("streamer", (2 << 16) | 1) == 3  # its host's third boot, restarted once there
     m.status.update(None)
     text = m.render().decode()
     assert "dejavu_status_up 0.0" in text and "dejavu_queue_length" not in text
