@@ -29,7 +29,7 @@ class AuthConfigError(ValueError):
     """An API key file or a TLS certificate that cannot be used: what to fix, in one line."""
 
 
-def load_keys(path: str, env: dict[str, str] | os._Environ[str] | None = None) -> tuple[str, ...]:
+def load_keys(path: str) -> tuple[str, ...]:
     """The keys of `path` ("" = none) and of $DEJAVU_API_KEY. Raises AuthConfigError for a file that cannot be read
     or holds no key, and for a key with whitespace inside (a pasted line break, a "Bearer " prefix)."""
     keys: list[str] = []
@@ -43,7 +43,7 @@ def load_keys(path: str, env: dict[str, str] | os._Environ[str] | None = None) -
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
             raise AuthConfigError(f"--api-key-file {path}: holds no key (one per line; # starts a comment)")
-    value = (os.environ if env is None else env).get(ENV, "").strip()
+    value = os.environ.get(ENV, "").strip()
     if value:
         keys.append(value)
     for key in keys:

@@ -118,7 +118,6 @@ class Run:
         return text
 
 
-
 @dataclass
 class Piece:
     """What one choice adds to the answer: its text (empty: an event whose text is held back), the logprobs
@@ -348,7 +347,7 @@ class Front:
                 async with contextlib.aclosing(cls._pieces(run, as_they_come)) as pieces:
                     async for piece in pieces:
                         queue.put_nowait(piece)
-            except DejaVuError as e:
+            except Exception as e:  # DejaVuError, or a fault here: the reader must not wait for this choice forever
                 queue.put_nowait(e)
 
         tasks = [asyncio.ensure_future(pump(run)) for run in runs]
