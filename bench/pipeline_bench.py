@@ -189,8 +189,12 @@ async def overhead(address: str, stages: int, mb: int, context: int, vocab: int,
         print(f"[pipeline {time.strftime('%H:%M:%S')}] all {len(prompts)} prompts prefilled in "
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         before = await fresh_stats(c, await fresh_stats(c))  # a report taken wholly after every prefill
+        ended = sum(t.done() for t in tasks)
         results = await asyncio.gather(*tasks)
         after = await fresh_stats(c, stage_stats(await c.status()))
+    if ended or all(after[i]["steps"] == before[i]["steps"] for i in after):  # (prompt stages may stay idle)
+        raise RuntimeError(f"the decode phase ({new} tokens) ended before the stages' baseline report (they report "
+                           f"every heartbeat; {ended} of {len(tasks)} requests had ended): decode more tokens")
     tpot = [statistics.median([b - a for a, b in zip(t[len(t) // 4 :], t[len(t) // 4 + 1 :])]) for t in results]
     per_stage = {str(i): (after[i]["busy_s"] - before[i]["busy_s"]) / max(1, after[i]["steps"] - before[i]["steps"])
                  for i in after}
