@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -35,7 +36,7 @@ import msgspec
 import zmq
 
 from bus import security
-from bus.child import decode_config
+from bus.child import decode_config, encode_config
 from bus.codec import Codec, Received
 from bus.errors import ProtocolError
 from bus.messages import (
@@ -154,8 +155,8 @@ class HostAgent(ChildSupervisor):
 
     async def _shutdown(self, reason: str) -> None:
         self.stopping = True
-        if self.standby is not None:
-            await self.standby.close()
+        for standby in self.standbys.values():
+            await standby.close()
         if self.exit_code == EXIT_FENCED:
             self._kill_all()  # fenced: not one moment longer
             await self._reap(list(self.children.values()), self.policy.kill_timeout, None)
@@ -302,9 +303,12 @@ class HostAgent(ChildSupervisor):
             child.state.restarts = 0
             self._spawn(child, s.incarnation)
             if keeps_standby(self.policy.standby, s.device):  # for the next restart here (after this start's imports)
-                if self.standby is None:
-                    self.standby = Standby(self.log_dir)
-                self.standby.want()
+                standby = self.standbys.get(s.device)
+                if standby is None:  # (it warms its device for the first stage placed there)
+                    warm = json.dumps({"stage": encode_config(st), "fraction": self.policy.gpu_memory_fraction}) \
+                        if self.policy.standby_warmup else ""
+                    standby = self.standbys[s.device] = Standby(self.log_dir, warm=warm)
+                standby.want()
 
     async def _report_down(self, child: Child, incarnation: int, reason: str, restarting: bool) -> bool:
         with contextlib.suppress(zmq.ZMQError):

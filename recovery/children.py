@@ -103,7 +103,7 @@ class ChildSupervisor:
         self.fatal_config = False  # the fatal error is a setting to change (exit code 2)
         self.config_error = asyncio.Event()  # some child said it cannot start as configured
         self.tasks: set[asyncio.Task[None]] = set()
-        self.standby: Standby | None = None  # an agent's warm standby stage process (recovery/standby.py)
+        self.standbys: dict[str, Standby] = {}  # an agent's warm standby stage process per device (recovery/standby.py)
         self.sock: zmq.asyncio.Socket  # the ROUTER the children connect to (set by the subclass)
         self.codec: Codec
 
@@ -196,9 +196,10 @@ class ChildSupervisor:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = None
-        if child.spec.role == "stage" and self.standby is not None:  # imports done: the restart starts at its work
+        standby = self.standbys.get(getattr(child.spec.config, "device", "")) if child.spec.role == "stage" else None
+        if standby is not None:  # imports done (and its device warmed): the restart starts at its work
             log_path = str(Path(self.log_dir) / f"{child.spec.name}.log") if self.log_dir else ""
-            proc = await self.standby.take(argv, log_path)
+            proc = await standby.take(argv, log_path)
             if proc is not None:
                 log.info("[standby] %s incarnation %d: the standby pid %d takes it", child.spec.name, incarnation,
                          proc.pid)
@@ -361,8 +362,8 @@ class ChildSupervisor:
             if c.proc is not None and c.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     c.proc.kill()
-        if self.standby is not None:  # nothing of this host starts any more
-            self.standby.kill()
+        for standby in self.standbys.values():  # nothing of this host starts any more
+            standby.kill()
 
 
 def describe_exit(code: int) -> str:

@@ -122,9 +122,13 @@ def parser() -> argparse.ArgumentParser:
                    help="a restarted CPU stage takes its predecessor's shared-memory KV over (off: it comes back "
                         "empty, as a GPU stage does, and restores from its replica)")
     p.add_argument("--standby", default="auto", choices=["auto", "on", "off"],
-                   help="each host keeps one warm standby stage process, its imports done, which the next stage "
-                        "restart on that host becomes (a restart then skips Python's start and imports: ~2.9 s on "
+                   help="each host keeps a warm standby stage process per device its stages use, its imports done, "
+                        "which the next stage restart on that device becomes (a restart then skips Python's start and imports: ~2.9 s on "
                         "a GPU VM); auto: on for --device cuda")
+    p.add_argument("--standby-warmup", default="on", choices=["on", "off"],
+                   help="a standby first warms the device of the stage it would replace - its CUDA context and first "
+                        "kernels, through one layer of that stage's sizes, then freed - so a restart skips those too; "
+                        "it keeps a context (~0.5 GiB) on each GPU and uses only what --gpu-memory-fraction leaves")
     p.add_argument("--layer-split", default="balanced", choices=["balanced", "even"],
                    help="layers per stage of a decoding pipeline: balanced - the slowest stage as fast as whole layers "
                         "allow, the last stage's LM head counted as the layers its weights equal (a decode step reads "
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             tls_keyfile=absolute(args.tls_keyfile),
             gpu_memory_fraction=args.gpu_memory_fraction,
             swap=args.swap, swap_bandwidth=args.swap_bandwidth, swap_step_ms=args.swap_step_ms,
-            standby=args.standby, lookahead=args.lookahead, defer_tokens=args.defer_tokens, layer_split=args.layer_split,
+            standby=args.standby, standby_warmup=args.standby_warmup == "on", lookahead=args.lookahead,
+            defer_tokens=args.defer_tokens, layer_split=args.layer_split,
         )
         checked = check_deployment(cfg)
         cfg, sizing = sized(cfg, checked)

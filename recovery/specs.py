@@ -58,7 +58,10 @@ class DeploymentConfig:
     swap_bytes: int = 256 << 20  # its pinned host pools (explicit capacities; over-commitment is refused)
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
-    standby: str = "auto"  # a warm standby stage process per host (recovery/standby.py): auto = on for cuda
+    standby: str = "auto"  # a warm standby stage process per device of a host (recovery/standby.py): auto = cuda
+    # the standby warms its device first: a CUDA context and the first kernels, through one layer of the stage's
+    # sizes within (1 - gpu_memory_fraction) of the device (stages/device_warmup.py)
+    standby_warmup: bool = True
     # a one-stage pipeline: each microbatch's next step is sent while its current one runs, fed the sampled tokens
     # on the stage (bus/scheduler.py); no effect elsewhere. auto = on for cuda (on CPU the controller's work would
     # then run beside the stage's compute threads on the same cores, and slow them: 2.1x on the 2-core box)
@@ -295,6 +298,8 @@ class HostPolicy:
     replica_bytes: int = 256 << 20
     receive_bytes: int = 64 << 20
     standby: str = "auto"
+    standby_warmup: bool = True
+    gpu_memory_fraction: float = 0.9  # the stages' budget: a standby's warm-up stays outside it
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 A stage restarted as a fresh process pays for Python's start and its imports before it can load a weight: 2.9 s
 of a 3.3 s start on an H100 VM (the stage's `[startup]` log line splits it). An agent with a standby keeps one
 process that did those imports (stages/standby.py) and hands it the next stage it must start, then prepares
-another, `delay` seconds later so the imports never compete with the restart they follow. A standby that died or
-is not ready yet is skipped: the stage starts as a fresh process, as without one. `auto` keeps a standby on hosts
+another, `delay` seconds later so the imports never compete with the restart they follow. One per device the host's
+stages use: with `--standby-warmup` each warms its device for a stage there first (stages/device_warmup.py), so
+a restart also skips the CUDA context and the first kernels. A standby that died or is not ready yet is skipped: the stage starts as a fresh process, as without one. `auto` keeps a standby on hosts
 whose stages compute on GPUs (their hosts have cores to spare for an idle interpreter, and a restart's seconds
 are what replication saves); CPU hosts start fresh processes unless `on`.
 
@@ -32,9 +33,13 @@ def keeps_standby(mode: str, device: str) -> bool:
 
 
 class Standby:
-    def __init__(self, log_dir: str = "", delay: float = 5.0) -> None:
+    """The standby of one device of the host. warm: the warm-up order its process gets (stages/device_warmup.py:
+    the stage it would replace, the stages' memory fraction; "" = none, it touches no device)."""
+
+    def __init__(self, log_dir: str = "", delay: float = 5.0, warm: str = "") -> None:
         self.log_dir = log_dir
         self.delay = delay
+        self.warm = warm
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         self.closed = False
@@ -56,7 +61,8 @@ class Standby:
             err = open(os.path.join(self.log_dir, "standby.log"), "ab")  # noqa: SIM115 - the child holds its own
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "stages.standby", str(os.getpid()), stdin=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "stages.standby", str(os.getpid()), *([self.warm] if self.warm else []),
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True)
         except OSError as e:
@@ -75,7 +81,7 @@ class Standby:
             return  # taken or closed meanwhile
         if line.strip() == b"ready":
             self.ready = True
-            log.info("[standby] pid %d ready (imports done)", proc.pid)
+            log.info("[standby] pid %d ready (imports done%s)", proc.pid, ", device warmed" if self.warm else "")
             return
         log.warning("[standby] pid %d did not become ready (exit %s); stages restart as fresh processes",
                     proc.pid, proc.returncode)

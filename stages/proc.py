@@ -82,6 +82,7 @@ noisy = Throttled(log)  # warnings about what peers send: rate-limited per (kind
 
 IMPORTED = time.monotonic()  # this module's imports (torch, the stage's code) are done
 ASSIGNED_AT: float | None = None  # a warm standby (stages/standby.py): when it was told which stage to be
+WARMED = ""  # a warm standby's device warm-up, as its log said it (stages/device_warmup.py)
 
 
 def since_exec() -> float | None:
@@ -166,6 +167,9 @@ class StageProcess:
         if ASSIGNED_AT is not None:  # a standby imported everything before it was needed
             alive: float | None = started - ASSIGNED_AT
             phases = {"standby": alive}
+            if WARMED:
+                log.info("[startup] stage %d (incarnation %d) is a standby that warmed its device first: %s",
+                         cfg.index, cfg.incarnation, WARMED)
         else:
             alive = since_exec()
             phases = {"imports": alive - (started - IMPORTED) if alive is not None else float("nan")}

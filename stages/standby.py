@@ -2,14 +2,17 @@
 imports every stage process pays for at start (torch, the model code, the streamer's client: ~2.9 s of a 3.3 s
 start on an H100 VM, measured 2026-12-07) and then waits. When a stage of that host dies, the agent hands this
 process the new incarnation's command line instead of starting a fresh interpreter, so a restart begins with the
-imports done. It touches no device before that (a CUDA context belongs to the stage it becomes).
+imports done. Given a warm-up order (`--standby-warmup`, on by default), it also warms the device of the stage it would
+replace before it says ready - the CUDA context and the process's first kernels, run through one layer of that
+stage's sizes and then freed (stages/device_warmup.py) - so a restart skips those too. Without one it touches no
+device.
 
-Protocol, over its standard streams: it writes `ready` on stdout once imported; the agent writes one JSON line
+Protocol, over its standard streams: it writes `ready` on stdout once imported (and warmed); the agent writes one JSON line
 {"argv": [...], "log": path or ""} on stdin: argv is the stage's own (`python -m stages.proc '<config>'`), log the
 file its output goes to ("" keeps stderr). End of input (the agent stopping, or giving it up) makes it exit 0,
 and it dies with the agent (PDEATHSIG) like any child.
 
-    python -m stages.standby <agent pid>
+    python -m stages.standby <agent pid> ['{"stage": "<StageProcConfig JSON>", "fraction": <--gpu-memory-fraction>}']
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         import cupy  # noqa: F401
     except ImportError:
         pass
+    if len(args) > 1:
+        from bus.child import decode_config
+        from stages.config import StageProcConfig
+        from stages.device_warmup import DeviceGone, warm
+
+        order = json.loads(args[1])
+        try:
+            warmed = warm(decode_config(StageProcConfig, order["stage"]), float(order.get("fraction", 0.9)))
+        except DeviceGone as e:
+            print(f"stages.standby: {e}; not ready (a restart starts a fresh process)", file=sys.stderr)
+            return 3
+        proc.WARMED = warmed.line()
+        print(f"stages.standby: {proc.WARMED}", file=sys.stderr, flush=True)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     line = sys.stdin.readline()

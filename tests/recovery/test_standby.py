@@ -53,6 +53,9 @@ def test_a_killed_stage_comes_back_as_the_standby_exactly(model_factory) -> None
         assert f"[standby] stage-1 incarnation 1: the standby pid {first} takes it" in logs
         assert re.search(r"\[startup\] stage 1 \(incarnation 1\) ready [0-9.]+ s after exec: standby", logs), \
             "the restarted stage skipped the imports"
+        # --standby-warmup (on by default): the standby ran a layer of the stage's sizes on its device first
+        assert re.search(r"\[startup\] stage 1 \(incarnation 1\) is a standby that warmed its device first: cpu "
+                         r"warmed in [0-9.]+ s: no context \(CPU\), layers \[\d+", logs), logs[-3000:]
         second = wait_standby(dep, 2)  # prepared again for the next restart
         assert second != first
         outs, status = asyncio.run(run_with_kills(dep.address, reqs[:6], [(60, 0)]))
@@ -66,6 +69,17 @@ def test_a_killed_stage_comes_back_as_the_standby_exactly(model_factory) -> None
     while any(alive(p) for p in third) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(alive(p) for p in third)
+
+
+def test_the_policy_tells_agents_whether_standbys_warm_and_the_stages_budget(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from recovery.serve_cli import parser
+    from recovery.specs import DeploymentConfig
+
+    assert parser().parse_args(["--model", "m"]).standby_warmup == "on"
+    assert parser().parse_args(["--model", "m", "--standby-warmup", "off"]).standby_warmup == "off"
+    on = DeploymentConfig(model_dir=str(tmp_path), gpu_memory_fraction=0.8).policy()
+    assert on.standby_warmup and on.gpu_memory_fraction == 0.8
+    assert not DeploymentConfig(model_dir=str(tmp_path), standby_warmup=False).policy().standby_warmup
 
 
 def test_a_standby_refuses_anything_but_a_stage() -> None:
