@@ -38,6 +38,6 @@ timeout -k 10 "${FAIL_LIMIT:-470}" bin/dejavu-bench failure --shape opt-13b --st
 echo "== $(date -u) the restarted stages' start, warm-up and captures"
 for f in "$OUT"/fail/failure-*.log; do
     echo "== $f"
-    grep -h '\[graphs\]\|\[startup\]\|\[replica\] restored\|\[step\]\|recover' "$f" | grep -v 'incarnation 0' | tail -40
+    grep -h '\[graphs\]\|\[startup\]\|standby\|\[replica\] restored\|\[step\]\|recover' "$f" | grep -v 'incarnation 0' | tail -40
 done
 (cd "$OUT" && tar czf fail.tgz fail && rm -rf fail)
