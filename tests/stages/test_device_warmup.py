@@ -45,7 +45,8 @@ def test_a_gpu_warm_up_captures_graphs_and_gives_the_memory_back(model_factory) 
     w = warm(_config(path, (0, layers), device="cuda:0"), 0.9)  # one stage: the embedding and the head
     assert w.layers == [(0, 1), (layers - 1, layers)] and not w.failed and not w.skipped
     assert w.graphs >= 4, "each layer's range graph and a partly filled microbatch's batch graph"
-    assert torch.cuda.memory_reserved() <= reserved, "the layers' memory went back to the device"
+    # (cuBLAS keeps one workspace per handle and stream from the caching allocator, a few MiB, for the process)
+    assert torch.cuda.memory_reserved() <= reserved + (64 << 20), "the layers' memory went back to the device"
     tight = warm(_config(path, (0, layers), device="cuda:0"), 1.0)  # the stages' budget is the whole device
     assert not tight.layers and not tight.context_s and "--gpu-memory-fraction 1.0" in tight.skipped
     total = torch.cuda.get_device_properties(0).total_memory
