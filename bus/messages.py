@@ -57,6 +57,7 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     top_p: float = 1.0
     seed: int = 0
     logprobs: int | None = None  # GenerateRequest.logprobs: None = the last stage computes none for this chunk
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs, sorted by id
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -246,6 +247,10 @@ class GenerateRequest(Msg, tag=20):
     # None: no log-probabilities; N >= 0: each output token's (TokenChunk.logprobs) and the N most likely
     # alternatives' (at most bus/requests.MAX_LOGPROBS)
     logprobs: int | None = None
+    # token id -> a number in [-100, 100] added to that token's logit before sampling (OpenAI's logit_bias: -100
+    # bans a token, 100 all but forces it); at most bus/requests.MAX_LOGIT_BIAS entries. Log-probabilities stay
+    # the model's own.
+    logit_bias: dict[int, float] | None = None
 
 
 class CancelRequest(Msg, tag=21):

@@ -18,6 +18,8 @@ from bus.text import IncrementalDetokenizer
 
 MAX_REQUEST_ID = 128
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (GenerateRequest.logprobs), as OpenAI's chat API
+MAX_LOGIT_BIAS = 300  # tokens a request may bias (GenerateRequest.logit_bias), as the OpenAI API
+LOGIT_BIAS_RANGE = 100.0  # each bias in [-100, 100], as the OpenAI API
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> None:
@@ -37,6 +39,28 @@ def check_logprobs(logprobs: int | None) -> None:
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                  or not 0 <= logprobs <= MAX_LOGPROBS):
         raise InvalidRequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+
+
+def check_logit_bias(bias: object, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:
+    """GenerateRequest.logit_bias (a mapping token id -> bias, or its pairs) as Sampling carries it: (id, bias)
+    pairs sorted by id. vocab_size: ids must be inside it (the controller knows it; the sampler checks the rest)."""
+    if bias is None:
+        return ()
+    pairs = list(bias.items()) if isinstance(bias, dict) else bias
+    if not isinstance(pairs, (list, tuple)) or len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        t, b = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            where = f"[0, {vocab_size})" if vocab_size is not None else "the vocabulary"
+            raise InvalidRequestError(f"logit_bias: token id {t!r} outside {where}")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) \
+                or not -LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias of token {t}: must be a number in [-{LOGIT_BIAS_RANGE:g}, "
+                                      f"{LOGIT_BIAS_RANGE:g}], got {b!r}")
+        out[t] = float(b)
+    return tuple(sorted(out.items()))
 
 
 @dataclass(eq=False)
@@ -114,6 +138,7 @@ def admit(
         )
     check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
     check_logprobs(req.logprobs)
+    bias = check_logit_bias(req.logit_bias, vocab_size)
     bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"stop token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
@@ -134,7 +159,7 @@ def admit(
         request_id=req.request_id,
         prompt=ids,
         max_new_tokens=req.max_new_tokens,
-        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed, req.logprobs),
+        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed, req.logprobs, bias),
         stop_ids=(frozenset() if req.ignore_eos else frozenset(eos_ids)) | frozenset(req.stop_token_ids),
         detok=detok,
         generated=resumed,

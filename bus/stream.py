@@ -13,7 +13,7 @@ import math
 import operator
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from bus.errors import (
     BadRequestError,
     CancelledError,
     DejaVuError,
+    InvalidRequestError,
     RequestTimeoutError,
     ServerError,
 )
@@ -41,7 +42,7 @@ from bus.messages import (
     TokenChunk,
     TokenLogprob,
 )
-from bus.requests import MAX_LOGPROBS
+from bus.requests import MAX_LOGPROBS, check_logit_bias
 from bus.stopping import CANCELLED
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def _ids(name: str, ids: Iterable[Any]) -> list[int]:
 def build_request(
     prompt: str | None, prompt_token_ids: Iterable[int] | None, max_new_tokens: int, temperature: float,
     top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int], ignore_eos: bool = False,
-    logprobs: int | None = None,
+    logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
 ) -> GenerateRequest:
     """Validate the obvious client-side (BadRequestError) and build the wire request; the server decides
     the rest (vocabulary, sequence length)."""
@@ -158,10 +159,18 @@ def build_request(
                                  or not 0 <= logprobs <= MAX_LOGPROBS):
         raise BadRequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
                               f"got {logprobs!r}")
+    bias = None
+    if logit_bias:
+        try:
+            bias = dict(check_logit_bias(dict(logit_bias)))
+        except (InvalidRequestError, TypeError, ValueError) as e:
+            raise BadRequestError(str(e) if isinstance(e, InvalidRequestError) else
+                                  f"logit_bias must map token ids to numbers, got {logit_bias!r:.80}") from None
     return GenerateRequest(
         request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids, max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
         stop_token_ids=_ids("stop_token_ids", stop_token_ids), ignore_eos=bool(ignore_eos), logprobs=logprobs,
+        logit_bias=bias,
     )
 
 

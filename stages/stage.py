@@ -67,7 +67,8 @@ class StageCore:
         out = rt.forward(chunks, inputs)
         if not rt.is_last:
             return StepOutput(out, None)
-        params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs) for s in step.sampling]
+        params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs, s.logit_bias)
+                  for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
         tokens = sample(out, params, positions)
         self.samples[step.mb] = (step.epoch, step.step, tokens)

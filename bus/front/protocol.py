@@ -2,7 +2,8 @@
 
 Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
 objects of the answers. Fields the deployment cannot honour (best_of, penalties, tools, ...) are refused
-with a 400 that names them - never silently ignored. `n` choices (up to MAX_N) are n requests of the deployment. Extensions, as vLLM names them: `top_k`, `ignore_eos`,
+with a 400 that names them - never silently ignored. `n` choices (up to MAX_N) are n requests of the deployment.
+`logit_bias` is honoured (at most 300 ids, each bias in [-100, 100]). Extensions, as vLLM names them: `top_k`, `ignore_eos`,
 `stop_token_ids`; a completions prompt may be a list of token ids.
 
 Logprobs: completions' `logprobs: N`, chat's `logprobs: true` with `top_logprobs: N` (N in [0, MAX_LOGPROBS]) -
@@ -18,8 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bus.errors import InvalidRequestError
 from bus.front.errors import ApiError, bad_request
-from bus.requests import MAX_LOGPROBS
+from bus.requests import MAX_LOGPROBS, check_logit_bias
 
 MAX_STOPS = 4  # as the OpenAI API
 MAX_SEED = 2**63
@@ -42,6 +44,7 @@ class Params:
     include_usage: bool
     logprobs: int | None = None  # None: none asked; N: each token's log-probability and N alternatives'
     n: int = 1  # choices: choice i samples with seed + i (a given seed), or a fresh random seed each
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); the vocabulary is the server's
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
@@ -91,8 +94,6 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad_request(f"{name} is not supported (only 0)", name)
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported", "logit_bias")
     if body.get("echo"):
         raise bad_request("echo is not supported", "echo")
     if body.get("suffix"):
@@ -114,6 +115,26 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     if top is not None and not asked:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     return (top or 0) if asked else None
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias}, the ids as JSON object keys (strings of integers)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise bad_request("logit_bias must be an object mapping token ids to numbers in [-100, 100]", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r:.40}", "logit_bias") from None
+        pairs.append((token, value))
+    try:
+        return check_logit_bias(pairs)
+    except InvalidRequestError as e:
+        raise bad_request(str(e), "logit_bias") from None
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:
@@ -146,7 +167,7 @@ def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_nam
         stop=_stops(body), stop_token_ids=tuple(_token_ids(stop_ids, "stop_token_ids")),
         ignore_eos=_flag(body, "ignore_eos"), stream=_flag(body, "stream"),
         include_usage=bool((options or {}).get("include_usage")), logprobs=_logprobs(body, chat),
-        n=_int(body, "n", 1, MAX_N + 1) or 1,
+        n=_int(body, "n", 1, MAX_N + 1) or 1, logit_bias=_logit_bias(body),
     )
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bus.requests import check_logprobs, check_sampling
+from bus.errors import InvalidRequestError
+from bus.requests import check_logit_bias, check_logprobs, check_sampling
 
 _M32 = 0xFFFFFFFF
 
@@ -32,10 +33,12 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int = 0
     logprobs: int | None = None  # None: none; N: the sampled token's log-probability and the N most likely
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before anything else
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
         check_logprobs(self.logprobs)
+        check_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -70,8 +73,15 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> t
 def sample(
     logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int]
 ) -> torch.Tensor:
-    """logits [B, V]; positions[b] = index in its sequence of the token being drawn. Returns tokens [B] long."""
+    """logits [B, V]; positions[b] = index in its sequence of the token being drawn. Returns tokens [B] long.
+    A row's logit_bias is added first (to a copy: the caller's logits, which log-probabilities read, stay)."""
     b, vocab = logits.shape
+    biased = [(i, t, v) for i, p in enumerate(params) for t, v in p.logit_bias]
+    if biased:
+        if max(t for _, t, _ in biased) >= vocab:
+            raise InvalidRequestError(f"logit_bias names a token id outside the vocabulary [0, {vocab})")
+        rows, ids, values = (torch.tensor(c, device=logits.device) for c in zip(*biased))
+        logits = logits.float().index_put((rows, ids), values.float(), accumulate=True)
     out = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:

@@ -276,6 +276,32 @@ def test_n_choices_each_sample_with_their_own_seed_whole_and_streamed(dep) -> No
     assert no_room.status_code == 429 and "(n)" in no_room.message
 
 
+def test_logit_bias_is_honoured_as_the_zeromq_client_does_and_a_bad_one_is_400(dep, chat_model) -> None:  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        async with AsyncClient(dep.address) as z:
+            plain = await z.generate(prompt=PROMPT, max_new_tokens=12, ignore_eos=True)
+            bias = {plain.token_ids[0]: -100.0, plain.token_ids[1]: 3.0}
+            ref = await z.generate(prompt=PROMPT, max_new_tokens=12, ignore_eos=True, logit_bias=bias)
+        errors = []
+        async with api(dep.http) as c:
+            whole = await c.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, **GREEDY, **IGNORE_EOS,
+                                               logit_bias={str(t): v for t, v in bias.items()})
+            chat_ok = await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a"}],
+                                                      max_tokens=4, logit_bias={"70": 100}, **GREEDY, **IGNORE_EOS)
+            for bad in ({"x": 1}, {"5": 101}, {"5": "1"}, [5], {"100000": 1}):
+                with pytest.raises(openai.APIStatusError) as e:
+                    await c.completions.create(model=NAME, prompt=PROMPT, max_tokens=4, logit_bias=bad)
+                errors.append(e.value)
+        return plain, ref, whole, chat_ok, errors
+
+    plain, ref, whole, chat_ok, errors = asyncio.run(main())
+    assert whole.choices[0].text == ref.text != plain.text
+    assert chat_ok.choices[0].message.content == load_tokenizer(chat_model).decode([70] * 4)  # +100: all but forced
+    assert [e.status_code for e in errors] == [400] * 5
+    assert [e.body["param"] for e in errors[:4]] == ["logit_bias"] * 4  # type: ignore[index]
+    assert "outside" in errors[4].message  # the vocabulary: the deployment's check
+
+
 def test_bad_requests_are_400_404_and_413(dep) -> None:  # type: ignore[no-untyped-def]
     async def main() -> list[openai.APIStatusError]:
         errors = []
