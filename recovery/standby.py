@@ -3,9 +3,10 @@
 A stage restarted as a fresh process pays for Python's start and its imports before it can load a weight: 2.9 s
 of a 3.3 s start on an H100 VM (the stage's `[startup]` log line splits it). An agent with a standby keeps one
 process that did those imports (stages/standby.py) and hands it the next stage it must start, then prepares
-another, `delay` seconds later so the imports never compete with the restart they follow. One per device the host's
-stages use: with `--standby-warmup` each warms its device for a stage there first (stages/device_warmup.py), so
-a restart also skips the CUDA context and the first kernels. A standby that died or is not ready yet is skipped: the stage starts as a fresh process, as without one. `auto` keeps a standby on hosts
+another, `delay` seconds later so the imports never compete with the restart they follow. One per device the
+host's stages use: with `--standby-warmup` each warms its device for a stage there first (stages/device_warmup.py),
+so a restart also skips the CUDA context and the first kernels. A standby that died or is not ready yet is skipped:
+the stage starts as a fresh process, as without one. `auto` keeps a standby on hosts
 whose stages compute on GPUs (their hosts have cores to spare for an idle interpreter, and a restart's seconds
 are what replication saves); CPU hosts start fresh processes unless `on`.
 

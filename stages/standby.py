@@ -2,13 +2,13 @@
 imports every stage process pays for at start (torch, the model code, the streamer's client: ~2.9 s of a 3.3 s
 start on an H100 VM, measured 2026-12-07) and then waits. When a stage of that host dies, the agent hands this
 process the new incarnation's command line instead of starting a fresh interpreter, so a restart begins with the
-imports done. Given a warm-up order (`--standby-warmup`, on by default), it also warms the device of the stage it would
-replace before it says ready - the CUDA context and the process's first kernels, run through one layer of that
+imports done. Given a warm-up order (`--standby-warmup`, on by default), it also warms the device of the stage it
+would replace before it says ready - the CUDA context and the process's first kernels, run through one layer of that
 stage's sizes and then freed (stages/device_warmup.py) - so a restart skips those too. Without one it touches no
 device.
 
-Protocol, over its standard streams: it writes `ready` on stdout once imported (and warmed); the agent writes one JSON line
-{"argv": [...], "log": path or ""} on stdin: argv is the stage's own (`python -m stages.proc '<config>'`), log the
+Protocol, over its standard streams: it writes `ready` on stdout once imported (and warmed); the agent writes one
+JSON line {"argv": [...], "log": path or ""} on stdin: argv is the stage's own (`python -m stages.proc '<config>'`), log the
 file its output goes to ("" keeps stderr). End of input (the agent stopping, or giving it up) makes it exit 0,
 and it dies with the agent (PDEATHSIG) like any child.
 

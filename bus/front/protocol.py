@@ -3,8 +3,8 @@
 Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
 objects of the answers. Fields the deployment cannot honour (best_of, penalties, tools, ...) are refused
 with a 400 that names them - never silently ignored. `n` choices (up to MAX_N) are n requests of the deployment.
-`logit_bias` is honoured (at most 300 ids, each bias in [-100, 100]). Extensions, as vLLM names them: `top_k`, `ignore_eos`,
-`stop_token_ids`; a completions prompt may be a list of token ids.
+`logit_bias` is honoured (at most 300 ids, each bias in [-100, 100]). Extensions, as vLLM names them: `top_k`,
+`ignore_eos`, `stop_token_ids`; a completions prompt may be a list of token ids.
 
 Logprobs: completions' `logprobs: N`, chat's `logprobs: true` with `top_logprobs: N` (N in [0, MAX_LOGPROBS]) -
 each output token's log-probability under the model's own distribution (before temperature, top-k and top-p, as
