@@ -32,6 +32,9 @@ def workload(vocab: int, n: int = 32) -> list[GenerationRequest]:
     for i in range(n):
         prompt = torch.randint(3, vocab, (1 + (i * 5) % 30,), generator=g).tolist()
         sampling = SamplingParams(0.8, 20, 0.95, seed=1000 + i) if i % 3 == 0 else SamplingParams()
+        if i % 4 == 1:  # a logit_bias, which every step (a replay's too) must carry: a ban and a lift
+            sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
+                                      logit_bias=((5 + i % 7, -100.0), (17 + i % 11, 4.0)))
         reqs.append(GenerationRequest(prompt, 60 + (i * 13) % 60, sampling))
     return reqs
 
@@ -63,7 +66,7 @@ async def stream_exactly(c: AsyncClient, r: GenerationRequest, progress: Progres
     out: list[int] = []
     s = r.sampling
     async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, seed=s.seed) as st:
+                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, logit_bias=dict(s.logit_bias)) as st:
         async for ev in st:
             assert ev.index == len(out), "tokens must arrive once, in order"
             out.extend(ev.token_ids)

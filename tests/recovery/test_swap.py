@@ -109,7 +109,8 @@ def kill_streamer_then(later, after: list[list[int]]):  # type: ignore[no-untype
         for r in later:
             after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
                                            temperature=r.sampling.temperature, top_k=r.sampling.top_k,
-                                           top_p=r.sampling.top_p, seed=r.sampling.seed)).token_ids)
+                                           top_p=r.sampling.top_p, seed=r.sampling.seed,
+                                           logit_bias=dict(r.sampling.logit_bias))).token_ids)
 
     return kill_streamer
 
