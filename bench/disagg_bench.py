@@ -53,12 +53,13 @@ from recovery.planner import Lengths, Memory, ModelFacts, PlanError
 from recovery.simulator import LayerTimes, SimConfig, loadgen_workload, simulate
 
 TAG = "disagg"
-# --quick: the tiny model on CPU, 2 stage processes; ~1 minute on 2 cores. The decode-only phase's 200 tokens
-# last past two heartbeats (0.25 s) even on one fast token stage, so its per-stage step is measured too.
+# --quick: the tiny model on CPU, 2 stage processes; ~1 minute on 2 cores. The decode-only phase's 400 tokens
+# last past two heartbeats (0.25 s) even on one fast token stage (~1 ms a step), so its per-stage step is measured
+# too (pipeline_bench.overhead refuses a decode that ended before its baseline report).
 QUICK: dict[str, Any] = {
     "shape": "tiny", "device": "cpu", "dtype": "float32", "devices": 2, "context": 16, "rates": "4,16,64",
-    "num_requests": 16, "prompt_len": "32", "output_len": "4:16", "max_seq_len": 256, "microbatch_size": 2,
-    "decode_tokens": 200,
+    "num_requests": 16, "prompt_len": "32", "output_len": "4:16", "max_seq_len": 448, "microbatch_size": 2,
+    "decode_tokens": 400,
 }
 
 

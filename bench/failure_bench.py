@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.shape, args.device, args.dtype, args.stages, args.hosts = "tiny", "cpu", "float32", 2, 2
         args.rate, args.num_requests, args.prompt_len, args.output_len = 4.0, 24, "8:40", "60:120"
-        args.max_seq_len, args.microbatch_size = 256, 4
-        # 200 decode tokens outlast two heartbeats (0.25 s) even at 3 ms a token, as disagg_bench's quick run
-        args.decode_context, args.decode_tokens, args.cost_repeats = 32, 200, min(args.cost_repeats, 2)
+        args.max_seq_len, args.microbatch_size = 384, 4
+        # 320 decode tokens outlast two heartbeats (0.25 s) even at 3 ms a token, as the other quick runs
+        args.decode_context, args.decode_tokens, args.cost_repeats = 32, 320, min(args.cost_repeats, 2)
         args.warmup_requests = min(args.warmup_requests, 4)
     args.victim = args.victim if args.victim >= 0 else args.stages - 1
     vocab = vocab_size(args.shape)

@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.shape, args.device, args.dtype, args.context = "tiny", "cpu", "float32", 16
         args.rates, args.num_requests, args.prompt_len, args.output_len = "4,8", 6, "16", "2:6"
-        args.max_seq_len, args.microbatch_size, args.decode_tokens = 128, 2, 96
+        # (the decode phase must outlast two heartbeats, 0.25 s each: 320 tokens take ~1 s even at 3 ms a token)
+        args.max_seq_len, args.microbatch_size, args.decode_tokens = 384, 2, 320
     args.vocab = vocab_size(args.shape)
     with scratch("dejavu-pipeline-") as root:
         return _run(args, argv, root)

@@ -58,12 +58,12 @@ TAG = "swap"
 NOISE = 0.03  # `auto` counts as below off only past this: one run's tokens/s moves by ~2% between runs
 TARGET = 1.8  # the paper's "up to 1.8x" by doubling the microbatch size
 COUNTERS = ("bytes_in", "bytes_out", "swap_ins", "stalls", "stall_s", "failures")
-# --quick: the tiny model on CPU, one stage, 4 microbatches; ~40 s on 2 cores. The decode phase's 96 tokens outlast
-# two heartbeats (0.25 s), so the per-stage step is measured (pipeline_bench.overhead refuses it otherwise)
+# --quick: the tiny model on CPU, one stage, 4 microbatches; ~40 s on 2 cores. The decode phase's 240 tokens outlast
+# two heartbeats (0.25 s) with room, so the per-stage step is measured (pipeline_bench.overhead refuses it otherwise)
 QUICK: dict[str, Any] = {
     "shape": "tiny", "device": "cpu", "dtype": "float32", "stages": 1, "microbatches": 4, "settings": "off,on",
-    "context": 16, "rates": "8", "num_requests": 8, "prompt_len": "16", "output_len": "4:12", "max_seq_len": 128,
-    "microbatch_size": 0, "decode_tokens": 96, "off_slots": 2,
+    "context": 16, "rates": "8", "num_requests": 8, "prompt_len": "16", "output_len": "4:12", "max_seq_len": 288,
+    "microbatch_size": 0, "decode_tokens": 240, "off_slots": 2,
 }
 
 
