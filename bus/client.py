@@ -224,14 +224,16 @@ class AsyncClient:
                max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, stop_token_ids: Iterable[int] = (), ignore_eos: bool = False,
                timeout: float | None = None, logprobs: int | None = None,
-               logit_bias: Mapping[int, float] | None = None) -> TokenStream:
+               logit_bias: Mapping[int, float] | None = None, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> TokenStream:
         """An async iterator of TokenEvents as they are committed. Raises BadRequestError at once for
         obviously invalid arguments; server errors surface from the iteration. logprobs=N: every TokenEvent
         carries each token's log-probability and the N most likely alternatives' (TokenEvent.logprobs).
-        logit_bias: token id -> a number in [-100, 100] added to its logit before sampling (-100 bans it)."""
+        logit_bias: token id -> a number in [-100, 100] added to its logit before sampling (-100 bans it).
+        presence_penalty, frequency_penalty (each in [-2, 2]): OpenAI's, over the tokens generated so far."""
         self._check_open()
         req = build_request(prompt, prompt_token_ids, max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_token_ids, ignore_eos, logprobs, logit_bias)
+                            stop_token_ids, ignore_eos, logprobs, logit_bias, presence_penalty, frequency_penalty)
         t = self.timeout if timeout is None else timeout
         if not t > 0:
             raise BadRequestError(f"timeout must be > 0 seconds, got {t!r}")
@@ -241,11 +243,13 @@ class AsyncClient:
                        max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        seed: int = 0, stop_token_ids: Iterable[int] = (), ignore_eos: bool = False,
                        timeout: float | None = None, logprobs: int | None = None,
-                       logit_bias: Mapping[int, float] | None = None) -> GenerateResult:
+                       logit_bias: Mapping[int, float] | None = None, presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0) -> GenerateResult:
         """Run one request to its end. A request the server cancelled returns finish_reason "cancelled"."""
         async with self.stream(prompt, prompt_token_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
-                               ignore_eos=ignore_eos, timeout=timeout, logprobs=logprobs, logit_bias=logit_bias) as s:
+                               ignore_eos=ignore_eos, timeout=timeout, logprobs=logprobs, logit_bias=logit_bias,
+                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty) as s:
             async for _ in s:
                 pass
         return s.result

@@ -58,6 +58,15 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     seed: int = 0
     logprobs: int | None = None  # GenerateRequest.logprobs: None = the last stage computes none for this chunk
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs, sorted by id
+    # OpenAI's penalties over the tokens generated so far (vLLM's: not the prompt's): a token's logit drops by
+    # frequency_penalty x its count + presence_penalty if it came at all. output_start: the prompt's length (where
+    # the generated tokens begin). The last stage keeps each slot's generated tokens from the chunks it computes;
+    # history: the generated tokens before this chunk's start, sent whenever it may not hold them (a request's
+    # first step in an epoch: a restarted stage holds nothing).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    output_start: int = 0
+    history: tuple[int, ...] | None = None
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -251,6 +260,9 @@ class GenerateRequest(Msg, tag=20):
     # bans a token, 100 all but forces it); at most bus/requests.MAX_LOGIT_BIAS entries. Log-probabilities stay
     # the model's own.
     logit_bias: dict[int, float] | None = None
+    # OpenAI's penalties, each in [-2, 2], over the tokens generated so far (Sampling says how)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class CancelRequest(Msg, tag=21):

@@ -34,6 +34,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> N
         raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {seed!r}")
 
 
+def check_penalties(presence: float, frequency: float) -> None:
+    """GenerateRequest.presence_penalty and frequency_penalty: numbers in [-2, 2], as the OpenAI API."""
+    for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -2.0 <= v <= 2.0:
+            raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {v!r}")
+
+
 def check_logprobs(logprobs: int | None) -> None:
     """GenerateRequest.logprobs: None (none), or how many alternatives to report besides the sampled token."""
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
@@ -84,6 +91,12 @@ class Request:
     # disaggregated: its prompt's KV reached the token stages from the prompt stages, and no token step of it came
     # back yet: its steps tell the token stages to replicate [0, end) (StepRequest.joined)
     join_pending: bool = False
+    # penalties: the epoch whose last stage was sent this request's generated tokens (Sampling.history); -1: none
+    history_epoch: int = -1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.sampling.presence_penalty or self.sampling.frequency_penalty)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -139,6 +152,7 @@ def admit(
     check_sampling(req.temperature, req.top_k, req.top_p, req.seed)
     check_logprobs(req.logprobs)
     bias = check_logit_bias(req.logit_bias, vocab_size)
+    check_penalties(req.presence_penalty, req.frequency_penalty)
     bad = [t for t in req.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"stop token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
@@ -159,7 +173,8 @@ def admit(
         request_id=req.request_id,
         prompt=ids,
         max_new_tokens=req.max_new_tokens,
-        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed, req.logprobs, bias),
+        sampling=Sampling(float(req.temperature), req.top_k, float(req.top_p), req.seed, req.logprobs, bias,
+                          float(req.presence_penalty), float(req.frequency_penalty), len(ids)),
         stop_ids=(frozenset() if req.ignore_eos else frozenset(eos_ids)) | frozenset(req.stop_token_ids),
         detok=detok,
         generated=resumed,

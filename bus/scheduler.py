@@ -24,7 +24,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from bus.messages import Chunk, StepRequest
+import msgspec
+
+from bus.messages import Chunk, Sampling, StepRequest
 from bus.requests import Request
 
 
@@ -156,7 +158,7 @@ class Scheduler:
             n = self._take(len(tokens) - req.cached)
             chunks.append(Chunk(slot, req.cached, n))
             token_ids.extend(tokens[req.cached : req.cached + n])
-            sampling.append(req.sampling)
+            sampling.append(self._sampling(req, req.cached))
             members.append((req, n, req.cached + n == len(tokens)))
         mb.steps += 1
         mb.inflight = InFlight(mb.steps, now, members)
@@ -168,6 +170,8 @@ class Scheduler:
         known (the rest of a chunked prompt, or a prompt admitted now)."""
         inflight = mb.inflight
         assert inflight is not None
+        if any(req.penalized for req in mb.members.values()):
+            return None  # penalties count the tokens the last stage saw fed as token ids: no fed-back rows
         before = {id(req): (k, n, samples) for k, (req, n, samples) in enumerate(inflight.members)}
         chunks, token_ids, sampling, members, fed = [], [], [], [], []
         for slot in sorted(mb.members):
@@ -202,6 +206,16 @@ class Scheduler:
         mb.ahead = InFlight(mb.steps, now, members)
         return StepRequest(self.epoch, mb.index, mb.steps, chunks, token_ids, sampling, fed=fed)
 
+    def _sampling(self, req: Request, start: int) -> Sampling:
+        """The request's Sampling for its chunk at `start`. With penalties, its first chunk of an epoch carries the
+        tokens it generated before `start` (Sampling.history): the last stage may hold none (restarted) or stale ones
+        (a rollback to the replicated watermark); it learns the rest from the chunks it computes."""
+        if not req.penalized or req.history_epoch == self.epoch:
+            return req.sampling
+        req.history_epoch = self.epoch
+        return msgspec.structs.replace(req.sampling,
+                                       history=tuple(req.generated[: max(0, start - len(req.prompt))]))
+
     def _take(self, todo: int) -> int:
         """Of `todo` tokens not yet cached, how many one step feeds (chunked prefill splits a long prompt)."""
         return min(todo, self.prefill_chunk) if self.prefill_chunk and todo > 1 else todo
@@ -228,12 +242,18 @@ class Scheduler:
         if ran:
             for req, n, _ in done.members:
                 req.cached += n
+        else:
+            for req, _, _ in done.members:
+                req.history_epoch = -1  # (the history it may have carried did not reach the last stage)
         self._free_released(mb)
         return done
 
     def void(self, mb_index: int) -> None:
         """Microbatch `mb_index`'s steps in flight are void (nothing they return counts)."""
         mb = self.mbs[mb_index]
+        for f in (mb.inflight, mb.ahead):
+            for req, _, _ in f.members if f is not None else ():
+                req.history_epoch = -1
         mb.inflight = mb.ahead = None
         self._free_released(mb)
 

@@ -42,7 +42,7 @@ from bus.messages import (
     TokenChunk,
     TokenLogprob,
 )
-from bus.requests import MAX_LOGPROBS, check_logit_bias
+from bus.requests import MAX_LOGPROBS, check_logit_bias, check_penalties
 from bus.stopping import CANCELLED
 
 if TYPE_CHECKING:
@@ -130,7 +130,8 @@ def _ids(name: str, ids: Iterable[Any]) -> list[int]:
 def build_request(
     prompt: str | None, prompt_token_ids: Iterable[int] | None, max_new_tokens: int, temperature: float,
     top_k: int, top_p: float, seed: int, stop_token_ids: Iterable[int], ignore_eos: bool = False,
-    logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None,
+    logprobs: int | None = None, logit_bias: Mapping[int, float] | None = None, presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> GenerateRequest:
     """Validate the obvious client-side (BadRequestError) and build the wire request; the server decides
     the rest (vocabulary, sequence length)."""
@@ -159,6 +160,10 @@ def build_request(
                                  or not 0 <= logprobs <= MAX_LOGPROBS):
         raise BadRequestError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
                               f"got {logprobs!r}")
+    try:
+        check_penalties(presence_penalty, frequency_penalty)
+    except InvalidRequestError as e:
+        raise BadRequestError(str(e)) from None
     bias = None
     if logit_bias:
         try:
@@ -170,7 +175,7 @@ def build_request(
         request_id=uuid.uuid4().hex, prompt=prompt, prompt_token_ids=ids, max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_k=top_k, top_p=float(top_p), seed=seed,
         stop_token_ids=_ids("stop_token_ids", stop_token_ids), ignore_eos=bool(ignore_eos), logprobs=logprobs,
-        logit_bias=bias,
+        logit_bias=bias, presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
     )
 
 

@@ -744,12 +744,12 @@ class StageProcess:
         if signal is not None:
             hooks = attach_kv_hooks(core.runtime.shard, signal)
             try:
-                out = core.run(local or step, hidden, self.defer)
+                out = core.run(local or step, hidden, self.defer, step)
             finally:
                 for h in hooks:
                     h.remove()
         else:
-            out = core.run(local or step, hidden, self.defer)
+            out = core.run(local or step, hidden, self.defer, step)
         if cuda and (self.replica is not None or self.swap is not None) and hasattr(self.kv.memory, "record"):
             self.kv.memory.record(self.kv.memory.layout.num_layers - 1)
         if self.profiler is not None:

@@ -14,7 +14,7 @@ import torch
 from bus.messages import StepRequest, TensorMeta, TokenLogprob
 from stages.batch import SeqChunk
 from stages.errors import InvalidRequestError, StepVoid
-from stages.layers.sampling import SamplingParams, sample, token_logprobs
+from stages.layers.sampling import SamplingParams, penalize, sample, token_logprobs
 from stages.runtime import ShardConfig, ShardRuntime
 
 
@@ -46,10 +46,14 @@ class StageCore:
         self.runtime = ShardRuntime(config, pool_memory)
         # microbatch -> (epoch, step, its sampled tokens on the device): what a lookahead step feeds back
         self.samples: dict[int, tuple[int, int, torch.Tensor]] = {}
+        # last stage, penalties: per (logical) slot, the generated tokens its chunks fed, from the output's start
+        self.outputs: dict[int, list[int]] = {}
 
-    def run(self, step: StepRequest, hidden: torch.Tensor | None, defer: bool = False) -> StepOutput:
+    def run(self, step: StepRequest, hidden: torch.Tensor | None, defer: bool = False,
+            logical: StepRequest | None = None) -> StepOutput:
         """One step. defer: a last stage returns its tokens as `pending` (copied to pinned host memory behind the
-        step, unless a chunk asked for logprobs), so its caller can launch more work before it reads them."""
+        step, unless a chunk asked for logprobs), so its caller can launch more work before it reads them.
+        logical: the step as the controller sent it, where `step` is it in a swapping stage's frame (its slots)."""
         rt = self.runtime
         chunks = [SeqChunk(c.slot, c.start, c.length) for c in step.chunks]
         if len(step.sampling) != len(chunks):
@@ -70,7 +74,8 @@ class StageCore:
         params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs, s.logit_bias)
                   for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
-        tokens = sample(out, params, positions)
+        penalized = [k for k, s in enumerate(step.sampling) if s.presence_penalty or s.frequency_penalty]
+        tokens = sample(self._penalized(logical or step, penalized, out) if penalized else out, params, positions)
         self.samples[step.mb] = (step.epoch, step.step, tokens)
         if all(p.logprobs is None for p in params):
             if not defer:
@@ -85,6 +90,33 @@ class StageCore:
         lps = [None if lp is None else TokenLogprob(*lp)
                for lp in token_logprobs(out, tokens, [p.logprobs for p in params])]
         return StepOutput(None, tokens.tolist(), logprobs=lps)
+
+    def _penalized(self, step: StepRequest, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The logits of penalized chunks `rows` with their penalties applied (a copy), each slot's generated tokens
+        first brought up to its chunk: the history the chunk carries, or what this stage kept, cut at the chunk's
+        start, then the chunk's own tokens from the output's start on. StepVoid: a slot's tokens before its chunk are
+        not known here (the controller sends the step again, with them)."""
+        starts, offset = [], 0
+        for c in step.chunks:
+            starts.append(offset)
+            offset += c.length
+        outputs = []
+        for k in rows:
+            c, s = step.chunks[k], step.sampling[k]
+            begin = s.output_start
+            known = list(s.history) if s.history is not None else self.outputs.get(c.slot, [])
+            need = max(0, c.start - begin)
+            if len(known) < need:
+                self.outputs.pop(c.slot, None)
+                raise StepVoid(f"mb {step.mb} step {step.step}: slot {c.slot}'s generated tokens before position "
+                               f"{c.start} are not known here (penalties)")
+            del known[need:]
+            first = max(c.start, begin)
+            known.extend(step.token_ids[starts[k] + first - c.start : starts[k] + c.length])
+            self.outputs[c.slot] = known
+            outputs.append(known)
+        return penalize(logits, rows, outputs, [step.sampling[k].presence_penalty for k in rows],
+                        [step.sampling[k].frequency_penalty for k in rows])
 
     def replays(self, step: StepRequest) -> bool:
         """The step replays a decode graph captured already: its launch is quick (no capture, no cuDNN engine to

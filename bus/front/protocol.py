@@ -1,9 +1,10 @@
 """The OpenAI API's request and response shapes (completions, chat completions, their stream chunks, usage).
 
 Pure: a request body (parsed JSON) in, `Params` out, or an ApiError naming the offending field; and the JSON
-objects of the answers. Fields the deployment cannot honour (best_of, penalties, tools, ...) are refused
+objects of the answers. Fields the deployment cannot honour (best_of, echo, tools, ...) are refused
 with a 400 that names them - never silently ignored. `n` choices (up to MAX_N) are n requests of the deployment.
-`logit_bias` is honoured (at most 300 ids, each bias in [-100, 100]). Extensions, as vLLM names them: `top_k`,
+`logit_bias` (at most 300 ids, each bias in [-100, 100]) and `presence_penalty` / `frequency_penalty` (each in
+[-2, 2], over the generated tokens, as vLLM) are honoured. Extensions, as vLLM names them: `top_k`,
 `ignore_eos`, `stop_token_ids`; a completions prompt may be a list of token ids.
 
 Logprobs: completions' `logprobs: N`, chat's `logprobs: true` with `top_logprobs: N` (N in [0, MAX_LOGPROBS]) -
@@ -45,6 +46,8 @@ class Params:
     logprobs: int | None = None  # None: none asked; N: each token's log-probability and N alternatives'
     n: int = 1  # choices: choice i samples with seed + i (a given seed), or a fresh random seed each
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); the vocabulary is the server's
+    presence_penalty: float = 0.0  # OpenAI's, each in [-2, 2], over the tokens generated so far
+    frequency_penalty: float = 0.0
 
 
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
@@ -91,9 +94,6 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     """Parameters the deployment cannot honour, when asked for anything but their neutral value."""
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise bad_request("best_of must be n: every choice sampled is returned", "best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad_request(f"{name} is not supported (only 0)", name)
     if body.get("echo"):
         raise bad_request("echo is not supported", "echo")
     if body.get("suffix"):
@@ -168,6 +168,8 @@ def _params(body: dict[str, Any], prompt: str | list[int] | None, max_tokens_nam
         ignore_eos=_flag(body, "ignore_eos"), stream=_flag(body, "stream"),
         include_usage=bool((options or {}).get("include_usage")), logprobs=_logprobs(body, chat),
         n=_int(body, "n", 1, MAX_N + 1) or 1, logit_bias=_logit_bias(body),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
     )
 
 

@@ -249,7 +249,8 @@ class Front:
                     prompt_token_ids=ids, max_new_tokens=max_new, temperature=p.temperature, top_k=p.top_k,
                     top_p=p.top_p, seed=random.getrandbits(63) if p.seed is None else (p.seed + i) % MAX_SEED,
                     stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, timeout=self.cfg.request_timeout,
-                    logprobs=p.logprobs, logit_bias=dict(p.logit_bias))
+                    logprobs=p.logprobs, logit_bias=dict(p.logit_bias), presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty)
                 answer = runs[0].answer if runs else Answer.new(stream.request_id, self.model, endpoint == "chat")
                 writer = None if p.logprobs is None else LogprobsWriter(self.token_texts, endpoint == "chat")
                 runs.append(Run(endpoint, answer, p, len(ids), t0, StopMatcher(p.stop), logprobs=writer, index=i,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bus.errors import InvalidRequestError
-from bus.requests import check_logit_bias, check_logprobs, check_sampling
+from bus.requests import check_logit_bias, check_logprobs, check_penalties, check_sampling
 
 _M32 = 0xFFFFFFFF
 
@@ -34,11 +34,20 @@ class SamplingParams:
     seed: int = 0
     logprobs: int | None = None  # None: none; N: the sampled token's log-probability and the N most likely
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) before anything else
+    # OpenAI's penalties over the generated tokens (`penalize`: whoever holds those tokens applies them - the
+    # offline generator, a stage from its slots' chunks; `sample` itself does not)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.seed)
         check_logprobs(self.logprobs)
         check_logit_bias(self.logit_bias)
+        check_penalties(self.presence_penalty, self.frequency_penalty)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -114,6 +123,25 @@ def sample(
     gumbel = -torch.log(-torch.log(u))
     out[idx] = (x + gumbel).argmax(dim=-1)
     return out
+
+
+def penalize(logits: torch.Tensor, rows: Sequence[int], outputs: Sequence[Sequence[int]],
+             presence: Sequence[float], frequency: Sequence[float]) -> torch.Tensor:
+    """OpenAI's penalties, as vLLM applies them (over the generated tokens only): row rows[j]'s logit of token t
+    drops by frequency[j] x (t's count in outputs[j]) + presence[j] if it is there at all. A float32 copy of
+    `logits` (the caller's, which log-probabilities read, stay)."""
+    dev, vocab = logits.device, logits.shape[1]
+    counts = torch.zeros(len(rows), vocab, device=dev)
+    flat = [t for out in outputs for t in out]
+    if flat:
+        which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(o) for o in outputs]))
+        counts.index_put_((which.to(dev), torch.tensor(flat).to(dev)), torch.ones(len(flat), device=dev),
+                          accumulate=True)
+    idx = torch.tensor(list(rows), device=dev)
+    freq = torch.tensor(list(frequency), device=dev)[:, None]
+    pres = torch.tensor(list(presence), device=dev)[:, None]
+    penalized = logits.index_select(0, idx).float() - freq * counts - pres * (counts > 0).float()
+    return logits.float().index_copy(0, idx, penalized)
 
 
 TokenLogprobs = tuple[float, list[int], list[float]]  # (sampled token's, top ids, their log-probabilities)

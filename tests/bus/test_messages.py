@@ -30,12 +30,13 @@ def test_tags_are_unique_and_stable() -> None:
 
 GOLDEN = [
     (GenerateRequest("r1", prompt_token_ids=[1, 2], max_new_tokens=4, seed=7),
-     "9e14a27231c092010204cb000000000000000000cb3ff00000000000000790c2c0c0c0"),
-    # + resume_token_ids, logprobs, logit_bias (nil)
+     "dc001014a27231c092010204cb000000000000000000cb3ff00000000000000790c2c0c0c0cb0000000000000000cb0000000000000000"),
+    # + resume_token_ids, logprobs, logit_bias (nil), presence_penalty, frequency_penalty (0.0)
     (TokenChunk("r1", 3, [42], "x"), "9616a2723103912aa178c0"),  # + logprobs (nil)
     (StepRequest(2, 1, 9, [Chunk(0, 0, 3)], [5, 6, 7], [Sampling()], TensorMeta("float32", [3, 8])),
-     "9b280201099193000003930506079196cb000000000000000000cb3ff000000000000000c09092a7666c6f61743332920308c0c0c0"),
-    # + Sampling.logprobs (nil), Sampling.logit_bias ([]); + kv_to (nil): disaggregation's prompt passes name the token slots their KV goes
+     "9b28020109919300000393050607919acb000000000000000000cb3ff000000000000000c090cb0000000000000000cb000000000000000000c092a7666c6f61743332920308c0c0c0"),
+    # + Sampling.logprobs (nil), logit_bias ([]), presence_penalty, frequency_penalty (0.0), output_start (0),
+    # history (nil); + kv_to (nil): disaggregation's prompt passes name the token slots their KV goes
     # to; + joined (nil): the chunks whose request joined the token pipeline; + fed (nil): a lookahead step's rows
     # fed back from the previous step's samples
     (StepResult(2, 1, 9, [5, 6], [TokenLogprob(-0.5, [5, 7], [-0.5, -1.25]), None]),

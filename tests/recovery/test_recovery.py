@@ -35,6 +35,9 @@ def workload(vocab: int, n: int = 32) -> list[GenerationRequest]:
         if i % 4 == 1:  # a logit_bias, which every step (a replay's too) must carry: a ban and a lift
             sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
                                       logit_bias=((5 + i % 7, -100.0), (17 + i % 11, 4.0)))
+        if i % 5 == 2:  # penalties: the last stage must know every generated token, after any failure too
+            sampling = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed,
+                                      logit_bias=sampling.logit_bias, presence_penalty=0.6, frequency_penalty=0.3)
         reqs.append(GenerationRequest(prompt, 60 + (i * 13) % 60, sampling))
     return reqs
 
@@ -66,7 +69,8 @@ async def stream_exactly(c: AsyncClient, r: GenerationRequest, progress: Progres
     out: list[int] = []
     s = r.sampling
     async with c.stream(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=s.temperature,
-                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, logit_bias=dict(s.logit_bias)) as st:
+                        top_k=s.top_k, top_p=s.top_p, seed=s.seed, logit_bias=dict(s.logit_bias),
+                        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty) as st:
         async for ev in st:
             assert ev.index == len(out), "tokens must arrive once, in order"
             out.extend(ev.token_ids)

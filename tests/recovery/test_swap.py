@@ -110,7 +110,9 @@ def kill_streamer_then(later, after: list[list[int]]):  # type: ignore[no-untype
             after.append((await c.generate(prompt_token_ids=r.prompt_ids, max_new_tokens=r.max_new_tokens,
                                            temperature=r.sampling.temperature, top_k=r.sampling.top_k,
                                            top_p=r.sampling.top_p, seed=r.sampling.seed,
-                                           logit_bias=dict(r.sampling.logit_bias))).token_ids)
+                                           logit_bias=dict(r.sampling.logit_bias),
+                                           presence_penalty=r.sampling.presence_penalty,
+                                           frequency_penalty=r.sampling.frequency_penalty)).token_ids)
 
     return kill_streamer
 

@@ -75,7 +75,10 @@ def test_parsing_defaults_extensions_and_refusals() -> None:
         ({"model": "m", "prompt": ""}, "prompt"),
         ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "hi"}, "model"),
-        ({"model": "m", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "hi", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"model": "m", "prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty"),
+        ({"model": "m", "prompt": "hi", "logit_bias": {"7": 100.5}}, "logit_bias"),
+        ({"model": "m", "prompt": "hi", "echo": True}, "echo"),
     ]
     for body, param in refused:
         with pytest.raises(ApiError) as e:
