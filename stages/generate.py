@@ -16,7 +16,7 @@ import torch
 from bus.stopping import finish_reason
 from stages.batch import SeqChunk
 from stages.errors import CapacityError, InvalidRequestError
-from stages.layers.sampling import SamplingParams, penalize, sample
+from stages.layers.sampling import SamplingParams, penalize, sample, token_counts
 from stages.models.spec import split_layers
 from stages.runtime import ShardConfig, ShardRuntime
 
@@ -105,8 +105,9 @@ def generate(pipe: LocalPipeline, requests: Sequence[GenerationRequest]) -> list
         rows = [k for k, i in enumerate(live) if requests[i].sampling.penalized]
         if rows:
             params = [requests[live[k]].sampling for k in rows]
-            logits = penalize(logits, rows, [out[live[k]].token_ids for k in rows],
-                              [p.presence_penalty for p in params], [p.frequency_penalty for p in params])
+            counts = token_counts([out[live[k]].token_ids for k in rows], logits.shape[1], logits.device)
+            logits = penalize(logits, rows, counts, [p.presence_penalty for p in params],
+                              [p.frequency_penalty for p in params])
         tokens = sample(logits, [requests[i].sampling for i in live], [seq_len[i] for i in live]).tolist()
         still = []
         for i, tok in zip(live, tokens):

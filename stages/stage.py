@@ -15,6 +15,7 @@ from bus.messages import StepRequest, TensorMeta, TokenLogprob
 from stages.batch import SeqChunk
 from stages.errors import InvalidRequestError, StepVoid
 from stages.layers.sampling import SamplingParams, penalize, sample, token_logprobs
+from stages.penalties import OutputCounts
 from stages.runtime import ShardConfig, ShardRuntime
 
 
@@ -46,8 +47,8 @@ class StageCore:
         self.runtime = ShardRuntime(config, pool_memory)
         # microbatch -> (epoch, step, its sampled tokens on the device): what a lookahead step feeds back
         self.samples: dict[int, tuple[int, int, torch.Tensor]] = {}
-        # last stage, penalties: per (logical) slot, the generated tokens its chunks fed, from the output's start
-        self.outputs: dict[int, list[int]] = {}
+        # last stage, penalties: what each (logical) slot generated and its counts (made at the first penalized step)
+        self.outputs: OutputCounts | None = None
 
     def run(self, step: StepRequest, hidden: torch.Tensor | None, defer: bool = False,
             logical: StepRequest | None = None) -> StepOutput:
@@ -75,6 +76,10 @@ class StageCore:
                   for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
         penalized = [k for k, s in enumerate(step.sampling) if s.presence_penalty or s.frequency_penalty]
+        if self.outputs is not None and len(penalized) < len(chunks):  # slots now without penalties let go
+            for k, c in enumerate((logical or step).chunks):
+                if k not in penalized:
+                    self.outputs.drop(c.slot)
         tokens = sample(self._penalized(logical or step, penalized, out) if penalized else out, params, positions)
         self.samples[step.mb] = (step.epoch, step.step, tokens)
         if all(p.logprobs is None for p in params):
@@ -93,29 +98,18 @@ class StageCore:
 
     def _penalized(self, step: StepRequest, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The logits of penalized chunks `rows` with their penalties applied (a copy), each slot's generated tokens
-        first brought up to its chunk: the history the chunk carries, or what this stage kept, cut at the chunk's
-        start, then the chunk's own tokens from the output's start on. StepVoid: a slot's tokens before its chunk are
-        not known here (the controller sends the step again, with them)."""
+        brought up to its chunk first (stages/penalties.py; StepVoid where they are not known here). `step`: as the
+        controller sent it (logical slots)."""
+        if self.outputs is None:
+            self.outputs = OutputCounts(logits.shape[1], logits.device)
         starts, offset = [], 0
         for c in step.chunks:
             starts.append(offset)
             offset += c.length
-        outputs = []
-        for k in rows:
-            c, s = step.chunks[k], step.sampling[k]
-            begin = s.output_start
-            known = list(s.history) if s.history is not None else self.outputs.get(c.slot, [])
-            need = max(0, c.start - begin)
-            if len(known) < need:
-                self.outputs.pop(c.slot, None)
-                raise StepVoid(f"mb {step.mb} step {step.step}: slot {c.slot}'s generated tokens before position "
-                               f"{c.start} are not known here (penalties)")
-            del known[need:]
-            first = max(c.start, begin)
-            known.extend(step.token_ids[starts[k] + first - c.start : starts[k] + c.length])
-            self.outputs[c.slot] = known
-            outputs.append(known)
-        return penalize(logits, rows, outputs, [step.sampling[k].presence_penalty for k in rows],
+        chunks = [step.chunks[k] for k in rows]
+        counts = self.outputs.update([c.slot for c in chunks], chunks, [step.sampling[k] for k in rows],
+                                     [step.token_ids[starts[k] : starts[k] + step.chunks[k].length] for k in rows])
+        return penalize(logits, rows, counts, [step.sampling[k].presence_penalty for k in rows],
                         [step.sampling[k].frequency_penalty for k in rows])
 
     def replays(self, step: StepRequest) -> bool:

@@ -125,18 +125,23 @@ def sample(
     return out
 
 
-def penalize(logits: torch.Tensor, rows: Sequence[int], outputs: Sequence[Sequence[int]],
-             presence: Sequence[float], frequency: Sequence[float]) -> torch.Tensor:
-    """OpenAI's penalties, as vLLM applies them (over the generated tokens only): row rows[j]'s logit of token t
-    drops by frequency[j] x (t's count in outputs[j]) + presence[j] if it is there at all. A float32 copy of
-    `logits` (the caller's, which log-probabilities read, stay)."""
-    dev, vocab = logits.device, logits.shape[1]
-    counts = torch.zeros(len(rows), vocab, device=dev)
+def token_counts(outputs: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(outputs), vocab] float32: how often each token occurs in each of `outputs`."""
+    counts = torch.zeros(len(outputs), vocab, device=device)
     flat = [t for out in outputs for t in out]
     if flat:
-        which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(o) for o in outputs]))
-        counts.index_put_((which.to(dev), torch.tensor(flat).to(dev)), torch.ones(len(flat), device=dev),
+        which = torch.repeat_interleave(torch.arange(len(outputs)), torch.tensor([len(o) for o in outputs]))
+        counts.index_put_((which.to(device), torch.tensor(flat).to(device)), torch.ones(len(flat), device=device),
                           accumulate=True)
+    return counts
+
+
+def penalize(logits: torch.Tensor, rows: Sequence[int], counts: torch.Tensor, presence: Sequence[float],
+             frequency: Sequence[float]) -> torch.Tensor:
+    """OpenAI's penalties, as vLLM applies them (over the generated tokens only): row rows[j]'s logit of token t
+    drops by frequency[j] x counts[j, t] + presence[j] if t came at all. A float32 copy of `logits` (the caller's,
+    which log-probabilities read, stay)."""
+    dev = logits.device
     idx = torch.tensor(list(rows), device=dev)
     freq = torch.tensor(list(frequency), device=dev)[:, None]
     pres = torch.tensor(list(presence), device=dev)[:, None]

@@ -16,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from bus.client import AsyncClient
 from bus.errors import BadRequestError
-from stages.layers.sampling import penalize
+from stages.layers.sampling import penalize, token_counts
 from tests.conftest import start_deployment
 from tests.tiny_models import load_hf
 
@@ -51,7 +51,7 @@ def references(path, work=WORK) -> list[list[int]]:  # type: ignore[no-untyped-d
 def test_penalize_takes_counts_and_presence_off_a_copy() -> None:
     logits = torch.randn(3, 10)
     kept = logits.clone()
-    got = penalize(logits, [0, 2], [[1, 1, 4], []], [0.5, 2.0], [0.25, 1.0])
+    got = penalize(logits, [0, 2], token_counts([[1, 1, 4], []], 10, logits.device), [0.5, 2.0], [0.25, 1.0])
     want = kept.clone()
     want[0, 1] -= 0.25 * 2 + 0.5
     want[0, 4] -= 0.25 + 0.5
