@@ -68,6 +68,10 @@ class Sampling(msgspec.Struct, frozen=True, array_like=True):
     output_start: int = 0
     history: tuple[int, ...] | None = None
 
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     """A sampled token's log-probability under the model's own distribution (log_softmax of the final logits in

@@ -36,6 +36,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float, seed: int) -> N
 
 def check_penalties(presence: float, frequency: float) -> None:
     """GenerateRequest.presence_penalty and frequency_penalty: numbers in [-2, 2], as the OpenAI API."""
+    if type(presence) is float and type(frequency) is float and presence == frequency == 0.0:
+        return  # (every step's sampling rows pass here: the common case costs one comparison)
     for name, v in (("presence_penalty", presence), ("frequency_penalty", frequency)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -2.0 <= v <= 2.0:
             raise InvalidRequestError(f"{name} must be a number in [-2, 2], got {v!r}")
@@ -51,7 +53,7 @@ def check_logprobs(logprobs: int | None) -> None:
 def check_logit_bias(bias: object, vocab_size: int | None = None) -> tuple[tuple[int, float], ...]:
     """GenerateRequest.logit_bias (a mapping token id -> bias, or its pairs) as Sampling carries it: (id, bias)
     pairs sorted by id. vocab_size: ids must be inside it (the controller knows it; the sampler checks the rest)."""
-    if bias is None:
+    if not bias:  # None or empty (every step's sampling rows pass here)
         return ()
     pairs = list(bias.items()) if isinstance(bias, dict) else bias
     if not isinstance(pairs, (list, tuple)) or len(pairs) > MAX_LOGIT_BIAS:
@@ -96,7 +98,7 @@ class Request:
 
     @property
     def penalized(self) -> bool:
-        return bool(self.sampling.presence_penalty or self.sampling.frequency_penalty)
+        return self.sampling.penalized
 
     @property
     def key(self) -> tuple[bytes, str]:

@@ -35,6 +35,7 @@ import torch
 
 from bus.messages import Chunk, Sampling, StepRequest
 from stages.config import StageProcConfig
+from stages.runtime import ShardConfig, model_dtype
 
 WARM_TIMEOUT = 300.0  # a warm-up that has not ended within this leaves the standby unusable (it exits)
 CONTEXT_MARGIN = 1 << 30  # bytes kept free for the standby's own context, handles and workspaces
@@ -128,7 +129,7 @@ def _warm(cfg: StageProcConfig, fraction: float, out: Warmed) -> None:
         with torch.device("meta"):
             params = max(sum(p.numel() for p in DecoderShard(family, spec, range(x, y)).parameters())
                          for x, y in shards)
-        size = torch.empty((), dtype=_dtype(cfg.dtype)).element_size()
+        size = torch.empty((), dtype=model_dtype(cfg.dtype)).element_size()
         pool = 2 * batch * max_seq * spec.num_kv_heads * spec.head_dim * size
         # the prompt pass's activations (a few [tokens, intermediate] tensors) and the head's logits
         acts = 8 * batch * PROMPT_TOKENS * max(spec.hidden_size, spec.intermediate_size) * size \
@@ -152,7 +153,6 @@ def _run_layer(cfg: StageProcConfig, layers: tuple[int, int], batch: int, max_se
                out: Warmed) -> None:
     """A one-layer shard of the stage's sizes: a prompt pass, a full microbatch's decode step twice (captured,
     replayed), one member fewer (a batch graph). Its memory is freed when it returns."""
-    from stages.runtime import ShardConfig
     from stages.stage import StageCore
 
     cuda = cfg.device.startswith("cuda")
@@ -182,8 +182,3 @@ def _run_layer(cfg: StageProcConfig, layers: tuple[int, int], batch: int, max_se
     if cuda:
         torch.cuda.synchronize(rt.device)
 
-
-def _dtype(name: str) -> torch.dtype:
-    from stages.runtime import model_dtype
-
-    return model_dtype(name)

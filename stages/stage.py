@@ -75,10 +75,10 @@ class StageCore:
         params = [SamplingParams(s.temperature, s.top_k, s.top_p, s.seed, s.logprobs, s.logit_bias)
                   for s in step.sampling]
         positions = [c.start + c.length for c in chunks]
-        penalized = [k for k, s in enumerate(step.sampling) if s.presence_penalty or s.frequency_penalty]
+        penalized = [k for k, s in enumerate(step.sampling) if s.penalized]
         if self.outputs is not None and len(penalized) < len(chunks):  # slots now without penalties let go
-            for k, c in enumerate((logical or step).chunks):
-                if k not in penalized:
+            for c, s in zip((logical or step).chunks, step.sampling):
+                if not s.penalized:
                     self.outputs.drop(c.slot)
         tokens = sample(self._penalized(logical or step, penalized, out) if penalized else out, params, positions)
         self.samples[step.mb] = (step.epoch, step.step, tokens)
